@@ -1,0 +1,190 @@
+"""Typed view of params.yaml: unknown keys and wrong types are rejected with the key's name.
+
+Constructors elsewhere take required arguments; the only defaults are the values in params.yaml.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """params.yaml does not match the schema; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Split:
+    train: float
+    val: float
+    test: float
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str
+    split: Split
+    seed: int
+    image_size: int
+    channels: Literal[1, 3]
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    min_images: int
+    max_images: int
+    min_images_per_class_per_split: int
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    copies: int
+    rotation_deg: float
+    translate: float
+    scale_min: float
+    scale_max: float
+    hflip: bool
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    model: str
+    optimizer: Literal["adam", "sgd"]
+    lr: float
+    momentum: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class CompressParams:
+    prune_method: str
+    prune_amount: float
+    finetune_epochs: int
+    finetune_lr: float
+    calibration_images: int
+    int8_per_channel: bool
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    latency_runs: int
+    latency_batch_sizes: list[int]
+    threads: int
+
+
+@dataclass(frozen=True)
+class GateParams:
+    min_accuracy: float
+    max_accuracy_drop: float
+    policy: Literal["smallest", "most_accurate", "fastest"]
+
+
+@dataclass(frozen=True)
+class ScheduleParams:
+    deployment: str
+    cron: str
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    validate: ValidateParams
+    augment: AugmentParams
+    train: TrainParams
+    compress: CompressParams
+    evaluate: EvaluateParams
+    gate: GateParams
+    schedule: ScheduleParams
+
+
+def _convert(value, kind, key: str):
+    """Return `value` checked against the annotation `kind`; `key` is its dotted path."""
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(kind)
+        unknown = sorted(set(value) - set(hints))
+        if unknown:
+            raise ParamsError(f"{key}.{unknown[0]}: unknown key (allowed: {', '.join(hints)})")
+        missing = [name for name in hints if name not in value]
+        if missing:
+            raise ParamsError(f"{key}.{missing[0]}: missing key")
+        return kind(**{name: _convert(value[name], hints[name], f"{key}.{name}") for name in hints})
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        allowed = typing.get_args(kind)
+        if value not in allowed or type(value) is not type(allowed[0]):
+            raise ParamsError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list) or not value:
+            raise ParamsError(f"{key}: expected a non-empty list, got {value!r}")
+        (item,) = typing.get_args(kind)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    # bool is an int in Python: check it first so `epochs: true` is refused.
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"unsupported annotation {kind} for {key}")
+    if not ok:
+        raise ParamsError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_ranges(p: Params) -> None:
+    checks = [
+        ("data.split", abs(p.data.split.train + p.data.split.val + p.data.split.test - 1) < 1e-6,
+         "fractions must sum to 1"),
+        ("data.split", min(p.data.split.train, p.data.split.val, p.data.split.test) > 0,
+         "every fraction must be > 0"),
+        ("data.image_size", p.data.image_size >= 8, "must be >= 8"),
+        ("augment.copies", p.augment.copies >= 0, "must be >= 0"),
+        ("augment.scale_min", 0 < p.augment.scale_min <= p.augment.scale_max,
+         "must satisfy 0 < scale_min <= scale_max"),
+        ("train.epochs", p.train.epochs >= 1, "must be >= 1"),
+        ("train.batch_size", p.train.batch_size >= 1, "must be >= 1"),
+        ("train.lr", p.train.lr > 0, "must be > 0"),
+        ("compress.prune_amount", 0 <= p.compress.prune_amount < 1, "must be in [0, 1)"),
+        ("compress.calibration_images", p.compress.calibration_images >= 1, "must be >= 1"),
+        ("evaluate.latency_runs", p.evaluate.latency_runs >= 1, "must be >= 1"),
+        ("gate.min_accuracy", 0 <= p.gate.min_accuracy <= 1, "must be in [0, 1]"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ParamsError(f"{key}: {why}")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    try:
+        params = _convert(raw, Params, "params")
+        _check_ranges(params)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}".replace(": params.", ": ", 1)) from None
+    return params
+
+
+def as_dict(params) -> dict:
+    """The resolved params, for saving inside artifacts."""
+    return dataclasses.asdict(params)
