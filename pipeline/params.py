@@ -71,6 +71,7 @@ class CompressParams:
     finetune_lr: float
     calibration_images: int
     int8_per_channel: bool
+    int8_reduce_range: bool
 
 
 @dataclass(frozen=True)

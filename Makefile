@@ -1,0 +1,45 @@
+# Kiln. `make run` and `make test` work on a fresh machine with Python 3.11+ and make.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+
+# Nothing leaves the machine; tool homes stay inside the project (see shared/STACK.md).
+export PATH                             := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS                 := 1
+export BENTOML_DO_NOT_TRACK             := True
+export BENTOML_HOME                     := $(CURDIR)/.bentoml
+export PREFECT_HOME                     := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_LOGGING_LEVEL            ?= INFO
+
+PORT ?= 3000
+
+.PHONY: install run repro test test-fast serve schedule clean
+
+# torch first and pinned exactly: torch==2.13.0 is the local CPU wheel, any other spec pulls CUDA.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/python -m flows.kiln_flow
+
+repro: install
+	dvc repro
+
+test: install
+	$(BIN)/python -m pytest -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+serve: install
+	$(BIN)/bentoml serve kiln:latest --host 127.0.0.1 --port $(PORT)
+
+clean:
+	rm -rf data models reports dvc.lock .dvc/tmp .dvc/cache

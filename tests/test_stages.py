@@ -1,0 +1,215 @@
+"""Per-stage unit tests on tiny data: ingest, preprocessing, augment, models, train, compress, gate."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import StageError, models
+from pipeline.augment import augment
+from pipeline.compress import PRUNERS, export_onnx, prune_and_finetune, quantize_int8, sparsity
+from pipeline.evaluate import gate, onnx_predictor
+from pipeline.ingest import data_hash, ingest, load_split, read_manifest
+from pipeline.params import AugmentParams, CompressParams, GateParams, Split
+from pipeline.preprocess import Preprocessing
+from pipeline.train import fit
+
+SPLIT = Split(train=0.6, val=0.2, test=0.2)
+PREP = Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25])
+
+
+def image_folder(root: Path, classes=("cat", "dog"), per_class=10, presplit=False) -> Path:
+    """Class folders of random images in mixed sizes, modes and formats."""
+    rng = np.random.default_rng(0)
+    splits = ("train", "val", "test") if presplit else ("",)
+    for s in splits:
+        for c in classes:
+            folder = root / s / c
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+                rgb = i % 2 == 0
+                pixels = rng.integers(0, 256, (*size[::-1], 3) if rgb else size[::-1], dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{c}{i}.{'png' if i % 3 else 'jpg'}")
+            (folder / ".DS_Store").write_bytes(b"\0\1")
+    return root
+
+
+def test_ingest_digits_is_stratified_and_seeded(tmp_path):
+    rows = ingest("digits", tmp_path / "a", SPLIT, seed=1)
+    again = ingest("digits", tmp_path / "b", SPLIT, seed=1)
+    assert len(rows) == 1797 and rows == again
+    for split in ("train", "val", "test"):
+        assert {r["label"] for r in rows if r["split"] == split} == {str(d) for d in range(10)}
+    test_share = sum(r["split"] == "test" for r in rows) / len(rows)
+    assert abs(test_share - 0.2) < 0.01
+    _, classes = read_manifest(tmp_path / "a")
+    assert classes == [str(d) for d in range(10)]
+    assert data_hash(tmp_path / "a") == data_hash(tmp_path / "b")
+    assert ingest("digits", tmp_path / "c", SPLIT, seed=2) != rows
+
+
+def test_ingest_user_folder(tmp_path):
+    rows = ingest(str(image_folder(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0)
+    assert len(rows) == 20  # .DS_Store ignored
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    pixels, labels = load_split(tmp_path / "out", "train", PREP)
+    assert pixels.shape == (len(labels), 1, 32, 32) and pixels.dtype == np.uint8
+    assert set(labels) == {0, 1}
+
+
+def test_ingest_presplit_folder_keeps_its_split(tmp_path):
+    rows = ingest(str(image_folder(tmp_path / "src", per_class=3, presplit=True)), tmp_path / "out",
+                  SPLIT, seed=0)
+    assert sorted(r["split"] for r in rows).count("val") == 6
+    assert all(r["path"].startswith(f"images/{r['split']}/") for r in rows)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: root, "is not a folder"),
+    (lambda root: (root.mkdir(), root)[1], "no class subfolders"),
+    (lambda root: (root.joinpath("train", "a").mkdir(parents=True), root)[1],
+     "needs train/, val/ and test/"),
+])
+def test_ingest_rejects_bad_folders(tmp_path, make, message):
+    with pytest.raises(StageError, match=message):
+        ingest(str(make(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0)
+
+
+def test_preprocessing_converts_resizes_and_normalizes():
+    rgb = Image.fromarray(np.full((10, 14, 3), 255, np.uint8))
+    pixels = PREP.pixels(rgb)
+    assert pixels.shape == (1, 32, 32) and pixels.max() == 255
+    x = PREP.normalize(pixels[None])
+    assert x.dtype == np.float32 and np.allclose(x, (1 - 0.5) / 0.25)
+    rgb_prep = Preprocessing(image_size=16, channels=3, mean=[0, 0, 0], std=[1, 1, 1])
+    assert rgb_prep.pixels(Image.new("L", (40, 40))).shape == (3, 16, 16)
+
+
+AUG = AugmentParams(copies=2, rotation_deg=15.0, translate=0.1, scale_min=0.9, scale_max=1.1,
+                    hflip=False, seed=0)
+
+
+def test_augment_is_seeded_and_random_per_sample():
+    rng = np.random.default_rng(0)
+    pixels = np.zeros((8, 1, 32, 32), np.uint8)
+    pixels[:, :, 8:24, 12:20] = 255  # the same bar in every image
+    labels = rng.integers(0, 3, 8)
+    images, out_labels = augment(pixels, labels, AUG, torch.device("cpu"))
+    again, _ = augment(pixels, labels, AUG, torch.device("cpu"))
+    assert images.shape == (24, 1, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images, again)
+    assert torch.equal(images[:8], torch.from_numpy(pixels))  # originals kept first
+    assert out_labels.tolist() == labels.tolist() * 3
+    warped = images[8:].reshape(16, -1).float()
+    assert not torch.equal(warped[0], warped[1])  # per-sample parameters, not one per batch
+    assert (warped != torch.from_numpy(pixels).reshape(8, -1).float().repeat(2, 1)).any(1).all()
+    other, _ = augment(pixels, labels, AugmentParams(**{**AUG.__dict__, "seed": 1}), torch.device("cpu"))
+    assert not torch.equal(images, other)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_registered_model_builds_and_runs(name, channels):
+    model = models.build(name, channels=channels, classes=7, image_size=32)
+    assert model(torch.zeros(2, channels, 32, 32)).shape == (2, 7)
+
+
+def test_unknown_model_names_the_key():
+    with pytest.raises(StageError, match="train.model: unknown model 'vgg'.*lenet5"):
+        models.build("vgg", channels=1, classes=2, image_size=32)
+
+
+def separable_data(n=256):
+    """Two classes told apart by which half of the image is bright."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(0, 0.3, (n, 1, 32, 32)).astype(np.float32)
+    for i, label in enumerate(y):
+        x[i, :, :, 16 * label:16 * label + 16] += 1.5
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def test_fit_learns_and_is_deterministic():
+    x, y = separable_data()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = models.build("lenet5", channels=1, classes=2, image_size=32)
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+        epochs = []
+        fit(model, x, y, epochs=3, batch_size=32, optimizer=optimizer, seed=0,
+            val=(x, y), on_epoch=epochs.append)
+        runs.append(epochs)
+    assert runs[0][-1]["val_acc"] > 0.95
+    assert runs[0][-1]["train_loss"] < runs[0][0]["train_loss"]
+    assert [e["val_loss"] for e in runs[0]] == [e["val_loss"] for e in runs[1]]
+
+
+COMPRESS = CompressParams(prune_method="l1_unstructured", prune_amount=0.5, finetune_epochs=1,
+                          finetune_lr=1e-3, calibration_images=64, int8_per_channel=True,
+                          int8_reduce_range=True)
+
+
+@pytest.mark.parametrize("method", sorted(PRUNERS))
+def test_every_pruner_keeps_weights_zero_through_finetune(method):
+    x, y = separable_data(64)
+    pruned = {}
+    for epochs in (0, 1):
+        torch.manual_seed(0)
+        model = models.build("lenet5", channels=1, classes=2, image_size=32)
+        assert sparsity(model) == 0
+        p = CompressParams(**{**COMPRESS.__dict__, "prune_method": method, "finetune_epochs": epochs})
+        pruned[epochs] = prune_and_finetune(model, x, y, p, batch_size=32, seed=0)
+    zero_before = [w == 0 for w in pruned[0].state_dict().values()]
+    zero_after = [w == 0 for w in pruned[1].state_dict().values()]
+    assert sparsity(pruned[0]) > 0.01
+    assert all(torch.equal(a, b) for a, b in zip(zero_before, zero_after))
+    assert not all(torch.equal(a, b) for a, b in zip(pruned[0].state_dict().values(),
+                                                     pruned[1].state_dict().values()))
+    assert not any(name.endswith("_orig") for name in pruned[1].state_dict())  # masks baked in
+
+
+def test_unknown_pruner_names_the_key():
+    x, y = separable_data(8)
+    model = models.build("lenet5", channels=1, classes=2, image_size=32)
+    with pytest.raises(StageError, match="compress.prune_method: unknown method 'magic'"):
+        prune_and_finetune(model, x, y, CompressParams(**{**COMPRESS.__dict__, "prune_method": "magic"}),
+                           batch_size=8, seed=0)
+
+
+def test_onnx_export_and_int8_match_torch(tmp_path):
+    x, y = separable_data(128)
+    torch.manual_seed(0)
+    model = models.build("lenet5", channels=1, classes=2, image_size=32)
+    fit(model, x, y, epochs=2, batch_size=32, optimizer=torch.optim.Adam(model.parameters(), 2e-3), seed=0)
+    model.eval()
+    export_onnx(model, PREP, tmp_path / "float.onnx")
+    quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", x[:64].numpy(),
+                  per_channel=True, reduce_range=True)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    float_logits = onnx_predictor(tmp_path / "float.onnx", threads=1)(x.numpy())
+    int8_logits = onnx_predictor(tmp_path / "int8.onnx", threads=1)(x.numpy())
+    assert np.allclose(float_logits, expected, atol=1e-4)  # dynamic batch of 128, exported at 2
+    assert (int8_logits.argmax(1) == expected.argmax(1)).mean() > 0.95
+    assert (tmp_path / "int8.onnx").stat().st_size < 0.5 * (tmp_path / "float.onnx").stat().st_size
+
+
+def results(**accuracy):
+    return {name: {"accuracy": acc, "size_bytes": size, "latency_ms_b1": lat, "servable": name != "float_torch"}
+            for name, (acc, size, lat) in accuracy.items()}
+
+
+GATE = GateParams(min_accuracy=0.9, max_accuracy_drop=0.01, policy="smallest")
+
+
+def test_gate_policies():
+    r = results(float_torch=(0.98, 100, 1.0), float_onnx=(0.98, 100, 0.2), int8_onnx=(0.975, 30, 0.3),
+                pruned_onnx=(0.96, 50, 0.1))
+    assert gate(r, GATE) == "int8_onnx"
+    assert r["pruned_onnx"]["eligible"] is False and r["float_torch"]["eligible"] is False
+    assert gate(r, GateParams(**{**GATE.__dict__, "policy": "most_accurate"})) == "float_onnx"
+    assert gate(r, GateParams(**{**GATE.__dict__, "policy": "fastest"})) == "float_onnx"
+    assert gate(r, GateParams(**{**GATE.__dict__, "min_accuracy": 0.99})) is None
