@@ -10,6 +10,7 @@ export BENTOML_DO_NOT_TRACK             := True
 export BENTOML_HOME                     := $(CURDIR)/.bentoml
 export PREFECT_HOME                     := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK                     := 1
 export PREFECT_LOGGING_LEVEL            ?= INFO
 
 PORT ?= 3000
@@ -27,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(BIN)/python -m flows.kiln_flow
+	$(BIN)/python -m flows.kiln
 
 repro: install
 	dvc repro
@@ -40,6 +41,14 @@ test-fast: install
 
 serve: install
 	$(BIN)/bentoml serve kiln:latest --host 127.0.0.1 --port $(PORT)
+
+# A local Prefect server (own session, so Ctrl-C reaches only the serve process, which pauses
+# the schedule first), then the deployment served on params.yaml's schedule.cron.
+schedule: install
+	@mkdir -p $(PREFECT_HOME)
+	@setsid $(BIN)/prefect server start --host 127.0.0.1 --port 4200 --no-ui > $(PREFECT_HOME)/server.log 2>&1 & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server' EXIT INT TERM; \
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/python -m flows.schedule
 
 clean:
 	rm -rf data models reports dvc.lock .dvc/tmp .dvc/cache

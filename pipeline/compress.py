@@ -27,7 +27,7 @@ from torch.nn.utils import prune
 from pipeline import StageError, models
 from pipeline.params import CompressParams, load_params
 from pipeline.preprocess import Preprocessing
-from pipeline.train import fit, make_optimizer, pick_device, to_input
+from pipeline.train import fit, pick_device, to_input
 
 PRUNERS: dict[str, Callable[[nn.Module, float], None]] = {}
 

@@ -1,0 +1,153 @@
+"""Kiln's Prefect flow: one task per dvc.yaml stage, in dvc.yaml's order, then a run summary.
+
+Each task runs `dvc repro --single-item <stage>` in the project, so DVC alone decides whether the
+stage is up to date and writes dvc.lock: a Prefect run and a plain `dvc repro` leave the same lock.
+Stages run one after another in a subprocess each, because DVC cannot run two stages at once in
+one workspace (it holds a repo lock), and a subprocess lets the task stream the stage's output.
+
+`python -m flows.kiln` runs the flow once on this checkout (`make run`).
+"""
+# No `from __future__ import annotations` here: a deployment loads the flow from this file and
+# validates `project_dir` against its annotation, which must then be a type, not a string.
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.report import evaluation_markdown
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACT_KEY = "kiln-evaluation"
+# Lines of stderr kept for the error message when a stage dies without its own `error:` line.
+STDERR_TAIL_LINES = 15
+
+
+class StageFailed(RuntimeError):
+    """A dvc.yaml stage exited non-zero; the message carries the stage's own error lines."""
+
+
+class ProjectError(ValueError):
+    """The project's dvc.yaml or reports do not have what the flow needs; the message names it."""
+
+
+def dvc_stages(project_dir: Path) -> dict[str, dict]:
+    """The stages of `project_dir/dvc.yaml`, in file order (dvc.yaml is the one list of stages)."""
+    path = project_dir / "dvc.yaml"
+    try:
+        stages = yaml.safe_load(path.read_text())["stages"]
+    except FileNotFoundError:
+        raise ProjectError(f"{path}: file not found (is {project_dir} a Kiln project?)") from None
+    except (KeyError, TypeError):
+        raise ProjectError(f"{path}: no `stages` mapping") from None
+    if not isinstance(stages, dict) or not stages:
+        raise ProjectError(f"{path}: `stages` must be a non-empty mapping")
+    return stages
+
+
+def stage_env(project_dir: Path) -> dict[str, str]:
+    """Environment for a stage subprocess: offline, unbuffered, project-local tool homes."""
+    env = dict(os.environ)
+    env.update(DVC_NO_ANALYTICS="1", BENTOML_DO_NOT_TRACK="True", DO_NOT_TRACK="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               # Stage output reaches the run log line by line instead of in 8 KiB blocks.
+               PYTHONUNBUFFERED="1")
+    env.setdefault("BENTOML_HOME", str(project_dir / ".bentoml"))
+    env.setdefault("PREFECT_HOME", str(project_dir / ".prefect"))
+    # dvc.yaml's commands say `python -m pipeline ...`: make that the interpreter running this
+    # flow, whose environment has the pipeline's packages, even when the venv is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _stage_error_lines(stage: str, stderr_lines: list[str]) -> list[str]:
+    """The stage's own `kiln <stage>: error: ...` lines, else the end of stderr (a traceback)."""
+    own = [line for line in stderr_lines if line.startswith(f"kiln {stage}: error:")]
+    return own or stderr_lines[-STDERR_TAIL_LINES:]
+
+
+@task(task_run_name="{stage}", cache_policy=NO_CACHE)  # DVC, not Prefect, decides what reruns
+def run_stage(stage: str, project_dir: Path) -> None:
+    """`dvc repro --single-item <stage>`, its output streamed to the run log."""
+    logger = get_run_logger()
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    logger.info("%s (in %s)", " ".join(["dvc", *command[3:]]), project_dir)
+    process = subprocess.Popen(command, cwd=project_dir, env=stage_env(project_dir),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+
+    # Both pipes are drained at once: a stage that fills one while we block on the other hangs.
+    stderr_lines: list[str] = []
+
+    def drain_stderr() -> None:
+        for line in process.stderr:
+            stderr_lines.append(line.rstrip("\n"))
+            logger.info("%s", stderr_lines[-1])
+
+    stderr_reader = threading.Thread(target=drain_stderr, name=f"stderr-{stage}", daemon=True)
+    stderr_reader.start()
+    for line in process.stdout:
+        logger.info("%s", line.rstrip("\n"))
+    returncode = process.wait()
+    stderr_reader.join()
+
+    if returncode != 0:
+        error_lines = _stage_error_lines(stage, stderr_lines)
+        for line in error_lines:
+            logger.error("%s", line)
+        raise StageFailed(f"stage {stage!r} failed (dvc repro exited {returncode}):\n"
+                          + "\n".join(error_lines))
+
+
+def _single_path(stages: dict[str, dict], stage: str, field: str) -> Path:
+    """The one path listed under `field` (outs, metrics, ...) of `stage` in dvc.yaml."""
+    entries = stages.get(stage, {}).get(field, [])
+    paths = [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
+    if len(paths) != 1:
+        raise ProjectError(f"dvc.yaml: stage {stage!r} must list exactly one path under {field!r}, "
+                           f"found {paths}")
+    return Path(paths[0])
+
+
+@task(task_run_name="publish evaluation", cache_policy=NO_CACHE)
+def publish_evaluation(project_dir: Path, stages: dict[str, dict]) -> str:
+    """Publish the evaluation table and the Bento tag as a markdown artifact; return the tag."""
+    # Paths come from dvc.yaml so they are written once: evaluate's metrics, package's output.
+    evaluation_path = project_dir / _single_path(stages, "evaluate", "metrics")
+    package_path = project_dir / _single_path(stages, "package", "outs")
+    evaluation = json.loads(evaluation_path.read_text())
+    package = json.loads(package_path.read_text())
+    if "bento_tag" not in package:
+        raise ProjectError(f"{package_path}: missing key 'bento_tag'")
+    create_markdown_artifact(markdown=evaluation_markdown(evaluation, package["bento_tag"]),
+                             key=ARTIFACT_KEY, description="Kiln variants and the packaged Bento")
+    return package["bento_tag"]
+
+
+@flow(name="kiln", description="Reproduce Kiln's dvc.yaml stages in order; publish the evaluation.")
+def kiln_pipeline(project_dir: Path = REPO_ROOT) -> str:
+    """Run every dvc.yaml stage of `project_dir` in order; return the packaged Bento's tag."""
+    project_dir = project_dir.resolve()
+    stages = dvc_stages(project_dir)
+    for stage in stages:
+        run_stage(stage, project_dir)
+    return publish_evaluation(project_dir, stages)
+
+
+def main() -> int:
+    try:
+        bento_tag = kiln_pipeline()
+    except (StageFailed, ProjectError) as e:
+        print(f"kiln flow: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Built Bento {bento_tag}. Serve it with: make serve")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The Prefect flow and its schedule, on a tiny DVC project built in tmp_path.
+
+The fake project has the stage names and report files the flow relies on (evaluate writes the
+metrics file, package writes the Bento tag), so these tests do not depend on the real stages.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flows.report import evaluation_markdown
+
+# A stage script for the fake project: each stage appends its name to runs.log (untracked by DVC)
+# so a test sees which stages really ran, and in which order.
+FAKE_STAGES = textwrap.dedent('''\
+    import json, sys
+    from pathlib import Path
+    import yaml
+
+    stage = sys.argv[1]
+    with open("runs.log", "a") as log:
+        log.write(stage + "\\n")
+    print(f"fake {stage}: running")
+    if stage == "ingest":
+        Path("data.txt").write_text("three images\\n")
+    elif stage == "evaluate":
+        if yaml.safe_load(Path("params.yaml").read_text())["evaluate"]["fail"]:
+            print("a warning before the error", file=sys.stderr)
+            print("kiln evaluate: error: no variant passed the gate (min_accuracy 0.97)", file=sys.stderr)
+            sys.exit(1)
+        Path("reports").mkdir(exist_ok=True)
+        Path("reports/evaluation.json").write_text(json.dumps(EVALUATION))
+    elif stage == "package":
+        Path("reports/package.json").write_text(json.dumps({"bento_tag": "kiln_classifier:fake123"}))
+    ''')
+
+FAKE_DVC_YAML = textwrap.dedent('''\
+    stages:
+      ingest:
+        cmd: python stages.py ingest
+        deps: [stages.py]
+        outs: [data.txt]
+      evaluate:
+        cmd: python stages.py evaluate
+        deps: [stages.py, data.txt]
+        params: [evaluate.fail]
+        metrics:
+          - reports/evaluation.json:
+              cache: false
+      package:
+        cmd: python stages.py package
+        deps: [stages.py, reports/evaluation.json]
+        outs:
+          - reports/package.json:
+              cache: false
+    ''')
+
+EVALUATION = {
+    "variants": {
+        "float_torch": {"accuracy": 0.9806, "macro_f1": 0.9801, "size_bytes": 245_000,
+                        "latency_ms_b1": 0.134, "latency_ms_b256": 3.9, "eligible": True, "servable": False},
+        "fp32_onnx": {"accuracy": 0.9806, "macro_f1": 0.9801, "size_bytes": 246_100,
+                      "latency_ms_b1": 0.017, "latency_ms_b256": 1.4, "eligible": True, "servable": True},
+        "int8_onnx": {"accuracy": 0.9778, "macro_f1": 0.9770, "size_bytes": 77_000,
+                      "latency_ms_b1": 0.021, "latency_ms_b256": 1.6, "eligible": True, "servable": True},
+        "pruned_onnx": {"accuracy": 0.9500, "macro_f1": 0.9490, "size_bytes": 240_000,
+                        "latency_ms_b1": 0.017, "latency_ms_b256": 1.4, "eligible": False, "servable": True},
+    },
+    "selected": "int8_onnx",
+}
+
+
+def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
+                          capture_output=True, text=True, check=True)
+
+
+def make_fake_project(root: Path, fail_evaluate: bool = False) -> Path:
+    project = root / "project"
+    project.mkdir()
+    _dvc(project, "init", "--no-scm", "-q")
+    _dvc(project, "config", "core.analytics", "false")
+    (project / "stages.py").write_text(f"EVALUATION = {EVALUATION!r}\n" + FAKE_STAGES)
+    (project / "dvc.yaml").write_text(FAKE_DVC_YAML)
+    (project / "params.yaml").write_text(f"evaluate:\n  fail: {str(fail_evaluate).lower()}\n")
+    return project
+
+
+def runs(project: Path) -> list[str]:
+    log = project / "runs.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def test_evaluation_markdown_shows_every_variant_the_selection_and_the_bento_tag():
+    markdown = evaluation_markdown(EVALUATION, "kiln_classifier:fake123")
+
+    assert "Selected variant: **int8_onnx**" in markdown
+    assert "`kiln_classifier:fake123`" in markdown
+    header, rule, *rows = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert header.split("|")[1:-1] == [
+        " variant ", " accuracy ", " macro-F1 ", " size (kB) ", " latency b1 (ms) ",
+        " latency b256 (ms) ", " eligible ", " selected "]
+    assert len(rows) == len(EVALUATION["variants"])
+    by_name = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[1:-1]] for row in rows}
+    assert by_name["int8_onnx"] == ["int8_onnx", "0.9778", "0.9770", "77.0", "0.021", "1.600", "yes", "**yes**"]
+    assert by_name["pruned_onnx"][-2:] == ["no", ""]
+    assert [name for name, cells in by_name.items() if cells[-1]] == ["int8_onnx"]
+
+
+def test_evaluation_markdown_names_a_missing_metric():
+    broken = {"variants": {"int8_onnx": {"accuracy": 0.98}}, "selected": "int8_onnx"}
+    with pytest.raises(ValueError, match=r"variants\.int8_onnx: missing key 'macro_f1'"):
+        evaluation_markdown(broken, "kiln_classifier:fake123")
+
+
+def test_a_stage_error_is_its_own_error_lines_else_the_end_of_its_stderr():
+    from flows.kiln import STDERR_TAIL_LINES, _stage_error_lines
+
+    reported = ["Running stage 'train':", "kiln train: error: params.yaml: train.lr: must be > 0",
+                "ERROR: failed to reproduce 'train': failed to run: python -m pipeline train, exited with 1"]
+    assert _stage_error_lines("train", reported) == ["kiln train: error: params.yaml: train.lr: must be > 0"]
+    crashed = [f"  frame {i}" for i in range(40)] + ["ZeroDivisionError: division by zero",
+                                                     "ERROR: failed to reproduce 'train'"]
+    assert _stage_error_lines("train", crashed) == crashed[-STDERR_TAIL_LINES:]
+    assert "ZeroDivisionError: division by zero" in _stage_error_lines("train", crashed)
+
+
+@pytest.mark.slow
+def test_flow_runs_the_stages_in_dvc_yaml_order_and_publishes_the_evaluation(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    from flows.kiln import ARTIFACT_KEY, kiln_pipeline
+
+    project = make_fake_project(tmp_path)
+    state = kiln_pipeline(project_dir=project, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert state.result() == "kiln_classifier:fake123"
+    assert runs(project) == ["ingest", "evaluate", "package"]
+    assert json.loads(_dvc(project, "status", "--json").stdout) == {}
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[ARTIFACT_KEY]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert artifact.type == "markdown"
+    assert artifact.data == evaluation_markdown(EVALUATION, "kiln_classifier:fake123")
+
+
+@pytest.mark.slow
+def test_rerunning_the_flow_or_dvc_repro_changes_nothing(prefect_harness, tmp_path):
+    from flows.kiln import kiln_pipeline
+
+    project = make_fake_project(tmp_path)
+    kiln_pipeline(project_dir=project)
+    lock = (project / "dvc.lock").read_bytes()
+
+    kiln_pipeline(project_dir=project)
+    assert (project / "dvc.lock").read_bytes() == lock
+    # DVC itself agrees the flow left the workspace up to date: a plain repro runs nothing.
+    _dvc(project, "repro")
+    assert (project / "dvc.lock").read_bytes() == lock
+    assert runs(project) == ["ingest", "evaluate", "package"]
+
+
+@pytest.mark.slow
+def test_a_failing_stage_fails_the_flow_with_its_error_and_stops_the_pipeline(prefect_harness, tmp_path):
+    from flows.kiln import StageFailed, kiln_pipeline
+
+    project = make_fake_project(tmp_path, fail_evaluate=True)
+    state = kiln_pipeline(project_dir=project, return_state=True)
+
+    assert state.is_failed()
+    assert "kiln evaluate: error: no variant passed the gate (min_accuracy 0.97)" in state.message
+    assert "a warning before the error" not in state.message  # only the stage's own error lines
+    with pytest.raises(StageFailed, match=r"stage 'evaluate' failed[\s\S]*no variant passed the gate"):
+        state.result()
+    assert runs(project) == ["ingest", "evaluate"]
+    assert not (project / "reports" / "package.json").exists()
+
+
+@pytest.mark.slow
+def test_the_scheduled_deployment_registers_its_cron_and_runs_the_flow(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from flows.kiln import REPO_ROOT, kiln_pipeline
+    from flows.schedule import kiln_runner
+    from pipeline.params import load_params
+
+    schedule = load_params(REPO_ROOT / "params.yaml").schedule
+    project = make_fake_project(tmp_path)
+    runner = kiln_runner(schedule, project_dir=project)
+    deployment_name = f"{kiln_pipeline.name}/{schedule.deployment}"
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(deployment_name)
+    assert [s.schedule.cron for s in deployment.schedules] == [schedule.cron]
+    assert [s.schedule.timezone for s in deployment.schedules] == ["UTC"]
+
+    flow_run = run_deployment(deployment_name, timeout=0)
+    asyncio.run(runner.start(run_once=True))
+
+    with get_client(sync_client=True) as client:
+        finished = client.read_flow_run(flow_run.id)
+    assert finished.state.is_completed(), finished.state.message
+    assert runs(project) == ["ingest", "evaluate", "package"]

@@ -1,0 +1,246 @@
+"""Packaging and serving: `python -m pipeline package` on a real tiny ONNX model, then the built
+Bento served by `bentoml serve` on a free loopback port and checked over HTTP against ONNX Runtime
+run locally with the same preprocessing."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline import StageError
+from pipeline.preprocess import Preprocessing
+from tests.bento_server import bento_server
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 8  # px, side of the tiny model's grayscale input
+CLASSES = ["bright", "dark", "left"]
+PREPROCESSING = Preprocessing(image_size=SIZE, channels=1, mean=[0.5], std=[0.25])
+
+
+def class_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, 8, 8) images of three easily told apart kinds, and their class indices."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    images = rng.integers(0, 40, (n, SIZE, SIZE))  # dark background
+    images[labels == 0] += 200                     # bright all over
+    images[labels == 2, :, : SIZE // 2] += 200     # left half bright
+    return images.astype(np.uint8), labels
+
+
+def write_tiny_model(folder: Path) -> None:
+    """Train a tiny CNN on class_images and write model.onnx + model.json as evaluate does."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(16, len(CLASSES)))
+    images, labels = class_images(96, seed=0)
+    x = torch.from_numpy(PREPROCESSING.normalize(images[:, None]))
+    y = torch.from_numpy(labels)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(150):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    net.eval()
+    folder.mkdir(parents=True)
+    torch.onnx.export(net, (x[:2],), str(folder / "model.onnx"), input_names=["input"],
+                      output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                      external_data=False)
+    card = {"model": "tiny_cnn", "variant": "fp32_onnx", "classes": CLASSES,
+            "preprocessing": PREPROCESSING.to_dict(), "params": {}, "data_hash": "0" * 64,
+            "metrics": {"accuracy": 1.0, "macro_f1": 1.0, "size_bytes": 7000,
+                        "latency_ms_b256": None}}
+    (folder / "model.json").write_text(json.dumps(card, indent=1))
+
+
+def local_probabilities(model_dir: Path, pixels: np.ndarray) -> np.ndarray:
+    """What the server should answer: the same ONNX file and preprocessing, run here."""
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"input": PREPROCESSING.normalize(pixels)})[0].astype(np.float64)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def encode(image: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def stage_env(bentoml_home: Path) -> dict[str, str]:
+    return {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
+
+
+def test_package_names_the_missing_model_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # before bentoml is imported
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
+    from pipeline.package import package
+
+    model_dir = tmp_path / "selected"
+    model_dir.mkdir()
+    (model_dir / "model.json").write_text("{}")
+    with pytest.raises(StageError, match=r"model\.onnx"):
+        package(model_dir, REPO / "bentofile.yaml")
+    (model_dir / "model.json").unlink()
+    (model_dir / "model.onnx").write_bytes(b"")
+    with pytest.raises(StageError, match=r"model\.json"):
+        package(model_dir, REPO / "bentofile.yaml")
+    assert not (tmp_path / "bentoml" / "models").exists()
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory):
+    """Run the package stage as dvc.yaml does, into a throwaway BentoML home."""
+    root = tmp_path_factory.mktemp("package")
+    model_dir = root / "selected"
+    write_tiny_model(model_dir)
+    out = root / "package.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "package", "--model", str(model_dir),
+         "--bentofile", str(REPO / "bentofile.yaml"), "--out", str(out)],
+        cwd=REPO, env=stage_env(root / "bentoml"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return {"model_dir": model_dir, "home": root / "bentoml", "tags": json.loads(out.read_text()),
+            "stdout": result.stdout}
+
+
+@pytest.fixture(scope="module")
+def server(packaged, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with bento_server(packaged["tags"]["bento_tag"], packaged["home"], log) as (client, port):
+        yield {"client": client, "log": log, "port": port, **packaged}
+
+
+@pytest.mark.slow
+def test_package_stores_labelled_model_and_lean_bento(packaged):
+    model_tag, bento_tag = packaged["tags"]["model_tag"], packaged["tags"]["bento_tag"]
+    assert model_tag.startswith("kiln-classifier:") and bento_tag.startswith("kiln:")
+    assert bento_tag in packaged["stdout"] and "bentoml serve" in packaged["stdout"]
+    name, version = model_tag.split(":")
+    stored = packaged["home"] / "models" / name / version
+    info = yaml.safe_load((stored / "model.yaml").read_text())
+    assert info["labels"]["variant"] == "fp32_onnx"
+    assert info["labels"]["accuracy"] == "1.0000" and info["labels"]["macro_f1"] == "1.0000"
+    assert info["labels"]["git"]  # a short hash, or "unknown" outside git
+    assert info["metadata"]["metrics"]["size_bytes"] == 7000
+    assert (stored / "model.onnx").read_bytes() == (packaged["model_dir"] / "model.onnx").read_bytes()
+
+    name, version = bento_tag.split(":")
+    bento = packaged["home"] / "bentos" / name / version
+    sources = sorted(p.relative_to(bento / "src").as_posix()
+                     for p in (bento / "src").rglob("*") if p.is_file())
+    assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/preprocess.py",
+                       "pipeline/service.py"]
+    manifest = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert manifest["services"][0]["models"][0]["tag"] == model_tag
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime" in requirements and "torch" not in requirements
+
+
+@pytest.mark.slow
+def test_server_binds_loopback_by_default(server):
+    assert f"listening on http://127.0.0.1:{server['port']}" in server["log"].read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_classify_matches_local_onnx(server, image_format):
+    images, labels = class_images(6, seed=1)
+    predictions = []
+    for image in images:
+        data = encode(image, image_format)
+        response = server["client"].post("/classify", files={"image": ("digit.img", data)})
+        assert response.status_code == 200, response.text
+        pixels = PREPROCESSING.pixels(Image.open(io.BytesIO(data)))[None]
+        expected = local_probabilities(server["model_dir"], pixels)[0]
+        body = response.json()
+        assert body["index"] == int(expected.argmax())
+        assert body["label"] == CLASSES[body["index"]]
+        assert [body["probabilities"][c] for c in CLASSES] == pytest.approx(expected, abs=1e-6)
+        predictions.append(body["index"])
+    assert predictions == labels.tolist()  # the tiny model tells the three kinds apart
+
+
+@pytest.mark.slow
+def test_classify_batch_matches_local_onnx(server):
+    images, _ = class_images(9, seed=2)
+    expected = local_probabilities(server["model_dir"], images[:, None])
+    for payload in (images, images[:, None].astype(np.float32)):  # (N, S, S) and (N, C, S, S)
+        response = server["client"].post("/classify_batch", json={"images": payload.tolist()})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert [p["index"] for p in body] == expected.argmax(axis=1).tolist()
+        assert [p["label"] for p in body] == [CLASSES[i] for i in expected.argmax(axis=1)]
+        assert np.array([[p["probabilities"][c] for c in CLASSES] for p in body]) \
+            == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_classify_batch_concurrent_requests_of_mixed_shapes(server):
+    """Adaptive batching concatenates concurrent requests; a bad one must not break the others."""
+    requests = []
+    for i in range(16):
+        images, _ = class_images(1 + i % 4, seed=10 + i)
+        requests.append(images if i % 2 else images[:, None])
+    bad = np.zeros((2, SIZE + 1, SIZE + 1))
+
+    def post(payload: np.ndarray) -> httpx.Response:
+        return server["client"].post("/classify_batch", json={"images": payload.tolist()})
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(post, [*requests[:8], bad, *requests[8:]]))
+    assert responses.pop(8).status_code == 400
+    for payload, response in zip(requests, responses):
+        assert response.status_code == 200, response.text
+        pixels = payload if payload.ndim == 4 else payload[:, None]
+        expected = local_probabilities(server["model_dir"], pixels).argmax(axis=1)
+        assert [p["index"] for p in response.json()] == expected.tolist()
+
+
+@pytest.mark.slow
+def test_bad_images_get_400_with_a_message(server):
+    rng = np.random.default_rng(0)
+    png = encode(rng.integers(0, 256, (64, 64), dtype=np.uint8), "PNG")  # noise: incompressible
+    cases = {
+        "not an image": (b"this is not an image", "not a PNG or JPEG"),
+        "truncated PNG": (png[: len(png) // 2], "truncated"),
+        "empty file": (b"", "not a PNG or JPEG"),
+        "GIF": (encode(np.zeros((8, 8), np.uint8), "GIF"), "not a PNG or JPEG"),
+    }
+    for case, (data, message) in cases.items():
+        response = server["client"].post("/classify", files={"image": ("x.png", data)})
+        assert response.status_code == 400, (case, response.text)
+        assert message in response.text, (case, response.text)
+    response = server["client"].post("/classify", json={})
+    assert response.status_code == 400 and "image" in response.text
+
+
+@pytest.mark.slow
+def test_bad_arrays_get_400_naming_the_expected_shape(server):
+    shape = f"(N, {SIZE}, {SIZE}) or (N, 1, {SIZE}, {SIZE})"
+    cases = {
+        "wrong size": (np.zeros((2, SIZE + 1, SIZE + 1)).tolist(), shape),
+        "one image without batch axis": (np.zeros((SIZE, SIZE)).tolist(), shape),
+        "three channels": (np.zeros((1, 3, SIZE, SIZE)).tolist(), shape),
+        "empty": ([], shape),
+        "strings": ([[["a"] * SIZE] * SIZE], "dtype"),
+        "ragged": ([[1, 2], [3]], "inhomogeneous"),
+        "out of range": (np.full((1, SIZE, SIZE), 256).tolist(), "0..255"),
+    }
+    for case, (images, message) in cases.items():
+        response = server["client"].post("/classify_batch", json={"images": images})
+        assert response.status_code == 400, (case, response.text)
+        assert message in response.text, (case, response.text)
