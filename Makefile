@@ -15,7 +15,7 @@ export PREFECT_LOGGING_LEVEL            ?= INFO
 
 PORT ?= 3000
 
-.PHONY: install run repro test test-fast serve schedule clean
+.PHONY: install run repro test test-fast serve rollback schedule clean
 
 # torch first and pinned exactly: torch==2.13.0 is the local CPU wheel, any other spec pulls CUDA.
 $(VENV)/.installed: pyproject.toml
@@ -39,8 +39,14 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"
 
+# The champion's Bento (pipeline/package.py keeps the record in $(BENTOML_HOME)/kiln/).
 serve: install
-	$(BIN)/bentoml serve kiln:latest --host 127.0.0.1 --port $(PORT)
+	bento=$$($(BIN)/python -m pipeline package champion) && \
+	$(BIN)/bentoml serve $$bento --host 127.0.0.1 --port $(PORT)
+
+# The previous champion serves again at the next `make serve`.
+rollback: install
+	$(BIN)/python -m pipeline package rollback
 
 # A local Prefect server (own session, so Ctrl-C reaches only the serve process, which pauses
 # the schedule first), then the deployment served on params.yaml's schedule.cron.

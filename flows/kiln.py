@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.report import evaluation_markdown
+from flows.report import drift_markdown, evaluation_markdown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT_KEY = "kiln-evaluation"
@@ -120,11 +120,14 @@ def publish_evaluation(project_dir: Path, stages: dict[str, dict]) -> str:
     # Paths come from dvc.yaml so they are written once: evaluate's metrics, package's output.
     evaluation_path = project_dir / _single_path(stages, "evaluate", "metrics")
     package_path = project_dir / _single_path(stages, "package", "outs")
+    validation_path = project_dir / _single_path(stages, "validate", "metrics")
     evaluation = json.loads(evaluation_path.read_text())
     package = json.loads(package_path.read_text())
+    validation = json.loads(validation_path.read_text())
     if "bento_tag" not in package:
         raise ProjectError(f"{package_path}: missing key 'bento_tag'")
-    create_markdown_artifact(markdown=evaluation_markdown(evaluation, package["bento_tag"]),
+    markdown = evaluation_markdown(evaluation, package["bento_tag"]) + drift_markdown(validation)
+    create_markdown_artifact(markdown=markdown,
                              key=ARTIFACT_KEY, description="Kiln variants and the packaged Bento")
     return package["bento_tag"]
 

@@ -19,7 +19,9 @@ def evaluation_markdown(evaluation: dict, bento_tag: str) -> str:
     batch_sizes = sorted({int(m.group(1)) for metrics in variants.values()
                           for key in metrics if (m := _LATENCY_KEY.fullmatch(key))})
 
-    header = (["variant", "accuracy", "macro-F1", "size (kB)"]
+    # MACs: counted by compress since issue 5; evaluation files from before have none.
+    with_macs = any("macs" in metrics for metrics in variants.values())
+    header = (["variant", "accuracy", "macro-F1", "size (kB)"] + ["MACs (k)"] * with_macs
               + [f"latency b{b} (ms)" for b in batch_sizes] + ["eligible", "selected"])
     lines = [
         "# Kiln evaluation",
@@ -33,6 +35,7 @@ def evaluation_markdown(evaluation: dict, bento_tag: str) -> str:
         try:
             cells = [name, f"{metrics['accuracy']:.4f}", f"{metrics['macro_f1']:.4f}",
                      f"{metrics['size_bytes'] / 1000:.1f}"]  # kB = 1000 bytes
+            cells += [f"{metrics['macs'] / 1000:.1f}" if "macs" in metrics else "n/a"] * with_macs
             cells += [f"{metrics[f'latency_ms_b{b}']:.3f}" if f"latency_ms_b{b}" in metrics else "n/a"
                       for b in batch_sizes]
             cells += ["yes" if metrics["eligible"] else "no", "**yes**" if name == selected else ""]
@@ -40,3 +43,14 @@ def evaluation_markdown(evaluation: dict, bento_tag: str) -> str:
             raise ValueError(f"evaluation: variants.{name}: missing key {e.args[0]!r}") from None
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def drift_markdown(validation: dict) -> str:
+    """Markdown for the `drift` block of reports/validation.json: PSI and KS per feature."""
+    drift = validation.get("drift", {"status": "skipped"})
+    if drift["status"] == "skipped":
+        return "\nDrift: not checked (no champion with a data profile yet).\n"
+    rows = [f"| {feature} | {v['psi']:.3f} | {'n/a' if v['ks'] is None else format(v['ks'], '.3f')} |"
+            for feature, v in drift["features"].items()]
+    return (f"\nDrift against champion `{drift.get('champion')}`: **{drift['status']}**\n\n"
+            "| feature | PSI | KS |\n|---|---:|---:|\n" + "\n".join(rows) + "\n")

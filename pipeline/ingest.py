@@ -1,9 +1,17 @@
-"""Stage 1: materialise the data set as image files plus a manifest (path, label, split).
+"""Stage 1: materialise the data set as image files plus a manifest (path, label, split, source).
 
 Output folder layout:
     images/<split>/<class>/<file>   copies of the source images (PNG/JPEG)
-    manifest.csv                    path (relative to the folder), label, split
-    classes.json                    the class names; a label's index is its position here
+    manifest.csv                    path (relative to the folder), label, split, and source: the
+                                    file it came from, relative to data.source, for error messages
+    classes.json                    the class names; a label's index is its position here. Every
+                                    class folder is listed, also one without images, so the
+                                    validate stage can name it.
+
+A source folder may hold what desktops and sync tools leave behind: hidden files (`.DS_Store`,
+`._x.png` resource forks), `Thumbs.db`, `desktop.ini`, `__MACOSX/`. Those are skipped and counted,
+never fatal. Class names are taken from folder names in Unicode NFC with outer blanks removed, so
+a folder copied from macOS (NFD names) and one typed on Linux name the same class.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import csv
 import hashlib
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +31,10 @@ from pipeline.params import Split, load_params
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Written by file managers, sync and archive tools; never data. Hidden names (leading dot) too.
+SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin",
+                "system volume information", "icon\r"}
+MANIFEST_FIELDS = ["path", "label", "split", "source"]
 
 
 def stratified_split(labels: list[str], split: Split, seed: int) -> list[str]:
@@ -38,30 +51,80 @@ def stratified_split(labels: list[str], split: Split, seed: int) -> list[str]:
     return assigned
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+def is_system(path: Path) -> bool:
+    """Hidden or OS/tool bookkeeping entries, skipped wherever a folder is listed."""
+    return path.name.startswith(".") or path.name.lower() in SYSTEM_NAMES
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def class_name(folder: Path) -> str:
+    """The label a class folder stands for: NFC, outer blanks removed (see the module docstring)."""
+    name = unicodedata.normalize("NFC", folder.name).strip()
+    if not name:
+        raise StageError(f"{folder}: a class folder name must not be blank")
+    return name
 
 
-def scan_folder(root: Path, split: Split, seed: int) -> list[tuple[Path, str, str]]:
-    """(source file, class, split) for a folder of class subfolders, optionally pre-split."""
+def _images_in(folder: Path, skipped: list[Path]) -> list[Path]:
+    """Image files of a class folder, by suffix; anything else is appended to `skipped`.
+
+    Broken links and other unreadable entries with an image suffix are kept: copying them fails
+    and names them, instead of the image silently going missing.
+    """
+    images = []
+    for p in sorted(folder.iterdir()):
+        if is_system(p) or p.is_dir() or p.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(p)
+        else:
+            images.append(p)
+    return images
+
+
+def _class_dirs(folder: Path, skipped: list[Path]) -> list[Path]:
+    dirs = []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and not is_system(p):
+            dirs.append(p)
+        else:
+            skipped.append(p)
+    return dirs
+
+
+def _labels(dirs: list[Path]) -> dict[Path, str]:
+    """Class folder -> label; two folders that mean the same label (after NFC and strip) fail."""
+    labels = {d: class_name(d) for d in dirs}
+    seen: dict[tuple[str, str], Path] = {}
+    for d, label in labels.items():
+        key = (d.parent.name, label)
+        if key in seen:
+            raise StageError(f"{seen[key]} and {d}: two class folders for the same class "
+                             f"{label!r} (names differ only in Unicode form or outer blanks)")
+        seen[key] = d
+    return labels
+
+
+def scan_folder(root: Path, split: Split, seed: int
+                ) -> tuple[list[tuple[Path, str, str]], list[str], list[Path]]:
+    """For a folder of class subfolders, optionally pre-split: (source file, class, split) rows,
+    every class name (also of empty folders), and the skipped hidden/system/non-image entries."""
     if not root.is_dir():
         raise StageError(f"data.source: {root} is not a folder (nor 'digits')")
-    top = _class_dirs(root)
+    skipped: list[Path] = []
+    top = _class_dirs(root, skipped)
     if top and {p.name for p in top} <= set(SPLITS):
         if {p.name for p in top} != set(SPLITS):
             raise StageError(f"{root}: a pre-split folder needs train/, val/ and test/; "
                              f"found {', '.join(p.name for p in top)}")
-        return [(f, c.name, s.name) for s in top for c in _class_dirs(s) for f in _images_in(c)]
+        dirs = [c for s in top for c in _class_dirs(s, skipped)]
+        labels = _labels(dirs)
+        rows = [(f, labels[c], c.parent.name) for c in dirs for f in _images_in(c, skipped)]
+        return rows, sorted(set(labels.values())), skipped
     if not top:
         raise StageError(f"{root}: no class subfolders found")
-    files = [(f, c.name) for c in top for f in _images_in(c)]
+    labels = _labels(top)
+    files = [(f, labels[c]) for c in top for f in _images_in(c, skipped)]
     splits = stratified_split([label for _, label in files], split, seed)
-    return [(f, label, s) for (f, label), s in zip(files, splits)]
+    rows = [(f, label, s) for (f, label), s in zip(files, splits)]
+    return rows, sorted(labels.values()), skipped
 
 
 def ingest(source: str, out: Path, split: Split, seed: int) -> list[dict]:
@@ -78,29 +141,46 @@ def ingest(source: str, out: Path, split: Split, seed: int) -> list[dict]:
             rel = Path("images", s, label, f"{i:04d}.png")
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image, mode="L").save(out / rel)
-            rows.append({"path": rel.as_posix(), "label": label, "split": s})
+            rows.append({"path": rel.as_posix(), "label": label, "split": s,
+                         "source": f"sklearn digits[{i}]"})
+        classes = sorted(set(labels))
     else:
-        for src, label, s in scan_folder(Path(source), split, seed):
+        root = Path(source)
+        found, classes, skipped = scan_folder(root, split, seed)
+        unreadable = []
+        for src, label, s in found:
             rel = Path("images", s, label, src.name)
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, out / rel)
-            rows.append({"path": rel.as_posix(), "label": label, "split": s})
+            try:
+                shutil.copyfile(src, out / rel)
+            except OSError as e:  # a broken link, no permission, an I/O error
+                unreadable.append(f"{src.relative_to(root)} ({e.strerror or e})")
+                continue
+            rows.append({"path": rel.as_posix(), "label": label, "split": s,
+                         "source": src.relative_to(root).as_posix()})
+        if unreadable:
+            raise StageError(f"data.source {root}: {len(unreadable)} image files cannot be read: "
+                             + "; ".join(unreadable))
+        if skipped:
+            names = sorted({p.name for p in skipped})
+            print(f"ingest: skipped {len(skipped)} hidden, system or non-image entries "
+                  f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
     if not rows:
         raise StageError(f"data.source: {source} holds no PNG/JPEG images")
-    classes = sorted({r["label"] for r in rows})
-    with open(out / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "split"])
+    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
+    (out / "classes.json").write_text(json.dumps(classes, indent=1, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
     return rows
 
 
 def read_manifest(folder: Path) -> tuple[list[dict], list[str]]:
     """The rows of folder/manifest.csv and the class names of folder/classes.json."""
-    with open(folder / "manifest.csv", newline="") as f:
+    with open(folder / "manifest.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    classes = json.loads((folder / "classes.json").read_text())
+    classes = json.loads((folder / "classes.json").read_text(encoding="utf-8"))
     return rows, classes
 
 

@@ -31,6 +31,7 @@ class DataParams:
     seed: int
     image_size: int
     channels: Literal[1, 3]
+    allow_resize: bool
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,18 @@ class ValidateParams:
     min_images: int
     max_images: int
     min_images_per_class_per_split: int
+    max_resize_factor: float
+    max_blank_fraction: float
+    workers: int
+
+
+@dataclass(frozen=True)
+class DriftParams:
+    psi_bins: int
+    psi_warn: float
+    psi_fail: float
+    ks_warn: float
+    ks_fail: float
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,12 @@ class TrainParams:
     epochs: int
     batch_size: int
     seed: int
+    lr_schedule: Literal["onecycle", "constant"]
+    label_smoothing: float
+    epoch_augment: bool
+    channels_last: bool
+    compile: bool
+    processes: int
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,17 @@ class GateParams:
 
 
 @dataclass(frozen=True)
+class PackageParams:
+    champion_tolerance: float
+    ready_timeout_s: float
+
+
+@dataclass(frozen=True)
+class ServeParams:
+    max_request_bytes: int
+
+
+@dataclass(frozen=True)
 class ScheduleParams:
     deployment: str
     cron: str
@@ -98,11 +128,14 @@ class ScheduleParams:
 class Params:
     data: DataParams
     validate: ValidateParams
+    drift: DriftParams
     augment: AugmentParams
     train: TrainParams
     compress: CompressParams
     evaluate: EvaluateParams
     gate: GateParams
+    package: PackageParams
+    serve: ServeParams
     schedule: ScheduleParams
 
 
@@ -154,16 +187,31 @@ def _check_ranges(p: Params) -> None:
         ("data.split", min(p.data.split.train, p.data.split.val, p.data.split.test) > 0,
          "every fraction must be > 0"),
         ("data.image_size", p.data.image_size >= 8, "must be >= 8"),
+        ("validate.max_resize_factor", p.validate.max_resize_factor >= 1, "must be >= 1"),
+        ("validate.max_blank_fraction", 0 <= p.validate.max_blank_fraction <= 1,
+         "must be in [0, 1]"),
+        ("validate.workers", p.validate.workers >= 0, "must be >= 0 (0 = one per core)"),
+        ("drift.psi_bins", p.drift.psi_bins >= 2, "must be >= 2"),
+        ("drift.psi_warn", 0 <= p.drift.psi_warn <= p.drift.psi_fail,
+         "must satisfy 0 <= psi_warn <= psi_fail"),
+        ("drift.ks_warn", 0 <= p.drift.ks_warn <= p.drift.ks_fail,
+         "must satisfy 0 <= ks_warn <= ks_fail"),
         ("augment.copies", p.augment.copies >= 0, "must be >= 0"),
         ("augment.scale_min", 0 < p.augment.scale_min <= p.augment.scale_max,
          "must satisfy 0 < scale_min <= scale_max"),
         ("train.epochs", p.train.epochs >= 1, "must be >= 1"),
         ("train.batch_size", p.train.batch_size >= 1, "must be >= 1"),
         ("train.lr", p.train.lr > 0, "must be > 0"),
+        ("train.label_smoothing", 0 <= p.train.label_smoothing < 1, "must be in [0, 1)"),
+        ("train.processes", p.train.processes >= 1, "must be >= 1"),
         ("compress.prune_amount", 0 <= p.compress.prune_amount < 1, "must be in [0, 1)"),
         ("compress.calibration_images", p.compress.calibration_images >= 1, "must be >= 1"),
         ("evaluate.latency_runs", p.evaluate.latency_runs >= 1, "must be >= 1"),
         ("gate.min_accuracy", 0 <= p.gate.min_accuracy <= 1, "must be in [0, 1]"),
+        ("package.champion_tolerance", 0 <= p.package.champion_tolerance <= 1,
+         "must be in [0, 1]"),
+        ("package.ready_timeout_s", p.package.ready_timeout_s > 0, "must be > 0"),
+        ("serve.max_request_bytes", p.serve.max_request_bytes >= 1024, "must be >= 1024"),
     ]
     for key, ok, why in checks:
         if not ok:

@@ -2,17 +2,24 @@
 
     POST /classify        multipart file "image" (PNG/JPEG)  -> {"label", "index", "probabilities"}
     POST /classify_batch  JSON {"images": pixel array}       -> one such dict per image
+    POST /classify_npy    multipart file "array": a .npy file (numpy.save) of pixels, the same
+                          shapes as /classify_batch, uint8 or float -> one dict per image
+    GET  /readyz          200 once the model is loaded and answered a self-check (BentoML calls
+                          Classifier.__is_ready__); /livez, /metrics (Prometheus) come with BentoML
 
 The model comes from the BentoML model store (written by `python -m pipeline package`) as
 model.onnx + model.json; preprocessing is rebuilt from model.json, never re-implemented here.
 Imports only bentoml, numpy, PIL, onnxruntime and pipeline.preprocess, so the Bento needs no torch.
-Bad input gets HTTP 400 with a message, never 500.
+Bad input gets HTTP 400 with a message, never 500; a request body larger than the model card's
+serving.max_request_bytes (params.yaml serve.max_request_bytes, written by the package stage)
+gets HTTP 413 before it is read.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Callable
 
 import bentoml
 import numpy as np
@@ -58,6 +65,56 @@ def _pixel_batch(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32)
 
 
+class RequestSizeLimit:
+    """ASGI middleware: a request body over `max_bytes()` bytes gets HTTP 413 before it reaches
+    the API (BentoML 1.4 has no body-size setting). A declared Content-Length is checked up
+    front; a chunked body is buffered up to the limit, then replayed."""
+
+    def __init__(self, app, max_bytes: Callable[[], int]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.limit: int | None = None  # resolved on the first request: the model loads lazily
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.limit is None:
+            self.limit = self.max_bytes()
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _reject(send, 400, "Content-Length is not a number")
+            if int(length) > self.limit:
+                return await _reject(send, 413, f"request body of {int(length)} bytes is over "
+                                     f"the limit of {self.limit} bytes")
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await _reject(send, 413, f"request body is over the limit of "
+                                     f"{self.limit} bytes")
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        replay = iter(messages)
+
+        async def replayed():
+            return next(replay, None) or await receive()
+
+        return await self.app(scope, replayed, send)
+
+
+async def _reject(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 @bentoml.service(
     http={"host": "127.0.0.1"},  # loopback unless `bentoml serve --host` says otherwise
     workers=1,
@@ -69,6 +126,9 @@ class Classifier:
     def __init__(self) -> None:
         card = json.loads(Path(self.model.path_of("model.json")).read_text())
         self.classes: list[str] = card["classes"]
+        if not isinstance(card.get("serving", {}).get("max_request_bytes"), int):
+            raise RuntimeError("model.json: serving.max_request_bytes missing or not an integer "
+                               "(written by `python -m pipeline package` from params.yaml serve)")
         self.preprocessing = Preprocessing.from_dict(card["preprocessing"])
         p = self.preprocessing
         self.input_shape = (p.channels, p.image_size, p.image_size)
@@ -77,6 +137,18 @@ class Classifier:
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(
             self.model.path_of("model.onnx"), options, providers=["CPUExecutionProvider"])
+        # Self-check before /readyz says yes: one blank image must give one logit per class, so
+        # a model that does not match its card never gets traffic (and the first request does
+        # not pay ONNX Runtime's warm-up).
+        logits = self.session.run(["logits"], {"input": self.preprocessing.normalize(
+            np.zeros((1, *self.input_shape), np.uint8))})[0]
+        if logits.shape != (1, len(self.classes)):
+            raise RuntimeError(f"model.onnx gives logits of shape {logits.shape} for one image; "
+                               f"model.json lists {len(self.classes)} classes")
+        self.ready = True
+
+    def __is_ready__(self) -> bool:
+        return getattr(self, "ready", False)
 
     def _predict(self, pixels: np.ndarray) -> list[Prediction]:
         """uint8 or [0, 255] float (N, C, S, S) -> one Prediction per image."""
@@ -111,3 +183,26 @@ class Classifier:
         """Classify pixel arrays, values 0..255, shape (N, S, S) (grayscale models) or
         (N, C, S, S) at the model's input size. Requests are batched together adaptively."""
         return self._predict(images)
+
+    @bentoml.api
+    def classify_npy(self, array: Path) -> list[Prediction]:
+        """Classify a binary pixel array: a .npy file (numpy.save, no pickles) uploaded as the
+        multipart field "array", shapes and values as for /classify_batch."""
+        try:
+            images = np.load(io.BytesIO(array.read_bytes()), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # not .npy, truncated, or object arrays
+            raise InvalidArgument(f"array: not a readable .npy file ({e})") from e
+        try:
+            pixels = _pixel_batch(images)
+        except ValueError as e:
+            raise InvalidArgument(str(e).replace("images:", "array:", 1)) from e
+        return self._predict(pixels)
+
+
+def _max_request_bytes() -> int:
+    """serving.max_request_bytes from the served model's card."""
+    card = json.loads(Path(Classifier.inner.model.resolve().path_of("model.json")).read_text())
+    return int(card["serving"]["max_request_bytes"])
+
+
+Classifier.add_asgi_middleware(RequestSizeLimit, max_bytes=_max_request_bytes)

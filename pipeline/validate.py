@@ -1,20 +1,33 @@
-"""Stage 2: decode every ingested image and check the data set with a Great Expectations suite.
+"""Stage 2: decode every ingested image and check the data set with Great Expectations suites.
 
-Two tables are validated, both in an in-memory (ephemeral) GX context:
-    images         one row per manifest entry: path, label, split, decodes, decode_error, height,
-                   width, channels, pixel_min/max/mean/std, content_hash (sha256 of the decoded
-                   pixels, so a copy under another name or re-encoded losslessly collides)
-    class_counts   one row per (split, label) present: images
+Tables validated, all in an in-memory (ephemeral) GX context:
+    images         one row per manifest entry: path, source, label, split, file_problem (why the
+                   file is not a usable PNG/JPEG: empty, truncated, corrupt, not an image),
+                   height, width, channels, pixel_min/max/mean/std, content_hash (sha256 of the
+                   decoded pixels, so a copy under another name or re-encoded losslessly
+                   collides), and flags derived from those: blank, leak, duplicate, resize_factor
+    classes        one row per class of classes.json: images (all splits)
+    class_counts   one row per (split, class) of every class that has images: images (0 included)
+    drift          one row per feature compared with the champion's reference (pipeline/drift.py)
 
-The metrics JSON and the Data Docs site are written even when a check fails, so the reader can
-see why; a failure then raises StageError naming each failed expectation and a few offenders.
+Each expectation carries a `kind` (meta): the problem in plain words, which starts its line in
+the error message, and a key under `problems` in the metrics JSON (offender counts, 0 when clean,
+so `dvc metrics diff` shows what changed). The metrics JSON, the Data Docs site and the data
+profile are written even when a check fails, so the reader can see why; a failure then raises
+StageError with one line per failed kind naming a few offending files or classes.
+
+Decoding and hashing run in a process pool over chunks of files: the parent holds one small dict
+per image, never pixels, so memory stays flat however large the data set.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
+import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,25 +36,73 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import StageError
+from pipeline.drift import champion_reference, compare, profile
 from pipeline.ingest import SPLITS, read_manifest
-from pipeline.params import load_params
+from pipeline.params import DataParams, DriftParams, ValidateParams, load_params
 
 DOCS_SITE = "kiln"
-SHOWN = 3  # offenders named per failed expectation; the count covers the rest
+SHOWN = 3  # offenders named per failed kind; the count covers the rest
+CHUNK = 512  # files per pool task: large enough that task overhead (~0.1 ms) is noise
+IMAGE_FORMATS = ["PNG", "JPEG"]  # what the service accepts (pipeline/service.py)
+PNG_MAGIC, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+FILE_PROBLEMS = ("empty file", "truncated PNG", "truncated JPEG", "corrupt PNG", "corrupt JPEG",
+                 "not a PNG/JPEG image", "unreadable file")  # what file_problem() names
+COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "height", "width",
+           "channels", "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "content_hash"]
+
+# Kinds of problem: the key (metrics JSON `problems`) and the words that start its error line.
+KINDS = {
+    "image_count": "image count out of range",
+    "repeated_rows": "manifest lists a file twice",
+    "unreadable_files": "unreadable image file",
+    "unknown_labels": "unknown label",
+    "unknown_splits": "unknown split",
+    "mixed_channels": "mixed channel counts",
+    "not_8_bit": "pixels not 8-bit",
+    "wrong_size": "image size far from data.image_size",
+    "blank_images": "too many blank images",
+    "leaked_images": "same image in two splits (leakage)",
+    "duplicate_images": "duplicate images in a split",
+    "single_class": "single class",
+    "empty_classes": "class folder with no images",
+    "short_class_splits": "class short of images in a split",
+    "drift": "drift from the champion's data",
+    "drift_warning": "drift warning",
+}
 
 
 @dataclass(frozen=True)
 class Validation:
     success: bool
     metrics: dict
-    failures: list[str]   # one line per failed expectation, naming offenders
+    failures: list[str]   # one line per failed kind, naming offenders
+    warnings: list[str]   # drift above the warn thresholds: reported, not fatal
     images: pd.DataFrame
+    profile: dict         # reference statistics of this data set's train split (pipeline/drift.py)
+
+
+def file_problem(data: bytes) -> str:
+    """Name why `data` did not decode as PNG/JPEG: the kind, for the message and the metrics."""
+    if not data:
+        return "empty file"
+    body = data.rstrip(b"\0\r\n ")  # some tools pad files; padding does not make them whole
+    if data.startswith(PNG_MAGIC):
+        return "corrupt PNG" if body.endswith(PNG_END) else "truncated PNG"
+    if data.startswith(JPEG_MAGIC):
+        return "corrupt JPEG" if body.endswith(JPEG_END) else "truncated JPEG"
+    return "not a PNG/JPEG image"
 
 
 def describe_image(path: Path) -> dict:
-    """Decoded size, channels, pixel statistics and content hash of one file; decodes=False if not."""
+    """Decoded size, channels, pixel statistics and content hash of one file; or, when it is not a
+    usable PNG/JPEG, file_problem (the kind) and decode_error (PIL's words)."""
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+    except OSError as e:
+        return {"file_problem": "unreadable file", "decode_error": f"{type(e).__name__}: {e}"}
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             image.load()
             # Palette and bilevel files hold 8-bit pixels behind an indirection: describe the
             # values preprocessing will see. 16-bit and float modes stay as they are, so the
@@ -55,82 +116,186 @@ def describe_image(path: Path) -> dict:
     # PIL's decoders raise many types for a broken file (OSError, SyntaxError, ValueError,
     # struct.error, DecompressionBombError, ...): any of them means "does not decode".
     except Exception as e:  # noqa: BLE001
-        return {"decodes": False, "decode_error": f"{type(e).__name__}: {e}"}
+        problem = file_problem(data)
+        detail = ("0 bytes" if problem == "empty file" else
+                  f"{len(data)} bytes starting {data[:12]!r}" if problem.startswith("not a") else
+                  f"{type(e).__name__}: {e}")
+        return {"file_problem": problem, "decode_error": detail}
     digest = hashlib.sha256(f"{pixels.shape}{pixels.dtype.str}".encode())
     digest.update(np.ascontiguousarray(pixels).tobytes())
+    low, high = pixels.min(), pixels.max()
     return {
-        "decodes": True, "decode_error": None,
+        "file_problem": None, "decode_error": None,
         "height": pixels.shape[0], "width": pixels.shape[1],
         "channels": 1 if pixels.ndim == 2 else pixels.shape[2],
-        "pixel_min": float(pixels.min()), "pixel_max": float(pixels.max()),
-        "pixel_mean": float(pixels.mean()), "pixel_std": float(pixels.std()),
+        "pixel_min": float(low), "pixel_max": float(high),
+        "pixel_mean": float(pixels.mean()),
+        # a constant image has std 0 exactly; skip the float pass for it
+        "pixel_std": 0.0 if low == high else float(pixels.std()),
         "content_hash": digest.hexdigest(),
     }
 
 
-def image_table(folder: Path, rows: list[dict]) -> pd.DataFrame:
-    columns = ["path", "label", "split", "decodes", "decode_error", "height", "width", "channels",
-               "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "content_hash"]
-    records = [{"path": r["path"], "label": r["label"], "split": r["split"],
-                **describe_image(folder / r["path"])} for r in rows]
-    table = pd.DataFrame.from_records(records, columns=columns)
-    # An empty manifest would leave an object column, which pandas treats as column labels.
-    return table.astype({"decodes": bool})
+def _describe_chunk(paths: list[Path]) -> list[dict]:
+    return [describe_image(p) for p in paths]
 
 
-def class_count_table(images: pd.DataFrame) -> pd.DataFrame:
-    return images.groupby(["split", "label"]).size().rename("images").reset_index()
+def pool_size(workers: int) -> int:
+    """validate.workers, 0 meaning one process per core this process may run on."""
+    return workers or len(os.sched_getaffinity(0))
 
 
-def _suites(classes: list[str], min_images: int, max_images: int,
-            min_images_per_class_per_split: int):
-    """The expectations on the images table and on the class_counts table."""
+def image_table(folder: Path, rows: list[dict], workers: int) -> pd.DataFrame:
+    """One row per manifest entry with its description, decoded by `workers` processes."""
+    paths = [folder / r["path"] for r in rows]
+    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+            described = [d for chunk in pool.map(_describe_chunk, chunks) for d in chunk]
+    else:
+        described = [describe_image(p) for p in paths]
+    records = [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
+                "split": r["split"], **d} for r, d in zip(rows, described)]
+    table = pd.DataFrame.from_records(records, columns=COLUMNS)
+    # An empty manifest would leave object columns, which pandas treats as column labels.
+    return table.astype({"pixel_std": float, "height": float, "width": float})
+
+
+def add_flags(images: pd.DataFrame, image_size: int) -> pd.DataFrame:
+    """Columns the suites check that need more than one row or a param: blank, leak, duplicate,
+    resize_factor. Files that do not decode get False / NaN, and blank images are left out of
+    leak and duplicate (all-black images are identical by nature): each problem is reported once,
+    by its own check."""
+    decoded = images.content_hash.notna()
+    blank = decoded & (images.pixel_std == 0)
+    distinct = images[decoded & ~blank]
+    splits_per_hash = distinct.groupby("content_hash").split.nunique()
+    copies_in_split = distinct.groupby(["split", "content_hash"]).path.transform("size")
+    side = images[["height", "width"]]
+    factor = np.maximum(side.max(axis=1) / image_size, image_size / side.min(axis=1))
+    return images.assign(
+        blank=blank,
+        leak=images.content_hash.map(splits_per_hash).fillna(0).where(~blank, 0) > 1,
+        duplicate=(copies_in_split.reindex(images.index).fillna(0) > 1),
+        resize_factor=factor.round(3),
+    )
+
+
+def class_tables(images: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(classes: label, images) and (class_counts: split, label, images) with zeros included for
+    every class that has images somewhere; an empty class is the classes table's finding."""
+    per_class = images.label.value_counts()
+    class_table = pd.DataFrame({"label": classes,
+                                "images": [int(per_class.get(c, 0)) for c in classes]})
+    present = [c for c in classes if per_class.get(c, 0) > 0]
+    grid = pd.MultiIndex.from_product([list(SPLITS), present], names=["split", "label"])
+    counts = images.groupby(["split", "label"]).size().reindex(grid, fill_value=0)
+    return class_table, counts.rename("images").reset_index()
+
+
+def _suites(classes: list[str], data: DataParams, rules: ValidateParams, drift: DriftParams | None):
+    """The expectations of each table; meta.kind names the problem a failure means."""
     import great_expectations as gx
-    from great_expectations.expectations.row_conditions import Column
+    from great_expectations.expectations.metadata_types import FailureSeverity
 
     E = gx.expectations
+
+    def kind(key: str, fatal: bool = True) -> dict:
+        return {"meta": {"key": key, "kind": KINDS[key], "fatal": fatal},
+                "severity": FailureSeverity.CRITICAL if fatal else FailureSeverity.WARNING}
+
+    if data.allow_resize:
+        size_rule = (f"Every image side is within {rules.max_resize_factor:g}x of data.image_size "
+                     f"{data.image_size} px, smaller or larger "
+                     "(params validate.max_resize_factor).")
+        max_factor = rules.max_resize_factor
+    else:
+        size_rule = (f"Every image is already {data.image_size}x{data.image_size} px "
+                     "(params data.allow_resize is false).")
+        max_factor = 1.0
     images = [
         E.ExpectTableRowCountToBeBetween(
-            min_value=min_images, max_value=max_images,
-            description=f"The data set holds {min_images} to {max_images} images "
+            min_value=rules.min_images, max_value=rules.max_images, **kind("image_count"),
+            description=f"The data set holds {rules.min_images} to {rules.max_images} images "
                         "(params validate.min_images, validate.max_images)."),
         E.ExpectColumnValuesToBeUnique(
-            column="path", description="Each manifest row names a different file."),
+            column="path", **kind("repeated_rows"),
+            description="Each manifest row names a different file."),
+        E.ExpectColumnValuesToBeNull(
+            column="file_problem", **kind("unreadable_files"),
+            description="Every file is a complete PNG or JPEG image that decodes: not empty, "
+                        "not truncated, not corrupt, not another kind of file."),
         E.ExpectColumnValuesToBeInSet(
-            column="decodes", value_set=[True], description="Every file decodes as an image."),
+            column="label", value_set=classes, **kind("unknown_labels"),
+            description="Every label is a class of classes.json."),
         E.ExpectColumnValuesToBeInSet(
-            column="label", value_set=classes, description="Every label is a class of classes.json."),
-        E.ExpectColumnValuesToBeInSet(
-            column="split", value_set=list(SPLITS), description="Every split is train, val or test."),
-        # ...ToContainSet, not ...ToEqualSet: unknown labels are the set check's job above, and
-        # GX 1.24's Data Docs renderer crashes on an ...ToEqualSet result with unknown values.
-        *[E.ExpectColumnDistinctValuesToContainSet(
-            column="label", value_set=classes, row_condition=Column("split") == split,
-            description=f"Every class of classes.json has images in {split}.")
-          for split in SPLITS],
-        # Preprocessing converts every image to data.channels later; a mix of channel counts
-        # in one data set is still a sign that files from different sources were merged.
+            column="split", value_set=list(SPLITS), **kind("unknown_splits"),
+            description="Every split is train, val or test."),
         E.ExpectColumnUniqueValueCountToBeBetween(
-            column="channels", min_value=1, max_value=1,
-            description="All images have the same number of channels."),
+            column="channels", min_value=1, max_value=1, **kind("mixed_channels"),
+            description=f"All images have the same number of channels (the model takes "
+                        f"data.channels = {data.channels}; a mix means files from different "
+                        "sources were merged)."),
         E.ExpectColumnValuesToBeBetween(
-            column="pixel_min", min_value=0, max_value=255,
+            column="pixel_min", min_value=0, max_value=255, **kind("not_8_bit"),
             description="Pixel values are 8-bit: the darkest pixel is in [0, 255]."),
         E.ExpectColumnValuesToBeBetween(
-            column="pixel_max", min_value=0, max_value=255,
+            column="pixel_max", min_value=0, max_value=255, **kind("not_8_bit"),
             description="Pixel values are 8-bit: the brightest pixel is in [0, 255]."),
-        E.ExpectColumnValuesToBeUnique(
-            column="content_hash",
-            description="No two images have the same pixels: a repeat is a duplicate, "
-                        "or a leak between splits when the copies sit in different splits."),
+        E.ExpectColumnValuesToBeBetween(
+            column="resize_factor", min_value=1.0, max_value=max_factor,
+            **kind("wrong_size"), description=size_rule),
+        # mostly: GX passes while at least this share of rows is not blank.
+        E.ExpectColumnValuesToBeInSet(
+            column="blank", value_set=[False], mostly=1 - rules.max_blank_fraction,
+            **kind("blank_images"),
+            description=f"At most {rules.max_blank_fraction:.1%} of the images are blank (one "
+                        "value in every pixel) (params validate.max_blank_fraction)."),
+        E.ExpectColumnValuesToBeInSet(
+            column="leak", value_set=[False], **kind("leaked_images"),
+            description="No image's pixels appear in more than one split: a copy of a training "
+                        "image in val or test inflates the measured accuracy."),
+        E.ExpectColumnValuesToBeInSet(
+            column="duplicate", value_set=[False], **kind("duplicate_images"),
+            description="No two images of one split have the same pixels."),
+    ]
+    class_table = [
+        E.ExpectTableRowCountToBeBetween(
+            min_value=2, **kind("single_class"),
+            description="The data set has at least two classes: a classifier needs two."),
+        E.ExpectColumnValuesToBeBetween(
+            column="images", min_value=1, **kind("empty_classes"),
+            description="Every class of classes.json has at least one image."),
     ]
     class_counts = [
         E.ExpectColumnValuesToBeBetween(
-            column="images", min_value=min_images_per_class_per_split,
-            description=f"Each class has at least {min_images_per_class_per_split} images in each "
-                        "split where it appears (params validate.min_images_per_class_per_split)."),
+            column="images", min_value=rules.min_images_per_class_per_split,
+            **kind("short_class_splits"),
+            description=f"Each class has at least {rules.min_images_per_class_per_split} images "
+                        "in each split (params validate.min_images_per_class_per_split)."),
     ]
-    return {"images": images, "class_counts": class_counts}
+    suites = {"images": images, "classes": class_table, "class_counts": class_counts}
+    if drift is not None:
+        suites["drift"] = [
+            E.ExpectColumnValuesToBeBetween(
+                column="psi", max_value=drift.psi_fail, **kind("drift"),
+                description=f"Population stability index below {drift.psi_fail} "
+                            "(params drift.psi_fail)."),
+            E.ExpectColumnValuesToBeBetween(
+                column="ks", max_value=drift.ks_fail, **kind("drift"),
+                description=f"Kolmogorov-Smirnov distance below {drift.ks_fail} "
+                            "(params drift.ks_fail)."),
+            E.ExpectColumnValuesToBeBetween(
+                column="psi", max_value=drift.psi_warn,
+                **kind("drift_warning", fatal=False),
+                description=f"Population stability index below {drift.psi_warn} "
+                            "(params drift.psi_warn; a warning only)."),
+            E.ExpectColumnValuesToBeBetween(
+                column="ks", max_value=drift.ks_warn, **kind("drift_warning", fatal=False),
+                description=f"Kolmogorov-Smirnov distance below {drift.ks_warn} "
+                            "(params drift.ks_warn; a warning only)."),
+        ]
+    return suites
 
 
 def _offenders(result, images: pd.DataFrame) -> tuple[int | None, list[str]]:
@@ -139,42 +304,55 @@ def _offenders(result, images: pd.DataFrame) -> tuple[int | None, list[str]]:
     kwargs = result.expectation_config.kwargs
     column = kwargs.get("column")
     res = result.result
+    source = dict(zip(images.path, images.source))
     if kind == "expect_table_row_count_to_be_between":
-        return None, [f"found {res['observed_value']} images"]
-    if kind == "expect_column_distinct_values_to_contain_set":
-        split = kwargs["row_condition"]["parameter"]
-        return res["missing_count"], [f"{split} lacks class {c}" for c in res["partial_missing_list"]]
+        return None, [f"found {res['observed_value']}"]
     if kind == "expect_column_unique_value_count_to_be_between":
-        decoded = images[images.decodes]
+        decoded = images[images.file_problem.isna()]
         counts = decoded[column].value_counts()
         if counts.empty:
             return None, ["no image decodes"]
         usual = counts.index[0]
         odd = decoded[decoded[column] != usual]
-        mix = ", ".join(f"{int(v)}: {n} images" for v, n in counts.items())
-        return len(odd), [f"{counts.size} values ({mix})"] + \
-            [f"{p} ({int(v)} {column})" for p, v in zip(odd.path, odd[column])]
+        mix = "images per count: " + ", ".join(f"{n} with {int(v)}" for v, n in counts.items())
+        return len(odd), [f"{mix}"] + [f"{s} ({int(v)} {column})"
+                                       for s, v in zip(odd.source, odd[column])]
     rows = res["unexpected_index_list"]
-    if column == "content_hash":
-        groups = images[images.content_hash.isin({r["content_hash"] for r in rows})] \
-            .groupby("content_hash", sort=False).path.apply(list)
-        return len(rows), [" = ".join(paths) for paths in groups]
-    if column == "images":
-        return len(rows), [f"{r['split']}/{r['label']} ({r['images']} images)" for r in rows]
-    if column == "decodes":
+    if column in ("leak", "duplicate"):
+        hashes = images.set_index("path").content_hash
+        offenders = images[images.content_hash.isin({hashes[r["path"]] for r in rows})]
+        offenders = offenders.sort_values(["split", "source"], key=lambda c: c.map(
+            SPLITS.index) if c.name == "split" else c)  # train first: the copy's origin
+        groups = offenders.groupby("content_hash", sort=False).apply(
+            lambda g: " = ".join(f"{s} ({split})" for s, split in zip(g.source, g.split)),
+            include_groups=False)
+        return len(rows), list(groups)
+    if column == "file_problem":
         errors = images.set_index("path").decode_error
-        return len(rows), [f"{r['path']} ({errors[r['path']]})" for r in rows]
-    return len(rows), [f"{r['path']} ({column}={r[column]})" for r in rows]
+        return len(rows), [f"{r['file_problem']}: {source[r['path']]} ({errors[r['path']]})"
+                           for r in rows]
+    if column == "resize_factor":
+        sizes = images.set_index("path")
+        return len(rows), [f"{source[r['path']]} ({int(sizes.width[r['path']])}x"
+                           f"{int(sizes.height[r['path']])} px)" for r in rows]
+    if column == "blank":
+        return len(rows), [f"{res['unexpected_percent']:.1f}% blank"] + \
+            [source[r["path"]] for r in rows]
+    if column == "images" and rows and "split" in rows[0]:  # class_counts, keyed by split
+        return len(rows), [f"{r['split']}/{r['label']} ({r['images']} images)" for r in rows]
+    if column == "images":
+        return len(rows), [f"class {r['label']!r} ({r['images']} images)" for r in rows]
+    if column in ("psi", "ks"):
+        return len(rows), [f"{r['feature']} {column.upper()} {r[column]:.3f}" for r in rows]
+    return len(rows), [f"{source.get(r['path'], r['path'])} ({column}={r[column]})" for r in rows]
 
 
 def failure_line(result, images: pd.DataFrame) -> str:
-    """'<expectation>(<column>): <rule> -- <n> break it: a; b; c (+k more)'."""
+    """'<kind>: <rule> -- <n> break it: a; b; c (+k more)'."""
     config = result.expectation_config
-    column = config.kwargs.get("column")
     n, offenders = _offenders(result, images)
-    name = f"{config.type}({column})" if column else config.type
     counted = f"{n} break it: " if n is not None else ""
-    line = f"{name}: {config.description} -- {counted}{'; '.join(offenders[:SHOWN])}"
+    line = f"{config.meta['kind']}: {config.description} -- {counted}{'; '.join(offenders[:SHOWN])}"
     return line + (f" (+{len(offenders) - SHOWN} more)" if len(offenders) > SHOWN else "")
 
 
@@ -187,11 +365,22 @@ def _clear_docs(docs: Path) -> None:
         shutil.rmtree(docs)
 
 
-def validate(folder: Path, docs: Path, *, channels: int, min_images: int, max_images: int,
-             min_images_per_class_per_split: int) -> Validation:
+def _problem_counts(results, images: pd.DataFrame) -> dict[str, int]:
+    """Offenders per kind, 0 for a passed check (a table-level failure counts 1)."""
+    counts: dict[str, int] = {}
+    for r in results:
+        key = r.expectation_config.meta["key"]
+        n = 0 if r.success else (_offenders(r, images)[0] or 1)
+        counts[key] = max(counts.get(key, 0), n)
+    return counts
+
+
+def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParams,
+             drift: DriftParams, reference: dict | None) -> Validation:
     """Decode every image of the ingested `folder`, run the suites, write Data Docs to `docs`.
 
-    `channels` (data.channels) is what preprocessing converts to; it is recorded, not enforced.
+    `reference` is the champion's data profile (pipeline/drift.py), None when there is none:
+    then drift is not checked.
     """
     try:
         rows, classes = read_manifest(folder)
@@ -202,8 +391,10 @@ def validate(folder: Path, docs: Path, *, channels: int, min_images: int, max_im
                          f"has {', '.join(rows[0])}")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise StageError(f"{folder / 'classes.json'}: expected a list of class names")
-    images = image_table(folder, rows)
-    class_counts = class_count_table(images)
+    images = add_flags(image_table(folder, rows, pool_size(rules.workers)), data.image_size)
+    class_table, class_counts = class_tables(images, classes)
+    current = profile(images[images.split == "train"])
+    report = compare(reference, current, drift) if reference is not None else None
 
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -218,10 +409,13 @@ def validate(folder: Path, docs: Path, *, channels: int, min_images: int, max_im
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     })
     source = context.data_sources.add_pandas("kiln")
-    tables = {"images": (images, ["path"]), "class_counts": (class_counts, ["split", "label"])}
+    tables = {"images": (images, ["path"]), "classes": (class_table, ["label"]),
+              "class_counts": (class_counts, ["split", "label"])}
+    if report is not None:
+        tables["drift"] = (report.table(), ["feature"])
     results = []
-    for name, expectations in _suites(classes, min_images, max_images,
-                                      min_images_per_class_per_split).items():
+    suites = _suites(classes, data, rules, drift if report is not None else None)
+    for name, expectations in suites.items():
         frame, keys = tables[name]
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
         suite = context.suites.add(gx.ExpectationSuite(name=name))
@@ -235,22 +429,41 @@ def validate(folder: Path, docs: Path, *, channels: int, min_images: int, max_im
         results.extend(outcome.results)
     context.build_data_docs(site_names=[DOCS_SITE])
 
-    failed = [r for r in results if not r.success]
-    decoded = images[images.decodes]
+    fatal = [r for r in results if r.expectation_config.meta["fatal"]]
+    failed = [r for r in fatal if not r.success]
+    drift_failed = any(r.expectation_config.meta["key"] == "drift" for r in failed)
+    # A failed drift check already names the feature; its warning would say it twice.
+    warned = [] if drift_failed else \
+        [r for r in results if not r.expectation_config.meta["fatal"] and not r.success]
+    decoded = images[images.file_problem.isna()]
     metrics = {
         "images": len(images),
         "classes": len(classes),
         "splits": {s: int((images.split == s).sum()) for s in SPLITS},
-        "undecodable": int((~images.decodes.astype(bool)).sum()),
+        "undecodable": int(images.file_problem.notna().sum()),
         "duplicates": int(decoded.content_hash.duplicated().sum()),
         "channels_in_files": sorted(int(c) for c in decoded.channels.unique()),
-        "channels_model": channels,
-        "checks_passed": len(results) - len(failed),
+        "channels_model": data.channels,
+        "checks_passed": len(fatal) - len(failed),
         "checks_failed": len(failed),
+        "problems": _problem_counts(fatal, images),
+        "file_problems": {p.replace(" ", "_").replace("/", "_"):
+                          int((images.file_problem == p).sum()) for p in FILE_PROBLEMS},
+        "drift": report.metrics(warned=bool(warned), failed=drift_failed)
+        if report is not None else {"status": "skipped"},
         "success": not failed,
     }
     return Validation(success=not failed, metrics=metrics,
-                      failures=[failure_line(r, images) for r in failed], images=images)
+                      failures=_lines(failed, images), warnings=_lines(warned, images),
+                      images=images, profile=current)
+
+
+def _lines(results, images: pd.DataFrame) -> list[str]:
+    """Failure lines grouped by kind (pixel_min and pixel_max lines sit together), suite order."""
+    lines: dict[str, list[str]] = {}
+    for r in results:
+        lines.setdefault(r.expectation_config.meta["kind"], []).append(failure_line(r, images))
+    return [line for group in lines.values() for line in group]
 
 
 def main(argv: list[str]) -> None:
@@ -258,17 +471,31 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--data", type=Path, required=True, help="ingested folder (manifest.csv)")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--docs", type=Path, required=True, help="Data Docs folder to write")
+    parser.add_argument("--profile", type=Path, required=True,
+                        help="data profile JSON to write (package stores it with the model)")
     args = parser.parse_args(argv)
     p = load_params()
-    result = validate(args.data, args.docs, channels=p.data.channels,
-                      min_images=p.validate.min_images, max_images=p.validate.max_images,
-                      min_images_per_class_per_split=p.validate.min_images_per_class_per_split)
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(result.metrics, indent=1) + "\n")
+    champion = champion_reference()
+    if champion.reference is None:
+        print(f"validate: drift not checked: {champion.note}")
+    result = validate(args.data, args.docs, data=p.data, rules=p.validate, drift=p.drift,
+                      reference=champion.reference)
     m = result.metrics
+    if champion.reference is not None:
+        m["drift"]["champion"] = champion.tag
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(m, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    args.profile.write_text(json.dumps(result.profile, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"validate: {m['images']} images, {m['classes']} classes, {m['splits']}: "
           f"{m['checks_passed']} checks passed, {m['checks_failed']} failed; "
           f"Data Docs in {args.docs / 'index.html'}")
+    if champion.reference is not None:
+        scores = [f"{f} PSI {v['psi']:.3f}" + (f" KS {v['ks']:.3f}" if v["ks"] is not None else "")
+                  for f, v in m["drift"]["features"].items()]
+        print(f"validate: drift against {champion.tag}: {m['drift']['status']}; {', '.join(scores)}")
+    for line in result.warnings:
+        print(f"validate: warning: {line}")
     if not result.success:
         raise StageError(f"{args.data}: {m['checks_failed']} data checks failed "
                          f"(details in {args.docs / 'index.html'}):\n  " + "\n  ".join(result.failures))

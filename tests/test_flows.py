@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.report import evaluation_markdown
+from flows.report import drift_markdown, evaluation_markdown
 
 # A stage script for the fake project: each stage appends its name to runs.log (untracked by DVC)
 # so a test sees which stages really ran, and in which order.
@@ -30,6 +30,9 @@ FAKE_STAGES = textwrap.dedent('''\
     print(f"fake {stage}: running")
     if stage == "ingest":
         Path("data.txt").write_text("three images\\n")
+    elif stage == "validate":
+        Path("reports").mkdir(exist_ok=True)
+        Path("reports/validation.json").write_text(json.dumps(VALIDATION))
     elif stage == "evaluate":
         if yaml.safe_load(Path("params.yaml").read_text())["evaluate"]["fail"]:
             print("a warning before the error", file=sys.stderr)
@@ -47,6 +50,12 @@ FAKE_DVC_YAML = textwrap.dedent('''\
         cmd: python stages.py ingest
         deps: [stages.py]
         outs: [data.txt]
+      validate:
+        cmd: python stages.py validate
+        deps: [stages.py, data.txt]
+        metrics:
+          - reports/validation.json:
+              cache: false
       evaluate:
         cmd: python stages.py evaluate
         deps: [stages.py, data.txt]
@@ -76,6 +85,10 @@ EVALUATION = {
     "selected": "int8_onnx",
 }
 
+VALIDATION = {"success": True, "drift": {"status": "warn", "champion": "kiln-classifier:old1",
+                                         "features": {"label": {"psi": 0.12, "ks": None},
+                                                      "pixel_mean": {"psi": 0.02, "ks": 0.04}}}}
+
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
@@ -88,7 +101,7 @@ def make_fake_project(root: Path, fail_evaluate: bool = False) -> Path:
     project.mkdir()
     _dvc(project, "init", "--no-scm", "-q")
     _dvc(project, "config", "core.analytics", "false")
-    (project / "stages.py").write_text(f"EVALUATION = {EVALUATION!r}\n" + FAKE_STAGES)
+    (project / "stages.py").write_text(f"EVALUATION = {EVALUATION!r}\nVALIDATION = {VALIDATION!r}\n" + FAKE_STAGES)
     (project / "dvc.yaml").write_text(FAKE_DVC_YAML)
     (project / "params.yaml").write_text(f"evaluate:\n  fail: {str(fail_evaluate).lower()}\n")
     return project
@@ -145,14 +158,17 @@ def test_flow_runs_the_stages_in_dvc_yaml_order_and_publishes_the_evaluation(pre
 
     assert state.is_completed(), state.message
     assert state.result() == "kiln_classifier:fake123"
-    assert runs(project) == ["ingest", "evaluate", "package"]
+    assert runs(project) == ["ingest", "validate", "evaluate", "package"]
     assert json.loads(_dvc(project, "status", "--json").stdout) == {}
     with get_client(sync_client=True) as client:
         (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=[ARTIFACT_KEY]),
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     assert artifact.type == "markdown"
-    assert artifact.data == evaluation_markdown(EVALUATION, "kiln_classifier:fake123")
+    assert artifact.data == (evaluation_markdown(EVALUATION, "kiln_classifier:fake123")
+                             + drift_markdown(VALIDATION))
+    assert "Drift against champion `kiln-classifier:old1`: **warn**" in artifact.data
+    assert "| label | 0.120 | n/a |" in artifact.data
 
 
 @pytest.mark.slow
@@ -168,7 +184,7 @@ def test_rerunning_the_flow_or_dvc_repro_changes_nothing(prefect_harness, tmp_pa
     # DVC itself agrees the flow left the workspace up to date: a plain repro runs nothing.
     _dvc(project, "repro")
     assert (project / "dvc.lock").read_bytes() == lock
-    assert runs(project) == ["ingest", "evaluate", "package"]
+    assert runs(project) == ["ingest", "validate", "evaluate", "package"]
 
 
 @pytest.mark.slow
@@ -183,7 +199,7 @@ def test_a_failing_stage_fails_the_flow_with_its_error_and_stops_the_pipeline(pr
     assert "a warning before the error" not in state.message  # only the stage's own error lines
     with pytest.raises(StageFailed, match=r"stage 'evaluate' failed[\s\S]*no variant passed the gate"):
         state.result()
-    assert runs(project) == ["ingest", "evaluate"]
+    assert runs(project) == ["ingest", "validate", "evaluate"]
     assert not (project / "reports" / "package.json").exists()
 
 
@@ -211,4 +227,4 @@ def test_the_scheduled_deployment_registers_its_cron_and_runs_the_flow(prefect_h
     with get_client(sync_client=True) as client:
         finished = client.read_flow_run(flow_run.id)
     assert finished.state.is_completed(), finished.state.message
-    assert runs(project) == ["ingest", "evaluate", "package"]
+    assert runs(project) == ["ingest", "validate", "evaluate", "package"]

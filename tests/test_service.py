@@ -1,8 +1,10 @@
 """Packaging and serving: `python -m pipeline package` on a real tiny ONNX model, then the built
 Bento served by `bentoml serve` on a free loopback port and checked over HTTP against ONNX Runtime
-run locally with the same preprocessing."""
+run locally with the same preprocessing: every endpoint, bad and oversized input, readiness and
+Prometheus metrics."""
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -38,11 +40,12 @@ def class_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.uint8), labels
 
 
-def write_tiny_model(folder: Path) -> None:
-    """Train a tiny CNN on class_images and write model.onnx + model.json as evaluate does."""
+def write_tiny_model(folder: Path, steps: int = 150, seed: int = 0) -> None:
+    """Train a tiny CNN on class_images for `steps` Adam steps (0: an untrained, poor model) and
+    write model.onnx + model.json as evaluate does."""
     import torch
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
         torch.nn.Flatten(), torch.nn.Linear(16, len(CLASSES)))
@@ -50,7 +53,7 @@ def write_tiny_model(folder: Path) -> None:
     x = torch.from_numpy(PREPROCESSING.normalize(images[:, None]))
     y = torch.from_numpy(labels)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
-    for _ in range(150):
+    for _ in range(steps):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(net(x), y).backward()
         optimizer.step()
@@ -64,6 +67,28 @@ def write_tiny_model(folder: Path) -> None:
             "metrics": {"accuracy": 1.0, "macro_f1": 1.0, "size_bytes": 7000,
                         "latency_ms_b256": None}}
     (folder / "model.json").write_text(json.dumps(card, indent=1))
+
+
+def write_ingested(folder: Path, n: int, seed: int) -> None:
+    """An ingested folder as the ingest stage writes it, with a test split of n class_images."""
+    images, labels = class_images(n, seed)
+    rows = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        path = f"images/test/{CLASSES[label]}/{i:04d}.png"
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(encode(image, "PNG"))
+        rows.append({"path": path, "label": CLASSES[label], "split": "test"})
+    with open(folder / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "classes.json").write_text(json.dumps(CLASSES))
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def local_probabilities(model_dir: Path, pixels: np.ndarray) -> np.ndarray:
@@ -88,16 +113,18 @@ def test_package_names_the_missing_model_file(tmp_path, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # before bentoml is imported
     monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
     from pipeline.package import package
+    from pipeline.params import load_params
 
+    params = load_params(REPO / "params.yaml")
     model_dir = tmp_path / "selected"
     model_dir.mkdir()
     (model_dir / "model.json").write_text("{}")
     with pytest.raises(StageError, match=r"model\.onnx"):
-        package(model_dir, REPO / "bentofile.yaml")
+        package(model_dir, REPO / "bentofile.yaml", tmp_path, params.package, params.serve, None)
     (model_dir / "model.json").unlink()
     (model_dir / "model.onnx").write_bytes(b"")
     with pytest.raises(StageError, match=r"model\.json"):
-        package(model_dir, REPO / "bentofile.yaml")
+        package(model_dir, REPO / "bentofile.yaml", tmp_path, params.package, params.serve, None)
     assert not (tmp_path / "bentoml" / "models").exists()
 
 
@@ -107,10 +134,12 @@ def packaged(tmp_path_factory):
     root = tmp_path_factory.mktemp("package")
     model_dir = root / "selected"
     write_tiny_model(model_dir)
+    write_ingested(root / "ingested", 12, seed=5)
     out = root / "package.json"
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "package", "--model", str(model_dir),
-         "--bentofile", str(REPO / "bentofile.yaml"), "--out", str(out)],
+         "--bentofile", str(REPO / "bentofile.yaml"), "--data", str(root / "ingested"),
+         "--out", str(out)],
         cwd=REPO, env=stage_env(root / "bentoml"), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return {"model_dir": model_dir, "home": root / "bentoml", "tags": json.loads(out.read_text()),
@@ -129,6 +158,8 @@ def test_package_stores_labelled_model_and_lean_bento(packaged):
     model_tag, bento_tag = packaged["tags"]["model_tag"], packaged["tags"]["bento_tag"]
     assert model_tag.startswith("kiln-classifier:") and bento_tag.startswith("kiln:")
     assert bento_tag in packaged["stdout"] and "bentoml serve" in packaged["stdout"]
+    assert packaged["tags"]["promoted"] is True
+    assert packaged["tags"]["infra_validation"]["test_images"] == 12
     name, version = model_tag.split(":")
     stored = packaged["home"] / "models" / name / version
     info = yaml.safe_load((stored / "model.yaml").read_text())
@@ -244,3 +275,64 @@ def test_bad_arrays_get_400_naming_the_expected_shape(server):
         response = server["client"].post("/classify_batch", json={"images": images})
         assert response.status_code == 400, (case, response.text)
         assert message in response.text, (case, response.text)
+
+
+@pytest.mark.slow
+def test_classify_npy_matches_local_onnx(server):
+    images, _ = class_images(7, seed=3)
+    expected = local_probabilities(server["model_dir"], images[:, None]).argmax(axis=1)
+    for payload in (images, images[:, None].astype(np.float32)):  # uint8 (N,S,S), float (N,C,S,S)
+        response = server["client"].post("/classify_npy", files={"array": ("x.npy", npy(payload))})
+        assert response.status_code == 200, response.text
+        assert [p["index"] for p in response.json()] == expected.tolist()
+
+
+@pytest.mark.slow
+def test_bad_npy_gets_400_with_a_message(server):
+    cases = {
+        "not npy": (b"not a numpy file", "not a readable .npy"),
+        "truncated": (npy(np.zeros((4, SIZE, SIZE), np.uint8))[:-10], "not a readable .npy"),
+        "pickled objects": (npy(np.array([{"a": 1}], dtype=object)), "not a readable .npy"),
+        "wrong shape": (npy(np.zeros((2, SIZE + 1, SIZE + 1), np.uint8)), "expected shape"),
+        "out of range": (npy(np.full((1, SIZE, SIZE), -1.0)), "0..255"),
+    }
+    for case, (data, message) in cases.items():
+        response = server["client"].post("/classify_npy", files={"array": ("x.npy", data)})
+        assert response.status_code == 400, (case, response.text)
+        assert message in response.text, (case, response.text)
+
+
+@pytest.mark.slow
+def test_oversized_requests_get_413_and_the_server_keeps_serving(server):
+    from pipeline.params import load_params
+
+    limit = load_params(REPO / "params.yaml").serve.max_request_bytes
+    big = b"\0" * (limit + 1)
+    for path, files in (("/classify", {"image": ("x.png", big)}),
+                        ("/classify_npy", {"array": ("x.npy", big)})):
+        response = server["client"].post(path, files=files)
+        assert response.status_code == 413, (path, response.text)
+        assert f"limit of {limit} bytes" in response.text
+    response = server["client"].post("/classify_batch", content=b"x" * (limit + 1),
+                                     headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+    def chunks():  # no Content-Length: the body arrives chunked
+        for _ in range(limit // 65536 + 2):
+            yield b"\0" * 65536
+    response = server["client"].post("/classify_npy", content=chunks(),
+                                     headers={"content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 413, response.text
+    images, _ = class_images(3, seed=4)
+    response = server["client"].post("/classify_npy", files={"array": ("x.npy", npy(images))})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.slow
+def test_readiness_and_prometheus_metrics(server):
+    assert server["client"].get("/readyz").status_code == 200
+    server["client"].post("/classify_npy", files={"array": ("x.npy", npy(class_images(2, 6)[0]))})
+    metrics = server["client"].get("/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'endpoint="/classify_npy"' in metrics.text and "request_total" in metrics.text

@@ -1,0 +1,240 @@
+"""Serving benchmark: Kiln's Bento against a naive server, same machine, same client.
+
+    python bench/serve_bench.py --data data/ingested --float-model models/float \
+        [--bento TAG] [--duration 5] [--repeats 3] [--out reports/serve_bench.json]
+
+Servers (both on 127.0.0.1, started and stopped by this script):
+  kiln   the champion's Bento (or --bento) under `bentoml serve`: ONNX Runtime on the selected
+         variant, one API worker, as `make serve` runs it.
+  naive  FastAPI + uvicorn (one process) running the float model in torch eager mode, one image
+         per request, decoded and preprocessed with the same pipeline.preprocess code.
+
+Client: one asyncio process with httpx.AsyncClient, `c` tasks each posting a test PNG (cycling
+through the test split) to POST /classify and awaiting the answer before the next (closed loop).
+For each server and c in (1, 32): 1 s warm-up, then `--duration` s measured; per request the
+wall time from send to parsed JSON. Reported per run: p50 and p99 latency (ms) and completed
+requests/s; the table gives the median over `--repeats` runs, servers interleaved (kiln, naive,
+kiln, naive, ...) so that load drifts hit both. Batch throughput: one client posting 256 test
+images per request to /classify_npy (raw .npy) and to /classify_batch (JSON lists); images/s.
+The client shares the machine's cores with the server (2 cores here): absolute numbers include
+its cost, equally for both servers. Loopback only; total time about
+(4 * duration + 4) * repeats + 2 * duration * repeats + server starts (~10 s).
+`uptime` load averages are recorded before and after.
+"""
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("BENTOML_HOME", str(REPO / ".bentoml"))
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+CONCURRENCY = (1, 32)
+BATCH = 256  # images per batch request
+
+
+# ---- the naive server -------------------------------------------------------------------------
+
+def naive_app(model_dir: Path):
+    """FastAPI app: POST /classify (multipart "image") -> {"label", "index"}, torch eager."""
+    import torch
+    from fastapi import FastAPI, UploadFile
+    from PIL import Image
+
+    from pipeline import models
+    from pipeline.preprocess import Preprocessing
+
+    model, info = models.load(model_dir)
+    prep = Preprocessing.from_dict(info["preprocessing"])
+    app = FastAPI()
+
+    @app.get("/readyz")
+    def ready() -> dict:
+        return {"ready": True}
+
+    @app.post("/classify")
+    def classify(image: UploadFile) -> dict:  # sync: FastAPI runs it in its thread pool
+        with Image.open(image.file) as decoded:
+            pixels = prep.pixels(decoded)
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(prep.normalize(pixels[None])))
+        index = int(logits.argmax(1))
+        return {"label": info["classes"][index], "index": index}
+
+    return app
+
+
+# ---- servers ------------------------------------------------------------------------------------
+
+@contextmanager
+def naive_server(model_dir: Path, log: Path):
+    from pipeline.package import free_port
+
+    port = free_port()
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, __file__, "naive-server", "--float-model", str(model_dir),
+             "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"naive server did not start:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+
+
+@contextmanager
+def kiln_server(bento: str, log: Path):
+    from pipeline.package import serving
+
+    with serving(bento, log, ready_timeout_s=60) as client:
+        yield str(client.base_url).rstrip("/")
+
+
+# ---- the client ---------------------------------------------------------------------------------
+
+async def closed_loop(url: str, path: str, payloads: list[dict], concurrency: int,
+                      warmup_s: float, duration_s: float) -> dict:
+    """`concurrency` tasks posting payloads in turn; latencies of requests that start after the
+    warm-up and finish before its end + duration_s."""
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        start = time.perf_counter()
+        measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
+
+        async def worker(k: int) -> None:
+            nonlocal errors
+            i = k
+            while (now := time.perf_counter()) < stop_at:
+                response = await client.post(path, **payloads[i % len(payloads)])
+                response.json()
+                done = time.perf_counter()
+                if response.status_code != 200:
+                    errors += 1
+                elif now >= measure_from and done <= stop_at:
+                    latencies.append(done - now)
+                i += concurrency
+
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    latencies_ms = np.array(latencies) * 1e3
+    return {"requests": len(latencies), "errors": errors,
+            "rps": len(latencies) / duration_s,
+            "p50_ms": float(np.percentile(latencies_ms, 50)) if len(latencies) else None,
+            "p99_ms": float(np.percentile(latencies_ms, 99)) if len(latencies) else None}
+
+
+def run(url: str, path: str, payloads: list[dict], concurrency: int, duration_s: float) -> dict:
+    return asyncio.run(closed_loop(url, path, payloads, concurrency, 1.0, duration_s))
+
+
+def load_average() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {key: round(statistics.median(r[key] for r in runs), 3)
+            for key in ("rps", "p50_ms", "p99_ms") if all(r[key] is not None for r in runs)} | {
+        "errors": sum(r["errors"] for r in runs), "runs": len(runs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "naive-server"])
+    parser.add_argument("--data", type=Path, default=Path("data/ingested"))
+    parser.add_argument("--float-model", type=Path, default=Path("models/float"))
+    parser.add_argument("--bento", help="Bento tag (default: the champion)")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--duration", type=float, default=5.0, help="s measured per run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    if args.mode == "naive-server":
+        import uvicorn
+        uvicorn.run(naive_app(args.float_model), host="127.0.0.1", port=args.port,
+                    log_level="warning")
+        return
+
+    from pipeline.ingest import load_split, read_manifest
+    from pipeline.package import champion
+    from pipeline.preprocess import Preprocessing
+
+    bento = args.bento or (champion() or {}).get("bento_tag")
+    if not bento:
+        sys.exit(f"no --bento and no champion in {os.environ['BENTOML_HOME']}: run the pipeline first")
+    rows = [r for r in read_manifest(args.data)[0] if r["split"] == "test"]
+    singles = [{"files": {"image": ("x.png", (args.data / r["path"]).read_bytes())}} for r in rows]
+    info = json.loads((args.float_model / "model.json").read_text())
+    pixels, _ = load_split(args.data, "test", Preprocessing.from_dict(info["preprocessing"]))
+    batch = np.resize(pixels, (BATCH, *pixels.shape[1:]))
+    buffer = io.BytesIO()
+    np.save(buffer, batch)
+    batch_payloads = {"/classify_npy": [{"files": {"array": ("b.npy", buffer.getvalue())}}],
+                      "/classify_batch": [{"json": {"images": batch.tolist()}}]}
+
+    results: dict = {"load_before": load_average(), "bento": bento, "duration_s": args.duration,
+                     "repeats": args.repeats, "test_images": len(rows), "single": {}, "batch": {}}
+    runs: dict[tuple, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp, \
+            kiln_server(bento, Path(tmp, "kiln.log")) as kiln_url, \
+            naive_server(args.float_model, Path(tmp, "naive.log")) as naive_url:
+        for _ in range(args.repeats):
+            for c in CONCURRENCY:
+                for name, url in (("kiln", kiln_url), ("naive", naive_url)):
+                    runs.setdefault((name, c), []).append(run(url, "/classify", singles, c, args.duration))
+            for path, payloads in batch_payloads.items():
+                r = run(kiln_url, path, payloads, 1, args.duration)
+                runs.setdefault(("kiln" + path, 1), []).append({**r, "images_per_s": r["rps"] * BATCH})
+    for (name, c), rs in runs.items():
+        if name.startswith("kiln/"):
+            results["batch"][name.removeprefix("kiln")] = {
+                "images_per_s": round(statistics.median(r["images_per_s"] for r in rs)),
+                **median_of(rs)}
+        else:
+            results["single"][f"{name}_c{c}"] = median_of(rs)
+    results["load_after"] = load_average()
+    for c in CONCURRENCY:
+        kiln, naive = results["single"][f"kiln_c{c}"], results["single"][f"naive_c{c}"]
+        results["single"][f"speedup_rps_c{c}"] = round(kiln["rps"] / naive["rps"], 2)
+
+    print(json.dumps(results, indent=1))
+    print("\n| server | clients | p50 (ms) | p99 (ms) | req/s |\n|---|---:|---:|---:|---:|")
+    for c in CONCURRENCY:
+        for name in ("kiln", "naive"):
+            m = results["single"][f"{name}_c{c}"]
+            print(f"| {name} | {c} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['rps']:.0f} |")
+    for path, m in results["batch"].items():
+        print(f"\nbatch {path}: {m['images_per_s']:,} images/s ({BATCH} per request, p50 {m['p50_ms']:.1f} ms)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

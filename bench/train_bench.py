@@ -1,0 +1,242 @@
+"""Benchmark: Kiln's train loop against the seed-style PyTorch loop, and Kiln's batched
+augmentation against a per-image PIL loop. `python bench/train_bench.py [--runs 3]`.
+
+Method (all in one process, one run of this script, so both sides see the same machine load):
+- Data: the built-in digits, ingested with params.yaml's data.* (1259 train, 359 test images),
+  resized to data.image_size, uint8 in memory. Mean/std of the train split, as the augment stage.
+- (a) seed-style loop, as in the original idea: torch.utils.data.DataLoader(batch_size=
+  train.batch_size, shuffle=True, num_workers=0) over a Dataset whose __getitem__ makes a PIL
+  image, rotates it by a uniform angle in +-augment.rotation_deg (bilinear, black fill), pads it
+  by round(augment.translate x side) px and crops a random side x side window (the random crop),
+  then normalises it into a tensor. PIL, not torchvision: no CPU torchvision build exists here.
+  num_workers=0 because DataLoader workers are slower on 2 cores (shared/STACK.md). LeNet-5,
+  Adam(train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors.
+- (b) Kiln's loop: pipeline.train.fit on the same uint8 images held on the device, warped afresh
+  each epoch by pipeline.train.epoch_warper (pipeline.augment.warp: one batched kornia affine
+  warp of the whole set: rotation, translation, zoom), with the train.* params the stage uses:
+  channels_last, train.lr_schedule, train.label_smoothing (train.compile as in params.yaml).
+  Same model, optimizer, lr, batch size, epochs and seed as (a).
+- (c) Kiln's loop with the seed loop's recipe (constant LR, no label smoothing): the loop alone.
+- Training images/s = epochs x train images / wall seconds from the first batch of epoch 1 to the
+  last optimizer step (data loading, model construction and the test pass excluded), with
+  torch's default threads (one per core) unless --threads. Test accuracy = the trained model on
+  the test split. Run r uses seed r in every loop; (a), (b) and (c) take turns so that load
+  changes hit all three. Reported: the median over runs.
+- Augmentation alone: uint8 (N, 1, S, S) train images in, float [0, 1] warped images out.
+  Per-image: the Dataset's PIL rotate + pad + random crop in a Python loop. Batched:
+  pipeline.augment.warp on the whole set at once. Images/s, median of --aug-reps repetitions.
+- The load average (os.getloadavg) is printed before and after: the machine is shared.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import augment, models, train
+from pipeline.ingest import ingest, load_split
+from pipeline.params import Params, load_params
+from pipeline.preprocess import Preprocessing
+
+
+def load_digits(p: Params) -> tuple[Preprocessing, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    raw = Preprocessing(image_size=p.data.image_size, channels=p.data.channels,
+                        mean=[0.0] * p.data.channels, std=[1.0] * p.data.channels)
+    with tempfile.TemporaryDirectory() as tmp:
+        ingest(p.data.source, Path(tmp), p.data.split, p.data.seed)
+        splits = {s: load_split(Path(tmp), s, raw) for s in ("train", "test")}
+    scaled = splits["train"][0].astype(np.float64) / 255
+    prep = Preprocessing(image_size=raw.image_size, channels=raw.channels,
+                         mean=scaled.mean(axis=(0, 2, 3)).tolist(),
+                         std=scaled.std(axis=(0, 2, 3)).tolist())
+    return prep, splits
+
+
+def pil_augment(image: np.ndarray, rotation_deg: float, pad: int, rng: random.Random) -> np.ndarray:
+    """One (1, S, S) uint8 image -> rotated, randomly cropped float32 (1, S, S) in [0, 1]."""
+    side = image.shape[-1]
+    pil = Image.fromarray(image[0], mode="L")
+    pil = pil.rotate(rng.uniform(-rotation_deg, rotation_deg), resample=Image.Resampling.BILINEAR,
+                     fillcolor=0)
+    pil = ImageOps.expand(pil, border=pad, fill=0)
+    left, top = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+    pil = pil.crop((left, top, left + side, top + side))
+    return (np.asarray(pil, dtype=np.float32) / 255)[None]
+
+
+class SeedStyleDataset(torch.utils.data.Dataset):
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray, prep: Preprocessing,
+                 rotation_deg: float, pad: int, seed: int):
+        self.pixels, self.labels = pixels, labels
+        self.mean, self.std = prep.mean[0], prep.std[0]
+        self.rotation_deg, self.pad, self.rng = rotation_deg, pad, random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = pil_augment(self.pixels[i], self.rotation_deg, self.pad, self.rng)
+        return torch.from_numpy((image - self.mean) / self.std), int(self.labels[i])
+
+
+def seed_style_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> tuple[float, float]:
+    """(training images/s, test accuracy) of the DataLoader + per-sample PIL loop."""
+    pixels, labels = splits["train"]
+    torch.manual_seed(seed)
+    pad = round(p.augment.translate * prep.image_size)
+    loader = torch.utils.data.DataLoader(
+        SeedStyleDataset(pixels, labels, prep, p.augment.rotation_deg, pad, seed),
+        batch_size=p.train.batch_size, shuffle=True, num_workers=0)
+    model = models.build(p.train.model, prep.channels, 10, prep.image_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=p.train.lr)
+    start = time.perf_counter()
+    for _ in range(p.train.epochs):
+        model.train()
+        for xb, yb in loader:
+            loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    seconds = time.perf_counter() - start
+    return p.train.epochs * len(pixels) / seconds, test_accuracy(model, prep, splits)
+
+
+def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> tuple[float, float]:
+    """(training images/s, test accuracy) of pipeline.train.fit with per-epoch device warps."""
+    t = p.train
+    device = train.pick_device()
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    pixels = torch.from_numpy(splits["train"][0]).to(device)
+    y = torch.from_numpy(splits["train"][1]).to(device)
+    x = train.to_input(pixels, prep, device).contiguous(memory_format=memory_format)
+    torch.manual_seed(seed)
+    model = models.build(t.model, prep.channels, 10, prep.image_size).to(device)
+    model = model.to(memory_format=memory_format)
+    optimizer = train.make_optimizer(t.optimizer, model.parameters(), t.lr, t.momentum,
+                                     t.weight_decay)
+    scheduler = train.make_schedule(t.lr_schedule, optimizer, t.lr,
+                                    t.epochs * train.steps_per_epoch(len(x), t.batch_size, 1))
+    net = torch.compile(model) if t.compile else model
+    warps = train.epoch_warper(pixels, prep, p.augment, seed, memory_format)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    train.fit(net, x, y, epochs=t.epochs, batch_size=t.batch_size, optimizer=optimizer, seed=seed,
+              scheduler=scheduler, label_smoothing=t.label_smoothing, epoch_inputs=warps,
+              memory_format=memory_format)  # fit syncs once per epoch (.tolist of the sums)
+    seconds = time.perf_counter() - start
+    return t.epochs * len(x) / seconds, test_accuracy(model.cpu().float(), prep, splits)
+
+
+def kiln_seed_recipe_run(p: Params, prep: Preprocessing, splits: dict,
+                         seed: int) -> tuple[float, float]:
+    """Kiln's loop with the seed loop's recipe (constant LR, no label smoothing): the loop's
+    speed and accuracy without the recipe's help."""
+    recipe = dataclasses.replace(p.train, lr_schedule="constant", label_smoothing=0.0)
+    return kiln_run(dataclasses.replace(p, train=recipe), prep, splits, seed)
+
+
+def test_accuracy(model: torch.nn.Module, prep: Preprocessing, splits: dict) -> float:
+    pixels, labels = splits["test"]
+    x = train.to_input(pixels, prep, torch.device("cpu"))
+    return train.score(model.cpu(), x, torch.from_numpy(labels), 512)[1]
+
+
+def augmentation_rates(p: Params, prep: Preprocessing, splits: dict, reps: int) -> dict:
+    pixels = splits["train"][0]
+    pad = round(p.augment.translate * prep.image_size)
+    rng = random.Random(0)
+    per_image, batched = [], []
+    device = train.pick_device()
+    on_device = torch.from_numpy(pixels).to(device)
+    a = p.augment
+    augment.warp(on_device[:8].float() / 255, a.rotation_deg, a.translate, a.scale_min,
+                 a.scale_max, a.hflip)  # warm-up: kornia builds its kernels on the first call
+    for _ in range(reps):
+        start = time.perf_counter()
+        np.stack([pil_augment(image, a.rotation_deg, pad, rng) for image in pixels])
+        per_image.append(len(pixels) / (time.perf_counter() - start))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        augment.warp(on_device.float() / 255, a.rotation_deg, a.translate, a.scale_min,
+                     a.scale_max, a.hflip)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        batched.append(len(pixels) / (time.perf_counter() - start))
+    pil, kornia = statistics.median(per_image), statistics.median(batched)
+    return {"per_image_pil": pil, "batched_kornia": kornia, "speedup": kornia / pil}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="training runs per loop (median)")
+    parser.add_argument("--aug-reps", type=int, default=5, help="augmentation repetitions (median)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, "
+                        "one per core); 1 is steadier on a busy machine")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    p = load_params(args.params)
+    load_before = os.getloadavg()
+    prep, splits = load_digits(p)
+    device = train.pick_device()
+    print(f"device {device}, torch threads {torch.get_num_threads()}, "
+          f"{len(splits['train'][0])} train / {len(splits['test'][0])} test images, "
+          f"{p.train.epochs} epochs, batch {p.train.batch_size}, load average {load_before}",
+          flush=True)
+
+    loops = (("seed_style", seed_style_run), ("kiln", kiln_run),
+             ("kiln_seed_recipe", kiln_seed_recipe_run))
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in loops}
+    for seed in range(args.runs):
+        for name, run in loops:
+            runs[name].append(run(p, prep, splits, seed))
+            print(f"run {seed} {name:16s} {runs[name][-1][0]:9,.0f} img/s  "
+                  f"test acc {runs[name][-1][1]:.4f}", flush=True)
+    result = {name: {"images_per_s": statistics.median(r[0] for r in rs),
+                     "test_acc": statistics.median(r[1] for r in rs),
+                     "runs": [{"images_per_s": r[0], "test_acc": r[1]} for r in rs]}
+              for name, rs in runs.items()}
+    result["train_speedup"] = result["kiln"]["images_per_s"] / result["seed_style"]["images_per_s"]
+    result["train_speedup_seed_recipe"] = (result["kiln_seed_recipe"]["images_per_s"]
+                                           / result["seed_style"]["images_per_s"])
+    result["test_acc_gap_pt"] = 100 * (result["kiln"]["test_acc"]
+                                       - result["seed_style"]["test_acc"])
+    result["augmentation"] = augmentation_rates(p, prep, splits, args.aug_reps)
+    result["device"] = str(device)
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()}
+
+    aug = result["augmentation"]
+    print(f"\n| loop | images/s (median of {args.runs}) | test accuracy (median) |\n"
+          "| --- | --- | --- |")
+    for name in runs:
+        print(f"| {name} | {result[name]['images_per_s']:,.0f} | {result[name]['test_acc']:.4f} |")
+    print(f"\ntraining speedup {result['train_speedup']:.2f}x, test accuracy gap "
+          f"{result['test_acc_gap_pt']:+.2f} pt (seed recipe: "
+          f"{result['train_speedup_seed_recipe']:.2f}x); "
+          f"augmentation {aug['per_image_pil']:,.0f} -> "
+          f"{aug['batched_kornia']:,.0f} img/s = {aug['speedup']:.1f}x; "
+          f"load average after {result['load_average']['after']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

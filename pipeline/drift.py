@@ -1,0 +1,152 @@
+"""Data drift against the champion: reference statistics (a data profile) and their comparison.
+
+The validate stage writes the profile of the train split it checked; the package stage stores it
+inside the model (`reference.json` in the BentoML model, next to model.onnx). The next run's
+validate compares its own train split with the champion's profile, feature by feature:
+    label              class balance                       PSI
+    size, channels     image size ("HxW") and channels     PSI
+    pixel_mean         per-image brightness, 0..255        PSI and KS
+    pixel_std          per-image contrast, 0..255          PSI and KS
+PSI (population stability index) = sum over bins of (new - ref) * ln(new / ref), bin shares
+floored at PSI_FLOOR; continuous features use the reference's quantile bins (drift.psi_bins of
+equal reference mass). KS is the largest gap between the two cumulative distributions.
+Continuous features are stored as PROFILE_QUANTILES quantiles of the actual values (no
+interpolation), so a profile stays a few tens of KB at any data-set size and ties (blank images,
+one image size) keep their weight; KS and PSI computed from them are within 1/PROFILE_QUANTILES.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import StageError
+from pipeline.params import DriftParams
+
+PROFILE_VERSION = 1
+PROFILE_QUANTILES = 1001  # quantile points stored per continuous feature (every 0.1 %)
+PSI_FLOOR = 1e-4          # share given to a bin one side leaves empty, so ln() stays finite
+REFERENCE_FILE = "reference.json"  # name of the profile inside the BentoML model
+CATEGORICAL = ("label", "size", "channels")
+CONTINUOUS = ("pixel_mean", "pixel_std")
+
+
+def profile(images: pd.DataFrame) -> dict:
+    """Reference statistics of the decodable rows of an images table (pipeline/validate.py)."""
+    decoded = images[images.file_problem.isna()]
+    size = decoded.width.astype(int).astype(str) + "x" + decoded.height.astype(int).astype(str)
+    columns = {"label": decoded.label, "size": size,
+               "channels": decoded.channels.astype(int).astype(str)}
+    levels = np.linspace(0, 1, PROFILE_QUANTILES)
+    return {
+        "version": PROFILE_VERSION,
+        "images": len(decoded),
+        "categorical": {name: {str(k): int(v) for k, v in col.value_counts().sort_index().items()}
+                        for name, col in columns.items()},
+        "quantiles": {name: (np.quantile(decoded[name].to_numpy(float), levels,
+                                         method="inverted_cdf").round(4).tolist()
+                             if len(decoded) else [])
+                      for name in CONTINUOUS},
+    }
+
+
+def _psi(ref: np.ndarray, new: np.ndarray) -> float:
+    ref, new = np.maximum(ref, PSI_FLOOR), np.maximum(new, PSI_FLOOR)
+    return float(np.sum((new - ref) * np.log(new / ref)))
+
+
+def _cdf(quantiles: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Share of the distribution <= x, read off its stored quantiles."""
+    return np.searchsorted(quantiles, x, side="right") / len(quantiles)
+
+
+def categorical_psi(ref: dict[str, int], new: dict[str, int]) -> float:
+    keys = sorted(set(ref) | set(new))
+    r = np.array([ref.get(k, 0) for k in keys], float)
+    n = np.array([new.get(k, 0) for k in keys], float)
+    return _psi(r / max(r.sum(), 1), n / max(n.sum(), 1))
+
+
+def continuous_scores(ref: list[float], new: list[float], bins: int) -> tuple[float, float]:
+    """(PSI over `bins` equal-mass reference bins, KS distance) of two quantile profiles."""
+    ref_q, new_q = np.asarray(ref), np.asarray(new)
+    edges = np.unique(np.quantile(ref_q, np.linspace(0, 1, bins + 1)[1:-1], method="inverted_cdf"))
+    share = lambda q: np.diff(np.concatenate([[0.0], _cdf(q, edges), [1.0]]))  # noqa: E731
+    points = np.union1d(ref_q, new_q)
+    ks = float(np.max(np.abs(_cdf(ref_q, points) - _cdf(new_q, points))))
+    return _psi(share(ref_q), share(new_q)), ks
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    scores: dict[str, tuple[float, float | None]]   # feature -> (PSI, KS or None)
+    thresholds: DriftParams
+    classes_added: list[str]
+    classes_removed: list[str]
+
+    def table(self) -> pd.DataFrame:
+        """One row per feature, the table the validate stage's drift suite checks."""
+        return pd.DataFrame([{"feature": f, "psi": round(psi, 4),
+                              "ks": None if ks is None else round(ks, 4)}
+                             for f, (psi, ks) in self.scores.items()]).astype({"ks": float})
+
+    def metrics(self, warned: bool, failed: bool) -> dict:
+        return {
+            "status": "fail" if failed else "warn" if warned else "ok",
+            "features": {f: {"psi": round(psi, 4), "ks": None if ks is None else round(ks, 4)}
+                         for f, (psi, ks) in self.scores.items()},
+            "classes_added": self.classes_added,
+            "classes_removed": self.classes_removed,
+        }
+
+
+def compare(reference: dict, current: dict, thresholds: DriftParams) -> DriftReport:
+    """Score `current` (a profile) against `reference` (the champion's profile)."""
+    if reference.get("version") != PROFILE_VERSION:
+        raise StageError(f"champion's {REFERENCE_FILE}: profile version "
+                         f"{reference.get('version')!r}; this Kiln reads version {PROFILE_VERSION}")
+    scores: dict[str, tuple[float, float | None]] = {}
+    for name in CATEGORICAL:
+        scores[name] = (categorical_psi(reference["categorical"][name],
+                                        current["categorical"][name]), None)
+    for name in CONTINUOUS:
+        if reference["quantiles"][name] and current["quantiles"][name]:
+            scores[name] = continuous_scores(reference["quantiles"][name],
+                                             current["quantiles"][name], thresholds.psi_bins)
+    ref_labels = set(reference["categorical"]["label"])
+    new_labels = set(current["categorical"]["label"])
+    return DriftReport(scores=scores, thresholds=thresholds,
+                       classes_added=sorted(new_labels - ref_labels),
+                       classes_removed=sorted(ref_labels - new_labels))
+
+
+@dataclass(frozen=True)
+class Champion:
+    tag: str | None
+    reference: dict | None
+    note: str   # why there is no reference, for the log
+
+
+def champion_reference() -> Champion:
+    """The data profile stored with the serving champion (pipeline.package's champion record),
+    if there is a champion and it carries one."""
+    import json
+
+    import bentoml
+
+    # Imported here: it sets the project's BentoML home and turns tracking off before bentoml.
+    from pipeline.package import champion
+
+    record = champion()
+    if record is None:
+        return Champion(None, None, f"no champion in the BentoML store at "
+                                    f"{os.environ['BENTOML_HOME']} yet (first run)")
+    model = bentoml.models.get(record["model_tag"])
+    path = Path(model.path_of(REFERENCE_FILE))
+    if not path.is_file():
+        return Champion(str(model.tag), None, f"champion {model.tag} was packaged without "
+                                              f"{REFERENCE_FILE} (before drift checks)")
+    return Champion(str(model.tag), json.loads(path.read_text(encoding="utf-8")), "")

@@ -1,0 +1,221 @@
+"""The train stage as the pipeline runs it: `python -m pipeline train` on the built-in digits,
+with the real params.yaml shrunk. Determinism, kill-and-resume from the per-epoch checkpoint,
+2-process DistributedDataParallel (gloo) against one process, per-epoch augmentation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline import augment as augment_stage
+from pipeline import models, train
+from pipeline.ingest import ingest, load_split
+from pipeline.params import load_params
+from pipeline.preprocess import Preprocessing
+
+REPO = Path(__file__).resolve().parents[1]
+# The records' recipe (fresh on-device warps each epoch, no offline copies), so resume and DDP
+# are tested with the per-epoch augmentation's RNG in play. 8 epochs: ~0.1 s each here.
+SHRINK = {"augment": {"copies": 0}, "train": {"epochs": 8, "epoch_augment": True}}
+
+
+def write_params(project: Path, changes: dict) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stage_argv(name: str) -> list[str]:
+    return ["--data", "data/ingested", "--augmented", "data/augmented", "--out", f"models/{name}",
+            "--live", f"reports/{name}", "--checkpoints", f".kiln/checkpoints/{name}"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
+
+
+def run_stage(project: Path, name: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "pipeline", "train", *stage_argv(name)],
+                          cwd=project, env=env(), capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def outputs(project: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = project / "models" / name
+    return (json.loads((folder / "model.json").read_text())["metrics"],
+            load_file(folder / "model.safetensors"))
+
+
+def accuracy_on_test_split(project: Path, name: str) -> float:
+    model, info = models.load(project / "models" / name)
+    prep = Preprocessing.from_dict(info["preprocessing"])
+    pixels, labels = load_split(project / "data/ingested", "test", prep)
+    x = train.to_input(pixels, prep, torch.device("cpu"))
+    return train.score(model, x, torch.from_numpy(labels), 512)[1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """Ingested, augmented digits and the shrunk params, as the stages before train leave them."""
+    root = tmp_path_factory.mktemp("train")
+    write_params(root, SHRINK)
+    p = load_params(root / "params.yaml")
+    ingest(p.data.source, root / "data/ingested", p.data.split, p.data.seed)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        augment_stage.main(["--data", "data/ingested", "--out", "data/augmented"])
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(project) -> str:
+    """One uninterrupted single-process run, the yardstick of the tests below."""
+    done = run_stage(project, "reference")
+    assert "train: lenet5 on 1 x cpu" in done.stdout
+    assert not (project / ".kiln/checkpoints/reference" / train.CHECKPOINT).exists()
+    return "reference"
+
+
+def test_same_seed_same_data_gives_identical_metrics(project, reference, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    train.main(stage_argv("again"))
+    progress = capsys.readouterr().out
+    assert "epoch   8/8" in progress and "img/s" in progress and "eta 0.0 s" in progress
+    metrics, weights = outputs(project, "again")
+    ref_metrics, ref_weights = outputs(project, reference)
+    assert metrics == ref_metrics
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+    assert metrics["val_acc"] > 0.9
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(project, reference):
+    checkpoint = project / ".kiln/checkpoints/killed" / train.CHECKPOINT
+    child = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *stage_argv("killed")],
+                             cwd=project, env=env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists():  # epoch 1's checkpoint: ~0.1 s into training
+            assert child.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        while torch.load(checkpoint, weights_only=True)["epoch"] < 3:
+            assert child.poll() is None, "the run finished before it could be killed"
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 3 <= killed_at < SHRINK["train"]["epochs"]
+    assert not (project / "models/killed").exists()  # nothing DVC could take for an output
+
+    done = run_stage(project, "killed")
+    assert f"train: resuming after epoch {killed_at}" in done.stdout
+    assert f"epoch {killed_at:3d}/" not in done.stdout  # finished epochs were not rerun
+    metrics, weights = outputs(project, "killed")
+    ref_metrics, ref_weights = outputs(project, reference)
+    assert metrics == ref_metrics
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+    live = (project / "reports/killed/plots/metrics/val_acc.tsv").read_text().splitlines()
+    assert len(live) == 1 + SHRINK["train"]["epochs"]  # header + every epoch, resumed ones too
+    assert not checkpoint.exists()
+
+
+def test_checkpoint_from_other_params_or_data_is_ignored(project, tmp_path, capsys):
+    folder = tmp_path / "checkpoints"
+    train.write_checkpoint(folder, {"fingerprint": "a", "epoch": 3})
+    assert train.read_checkpoint(folder, "a")["epoch"] == 3
+    assert (folder / ".gitignore").read_text() == "*\n"
+    assert train.read_checkpoint(folder, "b") is None
+    assert "made from other params, data or code" in capsys.readouterr().out
+    p = load_params(project / "params.yaml")
+    stamp = train.fingerprint(p, project / "data/ingested", project / "data/augmented", 1)
+    assert stamp == train.fingerprint(p, project / "data/ingested", project / "data/augmented", 1)
+    assert stamp != train.fingerprint(p, project / "data/ingested", project / "data/augmented", 2)
+    write_params(tmp_path, {**SHRINK, "train": {**SHRINK["train"], "lr": 0.001}})
+    other = load_params(tmp_path / "params.yaml")
+    assert stamp != train.fingerprint(other, project / "data/ingested",
+                                      project / "data/augmented", 1)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_like_one(project, reference):
+    """train.processes: 2 relaunches the stage under torchrun; rank 0 alone writes."""
+    ddp = project / "ddp"
+    ddp.mkdir()
+    (ddp / "data").symlink_to(project / "data")
+    write_params(ddp, {**SHRINK, "train": {**SHRINK["train"], "processes": 2}})
+    done = run_stage(ddp, "reference")
+    assert "train: lenet5 on 2 x cpu" in done.stdout
+    assert done.stdout.count("epoch   8/8") == 1  # only rank 0 reports
+    metrics, _ = outputs(ddp, "reference")
+    ref_metrics, _ = outputs(project, reference)
+    assert abs(metrics["val_acc"] - ref_metrics["val_acc"]) <= 0.01
+    assert abs(accuracy_on_test_split(ddp, "reference")
+               - accuracy_on_test_split(project, reference)) <= 0.01
+    assert sorted(p.name for p in (ddp / "models").iterdir()) == ["reference"]
+
+
+def test_epoch_warps_are_per_sample_and_replayable():
+    pixels = torch.zeros(6, 1, 32, 32, dtype=torch.uint8)
+    pixels[:, :, 8:24, 12:20] = 255
+    prep = Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25])
+    p = load_params(REPO / "params.yaml").augment
+    warps = train.epoch_warper(pixels, prep, p, seed=0, memory_format=torch.channels_last)
+    before = torch.get_rng_state()
+    first = warps(1)
+    assert torch.equal(torch.get_rng_state(), before)  # training's RNG is left alone
+    assert torch.equal(first, warps(1)) and not torch.equal(first, warps(2))
+    assert not torch.equal(first[0], first[1])
+    assert first.is_contiguous(memory_format=torch.channels_last)
+    plain = torch.from_numpy(prep.normalize(pixels.numpy()))
+    assert (first - plain).abs().amax(dim=(1, 2, 3)).min() > 0  # every image moved
+
+
+def test_steps_per_epoch_skips_tails_smaller_than_the_world():
+    assert train.steps_per_epoch(257, 128, 1) == 3
+    assert train.steps_per_epoch(257, 128, 2) == 2
+    assert train.steps_per_epoch(256, 128, 2) == 2
+
+
+def test_outputs_replace_the_old_folder_whole(tmp_path):
+    out = tmp_path / "float"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older run")
+    train.write_outputs(out, {"w": torch.ones(2)}, {"model": "lenet5"})
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda_with_bf16_autocast():
+    rng = np.random.default_rng(0)
+    y = torch.from_numpy(rng.integers(0, 2, 256)).cuda()
+    x = torch.randn(256, 1, 32, 32, device="cuda") * 0.3
+    x[:, :, :, :16] += 1.5 * (y == 0).float().view(-1, 1, 1, 1)
+    x[:, :, :, 16:] += 1.5 * (y == 1).float().view(-1, 1, 1, 1)
+    torch.manual_seed(0)
+    model = models.build("lenet5", channels=1, classes=2, image_size=32).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    metrics = train.fit(model, x, y, epochs=3, batch_size=32, optimizer=optimizer, seed=0,
+                        val=(x, y), memory_format=torch.channels_last,
+                        scheduler=train.make_schedule("onecycle", optimizer, 2e-3, 3 * 8))
+    assert metrics["val_acc"] > 0.95
