@@ -266,7 +266,7 @@ def test_blank_images_above_the_threshold(tmp_path, stage, blank, fails):
     blank images are identical to each other, and that is not reported as duplicates."""
     source = make_source(tmp_path / "src")
     for i in range(blank):
-        Image.fromarray(np.full((SIDE, SIDE), 255 * (i % 2), np.uint8)).save(source / f"abc"[i] / "blank.png")
+        Image.fromarray(np.full((SIDE, SIDE), 255 * (i % 2), np.uint8)).save(source / "abc"[i] / "blank.png")
     for i in range(blank, 3):
         Image.fromarray(pixels(50 + i)).save(source / "abc"[i] / "blank.png")  # fill to 33
     work = project(tmp_path, source, validate={"max_blank_fraction": 0.05})
