@@ -223,14 +223,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(bento_tag: str, log: Path, ready_timeout_s: float) -> Iterator[httpx.Client]:
+def serving(bento_tag: str, log: Path, ready_timeout_s: float,
+            host: str | None = "127.0.0.1") -> Iterator[httpx.Client]:
     """`bentoml serve <bento_tag>` on a free loopback port of this machine, in its own process
-    group; yields a client once /readyz answers 200, stops the whole group after."""
+    group; yields a client once /readyz answers 200, stops the whole group after.
+    host=None passes no --host, so the Bento's own config decides (it says 127.0.0.1)."""
     port = free_port()
     with open(log, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1",
-             "--port", str(port)],
+            [sys.executable, "-m", "bentoml", "serve", bento_tag, "--port", str(port),
+             *(["--host", host] if host else [])],
             cwd=log.parent, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -342,31 +342,14 @@ def test_failed_runs_leave_the_champion_serving(tmp_path):
     then a run on inverted digits fails on drift and a run with a truncated file fails at
     validate; the champion's Bento still serves the same predictions afterwards."""
     from tests.bento_server import bento_server
-    from tests.test_pipeline import SHRINK, dvc, edit_params, ran_stages
+    from tests.test_pipeline import SHRINK, copy_repo, dvc, edit_params, ran_stages
 
-    root = tmp_path / "kiln"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if name != "dvc.lock" and (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    git = ["git", "-c", "user.name=kiln", "-c", "user.email=kiln@localhost"]
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=root, check=True)  # DVCLive needs one
+    root = copy_repo(tmp_path / "kiln")
     # The model only has to be packaged: the fewest epochs and a gate any model passes.
     edit_params(root, {**SHRINK, "augment": {"copies": 0}, "train": {"epochs": 2},
                        "compress": {"finetune_epochs": 1, "calibration_images": 16},
                        "evaluate": {"latency_runs": 1},
                        "gate": {"min_accuracy": 0.0, "max_accuracy_drop": 1.0}})
-    # The champion carries the profile of its training data: the package stage's
-    # `--reference reports/data_profile.json`, added here if dvc.yaml does not pass it yet.
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    if "--reference" not in stages["package"]["cmd"]:
-        text = (root / "dvc.yaml").read_text()
-        (root / "dvc.yaml").write_text(text.replace(
-            stages["package"]["cmd"], stages["package"]["cmd"] + " --reference reports/data_profile.json"))
     dvc(root, "repro")
     bento_tag = json.loads((root / "reports/package.json").read_text())["bento_tag"]
     # Read now: the failed runs below ingest other data into data/ingested.

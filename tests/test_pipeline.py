@@ -55,10 +55,8 @@ def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A copy of the repo's files (as a clone would have them), reproduced once with `dvc repro`."""
-    root = tmp_path_factory.mktemp("kiln")
+def copy_repo(root: Path) -> Path:
+    """The repo's files as a clone would have them (no dvc.lock), committed in a new git repo."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -70,6 +68,13 @@ def project(tmp_path_factory) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-qm", "copy"], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the repo, reproduced once with `dvc repro` on the shrunk params."""
+    root = copy_repo(tmp_path_factory.mktemp("kiln"))
     edit_params(root, SHRINK)
     done = dvc(root, "repro")
     assert ran_stages(done.stdout) == ["ingest", "validate", "augment", "train", "compress",
