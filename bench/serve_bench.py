@@ -4,20 +4,25 @@
         [--bento TAG] [--duration 5] [--repeats 3] [--out reports/serve_bench.json]
 
 Servers (both on 127.0.0.1, started and stopped by this script):
-  kiln   the champion's Bento (or --bento) under `bentoml serve`: ONNX Runtime on the selected
-         variant, one API worker, as `make serve` runs it.
-  naive  FastAPI + uvicorn (one process) running the float model in torch eager mode, one image
-         per request, decoded and preprocessed with the same pipeline.preprocess code.
+  kiln   the champion's Bento (or --bento) under `bentoml serve`, as `make serve` runs it: ONNX
+         Runtime on the selected variant, with the Bento's own settings (params.yaml serve: HTTP
+         workers, batch threads, access log), printed with the results.
+  naive  FastAPI + uvicorn.run defaults (one process) running the float model in torch eager
+         mode, one image per request, decoded and preprocessed with the same pipeline.preprocess
+         code. Both servers get uvloop and httptools (uvicorn uses them when installed).
 
-Client: one asyncio process with httpx.AsyncClient, `c` tasks each posting a test PNG (cycling
-through the test split) to POST /classify and awaiting the answer before the next (closed loop).
-For each server and c in (1, 32): 1 s warm-up, then `--duration` s measured; per request the
-wall time from send to parsed JSON. Reported per run: p50 and p99 latency (ms) and completed
-requests/s; the table gives the median over `--repeats` runs, servers interleaved (kiln, naive,
-kiln, naive, ...) so that load drifts hit both. Batch throughput: one client posting 256 test
-images per request to /classify_npy (raw .npy) and to /classify_batch (JSON lists); images/s.
-The client shares the machine's cores with the server (2 cores here): absolute numbers include
-its cost, equally for both servers. Loopback only; total time about
+Client: one asyncio process speaking HTTP/1.1 itself over keep-alive connections: each request
+is encoded once up front (multipart/form-data or JSON, as any client would send it) and each
+response is read by its Content-Length and parsed as JSON. A general-purpose client (httpx) cost
+~3 ms per request here, more than either server, and shared the same 2 cores. `c` tasks, one
+connection each, post test PNGs (cycling through the test split) to POST /classify and await
+each answer before the next (closed loop). For each server and c in (1, 32): 1 s warm-up, then
+`--duration` s measured; per request the wall time from send to parsed JSON. Reported per run:
+p50 and p99 latency (ms) and completed requests/s; the table gives the median over `--repeats`
+runs, servers interleaved (kiln, naive, kiln, naive, ...) so that load drifts hit both. Batch
+throughput: one client posting 256 test images per request to /classify_npy (raw .npy) and to
+/classify_batch (JSON lists); images/s. The client shares the machine's cores with the servers
+(2 cores here): absolute numbers include its cost, equally for both. Loopback only; total time
 (4 * duration + 4) * repeats + 2 * duration * repeats + server starts (~10 s).
 `uptime` load averages are recorded before and after.
 """
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -117,31 +123,60 @@ def kiln_server(bento: str, log: Path):
 
 # ---- the client ---------------------------------------------------------------------------------
 
-async def closed_loop(url: str, path: str, payloads: list[dict], concurrency: int,
-                      warmup_s: float, duration_s: float) -> dict:
-    """`concurrency` tasks posting payloads in turn; latencies of requests that start after the
-    warm-up and finish before its end + duration_s."""
+def http_post(path: str, content_type: str, body: bytes) -> bytes:
+    """One complete HTTP/1.1 POST request, keep-alive (the 1.1 default)."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def multipart_post(path: str, field: str, filename: str, data: bytes, content_type: str) -> bytes:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n"
+            ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return http_post(path, f"multipart/form-data; boundary={boundary}", body)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(status, body) of one response framed by Content-Length (both servers send it)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+    length = {k.strip().lower(): v.strip() for k, v in headers.items()}.get("content-length")
+    if length is None:
+        raise RuntimeError(f"response without Content-Length: {lines[0]}")
+    return int(lines[0].split()[1]), await reader.readexactly(int(length))
+
+
+async def closed_loop(port: int, requests: list[bytes], concurrency: int, warmup_s: float,
+                      duration_s: float) -> dict:
+    """`concurrency` connections posting `requests` in turn; latencies of requests that start
+    after the warm-up and finish before its end + duration_s."""
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        start = time.perf_counter()
-        measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
 
-        async def worker(k: int) -> None:
-            nonlocal errors
-            i = k
+    async def worker(k: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = k
+        try:
             while (now := time.perf_counter()) < stop_at:
-                response = await client.post(path, **payloads[i % len(payloads)])
-                response.json()
+                writer.write(requests[i % len(requests)])
+                status, body = await read_response(reader)
+                json.loads(body)
                 done = time.perf_counter()
-                if response.status_code != 200:
+                if status != 200:
                     errors += 1
                 elif now >= measure_from and done <= stop_at:
                     latencies.append(done - now)
                 i += concurrency
+        finally:
+            writer.close()
 
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
     latencies_ms = np.array(latencies) * 1e3
     return {"requests": len(latencies), "errors": errors,
             "rps": len(latencies) / duration_s,
@@ -149,8 +184,9 @@ async def closed_loop(url: str, path: str, payloads: list[dict], concurrency: in
             "p99_ms": float(np.percentile(latencies_ms, 99)) if len(latencies) else None}
 
 
-def run(url: str, path: str, payloads: list[dict], concurrency: int, duration_s: float) -> dict:
-    return asyncio.run(closed_loop(url, path, payloads, concurrency, 1.0, duration_s))
+def run(url: str, requests: list[bytes], concurrency: int, duration_s: float) -> dict:
+    port = int(url.rsplit(":", 1)[1])
+    return asyncio.run(closed_loop(port, requests, concurrency, 1.0, duration_s))
 
 
 def load_average() -> str:
@@ -189,16 +225,24 @@ def main() -> None:
     if not bento:
         sys.exit(f"no --bento and no champion in {os.environ['BENTOML_HOME']}: run the pipeline first")
     rows = [r for r in read_manifest(args.data)[0] if r["split"] == "test"]
-    singles = [{"files": {"image": ("x.png", (args.data / r["path"]).read_bytes())}} for r in rows]
+    singles = [multipart_post("/classify", "image", "x.png", (args.data / r["path"]).read_bytes(),
+                              "image/png") for r in rows]
     info = json.loads((args.float_model / "model.json").read_text())
     pixels, _ = load_split(args.data, "test", Preprocessing.from_dict(info["preprocessing"]))
     batch = np.resize(pixels, (BATCH, *pixels.shape[1:]))
     buffer = io.BytesIO()
     np.save(buffer, batch)
-    batch_payloads = {"/classify_npy": [{"files": {"array": ("b.npy", buffer.getvalue())}}],
-                      "/classify_batch": [{"json": {"images": batch.tolist()}}]}
+    batch_payloads = {
+        "/classify_npy": [multipart_post("/classify_npy", "array", "b.npy", buffer.getvalue(),
+                                         "application/octet-stream")],
+        "/classify_batch": [http_post("/classify_batch", "application/json",
+                                      json.dumps({"images": batch.tolist()}).encode())]}
 
-    results: dict = {"load_before": load_average(), "bento": bento, "duration_s": args.duration,
+    import bentoml
+
+    config = bentoml.bentos.get(bento).info.services[0].config  # workers, access log, ...
+    results: dict = {"load_before": load_average(), "bento": bento, "bento_config": config,
+                     "duration_s": args.duration,
                      "repeats": args.repeats, "test_images": len(rows), "single": {}, "batch": {}}
     runs: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp, \
@@ -207,9 +251,9 @@ def main() -> None:
         for _ in range(args.repeats):
             for c in CONCURRENCY:
                 for name, url in (("kiln", kiln_url), ("naive", naive_url)):
-                    runs.setdefault((name, c), []).append(run(url, "/classify", singles, c, args.duration))
+                    runs.setdefault((name, c), []).append(run(url, singles, c, args.duration))
             for path, payloads in batch_payloads.items():
-                r = run(kiln_url, path, payloads, 1, args.duration)
+                r = run(kiln_url, payloads, 1, args.duration)
                 runs.setdefault(("kiln" + path, 1), []).append({**r, "images_per_s": r["rps"] * BATCH})
     for (name, c), rs in runs.items():
         if name.startswith("kiln/"):

@@ -12,19 +12,21 @@ Method (all in one process, one run of this script, so both sides see the same m
   num_workers=0 because DataLoader workers are slower on 2 cores (shared/STACK.md). LeNet-5,
   Adam(train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors.
 - (b) Kiln's loop: pipeline.train.fit on the same uint8 images held on the device, warped afresh
-  each epoch by pipeline.train.epoch_warper (pipeline.augment.warp: one batched kornia affine
-  warp of the whole set: rotation, translation, zoom), with the train.* params the stage uses:
+  each epoch by pipeline.train.epoch_warper (pipeline.augment.warp: one batched affine
+  grid_sample of the whole set, augment.chunk images per call: rotation, translation, zoom), with the train.* params the stage uses:
   channels_last, train.lr_schedule, train.label_smoothing (train.compile as in params.yaml).
   Same model, optimizer, lr, batch size, epochs and seed as (a).
 - (c) Kiln's loop with the seed loop's recipe (constant LR, no label smoothing): the loop alone.
+- (d) Kiln's loop without any augmentation (the same images every epoch): the model's own
+  training step plus the loop, the ceiling for (b) on this model and machine.
 - Training images/s = epochs x train images / wall seconds from the first batch of epoch 1 to the
   last optimizer step (data loading, model construction and the test pass excluded), with
   torch's default threads (one per core) unless --threads. Test accuracy = the trained model on
-  the test split. Run r uses seed r in every loop; (a), (b) and (c) take turns so that load
+  the test split. Run r uses seed r in every loop; (a) to (d) take turns so that load
   changes hit all three. Reported: the median over runs.
 - Augmentation alone: uint8 (N, 1, S, S) train images in, float [0, 1] warped images out.
   Per-image: the Dataset's PIL rotate + pad + random crop in a Python loop. Batched:
-  pipeline.augment.warp on the whole set at once. Images/s, median of --aug-reps repetitions.
+  pipeline.augment.warp on the whole set (one call). Images/s, median of --aug-reps repetitions.
 - The load average (os.getloadavg) is printed before and after: the machine is shared.
 """
 from __future__ import annotations
@@ -115,8 +117,10 @@ def seed_style_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> t
     return p.train.epochs * len(pixels) / seconds, test_accuracy(model, prep, splits)
 
 
-def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> tuple[float, float]:
-    """(training images/s, test accuracy) of pipeline.train.fit with per-epoch device warps."""
+def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int,
+             warp: bool = True) -> tuple[float, float]:
+    """(training images/s, test accuracy) of pipeline.train.fit with per-epoch device warps
+    (warp=False: none, the same images every epoch)."""
     t = p.train
     device = train.pick_device()
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
@@ -131,7 +135,7 @@ def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> tuple[f
     scheduler = train.make_schedule(t.lr_schedule, optimizer, t.lr,
                                     t.epochs * train.steps_per_epoch(len(x), t.batch_size, 1))
     net = torch.compile(model) if t.compile else model
-    warps = train.epoch_warper(pixels, prep, p.augment, seed, memory_format)
+    warps = train.epoch_warper(pixels, prep, p.augment, seed, memory_format) if warp else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -150,6 +154,13 @@ def kiln_seed_recipe_run(p: Params, prep: Preprocessing, splits: dict,
     return kiln_run(dataclasses.replace(p, train=recipe), prep, splits, seed)
 
 
+def kiln_no_augmentation_run(p: Params, prep: Preprocessing, splits: dict,
+                             seed: int) -> tuple[float, float]:
+    """Kiln's loop without the per-epoch warp: the model's own step and the loop around it, the
+    ceiling of any augmentation scheme on this model and machine."""
+    return kiln_run(p, prep, splits, seed, warp=False)
+
+
 def test_accuracy(model: torch.nn.Module, prep: Preprocessing, splits: dict) -> float:
     pixels, labels = splits["test"]
     x = train.to_input(pixels, prep, torch.device("cpu"))
@@ -165,7 +176,7 @@ def augmentation_rates(p: Params, prep: Preprocessing, splits: dict, reps: int) 
     on_device = torch.from_numpy(pixels).to(device)
     a = p.augment
     augment.warp(on_device[:8].float() / 255, a.rotation_deg, a.translate, a.scale_min,
-                 a.scale_max, a.hflip)  # warm-up: kornia builds its kernels on the first call
+                 a.scale_max, a.hflip, a.chunk)  # warm-up
     for _ in range(reps):
         start = time.perf_counter()
         np.stack([pil_augment(image, a.rotation_deg, pad, rng) for image in pixels])
@@ -174,18 +185,18 @@ def augmentation_rates(p: Params, prep: Preprocessing, splits: dict, reps: int) 
             torch.cuda.synchronize()
         start = time.perf_counter()
         augment.warp(on_device.float() / 255, a.rotation_deg, a.translate, a.scale_min,
-                     a.scale_max, a.hflip)
+                     a.scale_max, a.hflip, a.chunk)
         if device.type == "cuda":
             torch.cuda.synchronize()
         batched.append(len(pixels) / (time.perf_counter() - start))
-    pil, kornia = statistics.median(per_image), statistics.median(batched)
-    return {"per_image_pil": pil, "batched_kornia": kornia, "speedup": kornia / pil}
+    pil, kiln = statistics.median(per_image), statistics.median(batched)
+    return {"per_image_pil": pil, "batched_kiln": kiln, "speedup": kiln / pil}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="training runs per loop (median)")
-    parser.add_argument("--aug-reps", type=int, default=5, help="augmentation repetitions (median)")
+    parser.add_argument("--aug-reps", type=int, default=9, help="augmentation repetitions (median)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, "
@@ -203,7 +214,8 @@ def main() -> None:
           flush=True)
 
     loops = (("seed_style", seed_style_run), ("kiln", kiln_run),
-             ("kiln_seed_recipe", kiln_seed_recipe_run))
+             ("kiln_seed_recipe", kiln_seed_recipe_run),
+             ("kiln_no_augmentation", kiln_no_augmentation_run))
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in loops}
     for seed in range(args.runs):
         for name, run in loops:
@@ -217,6 +229,8 @@ def main() -> None:
     result["train_speedup"] = result["kiln"]["images_per_s"] / result["seed_style"]["images_per_s"]
     result["train_speedup_seed_recipe"] = (result["kiln_seed_recipe"]["images_per_s"]
                                            / result["seed_style"]["images_per_s"])
+    result["ceiling_speedup_no_augmentation"] = (result["kiln_no_augmentation"]["images_per_s"]
+                                                 / result["seed_style"]["images_per_s"])
     result["test_acc_gap_pt"] = 100 * (result["kiln"]["test_acc"]
                                        - result["seed_style"]["test_acc"])
     result["augmentation"] = augmentation_rates(p, prep, splits, args.aug_reps)
@@ -230,9 +244,10 @@ def main() -> None:
         print(f"| {name} | {result[name]['images_per_s']:,.0f} | {result[name]['test_acc']:.4f} |")
     print(f"\ntraining speedup {result['train_speedup']:.2f}x, test accuracy gap "
           f"{result['test_acc_gap_pt']:+.2f} pt (seed recipe: "
-          f"{result['train_speedup_seed_recipe']:.2f}x); "
+          f"{result['train_speedup_seed_recipe']:.2f}x, no augmentation: "
+          f"{result['ceiling_speedup_no_augmentation']:.2f}x); "
           f"augmentation {aug['per_image_pil']:,.0f} -> "
-          f"{aug['batched_kornia']:,.0f} img/s = {aug['speedup']:.1f}x; "
+          f"{aug['batched_kiln']:,.0f} img/s = {aug['speedup']:.1f}x; "
           f"load average after {result['load_average']['after']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

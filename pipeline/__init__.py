@@ -3,6 +3,8 @@
 Kept import-light: the BentoML service imports pipeline.preprocess from here.
 """
 
+MODEL_NAME = "kiln-classifier"  # BentoML model store name: package writes it, the service serves it
+
 
 class StageError(RuntimeError):
     """A stage cannot do its job because of its input; the message names the cause."""

@@ -269,7 +269,7 @@ def prune_and_finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: Co
         raise StageError(f"compress.prune_method: unknown method {p.prune_method!r} "
                          f"(registered: {', '.join([*STRUCTURED_PRUNERS, *PRUNERS])})")
     # Masks (PRUNERS) stay applied during fine-tuning, so pruned weights remain zero.
-    optimizer = torch.optim.Adam(model.parameters(), lr=p.finetune_lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=p.finetune_lr, fused=True)
     if p.finetune_epochs:
         total_steps = steps_per_epoch(len(x), batch_size, 1) * p.finetune_epochs
         fit(model, x, y, epochs=p.finetune_epochs, batch_size=batch_size, optimizer=optimizer,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -42,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from pipeline import StageError
+from pipeline import MODEL_NAME, StageError
 
 REPO = Path(__file__).resolve().parent.parent
 # Before bentoml is imported (it reads these at import): keep its store inside the project and
@@ -51,16 +52,14 @@ os.environ.setdefault("BENTOML_HOME", str(REPO / ".bentoml"))
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 import bentoml  # noqa: E402
-from bentoml.exceptions import NotFound  # noqa: E402
-
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+from bentoml.exceptions import NotFound  # noqa: E402
 
 from pipeline.drift import REFERENCE_FILE  # noqa: E402
 from pipeline.ingest import load_split, read_manifest  # noqa: E402
 from pipeline.params import PackageParams, ServeParams, load_params  # noqa: E402
 from pipeline.preprocess import Preprocessing  # noqa: E402
-from pipeline.service import MODEL_NAME  # noqa: E402
 
 MODEL_FILES = ("model.onnx", "model.json")
 
@@ -130,8 +129,8 @@ def build_bento(model_dir: Path, bentofile: Path, serving: ServeParams,
         "data_hash": card.get("data_hash"),
         "metrics": card["metrics"],
     })
-    # The server reads its limits from the card it serves (pipeline/service.py).
-    served_card = {**card, "serving": {"max_request_bytes": serving.max_request_bytes}}
+    # The server reads its settings (params.yaml serve) from the card it serves (pipeline/service.py).
+    served_card = {**card, "serving": dataclasses.asdict(serving)}
     with bentoml.models.create(MODEL_NAME, labels=labels, metadata=metadata) as model:
         shutil.copyfile(model_dir / "model.onnx", model.path_of("model.onnx"))
         Path(model.path_of("model.json")).write_text(json.dumps(served_card, indent=1) + "\n")

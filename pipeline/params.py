@@ -62,6 +62,7 @@ class AugmentParams:
     scale_max: float
     hflip: bool
     seed: int
+    chunk: int
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ class PackageParams:
 @dataclass(frozen=True)
 class ServeParams:
     max_request_bytes: int
+    workers: int
+    batch_threads: int
+    access_log: bool
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,9 @@ def _check_ranges(p: Params) -> None:
         ("drift.ks_warn", 0 <= p.drift.ks_warn <= p.drift.ks_fail,
          "must satisfy 0 <= ks_warn <= ks_fail"),
         ("augment.copies", p.augment.copies >= 0, "must be >= 0"),
+        ("augment.chunk", p.augment.chunk >= 1, "must be >= 1"),
+        ("serve.batch_threads", p.serve.batch_threads >= 1, "must be >= 1"),
+        ("serve.workers", p.serve.workers >= 0, "must be >= 0 (0 = one per core)"),
         ("augment.scale_min", 0 < p.augment.scale_min <= p.augment.scale_max,
          "must satisfy 0 < scale_min <= scale_max"),
         ("train.epochs", p.train.epochs >= 1, "must be >= 1"),

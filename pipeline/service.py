@@ -1,4 +1,4 @@
-"""Kiln's BentoML service: the selected model behind two HTTP endpoints.
+"""Kiln's BentoML service: the selected model behind three HTTP endpoints.
 
     POST /classify        multipart file "image" (PNG/JPEG)  -> {"label", "index", "probabilities"}
     POST /classify_batch  JSON {"images": pixel array}       -> one such dict per image
@@ -11,31 +11,45 @@ The model comes from the BentoML model store (written by `python -m pipeline pac
 model.onnx + model.json; preprocessing is rebuilt from model.json, never re-implemented here.
 Imports only bentoml, numpy, PIL, onnxruntime and pipeline.preprocess, so the Bento needs no torch.
 Bad input gets HTTP 400 with a message, never 500; a request body larger than the model card's
-serving.max_request_bytes (params.yaml serve.max_request_bytes, written by the package stage)
-gets HTTP 413 before it is read.
+serving.max_request_bytes gets HTTP 413 before it is read. The card's `serving` section is
+params.yaml `serve` (written by the package stage): body limit, worker processes, batch
+threads and the access log travel with the model they were validated with.
 """
 from __future__ import annotations
 
 import io
 import json
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated
 
 import bentoml
 import numpy as np
 import onnxruntime as ort
 from bentoml.exceptions import InvalidArgument
 from PIL import Image, UnidentifiedImageError
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, BeforeValidator
 
+from pipeline import MODEL_NAME
 from pipeline.preprocess import Preprocessing
 
-MODEL_NAME = "kiln-classifier"  # model store name; package.py writes under it
-
-# ONNX Runtime threads per worker: the models are tiny (LeNet-5 b256 ~1.4 ms on 2 threads), so
-# more threads only add contention with the HTTP workers.
-ORT_THREADS = 2
 IMAGE_FORMATS = ["PNG", "JPEG"]
+MODEL = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
+
+
+def _serving_config() -> dict:
+    """The card's `serving` section (params.yaml `serve`, written by the package stage): the
+    server's settings travel with the model they were validated with."""
+    card = json.loads(Path(MODEL.resolve().path_of("model.json")).read_text())
+    serving = card.get("serving", {})
+    for key, kind in (("max_request_bytes", int), ("workers", int), ("batch_threads", int),
+                      ("access_log", bool)):
+        if not isinstance(serving.get(key), kind):
+            raise RuntimeError(f"model.json: serving.{key} missing or not {kind.__name__} (written "
+                               f"by `python -m pipeline package` from params.yaml serve)")
+    return serving
+
+
+SERVING = _serving_config()
 
 
 class Prediction(BaseModel):
@@ -65,21 +79,34 @@ def _pixel_batch(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32)
 
 
+def _decoded_image(upload) -> Image.Image:
+    """Multipart upload -> decoded PIL image, in memory (BentoML's Path input would write every
+    upload to a temporary file). Raises ValueError, which BentoML answers with HTTP 400."""
+    data = upload if isinstance(upload, bytes) else getattr(upload, "file", upload).read()
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as decoded:
+            decoded.load()  # decode now, so a truncated file fails here and not later
+            return decoded
+    except UnidentifiedImageError as e:
+        raise ValueError("image: not a PNG or JPEG file") from e
+    # PIL reports a damaged file as OSError ("image file is truncated"), SyntaxError (broken
+    # PNG chunks) or ValueError, and too many pixels as DecompressionBombError.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image: cannot decode the PNG/JPEG file ({e})") from e
+
+
 class RequestSizeLimit:
-    """ASGI middleware: a request body over `max_bytes()` bytes gets HTTP 413 before it reaches
+    """ASGI middleware: a request body over `max_bytes` bytes gets HTTP 413 before it reaches
     the API (BentoML 1.4 has no body-size setting). A declared Content-Length is checked up
     front; a chunked body is buffered up to the limit, then replayed."""
 
-    def __init__(self, app, max_bytes: Callable[[], int]) -> None:
+    def __init__(self, app, max_bytes: int) -> None:
         self.app = app
-        self.max_bytes = max_bytes
-        self.limit: int | None = None  # resolved on the first request: the model loads lazily
+        self.limit = max_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.limit is None:
-            self.limit = self.max_bytes()
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit():
@@ -115,44 +142,52 @@ async def _reject(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _session(path: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Idle ORT threads spin by default: measured, that burnt a second core between requests and
+    # cut single-image throughput by a fifth on 2 cores (docs/benchmarks.md, Serving).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 @bentoml.service(
     http={"host": "127.0.0.1"},  # loopback unless `bentoml serve --host` says otherwise
-    workers=1,
+    workers=SERVING["workers"] or "cpu_count",
     traffic={"timeout": 30},  # s per request
+    logging={"access": {"enabled": SERVING["access_log"]}},
 )
 class Classifier:
-    model = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
+    model = MODEL
 
     def __init__(self) -> None:
         card = json.loads(Path(self.model.path_of("model.json")).read_text())
         self.classes: list[str] = card["classes"]
-        if not isinstance(card.get("serving", {}).get("max_request_bytes"), int):
-            raise RuntimeError("model.json: serving.max_request_bytes missing or not an integer "
-                               "(written by `python -m pipeline package` from params.yaml serve)")
         self.preprocessing = Preprocessing.from_dict(card["preprocessing"])
         p = self.preprocessing
         self.input_shape = (p.channels, p.image_size, p.image_size)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = ORT_THREADS
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            self.model.path_of("model.onnx"), options, providers=["CPUExecutionProvider"])
+        # One image: a single-threaded session run inline (waking threads costs more than the
+        # model); batches: serve.batch_threads threads.
+        self.single = _session(self.model.path_of("model.onnx"), 1)
+        self.batch = _session(self.model.path_of("model.onnx"), SERVING["batch_threads"])
         # Self-check before /readyz says yes: one blank image must give one logit per class, so
         # a model that does not match its card never gets traffic (and the first request does
         # not pay ONNX Runtime's warm-up).
-        logits = self.session.run(["logits"], {"input": self.preprocessing.normalize(
-            np.zeros((1, *self.input_shape), np.uint8))})[0]
-        if logits.shape != (1, len(self.classes)):
-            raise RuntimeError(f"model.onnx gives logits of shape {logits.shape} for one image; "
-                               f"model.json lists {len(self.classes)} classes")
+        blank = np.zeros((1, *self.input_shape), np.uint8)
+        for session in (self.single, self.batch):
+            logits = session.run(["logits"], {"input": self.preprocessing.normalize(blank)})[0]
+            if logits.shape != (1, len(self.classes)):
+                raise RuntimeError(f"model.onnx gives logits of shape {logits.shape} for one "
+                                   f"image; model.json lists {len(self.classes)} classes")
         self.ready = True
 
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)
 
-    def _predict(self, pixels: np.ndarray) -> list[Prediction]:
+    def _predict(self, pixels: np.ndarray, session: ort.InferenceSession) -> list[Prediction]:
         """uint8 or [0, 255] float (N, C, S, S) -> one Prediction per image."""
-        logits = self.session.run(["logits"], {"input": self.preprocessing.normalize(pixels)})[0]
+        logits = session.run(["logits"], {"input": self.preprocessing.normalize(pixels)})[0]
         logits = logits.astype(np.float64)
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = exp / exp.sum(axis=1, keepdims=True)
@@ -163,26 +198,20 @@ class Classifier:
         ]
 
     @bentoml.api
-    def classify(self, image: Path) -> Prediction:
-        """Classify one uploaded PNG/JPEG image (multipart field "image")."""
-        try:
-            with Image.open(image, formats=IMAGE_FORMATS) as decoded:
-                decoded.load()  # decode now, so a truncated file fails here and not later
-                pixels = self.preprocessing.pixels(decoded)
-        except UnidentifiedImageError as e:  # its message would show the server's temp path
-            raise InvalidArgument("image: not a PNG or JPEG file") from e
-        # PIL reports a damaged file as OSError ("image file is truncated"), SyntaxError (broken
-        # PNG chunks) or ValueError, and too many pixels as DecompressionBombError.
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise InvalidArgument(f"image: cannot decode the PNG/JPEG file ({e})") from e
-        return self._predict(pixels[None])[0]
+    async def classify(self, image: Annotated[Image.Image, BeforeValidator(_decoded_image)]
+                       ) -> Prediction:
+        """Classify one uploaded PNG/JPEG image (multipart field "image").
+
+        async: it runs on the event loop, without a hop to the thread pool; one LeNet-5-sized
+        image takes ~0.1 ms to decode and classify."""
+        return self._predict(self.preprocessing.pixels(image)[None], self.single)[0]
 
     @bentoml.api(batchable=True, max_batch_size=256, max_latency_ms=5000)
     def classify_batch(self, images: Annotated[np.ndarray, AfterValidator(_pixel_batch)]
                        ) -> list[Prediction]:
         """Classify pixel arrays, values 0..255, shape (N, S, S) (grayscale models) or
         (N, C, S, S) at the model's input size. Requests are batched together adaptively."""
-        return self._predict(images)
+        return self._predict(images, self.batch)
 
     @bentoml.api
     def classify_npy(self, array: Path) -> list[Prediction]:
@@ -196,13 +225,7 @@ class Classifier:
             pixels = _pixel_batch(images)
         except ValueError as e:
             raise InvalidArgument(str(e).replace("images:", "array:", 1)) from e
-        return self._predict(pixels)
+        return self._predict(pixels, self.batch)
 
 
-def _max_request_bytes() -> int:
-    """serving.max_request_bytes from the served model's card."""
-    card = json.loads(Path(Classifier.inner.model.resolve().path_of("model.json")).read_text())
-    return int(card["serving"]["max_request_bytes"])
-
-
-Classifier.add_asgi_middleware(RequestSizeLimit, max_bytes=_max_request_bytes)
+Classifier.add_asgi_middleware(RequestSizeLimit, max_bytes=SERVING["max_request_bytes"])

@@ -103,8 +103,8 @@ def broken_build_context(root: Path, replace: tuple[str, str]) -> Path:
 
 @pytest.mark.parametrize("case, replace, message", [
     ("answers differ",  # the server inverts the pixels: it runs, but answers wrongly
-     ("logits = self.session.run([\"logits\"], {\"input\": self.preprocessing.normalize(pixels)})",
-      "logits = self.session.run([\"logits\"], {\"input\": self.preprocessing.normalize(255 - pixels)})"),
+     ("logits = session.run([\"logits\"], {\"input\": self.preprocessing.normalize(pixels)})",
+      "logits = session.run([\"logits\"], {\"input\": self.preprocessing.normalize(255 - pixels)})"),
      "differs from the evaluated model"),
     ("never ready",  # the self-check fails, so the worker never starts
      ("self.ready = True", "raise RuntimeError('broken on purpose')"),

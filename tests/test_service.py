@@ -5,6 +5,7 @@ Prometheus metrics."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import yaml
 from PIL import Image
 
 from pipeline import StageError
+from pipeline.params import load_params
 from pipeline.preprocess import Preprocessing
 from tests.bento_server import bento_server
 
@@ -113,7 +115,6 @@ def test_package_names_the_missing_model_file(tmp_path, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # before bentoml is imported
     monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
     from pipeline.package import package
-    from pipeline.params import load_params
 
     params = load_params(REPO / "params.yaml")
     model_dir = tmp_path / "selected"
@@ -177,6 +178,12 @@ def test_package_stores_labelled_model_and_lean_bento(packaged):
                        "pipeline/service.py"]
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert manifest["services"][0]["models"][0]["tag"] == model_tag
+    # params.yaml serve, through the card, configures the server the Bento runs
+    serve = load_params(REPO / "params.yaml").serve
+    assert json.loads((stored / "model.json").read_text())["serving"] == dataclasses.asdict(serve)
+    config = manifest["services"][0]["config"]
+    assert config["workers"] == (serve.workers or "cpu_count")
+    assert config["logging"]["access"]["enabled"] is serve.access_log
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements
 

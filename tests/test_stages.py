@@ -4,11 +4,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import StageError, models
-from pipeline.augment import augment
-from pipeline.compress import PRUNERS, export_onnx, prune_and_finetune, quantize_int8, sparsity
+from pipeline.augment import augment, warp
+from pipeline.compress import (
+    PRUNERS,
+    export_onnx,
+    prune_and_finetune,
+    quantize_int8,
+    sparsity,
+)
 from pipeline.evaluate import gate, onnx_predictor
 from pipeline.ingest import data_hash, ingest, load_split, read_manifest
 from pipeline.params import AugmentParams, CompressParams, GateParams, Split
@@ -88,7 +95,25 @@ def test_preprocessing_converts_resizes_and_normalizes():
 
 
 AUG = AugmentParams(copies=2, rotation_deg=15.0, translate=0.1, scale_min=0.9, scale_max=1.1,
-                    hflip=False, seed=0)
+                    hflip=False, seed=0, chunk=3)
+
+
+def test_warp_geometry_and_chunking():
+    images = torch.rand(10, 2, 12, 20, generator=torch.Generator().manual_seed(0))
+    identity = warp(images, 0.0, 0.0, 1.0, 1.0, False, chunk=3)
+    assert torch.allclose(identity, images, atol=1e-5)  # pixel centres map onto themselves
+    torch.manual_seed(1)
+    mirrored = warp(images, 0.0, 0.0, 1.0, 1.0, True, chunk=3)
+    flipped = [torch.allclose(out, image.flip(-1), atol=1e-5) for out, image in zip(mirrored, images)]
+    kept = [torch.allclose(out, image, atol=1e-5) for out, image in zip(mirrored, images)]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+    zoomed_out = warp(images, 0.0, 0.0, 0.5, 0.5, False, chunk=3)  # half size about the centre
+    assert torch.allclose(zoomed_out[..., 3:9, 5:15], F.avg_pool2d(images, 2), atol=1e-5)
+    assert (zoomed_out[..., :3, :] == 0).all() and (zoomed_out[..., :, :5] == 0).all()
+    torch.manual_seed(2)
+    small_chunks = warp(images, 15.0, 0.1, 0.9, 1.1, True, chunk=4)
+    torch.manual_seed(2)
+    assert torch.equal(small_chunks, warp(images, 15.0, 0.1, 0.9, 1.1, True, chunk=100))
 
 
 def test_augment_is_seeded_and_random_per_sample():
