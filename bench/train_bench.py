@@ -13,7 +13,8 @@ Method (all in one process, one run of this script, so both sides see the same m
   Adam(train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors.
 - (b) Kiln's loop: pipeline.train.fit on the same uint8 images held on the device, warped afresh
   each epoch by pipeline.train.epoch_warper (pipeline.augment.warp: one batched affine
-  grid_sample of the whole set, augment.chunk images per call: rotation, translation, zoom), with the train.* params the stage uses:
+  grid_sample of the whole set, augment.chunk images per call: rotation, translation, zoom),
+  with the train.* params the stage uses:
   channels_last, train.lr_schedule, train.label_smoothing (train.compile as in params.yaml).
   Same model, optimizer, lr, batch size, epochs and seed as (a).
 - (c) Kiln's loop with the seed loop's recipe (constant LR, no label smoothing): the loop alone.
@@ -23,7 +24,7 @@ Method (all in one process, one run of this script, so both sides see the same m
   last optimizer step (data loading, model construction and the test pass excluded), with
   torch's default threads (one per core) unless --threads. Test accuracy = the trained model on
   the test split. Run r uses seed r in every loop; (a) to (d) take turns so that load
-  changes hit all three. Reported: the median over runs.
+  changes hit all four. Reported: the median over runs.
 - Augmentation alone: uint8 (N, 1, S, S) train images in, float [0, 1] warped images out.
   Per-image: the Dataset's PIL rotate + pad + random crop in a Python loop. Batched:
   pipeline.augment.warp on the whole set (one call). Images/s, median of --aug-reps repetitions.
@@ -174,18 +175,15 @@ def augmentation_rates(p: Params, prep: Preprocessing, splits: dict, reps: int) 
     per_image, batched = [], []
     device = train.pick_device()
     on_device = torch.from_numpy(pixels).to(device)
-    a = p.augment
-    augment.warp(on_device[:8].float() / 255, a.rotation_deg, a.translate, a.scale_min,
-                 a.scale_max, a.hflip, a.chunk)  # warm-up
+    augment.warp(on_device[:8].float() / 255, p.augment)  # warm-up
     for _ in range(reps):
         start = time.perf_counter()
-        np.stack([pil_augment(image, a.rotation_deg, pad, rng) for image in pixels])
+        np.stack([pil_augment(image, p.augment.rotation_deg, pad, rng) for image in pixels])
         per_image.append(len(pixels) / (time.perf_counter() - start))
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        augment.warp(on_device.float() / 255, a.rotation_deg, a.translate, a.scale_min,
-                     a.scale_max, a.hflip, a.chunk)
+        augment.warp(on_device.float() / 255, p.augment)
         if device.type == "cuda":
             torch.cuda.synchronize()
         batched.append(len(pixels) / (time.perf_counter() - start))

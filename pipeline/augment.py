@@ -23,23 +23,22 @@ from pipeline.params import AugmentParams, load_params
 from pipeline.preprocess import Preprocessing
 
 
-def warp(images: torch.Tensor, rotation_deg: float, translate: float, scale_min: float,
-         scale_max: float, hflip: bool, chunk: int) -> torch.Tensor:
+def warp(images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     """One random affine warp per image of a float (N, C, S, S) batch in [0, 1]: rotation about
-    the centre, zoom and shift (and a mirror for half of them when hflip), drawn per image from
+    the centre, zoom and shift (and a mirror for half of them when p.hflip), drawn per image from
     torch's generator and applied by one bilinear grid_sample (zeros outside).
 
     The sampling grid is built here in closed form: F.affine_grid's batched matmul took 3x as
     long as the sampling itself on 2 CPU cores. On the CPU the images go through in chunks of
-    `chunk`, whose grid stays in cache (fresh multi-MB tensors per call cost page faults); on
-    a GPU, in one go. The random draws come first, so the output does not depend on `chunk`.
+    p.chunk, whose grid stays in cache (fresh multi-MB tensors per call cost page faults); on
+    a GPU, in one go. The random draws come first, so the output does not depend on p.chunk.
     """
     n, _, h, w = images.shape
     device = images.device
-    angle = torch.empty(n, device=device).uniform_(-rotation_deg, rotation_deg).deg2rad()
-    scale = torch.empty(n, device=device).uniform_(scale_min, scale_max)
-    shift = torch.empty(n, 2, device=device).uniform_(-translate, translate)  # fraction of a side
-    mirror = (torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0) if hflip
+    angle = torch.empty(n, device=device).uniform_(-p.rotation_deg, p.rotation_deg).deg2rad()
+    scale = torch.empty(n, device=device).uniform_(p.scale_min, p.scale_max)
+    shift = torch.empty(n, 2, device=device).uniform_(-p.translate, p.translate)  # side fraction
+    mirror = (torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0) if p.hflip
               else torch.ones(n, device=device))
     # In pixels about the centre, destination = A source + shift with A = rotate zoom mirror_x.
     # grid_sample wants, per destination pixel, its source in coordinates normalised to
@@ -53,7 +52,7 @@ def warp(images: torch.Tensor, rotation_deg: float, translate: float, scale_min:
     xs = (torch.arange(w, device=device, dtype=images.dtype) * 2 + 1) / w - 1  # pixel centres
     ys = ((torch.arange(h, device=device, dtype=images.dtype) * 2 + 1) / h - 1)[:, None]
     out = torch.empty_like(images)
-    step = n if images.is_cuda else chunk
+    step = max(n, 1) if images.is_cuda else p.chunk
     for i in range(0, n, step):
         m00, m01, m10, m11, bx, by = coefficients[i:i + step].unbind(1)  # each (k, 1, 1)
         grid = torch.stack([m00 * xs + (m01 * ys + bx), m10 * xs + (m11 * ys + by)], -1)
@@ -69,8 +68,7 @@ def augment(pixels: np.ndarray, labels: np.ndarray, p: AugmentParams,
     originals = torch.from_numpy(pixels).to(device)
     batches = [originals]
     for _ in range(p.copies):
-        warped = warp(originals.float() / 255, p.rotation_deg, p.translate, p.scale_min,
-                      p.scale_max, p.hflip, p.chunk)
+        warped = warp(originals.float() / 255, p)
         batches.append((warped * 255).round().clamp(0, 255).to(torch.uint8))
     images = torch.cat(batches).cpu()
     return images, torch.from_numpy(labels).repeat(p.copies + 1)

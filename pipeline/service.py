@@ -36,9 +36,10 @@ IMAGE_FORMATS = ["PNG", "JPEG"]
 MODEL = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
 
 
-def _serving_config() -> dict:
-    """The card's `serving` section (params.yaml `serve`, written by the package stage): the
-    server's settings travel with the model they were validated with."""
+def _read_card() -> dict:
+    """The served model's model.json, read once at import: the service's BentoML settings come
+    from its `serving` section (params.yaml `serve`, written by the package stage), so they
+    travel with the model they were validated with."""
     card = json.loads(Path(MODEL.resolve().path_of("model.json")).read_text())
     serving = card.get("serving", {})
     for key, kind in (("max_request_bytes", int), ("workers", int), ("batch_threads", int),
@@ -46,10 +47,11 @@ def _serving_config() -> dict:
         if not isinstance(serving.get(key), kind):
             raise RuntimeError(f"model.json: serving.{key} missing or not {kind.__name__} (written "
                                f"by `python -m pipeline package` from params.yaml serve)")
-    return serving
+    return card
 
 
-SERVING = _serving_config()
+CARD = _read_card()
+SERVING = CARD["serving"]
 
 
 class Prediction(BaseModel):
@@ -162,9 +164,8 @@ class Classifier:
     model = MODEL
 
     def __init__(self) -> None:
-        card = json.loads(Path(self.model.path_of("model.json")).read_text())
-        self.classes: list[str] = card["classes"]
-        self.preprocessing = Preprocessing.from_dict(card["preprocessing"])
+        self.classes: list[str] = CARD["classes"]
+        self.preprocessing = Preprocessing.from_dict(CARD["preprocessing"])
         p = self.preprocessing
         self.input_shape = (p.channels, p.image_size, p.image_size)
         # One image: a single-threaded session run inline (waking threads costs more than the

@@ -104,8 +104,7 @@ def epoch_warper(pixels: torch.Tensor, prep: Preprocessing, p: AugmentParams, se
         # warp draws from torch's global generator: fork it so training's RNG is untouched.
         with torch.random.fork_rng(devices=[pixels.device] if pixels.is_cuda else []):
             torch.manual_seed(seed * 1_000_003 + epoch)
-            warped = augment.warp(scaled, p.rotation_deg, p.translate, p.scale_min, p.scale_max,
-                                  p.hflip, p.chunk)
+            warped = augment.warp(scaled, p)
         return ((warped - mean) / std).contiguous(memory_format=memory_format)
 
     return inputs

@@ -100,20 +100,25 @@ AUG = AugmentParams(copies=2, rotation_deg=15.0, translate=0.1, scale_min=0.9, s
 
 def test_warp_geometry_and_chunking():
     images = torch.rand(10, 2, 12, 20, generator=torch.Generator().manual_seed(0))
-    identity = warp(images, 0.0, 0.0, 1.0, 1.0, False, chunk=3)
+    def params(rotation_deg, translate, scale_min, scale_max, hflip, chunk):
+        return AugmentParams(copies=1, rotation_deg=rotation_deg, translate=translate,
+                             scale_min=scale_min, scale_max=scale_max, hflip=hflip, seed=0,
+                             chunk=chunk)
+
+    identity = warp(images, params(0.0, 0.0, 1.0, 1.0, False, chunk=3))
     assert torch.allclose(identity, images, atol=1e-5)  # pixel centres map onto themselves
     torch.manual_seed(1)
-    mirrored = warp(images, 0.0, 0.0, 1.0, 1.0, True, chunk=3)
+    mirrored = warp(images, params(0.0, 0.0, 1.0, 1.0, True, chunk=3))
     flipped = [torch.allclose(out, image.flip(-1), atol=1e-5) for out, image in zip(mirrored, images)]
     kept = [torch.allclose(out, image, atol=1e-5) for out, image in zip(mirrored, images)]
     assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
-    zoomed_out = warp(images, 0.0, 0.0, 0.5, 0.5, False, chunk=3)  # half size about the centre
+    zoomed_out = warp(images, params(0.0, 0.0, 0.5, 0.5, False, chunk=3))  # half size, centred
     assert torch.allclose(zoomed_out[..., 3:9, 5:15], F.avg_pool2d(images, 2), atol=1e-5)
     assert (zoomed_out[..., :3, :] == 0).all() and (zoomed_out[..., :, :5] == 0).all()
     torch.manual_seed(2)
-    small_chunks = warp(images, 15.0, 0.1, 0.9, 1.1, True, chunk=4)
+    small_chunks = warp(images, params(15.0, 0.1, 0.9, 1.1, True, chunk=4))
     torch.manual_seed(2)
-    assert torch.equal(small_chunks, warp(images, 15.0, 0.1, 0.9, 1.1, True, chunk=100))
+    assert torch.equal(small_chunks, warp(images, params(15.0, 0.1, 0.9, 1.1, True, chunk=100)))
 
 
 def test_augment_is_seeded_and_random_per_sample():
