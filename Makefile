@@ -39,14 +39,18 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"
 
-# The champion's Bento (pipeline/package.py keeps the record in $(BENTOML_HOME)/kiln/).
+# The champion of the task the last package run reported (pipeline/champion.py keeps the lines
+# in $(BENTOML_HOME)/kiln/); in a fresh clone after `dvc pull`, the exported Bento is imported.
+REPORT := reports/package.json
+EXPORT := models/champion
+
 serve: install
-	bento=$$($(BIN)/python -m pipeline package champion) && \
+	bento=$$($(BIN)/python -m pipeline.champion bento --report $(REPORT) --export $(EXPORT)) && \
 	$(BIN)/bentoml serve $$bento --host 127.0.0.1 --port $(PORT)
 
-# The previous champion serves again at the next `make serve`.
+# The previous champion (model and Bento) serves again at the next `make serve`.
 rollback: install
-	$(BIN)/python -m pipeline package rollback
+	$(BIN)/python -m pipeline.champion rollback --report $(REPORT)
 
 # A local Prefect server (own session, so Ctrl-C reaches only the serve process, which pauses
 # the schedule first), then the deployment served on params.yaml's schedule.cron.
@@ -56,5 +60,6 @@ schedule: install
 	trap 'kill $$server 2>/dev/null; wait $$server' EXIT INT TERM; \
 	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/python -m flows.schedule
 
+# Outputs and caches of this checkout; the BentoML store (champions) stays: see README.
 clean:
-	rm -rf data models reports dvc.lock .dvc/tmp .dvc/cache
+	rm -rf data models reports/data_docs .dvc/tmp .dvc/cache .kiln

@@ -63,10 +63,9 @@ def naive_app(model_dir: Path):
     from PIL import Image
 
     from pipeline import models
-    from pipeline.preprocess import Preprocessing
 
-    model, info = models.load(model_dir)
-    prep = Preprocessing.from_dict(info["preprocessing"])
+    model, card = models.load(model_dir)
+    prep = card.preprocessing
     app = FastAPI()
 
     @app.get("/readyz")
@@ -80,7 +79,7 @@ def naive_app(model_dir: Path):
         with torch.inference_mode():
             logits = model(torch.from_numpy(prep.normalize(pixels[None])))
         index = int(logits.argmax(1))
-        return {"label": info["classes"][index], "index": index}
+        return {"label": card.classes[index], "index": index}
 
     return app
 
@@ -89,7 +88,7 @@ def naive_app(model_dir: Path):
 
 @contextmanager
 def naive_server(model_dir: Path, log: Path):
-    from pipeline.package import free_port
+    from pipeline.serving import free_port
 
     port = free_port()
     with open(log, "w") as out:
@@ -115,7 +114,7 @@ def naive_server(model_dir: Path, log: Path):
 
 @contextmanager
 def kiln_server(bento: str, log: Path):
-    from pipeline.package import serving
+    from pipeline.serving import serving
 
     with serving(bento, log, ready_timeout_s=60) as client:
         yield str(client.base_url).rstrip("/")
@@ -204,7 +203,9 @@ def main() -> None:
     parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "naive-server"])
     parser.add_argument("--data", type=Path, default=Path("data/ingested"))
     parser.add_argument("--float-model", type=Path, default=Path("models/float"))
-    parser.add_argument("--bento", help="Bento tag (default: the champion)")
+    parser.add_argument("--bento", help="Bento tag (default: the champion `make serve` serves)")
+    parser.add_argument("--report", type=Path, default=Path("reports/package.json"),
+                        help="the package stage's report (names the champion's task)")
     parser.add_argument("--port", type=int)
     parser.add_argument("--duration", type=float, default=5.0, help="s measured per run")
     parser.add_argument("--repeats", type=int, default=3)
@@ -217,18 +218,19 @@ def main() -> None:
                     log_level="warning")
         return
 
-    from pipeline.ingest import load_split, read_manifest
-    from pipeline.package import champion
-    from pipeline.preprocess import Preprocessing
+    from pipeline import StageError
+    from pipeline.card import read_card
+    from pipeline.champion import read_line, read_report
+    from pipeline.dataset import load_split, read_manifest
 
-    bento = args.bento or (champion() or {}).get("bento_tag")
-    if not bento:
+    try:
+        bento = args.bento or read_line(read_report(args.report)[0]).champion.bento_tag
+    except (StageError, AttributeError):
         sys.exit(f"no --bento and no champion in {os.environ['BENTOML_HOME']}: run the pipeline first")
     rows = [r for r in read_manifest(args.data)[0] if r["split"] == "test"]
     singles = [multipart_post("/classify", "image", "x.png", (args.data / r["path"]).read_bytes(),
                               "image/png") for r in rows]
-    info = json.loads((args.float_model / "model.json").read_text())
-    pixels, _ = load_split(args.data, "test", Preprocessing.from_dict(info["preprocessing"]))
+    pixels, _ = load_split(args.data, "test", read_card(args.float_model).preprocessing)
     batch = np.resize(pixels, (BATCH, *pixels.shape[1:]))
     buffer = io.BytesIO()
     np.save(buffer, batch)

@@ -11,8 +11,8 @@ Method (all in one process, one run of this script, so both sides see the same m
   then normalises it into a tensor. PIL, not torchvision: no CPU torchvision build exists here.
   num_workers=0 because DataLoader workers are slower on 2 cores (shared/STACK.md). LeNet-5,
   Adam(train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors.
-- (b) Kiln's loop: pipeline.train.fit on the same uint8 images held on the device, warped afresh
-  each epoch by pipeline.train.epoch_warper (pipeline.augment.warp: one batched affine
+- (b) Kiln's loop: pipeline.training.fit on the same uint8 images held on the device, warped afresh
+  each epoch by pipeline.train.epoch_warper (pipeline.warp.warp: one batched affine
   grid_sample of the whole set, augment.chunk images per call: rotation, translation, zoom),
   with the train.* params the stage uses:
   channels_last, train.lr_schedule, train.label_smoothing (train.compile as in params.yaml).
@@ -27,7 +27,7 @@ Method (all in one process, one run of this script, so both sides see the same m
   changes hit all four. Reported: the median over runs.
 - Augmentation alone: uint8 (N, 1, S, S) train images in, float [0, 1] warped images out.
   Per-image: the Dataset's PIL rotate + pad + random crop in a Python loop. Batched:
-  pipeline.augment.warp on the whole set (one call). Images/s, median of --aug-reps repetitions.
+  pipeline.warp.warp on the whole set (one call). Images/s, median of --aug-reps repetitions.
 - The load average (os.getloadavg) is printed before and after: the machine is shared.
 """
 from __future__ import annotations
@@ -50,10 +50,12 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import augment, models, train
-from pipeline.ingest import ingest, load_split
+from pipeline import models, train, training
+from pipeline.dataset import load_split
+from pipeline.ingest import ingest
 from pipeline.params import Params, load_params
 from pipeline.preprocess import Preprocessing
+from pipeline.warp import warp
 
 
 def load_digits(p: Params) -> tuple[Preprocessing, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -119,30 +121,30 @@ def seed_style_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> t
 
 
 def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int,
-             warp: bool = True) -> tuple[float, float]:
-    """(training images/s, test accuracy) of pipeline.train.fit with per-epoch device warps
-    (warp=False: none, the same images every epoch)."""
+             per_epoch_warp: bool = True) -> tuple[float, float]:
+    """(training images/s, test accuracy) of pipeline.training.fit with per-epoch device warps
+    (per_epoch_warp=False: none, the same images every epoch)."""
     t = p.train
-    device = train.pick_device()
+    device = training.pick_device()
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     pixels = torch.from_numpy(splits["train"][0]).to(device)
     y = torch.from_numpy(splits["train"][1]).to(device)
-    x = train.to_input(pixels, prep, device).contiguous(memory_format=memory_format)
+    x = training.to_input(pixels, prep, device).contiguous(memory_format=memory_format)
     torch.manual_seed(seed)
     model = models.build(t.model, prep.channels, 10, prep.image_size).to(device)
     model = model.to(memory_format=memory_format)
-    optimizer = train.make_optimizer(t.optimizer, model.parameters(), t.lr, t.momentum,
+    optimizer = training.make_optimizer(t.optimizer, model.parameters(), t.lr, t.momentum,
                                      t.weight_decay)
-    scheduler = train.make_schedule(t.lr_schedule, optimizer, t.lr,
-                                    t.epochs * train.steps_per_epoch(len(x), t.batch_size, 1))
+    scheduler = training.make_schedule(t.lr_schedule, optimizer, t.lr,
+                                       t.epochs * training.steps_per_epoch(len(x), t.batch_size, 1))
     net = torch.compile(model) if t.compile else model
-    warps = train.epoch_warper(pixels, prep, p.augment, seed, memory_format) if warp else None
+    warps = train.epoch_warper(pixels, prep, p.augment, seed, memory_format) if per_epoch_warp else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    train.fit(net, x, y, epochs=t.epochs, batch_size=t.batch_size, optimizer=optimizer, seed=seed,
-              scheduler=scheduler, label_smoothing=t.label_smoothing, epoch_inputs=warps,
-              memory_format=memory_format)  # fit syncs once per epoch (.tolist of the sums)
+    training.fit(net, x, y, epochs=t.epochs, batch_size=t.batch_size, optimizer=optimizer,
+                 scheduler=scheduler, label_smoothing=t.label_smoothing, seed=seed,
+                 memory_format=memory_format, epoch_inputs=warps)  # fit syncs once per epoch (.tolist of the sums)
     seconds = time.perf_counter() - start
     return t.epochs * len(x) / seconds, test_accuracy(model.cpu().float(), prep, splits)
 
@@ -159,13 +161,13 @@ def kiln_no_augmentation_run(p: Params, prep: Preprocessing, splits: dict,
                              seed: int) -> tuple[float, float]:
     """Kiln's loop without the per-epoch warp: the model's own step and the loop around it, the
     ceiling of any augmentation scheme on this model and machine."""
-    return kiln_run(p, prep, splits, seed, warp=False)
+    return kiln_run(p, prep, splits, seed, per_epoch_warp=False)
 
 
 def test_accuracy(model: torch.nn.Module, prep: Preprocessing, splits: dict) -> float:
     pixels, labels = splits["test"]
-    x = train.to_input(pixels, prep, torch.device("cpu"))
-    return train.score(model.cpu(), x, torch.from_numpy(labels), 512)[1]
+    x = training.to_input(pixels, prep, torch.device("cpu"))
+    return training.score(model.cpu(), x, torch.from_numpy(labels), 512)[1]
 
 
 def augmentation_rates(p: Params, prep: Preprocessing, splits: dict, reps: int) -> dict:
@@ -173,9 +175,9 @@ def augmentation_rates(p: Params, prep: Preprocessing, splits: dict, reps: int) 
     pad = round(p.augment.translate * prep.image_size)
     rng = random.Random(0)
     per_image, batched = [], []
-    device = train.pick_device()
+    device = training.pick_device()
     on_device = torch.from_numpy(pixels).to(device)
-    augment.warp(on_device[:8].float() / 255, p.augment)  # warm-up
+    warp(on_device[:8].float() / 255, p.augment)  # warm-up
     for _ in range(reps):
         start = time.perf_counter()
         np.stack([pil_augment(image, p.augment.rotation_deg, pad, rng) for image in pixels])
@@ -183,7 +185,7 @@ def augmentation_rates(p: Params, prep: Preprocessing, splits: dict, reps: int) 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        augment.warp(on_device.float() / 255, p.augment)
+        warp(on_device.float() / 255, p.augment)
         if device.type == "cuda":
             torch.cuda.synchronize()
         batched.append(len(pixels) / (time.perf_counter() - start))
@@ -205,7 +207,7 @@ def main() -> None:
     p = load_params(args.params)
     load_before = os.getloadavg()
     prep, splits = load_digits(p)
-    device = train.pick_device()
+    device = training.pick_device()
     print(f"device {device}, torch threads {torch.get_num_threads()}, "
           f"{len(splits['train'][0])} train / {len(splits['test'][0])} test images, "
           f"{p.train.epochs} epochs, batch {p.train.batch_size}, load average {load_before}",

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.ingest import SPLITS, read_manifest
+from pipeline.dataset import SPLITS, read_manifest
 from pipeline.params import load_params
 from pipeline.validate import image_table, pool_size, validate
 

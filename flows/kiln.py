@@ -11,6 +11,7 @@ one workspace (it holds a repo lock), and a subprocess lets the task stream the 
 # validates `project_dir` against its annotation, which must then be a type, not a string.
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -104,37 +105,37 @@ def run_stage(stage: str, project_dir: Path) -> None:
                           + "\n".join(error_lines))
 
 
-def _single_path(stages: dict[str, dict], stage: str, field: str) -> Path:
-    """The one path listed under `field` (outs, metrics, ...) of `stage` in dvc.yaml."""
-    entries = stages.get(stage, {}).get(field, [])
-    paths = [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
-    if len(paths) != 1:
-        raise ProjectError(f"dvc.yaml: stage {stage!r} must list exactly one path under {field!r}, "
-                           f"found {paths}")
-    return Path(paths[0])
+def _argument(stages: dict[str, dict], stage: str, flag: str) -> Path:
+    """The path a dvc.yaml stage's command passes for `flag`: where that stage wrote it."""
+    words = shlex.split(stages.get(stage, {}).get("cmd", ""))
+    if flag not in words[:-1]:
+        raise ProjectError(f"dvc.yaml: the command of stage {stage!r} passes no {flag} path")
+    return Path(words[words.index(flag) + 1])
 
 
 @task(task_run_name="publish evaluation", cache_policy=NO_CACHE)
 def publish_evaluation(project_dir: Path, stages: dict[str, dict]) -> str:
-    """Publish the evaluation table and the Bento tag as a markdown artifact; return the tag."""
-    # Paths come from dvc.yaml so they are written once: evaluate's metrics, package's output.
-    evaluation_path = project_dir / _single_path(stages, "evaluate", "metrics")
-    package_path = project_dir / _single_path(stages, "package", "outs")
-    validation_path = project_dir / _single_path(stages, "validate", "metrics")
-    evaluation = json.loads(evaluation_path.read_text())
-    package = json.loads(package_path.read_text())
-    validation = json.loads(validation_path.read_text())
-    if "bento_tag" not in package:
-        raise ProjectError(f"{package_path}: missing key 'bento_tag'")
-    markdown = evaluation_markdown(evaluation, package["bento_tag"]) + drift_markdown(validation)
+    """Publish the evaluation table, drift and the champion's Bento tag as a markdown artifact;
+    return the tag."""
+    def read(stage: str, flag: str) -> dict:
+        return json.loads((project_dir / _argument(stages, stage, flag)).read_text())
+
+    evaluation, latency = read("evaluate", "--details"), read("evaluate", "--latency")
+    package, validation = read("package", "--out"), read("validate", "--details")
+    try:
+        bento_tag = package["champion"]["bento_tag"]
+    except (KeyError, TypeError):
+        raise ProjectError(f"{_argument(stages, 'package', '--out')}: missing "
+                           "'champion.bento_tag'") from None
+    markdown = evaluation_markdown(evaluation, latency, bento_tag) + drift_markdown(validation)
     create_markdown_artifact(markdown=markdown,
-                             key=ARTIFACT_KEY, description="Kiln variants and the packaged Bento")
-    return package["bento_tag"]
+                             key=ARTIFACT_KEY, description="Kiln variants and the champion's Bento")
+    return bento_tag
 
 
 @flow(name="kiln", description="Reproduce Kiln's dvc.yaml stages in order; publish the evaluation.")
 def kiln_pipeline(project_dir: Path = REPO_ROOT) -> str:
-    """Run every dvc.yaml stage of `project_dir` in order; return the packaged Bento's tag."""
+    """Run every dvc.yaml stage of `project_dir` in order; return the champion's Bento tag."""
     project_dir = project_dir.resolve()
     stages = dvc_stages(project_dir)
     for stage in stages:
@@ -148,7 +149,7 @@ def main() -> int:
     except (StageFailed, ProjectError) as e:
         print(f"kiln flow: error: {e}", file=sys.stderr)
         return 1
-    print(f"Built Bento {bento_tag}. Serve it with: make serve")
+    print(f"Champion Bento {bento_tag}. Serve it with: make serve")
     return 0
 
 

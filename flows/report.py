@@ -10,9 +10,12 @@ import re
 _LATENCY_KEY = re.compile(r"latency_ms_b(\d+)")
 
 
-def evaluation_markdown(evaluation: dict, bento_tag: str) -> str:
-    """Markdown for reports/evaluation.json (the variants table) plus the packaged Bento's tag."""
-    variants: dict[str, dict] = evaluation["variants"]
+def evaluation_markdown(evaluation: dict, latency: dict[str, dict], bento_tag: str) -> str:
+    """Markdown for evaluate's details and latencies ({"latency_ms_b1": {variant: ms}, ...}):
+    the variants table, plus the champion's Bento tag."""
+    variants = {name: {**metrics, **{key: by_variant[name] for key, by_variant in latency.items()
+                                     if name in by_variant}}
+                for name, metrics in evaluation["variants"].items()}
     selected = evaluation["selected"]
     if selected not in variants:
         raise ValueError(f"evaluation: selected variant {selected!r} is not in variants {sorted(variants)}")
@@ -26,7 +29,7 @@ def evaluation_markdown(evaluation: dict, bento_tag: str) -> str:
     lines = [
         "# Kiln evaluation",
         "",
-        f"Selected variant: **{selected}**, packaged as Bento `{bento_tag}`.",
+        f"Selected variant: **{selected}**. Champion Bento: `{bento_tag}`.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 3) + [":---:"] * 2) + "|",
@@ -46,7 +49,7 @@ def evaluation_markdown(evaluation: dict, bento_tag: str) -> str:
 
 
 def drift_markdown(validation: dict) -> str:
-    """Markdown for the `drift` block of reports/validation.json: PSI and KS per feature."""
+    """Markdown for the `drift` block of validate's details: PSI and KS per feature."""
     drift = validation.get("drift", {"status": "skipped"})
     if drift["status"] == "skipped":
         return "\nDrift: not checked (no champion with a data profile yet).\n"

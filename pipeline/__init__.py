@@ -1,9 +1,7 @@
-"""Kiln's pipeline stages, one module each, in the order of dvc.yaml.
+"""Kiln's pipeline: one module per dvc.yaml stage, and the small shared modules they import.
 
-Kept import-light: the BentoML service imports pipeline.preprocess from here.
+Kept import-light: every stage and the BentoML service import it.
 """
-
-MODEL_NAME = "kiln-classifier"  # BentoML model store name: package writes it, the service serves it
 
 
 class StageError(RuntimeError):

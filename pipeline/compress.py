@@ -1,10 +1,12 @@
 """Stage 5: make smaller variants of the float model.
 
-    pruned.safetensors  the model pruned by `compress.prune_method`, then fine-tuned
     float.onnx          the float model for ONNX Runtime (one file, dynamic batch)
-    pruned.onnx         the pruned model for ONNX Runtime
+    pruned.onnx         the model pruned by `compress.prune_method`, fine-tuned with the
+                        training recipe (pipeline/training.py), for ONNX Runtime
     int8.onnx           float.onnx statically quantised to int8 (QDQ), activation ranges
                         calibrated on `compress.calibration_images` training images
+    model.json          the float model's card with these three files' sha256 and the compress
+                        params added to its recipe
     compress.json       MACs, parameters, layer widths, sparsity and file sizes per variant
 
 Two kinds of pruning method, each in its own registry:
@@ -22,6 +24,7 @@ pooling and batch norm are not counted (on LeNet-5 they are < 2 % of the conv/li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -29,14 +32,16 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import prune
 
 from pipeline import StageError, models
-from pipeline.params import CompressParams, load_params
+from pipeline.card import sha256_file, write_card
+from pipeline.params import CompressParams, TrainParams, load_params
 from pipeline.preprocess import Preprocessing
-from pipeline.train import fit, make_schedule, pick_device, steps_per_epoch, to_input
+from pipeline.training import (fit, make_optimizer, make_schedule, pick_device, steps_per_epoch,
+                               to_input)
 
 PRUNERS: dict[str, Callable[[nn.Module, float], None]] = {}
 
@@ -253,14 +258,13 @@ def sparsity(model: nn.Module) -> float:
 
 
 def prune_and_finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: CompressParams,
-                       batch_size: int, seed: int, schedule: str = "constant",
-                       label_smoothing: float = 0.0) -> nn.Module:
+                       recipe: TrainParams) -> nn.Module:
     """Prune `model` in place by compress.prune_method (either registry), fine-tune it on the
-    device tensors x, y for compress.finetune_epochs with Adam at compress.finetune_lr and
-    return it in eval mode. `schedule` and `label_smoothing` default to off; the stage passes
-    the training recipe's (train.lr_schedule, train.label_smoothing): measured on digits,
-    structured_l1 at 0.5 recovers to 0.9861 (float 0.9916) with them and 8 epochs at lr 0.004,
-    to 0.9638 with 3 constant-lr epochs at 0.0005."""
+    device tensors x, y for compress.finetune_epochs at compress.finetune_lr with the training
+    recipe (train.optimizer, batch_size, seed, lr_schedule, label_smoothing, channels_last) and
+    return it in eval mode. Measured on digits, structured_l1 at 0.5 recovers to 0.9861 (float
+    0.9916) with the recipe and 8 epochs at lr 0.004, to 0.9638 with 3 constant-lr epochs at
+    0.0005."""
     if p.prune_method in STRUCTURED_PRUNERS:
         STRUCTURED_PRUNERS[p.prune_method](model, p.prune_amount)
     elif p.prune_method in PRUNERS:
@@ -269,12 +273,17 @@ def prune_and_finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: Co
         raise StageError(f"compress.prune_method: unknown method {p.prune_method!r} "
                          f"(registered: {', '.join([*STRUCTURED_PRUNERS, *PRUNERS])})")
     # Masks (PRUNERS) stay applied during fine-tuning, so pruned weights remain zero.
-    optimizer = torch.optim.Adam(model.parameters(), lr=p.finetune_lr, fused=True)
     if p.finetune_epochs:
-        total_steps = steps_per_epoch(len(x), batch_size, 1) * p.finetune_epochs
-        fit(model, x, y, epochs=p.finetune_epochs, batch_size=batch_size, optimizer=optimizer,
-            seed=seed, scheduler=make_schedule(schedule, optimizer, p.finetune_lr, total_steps),
-            label_smoothing=label_smoothing)
+        memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
+        optimizer = make_optimizer(recipe.optimizer, model.parameters(), p.finetune_lr,
+                                   recipe.momentum, recipe.weight_decay)
+        total_steps = steps_per_epoch(len(x), recipe.batch_size, 1) * p.finetune_epochs
+        fit(model, x, y, epochs=p.finetune_epochs, batch_size=recipe.batch_size,
+            optimizer=optimizer,
+            scheduler=make_schedule(recipe.lr_schedule, optimizer, p.finetune_lr, total_steps),
+            label_smoothing=recipe.label_smoothing, seed=recipe.seed,
+            memory_format=memory_format)
     for m in _prunable(model):
         if prune.is_pruned(m):
             prune.remove(m, "weight")
@@ -313,6 +322,9 @@ def quantize_int8(float_onnx: Path, out: Path, calibration: np.ndarray, per_chan
                         weight_type=QuantType.QInt8, reduce_range=reduce_range)
 
 
+VARIANT_FILES = ("float.onnx", "pruned.onnx", "int8.onnx")
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline compress")
     parser.add_argument("--model", type=Path, required=True, help="float model folder")
@@ -323,8 +335,8 @@ def main(argv: list[str]) -> None:
     p = params.compress
     device = pick_device()
 
-    model, info = models.load(args.model)
-    prep = Preprocessing.from_dict(info["preprocessing"])
+    model, card = models.load(args.model)
+    prep = card.preprocessing
     tensors = load_file(args.augmented / "train.safetensors")
     x, y = to_input(tensors["images"], prep, device), tensors["labels"].to(device)
 
@@ -336,10 +348,7 @@ def main(argv: list[str]) -> None:
     n_params = {"float.onnx": count_params(model)}
 
     torch.manual_seed(params.train.seed)
-    pruned = prune_and_finetune(model.to(device), x, y, p, params.train.batch_size,
-                                params.train.seed, params.train.lr_schedule,
-                                params.train.label_smoothing).cpu()
-    save_file(pruned.state_dict(), args.out / "pruned.safetensors")
+    pruned = prune_and_finetune(model.to(device), x, y, p, params.train).cpu()
     export_onnx(pruned, prep, args.out / "pruned.onnx")
     # Masked weights are still multiplied: a mask pruner saves no MACs, and the count says so.
     macs["pruned.onnx"] = count_macs(pruned, input_shape)
@@ -364,6 +373,9 @@ def main(argv: list[str]) -> None:
               "mac_reduction": round(macs["float.onnx"] / macs["pruned.onnx"], 3),
               "pruned_widths": widths,  # layer -> [out, in] channels/units after pruning
               "calibration_images": len(pick),
-              "size_bytes": {f.name: f.stat().st_size for f in sorted(args.out.glob("*.onnx"))}}
+              "size_bytes": {f: (args.out / f).stat().st_size for f in VARIANT_FILES}}
     (args.out / "compress.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_card(args.out, dataclasses.replace(
+        card, recipe=dataclasses.replace(card.recipe, compress=p),
+        weights={f: sha256_file(args.out / f) for f in VARIANT_FILES}))
     print(f"compress: {json.dumps(report)}")

@@ -1,8 +1,8 @@
 """Data drift against the champion: reference statistics (a data profile) and their comparison.
 
 The validate stage writes the profile of the train split it checked; the package stage stores it
-inside the model (`reference.json` in the BentoML model, next to model.onnx). The next run's
-validate compares its own train split with the champion's profile, feature by feature:
+inside the model (pipeline/champion.py REFERENCE_FILE, next to model.onnx). The next run's
+validate compares its own train split with its task's champion's profile, feature by feature:
     label              class balance                       PSI
     size, channels     image size ("HxW") and channels     PSI
     pixel_mean         per-image brightness, 0..255        PSI and KS
@@ -16,9 +16,7 @@ one image size) keep their weight; KS and PSI computed from them are within 1/PR
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,7 +27,6 @@ from pipeline.params import DriftParams
 PROFILE_VERSION = 1
 PROFILE_QUANTILES = 1001  # quantile points stored per continuous feature (every 0.1 %)
 PSI_FLOOR = 1e-4          # share given to a bin one side leaves empty, so ln() stays finite
-REFERENCE_FILE = "reference.json"  # name of the profile inside the BentoML model
 CATEGORICAL = ("label", "size", "channels")
 CONTINUOUS = ("pixel_mean", "pixel_std")
 
@@ -106,7 +103,7 @@ class DriftReport:
 def compare(reference: dict, current: dict, thresholds: DriftParams) -> DriftReport:
     """Score `current` (a profile) against `reference` (the champion's profile)."""
     if reference.get("version") != PROFILE_VERSION:
-        raise StageError(f"champion's {REFERENCE_FILE}: profile version "
+        raise StageError(f"champion's data profile: version "
                          f"{reference.get('version')!r}; this Kiln reads version {PROFILE_VERSION}")
     scores: dict[str, tuple[float, float | None]] = {}
     for name in CATEGORICAL:
@@ -121,32 +118,3 @@ def compare(reference: dict, current: dict, thresholds: DriftParams) -> DriftRep
     return DriftReport(scores=scores, thresholds=thresholds,
                        classes_added=sorted(new_labels - ref_labels),
                        classes_removed=sorted(ref_labels - new_labels))
-
-
-@dataclass(frozen=True)
-class Champion:
-    tag: str | None
-    reference: dict | None
-    note: str   # why there is no reference, for the log
-
-
-def champion_reference() -> Champion:
-    """The data profile stored with the serving champion (pipeline.package's champion record),
-    if there is a champion and it carries one."""
-    import json
-
-    import bentoml
-
-    # Imported here: it sets the project's BentoML home and turns tracking off before bentoml.
-    from pipeline.package import champion
-
-    record = champion()
-    if record is None:
-        return Champion(None, None, f"no champion in the BentoML store at "
-                                    f"{os.environ['BENTOML_HOME']} yet (first run)")
-    model = bentoml.models.get(record["model_tag"])
-    path = Path(model.path_of(REFERENCE_FILE))
-    if not path.is_file():
-        return Champion(str(model.tag), None, f"champion {model.tag} was packaged without "
-                                              f"{REFERENCE_FILE} (before drift checks)")
-    return Champion(str(model.tag), json.loads(path.read_text(encoding="utf-8")), "")

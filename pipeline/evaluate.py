@@ -3,20 +3,29 @@
 Variants: the float torch model (the reference, not servable: the server runs ONNX Runtime)
 and the ONNX files from compress. A variant is eligible when its accuracy is at least
 gate.min_accuracy and within gate.max_accuracy_drop of the float torch model; gate.policy picks
-one of the eligible. The chosen one goes to --out as model.onnx + model.json for packaging.
-None eligible: the metrics are still written, the stage fails and nothing is packaged.
-An ineligible variant (e.g. int8 losing more than gate.max_accuracy_drop) is reported with the
-reason in `why_not`, and the policy falls back to the best eligible one.
+one of the eligible. The chosen one goes to --out as model.onnx + its card (model.json, with the
+selection) for packaging. None eligible: the reports are still written, the stage fails and
+nothing is packaged. An ineligible variant (e.g. int8 losing more than gate.max_accuracy_drop) is
+reported with the reason, and the policy falls back to the best eligible one.
 
-The trade-off report: per variant accuracy, macro F1, file size, MACs and parameters (counted
-by compress, see pipeline/compress.py) and latency per evaluate.latency_batch_sizes (median of
-evaluate.latency_runs timed calls after 3 warm-up calls, evaluate.threads threads, one process,
-in-process call: no HTTP). --plots gets tradeoff.csv for DVC's accuracy-vs-size/latency plots.
+Written, each to the path given on the command line (dvc.yaml names them):
+    --metrics    the selected variant; per variant: accuracy, macro F1, size (kB) and thousands
+                 of MACs (counted by compress, see pipeline/compress.py). The same on every run
+                 with the same inputs.
+    --latency    per batch size and variant, the median of evaluate.latency_runs timed calls per batch size of
+                 evaluate.latency_batch_sizes, after 3 warm-up calls, evaluate.threads threads, in
+                 process (no HTTP). Timing: it changes on every run.
+    --details    every variant's measures with its eligibility and, if not eligible, why not;
+                 per-class precision and recall; the gate's params
+    --confusion  actual,predicted per test image for the selected variant (DVC confusion plot)
+    --tradeoff   variant, accuracy, size_kb, macs: DVC's accuracy-vs-size and -vs-MACs plots
+    --latency-plot  variant, accuracy and latencies: DVC's accuracy-vs-latency plot (timing)
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import shutil
 import statistics
@@ -30,9 +39,10 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from pipeline import StageError, models
-from pipeline.ingest import load_split
+from pipeline.card import (ModelCard, Selection, at_least, onnx_predictor, predict_in_batches, read_card,
+                           sha256_file, write_card)
+from pipeline.dataset import load_split
 from pipeline.params import EvaluateParams, GateParams, load_params
-from pipeline.preprocess import Preprocessing
 
 Predict = Callable[[np.ndarray], np.ndarray]  # float32 (N, C, S, S) -> logits (N, classes)
 
@@ -53,27 +63,27 @@ def torch_predictor(model: torch.nn.Module) -> Predict:
     return predict
 
 
-def onnx_predictor(path: Path, threads: int) -> Predict:
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(["logits"], {"input": x})[0]
+SUMMARY = {  # measure -> its value in --metrics, per variant
+    "accuracy": lambda m: m["accuracy"], "macro_f1": lambda m: m["macro_f1"],
+    "size_kb": lambda m: round(m["size_bytes"] / 1000, 1), "kmacs": lambda m: round(m["macs"] / 1000, 1)}
+SELECTED_FILE = "model.onnx"  # the selected variant's name in --out, which package reads
+ONNX_VARIANTS = {"float_onnx": "float.onnx", "pruned_onnx": "pruned.onnx", "int8_onnx": "int8.onnx"}
 
 
-def load_variants(float_dir: Path, compressed_dir: Path, threads: int) -> list[Variant]:
+def load_variants(float_dir: Path, compressed_dir: Path, threads: int
+                  ) -> tuple[list[Variant], ModelCard]:
+    """The float torch model and the compressed ONNX files, every file checked against its
+    card; and the compressed folder's card."""
     torch.set_num_threads(threads)
-    model, _ = models.load(float_dir)
-    variants = [Variant("float_torch", float_dir / "model.safetensors", False,
-                        torch_predictor(model), "float.onnx")]
-    for name, file in (("float_onnx", "float.onnx"), ("pruned_onnx", "pruned.onnx"),
-                       ("int8_onnx", "int8.onnx")):
+    model, float_card = models.load(float_dir)
+    card = read_card(compressed_dir)
+    (weights,) = float_card.weights
+    variants = [Variant("float_torch", float_dir / weights, False, torch_predictor(model),
+                        "float.onnx")]
+    for name, file in ONNX_VARIANTS.items():
         path = compressed_dir / file
-        if not path.exists():
-            raise StageError(f"{path}: missing; run the compress stage first")
         variants.append(Variant(name, path, True, onnx_predictor(path, threads), file))
-    return variants
+    return variants, card
 
 
 def median_latency_ms(predict: Predict, x: np.ndarray, batch_size: int, runs: int) -> float:
@@ -90,9 +100,10 @@ def median_latency_ms(predict: Predict, x: np.ndarray, batch_size: int, runs: in
 
 
 def measure(variant: Variant, x: np.ndarray, y: np.ndarray, classes: list[str],
-            p: EvaluateParams, counts: dict) -> tuple[dict, np.ndarray]:
-    """Metrics of one variant; `counts` is compress.json (its "macs" and "params" per file)."""
-    predicted = np.concatenate([variant.predict(x[i:i + 256]) for i in range(0, len(x), 256)]).argmax(1)
+            p: EvaluateParams, counts: dict) -> tuple[dict, dict, dict, np.ndarray]:
+    """(metrics, latency, per-class detail, predictions) of one variant; `counts` is
+    compress.json (its "macs" and "params" per file)."""
+    predicted = predict_in_batches(variant.predict, x).argmax(1)
     precision, recall, _, _ = precision_recall_fscore_support(
         y, predicted, labels=range(len(classes)), zero_division=0)
     metrics = {
@@ -101,47 +112,49 @@ def measure(variant: Variant, x: np.ndarray, y: np.ndarray, classes: list[str],
         "size_bytes": variant.file.stat().st_size,
         "macs": counts["macs"][variant.compressed_as],
         "params": counts["params"][variant.compressed_as],
-        **{f"latency_ms_b{b}": round(median_latency_ms(variant.predict, x, b, p.latency_runs), 4)
-           for b in p.latency_batch_sizes},
-        "servable": variant.servable,
-        "per_class": {c: {"precision": round(float(pr), 4), "recall": round(float(rc), 4)}
-                      for c, pr, rc in zip(classes, precision, recall)},
     }
-    return metrics, predicted
+    latency = {f"latency_ms_b{b}": round(median_latency_ms(variant.predict, x, b, p.latency_runs), 4)
+               for b in p.latency_batch_sizes}
+    per_class = {c: {"precision": round(float(pr), 4), "recall": round(float(rc), 4)}
+                 for c, pr, rc in zip(classes, precision, recall)}
+    return metrics, latency, per_class, predicted
 
 
-def gate(results: dict[str, dict], g: GateParams) -> str | None:
-    """Mark each variant eligible or not; return the one gate.policy selects, or None."""
+def gate(results: dict[str, dict], servable: dict[str, bool], g: GateParams,
+         latency: dict[str, dict]) -> tuple[str | None, dict[str, str]]:
+    """Mark each variant of `results` eligible or not (in place); return the one gate.policy
+    selects (None when none is eligible) and, per ineligible variant, why not."""
     floor = max(g.min_accuracy, results["float_torch"]["accuracy"] - g.max_accuracy_drop)
-    for m in results.values():
-        m["eligible"] = m["servable"] and m["accuracy"] >= floor - 1e-9
-        if not m["servable"]:
-            m["why_not"] = "not servable (the server runs ONNX Runtime)"
+    why_not = {}
+    for name, m in results.items():
+        m["eligible"] = servable[name] and at_least(m["accuracy"], floor)
+        if not servable[name]:
+            why_not[name] = "not servable (the server runs ONNX Runtime)"
         elif not m["eligible"]:
-            m["why_not"] = (f"accuracy {m['accuracy']:.4f} below {floor:.4f} = max(gate.min_accuracy, "
-                            "float_torch accuracy - gate.max_accuracy_drop)")
+            why_not[name] = (f"accuracy {m['accuracy']:.4f} below {floor:.4f} = "
+                             "max(gate.min_accuracy, float_torch accuracy - gate.max_accuracy_drop)")
     eligible = [name for name, m in results.items() if m["eligible"]]
     if not eligible:
-        return None
+        return None, why_not
     rank = {
         "smallest": lambda n: (results[n]["size_bytes"], -results[n]["accuracy"]),
         "most_accurate": lambda n: (-results[n]["accuracy"], results[n]["size_bytes"]),
-        "fastest": lambda n: (min(v for k, v in results[n].items() if k.startswith("latency_ms_b")),
-                              -results[n]["accuracy"]),
+        "fastest": lambda n: (min(latency[n].values()), -results[n]["accuracy"]),
     }[g.policy]
-    return min(eligible, key=rank)
+    return min(eligible, key=rank), why_not
 
 
-def write_tradeoff(results: dict[str, dict], path: Path) -> None:
-    """One row per variant for DVC's scatter plots: accuracy against size (kB) and latency."""
-    latency_keys = sorted((k for k in next(iter(results.values())) if k.startswith("latency_ms_b")),
-                          key=lambda k: int(k.removeprefix("latency_ms_b")))
+def write_csv(path: Path, header: list[str], rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["variant", "accuracy", "macro_f1", "size_kb", "macs", *latency_keys])
-        for name, m in results.items():
-            writer.writerow([name, m["accuracy"], m["macro_f1"], round(m["size_bytes"] / 1000, 1),
-                             m["macs"], *(m[k] for k in latency_keys)])
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str]) -> None:
@@ -149,47 +162,49 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--model", type=Path, required=True, help="float model folder")
     parser.add_argument("--compressed", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="ingested folder (test split)")
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--plots", type=Path, required=True)
+    for report in ("metrics", "latency", "details", "confusion", "tradeoff", "latency-plot"):
+        parser.add_argument(f"--{report}", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="folder for the selected variant")
     args = parser.parse_args(argv)
     params = load_params()
 
-    info = json.loads((args.model / "model.json").read_text())
-    prep = Preprocessing.from_dict(info["preprocessing"])
-    pixels, y = load_split(args.data, "test", prep)
-    x = prep.normalize(pixels)
-    results, predictions = {}, {}
+    variants, card = load_variants(args.model, args.compressed, params.evaluate.threads)
+    pixels, y = load_split(args.data, "test", card.preprocessing)
+    x = card.preprocessing.normalize(pixels)
     counts = json.loads((args.compressed / "compress.json").read_text())
     if "macs" not in counts or "params" not in counts:
         raise StageError(f"{args.compressed / 'compress.json'}: no 'macs'/'params' counts; "
                          "rerun the compress stage")
-    variants = load_variants(args.model, args.compressed, params.evaluate.threads)
-    for variant in variants:
-        results[variant.name], predictions[variant.name] = measure(
-            variant, x, y, info["classes"], params.evaluate, counts)
-    selected = gate(results, params.gate)
+    latency_keys = [f"latency_ms_b{b}" for b in params.evaluate.latency_batch_sizes]
+    results, latency, per_class, predictions = {}, {}, {}, {}
+    for v in variants:
+        results[v.name], latency[v.name], per_class[v.name], predictions[v.name] = measure(
+            v, x, y, card.classes, params.evaluate, counts)
+    selected, why_not = gate(results, {v.name: v.servable for v in variants}, params.gate, latency)
 
-    report = {"test_images": len(y), "selected": selected,
-              "gate": {"min_accuracy": params.gate.min_accuracy,
-                       "max_accuracy_drop": params.gate.max_accuracy_drop,
-                       "policy": params.gate.policy},
-              "variants": results}
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(report, indent=1) + "\n")
-    args.plots.mkdir(parents=True, exist_ok=True)
-    with open(args.plots / "confusion.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["actual", "predicted"])
-        shown = predictions[selected or "float_torch"]
-        writer.writerows((info["classes"][a], info["classes"][b]) for a, b in zip(y, shown))
-    write_tradeoff(results, args.plots / "tradeoff.csv")
+    # Grouped by measure ("accuracy.int8_onnx"): the columns `dvc exp show` and
+    # `dvc metrics diff` show, one per variant and measure.
+    write_json(args.metrics, {"selected": selected, **{
+        measure: {n: value(m) for n, m in results.items()} for measure, value in SUMMARY.items()}})
+    write_json(args.latency, {k: {n: latency[n][k] for n in results} for k in latency_keys})
+    write_json(args.details, {"gate": dataclasses.asdict(params.gate), "selected": selected,
+                              "variants": results, "why_not": why_not, "per_class": per_class})
+    shown = predictions[selected or "float_torch"]
+    write_csv(args.confusion, ["actual", "predicted"],
+              ((card.classes[a], card.classes[b]) for a, b in zip(y, shown)))
+    write_csv(args.tradeoff, ["variant", "accuracy", "size_kb", "macs"],
+              ([n, m["accuracy"], round(m["size_bytes"] / 1000, 1), m["macs"]]
+               for n, m in results.items()))
+    write_csv(args.latency_plot, ["variant", "accuracy", *latency_keys],
+              ([n, results[n]["accuracy"], *(latency[n][k] for k in latency_keys)]
+               for n in results))
 
     for name, m in results.items():
         print(f"evaluate: {name:12s} acc {m['accuracy']:.4f}  f1 {m['macro_f1']:.4f}  "
               f"{m['size_bytes']:>8,d} B  {m['macs']:>8,d} MACs  "
-              f"b1 {m.get('latency_ms_b1', float('nan')):.3f} ms  "
-              f"{'eligible' if m['eligible'] else m['why_not']}")
+              + "  ".join(f"b{k.removeprefix('latency_ms_b')} {v:.3f} ms"
+                          for k, v in latency[name].items())
+              + f"  {why_not.get(name, 'eligible')}")
     if selected is None:
         reasons = "; ".join(f"{n} accuracy {m['accuracy']:.4f}" for n, m in results.items())
         raise StageError(f"gate: no variant is eligible (needs accuracy >= gate.min_accuracy "
@@ -198,8 +213,11 @@ def main(argv: list[str]) -> None:
                          "nothing will be packaged")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(next(v.file for v in variants if v.name == selected), args.out / "model.onnx")
-    served = {k: v for k, v in results[selected].items() if k != "per_class"}
-    (args.out / "model.json").write_text(json.dumps(
-        {**info, "variant": selected, "metrics": served}, indent=1) + "\n")
+    source = next(v.file for v in variants if v.name == selected)
+    shutil.copyfile(source, args.out / SELECTED_FILE)
+    m = results[selected]
+    write_card(args.out, dataclasses.replace(
+        card, weights={SELECTED_FILE: sha256_file(args.out / SELECTED_FILE)},
+        selection=Selection(variant=selected, accuracy=m["accuracy"], macro_f1=m["macro_f1"],
+                            size_bytes=m["size_bytes"], macs=m["macs"], params=m["params"])))
     print(f"evaluate: selected {selected} by gate.policy={params.gate.policy} -> {args.out}")

@@ -1,12 +1,6 @@
-"""Stage 1: materialise the data set as image files plus a manifest (path, label, split, source).
-
-Output folder layout:
-    images/<split>/<class>/<file>   copies of the source images (PNG/JPEG)
-    manifest.csv                    path (relative to the folder), label, split, and source: the
-                                    file it came from, relative to data.source, for error messages
-    classes.json                    the class names; a label's index is its position here. Every
-                                    class folder is listed, also one without images, so the
-                                    validate stage can name it.
+"""Stage 1: materialise the data set as image files plus a manifest (pipeline/dataset.py has the
+layout). classes.json lists every class folder, also one without images, so the validate stage
+can name it; a manifest row's source is relative to data.source.
 
 A source folder may hold what desktops and sync tools leave behind: hidden files (`.DS_Store`,
 `._x.png` resource forks), `Thumbs.db`, `desktop.ini`, `__MACOSX/`. Those are skipped and counted,
@@ -16,9 +10,6 @@ a folder copied from macOS (NFD names) and one typed on Linux name the same clas
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import json
 import shutil
 import unicodedata
 from pathlib import Path
@@ -27,14 +18,13 @@ import numpy as np
 from PIL import Image
 
 from pipeline import StageError
+from pipeline.dataset import SPLITS, write_manifest
 from pipeline.params import Split, load_params
 
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 # Written by file managers, sync and archive tools; never data. Hidden names (leading dot) too.
 SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin",
                 "system volume information", "icon\r"}
-MANIFEST_FIELDS = ["path", "label", "split", "source"]
 
 
 def stratified_split(labels: list[str], split: Split, seed: int) -> list[str]:
@@ -167,21 +157,8 @@ def ingest(source: str, out: Path, split: Split, seed: int) -> list[dict]:
                   f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
     if not rows:
         raise StageError(f"data.source: {source} holds no PNG/JPEG images")
-    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "classes.json").write_text(json.dumps(classes, indent=1, ensure_ascii=False) + "\n",
-                                          encoding="utf-8")
+    write_manifest(out, rows, classes)
     return rows
-
-
-def read_manifest(folder: Path) -> tuple[list[dict], list[str]]:
-    """The rows of folder/manifest.csv and the class names of folder/classes.json."""
-    with open(folder / "manifest.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    classes = json.loads((folder / "classes.json").read_text(encoding="utf-8"))
-    return rows, classes
 
 
 def main(argv: list[str]) -> None:
@@ -192,22 +169,3 @@ def main(argv: list[str]) -> None:
     rows = ingest(p.source, args.out, p.split, p.seed)
     counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
     print(f"ingest: {len(rows)} images from {p.source}: {counts}")
-
-
-def load_split(folder: Path, split: str, prep) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one split through `prep` (a Preprocessing): uint8 (N, C, S, S) pixels, int64 labels."""
-    rows, classes = read_manifest(folder)
-    index = {c: i for i, c in enumerate(classes)}
-    rows = [r for r in rows if r["split"] == split]
-    if not rows:
-        raise StageError(f"{folder / 'manifest.csv'}: no images in split {split!r}")
-    pixels = np.stack([prep.load(folder / r["path"]) for r in rows])
-    return pixels, np.array([index[r["label"]] for r in rows], dtype=np.int64)
-
-
-def data_hash(folder: Path) -> str:
-    """sha256 over the manifest and every image it lists, in manifest order."""
-    digest = hashlib.sha256((folder / "manifest.csv").read_bytes())
-    for row in read_manifest(folder)[0]:
-        digest.update((folder / row["path"]).read_bytes())
-    return digest.hexdigest()

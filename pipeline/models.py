@@ -1,7 +1,6 @@
 """Model registry: every architecture is addressable by name (`train.model` in params.yaml)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -10,6 +9,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import StageError
+from pipeline.card import ModelCard, read_card
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -64,10 +64,12 @@ def build(name: str, channels: int, classes: int, image_size: int) -> nn.Module:
     return MODELS[name](channels=channels, classes=classes, image_size=image_size)
 
 
-def load(model_dir: Path, weights: str = "model.safetensors") -> tuple[nn.Module, dict]:
-    """Rebuild a saved model from model_dir/model.json and its safetensors weights."""
-    info = json.loads((model_dir / "model.json").read_text())
-    prep = info["preprocessing"]
-    model = build(info["model"], prep["channels"], len(info["classes"]), prep["image_size"])
+def load(model_dir: Path) -> tuple[nn.Module, ModelCard]:
+    """Rebuild a saved model from its card (model_dir/model.json) and the one safetensors
+    weights file the card lists, checked against its sha256 first."""
+    card = read_card(model_dir)
+    (weights,) = card.weights
+    prep = card.preprocessing
+    model = build(card.architecture, prep.channels, len(card.classes), prep.image_size)
     model.load_state_dict(load_file(model_dir / weights))
-    return model.eval(), info
+    return model.eval(), card

@@ -5,6 +5,8 @@ Constructors elsewhere take required arguments; the only defaults are the values
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +112,7 @@ class GateParams:
 
 @dataclass(frozen=True)
 class PackageParams:
+    model_name: str
     champion_tolerance: float
     ready_timeout_s: float
 
@@ -143,8 +146,10 @@ class Params:
     schedule: ScheduleParams
 
 
-def _convert(value, kind, key: str):
-    """Return `value` checked against the annotation `kind`; `key` is its dotted path."""
+def typed(value, kind, key: str):
+    """`value` (parsed YAML or JSON) checked against the annotation `kind` and converted: a
+    dataclass from a mapping, recursively. Unknown or missing keys and wrong types raise
+    ParamsError naming `key`, the value's dotted path. Also reads model cards (pipeline/card.py)."""
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise ParamsError(f"{key}: expected a mapping, got {value!r}")
@@ -155,18 +160,25 @@ def _convert(value, kind, key: str):
         missing = [name for name in hints if name not in value]
         if missing:
             raise ParamsError(f"{key}.{missing[0]}: missing key")
-        return kind(**{name: _convert(value[name], hints[name], f"{key}.{name}") for name in hints})
-    origin = typing.get_origin(kind)
+        return kind(**{name: typed(value[name], hints[name], f"{key}.{name}") for name in hints})
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):  # `X | None`
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return typed(value, inner, key)
     if origin is Literal:
-        allowed = typing.get_args(kind)
-        if value not in allowed or type(value) is not type(allowed[0]):
-            raise ParamsError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+        if value not in args or type(value) is not type(args[0]):
+            raise ParamsError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value
     if origin is list:
-        if not isinstance(value, list) or not value:
-            raise ParamsError(f"{key}: expected a non-empty list, got {value!r}")
-        (item,) = typing.get_args(kind)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        return [typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ParamsError(f"{key}: expected a mapping with string keys, got {value!r}")
+        return {k: typed(v, args[1], f"{key}.{k}") for k, v in value.items()}
     # bool is an int in Python: check it first so `epochs: true` is refused.
     if kind is bool:
         ok = isinstance(value, bool)
@@ -214,10 +226,14 @@ def _check_ranges(p: Params) -> None:
         ("compress.prune_amount", 0 <= p.compress.prune_amount < 1, "must be in [0, 1)"),
         ("compress.calibration_images", p.compress.calibration_images >= 1, "must be >= 1"),
         ("evaluate.latency_runs", p.evaluate.latency_runs >= 1, "must be >= 1"),
+        ("evaluate.latency_batch_sizes", len(p.evaluate.latency_batch_sizes) > 0
+         and min(p.evaluate.latency_batch_sizes) >= 1, "must be a non-empty list of sizes >= 1"),
         ("gate.min_accuracy", 0 <= p.gate.min_accuracy <= 1, "must be in [0, 1]"),
         ("package.champion_tolerance", 0 <= p.package.champion_tolerance <= 1,
          "must be in [0, 1]"),
         ("package.ready_timeout_s", p.package.ready_timeout_s > 0, "must be > 0"),
+        ("package.model_name", re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", p.package.model_name)
+         is not None, "must be lowercase letters, digits, '-', '_' or '.' (a BentoML model name)"),
         ("serve.max_request_bytes", p.serve.max_request_bytes >= 1024, "must be >= 1024"),
     ]
     for key, ok, why in checks:
@@ -234,7 +250,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     try:
-        params = _convert(raw, Params, "params")
+        params = typed(raw, Params, "params")
         _check_ranges(params)
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}".replace(": params.", ": ", 1)) from None

@@ -12,6 +12,8 @@ import numpy as np
 from PIL import Image
 
 _MODES = {1: "L", 3: "RGB"}
+IMAGE_FORMATS = ["PNG", "JPEG"]  # what Kiln reads: validate checks files against it, the server
+                                 # decodes uploads with it
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Kiln's BentoML service: the selected model behind three HTTP endpoints.
+"""Kiln's BentoML service: the model a Bento was built and infra-validated with, behind three
+HTTP endpoints.
 
     POST /classify        multipart file "image" (PNG/JPEG)  -> {"label", "index", "probabilities"}
     POST /classify_batch  JSON {"images": pixel array}       -> one such dict per image
@@ -7,13 +8,18 @@
     GET  /readyz          200 once the model is loaded and answered a self-check (BentoML calls
                           Classifier.__is_ready__); /livez, /metrics (Prometheus) come with BentoML
 
-The model comes from the BentoML model store (written by `python -m pipeline package`) as
-model.onnx + model.json; preprocessing is rebuilt from model.json, never re-implemented here.
-Imports only bentoml, numpy, PIL, onnxruntime and pipeline.preprocess, so the Bento needs no torch.
-Bad input gets HTTP 400 with a message, never 500; a request body larger than the model card's
-serving.max_request_bytes gets HTTP 413 before it is read. The card's `serving` section is
-params.yaml `serve` (written by the package stage): body limit, worker processes, batch
-threads and the access log travel with the model they were validated with.
+Which model: the Bento's build arguments (pipeline.card.BentoArgs, written by the package stage)
+name it by full tag, so a Bento serves the model it was validated with wherever it runs: from
+the project's store (`make serve`), `bentoml serve <bento>`, an exported Bento folder or a
+container (BentoML then reads the model from the Bento's own models/ folder). The model is
+model.onnx + its card (model.json); the card's sha256 of model.onnx is checked before anything
+is served, and preprocessing is rebuilt from the card, never re-implemented here. The same
+arguments carry params.yaml `serve` as it was at packaging: body limit, worker processes, batch
+threads and the access log.
+
+Imports only bentoml, numpy, PIL, onnxruntime, pydantic and pipeline.card/params/preprocess, so
+the Bento needs no torch. Bad input gets HTTP 400 with a message, never 500; a request body
+larger than serve.max_request_bytes gets HTTP 413 before it is read.
 """
 from __future__ import annotations
 
@@ -24,34 +30,17 @@ from typing import Annotated
 
 import bentoml
 import numpy as np
-import onnxruntime as ort
 from bentoml.exceptions import InvalidArgument
 from PIL import Image, UnidentifiedImageError
 from pydantic import AfterValidator, BaseModel, BeforeValidator
 
-from pipeline import MODEL_NAME
-from pipeline.preprocess import Preprocessing
+from pipeline.card import BentoArgs, onnx_predictor, read_card
+from pipeline.params import typed
+from pipeline.preprocess import IMAGE_FORMATS
 
-IMAGE_FORMATS = ["PNG", "JPEG"]
-MODEL = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
-
-
-def _read_card() -> dict:
-    """The served model's model.json, read once at import: the service's BentoML settings come
-    from its `serving` section (params.yaml `serve`, written by the package stage), so they
-    travel with the model they were validated with."""
-    card = json.loads(Path(MODEL.resolve().path_of("model.json")).read_text())
-    serving = card.get("serving", {})
-    for key, kind in (("max_request_bytes", int), ("workers", int), ("batch_threads", int),
-                      ("access_log", bool)):
-        if not isinstance(serving.get(key), kind):
-            raise RuntimeError(f"model.json: serving.{key} missing or not {kind.__name__} (written "
-                               f"by `python -m pipeline package` from params.yaml serve)")
-    return card
-
-
-CARD = _read_card()
-SERVING = CARD["serving"]
+ARGS: BentoArgs = typed(vars(bentoml.use_arguments()), BentoArgs, "Bento arguments")
+MODEL = bentoml.models.BentoModel(ARGS.model_tag)
+SERVE = ARGS.serve
 
 
 class Prediction(BaseModel):
@@ -144,40 +133,32 @@ async def _reject(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _session(path: str, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Idle ORT threads spin by default: measured, that burnt a second core between requests and
-    # cut single-image throughput by a fifth on 2 cores (docs/benchmarks.md, Serving).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
 @bentoml.service(
     http={"host": "127.0.0.1"},  # loopback unless `bentoml serve --host` says otherwise
-    workers=SERVING["workers"] or "cpu_count",
+    workers=SERVE.workers or "cpu_count",
     traffic={"timeout": 30},  # s per request
-    logging={"access": {"enabled": SERVING["access_log"]}},
+    logging={"access": {"enabled": SERVE.access_log}},
 )
 class Classifier:
     model = MODEL
 
     def __init__(self) -> None:
-        self.classes: list[str] = CARD["classes"]
-        self.preprocessing = Preprocessing.from_dict(CARD["preprocessing"])
-        p = self.preprocessing
+        folder = Path(self.model.path)
+        card = read_card(folder)  # refuses a model.onnx whose sha256 is not the card's
+        (weights,) = card.weights
+        self.classes = card.classes
+        self.preprocessing = p = card.preprocessing
         self.input_shape = (p.channels, p.image_size, p.image_size)
         # One image: a single-threaded session run inline (waking threads costs more than the
         # model); batches: serve.batch_threads threads.
-        self.single = _session(self.model.path_of("model.onnx"), 1)
-        self.batch = _session(self.model.path_of("model.onnx"), SERVING["batch_threads"])
+        self.single = onnx_predictor(folder / weights, 1)
+        self.batch = onnx_predictor(folder / weights, SERVE.batch_threads)
         # Self-check before /readyz says yes: one blank image must give one logit per class, so
         # a model that does not match its card never gets traffic (and the first request does
         # not pay ONNX Runtime's warm-up).
         blank = np.zeros((1, *self.input_shape), np.uint8)
-        for session in (self.single, self.batch):
-            logits = session.run(["logits"], {"input": self.preprocessing.normalize(blank)})[0]
+        for predict in (self.single, self.batch):
+            logits = predict(self.preprocessing.normalize(blank))
             if logits.shape != (1, len(self.classes)):
                 raise RuntimeError(f"model.onnx gives logits of shape {logits.shape} for one "
                                    f"image; model.json lists {len(self.classes)} classes")
@@ -186,9 +167,9 @@ class Classifier:
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)
 
-    def _predict(self, pixels: np.ndarray, session: ort.InferenceSession) -> list[Prediction]:
+    def _predict(self, pixels: np.ndarray, predict) -> list[Prediction]:
         """uint8 or [0, 255] float (N, C, S, S) -> one Prediction per image."""
-        logits = session.run(["logits"], {"input": self.preprocessing.normalize(pixels)})[0]
+        logits = predict(self.preprocessing.normalize(pixels))
         logits = logits.astype(np.float64)
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = exp / exp.sum(axis=1, keepdims=True)
@@ -229,4 +210,4 @@ class Classifier:
         return self._predict(pixels, self.batch)
 
 
-Classifier.add_asgi_middleware(RequestSizeLimit, max_bytes=SERVING["max_request_bytes"])
+Classifier.add_asgi_middleware(RequestSizeLimit, max_bytes=SERVE.max_request_bytes)

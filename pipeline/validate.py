@@ -8,13 +8,16 @@ Tables validated, all in an in-memory (ephemeral) GX context:
                    collides), and flags derived from those: blank, leak, duplicate, resize_factor
     classes        one row per class of classes.json: images (all splits)
     class_counts   one row per (split, class) of every class that has images: images (0 included)
-    drift          one row per feature compared with the champion's reference (pipeline/drift.py)
+    drift          one row per feature compared with the reference of the task's champion
+                   (pipeline/drift.py, pipeline/champion.py): same model name and class list
 
 Each expectation carries a `kind` (meta): the problem in plain words, which starts its line in
-the error message, and a key under `problems` in the metrics JSON (offender counts, 0 when clean,
-so `dvc metrics diff` shows what changed). The metrics JSON, the Data Docs site and the data
-profile are written even when a check fails, so the reader can see why; a failure then raises
-StageError with one line per failed kind naming a few offending files or classes.
+the error message, and a key under `problems` in the details JSON (offender counts, 0 when
+clean). The metrics JSON holds the counts a person compares across runs (SUMMARY: images,
+splits, checks passed and failed). Both, the Data Docs site (the same bytes on a rerun with the
+same data: pipeline/data_docs.py) and the data profile are written even when a check fails, so
+the reader can see why; a failure then raises StageError with one line per failed kind naming a
+few offending files or classes.
 
 Decoding and hashing run in a process pool over chunks of files: the parent holds one small dict
 per image, never pixels, so memory stays flat however large the data set.
@@ -36,14 +39,19 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import StageError
-from pipeline.drift import champion_reference, compare, profile
-from pipeline.ingest import SPLITS, read_manifest
+from pipeline.champion import Task, reference
+from pipeline.dataset import SPLITS, data_hash, read_manifest
+from pipeline.drift import compare, profile
 from pipeline.params import DataParams, DriftParams, ValidateParams, load_params
+from pipeline.preprocess import IMAGE_FORMATS
 
 DOCS_SITE = "kiln"
 SHOWN = 3  # offenders named per failed kind; the count covers the rest
+# What --metrics holds (the rest of Validation.metrics goes to --details): the counts a person
+# compares across runs with `dvc metrics diff` / `dvc exp show`.
+SUMMARY = ("images", "classes", "splits", "undecodable", "duplicates", "checks_passed",
+           "checks_failed", "success")
 CHUNK = 512  # files per pool task: large enough that task overhead (~0.1 ms) is noise
-IMAGE_FORMATS = ["PNG", "JPEG"]  # what the service accepts (pipeline/service.py)
 PNG_MAGIC, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 FILE_PROBLEMS = ("empty file", "truncated PNG", "truncated JPEG", "corrupt PNG", "corrupt JPEG",
@@ -399,15 +407,13 @@ def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParam
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    from pipeline import data_docs
+
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     _clear_docs(docs)
-    context.add_data_docs_site(site_name=DOCS_SITE, site_config={
-        "class_name": "SiteBuilder",
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                          "base_directory": str(docs.resolve())},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    })
+    context.add_data_docs_site(site_name=DOCS_SITE, site_config=data_docs.site_config(docs))
+    run_id = data_docs.run_id(data_hash(folder))
     source = context.data_sources.add_pandas("kiln")
     tables = {"images": (images, ["path"]), "classes": (class_table, ["label"]),
               "class_counts": (class_counts, ["split", "label"])}
@@ -425,8 +431,9 @@ def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParam
             gx.ValidationDefinition(name=name, data=batch, suite=suite))
         # COMPLETE + index columns: each failed row comes back with its path (or split/label).
         outcome = definition.run(batch_parameters={"dataframe": frame}, result_format={
-            "result_format": "COMPLETE", "unexpected_index_column_names": keys})
+            "result_format": "COMPLETE", "unexpected_index_column_names": keys}, run_id=run_id)
         results.extend(outcome.results)
+    data_docs.pin_load_times(context)
     context.build_data_docs(site_names=[DOCS_SITE])
 
     fatal = [r for r in results if r.expectation_config.meta["fatal"]]
@@ -469,31 +476,39 @@ def _lines(results, images: pd.DataFrame) -> list[str]:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline validate")
     parser.add_argument("--data", type=Path, required=True, help="ingested folder (manifest.csv)")
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    parser.add_argument("--metrics", type=Path, required=True,
+                        help="metrics JSON to write: the counts a person compares across runs")
+    parser.add_argument("--details", type=Path, required=True,
+                        help="JSON to write: problems per kind, file problems, drift per feature")
     parser.add_argument("--docs", type=Path, required=True, help="Data Docs folder to write")
     parser.add_argument("--profile", type=Path, required=True,
                         help="data profile JSON to write (package stores it with the model)")
     args = parser.parse_args(argv)
     p = load_params()
-    champion = champion_reference()
-    if champion.reference is None:
+    try:
+        classes = read_manifest(args.data)[1]
+    except FileNotFoundError:
+        classes = []  # validate() below names the missing file
+    champion = reference(Task(model_name=p.package.model_name, classes=classes))
+    if champion.profile is None:
         print(f"validate: drift not checked: {champion.note}")
     result = validate(args.data, args.docs, data=p.data, rules=p.validate, drift=p.drift,
-                      reference=champion.reference)
+                      reference=champion.profile)
     m = result.metrics
-    if champion.reference is not None:
-        m["drift"]["champion"] = champion.tag
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(m, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if champion.profile is not None:
+        m["drift"]["champion"] = champion.model_tag
+    for path, data in ((args.metrics, {k: m[k] for k in SUMMARY}), (args.details, m)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     args.profile.parent.mkdir(parents=True, exist_ok=True)
     args.profile.write_text(json.dumps(result.profile, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"validate: {m['images']} images, {m['classes']} classes, {m['splits']}: "
           f"{m['checks_passed']} checks passed, {m['checks_failed']} failed; "
           f"Data Docs in {args.docs / 'index.html'}")
-    if champion.reference is not None:
+    if champion.profile is not None:
         scores = [f"{f} PSI {v['psi']:.3f}" + (f" KS {v['ks']:.3f}" if v["ks"] is not None else "")
                   for f, v in m["drift"]["features"].items()]
-        print(f"validate: drift against {champion.tag}: {m['drift']['status']}; {', '.join(scores)}")
+        print(f"validate: drift against {champion.model_tag}: {m['drift']['status']}; {', '.join(scores)}")
     for line in result.warnings:
         print(f"validate: warning: {line}")
     if not result.success:

@@ -1,10 +1,48 @@
-"""Shared test settings: nothing phones home from any test, whatever the caller's environment says."""
+"""Shared test settings: nothing phones home from any test, whatever the caller's environment
+says; and the one way tests get params: the real params.yaml, shrunk."""
+import copy
 import os
+from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.update(DVC_NO_ANALYTICS="1", BENTOML_DO_NOT_TRACK="True", DO_NOT_TRACK="1",
                   PREFECT_SERVER_ANALYTICS_ENABLED="false")
+
+REPO = Path(__file__).resolve().parents[1]
+# section -> key -> value: what every test that runs stages changes in the real params.yaml, to
+# stay fast (fewer epochs, copies and timing runs; gate thresholds for 6 epochs of training).
+SHRINK = {
+    "validate": {"min_images": 10},
+    "augment": {"copies": 1},
+    "train": {"epochs": 6},
+    "compress": {"finetune_epochs": 1, "calibration_images": 64},
+    "evaluate": {"latency_runs": 5},
+    "gate": {"min_accuracy": 0.9, "max_accuracy_drop": 0.02},
+}
+
+
+def shrunk(changes: dict | None = None) -> dict:
+    """The real params.yaml with SHRINK, then `changes` (section -> key -> value), applied."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for layer in (SHRINK, changes or {}):
+        for section, values in layer.items():
+            params[section].update(copy.deepcopy(values))
+    return params
+
+
+def write_params(folder: Path, changes: dict | None = None) -> Path:
+    """Write shrunk(changes) to folder/params.yaml; return its path."""
+    path = Path(folder) / "params.yaml"
+    path.write_text(yaml.safe_dump(shrunk(changes), sort_keys=False, allow_unicode=True))
+    return path
+
+
+@pytest.fixture(scope="session")
+def params_writer():
+    """write_params, for tests and fixtures of any scope: (folder, changes) -> params.yaml path."""
+    return write_params
 
 
 @pytest.fixture(scope="session")

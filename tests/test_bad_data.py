@@ -1,7 +1,8 @@
 """The bad-data matrix: each kind of bad data, put into a user's image folder, stops the run at
 ingest or validate with exit 1 and a message naming the kind and the offending file or class;
 hidden/system files and odd class names go through. Each test builds its folder, writes a project
-params.yaml (the repo's, with data.source pointed at the folder) and runs the stage entry point:
+params.yaml (the repo's, shrunk by conftest's params_writer, with data.source pointed at the
+folder) and runs the stage entry point:
 some as `python -m pipeline` subprocesses, the rest through pipeline.__main__.main() in-process
 (same code path, minus ~3 s of imports each)."""
 from __future__ import annotations
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 import pipeline.__main__
 import pipeline.validate
-from pipeline.drift import Champion
+from pipeline.champion import Reference
+from tests.project import copy_repo, dvc, ran_stages
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("a", "b", "c")
@@ -53,19 +54,22 @@ def make_source(root: Path, classes=CLASSES, splits=("",)) -> Path:
     return root
 
 
-def project(tmp_path: Path, source: Path, data=None, validate=None) -> Path:
-    """A project folder: the repo's params.yaml, data.source = `source`, min_images shrunk."""
-    work = tmp_path / "project"
-    work.mkdir()
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update({"source": str(source), **(data or {})})
-    params["validate"].update({"min_images": 10, **(validate or {})})
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
-    return work
+@pytest.fixture
+def project(tmp_path, params_writer):
+    """(source, data=None, validate=None) -> a project folder: the repo's params.yaml shrunk
+    (conftest: validate.min_images 10), data.source = `source`, then `data` and `validate`."""
+    def make(source: Path, data=None, validate=None) -> Path:
+        work = tmp_path / "project"
+        work.mkdir()
+        params_writer(work, {"data": {"source": str(source), **(data or {})},
+                             "validate": validate or {}})
+        return work
+    return make
 
 
 VALIDATE = ["validate", "--data", "data/ingested", "--metrics", "reports/validation.json",
-            "--docs", "reports/data_docs", "--profile", "reports/data_profile.json"]
+            "--details", "reports/validation_details.json", "--docs", "reports/data_docs",
+            "--profile", "reports/data_profile.json"]
 
 
 def cli(work: Path, *args: str) -> subprocess.CompletedProcess:
@@ -79,8 +83,8 @@ def cli(work: Path, *args: str) -> subprocess.CompletedProcess:
 def stage(monkeypatch, capsys):
     """Run `python -m pipeline <args>` in-process in a project folder: (exit code, stdout+stderr).
     There is no champion (first run), so the BentoML store is not consulted."""
-    monkeypatch.setattr(pipeline.validate, "champion_reference",
-                        lambda: Champion(None, None, "no champion in this test"))
+    monkeypatch.setattr(pipeline.validate, "reference",
+                        lambda task: Reference(None, None, "no champion in this test"))
 
     def run(work: Path, *args: str) -> tuple[int, str]:
         monkeypatch.chdir(work)
@@ -98,17 +102,17 @@ def ingest_and_validate(stage, work: Path) -> tuple[int, str]:
 
 
 def problems(work: Path) -> dict:
-    return json.loads((work / "reports/validation.json").read_text())["problems"]
+    return json.loads((work / "reports/validation_details.json").read_text())["problems"]
 
 
 # --- files that are not usable images --------------------------------------------------------
 
-def test_corrupt_bytes(tmp_path, stage):
+def test_corrupt_bytes(tmp_path, project, stage):
     source = make_source(tmp_path / "src")
     data = bytearray((source / "b/3.png").read_bytes())
     data[60:80] = bytes(20)  # inside the image data: the PNG checksum no longer matches
     (source / "b/3.png").write_bytes(bytes(data))
-    work = project(tmp_path, source)
+    work = project(source)
     code, out = ingest_and_validate(stage, work)
     assert code == 1
     assert "kiln validate: error:" in out and "unreadable image file" in out
@@ -122,51 +126,52 @@ def half_copied(source: Path, name: str, fmt: str) -> None:
     (source / name).write_bytes(whole[:len(whole) // 2])
 
 
-def test_truncated_png(tmp_path):
+def test_truncated_png(tmp_path, project):
     """Through the CLI, with the reports a failed run still writes."""
     source = make_source(tmp_path / "src")
     half_copied(source, "a/half.png", "PNG")
-    work = project(tmp_path, source)
+    work = project(source)
     assert cli(work, "ingest", "--out", "data/ingested").returncode == 0
     done = cli(work, *VALIDATE)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "kiln validate: error:" in done.stderr and "unreadable image file" in done.stderr
     assert "1 break it: truncated PNG: a/half.png (OSError: image file is truncated)" in done.stderr
     metrics = json.loads((work / "reports/validation.json").read_text())
-    assert metrics["file_problems"]["truncated_PNG"] == 1 and metrics["success"] is False
+    details = json.loads((work / "reports/validation_details.json").read_text())
+    assert details["file_problems"]["truncated_PNG"] == 1 and metrics["success"] is False
     assert (work / "reports/data_docs/index.html").is_file()
 
 
-def test_truncated_jpeg(tmp_path, stage):
+def test_truncated_jpeg(tmp_path, project, stage):
     source = make_source(tmp_path / "src")
     half_copied(source, "b/half.jpg", "JPEG")
-    code, out = ingest_and_validate(stage, project(tmp_path, source))
+    code, out = ingest_and_validate(stage, project(source))
     assert code == 1 and "1 break it: truncated JPEG: b/half.jpg (OSError: image file is truncated" in out
 
 
-def test_zero_byte_file(tmp_path, stage):
+def test_zero_byte_file(tmp_path, project, stage):
     source = make_source(tmp_path / "src")
     (source / "c/empty.png").write_bytes(b"")
-    code, out = ingest_and_validate(stage, project(tmp_path, source))
+    code, out = ingest_and_validate(stage, project(source))
     assert code == 1 and "empty file: c/empty.png (0 bytes)" in out
 
 
-def test_non_image_with_image_extension(tmp_path, stage):
+def test_non_image_with_image_extension(tmp_path, project, stage):
     source = make_source(tmp_path / "src")
     (source / "a/notes.png").write_text("meeting notes, not a picture\n")
     Image.fromarray(pixels(5)).save(source / "b/really_a_gif.jpg", "GIF")  # the service takes PNG/JPEG only
-    code, out = ingest_and_validate(stage, project(tmp_path, source))
+    code, out = ingest_and_validate(stage, project(source))
     assert code == 1
     assert "2 break it:" in out
     assert "not a PNG/JPEG image: a/notes.png (29 bytes starting b'meeting note')" in out
     assert "not a PNG/JPEG image: b/really_a_gif.jpg (" in out
 
 
-def test_unreadable_file_fails_at_ingest(tmp_path):
+def test_unreadable_file_fails_at_ingest(tmp_path, project):
     """Through the CLI: a link whose target is gone cannot be copied at all."""
     source = make_source(tmp_path / "src")
     (source / "b/moved.png").symlink_to(tmp_path / "nowhere.png")
-    done = cli(project(tmp_path, source), "ingest", "--out", "data/ingested")
+    done = cli(project(source), "ingest", "--out", "data/ingested")
     assert done.returncode == 1
     assert "kiln ingest: error:" in done.stderr
     assert "1 image files cannot be read: b/moved.png (No such file or directory)" in done.stderr
@@ -174,11 +179,11 @@ def test_unreadable_file_fails_at_ingest(tmp_path):
 
 # --- classes -----------------------------------------------------------------------------------
 
-def test_class_folder_with_no_images(tmp_path, stage):
+def test_class_folder_with_no_images(tmp_path, project, stage):
     source = make_source(tmp_path / "src")
     (source / "d").mkdir()
     (source / "d/.DS_Store").write_bytes(b"\0\1")  # hidden files do not count as images
-    work = project(tmp_path, source)
+    work = project(source)
     code, out = ingest_and_validate(stage, work)
     assert code == 1
     assert "class folder with no images:" in out and "1 break it: class 'd' (0 images)" in out
@@ -187,29 +192,29 @@ def test_class_folder_with_no_images(tmp_path, stage):
     assert problems(work)["empty_classes"] == 1
 
 
-def test_single_class(tmp_path, stage):
-    code, out = ingest_and_validate(stage, project(tmp_path, make_source(tmp_path / "src", ("a",))))
+def test_single_class(tmp_path, project, stage):
+    code, out = ingest_and_validate(stage, project(make_source(tmp_path / "src", ("a",))))
     assert code == 1
     assert "single class: The data set has at least two classes" in out and "found 1" in out
 
 
-def test_class_missing_from_a_split(tmp_path, stage):
+def test_class_missing_from_a_split(tmp_path, project, stage):
     source = make_source(tmp_path / "src", splits=("train", "val", "test"))
     shutil.rmtree(source / "val/b")
-    code, out = ingest_and_validate(stage, project(tmp_path, source))
+    code, out = ingest_and_validate(stage, project(source))
     assert code == 1 and "class short of images in a split" in out and "val/b (0 images)" in out
 
 
 # --- leakage and duplicates --------------------------------------------------------------------
 
-def test_same_image_in_two_splits(tmp_path, stage):
+def test_same_image_in_two_splits(tmp_path, project, stage):
     """A pre-split folder: a training image copied byte for byte into test under another name,
     and another re-encoded (other bytes, same pixels) into val."""
     source = make_source(tmp_path / "src", splits=("train", "val", "test"))
     shutil.copyfile(source / "train/a/0.png", source / "test/a/IMG_0001.png")
     Image.open(source / "train/b/4.png").save(source / "val/b/copy.png", compress_level=0)
     assert (source / "train/b/4.png").read_bytes() != (source / "val/b/copy.png").read_bytes()
-    work = project(tmp_path, source)
+    work = project(source)
     code, out = ingest_and_validate(stage, work)
     assert code == 1
     assert "same image in two splits (leakage):" in out and "4 break it:" in out
@@ -219,10 +224,10 @@ def test_same_image_in_two_splits(tmp_path, stage):
     assert problems(work)["leaked_images"] == 4
 
 
-def test_duplicate_within_a_split(tmp_path, stage):
+def test_duplicate_within_a_split(tmp_path, project, stage):
     source = make_source(tmp_path / "src", splits=("train", "val", "test"))
     shutil.copyfile(source / "train/c/1.png", source / "train/c/1 (copy).png")
-    code, out = ingest_and_validate(stage, project(tmp_path, source))
+    code, out = ingest_and_validate(stage, project(source))
     assert code == 1 and "duplicate images in a split:" in out
     assert "train/c/1 (copy).png (train) = train/c/1.png (train)" in out
     assert "leakage" not in out
@@ -230,38 +235,37 @@ def test_duplicate_within_a_split(tmp_path, stage):
 
 # --- pixels and sizes --------------------------------------------------------------------------
 
-def test_mixed_channel_counts(tmp_path, stage):
+def test_mixed_channel_counts(tmp_path, project, stage):
     source = make_source(tmp_path / "src")
     Image.fromarray(pixels(7, channels=3)).save(source / "b/colour.png")
-    code, out = ingest_and_validate(stage, project(tmp_path, source))  # data.channels: 1
+    code, out = ingest_and_validate(stage, project(source))  # data.channels: 1
     assert code == 1
     assert "mixed channel counts:" in out and "data.channels = 1" in out
     assert "images per count: 30 with 1, 1 with 3" in out and "b/colour.png (3 channels)" in out
 
 
-def test_size_when_resizing_is_forbidden(tmp_path, stage):
+def test_size_when_resizing_is_forbidden(tmp_path, project, stage):
     source = make_source(tmp_path / "src")
     Image.fromarray(pixels(8, side=64)[:48]).save(source / "c/big.png")   # 64 wide, 48 high
     Image.fromarray(pixels(9, side=33)).save(source / "a/near.png")       # one px off is off too
-    code, out = ingest_and_validate(stage, project(tmp_path, source, data={"allow_resize": False}))
+    code, out = ingest_and_validate(stage, project(source, data={"allow_resize": False}))
     assert code == 1
     assert "image size far from data.image_size: Every image is already 32x32 px" in out
     assert "2 break it:" in out and "c/big.png (64x48 px)" in out and "a/near.png (33x33 px)" in out
 
 
-def test_size_far_off_even_when_resizing_is_allowed(tmp_path, stage):
+def test_size_far_off_even_when_resizing_is_allowed(tmp_path, project, stage):
     source = make_source(tmp_path / "src")
     Image.fromarray(pixels(8, side=3)).save(source / "b/thumb.png")   # 32 / 3 > 8x
     Image.fromarray(pixels(9, side=64)).save(source / "b/fine.png")   # 2x: resized, fine
-    code, out = ingest_and_validate(stage, project(tmp_path, source,
-                                                   validate={"max_resize_factor": 8.0}))
+    code, out = ingest_and_validate(stage, project(source, validate={"max_resize_factor": 8.0}))
     assert code == 1
     assert "within 8x of data.image_size 32 px" in out
     assert "1 break it: b/thumb.png (3x3 px)" in out and "fine.png" not in out
 
 
 @pytest.mark.parametrize("blank, fails", [(1, False), (3, True)])
-def test_blank_images_above_the_threshold(tmp_path, stage, blank, fails):
+def test_blank_images_above_the_threshold(tmp_path, project, stage, blank, fails):
     """33 images with max_blank_fraction 0.05: 1 blank (3 %) passes, 3 blank (9 %) fail. The
     blank images are identical to each other, and that is not reported as duplicates."""
     source = make_source(tmp_path / "src")
@@ -269,7 +273,7 @@ def test_blank_images_above_the_threshold(tmp_path, stage, blank, fails):
         Image.fromarray(np.full((SIDE, SIDE), 255 * (i % 2), np.uint8)).save(source / "abc"[i] / "blank.png")
     for i in range(blank, 3):
         Image.fromarray(pixels(50 + i)).save(source / "abc"[i] / "blank.png")  # fill to 33
-    work = project(tmp_path, source, validate={"max_blank_fraction": 0.05})
+    work = project(source, validate={"max_blank_fraction": 0.05})
     code, out = ingest_and_validate(stage, work)
     assert code == (1 if fails else 0), out
     if fails:
@@ -281,7 +285,7 @@ def test_blank_images_above_the_threshold(tmp_path, stage, blank, fails):
 
 # --- tolerated: hidden/system files, odd class names -----------------------------------------
 
-def test_hidden_and_system_files_are_ignored(tmp_path):
+def test_hidden_and_system_files_are_ignored(tmp_path, project):
     """Through the CLI, first run (no champion yet): desktop and archive leftovers are skipped."""
     source = make_source(tmp_path / "src")
     (source / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
@@ -292,22 +296,24 @@ def test_hidden_and_system_files_are_ignored(tmp_path):
     (source / "__MACOSX/a").mkdir(parents=True)
     (source / "__MACOSX/a/._1.png").write_bytes(b"\0\5\26\7")
     (source / ".ipynb_checkpoints").mkdir()
-    work = project(tmp_path, source)
+    work = project(source)
     ingested = cli(work, "ingest", "--out", "data/ingested")
     assert ingested.returncode == 0, ingested.stderr
     assert "ingest: skipped 7 hidden, system or non-image entries" in ingested.stdout
     assert "ingest: 30 images" in ingested.stdout
     validated = cli(work, *VALIDATE)
     assert validated.returncode == 0, validated.stderr
-    assert "drift not checked: no champion in the BentoML store" in validated.stdout
+    assert "drift not checked: no champion of task kiln-classifier-" in validated.stdout
+    assert f"in the BentoML store at {work / '.bentoml'} yet" in validated.stdout
     assert json.loads((work / "data/ingested/classes.json").read_text()) == list(CLASSES)
     metrics = json.loads((work / "reports/validation.json").read_text())
-    assert metrics["success"] and metrics["checks_failed"] == 0 and metrics["drift"]["status"] == "skipped"
-    assert set(metrics["problems"].values()) == {0}
+    details = json.loads((work / "reports/validation_details.json").read_text())
+    assert metrics["success"] and metrics["checks_failed"] == 0 and details["drift"]["status"] == "skipped"
+    assert set(details["problems"].values()) == {0}
     assert json.loads((work / "reports/data_profile.json").read_text())["images"] == 21  # train
 
 
-def test_odd_class_names_are_handled(tmp_path, stage):
+def test_odd_class_names_are_handled(tmp_path, project, stage):
     """Spaces, accents and non-Latin scripts are labels like any other; the same name in NFD
     (as macOS writes it) in one split and NFC in another is one class, not two."""
     nfd = unicodedata.normalize("NFD", "café")
@@ -316,7 +322,7 @@ def test_odd_class_names_are_handled(tmp_path, stage):
     (source / "val/café").rename(source / "val" / nfd)
     (source / "test/hot dog").rename(source / "test/hot dog ")  # a trailing blank
     assert nfd != "café" and (source / "val" / nfd).is_dir()
-    work = project(tmp_path, source)
+    work = project(source)
     code, out = ingest_and_validate(stage, work)
     assert code == 0, out
     classes = json.loads((work / "data/ingested/classes.json").read_text(encoding="utf-8"))
@@ -326,32 +332,33 @@ def test_odd_class_names_are_handled(tmp_path, stage):
     assert (work / "data/ingested/images/val/café/0.png").is_file()
 
 
-def test_two_folders_for_one_class_fail_at_ingest(tmp_path, stage):
+def test_two_folders_for_one_class_fail_at_ingest(tmp_path, project, stage):
     source = make_source(tmp_path / "src", ("cat", "dog"))
     (source / "cat").rename(source / unicodedata.normalize("NFD", "çat"))
     shutil.copytree(source / "dog", source / "çat")
-    code, out = stage(project(tmp_path, source), "ingest", "--out", "data/ingested")
+    code, out = stage(project(source), "ingest", "--out", "data/ingested")
     assert code == 1 and "two class folders for the same class 'çat'" in out
 
 
 # --- nothing lost: a failed run leaves the champion servable -----------------------------------
 
 @pytest.mark.slow
-def test_failed_runs_leave_the_champion_serving(tmp_path):
+def test_failed_runs_leave_the_champion_serving(tmp_path, params_writer):
     """The real pipeline (dvc repro, shrunk params) packages a champion with its data profile;
     then a run on inverted digits fails on drift and a run with a truncated file fails at
-    validate; the champion's Bento still serves the same predictions afterwards."""
+    validate; the champion's Bento still serves the same predictions afterwards. The user
+    folders hold the same classes (0-9), so they are the champion's task."""
     from tests.bento_server import bento_server
-    from tests.test_pipeline import SHRINK, copy_repo, dvc, edit_params, ran_stages
 
     root = copy_repo(tmp_path / "kiln")
     # The model only has to be packaged: the fewest epochs and a gate any model passes.
-    edit_params(root, {**SHRINK, "augment": {"copies": 0}, "train": {"epochs": 2},
-                       "compress": {"finetune_epochs": 1, "calibration_images": 16},
-                       "evaluate": {"latency_runs": 1},
-                       "gate": {"min_accuracy": 0.0, "max_accuracy_drop": 1.0}})
+    changes = {"augment": {"copies": 0}, "train": {"epochs": 2},
+               "compress": {"finetune_epochs": 1, "calibration_images": 16},
+               "evaluate": {"latency_runs": 1},
+               "gate": {"min_accuracy": 0.0, "max_accuracy_drop": 1.0}}
+    params_writer(root, changes)
     dvc(root, "repro")
-    bento_tag = json.loads((root / "reports/package.json").read_text())["bento_tag"]
+    bento_tag = json.loads((root / "reports/package.json").read_text())["champion"]["bento_tag"]
     # Read now: the failed runs below ingest other data into data/ingested.
     probe = [p.read_bytes() for p in sorted((root / "data/ingested/images/test").rglob("*.png"))[:20]]
 
@@ -376,23 +383,23 @@ def test_failed_runs_leave_the_champion_serving(tmp_path):
         return folder
 
     from PIL import ImageOps
-    edit_params(root, {"data": {"source": str(user_folder("inverted", ImageOps.invert))}})
+    params_writer(root, {**changes, "data": {"source": str(user_folder("inverted", ImageOps.invert))}})
     failed = dvc(root, "repro", check=False)
     assert failed.returncode != 0
     assert ran_stages(failed.stdout) == ["ingest", "validate"]
     assert "kiln validate: error:" in failed.stderr
     assert "drift from the champion's data" in failed.stderr and "pixel_mean PSI" in failed.stderr
-    assert json.loads((root / "reports/validation.json").read_text())["drift"]["champion"] \
+    assert json.loads((root / "reports/validation_details.json").read_text())["drift"]["champion"] \
         .startswith("kiln-classifier:")
 
     broken = user_folder("broken", lambda image: image)
     damaged = sorted((broken / "3").iterdir())[0]
     whole = damaged.read_bytes()
     damaged.write_bytes(whole[:len(whole) // 2])
-    edit_params(root, {"data": {"source": str(broken)}})
+    params_writer(root, {**changes, "data": {"source": str(broken)}})
     failed = dvc(root, "repro", check=False)
     assert failed.returncode != 0 and f"truncated PNG: 3/{damaged.name}" in failed.stderr
     assert "package" not in ran_stages(failed.stdout)
 
-    assert json.loads((root / "reports/package.json").read_text())["bento_tag"] == bento_tag
+    assert json.loads((root / "reports/package.json").read_text())["champion"]["bento_tag"] == bento_tag
     assert predictions(tmp_path / "serve_after.log") == before

@@ -3,9 +3,9 @@ keeps accuracy within the bound at >= 2x fewer MACs. Mask pruning is shown to sa
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,11 +14,12 @@ from pipeline import models
 from pipeline.augment import augment
 from pipeline.compress import (PRUNERS, STRUCTURED_PRUNERS, count_macs, count_params,
                                export_onnx, prune_and_finetune, structured_l1)
-from pipeline.evaluate import onnx_predictor
-from pipeline.ingest import ingest, load_split
+from pipeline.card import onnx_predictor
+from pipeline.dataset import load_split
+from pipeline.ingest import ingest
 from pipeline.params import CompressParams, load_params
 from pipeline.preprocess import Preprocessing
-from pipeline.train import fit, make_schedule, steps_per_epoch
+from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 PREP = Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25])
@@ -92,7 +93,8 @@ def test_every_registered_method_is_selectable_and_mask_pruning_saves_nothing(tm
         p = CompressParams(prune_method=method, prune_amount=0.5, finetune_epochs=1,
                            finetune_lr=1e-3, calibration_images=8, int8_per_channel=True,
                            int8_reduce_range=True)
-        pruned = prune_and_finetune(model, x, y, p, batch_size=16, seed=0)
+        recipe = dataclasses.replace(load_params(REPO / "params.yaml").train, batch_size=16, seed=0)
+        pruned = prune_and_finetune(model, x, y, p, recipe)
         export_onnx(pruned, PREP, tmp_path / f"{method}.onnx")
         sizes[method] = (tmp_path / f"{method}.onnx").stat().st_size
         macs, n_params = count_macs(pruned, (1, 32, 32)), count_params(pruned)
@@ -119,22 +121,24 @@ def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     x, y = torch.from_numpy(prep.normalize(images.numpy())), labels
     test_x = prep.normalize(test_pixels)
 
+    recipe = params.train
+    memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     model = models.build("lenet5", channels=1, classes=10, image_size=params.data.image_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
-    steps = steps_per_epoch(len(x), params.train.batch_size, 1) * FLOAT_EPOCHS
-    fit(model, x, y, epochs=FLOAT_EPOCHS, batch_size=params.train.batch_size, optimizer=optimizer,
-        seed=0, scheduler=make_schedule(params.train.lr_schedule, optimizer, params.train.lr, steps),
-        label_smoothing=params.train.label_smoothing)
+    model = model.to(memory_format=memory_format)
+    optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum,
+                               recipe.weight_decay)
+    steps = steps_per_epoch(len(x), recipe.batch_size, 1) * FLOAT_EPOCHS
+    fit(model, x, y, epochs=FLOAT_EPOCHS, batch_size=recipe.batch_size, optimizer=optimizer,
+        scheduler=make_schedule(recipe.lr_schedule, optimizer, recipe.lr, steps),
+        label_smoothing=recipe.label_smoothing, seed=recipe.seed, memory_format=memory_format)
     model.eval()
     export_onnx(model, prep, tmp_path / "float.onnx")
     float_acc = (onnx_predictor(tmp_path / "float.onnx", 2)(test_x).argmax(1) == test_labels).mean()
     float_macs = count_macs(model, (1, 32, 32))
 
     torch.manual_seed(0)
-    pruned = prune_and_finetune(model, x, y, params.compress, params.train.batch_size, seed=0,
-                                schedule=params.train.lr_schedule,
-                                label_smoothing=params.train.label_smoothing)
+    pruned = prune_and_finetune(model, x, y, params.compress, params.train)
     export_onnx(pruned, prep, tmp_path / "pruned.onnx")
     pruned_acc = (onnx_predictor(tmp_path / "pruned.onnx", 2)(test_x).argmax(1) == test_labels).mean()
 
@@ -142,4 +146,3 @@ def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     assert float_macs / count_macs(pruned, (1, 32, 32)) >= 2
     assert pruned_acc >= float_acc - 0.01, (float_acc, pruned_acc)
     assert (tmp_path / "pruned.onnx").stat().st_size * 2 < (tmp_path / "float.onnx").stat().st_size
-    assert np.isfinite(pruned_acc)

@@ -1,7 +1,8 @@
 """The Prefect flow and its schedule, on a tiny DVC project built in tmp_path.
 
-The fake project has the stage names and report files the flow relies on (evaluate writes the
-metrics file, package writes the Bento tag), so these tests do not depend on the real stages.
+The fake project has the stage names and report files the flow relies on, at the paths its
+stage commands pass (evaluate's --details and --latency, validate's --details, package's --out
+with the champion's Bento tag), so these tests do not depend on the real stages.
 """
 from __future__ import annotations
 
@@ -18,30 +19,40 @@ import pytest
 from flows.report import drift_markdown, evaluation_markdown
 
 # A stage script for the fake project: each stage appends its name to runs.log (untracked by DVC)
-# so a test sees which stages really ran, and in which order.
+# so a test sees which stages really ran, and in which order; it writes its reports to the paths
+# its command line passes (`--flag path` pairs), as the real stages do.
 FAKE_STAGES = textwrap.dedent('''\
     import json, sys
     from pathlib import Path
     import yaml
 
     stage = sys.argv[1]
+    paths = {flag: Path(path) for flag, path in zip(sys.argv[2::2], sys.argv[3::2])}
+
+    def write(flag, data):
+        paths[flag].parent.mkdir(parents=True, exist_ok=True)
+        paths[flag].write_text(json.dumps(data))
+
     with open("runs.log", "a") as log:
         log.write(stage + "\\n")
     print(f"fake {stage}: running")
     if stage == "ingest":
         Path("data.txt").write_text("three images\\n")
     elif stage == "validate":
-        Path("reports").mkdir(exist_ok=True)
-        Path("reports/validation.json").write_text(json.dumps(VALIDATION))
+        write("--metrics", {"success": VALIDATION["success"]})
+        write("--details", VALIDATION)
     elif stage == "evaluate":
         if yaml.safe_load(Path("params.yaml").read_text())["evaluate"]["fail"]:
             print("a warning before the error", file=sys.stderr)
             print("kiln evaluate: error: no variant passed the gate (min_accuracy 0.97)", file=sys.stderr)
             sys.exit(1)
-        Path("reports").mkdir(exist_ok=True)
-        Path("reports/evaluation.json").write_text(json.dumps(EVALUATION))
+        write("--metrics", {"selected": EVALUATION["selected"], "variants": {
+            name: {k: m[k] for k in ("accuracy", "macro_f1", "size_bytes")}
+            for name, m in EVALUATION["variants"].items()}})
+        write("--latency", LATENCY)
+        write("--details", EVALUATION)
     elif stage == "package":
-        Path("reports/package.json").write_text(json.dumps({"bento_tag": "kiln_classifier:fake123"}))
+        write("--out", {"champion": {"bento_tag": "kiln_classifier:fake123"}})
     ''')
 
 FAKE_DVC_YAML = textwrap.dedent('''\
@@ -51,38 +62,52 @@ FAKE_DVC_YAML = textwrap.dedent('''\
         deps: [stages.py]
         outs: [data.txt]
       validate:
-        cmd: python stages.py validate
+        cmd: >-
+          python stages.py validate --metrics reports/validation.json
+          --details reports/validation_details.json
         deps: [stages.py, data.txt]
         metrics:
           - reports/validation.json:
               cache: false
+        outs:
+          - reports/validation_details.json:
+              cache: false
       evaluate:
-        cmd: python stages.py evaluate
+        cmd: >-
+          python stages.py evaluate --metrics reports/evaluation.json --latency reports/latency.json
+          --details reports/evaluation_details.json
         deps: [stages.py, data.txt]
         params: [evaluate.fail]
         metrics:
           - reports/evaluation.json:
               cache: false
+          - reports/latency.json:
+              cache: false
+        outs:
+          - reports/evaluation_details.json:
+              cache: false
       package:
-        cmd: python stages.py package
+        cmd: python stages.py package --out reports/package.json
         deps: [stages.py, reports/evaluation.json]
         outs:
           - reports/package.json:
               cache: false
     ''')
 
-EVALUATION = {
+EVALUATION = {  # evaluate's --details file: every variant's measures and eligibility
     "variants": {
-        "float_torch": {"accuracy": 0.9806, "macro_f1": 0.9801, "size_bytes": 245_000,
-                        "latency_ms_b1": 0.134, "latency_ms_b256": 3.9, "eligible": True, "servable": False},
-        "fp32_onnx": {"accuracy": 0.9806, "macro_f1": 0.9801, "size_bytes": 246_100,
-                      "latency_ms_b1": 0.017, "latency_ms_b256": 1.4, "eligible": True, "servable": True},
-        "int8_onnx": {"accuracy": 0.9778, "macro_f1": 0.9770, "size_bytes": 77_000,
-                      "latency_ms_b1": 0.021, "latency_ms_b256": 1.6, "eligible": True, "servable": True},
-        "pruned_onnx": {"accuracy": 0.9500, "macro_f1": 0.9490, "size_bytes": 240_000,
-                        "latency_ms_b1": 0.017, "latency_ms_b256": 1.4, "eligible": False, "servable": True},
+        "float_torch": {"accuracy": 0.9806, "macro_f1": 0.9801, "size_bytes": 245_000, "eligible": False},
+        "float_onnx": {"accuracy": 0.9806, "macro_f1": 0.9801, "size_bytes": 246_100, "eligible": True},
+        "int8_onnx": {"accuracy": 0.9778, "macro_f1": 0.9770, "size_bytes": 77_000, "eligible": True},
+        "pruned_onnx": {"accuracy": 0.9500, "macro_f1": 0.9490, "size_bytes": 240_000, "eligible": False},
     },
     "selected": "int8_onnx",
+}
+LATENCY = {  # evaluate's --latency file: per batch size, ms per call by variant
+    "latency_ms_b1": {"float_torch": 0.134, "float_onnx": 0.017, "int8_onnx": 0.021,
+                      "pruned_onnx": 0.017},
+    "latency_ms_b256": {"float_torch": 3.9, "float_onnx": 1.4, "int8_onnx": 1.6,
+                        "pruned_onnx": 1.4},
 }
 
 VALIDATION = {"success": True, "drift": {"status": "warn", "champion": "kiln-classifier:old1",
@@ -101,7 +126,8 @@ def make_fake_project(root: Path, fail_evaluate: bool = False) -> Path:
     project.mkdir()
     _dvc(project, "init", "--no-scm", "-q")
     _dvc(project, "config", "core.analytics", "false")
-    (project / "stages.py").write_text(f"EVALUATION = {EVALUATION!r}\nVALIDATION = {VALIDATION!r}\n" + FAKE_STAGES)
+    (project / "stages.py").write_text(f"EVALUATION = {EVALUATION!r}\nLATENCY = {LATENCY!r}\n"
+                                       f"VALIDATION = {VALIDATION!r}\n" + FAKE_STAGES)
     (project / "dvc.yaml").write_text(FAKE_DVC_YAML)
     (project / "params.yaml").write_text(f"evaluate:\n  fail: {str(fail_evaluate).lower()}\n")
     return project
@@ -113,7 +139,7 @@ def runs(project: Path) -> list[str]:
 
 
 def test_evaluation_markdown_shows_every_variant_the_selection_and_the_bento_tag():
-    markdown = evaluation_markdown(EVALUATION, "kiln_classifier:fake123")
+    markdown = evaluation_markdown(EVALUATION, LATENCY, "kiln_classifier:fake123")
 
     assert "Selected variant: **int8_onnx**" in markdown
     assert "`kiln_classifier:fake123`" in markdown
@@ -131,7 +157,7 @@ def test_evaluation_markdown_shows_every_variant_the_selection_and_the_bento_tag
 def test_evaluation_markdown_names_a_missing_metric():
     broken = {"variants": {"int8_onnx": {"accuracy": 0.98}}, "selected": "int8_onnx"}
     with pytest.raises(ValueError, match=r"variants\.int8_onnx: missing key 'macro_f1'"):
-        evaluation_markdown(broken, "kiln_classifier:fake123")
+        evaluation_markdown(broken, {}, "kiln_classifier:fake123")
 
 
 def test_a_stage_error_is_its_own_error_lines_else_the_end_of_its_stderr():
@@ -165,7 +191,7 @@ def test_flow_runs_the_stages_in_dvc_yaml_order_and_publishes_the_evaluation(pre
             key=ArtifactFilterKey(any_=[ARTIFACT_KEY]),
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     assert artifact.type == "markdown"
-    assert artifact.data == (evaluation_markdown(EVALUATION, "kiln_classifier:fake123")
+    assert artifact.data == (evaluation_markdown(EVALUATION, LATENCY, "kiln_classifier:fake123")
                              + drift_markdown(VALIDATION))
     assert "Drift against champion `kiln-classifier:old1`: **warn**" in artifact.data
     assert "| label | 0.120 | n/a |" in artifact.data

@@ -1,31 +1,35 @@
-"""The whole pipeline on the built-in digits, in a temporary copy of the repo, with the real
-params.yaml shrunk (fewer epochs and timing runs): `dvc repro`, its no-op rerun, what a param
-change reruns, the Prefect flow over the same workspace, and the packaged Bento served over HTTP."""
+"""The whole pipeline on the built-in digits, in a temporary git copy of the repo with the real
+params.yaml shrunk, checked as a DVC, Prefect and BentoML user observes it: what `dvc repro`
+reruns (nothing; exactly the stages a changed shared module runs; the same dvc.lock apart from
+timing), the Prefect flow over the same workspace, the champion served over HTTP, experiments
+and a push/pull to a fresh clone that serves the pulled champion, a corrupted weights file
+refused by name, and a second data set with other classes on its own champion line.
+The tests build on each other, in file order."""
 from __future__ import annotations
 
 import csv
 import json
-import os
-import re
-import shutil
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
+from pipeline.sources import source_files
 from tests.bento_server import bento_server
+from tests.project import copy_repo, dvc, git, project_env, ran_stages, run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-SHRINK = {  # section -> key -> value; everything else is the real params.yaml
-    "augment": {"copies": 1},
-    "train": {"epochs": 6},
-    "compress": {"finetune_epochs": 1, "calibration_images": 64},
-    "evaluate": {"latency_runs": 5},
-    "gate": {"min_accuracy": 0.9, "max_accuracy_drop": 0.02},
-}
+STAGES = ["ingest", "validate", "augment", "train", "compress", "evaluate", "package"]
+TIMING = {"reports/latency.json", "reports/plots/latency.csv"}  # dvc.yaml declares these timing
+# The README's way to compare experiments, read from it so the two cannot drift apart.
+EXP_SHOW = shlex.split(next(line.split("#")[0] for line in (REPO / "README.md").read_text()
+                            .splitlines() if line.startswith("dvc exp show")))
 
 
 def edit_params(project: Path, changes: dict) -> None:
@@ -36,65 +40,56 @@ def edit_params(project: Path, changes: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=project_env(project),
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert done.returncode == 0, done.stdout + done.stderr
-    return done
-
-
-def project_env(project: Path) -> dict[str, str]:
-    # dvc.yaml says `python -m pipeline`: that must be this interpreter.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-    return {**os.environ, "PATH": path, "BENTOML_HOME": str(project / ".bentoml"),
-            "PREFECT_HOME": str(project / ".prefect")}
-
-
-def ran_stages(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
-
-
-def copy_repo(root: Path) -> Path:
-    """The repo's files as a clone would have them (no dvc.lock), committed in a new git repo."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if name != "dvc.lock" and (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    # A clone has a commit; DVCLive 3.49 fails in a git repo with none ("Empty git repo").
-    git = ["git", "-c", "user.name=kiln", "-c", "user.email=kiln@localhost"]
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=root, check=True)
-    return root
+def lock_hashes(project: Path) -> dict[tuple[str, str], str]:
+    """(stage, path) -> md5 of every dep and out in dvc.lock."""
+    stages = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {(stage, entry["path"]): entry["md5"] for stage, spec in stages.items()
+            for entry in spec.get("deps", []) + spec.get("outs", [])}
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A copy of the repo, reproduced once with `dvc repro` on the shrunk params."""
+def project(tmp_path_factory, params_writer) -> Path:
+    """A copy of the repo, reproduced with `dvc repro` on the shrunk params and committed. The
+    first run promotes the first champion; validate is then rerun, to check drift against it
+    as every later run does."""
     root = copy_repo(tmp_path_factory.mktemp("kiln"))
-    edit_params(root, SHRINK)
+    params_writer(root)
     done = dvc(root, "repro")
-    assert ran_stages(done.stdout) == ["ingest", "validate", "augment", "train", "compress",
-                                       "evaluate", "package"]
+    assert ran_stages(done.stdout) == STAGES
+    assert "drift not checked" in done.stdout
+    dvc(root, "repro", "--force", "--single-item", "validate")
+    dvc(root, "repro")
+    assert json.loads((root / "reports/validation_details.json").read_text())["drift"][
+        "status"] == "ok"
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "repro")
     return root
 
 
 def test_repro_produces_every_artifact(project):
     evaluation = json.loads((project / "reports/evaluation.json").read_text())
-    assert set(evaluation["variants"]) == {"float_torch", "float_onnx", "pruned_onnx", "int8_onnx"}
+    assert set(evaluation["accuracy"]) == {"float_torch", "float_onnx", "pruned_onnx", "int8_onnx"}
+    details = json.loads((project / "reports/evaluation_details.json").read_text())
     selected = evaluation["selected"]
-    assert evaluation["variants"][selected]["eligible"]
-    assert evaluation["variants"][selected]["accuracy"] >= SHRINK["gate"]["min_accuracy"]
+    assert details["variants"][selected]["eligible"]
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert evaluation["accuracy"][selected] >= params["gate"]["min_accuracy"]
     card = json.loads((project / "models/selected/model.json").read_text())
-    assert card["variant"] == selected and card["classes"] == [str(d) for d in range(10)]
-    assert card["params"]["train"]["epochs"] == SHRINK["train"]["epochs"]
+    assert card["selection"]["variant"] == selected and card["classes"] == [str(d) for d in range(10)]
+    assert card["recipe"]["train"]["epochs"] == params["train"]["epochs"]
     assert json.loads((project / "reports/validation.json").read_text())["success"] is True
     assert (project / "reports/data_docs/index.html").exists()
-    assert len((project / "reports/train/plots/metrics/val_acc.tsv").read_text().splitlines()) == 7
-    assert json.loads((project / "reports/package.json").read_text())["bento_tag"].startswith("kiln:")
+    epochs = params["train"]["epochs"]
+    assert len((project / "reports/train/plots/metrics/val_acc.tsv").read_text().splitlines()) == epochs + 1
+    report = json.loads((project / "reports/package.json").read_text())
+    assert report["challenger_serves"] and report["champion"]["bento_tag"].startswith("kiln:")
+    assert (project / "models/champion/bento.yaml").exists()
+    # Committed to git, as DVC users expect: metrics, plots and the package report.
+    tracked = git(project, "ls-files", "reports").stdout.split()
+    assert {"reports/validation.json", "reports/evaluation.json", "reports/latency.json",
+            "reports/train/metrics.json", "reports/plots/confusion.csv",
+            "reports/package.json"} <= set(tracked)
+    assert not any(name.startswith("reports/data_docs/") for name in tracked)  # in the DVC cache
 
 
 def test_second_repro_is_a_noop(project):
@@ -105,11 +100,31 @@ def test_second_repro_is_a_noop(project):
     assert (project / "dvc.lock").read_text() == lock
 
 
-def test_served_accuracy_equals_evaluated(project, tmp_path):
-    """Every test image, uploaded as its PNG file, through the Bento the pipeline built."""
-    evaluation = json.loads((project / "reports/evaluation.json").read_text())
-    bento_tag = json.loads((project / "reports/package.json").read_text())["bento_tag"]
+def test_a_changed_shared_module_reruns_exactly_its_stages_and_the_same_outputs(project):
+    """pipeline/dataset.py (how every stage but compress reads the data): a change reruns every
+    stage that runs it and no other, and with a change that does not alter behaviour every
+    output (bar the declared timing files) is the same as before: the champion is not
+    promoted again."""
+    shared = "pipeline/dataset.py"
+    runs_it = [s for s in STAGES if REPO / shared in source_files("pipeline.__main__",
+                                                                   f"pipeline.{s}")]
+    assert runs_it == [s for s in STAGES if s != "compress"]
+    before = lock_hashes(project)
+    with open(project / shared, "a") as f:
+        f.write("# a comment changes the file's hash, not what it does\n")
+    done = dvc(project, "repro")
+    assert ran_stages(done.stdout) == runs_it
+    after = lock_hashes(project)
+    changed = {path for (stage, path), md5 in before.items() if after[stage, path] != md5}
+    assert changed == {shared} | TIMING
+    assert "the challenger is the champion already" in done.stdout
+    git(project, "commit", "-qam", "shared module changed")
 
+
+def test_served_accuracy_equals_evaluated(project, tmp_path):
+    """Every test image, uploaded as its PNG file, through the champion's Bento."""
+    evaluation = json.loads((project / "reports/evaluation.json").read_text())
+    bento_tag = json.loads((project / "reports/package.json").read_text())["champion"]["bento_tag"]
     with open(project / "data/ingested/manifest.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
     with bento_server(bento_tag, project / ".bentoml", tmp_path / "serve.log") as (client, _):
@@ -120,17 +135,7 @@ def test_served_accuracy_equals_evaluated(project, tmp_path):
             assert response.status_code == 200, response.text
             correct += response.json()["label"] == row["label"]
     served = correct / len(rows)
-    assert served == pytest.approx(evaluation["variants"][evaluation["selected"]]["accuracy"], abs=1e-5)
-
-
-def test_changing_epochs_reruns_train_and_after_only(project):
-    edit_params(project, {"train": {"epochs": SHRINK["train"]["epochs"] + 1}})
-    try:
-        done = dvc(project, "repro")
-        assert ran_stages(done.stdout) == ["train", "compress", "evaluate", "package"]
-    finally:
-        edit_params(project, {"train": {"epochs": SHRINK["train"]["epochs"]}})
-        dvc(project, "repro")
+    assert served == pytest.approx(evaluation["accuracy"][evaluation["selected"]], abs=1e-5)
 
 
 def test_prefect_flow_reruns_what_dvc_says_and_publishes(project, prefect_harness):
@@ -141,19 +146,21 @@ def test_prefect_flow_reruns_what_dvc_says_and_publishes(project, prefect_harnes
 
     from flows.kiln import kiln_pipeline
 
-    edit_params(project, {"evaluate": {"latency_runs": SHRINK["evaluate"]["latency_runs"] + 1}})
+    runs = yaml.safe_load((project / "params.yaml").read_text())["evaluate"]["latency_runs"]
+    edit_params(project, {"evaluate": {"latency_runs": runs + 1}})
     before = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     state = kiln_pipeline(project_dir=project, return_state=True)
     assert state.is_completed(), state.message
     bento_tag = state.result()
-    assert bento_tag == json.loads((project / "reports/package.json").read_text())["bento_tag"]
+    assert bento_tag == json.loads((project / "reports/package.json").read_text())["champion"]["bento_tag"]
     after = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert [s for s in before if before[s] != after[s]] == ["evaluate", "package"]
+    assert [s for s in before if before[s] != after[s]] == ["evaluate"]  # the same champion
     assert ran_stages(dvc(project, "repro").stdout) == []
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["kiln-evaluation"])))
     assert any(bento_tag in a.data and "int8_onnx" in a.data for a in artifacts)
+    git(project, "commit", "-qam", "latency runs")
 
 
 def test_gate_failure_stops_before_package(project):
@@ -166,4 +173,112 @@ def test_gate_failure_stops_before_package(project):
         assert "package" not in ran_stages(done.stdout)
         assert (project / "reports/package.json").read_text() == package_json
     finally:
-        edit_params(project, SHRINK)
+        git(project, "checkout", "params.yaml")
+        dvc(project, "repro")
+    changed = {line[3:] for line in git(project, "status", "--porcelain").stdout.splitlines()}
+    assert changed <= {"dvc.lock"} | TIMING  # evaluate ran twice: new timings, nothing else
+    git(project, "commit", "-qam", "timings")
+
+
+def test_a_pulled_clone_is_up_to_date_serves_the_champion_and_runs_experiments(project, tmp_path):
+    """Share a run the DVC way: a local-folder remote, `dvc push`, a fresh `git clone` and
+    `dvc pull`. Then nothing reruns, `make serve`'s champion lookup imports the pulled Bento
+    into the clone's empty BentoML home and it serves; `dvc exp run -S` reruns what the param
+    feeds and `dvc exp diff` / `dvc metrics diff` / `dvc params diff` show the change."""
+    dvc(project, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    git(project, "commit", "-qam", "remote")
+    dvc(project, "push")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(project), str(clone))
+    dvc(clone, "pull")
+    done = dvc(clone, "repro")
+    assert ran_stages(done.stdout) == [] and "Data and pipelines are up to date" in done.stdout
+    assert not (clone / ".bentoml").exists()
+
+    report = json.loads((clone / "reports/package.json").read_text())
+    done = run(clone, sys.executable, "-m", "pipeline.champion", "bento", "--report",
+               "reports/package.json", "--export", "models/champion")
+    assert done.stdout.strip() == report["champion"]["bento_tag"]
+    assert "imported" in done.stderr
+    images = sorted((clone / "data/ingested/images/test").glob("*/*.png"))[:20]
+    with bento_server(done.stdout.strip(), clone / ".bentoml", tmp_path / "serve.log") as (client, _):
+        labels = [client.post("/classify", files={"image": ("x.png", p.read_bytes())}).json()["label"]
+                  for p in images]
+    assert np.mean([label == p.parent.name for label, p in zip(labels, images)]) >= 0.9
+
+    epochs = yaml.safe_load((clone / "params.yaml").read_text())["train"]["epochs"]
+    done = dvc(clone, "exp", "run", "-S", f"train.epochs={epochs - 2}")
+    assert ran_stages(done.stdout) == ["train", "compress", "evaluate", "package"]
+    diff = json.loads(dvc(clone, "exp", "diff", "--json").stdout)
+    accuracy = diff["metrics"]["reports/evaluation.json"]["accuracy.float_torch"]
+    assert accuracy["old"] != accuracy["new"]
+    assert diff["params"]["params.yaml"]["train.epochs"] == {"old": epochs, "new": epochs - 2,
+                                                              "diff": -2}
+    assert "accuracy.float_torch" in dvc(clone, "metrics", "diff").stdout
+    assert "train.epochs" in dvc(clone, "params", "diff").stdout
+    plots = json.loads(dvc(clone, "plots", "diff", "--json").stdout)
+    assert "reports/plots/confusion.csv" in json.dumps(plots)
+    # The README's comparison, in a 200-column terminal: every column whole.
+    shown = subprocess.run([sys.executable, "-m", "dvc", *EXP_SHOW[1:], "--no-pager"],
+                           cwd=clone, env={**project_env(clone), "COLUMNS": "200"},
+                           capture_output=True, text=True, check=True).stdout
+    assert "train.epochs" in shown and "accuracy.float_torch" in shown and "…" not in shown, shown
+
+
+def test_a_corrupted_weights_file_is_refused_by_name(project):
+    """A damaged DVC cache object: `dvc checkout` restores it silently and DVC calls it up to
+    date, but the next stage that reads it refuses it, naming the file."""
+    weights = project / "models/float/model.safetensors"
+    md5 = run(project, "md5sum", str(weights)).stdout.split()[0]
+    cached = project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+    original = cached.read_bytes()
+    cached.chmod(0o644)
+    try:
+        damaged = bytearray(original)
+        damaged[len(damaged) // 2] ^= 0xFF
+        cached.write_bytes(bytes(damaged))
+        weights.unlink()
+        dvc(project, "checkout", "models/float")
+        assert weights.read_bytes() == bytes(damaged)
+        done = dvc(project, "repro", "--single-item", "--force", "evaluate", check=False)
+        assert done.returncode != 0
+        assert ("kiln evaluate: error: models/float/model.safetensors: sha256"
+                in done.stdout + done.stderr)
+    finally:
+        cached.write_bytes(original)
+        weights.unlink()
+        dvc(project, "checkout", "models/float")
+    assert dvc(project, "repro").returncode == 0
+
+
+def test_a_data_set_with_other_classes_has_its_own_champion_line(project, tmp_path):
+    """Three digits under other class names: validate checks no drift against the digits
+    champion, package promotes a first champion of the new task and never scores the digits
+    one, which keeps its line and still serves."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    source = tmp_path / "shapes"
+    for i, (image, target) in enumerate(zip(digits.images, digits.target)):
+        if target < 3:
+            folder = source / ["zero", "one", "two"][target]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.round(image * (255 / 16)).astype(np.uint8)).save(folder / f"{i}.png")
+    champions = project / ".bentoml/kiln/champions"
+    (digits_line,) = champions.glob("*.json")
+    before = digits_line.read_text()
+
+    edit_params(project, {"data": {"source": str(source)}})
+    done = dvc(project, "repro")
+    assert ran_stages(done.stdout) == STAGES
+    assert "drift not checked: no champion of task kiln-classifier-" in done.stdout
+    assert "first champion of this task" in done.stdout
+    assert digits_line.read_text() == before
+    assert len(list(champions.glob("*.json"))) == 2
+    report = json.loads((project / "reports/package.json").read_text())
+    assert report["task"]["classes"] == ["one", "two", "zero"]
+    image = sorted((project / "data/ingested/images/test/two").glob("*.png"))[0]
+    with bento_server(report["champion"]["bento_tag"], project / ".bentoml",
+                      tmp_path / "serve.log") as (client, _):
+        answer = client.post("/classify", files={"image": ("x.png", image.read_bytes())}).json()
+    assert set(answer["probabilities"]) == {"zero", "one", "two"}

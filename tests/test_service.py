@@ -22,6 +22,7 @@ import yaml
 from PIL import Image
 
 from pipeline import StageError
+from pipeline.card import ModelCard, Recipe, Selection, ValScore, sha256_file, write_card
 from pipeline.params import load_params
 from pipeline.preprocess import Preprocessing
 from tests.bento_server import bento_server
@@ -44,7 +45,7 @@ def class_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_tiny_model(folder: Path, steps: int = 150, seed: int = 0) -> None:
     """Train a tiny CNN on class_images for `steps` Adam steps (0: an untrained, poor model) and
-    write model.onnx + model.json as evaluate does."""
+    write model.onnx + its card as evaluate does."""
     import torch
 
     torch.manual_seed(seed)
@@ -64,11 +65,15 @@ def write_tiny_model(folder: Path, steps: int = 150, seed: int = 0) -> None:
     torch.onnx.export(net, (x[:2],), str(folder / "model.onnx"), input_names=["input"],
                       output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
                       external_data=False)
-    card = {"model": "tiny_cnn", "variant": "fp32_onnx", "classes": CLASSES,
-            "preprocessing": PREPROCESSING.to_dict(), "params": {}, "data_hash": "0" * 64,
-            "metrics": {"accuracy": 1.0, "macro_f1": 1.0, "size_bytes": 7000,
-                        "latency_ms_b256": None}}
-    (folder / "model.json").write_text(json.dumps(card, indent=1))
+    params = load_params(REPO / "params.yaml")
+    write_card(folder, ModelCard(
+        architecture="tiny_cnn", classes=CLASSES, preprocessing=PREPROCESSING, data_hash="0" * 64,
+        recipe=Recipe(data=params.data, augment=params.augment, train=params.train,
+                      compress=params.compress),
+        weights={"model.onnx": sha256_file(folder / "model.onnx")},
+        val=ValScore(loss=0.1, accuracy=1.0),
+        selection=Selection(variant="float_onnx", accuracy=1.0, macro_f1=1.0, size_bytes=7000,
+                            macs=1000, params=100)))
 
 
 def write_ingested(folder: Path, n: int, seed: int) -> None:
@@ -111,7 +116,23 @@ def stage_env(bentoml_home: Path) -> dict[str, str]:
     return {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
 
 
-def test_package_names_the_missing_model_file(tmp_path, monkeypatch):
+def run_package(model_dir: Path, ingested: Path, home: Path,
+                bentofile: Path = REPO / "bentofile.yaml") -> tuple[subprocess.CompletedProcess, dict | None]:
+    """The package stage as dvc.yaml runs it (the real params.yaml), into the BentoML home
+    `home`; its outputs beside model_dir. Returns the finished process and the report."""
+    out, export = model_dir.with_suffix(".package.json"), model_dir.with_suffix(".bento")
+    reference = ingested / "profile.json"  # stored with the model; only validate reads it
+    if not reference.exists():
+        reference.write_text("{}")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "package", "--model", str(model_dir),
+         "--bentofile", str(bentofile), "--data", str(ingested), "--reference", str(reference),
+         "--export", str(export), "--out", str(out)],
+        cwd=REPO, env=stage_env(home), capture_output=True, text=True, timeout=180)
+    return done, json.loads(out.read_text()) if out.exists() and done.returncode == 0 else None
+
+
+def test_package_refuses_a_missing_or_corrupt_model_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # before bentoml is imported
     monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
     from pipeline.package import package
@@ -119,13 +140,22 @@ def test_package_names_the_missing_model_file(tmp_path, monkeypatch):
     params = load_params(REPO / "params.yaml")
     model_dir = tmp_path / "selected"
     model_dir.mkdir()
-    (model_dir / "model.json").write_text("{}")
-    with pytest.raises(StageError, match=r"model\.onnx"):
-        package(model_dir, REPO / "bentofile.yaml", tmp_path, params.package, params.serve, None)
-    (model_dir / "model.json").unlink()
-    (model_dir / "model.onnx").write_bytes(b"")
-    with pytest.raises(StageError, match=r"model\.json"):
-        package(model_dir, REPO / "bentofile.yaml", tmp_path, params.package, params.serve, None)
+
+    def run():
+        package(model_dir, REPO / "bentofile.yaml", tmp_path, tmp_path / "profile.json",
+                tmp_path / "bento", params.package, params.serve)
+
+    with pytest.raises(StageError, match=r"selected/model\.json: model card not found"):
+        run()
+    write_tiny_model(tmp_path / "tiny", steps=0)
+    (model_dir / "model.json").write_bytes((tmp_path / "tiny" / "model.json").read_bytes())
+    with pytest.raises(StageError, match=r"selected/model\.onnx: weights file missing"):
+        run()
+    data = bytearray((tmp_path / "tiny" / "model.onnx").read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte, as in a damaged cache object
+    (model_dir / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(StageError, match=r"selected/model\.onnx: sha256 .* does not match"):
+        run()
     assert not (tmp_path / "bentoml" / "models").exists()
 
 
@@ -136,56 +166,60 @@ def packaged(tmp_path_factory):
     model_dir = root / "selected"
     write_tiny_model(model_dir)
     write_ingested(root / "ingested", 12, seed=5)
-    out = root / "package.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "package", "--model", str(model_dir),
-         "--bentofile", str(REPO / "bentofile.yaml"), "--data", str(root / "ingested"),
-         "--out", str(out)],
-        cwd=REPO, env=stage_env(root / "bentoml"), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return {"model_dir": model_dir, "home": root / "bentoml", "tags": json.loads(out.read_text()),
-            "stdout": result.stdout}
+    done, report = run_package(model_dir, root / "ingested", root / "bentoml")
+    assert done.returncode == 0, done.stderr
+    return {"model_dir": model_dir, "home": root / "bentoml", "report": report,
+            "stdout": done.stdout, "export": model_dir.with_suffix(".bento")}
 
 
 @pytest.fixture(scope="module")
 def server(packaged, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with bento_server(packaged["tags"]["bento_tag"], packaged["home"], log) as (client, port):
+    bento_tag = packaged["report"]["champion"]["bento_tag"]
+    with bento_server(bento_tag, packaged["home"], log) as (client, port):
         yield {"client": client, "log": log, "port": port, **packaged}
 
 
 @pytest.mark.slow
-def test_package_stores_labelled_model_and_lean_bento(packaged):
-    model_tag, bento_tag = packaged["tags"]["model_tag"], packaged["tags"]["bento_tag"]
+def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
+    from pipeline.package import git_revision
+
+    report = packaged["report"]
+    model_tag, bento_tag = report["champion"]["model_tag"], report["champion"]["bento_tag"]
     assert model_tag.startswith("kiln-classifier:") and bento_tag.startswith("kiln:")
-    assert bento_tag in packaged["stdout"] and "bentoml serve" in packaged["stdout"]
-    assert packaged["tags"]["promoted"] is True
-    assert packaged["tags"]["infra_validation"]["test_images"] == 12
+    assert report["challenger"]["model_tag"] == model_tag and report["challenger_serves"] is True
+    assert "infra validation (12 test images" in packaged["stdout"]
+    assert bento_tag in packaged["stdout"] and "make serve" in packaged["stdout"]
     name, version = model_tag.split(":")
     stored = packaged["home"] / "models" / name / version
     info = yaml.safe_load((stored / "model.yaml").read_text())
-    assert info["labels"]["variant"] == "fp32_onnx"
+    assert info["labels"]["variant"] == "float_onnx"
     assert info["labels"]["accuracy"] == "1.0000" and info["labels"]["macro_f1"] == "1.0000"
-    assert info["labels"]["git"]  # a short hash, or "unknown" outside git
-    assert info["metadata"]["metrics"]["size_bytes"] == 7000
+    assert info["labels"]["git"] == git_revision(REPO) != "unknown"
     assert (stored / "model.onnx").read_bytes() == (packaged["model_dir"] / "model.onnx").read_bytes()
+    assert (stored / "model.json").read_bytes() == (packaged["model_dir"] / "model.json").read_bytes()
 
     name, version = bento_tag.split(":")
     bento = packaged["home"] / "bentos" / name / version
     sources = sorted(p.relative_to(bento / "src").as_posix()
                      for p in (bento / "src").rglob("*") if p.is_file())
-    assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/preprocess.py",
-                       "pipeline/service.py"]
+    assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/card.py",
+                       "pipeline/params.py", "pipeline/preprocess.py", "pipeline/service.py"]
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
-    assert manifest["services"][0]["models"][0]["tag"] == model_tag
-    # params.yaml serve, through the card, configures the server the Bento runs
+    assert [m["tag"] for m in manifest["services"][0]["models"]] == [model_tag]
+    # The Bento's arguments pin the model by full tag and carry params.yaml serve.
     serve = load_params(REPO / "params.yaml").serve
-    assert json.loads((stored / "model.json").read_text())["serving"] == dataclasses.asdict(serve)
+    assert manifest["args"] == {"model_tag": model_tag, "serve": dataclasses.asdict(serve)}
     config = manifest["services"][0]["config"]
     assert config["workers"] == (serve.workers or "cpu_count")
     assert config["logging"]["access"]["enabled"] is serve.access_log
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements
+    # The exported folder is the same Bento with the model inside it.
+    exported = packaged["export"]
+    assert yaml.safe_load((exported / "bento.yaml").read_text())["version"] == version
+    assert (exported / "models" / model_tag.replace(":", "/") / "model.onnx").read_bytes() \
+        == (stored / "model.onnx").read_bytes()
 
 
 @pytest.mark.slow
@@ -343,3 +377,32 @@ def test_readiness_and_prometheus_metrics(server):
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
     assert 'endpoint="/classify_npy"' in metrics.text and "request_total" in metrics.text
+
+
+@pytest.mark.slow
+def test_the_exported_bento_folder_serves_its_own_model_from_an_empty_store(packaged, tmp_path):
+    """What a container or a fresh clone does: no model store of its own, only the folder."""
+    images, _ = class_images(4, seed=11)
+    expected = local_probabilities(packaged["model_dir"], images[:, None])
+    empty_home = tmp_path / "empty-bentoml-home"
+    with bento_server(str(packaged["export"]), empty_home, tmp_path / "serve.log") as (client, _):
+        response = client.post("/classify_npy", files={"array": ("x.npy", npy(images))})
+    assert response.status_code == 200, response.text
+    got = np.array([[p["probabilities"][c] for c in CLASSES] for p in response.json()])
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert not any((empty_home / "models").glob("*/*"))  # nothing came from a global store
+
+
+@pytest.mark.slow
+def test_a_bento_whose_model_file_is_corrupt_does_not_start_and_names_the_file(packaged, tmp_path):
+    import shutil
+
+    bento = tmp_path / "bento"
+    shutil.copytree(packaged["export"], bento)
+    (onnx,) = bento.glob("models/*/*/model.onnx")
+    data = bytearray(onnx.read_bytes())
+    data[-100] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(StageError, match=r"model\.onnx: sha256 .* does not match"):
+        with bento_server(str(bento), tmp_path / "home", tmp_path / "serve.log", ready_timeout_s=60):
+            pass

@@ -1,4 +1,5 @@
 """Per-stage unit tests on tiny data: ingest, preprocessing, augment, models, train, compress, gate."""
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import StageError, models
-from pipeline.augment import augment, warp
+from pipeline.augment import augment
+from pipeline.card import onnx_predictor
 from pipeline.compress import (
     PRUNERS,
     export_onnx,
@@ -16,12 +18,15 @@ from pipeline.compress import (
     quantize_int8,
     sparsity,
 )
-from pipeline.evaluate import gate, onnx_predictor
-from pipeline.ingest import data_hash, ingest, load_split, read_manifest
-from pipeline.params import AugmentParams, CompressParams, GateParams, Split
+from pipeline.dataset import data_hash, load_split, read_manifest
+from pipeline.evaluate import gate
+from pipeline.ingest import ingest
+from pipeline.params import AugmentParams, CompressParams, GateParams, Split, load_params
 from pipeline.preprocess import Preprocessing
-from pipeline.train import fit
+from pipeline.training import fit
+from pipeline.warp import warp
 
+REPO = Path(__file__).resolve().parents[1]
 SPLIT = Split(train=0.6, val=0.2, test=0.2)
 PREP = Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25])
 
@@ -169,7 +174,8 @@ def test_fit_learns_and_is_deterministic():
         model = models.build("lenet5", channels=1, classes=2, image_size=32)
         optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
         epochs = []
-        fit(model, x, y, epochs=3, batch_size=32, optimizer=optimizer, seed=0,
+        fit(model, x, y, epochs=3, batch_size=32, optimizer=optimizer, scheduler=None,
+            label_smoothing=0.0, seed=0, memory_format=torch.contiguous_format,
             val=(x, y), on_epoch=epochs.append)
         runs.append(epochs)
     assert runs[0][-1]["val_acc"] > 0.95
@@ -180,6 +186,8 @@ def test_fit_learns_and_is_deterministic():
 COMPRESS = CompressParams(prune_method="l1_unstructured", prune_amount=0.5, finetune_epochs=1,
                           finetune_lr=1e-3, calibration_images=64, int8_per_channel=True,
                           int8_reduce_range=True)
+# The training recipe fine-tuning follows (params.yaml train), with a batch for tiny data.
+RECIPE = dataclasses.replace(load_params(REPO / "params.yaml").train, batch_size=32, seed=0)
 
 
 @pytest.mark.parametrize("method", sorted(PRUNERS))
@@ -191,7 +199,7 @@ def test_every_pruner_keeps_weights_zero_through_finetune(method):
         model = models.build("lenet5", channels=1, classes=2, image_size=32)
         assert sparsity(model) == 0
         p = CompressParams(**{**COMPRESS.__dict__, "prune_method": method, "finetune_epochs": epochs})
-        pruned[epochs] = prune_and_finetune(model, x, y, p, batch_size=32, seed=0)
+        pruned[epochs] = prune_and_finetune(model, x, y, p, RECIPE)
     zero_before = [w == 0 for w in pruned[0].state_dict().values()]
     zero_after = [w == 0 for w in pruned[1].state_dict().values()]
     assert sparsity(pruned[0]) > 0.01
@@ -206,14 +214,15 @@ def test_unknown_pruner_names_the_key():
     model = models.build("lenet5", channels=1, classes=2, image_size=32)
     with pytest.raises(StageError, match="compress.prune_method: unknown method 'magic'"):
         prune_and_finetune(model, x, y, CompressParams(**{**COMPRESS.__dict__, "prune_method": "magic"}),
-                           batch_size=8, seed=0)
+                           dataclasses.replace(RECIPE, batch_size=8))
 
 
 def test_onnx_export_and_int8_match_torch(tmp_path):
     x, y = separable_data(128)
     torch.manual_seed(0)
     model = models.build("lenet5", channels=1, classes=2, image_size=32)
-    fit(model, x, y, epochs=2, batch_size=32, optimizer=torch.optim.Adam(model.parameters(), 2e-3), seed=0)
+    fit(model, x, y, epochs=2, batch_size=32, optimizer=torch.optim.Adam(model.parameters(), 2e-3),
+        scheduler=None, label_smoothing=0.0, seed=0, memory_format=torch.contiguous_format)
     model.eval()
     export_onnx(model, PREP, tmp_path / "float.onnx")
     quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", x[:64].numpy(),
@@ -228,18 +237,23 @@ def test_onnx_export_and_int8_match_torch(tmp_path):
 
 
 def results(**accuracy):
-    return {name: {"accuracy": acc, "size_bytes": size, "latency_ms_b1": lat, "servable": name != "float_torch"}
-            for name, (acc, size, lat) in accuracy.items()}
+    """(metrics, servable, latency) per variant, as evaluate passes them to the gate."""
+    return ({name: {"accuracy": acc, "size_bytes": size} for name, (acc, size, _) in accuracy.items()},
+            {name: name != "float_torch" for name in accuracy},
+            {name: {"latency_ms_b1": lat} for name, (_, _, lat) in accuracy.items()})
 
 
 GATE = GateParams(min_accuracy=0.9, max_accuracy_drop=0.01, policy="smallest")
 
 
 def test_gate_policies():
-    r = results(float_torch=(0.98, 100, 1.0), float_onnx=(0.98, 100, 0.2), int8_onnx=(0.975, 30, 0.3),
-                pruned_onnx=(0.96, 50, 0.1))
-    assert gate(r, GATE) == "int8_onnx"
+    r, servable, latency = results(float_torch=(0.98, 100, 1.0), float_onnx=(0.98, 100, 0.2),
+                                   int8_onnx=(0.975, 30, 0.3), pruned_onnx=(0.96, 50, 0.1))
+    assert gate(r, servable, GATE, latency)[0] == "int8_onnx"
     assert r["pruned_onnx"]["eligible"] is False and r["float_torch"]["eligible"] is False
-    assert gate(r, GateParams(**{**GATE.__dict__, "policy": "most_accurate"})) == "float_onnx"
-    assert gate(r, GateParams(**{**GATE.__dict__, "policy": "fastest"})) == "float_onnx"
-    assert gate(r, GateParams(**{**GATE.__dict__, "min_accuracy": 0.99})) is None
+    assert gate(r, servable, GateParams(**{**GATE.__dict__, "policy": "most_accurate"}),
+                latency)[0] == "float_onnx"
+    assert gate(r, servable, GateParams(**{**GATE.__dict__, "policy": "fastest"}),
+                latency)[0] == "float_onnx"
+    assert gate(r, servable, GateParams(**{**GATE.__dict__, "min_accuracy": 0.99}),
+                latency)[0] is None

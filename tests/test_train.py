@@ -1,9 +1,9 @@
 """The train stage as the pipeline runs it: `python -m pipeline train` on the built-in digits,
-with the real params.yaml shrunk. Determinism, kill-and-resume from the per-epoch checkpoint,
-2-process DistributedDataParallel (gloo) against one process, per-epoch augmentation."""
+with the real params.yaml shrunk (conftest's params_writer). Determinism, kill-and-resume from
+the per-epoch checkpoint, 2-process DistributedDataParallel (gloo) against one process,
+per-epoch augmentation."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,26 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from pipeline import augment as augment_stage
-from pipeline import models, train
-from pipeline.ingest import ingest, load_split
+from pipeline import models, train, training
+from pipeline.card import ModelCard, Recipe, ValScore, read_card, sha256_file
+from pipeline.dataset import load_split
+from pipeline.ingest import ingest
 from pipeline.params import load_params
 from pipeline.preprocess import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
-# The records' recipe (fresh on-device warps each epoch, no offline copies), so resume and DDP
-# are tested with the per-epoch augmentation's RNG in play. 8 epochs: ~0.1 s each here.
-SHRINK = {"augment": {"copies": 0}, "train": {"epochs": 8, "epoch_augment": True}}
-
-
-def write_params(project: Path, changes: dict) -> None:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in changes.items():
-        params[section].update(values)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+# On top of conftest's SHRINK: the records' recipe (fresh on-device warps each epoch, no offline
+# copies), so resume and DDP are tested with the per-epoch augmentation's RNG in play. 8 epochs:
+# ~0.1 s each here.
+CHANGES = {"augment": {"copies": 0}, "train": {"epochs": 8, "epoch_augment": True}}
 
 
 def stage_argv(name: str) -> list[str]:
@@ -53,25 +48,25 @@ def run_stage(project: Path, name: str) -> subprocess.CompletedProcess:
     return done
 
 
-def outputs(project: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def outputs(project: Path, name: str) -> tuple[ValScore, dict[str, torch.Tensor]]:
+    """The val scores in the model card (read_card checks the weights' sha256) and the weights."""
     folder = project / "models" / name
-    return (json.loads((folder / "model.json").read_text())["metrics"],
-            load_file(folder / "model.safetensors"))
+    return read_card(folder).val, load_file(folder / train.WEIGHTS)
 
 
 def accuracy_on_test_split(project: Path, name: str) -> float:
-    model, info = models.load(project / "models" / name)
-    prep = Preprocessing.from_dict(info["preprocessing"])
+    model, card = models.load(project / "models" / name)
+    prep = card.preprocessing
     pixels, labels = load_split(project / "data/ingested", "test", prep)
-    x = train.to_input(pixels, prep, torch.device("cpu"))
-    return train.score(model, x, torch.from_numpy(labels), 512)[1]
+    x = training.to_input(pixels, prep, torch.device("cpu"))
+    return training.score(model, x, torch.from_numpy(labels), 512)[1]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, params_writer) -> Path:
     """Ingested, augmented digits and the shrunk params, as the stages before train leave them."""
     root = tmp_path_factory.mktemp("train")
-    write_params(root, SHRINK)
+    params_writer(root, CHANGES)
     p = load_params(root / "params.yaml")
     ingest(p.data.source, root / "data/ingested", p.data.split, p.data.seed)
     cwd = os.getcwd()
@@ -101,7 +96,7 @@ def test_same_seed_same_data_gives_identical_metrics(project, reference, monkeyp
     ref_metrics, ref_weights = outputs(project, reference)
     assert metrics == ref_metrics
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
-    assert metrics["val_acc"] > 0.9
+    assert metrics.accuracy > 0.9
 
 
 @pytest.mark.slow
@@ -122,7 +117,7 @@ def test_killed_run_resumes_to_the_same_result(project, reference):
     finally:
         child.wait()
     killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 3 <= killed_at < SHRINK["train"]["epochs"]
+    assert 3 <= killed_at < CHANGES["train"]["epochs"]
     assert not (project / "models/killed").exists()  # nothing DVC could take for an output
 
     done = run_stage(project, "killed")
@@ -133,11 +128,11 @@ def test_killed_run_resumes_to_the_same_result(project, reference):
     assert metrics == ref_metrics
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
     live = (project / "reports/killed/plots/metrics/val_acc.tsv").read_text().splitlines()
-    assert len(live) == 1 + SHRINK["train"]["epochs"]  # header + every epoch, resumed ones too
+    assert len(live) == 1 + CHANGES["train"]["epochs"]  # header + every epoch, resumed ones too
     assert not checkpoint.exists()
 
 
-def test_checkpoint_from_other_params_or_data_is_ignored(project, tmp_path, capsys):
+def test_checkpoint_from_other_params_or_data_is_ignored(project, tmp_path, capsys, params_writer):
     folder = tmp_path / "checkpoints"
     train.write_checkpoint(folder, {"fingerprint": "a", "epoch": 3})
     assert train.read_checkpoint(folder, "a")["epoch"] == 3
@@ -148,25 +143,25 @@ def test_checkpoint_from_other_params_or_data_is_ignored(project, tmp_path, caps
     stamp = train.fingerprint(p, project / "data/ingested", project / "data/augmented", 1)
     assert stamp == train.fingerprint(p, project / "data/ingested", project / "data/augmented", 1)
     assert stamp != train.fingerprint(p, project / "data/ingested", project / "data/augmented", 2)
-    write_params(tmp_path, {**SHRINK, "train": {**SHRINK["train"], "lr": 0.001}})
+    params_writer(tmp_path, {**CHANGES, "train": {**CHANGES["train"], "lr": 0.001}})
     other = load_params(tmp_path / "params.yaml")
     assert stamp != train.fingerprint(other, project / "data/ingested",
                                       project / "data/augmented", 1)
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_like_one(project, reference):
+def test_two_gloo_processes_train_like_one(project, reference, params_writer):
     """train.processes: 2 relaunches the stage under torchrun; rank 0 alone writes."""
     ddp = project / "ddp"
     ddp.mkdir()
     (ddp / "data").symlink_to(project / "data")
-    write_params(ddp, {**SHRINK, "train": {**SHRINK["train"], "processes": 2}})
+    params_writer(ddp, {**CHANGES, "train": {**CHANGES["train"], "processes": 2}})
     done = run_stage(ddp, "reference")
     assert "train: lenet5 on 2 x cpu" in done.stdout
     assert done.stdout.count("epoch   8/8") == 1  # only rank 0 reports
     metrics, _ = outputs(ddp, "reference")
     ref_metrics, _ = outputs(project, reference)
-    assert abs(metrics["val_acc"] - ref_metrics["val_acc"]) <= 0.01
+    assert abs(metrics.accuracy - ref_metrics.accuracy) <= 0.01
     assert abs(accuracy_on_test_split(ddp, "reference")
                - accuracy_on_test_split(project, reference)) <= 0.01
     assert sorted(p.name for p in (ddp / "models").iterdir()) == ["reference"]
@@ -189,18 +184,26 @@ def test_epoch_warps_are_per_sample_and_replayable():
 
 
 def test_steps_per_epoch_skips_tails_smaller_than_the_world():
-    assert train.steps_per_epoch(257, 128, 1) == 3
-    assert train.steps_per_epoch(257, 128, 2) == 2
-    assert train.steps_per_epoch(256, 128, 2) == 2
+    assert training.steps_per_epoch(257, 128, 1) == 3
+    assert training.steps_per_epoch(257, 128, 2) == 2
+    assert training.steps_per_epoch(256, 128, 2) == 2
 
 
 def test_outputs_replace_the_old_folder_whole(tmp_path):
     out = tmp_path / "float"
     out.mkdir()
     (out / "stale.txt").write_text("from an older run")
-    train.write_outputs(out, {"w": torch.ones(2)}, {"model": "lenet5"})
+    params = load_params(REPO / "params.yaml")
+    card = ModelCard(architecture="lenet5", classes=["a", "b"],
+                     preprocessing=Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25]),
+                     data_hash="0" * 64,
+                     recipe=Recipe(data=params.data, augment=params.augment, train=params.train,
+                                   compress=None),
+                     weights={}, val=ValScore(loss=0.1, accuracy=0.9), selection=None)
+    train.write_outputs(out, {"w": torch.ones(2)}, card)
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    assert read_card(out).weights == {"model.safetensors": sha256_file(out / "model.safetensors")}
 
 
 @pytest.mark.gpu
@@ -215,7 +218,8 @@ def test_fit_on_cuda_with_bf16_autocast():
     model = models.build("lenet5", channels=1, classes=2, image_size=32).cuda()
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    metrics = train.fit(model, x, y, epochs=3, batch_size=32, optimizer=optimizer, seed=0,
-                        val=(x, y), memory_format=torch.channels_last,
-                        scheduler=train.make_schedule("onecycle", optimizer, 2e-3, 3 * 8))
+    metrics = training.fit(model, x, y, epochs=3, batch_size=32, optimizer=optimizer,
+                           scheduler=training.make_schedule("onecycle", optimizer, 2e-3, 3 * 8),
+                           label_smoothing=0.0, seed=0, memory_format=torch.channels_last,
+                           val=(x, y))
     assert metrics["val_acc"] > 0.95

@@ -13,7 +13,8 @@ from PIL import Image, ImageOps
 import pipeline.validate
 from pipeline import StageError
 from pipeline.drift import categorical_psi, continuous_scores, profile
-from pipeline.ingest import ingest, read_manifest
+from pipeline.dataset import read_manifest
+from pipeline.ingest import ingest
 from pipeline.params import load_params
 from pipeline.validate import add_flags, describe_image, image_table, validate
 

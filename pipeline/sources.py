@@ -1,0 +1,60 @@
+"""Which project source files a module runs: itself and every project module it imports,
+directly or not, read from the code (import statements anywhere in a file, including those
+inside functions). dvc.yaml's deps of a stage must list exactly these files (tests/test_deps.py
+checks it), and the train stage's checkpoint fingerprint hashes them, so a change to any code a
+stage runs reruns that stage and invalidates its checkpoints.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the project: `pipeline` is a package in it
+
+
+def _module_file(name: str) -> Path | None:
+    path = ROOT.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(file: Path) -> set[str]:
+    package = file.relative_to(ROOT).with_suffix("").parts[:-1]
+    names = set()
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the file's package, `level - 1` packages up
+                parts = package[:len(package) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # submodules
+    return names
+
+
+def source_files(*modules: str) -> list[Path]:
+    """The project files that importing `modules` runs (a package's __init__ runs with any of
+    its modules), sorted, as absolute paths."""
+    todo = []
+    for module in modules:
+        start = _module_file(module)
+        if start is None:
+            raise ValueError(f"{module}: no such module in {ROOT}")
+        todo.append(start)
+    seen: set[Path] = set()
+    while todo:
+        file = todo.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        for name in _imported_names(file):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                found = _module_file(".".join(parts[:i]))
+                if found is not None and found not in seen:
+                    todo.append(found)
+    return sorted(seen)
