@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.bento_server import bento_server
-from tests.test_service import (CLASSES, PREPROCESSING, REPO, class_images, encode,
+from tests.test_service import (CLASSES, REPO, class_images, encode,
                                 local_probabilities, run_package, stage_env, write_ingested,
                                 write_tiny_model)
 
@@ -285,4 +285,3 @@ def test_other_classes_start_their_own_line(store, first, tmp_path):
     with bento_server(report["champion"]["bento_tag"], store.home, tmp_path / "serve.log") as (client, _):
         body = client.post("/classify", files={"image": ("x.png", encode(images[0], "PNG"))}).json()
     assert set(body["probabilities"]) == set(renamed)
-    assert PREPROCESSING.image_size == images.shape[-1]
