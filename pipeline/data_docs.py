@@ -9,23 +9,50 @@ GX 1.24 puts the wall-clock time into a build four ways, and one random id; each
   results before the pages are rendered;
 - a `?d=<now>` cache-buster on the logo URL and a uuid4 in collapsible blocks' ids: the page
   views below leave them out (ids stay unique: the block's own id comes first).
+
+GX's pages also load their CSS, JS, icon fonts and logo from CDNs and end with a newsletter
+link; offline they lose their run list, styling and icons. `make_offline` (run by validate after
+the build) copies the vendored assets (vendor/data_docs, from npm: vendor/README.md) into the site
+and points the pages at them; the views leave the newsletter footer out.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
 from great_expectations.render.view import DefaultJinjaPageView
-from jinja2 import pass_context
+from jinja2 import ChoiceLoader, DictLoader, pass_context
+
+from pipeline import StageError
 
 # Not a time the data was checked: a fixed stamp, so the pages do not change on a rerun.
 RUN_TIME = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
 
+# The vendored CSS/JS/fonts, and urls.json: each CDN URL of GX's templates -> a file there.
+VENDOR = Path(__file__).resolve().parents[1] / "vendor" / "data_docs"
+# GX's logo URLs -> the images GX itself copies into the site's static/ folder. No dark-mode logo
+# ships with GX: dark mode shows the light one.
+GX_IMAGES = {"https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/logo-long.png":
+             "images/logo-long.png",
+             "https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/full_logo_dark.png":
+             "images/logo-long.png"}
+# GX 1.24 links validation pages' favicon one folder short (static_images_dir in favicon.j2).
+FAVICON = re.compile(r'href="[./]*static/images/favicon\.ico"')
+EXTERNAL_LINK = re.compile(r'<a\s[^>]*href="https?://[^"]*"[^>]*>(.*?)</a>', re.DOTALL)
+EXTERNAL_LOAD = re.compile(r"""(?:\bsrc\s*=\s*|<link\b[^>]*\bhref\s*=\s*|url\(\s*)["']?(https?://[^"')\s>]+)""")
+
 
 class StablePageView(DefaultJinjaPageView):
-    """GX's page view without its per-build randomness."""
+    """GX's page view without its per-build randomness or its newsletter footer."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.env.loader = ChoiceLoader([DictLoader({"cloud-footer.j2": ""}), self.env.loader])
 
     def generate_html_element_uuid(self, prefix=None):
         return prefix or ""
@@ -47,7 +74,8 @@ def site_config(docs: Path) -> dict:
         "store_backend": {"class_name": "TupleFilesystemStoreBackend",
                           "base_directory": str(docs.resolve())},
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder", "view": {
-            **view, "class_name": StableIndexView.__name__}},
+            **view, "class_name": StableIndexView.__name__},
+            "show_how_to_buttons": False},  # a footer of links to GX's online tutorials
         "site_section_builders": {section: {"view": view}
                                   for section in ("expectations", "validations")},
     }
@@ -70,3 +98,27 @@ def pin_load_times(context) -> None:
         stored = store.get(key)
         stored.meta["batch_markers"]["ge_load_time"] = RUN_TIME.strftime("%Y%m%dT%H%M%S.%fZ")
         store.set(key, stored)
+
+
+def make_offline(docs: Path) -> None:
+    """Copy the vendored assets into the built site at `docs` (static/vendor/), point its pages
+    and stylesheets at them and at GX's own copied logo, and keep the text of links to outside
+    pages without the link. Raises StageError naming the page if one still loads anything from
+    outside (a GX release with a new CDN URL: add it to vendor/build.py)."""
+    static = docs / "static"
+    shutil.copytree(VENDOR, static / "vendor", ignore=shutil.ignore_patterns("urls.json"))
+    urls = {url: f"vendor/{path}" for url, path in
+            json.loads((VENDOR / "urls.json").read_text()).items()}
+    urls.update(GX_IMAGES)
+    cdn = re.compile("(" + "|".join(map(re.escape, sorted(urls, key=len, reverse=True)))
+                     + r""")(?=["'?)])""")  # a whole URL: quoted, in url(), or with a query
+    for page in sorted([*docs.rglob("*.html"), *docs.rglob("*.css")]):
+        prefix = Path(os.path.relpath(static, page.parent)).as_posix()
+        built = page.read_text(encoding="utf-8")
+        text = cdn.sub(lambda url: f"{prefix}/{urls[url[1]]}", built)
+        text = FAVICON.sub(f'href="{prefix}/images/favicon.ico"', EXTERNAL_LINK.sub(r"\1", text))
+        if loads := EXTERNAL_LOAD.findall(text):
+            raise StageError(f"{page}: Data Docs page loads {sorted(set(loads))} from outside; "
+                             f"vendor them (vendor/build.py)")
+        if text != built:
+            page.write_text(text, encoding="utf-8")

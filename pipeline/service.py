@@ -34,6 +34,7 @@ from bentoml.exceptions import InvalidArgument
 from PIL import Image, UnidentifiedImageError
 from pydantic import AfterValidator, BaseModel, BeforeValidator
 
+from pipeline.api_docs import OfflineDocsPage
 from pipeline.card import BentoArgs, onnx_predictor, read_card
 from pipeline.params import typed
 from pipeline.preprocess import IMAGE_FORMATS
@@ -211,3 +212,4 @@ class Classifier:
 
 
 Classifier.add_asgi_middleware(RequestSizeLimit, max_bytes=SERVE.max_request_bytes)
+Classifier.add_asgi_middleware(OfflineDocsPage)  # GET /: Swagger UI with nothing from outside

@@ -435,6 +435,7 @@ def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParam
         results.extend(outcome.results)
     data_docs.pin_load_times(context)
     context.build_data_docs(site_names=[DOCS_SITE])
+    data_docs.make_offline(docs)
 
     fatal = [r for r in results if r.expectation_config.meta["fatal"]]
     failed = [r for r in fatal if not r.success]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from PIL import Image
 
 from pipeline.sources import source_files
 from tests.bento_server import bento_server
+from tests.browser import offline_page
 from tests.project import copy_repo, dvc, git, project_env, ran_stages, run
 
 pytestmark = pytest.mark.slow
@@ -90,6 +92,52 @@ def test_repro_produces_every_artifact(project):
             "reports/train/metrics.json", "reports/plots/confusion.csv",
             "reports/package.json"} <= set(tracked)
     assert not any(name.startswith("reports/data_docs/") for name in tracked)  # in the DVC cache
+
+
+def test_dvc_plots_draw_with_no_network(project, tmp_path):
+    """`dvc plots show` (the committed self-contained template, .dvc/config), opened in Chromium
+    with the network off: vega draws every plot and the page requests nothing outside."""
+    dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
+    html = tmp_path / "plots" / "index.html"
+    plots = html.read_text().count("vegaEmbed(")
+    assert plots >= 5  # training curves, confusion, three trade-off scatters
+    page = offline_page(html.as_uri(), tmp_path / "browser")
+    assert page.requests == []
+    drawn = re.findall(r'<canvas width="(\d+)" height="(\d+)" class="marks"', page.dom)
+    assert len(drawn) == plots and all(int(w) > 0 and int(h) > 0 for w, h in drawn)
+
+
+def test_data_docs_draw_with_no_network(project, tmp_path):
+    """The Data Docs, opened in Chromium with the network off: bootstrap-table fills the index's
+    run list (one row per validation) and every table of each validation page, status icons
+    are there with their font, and no page requests anything from outside."""
+    docs = project / "reports/data_docs"
+    validations = sorted(docs.glob("validations/*/*/*/*.html"))
+    assert len(validations) >= 3  # images, classes, class_counts
+    index = offline_page((docs / "index.html").as_uri(), tmp_path / "index")
+    assert index.requests == []
+    runs = re.search(r'<table[^>]*ge-index-page-validation-results-table.*?</table>', index.dom,
+                     re.DOTALL)
+    assert runs and len(re.findall(r'<tr[^>]*data-index="\d+"', runs[0])) == len(validations)
+    for i, html in enumerate(validations):
+        page = offline_page(html.as_uri(), tmp_path / f"validation{i}")
+        assert page.requests == []
+        tables = html.read_text().count('data-toggle="table"')
+        assert tables and page.dom.count('<div class="bootstrap-table') == tables, html
+        assert 'data-index="0"' in page.dom and "fa-check-circle" in page.dom, html
+        for resource in local_resources(html, page.dom):
+            assert resource.is_file(), f"{html}: {resource} missing"
+
+
+def local_resources(page: Path, dom: str) -> list[Path]:
+    """The files a page's DOM loads (scripts, stylesheets, images) and the fonts and images
+    those stylesheets load, resolved against the page's folder."""
+    refs = re.findall(r'<(?:script|img)[^>]*\bsrc="([^"]+)"|<link[^>]*\bhref="([^"]+)"', dom)
+    files = [(page.parent / (a or b)).resolve() for a, b in refs]
+    for css in [f for f in files if f.suffix == ".css" and f.is_file()]:
+        files += [(css.parent / url).resolve() for url in
+                  re.findall(r"url\(['\"]?(?!data:)([^'\")?#]+)", css.read_text())]
+    return files
 
 
 def test_second_repro_is_a_noop(project):

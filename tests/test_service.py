@@ -26,6 +26,7 @@ from pipeline.card import ModelCard, Recipe, Selection, ValScore, sha256_file, w
 from pipeline.params import load_params
 from pipeline.preprocess import Preprocessing
 from tests.bento_server import bento_server
+from tests.browser import offline_page
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 8  # px, side of the tiny model's grayscale input
@@ -203,7 +204,7 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
     bento = packaged["home"] / "bentos" / name / version
     sources = sorted(p.relative_to(bento / "src").as_posix()
                      for p in (bento / "src").rglob("*") if p.is_file())
-    assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/card.py",
+    assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/api_docs.py", "pipeline/card.py",
                        "pipeline/params.py", "pipeline/preprocess.py", "pipeline/service.py"]
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for m in manifest["services"][0]["models"]] == [model_tag]
@@ -367,6 +368,17 @@ def test_oversized_requests_get_413_and_the_server_keeps_serving(server):
     images, _ = class_images(3, seed=4)
     response = server["client"].post("/classify_npy", files={"array": ("x.npy", npy(images))})
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.slow
+def test_the_docs_page_draws_every_endpoint_with_no_network(server, tmp_path):
+    """GET / in Chromium with the network off: Swagger UI, from BentoML's bundled files, lists
+    every endpoint, and the page requests nothing outside the server (BentoML's own page loads
+    Google Tag Manager)."""
+    page = offline_page(f"http://127.0.0.1:{server['port']}/", tmp_path)
+    assert page.requests == []
+    for endpoint in ("/classify", "/classify_batch", "/classify_npy"):
+        assert f'data-path="{endpoint}"' in page.dom, endpoint
 
 
 @pytest.mark.slow

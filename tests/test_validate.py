@@ -182,6 +182,18 @@ def test_refuses_to_overwrite_a_foreign_folder(ingested, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_a_data_docs_page_loading_from_outside_is_named(tmp_path):
+    """A GX release that links a CDN file vendor/ does not hold: the stage stops, naming the
+    page and the URL, rather than write Data Docs that need the internet."""
+    from pipeline.data_docs import make_offline
+
+    (tmp_path / "docs" / "static").mkdir(parents=True)
+    (tmp_path / "docs" / "index.html").write_text(
+        '<link rel="stylesheet" href="https://cdn.example.org/new.css">')
+    with pytest.raises(StageError, match=r"docs/index\.html: .*https://cdn\.example\.org/new\.css"):
+        make_offline(tmp_path / "docs")
+
+
 def test_process_pool_gives_the_same_table(ingested, monkeypatch):
     rows, _ = read_manifest(ingested)
     serial = image_table(ingested, rows, workers=1)
