@@ -43,8 +43,11 @@ GX_IMAGES = {"https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/l
              "images/logo-long.png"}
 # GX 1.24 links validation pages' favicon one folder short (static_images_dir in favicon.j2).
 FAVICON = re.compile(r'href="[./]*static/images/favicon\.ico"')
+# A link to a page outside (GX's site): its text stays, the link goes.
 EXTERNAL_LINK = re.compile(r'<a\s[^>]*href="https?://[^"]*"[^>]*>(.*?)</a>', re.DOTALL)
-EXTERNAL_LOAD = re.compile(r"""(?:\bsrc\s*=\s*|<link\b[^>]*\bhref\s*=\s*|url\(\s*)["']?(https?://[^"')\s>]+)""")
+# What a browser would fetch from outside: a src, a <link> href, a CSS url().
+EXTERNAL_LOAD = re.compile(r"""(?:\bsrc\s*=\s*|<link\b[^>]*\bhref\s*=\s*|url\(\s*)"""
+                           r"""["']?(https?://[^"')\s>]+)""")
 
 
 class StablePageView(DefaultJinjaPageView):
