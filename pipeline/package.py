@@ -114,8 +114,9 @@ def pinned_packages(names: list[str]) -> list[str]:
 
 
 def read_bentofile(bentofile: Path) -> tuple[dict, list[Path]]:
-    """bentofile.yaml as the build gets it (python.packages pinned: pinned_packages), and the
-    files its `include` lists with bentofile.yaml itself: what the build copies into the Bento."""
+    """bentofile.yaml as the build gets it (keyword arguments of bentoml.bentos.build, with
+    python.packages pinned: pinned_packages), and the files its `include` lists with
+    bentofile.yaml itself: what the build copies into the Bento."""
     config = yaml.safe_load(bentofile.read_text())
     config["python"] = {**config["python"],
                         "packages": pinned_packages(config["python"]["packages"])}

@@ -132,6 +132,21 @@ def test_the_trace_names_every_address_that_would_leave(closed_network, tmp_path
     assert "127.0.0.1:9" not in seen
 
 
+@pytest.mark.parametrize("packages, message", [
+    (["numpy", "no-such-package"], "no-such-package: required by bentofile.yaml python.packages "
+                                   "for the Bento, but not installed here"),
+    (["numpy<2"], f"numpy {metadata.version('numpy')} is installed, but bentofile.yaml "
+                  "python.packages requires numpy<2"),
+])
+def test_a_bento_package_that_cannot_be_pinned_is_named(packages, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # before bentoml is imported
+    from pipeline import StageError
+    from pipeline.package import pinned_packages
+
+    with pytest.raises(StageError, match=re.escape(message)):
+        pinned_packages(packages)
+
+
 @pytest.mark.slow
 def test_a_stage_and_the_server_send_nothing_past_loopback(closed_session):
     result = closed_session["result"]
