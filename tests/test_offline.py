@@ -50,9 +50,9 @@ def closed_network_missing() -> str | None:
     missing = [tool for tool in ("unshare", "strace", "ip") if shutil.which(tool) is None]
     if missing:
         return f"{', '.join(missing)} not installed"
-    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"`unshare --net` failed (needs root or CAP_SYS_ADMIN): {probe.stderr.strip()}"
+    probe = run_closed(["true"], Path(os.devnull), timeout_s=60)
+    if probe.returncode != 0:  # unshare needs root or CAP_SYS_ADMIN; strace, ptrace (not nested)
+        return f"`unshare --net` + `strace -f` failed: {probe.stderr.strip()[-500:]}"
     return None
 
 
