@@ -8,8 +8,8 @@ task's champion line (pipeline/champion.py: a model name and a class list).
    challenger's card and weights are checked (sha256).
 1. Tags are content addresses: the model's version is a hash of what goes into it (model.onnx,
    its card, the drift reference), the Bento's a hash of the model tag, the Bento's sources and
-   its arguments (params.yaml serve). A challenger whose Bento tag is the champion's is the
-   champion already: nothing is promoted again.
+   its arguments (params.yaml serve) and its pinned Python packages. A challenger whose Bento
+   tag is the champion's is the champion already: nothing is promoted again.
 2. Otherwise challenger and champion are scored on the same test split (--data, ONNX Runtime,
    each with the preprocessing in its own card). The challenger goes on only if its accuracy is
    at least the champion's minus package.champion_tolerance; with no champion yet, evaluate's
@@ -17,7 +17,10 @@ task's champion line (pipeline/champion.py: a model name and a class list).
    champion keeps serving, the stage succeeds.
 3. The challenger is saved as package.model_name (labelled with task, variant, accuracy, macro
    F1, git revision) and its Bento built from bentofile.yaml with the model's full tag and
-   params.yaml serve as build arguments (pipeline/service.py serves exactly that model).
+   params.yaml serve as build arguments (pipeline/service.py serves exactly that model). The
+   Bento's requirements are bentofile.yaml's python.packages and bentoml with everything they
+   require, each pinned (`==`) to the version installed here, the one infra validation serves
+   with; the build resolves nothing over the network.
 4. Infra validation: the new Bento runs under `bentoml serve` on a free loopback port
    (pipeline/serving.py: it dies with this stage); every test image is posted as its file to
    /classify and all of them as one .npy to /classify_npy, and the served classes and
@@ -42,10 +45,13 @@ import json
 import shutil
 import subprocess
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from pipeline import StageError
 from pipeline.card import (CARD_FILE, BentoArgs, ModelCard, at_least, onnx_predictor,
@@ -76,12 +82,46 @@ def content_version(*parts: bytes) -> str:
     return digest.hexdigest()[:20]
 
 
-def read_bentofile(bentofile: Path) -> tuple[str, list[Path]]:
-    """The Bento's name, and bentofile.yaml with the files its `include` lists: what the build
-    copies into the Bento."""
+def pinned_packages(names: list[str]) -> list[str]:
+    """`names` and bentoml, with everything they require (extras and environment markers
+    evaluated for this interpreter), as `Name==version` of what is installed here, sorted;
+    bentoml itself left out: BentoML adds its own pin to every Bento. Raises StageError naming a
+    package that is not installed, or whose version is outside what requires it."""
+    pins: dict[str, str] = {}
+    seen: set[tuple[str, str]] = set()  # (package, extra) whose requirements are queued
+    todo = [(Requirement(name), "bentofile.yaml python.packages") for name in names]
+    todo.append((Requirement("bentoml"), "the service"))
+    while todo:
+        requirement, wanted_by = todo.pop()
+        try:
+            dist = metadata.distribution(requirement.name)
+        except metadata.PackageNotFoundError:
+            raise StageError(f"{requirement.name}: required by {wanted_by} for the Bento, but "
+                             "not installed here") from None
+        if not requirement.specifier.contains(dist.version, prereleases=True):
+            raise StageError(f"{requirement.name} {dist.version} is installed, but {wanted_by} "
+                             f"requires {requirement}")
+        name = canonicalize_name(dist.metadata["Name"])
+        pins[name] = f"{dist.metadata['Name']}=={dist.version}"
+        for extra in ("", *requirement.extras):
+            if (name, extra) not in seen:
+                seen.add((name, extra))
+                todo.extend((r, f"{name} {dist.version}")
+                            for r in map(Requirement, dist.requires or [])
+                            if r.marker is None or r.marker.evaluate({"extra": extra}))
+    del pins["bentoml"]
+    return sorted(pins.values(), key=str.lower)
+
+
+def read_bentofile(bentofile: Path) -> tuple[dict, list[Path]]:
+    """bentofile.yaml as the build gets it (keyword arguments of bentoml.bentos.build, with
+    python.packages pinned: pinned_packages), and the files its `include` lists with
+    bentofile.yaml itself: what the build copies into the Bento."""
     config = yaml.safe_load(bentofile.read_text())
+    config["python"] = {**config["python"],
+                        "packages": pinned_packages(config["python"]["packages"])}
     root = bentofile.resolve().parent
-    return config["name"], [bentofile.resolve(), *(root / name for name in config["include"])]
+    return config, [bentofile.resolve(), *(root / name for name in config["include"])]
 
 
 def probabilities(predict, card: ModelCard, pixels: np.ndarray) -> np.ndarray:
@@ -178,9 +218,10 @@ def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path, e
     model_tag = f"{p.model_name}:" + content_version(*(f.read_bytes() for f in (
         model_dir / weights, model_dir / CARD_FILE, reference)))
     args = BentoArgs(model_tag=model_tag, serve=serve)
-    bento_name, sources = read_bentofile(bentofile)
-    bento_tag = f"{bento_name}:" + content_version(
-        json.dumps(to_dict(args), sort_keys=True).encode(), *(f.read_bytes() for f in sources))
+    build_config, sources = read_bentofile(bentofile)
+    bento_tag = f"{build_config['name']}:" + content_version(
+        json.dumps(to_dict(args), sort_keys=True).encode(),
+        json.dumps(build_config, sort_keys=True).encode(), *(f.read_bytes() for f in sources))
     challenger = {"model_tag": model_tag, "bento_tag": bento_tag,
                   "accuracy": test_accuracy(model_dir, card, data_dir),
                   "weights_sha256": card.weights[weights]}
@@ -203,8 +244,8 @@ def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path, e
                           f"{p.champion_tolerance}; the champion keeps serving")
                 export_bento(current.bento_tag, export)
                 return report(task, challenger, current, accuracy_now, reason)
-        checked = build_and_validate(model_dir, card, task, bentofile, args, bento_tag,
-                                     reference, data_dir, p.ready_timeout_s)
+        checked = build_and_validate(model_dir, card, task, bentofile, build_config, args,
+                                     bento_tag, reference, data_dir, p.ready_timeout_s)
         current = promote(line, Champion(
             model_tag=model_tag, bento_tag=bento_tag, accuracy=challenger["accuracy"],
             weights_sha256=challenger["weights_sha256"], promoted_at=now())).champion
@@ -220,10 +261,11 @@ def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path, e
 
 
 def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: Path,
-                       args: BentoArgs, bento_tag: str, reference: Path, data_dir: Path,
-                       ready_timeout_s: float) -> dict:
-    """Store the model and build its Bento (each unless the store has it already), then infra-
-    validate; on any failure delete what this run created. The journal names both tags first."""
+                       build_config: dict, args: BentoArgs, bento_tag: str, reference: Path,
+                       data_dir: Path, ready_timeout_s: float) -> dict:
+    """Store the model and build its Bento from build_config (read_bentofile; each unless the
+    store has it already), then infra-validate; on any failure delete what this run created.
+    The journal names both tags first."""
     created = []
     begin(args.model_tag, bento_tag)
     try:
@@ -236,9 +278,8 @@ def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: 
         try:
             bentoml.bentos.get(bento_tag)
         except NotFound:
-            bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(bentofile.resolve().parent),
-                                           version=bento_tag.split(":")[1],
-                                           args=to_dict(args))
+            bentoml.bentos.build(**build_config, build_ctx=str(bentofile.resolve().parent),
+                                 version=bento_tag.split(":")[1], args=to_dict(args))
             created.append((bentoml.bentos.delete, bento_tag))
         return infra_validate(bento_tag, model_dir, card, data_dir, ready_timeout_s)
     except BaseException:

@@ -58,3 +58,10 @@ def source_files(*modules: str) -> list[Path]:
                 if found is not None and found not in seen:
                     todo.append(found)
     return sorted(seen)
+
+
+def outside_imports(*modules: str) -> set[str]:
+    """Top-level names of the modules that the project files of `modules` import from outside
+    the project (standard library included): what an environment running them must provide."""
+    return {name.split(".")[0] for file in source_files(*modules) for name in _imported_names(file)
+            if name and _module_file(name.split(".")[0]) is None}
