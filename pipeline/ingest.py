@@ -90,7 +90,8 @@ def refusal(path: Path, listing: Listing) -> str | None:
     except (OSError, RuntimeError) as e:  # a link loop (RuntimeError before Python 3.13), EACCES
         return f"cannot be followed: {getattr(e, 'strerror', None) or e}"
     if not target.is_relative_to(listing.inside):
-        return f"a link to {target}, outside the data folder"
+        how = "a link to" if path.is_symlink() else "through a linked folder, at"
+        return f"{how} {target}, outside the data folder"
     for is_kind, kind in _SPECIAL:
         if is_kind(info.st_mode):
             return kind

@@ -22,7 +22,7 @@ class ParamsError(ValueError):
 
 # Names in the registries (pipeline/models.py MODELS; pipeline/compress.py STRUCTURED_PRUNERS
 # and PRUNERS), declared here so a misspelt name is refused before any stage runs, by code that
-# needs no torch. tests/test_params.py checks they equal the registries.
+# needs no torch. tests/test_stages.py checks they equal the registries.
 ModelName = Literal["lenet5", "resnet_small"]
 PruneMethod = Literal["structured_l1", "l1_unstructured", "l1_channels"]
 
