@@ -60,14 +60,14 @@ from pipeline.warp import warp
 
 def load_digits(p: Params) -> tuple[Preprocessing, dict[str, tuple[np.ndarray, np.ndarray]]]:
     raw = Preprocessing(image_size=p.data.image_size, channels=p.data.channels,
-                        mean=[0.0] * p.data.channels, std=[1.0] * p.data.channels)
+                        mean=[0.0] * p.data.channels, std=[1.0] * p.data.channels,
+                        background=p.data.background)
     with tempfile.TemporaryDirectory() as tmp:
-        ingest(p.data.source, Path(tmp), p.data.split, p.data.seed)
+        ingest(p.data.source, Path(tmp), p.data.split, p.data.seed, p.ingest.max_file_bytes)
         splits = {s: load_split(Path(tmp), s, raw) for s in ("train", "test")}
     scaled = splits["train"][0].astype(np.float64) / 255
-    prep = Preprocessing(image_size=raw.image_size, channels=raw.channels,
-                         mean=scaled.mean(axis=(0, 2, 3)).tolist(),
-                         std=scaled.std(axis=(0, 2, 3)).tolist())
+    prep = dataclasses.replace(raw, mean=scaled.mean(axis=(0, 2, 3)).tolist(),
+                               std=scaled.std(axis=(0, 2, 3)).tolist())
     return prep, splits
 
 

@@ -88,7 +88,7 @@ def main() -> None:
         for name, workers in settings.items():
             rules = dataclasses.replace(params.validate, workers=workers)
             t = time.perf_counter()
-            image_table(data, rows, pool_size(workers))
+            image_table(data, rows, pool_size(workers), params.data)
             decode[name].append(time.perf_counter() - t)
             t = time.perf_counter()
             result = validate(data, args.out / "docs", data=params.data, rules=rules,

@@ -5,11 +5,15 @@ stage is up to date and writes dvc.lock: a Prefect run and a plain `dvc repro` l
 Stages run one after another in a subprocess each, because DVC cannot run two stages at once in
 one workspace (it holds a repo lock), and a subprocess lets the task stream the stage's output.
 
-`python -m flows.kiln` runs the flow once on this checkout (`make run`).
+`python -m flows.kiln` runs the flow once on this checkout (`make run`). It checks params.yaml
+before Prefect starts, and prints a failure once, as one `kiln: ...` message: Prefect's own
+reports of it (task and flow failure with tracebacks, final states) stay in the run's API log
+but are kept off the console.
 """
 # No `from __future__ import annotations` here: a deployment loads the flow from this file and
 # validates `project_dir` against its annotation, which must then be a type, not a string.
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -21,13 +25,23 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.logging.handlers import PrefectConsoleHandler
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from flows.report import drift_markdown, evaluation_markdown
+from pipeline.params import ParamsError, load_params
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT_KEY = "kiln-evaluation"
 # Lines of stderr kept for the error message when a stage dies without its own `error:` line.
 STDERR_TAIL_LINES = 15
+# s for the temporary Prefect server `make run` starts to answer. It starts in 3-4 s, ~10 s on a
+# fresh database (shared/STACK.md); Prefect's default of 20 s was missed on a loaded 2-core
+# machine. A PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS in the environment wins.
+SERVER_START_TIMEOUT_S = 120
+# How Prefect's engines begin the console records of a failure; main() prints it itself.
+PREFECT_FAILURE_RECORDS = ("Task run failed with", "Encountered exception during execution",
+                           "Finished in state Failed")
 
 
 class StageFailed(RuntimeError):
@@ -67,15 +81,28 @@ def stage_env(project_dir: Path) -> dict[str, str]:
     return env
 
 
+class OwnError:
+    """Fed a stage's stderr line by line: True for the lines of its own error message, the
+    `kiln <stage>: error: ...` line and the indented lines that continue it."""
+
+    def __init__(self, stage: str):
+        self.prefix, self.inside = f"kiln {stage}: error:", False
+
+    def __call__(self, line: str) -> bool:
+        self.inside = line.startswith(self.prefix) or (self.inside and line[:1].isspace())
+        return self.inside
+
+
 def _stage_error_lines(stage: str, stderr_lines: list[str]) -> list[str]:
-    """The stage's own `kiln <stage>: error: ...` lines, else the end of stderr (a traceback)."""
-    own = [line for line in stderr_lines if line.startswith(f"kiln {stage}: error:")]
+    """The stage's own error message, else the end of stderr (a traceback)."""
+    own = list(filter(OwnError(stage), stderr_lines))
     return own or stderr_lines[-STDERR_TAIL_LINES:]
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)  # DVC, not Prefect, decides what reruns
 def run_stage(stage: str, project_dir: Path) -> None:
-    """`dvc repro --single-item <stage>`, its output streamed to the run log."""
+    """`dvc repro --single-item <stage>`, its output streamed to the run log; the stage's own
+    error message goes into the StageFailed it raises instead, so it is reported once."""
     logger = get_run_logger()
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     logger.info("%s (in %s)", " ".join(["dvc", *command[3:]]), project_dir)
@@ -84,11 +111,13 @@ def run_stage(stage: str, project_dir: Path) -> None:
 
     # Both pipes are drained at once: a stage that fills one while we block on the other hangs.
     stderr_lines: list[str] = []
+    own_error = OwnError(stage)
 
     def drain_stderr() -> None:
         for line in process.stderr:
             stderr_lines.append(line.rstrip("\n"))
-            logger.info("%s", stderr_lines[-1])
+            if not own_error(stderr_lines[-1]):
+                logger.info("%s", stderr_lines[-1])
 
     stderr_reader = threading.Thread(target=drain_stderr, name=f"stderr-{stage}", daemon=True)
     stderr_reader.start()
@@ -98,11 +127,8 @@ def run_stage(stage: str, project_dir: Path) -> None:
     stderr_reader.join()
 
     if returncode != 0:
-        error_lines = _stage_error_lines(stage, stderr_lines)
-        for line in error_lines:
-            logger.error("%s", line)
         raise StageFailed(f"stage {stage!r} failed (dvc repro exited {returncode}):\n"
-                          + "\n".join(error_lines))
+                          + "\n".join(_stage_error_lines(stage, stderr_lines)))
 
 
 def _argument(stages: dict[str, dict], stage: str, flag: str) -> Path:
@@ -135,20 +161,45 @@ def publish_evaluation(project_dir: Path, stages: dict[str, dict]) -> str:
 
 @flow(name="kiln", description="Reproduce Kiln's dvc.yaml stages in order; publish the evaluation.")
 def kiln_pipeline(project_dir: Path = REPO_ROOT) -> str:
-    """Run every dvc.yaml stage of `project_dir` in order; return the champion's Bento tag."""
+    """Check params.yaml whole, then run every dvc.yaml stage of `project_dir` in order; return
+    the champion's Bento tag. DVC skips a stage whose deps and params are unchanged, so without
+    the check here a misspelt section no stage lists would pass unseen."""
     project_dir = project_dir.resolve()
+    load_params(project_dir / "params.yaml")
     stages = dvc_stages(project_dir)
     for stage in stages:
         run_stage(stage, project_dir)
     return publish_evaluation(project_dir, stages)
 
 
-def main() -> int:
+class _NotFailureRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+                    and str(record.msg).startswith(PREFECT_FAILURE_RECORDS))
+
+
+def main(project_dir: Path = REPO_ROOT) -> int:
+    """Check params.yaml, run the flow; a failure is printed once, without a traceback."""
     try:
-        bento_tag = kiln_pipeline()
-    except (StageFailed, ProjectError) as e:
-        print(f"kiln flow: error: {e}", file=sys.stderr)
+        load_params(project_dir / "params.yaml")  # before Prefect starts: fails in a second
+    except ParamsError as e:
+        print(f"kiln: {e}", file=sys.stderr)
         return 1
+    quiet = _NotFailureRecords()
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    timeout = os.environ.get(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.name,
+                             SERVER_START_TIMEOUT_S)
+    try:
+        for handler in consoles:
+            handler.addFilter(quiet)
+        with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: int(timeout)}):
+            bento_tag = kiln_pipeline(project_dir=project_dir)
+    except (StageFailed, ProjectError, ParamsError) as e:
+        print(f"kiln: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for handler in consoles:
+            handler.removeFilter(quiet)
     print(f"Champion Bento {bento_tag}. Serve it with: make serve")
     return 0
 

@@ -3,7 +3,7 @@ import importlib
 import sys
 
 from pipeline import StageError
-from pipeline.params import ParamsError
+from pipeline.params import ParamsError, load_params
 
 STAGES = ("ingest", "validate", "augment", "train", "compress", "evaluate", "package")
 
@@ -13,9 +13,9 @@ def main() -> int:
         print(f"usage: python -m pipeline {{{','.join(STAGES)}}} [args]", file=sys.stderr)
         return 2
     stage = sys.argv[1]
-    module = importlib.import_module(f"pipeline.{stage}")
     try:
-        module.main(sys.argv[2:])
+        load_params()  # the whole file, before the stage's imports (torch: seconds)
+        importlib.import_module(f"pipeline.{stage}").main(sys.argv[2:])
     except (StageError, ParamsError) as e:
         print(f"kiln {stage}: error: {e}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ when there is one. Output, loadable without pickle:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,12 +43,12 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     raw = Preprocessing(image_size=params.data.image_size, channels=params.data.channels,
-                        mean=[0.0] * params.data.channels, std=[1.0] * params.data.channels)
+                        mean=[0.0] * params.data.channels, std=[1.0] * params.data.channels,
+                        background=params.data.background)
     pixels, labels = load_split(args.data, "train", raw)
     scaled = pixels.astype(np.float64) / 255
-    prep = Preprocessing(image_size=raw.image_size, channels=raw.channels,
-                         mean=scaled.mean(axis=(0, 2, 3)).round(6).tolist(),
-                         std=scaled.std(axis=(0, 2, 3)).round(6).tolist())
+    prep = dataclasses.replace(raw, mean=scaled.mean(axis=(0, 2, 3)).round(6).tolist(),
+                               std=scaled.std(axis=(0, 2, 3)).round(6).tolist())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, all_labels = augment(pixels, labels, params.augment, device)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -99,11 +99,22 @@ def read_card(folder: Path) -> ModelCard:
     except json.JSONDecodeError as e:
         raise StageError(f"{path}: not valid JSON ({e})") from None
     try:
-        card = typed(raw, ModelCard, "card")
+        card = typed(_upgrade(raw), ModelCard, "card")
     except ParamsError as e:
         raise StageError(f"{path}: {e}".replace(": card.", ": ", 1)) from None
     verify(folder, card)
     return card
+
+
+def _upgrade(raw):
+    """A card written before data.background existed as one with background None: its model
+    was trained with alpha dropped (PIL's convert), and is served the same way."""
+    try:
+        for section in (raw["preprocessing"], raw["recipe"]["data"]):
+            section.setdefault("background", None)
+    except (KeyError, TypeError, AttributeError):
+        pass  # not a card's shape: typed() names what is wrong
+    return raw
 
 
 def write_card(folder: Path, card: ModelCard) -> None:

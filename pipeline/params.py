@@ -5,6 +5,7 @@ Constructors elsewhere take required arguments; the only defaults are the values
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -17,6 +18,13 @@ import yaml
 
 class ParamsError(ValueError):
     """params.yaml does not match the schema; the message names the file and the key."""
+
+
+# Names in the registries (pipeline/models.py MODELS; pipeline/compress.py STRUCTURED_PRUNERS
+# and PRUNERS), declared here so a misspelt name is refused before any stage runs, by code that
+# needs no torch. tests/test_stages.py checks they equal the registries.
+ModelName = Literal["lenet5", "resnet_small"]
+PruneMethod = Literal["structured_l1", "l1_unstructured", "l1_channels"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,12 @@ class DataParams:
     image_size: int
     channels: Literal[1, 3]
     allow_resize: bool
+    background: int | list[int] | None  # params.yaml: 0..255 or [r, g, b]; None only in old cards
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    max_file_bytes: int
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,7 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    model: str
+    model: ModelName
     optimizer: Literal["adam", "sgd"]
     lr: float
     momentum: float
@@ -87,7 +101,7 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class CompressParams:
-    prune_method: str
+    prune_method: PruneMethod
     prune_amount: float
     finetune_epochs: int
     finetune_lr: float
@@ -134,6 +148,7 @@ class ScheduleParams:
 @dataclass(frozen=True)
 class Params:
     data: DataParams
+    ingest: IngestParams
     validate: ValidateParams
     drift: DriftParams
     augment: AugmentParams
@@ -146,30 +161,50 @@ class Params:
     schedule: ScheduleParams
 
 
+def did_you_mean(word, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices` to a misspelt `word`, else ''."""
+    # cutoff 0.7, not difflib's 0.6: 'extra' would be taken for 'train' (0.6), while typos such
+    # as 'trian' (0.8), 'epoch' for 'epochs' (0.91) and 'lenet6' (0.83) stay above it
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.7)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def typed(value, kind, key: str):
     """`value` (parsed YAML or JSON) checked against the annotation `kind` and converted: a
     dataclass from a mapping, recursively. Unknown or missing keys and wrong types raise
-    ParamsError naming `key`, the value's dotted path. Also reads model cards (pipeline/card.py)."""
+    ParamsError naming `key`, the value's dotted path, with the nearest allowed name for a
+    misspelt one. Also reads model cards (pipeline/card.py)."""
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise ParamsError(f"{key}: expected a mapping, got {value!r}")
         hints = typing.get_type_hints(kind)
-        unknown = sorted(set(value) - set(hints))
+        unknown = sorted(set(value) - set(hints), key=str)
         if unknown:
-            raise ParamsError(f"{key}.{unknown[0]}: unknown key (allowed: {', '.join(hints)})")
+            what = "section" if kind is Params else "key"
+            hint = did_you_mean(unknown[0], hints) or f" (allowed: {', '.join(hints)})"
+            raise ParamsError(f"{key}.{unknown[0]}: unknown {what}{hint}")
         missing = [name for name in hints if name not in value]
         if missing:
             raise ParamsError(f"{key}.{missing[0]}: missing key")
         return kind(**{name: typed(value[name], hints[name], f"{key}.{name}") for name in hints})
     origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):  # `X | None`
+    if origin in (typing.Union, types.UnionType):  # `X | None`, `int | list[int]`
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return typed(value, inner, key)
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1:
+            return typed(value, alternatives[0], key)
+        for alternative in alternatives:
+            try:
+                return typed(value, alternative, key)
+            except ParamsError:
+                pass
+        names = " or ".join(a.__name__ if isinstance(a, type) else str(a) for a in alternatives)
+        raise ParamsError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         if value not in args or type(value) is not type(args[0]):
-            raise ParamsError(f"{key}: expected one of {list(args)}, got {value!r}")
+            raise ParamsError(f"{key}: expected one of {list(args)}, got {value!r}"
+                              + did_you_mean(value, args))
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -196,6 +231,13 @@ def typed(value, kind, key: str):
     return value
 
 
+def _is_background(value) -> bool:
+    """A gray level or [r, g, b], each 0..255; None (alpha dropped) is for old cards only."""
+    levels = [value] if isinstance(value, int) else value if isinstance(value, list) else []
+    return len(levels) == (1 if isinstance(value, int) else 3) and \
+        all(0 <= v <= 255 for v in levels)
+
+
 def _check_ranges(p: Params) -> None:
     checks = [
         ("data.split", abs(p.data.split.train + p.data.split.val + p.data.split.test - 1) < 1e-6,
@@ -203,6 +245,9 @@ def _check_ranges(p: Params) -> None:
         ("data.split", min(p.data.split.train, p.data.split.val, p.data.split.test) > 0,
          "every fraction must be > 0"),
         ("data.image_size", p.data.image_size >= 8, "must be >= 8"),
+        ("data.background", _is_background(p.data.background),
+         "must be a gray level 0..255 or [r, g, b] of 0..255"),
+        ("ingest.max_file_bytes", p.ingest.max_file_bytes >= 1, "must be >= 1"),
         ("validate.max_resize_factor", p.validate.max_resize_factor >= 1, "must be >= 1"),
         ("validate.max_blank_fraction", 0 <= p.validate.max_blank_fraction <= 1,
          "must be in [0, 1]"),

@@ -1,7 +1,8 @@
 """The one definition of how an image becomes model input.
 
-Saved inside every model (model.json "preprocessing") and reused by evaluation and the server,
-so whoever loads the model preprocesses exactly as training did. Needs only numpy and Pillow.
+Saved inside every model (model.json "preprocessing") and reused by validation, augmentation,
+evaluation and the server, so whoever loads the model preprocesses exactly as training did.
+Needs only numpy and Pillow.
 """
 from __future__ import annotations
 
@@ -11,9 +12,36 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-_MODES = {1: "L", 3: "RGB"}
+MODES = {1: "L", 3: "RGB"}  # data.channels -> the PIL mode the model's pixels are in
 IMAGE_FORMATS = ["PNG", "JPEG"]  # what Kiln reads: validate checks files against it, the server
                                  # decodes uploads with it
+# PIL modes of one 16-bit (or wider) integer channel: 16-bit grayscale PNGs open as one of these.
+_WIDE_GRAY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+_ALPHA = {"RGBA", "LA", "PA"}  # with an alpha channel, as PNG decodes them
+
+
+def to_channels(image: Image.Image, channels: int, background: int | list[int] | None
+                ) -> Image.Image:
+    """Any image PIL decodes -> 8-bit "L" (channels 1) or "RGB" (channels 3), same size.
+
+    16-bit gray is scaled to 8 bits (value >> 8, so the whole range maps, nothing is clipped);
+    palette images are expanded (via RGBA when they have a transparent colour); alpha is
+    composited over `background` (a gray level or [r, g, b], 0..255; None drops alpha, as cards
+    from before data.background did); CMYK and the rest go through PIL's own conversion.
+    """
+    target = MODES[channels]
+    if image.mode == target:
+        return image
+    if image.mode in _WIDE_GRAY:
+        wide = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(np.minimum(wide >> 8, 255).astype(np.uint8), mode="L")
+    elif image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in _ALPHA and background is not None:
+        rgb = (background,) * 3 if isinstance(background, int) else tuple(background)
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (*rgb, 255)),
+                                      image.convert("RGBA"))
+    return image.convert(target)
 
 
 @dataclass(frozen=True)
@@ -22,6 +50,9 @@ class Preprocessing:
     channels: int         # 1 (grayscale) or 3 (RGB)
     mean: list[float]     # per channel, in [0, 1] pixel units
     std: list[float]
+    # data.background: what transparent pixels are composited on. None drops alpha, as Kiln did
+    # before data.background existed (pipeline/card.py reads such cards with None).
+    background: int | list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -32,7 +63,7 @@ class Preprocessing:
 
     def pixels(self, image: Image.Image) -> np.ndarray:
         """A decoded image -> uint8 (channels, size, size): converted, then resized bilinearly."""
-        image = image.convert(_MODES[self.channels])
+        image = to_channels(image, self.channels, self.background)
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         array = np.asarray(image, dtype=np.uint8)

@@ -3,9 +3,11 @@
 Tables validated, all in an in-memory (ephemeral) GX context:
     images         one row per manifest entry: path, source, label, split, file_problem (why the
                    file is not a usable PNG/JPEG: empty, truncated, corrupt, not an image),
-                   height, width, channels, pixel_min/max/mean/std, content_hash (sha256 of the
-                   decoded pixels, so a copy under another name or re-encoded losslessly
-                   collides), and flags derived from those: blank, leak, duplicate, resize_factor
+                   mode (PIL's, as decoded), then of the pixels converted to data.channels by
+                   pipeline/preprocess.py as every later consumer converts them: height, width,
+                   channels, pixel_min/max/mean/std, content_hash (sha256 of those pixels, so a
+                   copy under another name or re-encoded losslessly collides), and flags derived
+                   from those: blank, leak, duplicate, resize_factor
     classes        one row per class of classes.json: images (all splits)
     class_counts   one row per (split, class) of every class that has images: images (0 included)
     drift          one row per feature compared with the reference of the task's champion
@@ -17,7 +19,8 @@ clean). The metrics JSON holds the counts a person compares across runs (SUMMARY
 splits, checks passed and failed). Both, the Data Docs site (the same bytes on a rerun with the
 same data: pipeline/data_docs.py) and the data profile are written even when a check fails, so
 the reader can see why; a failure then raises StageError with one line per failed kind naming a
-few offending files or classes.
+few offending files or classes. Images of any mode PIL decodes (palette, gray or RGB with alpha,
+CMYK, 16-bit) are converted, not refused: the metrics count them per original mode (`converted`).
 
 Decoding and hashing run in a process pool over chunks of files: the parent holds one small dict
 per image, never pixels, so memory stays flat however large the data set.
@@ -25,6 +28,7 @@ per image, never pixels, so memory stays flat however large the data set.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -43,21 +47,21 @@ from pipeline.champion import Task, reference
 from pipeline.dataset import SPLITS, data_hash, read_manifest
 from pipeline.drift import compare, profile
 from pipeline.params import DataParams, DriftParams, ValidateParams, load_params
-from pipeline.preprocess import IMAGE_FORMATS
+from pipeline.preprocess import IMAGE_FORMATS, MODES, to_channels
 
 DOCS_SITE = "kiln"
 SHOWN = 3  # offenders named per failed kind; the count covers the rest
 # What --metrics holds (the rest of Validation.metrics goes to --details): the counts a person
 # compares across runs with `dvc metrics diff` / `dvc exp show`.
-SUMMARY = ("images", "classes", "splits", "undecodable", "duplicates", "checks_passed",
-           "checks_failed", "success")
+SUMMARY = ("images", "classes", "splits", "undecodable", "converted", "duplicates",
+           "checks_passed", "checks_failed", "success")
 CHUNK = 512  # files per pool task: large enough that task overhead (~0.1 ms) is noise
 PNG_MAGIC, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 FILE_PROBLEMS = ("empty file", "truncated PNG", "truncated JPEG", "corrupt PNG", "corrupt JPEG",
                  "not a PNG/JPEG image", "unreadable file")  # what file_problem() names
-COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "height", "width",
-           "channels", "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "content_hash"]
+COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "mode", "height",
+           "width", "channels", "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "content_hash"]
 
 # Kinds of problem: the key (metrics JSON `problems`) and the words that start its error line.
 KINDS = {
@@ -66,8 +70,6 @@ KINDS = {
     "unreadable_files": "unreadable image file",
     "unknown_labels": "unknown label",
     "unknown_splits": "unknown split",
-    "mixed_channels": "mixed channel counts",
-    "not_8_bit": "pixels not 8-bit",
     "wrong_size": "image size far from data.image_size",
     "blank_images": "too many blank images",
     "leaked_images": "same image in two splits (leakage)",
@@ -102,9 +104,10 @@ def file_problem(data: bytes) -> str:
     return "not a PNG/JPEG image"
 
 
-def describe_image(path: Path) -> dict:
-    """Decoded size, channels, pixel statistics and content hash of one file; or, when it is not a
-    usable PNG/JPEG, file_problem (the kind) and decode_error (PIL's words)."""
+def describe_image(path: Path, data_params: DataParams) -> dict:
+    """Mode as decoded, then size, channels, pixel statistics and content hash of one file's
+    pixels converted to data.channels (over data.background); or, when it is not a usable
+    PNG/JPEG, file_problem (the kind) and decode_error (PIL's words)."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -112,15 +115,8 @@ def describe_image(path: Path) -> dict:
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             image.load()
-            # Palette and bilevel files hold 8-bit pixels behind an indirection: describe the
-            # values preprocessing will see. 16-bit and float modes stay as they are, so the
-            # [0, 255] check sees them.
-            if image.mode in ("P", "PA"):
-                alpha = image.mode == "PA" or "transparency" in image.info
-                image = image.convert("RGBA" if alpha else "RGB")
-            elif image.mode == "1":
-                image = image.convert("L")
-            pixels = np.asarray(image)
+            mode = image.mode
+            pixels = np.asarray(to_channels(image, data_params.channels, data_params.background))
     # PIL's decoders raise many types for a broken file (OSError, SyntaxError, ValueError,
     # struct.error, DecompressionBombError, ...): any of them means "does not decode".
     except Exception as e:  # noqa: BLE001
@@ -133,7 +129,7 @@ def describe_image(path: Path) -> dict:
     digest.update(np.ascontiguousarray(pixels).tobytes())
     low, high = pixels.min(), pixels.max()
     return {
-        "file_problem": None, "decode_error": None,
+        "file_problem": None, "decode_error": None, "mode": mode,
         "height": pixels.shape[0], "width": pixels.shape[1],
         "channels": 1 if pixels.ndim == 2 else pixels.shape[2],
         "pixel_min": float(low), "pixel_max": float(high),
@@ -144,8 +140,8 @@ def describe_image(path: Path) -> dict:
     }
 
 
-def _describe_chunk(paths: list[Path]) -> list[dict]:
-    return [describe_image(p) for p in paths]
+def _describe_chunk(paths: list[Path], data_params: DataParams) -> list[dict]:
+    return [describe_image(p, data_params) for p in paths]
 
 
 def pool_size(workers: int) -> int:
@@ -153,15 +149,17 @@ def pool_size(workers: int) -> int:
     return workers or len(os.sched_getaffinity(0))
 
 
-def image_table(folder: Path, rows: list[dict], workers: int) -> pd.DataFrame:
+def image_table(folder: Path, rows: list[dict], workers: int, data_params: DataParams
+                ) -> pd.DataFrame:
     """One row per manifest entry with its description, decoded by `workers` processes."""
     paths = [folder / r["path"] for r in rows]
     chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    describe = functools.partial(_describe_chunk, data_params=data_params)
     if workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-            described = [d for chunk in pool.map(_describe_chunk, chunks) for d in chunk]
+            described = [d for chunk in pool.map(describe, chunks) for d in chunk]
     else:
-        described = [describe_image(p) for p in paths]
+        described = describe(paths)
     records = [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
                 "split": r["split"], **d} for r, d in zip(rows, described)]
     table = pd.DataFrame.from_records(records, columns=COLUMNS)
@@ -239,17 +237,6 @@ def _suites(classes: list[str], data: DataParams, rules: ValidateParams, drift: 
         E.ExpectColumnValuesToBeInSet(
             column="split", value_set=list(SPLITS), **kind("unknown_splits"),
             description="Every split is train, val or test."),
-        E.ExpectColumnUniqueValueCountToBeBetween(
-            column="channels", min_value=1, max_value=1, **kind("mixed_channels"),
-            description=f"All images have the same number of channels (the model takes "
-                        f"data.channels = {data.channels}; a mix means files from different "
-                        "sources were merged)."),
-        E.ExpectColumnValuesToBeBetween(
-            column="pixel_min", min_value=0, max_value=255, **kind("not_8_bit"),
-            description="Pixel values are 8-bit: the darkest pixel is in [0, 255]."),
-        E.ExpectColumnValuesToBeBetween(
-            column="pixel_max", min_value=0, max_value=255, **kind("not_8_bit"),
-            description="Pixel values are 8-bit: the brightest pixel is in [0, 255]."),
         E.ExpectColumnValuesToBeBetween(
             column="resize_factor", min_value=1.0, max_value=max_factor,
             **kind("wrong_size"), description=size_rule),
@@ -315,16 +302,6 @@ def _offenders(result, images: pd.DataFrame) -> tuple[int | None, list[str]]:
     source = dict(zip(images.path, images.source))
     if kind == "expect_table_row_count_to_be_between":
         return None, [f"found {res['observed_value']}"]
-    if kind == "expect_column_unique_value_count_to_be_between":
-        decoded = images[images.file_problem.isna()]
-        counts = decoded[column].value_counts()
-        if counts.empty:
-            return None, ["no image decodes"]
-        usual = counts.index[0]
-        odd = decoded[decoded[column] != usual]
-        mix = "images per count: " + ", ".join(f"{n} with {int(v)}" for v, n in counts.items())
-        return len(odd), [f"{mix}"] + [f"{s} ({int(v)} {column})"
-                                       for s, v in zip(odd.source, odd[column])]
     rows = res["unexpected_index_list"]
     if column in ("leak", "duplicate"):
         hashes = images.set_index("path").content_hash
@@ -399,7 +376,7 @@ def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParam
                          f"has {', '.join(rows[0])}")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise StageError(f"{folder / 'classes.json'}: expected a list of class names")
-    images = add_flags(image_table(folder, rows, pool_size(rules.workers)), data.image_size)
+    images = add_flags(image_table(folder, rows, pool_size(rules.workers), data), data.image_size)
     class_table, class_counts = class_tables(images, classes)
     current = profile(images[images.split == "train"])
     report = compare(reference, current, drift) if reference is not None else None
@@ -450,7 +427,10 @@ def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParam
         "splits": {s: int((images.split == s).sum()) for s in SPLITS},
         "undecodable": int(images.file_problem.notna().sum()),
         "duplicates": int(decoded.content_hash.duplicated().sum()),
-        "channels_in_files": sorted(int(c) for c in decoded.channels.unique()),
+        # original mode -> images converted from it to data.channels (its PIL mode)
+        "converted": {str(m): int(n) for m, n in
+                      decoded["mode"][decoded["mode"] != MODES[data.channels]].value_counts()
+                      .sort_index().items()},
         "channels_model": data.channels,
         "checks_passed": len(fatal) - len(failed),
         "checks_failed": len(failed),
@@ -467,7 +447,7 @@ def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParam
 
 
 def _lines(results, images: pd.DataFrame) -> list[str]:
-    """Failure lines grouped by kind (pixel_min and pixel_max lines sit together), suite order."""
+    """Failure lines grouped by kind (drift's PSI and KS lines sit together), suite order."""
     lines: dict[str, list[str]] = {}
     for r in results:
         lines.setdefault(r.expectation_config.meta["kind"], []).append(failure_line(r, images))
@@ -506,6 +486,10 @@ def main(argv: list[str]) -> None:
     print(f"validate: {m['images']} images, {m['classes']} classes, {m['splits']}: "
           f"{m['checks_passed']} checks passed, {m['checks_failed']} failed; "
           f"Data Docs in {args.docs / 'index.html'}")
+    if m["converted"]:
+        print(f"validate: {sum(m['converted'].values())} images converted to "
+              f"{MODES[p.data.channels]} (data.channels {p.data.channels}), by original mode: "
+              + ", ".join(f"{mode} {n}" for mode, n in m["converted"].items()))
     if champion.profile is not None:
         scores = [f"{f} PSI {v['psi']:.3f}" + (f" KS {v['ks']:.3f}" if v["ks"] is not None else "")
                   for f, v in m["drift"]["features"].items()]

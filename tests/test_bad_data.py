@@ -7,6 +7,7 @@ some as `python -m pipeline` subprocesses, the rest through pipeline.__main__.ma
 (same code path, minus ~3 s of imports each)."""
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -56,13 +57,14 @@ def make_source(root: Path, classes=CLASSES, splits=("",)) -> Path:
 
 @pytest.fixture
 def project(tmp_path, params_writer):
-    """(source, data=None, validate=None) -> a project folder: the repo's params.yaml shrunk
-    (conftest: validate.min_images 10), data.source = `source`, then `data` and `validate`."""
-    def make(source: Path, data=None, validate=None) -> Path:
+    """(source, data=None, validate=None, ingest=None) -> a project folder: the repo's params.yaml
+    shrunk (conftest: validate.min_images 10), data.source = `source`, then `data`, `validate`
+    and `ingest`."""
+    def make(source: Path, data=None, validate=None, ingest=None) -> Path:
         work = tmp_path / "project"
         work.mkdir()
         params_writer(work, {"data": {"source": str(source), **(data or {})},
-                             "validate": validate or {}})
+                             "validate": validate or {}, "ingest": ingest or {}})
         return work
     return make
 
@@ -167,14 +169,51 @@ def test_non_image_with_image_extension(tmp_path, project, stage):
     assert "not a PNG/JPEG image: b/really_a_gif.jpg (" in out
 
 
-def test_unreadable_file_fails_at_ingest(tmp_path, project):
-    """Through the CLI: a link whose target is gone cannot be copied at all."""
+def test_broken_link_fails_at_ingest(tmp_path, project):
+    """Through the CLI: a link whose target is gone is named, instead of an image going missing."""
     source = make_source(tmp_path / "src")
     (source / "b/moved.png").symlink_to(tmp_path / "nowhere.png")
     done = cli(project(source), "ingest", "--out", "data/ingested")
     assert done.returncode == 1
     assert "kiln ingest: error:" in done.stderr
-    assert "1 image files cannot be read: b/moved.png (No such file or directory)" in done.stderr
+    assert "refused 1 entries named like images (" in done.stderr
+    assert f"b/moved.png (a link to {tmp_path / 'nowhere.png'}, which does not exist)" in done.stderr
+
+
+def test_only_regular_files_inside_the_folder_within_the_size_limit_are_taken(tmp_path, project, stage):
+    """Links out of the folder (a device, a system file), a FIFO, a directory named like an image
+    and a file over ingest.max_file_bytes: each named, nothing copied, nothing read from them."""
+    source = make_source(tmp_path / "src")
+    (source / "a/zero.png").symlink_to("/dev/zero")
+    (source / "a/passwd.png").symlink_to("/etc/passwd")
+    (source / "b/folder.png").mkdir()
+    (source / "b/folder.png/0.png").write_bytes(png_bytes(pixels(70)))
+    os.mkfifo(source / "b/pipe.jpg")  # opening it to copy would block forever
+    (source / "c/huge.png").write_bytes(png_bytes(pixels(71, side=128)))  # ~16 KB
+    (source / "c/linked.png").symlink_to("../a/0.png")  # stays inside the folder: taken
+    code, out = stage(project(source, ingest={"max_file_bytes": 4096}), "ingest", "--out",
+                      "data/ingested")
+    assert code == 1
+    assert "kiln ingest: error:" in out and "refused 5 entries named like images" in out
+    assert "a/zero.png (a link to /dev/zero, outside the data folder)" in out
+    assert "a/passwd.png (a link to /etc/passwd, outside the data folder)" in out
+    assert "b/folder.png (a directory named like an image)" in out
+    assert "b/pipe.jpg (a FIFO)" in out
+    huge = (source / "c/huge.png").stat().st_size
+    assert f"c/huge.png ({huge} bytes, over ingest.max_file_bytes 4096)" in out
+    assert "linked.png" not in out
+    assert not (tmp_path / "project/data/ingested/manifest.csv").exists()
+
+
+def test_a_link_inside_the_folder_is_followed(tmp_path, project, stage):
+    source = make_source(tmp_path / "src")
+    (source / "c/10.png").symlink_to("../a/0.png")
+    work = project(source)
+    code, out = stage(work, "ingest", "--out", "data/ingested")
+    assert code == 0, out
+    (row,) = [r for r in csv.DictReader(open(work / "data/ingested/manifest.csv")) if r["source"] == "c/10.png"]
+    assert (work / "data/ingested" / row["path"]).read_bytes() == (source / "a/0.png").read_bytes()
+    assert not (work / "data/ingested" / row["path"]).is_symlink()
 
 
 # --- classes -----------------------------------------------------------------------------------
@@ -235,13 +274,24 @@ def test_duplicate_within_a_split(tmp_path, project, stage):
 
 # --- pixels and sizes --------------------------------------------------------------------------
 
-def test_mixed_channel_counts(tmp_path, project, stage):
+def test_images_of_other_modes_are_converted_and_counted(tmp_path, project, stage):
+    """Palette, gray+alpha, RGBA, CMYK JPEG, 16-bit and RGB files in a grayscale data set
+    (data.channels 1) are converted, not refused; the report counts them per original mode."""
     source = make_source(tmp_path / "src")
-    Image.fromarray(pixels(7, channels=3)).save(source / "b/colour.png")
-    code, out = ingest_and_validate(stage, project(source))  # data.channels: 1
-    assert code == 1
-    assert "mixed channel counts:" in out and "data.channels = 1" in out
-    assert "images per count: 30 with 1, 1 with 3" in out and "b/colour.png (3 channels)" in out
+    alpha = Image.fromarray(pixels(81))
+    Image.fromarray(pixels(80)).convert("P").save(source / "a/palette.png", transparency=3)
+    Image.merge("LA", (Image.fromarray(pixels(82)), alpha)).save(source / "a/gray_alpha.png")
+    Image.fromarray(pixels(83, channels=4), mode="RGBA").save(source / "b/rgba.png")
+    Image.fromarray(pixels(84, channels=3)).convert("CMYK").save(source / "b/cmyk.jpg", "JPEG")
+    Image.fromarray(pixels(85).astype(np.uint16) * 257).save(source / "c/deep.png")
+    Image.fromarray(pixels(86, channels=3)).save(source / "c/colour.png")
+    work = project(source)
+    code, out = ingest_and_validate(stage, work)
+    assert code == 0, out
+    converted = {"CMYK": 1, "I;16": 1, "LA": 1, "P": 1, "RGB": 1, "RGBA": 1}
+    assert json.loads((work / "reports/validation.json").read_text())["converted"] == converted
+    assert ("validate: 6 images converted to L (data.channels 1), by original mode: "
+            "CMYK 1, I;16 1, LA 1, P 1, RGB 1, RGBA 1") in out
 
 
 def test_size_when_resizing_is_forbidden(tmp_path, project, stage):

@@ -113,7 +113,8 @@ def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     exported ONNX files as evaluate does."""
     params = load_params(REPO / "params.yaml")
     assert params.compress.prune_method in STRUCTURED_PRUNERS
-    ingest("digits", tmp_path / "digits", params.data.split, seed=params.data.seed)
+    ingest("digits", tmp_path / "digits", params.data.split, seed=params.data.seed,
+           max_file_bytes=params.ingest.max_file_bytes)
     prep = Preprocessing(image_size=params.data.image_size, channels=1, mean=[0.5], std=[0.25])
     train_pixels, train_labels = load_split(tmp_path / "digits", "train", prep)
     test_pixels, test_labels = load_split(tmp_path / "digits", "test", prep)

@@ -42,7 +42,7 @@ FAKE_STAGES = textwrap.dedent('''\
         write("--metrics", {"success": VALIDATION["success"]})
         write("--details", VALIDATION)
     elif stage == "evaluate":
-        if yaml.safe_load(Path("params.yaml").read_text())["evaluate"]["fail"]:
+        if yaml.safe_load(Path("params.yaml").read_text())["gate"]["min_accuracy"] > 0.99:
             print("a warning before the error", file=sys.stderr)
             print("kiln evaluate: error: no variant passed the gate (min_accuracy 0.97)", file=sys.stderr)
             sys.exit(1)
@@ -77,7 +77,7 @@ FAKE_DVC_YAML = textwrap.dedent('''\
           python stages.py evaluate --metrics reports/evaluation.json --latency reports/latency.json
           --details reports/evaluation_details.json
         deps: [stages.py, data.txt]
-        params: [evaluate.fail]
+        params: [gate.min_accuracy]
         metrics:
           - reports/evaluation.json:
               cache: false
@@ -121,16 +121,21 @@ def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, check=True)
 
 
-def make_fake_project(root: Path, fail_evaluate: bool = False) -> Path:
-    project = root / "project"
-    project.mkdir()
-    _dvc(project, "init", "--no-scm", "-q")
-    _dvc(project, "config", "core.analytics", "false")
-    (project / "stages.py").write_text(f"EVALUATION = {EVALUATION!r}\nLATENCY = {LATENCY!r}\n"
-                                       f"VALIDATION = {VALIDATION!r}\n" + FAKE_STAGES)
-    (project / "dvc.yaml").write_text(FAKE_DVC_YAML)
-    (project / "params.yaml").write_text(f"evaluate:\n  fail: {str(fail_evaluate).lower()}\n")
-    return project
+@pytest.fixture
+def fake_project(tmp_path, params_writer):
+    """(fail_evaluate=False) -> a fake project in tmp_path/project. Its params.yaml is the real
+    one (the flow checks it whole before any stage); a gate no model passes fails evaluate."""
+    def make(fail_evaluate: bool = False) -> Path:
+        project = tmp_path / "project"
+        project.mkdir()
+        _dvc(project, "init", "--no-scm", "-q")
+        _dvc(project, "config", "core.analytics", "false")
+        (project / "stages.py").write_text(f"EVALUATION = {EVALUATION!r}\nLATENCY = {LATENCY!r}\n"
+                                           f"VALIDATION = {VALIDATION!r}\n" + FAKE_STAGES)
+        (project / "dvc.yaml").write_text(FAKE_DVC_YAML)
+        params_writer(project, {"gate": {"min_accuracy": 1.0}} if fail_evaluate else None)
+        return project
+    return make
 
 
 def runs(project: Path) -> list[str]:
@@ -173,13 +178,13 @@ def test_a_stage_error_is_its_own_error_lines_else_the_end_of_its_stderr():
 
 
 @pytest.mark.slow
-def test_flow_runs_the_stages_in_dvc_yaml_order_and_publishes_the_evaluation(prefect_harness, tmp_path):
+def test_flow_runs_the_stages_in_dvc_yaml_order_and_publishes_the_evaluation(prefect_harness, tmp_path, fake_project):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from flows.kiln import ARTIFACT_KEY, kiln_pipeline
 
-    project = make_fake_project(tmp_path)
+    project = fake_project()
     state = kiln_pipeline(project_dir=project, return_state=True)
 
     assert state.is_completed(), state.message
@@ -198,10 +203,10 @@ def test_flow_runs_the_stages_in_dvc_yaml_order_and_publishes_the_evaluation(pre
 
 
 @pytest.mark.slow
-def test_rerunning_the_flow_or_dvc_repro_changes_nothing(prefect_harness, tmp_path):
+def test_rerunning_the_flow_or_dvc_repro_changes_nothing(prefect_harness, tmp_path, fake_project):
     from flows.kiln import kiln_pipeline
 
-    project = make_fake_project(tmp_path)
+    project = fake_project()
     kiln_pipeline(project_dir=project)
     lock = (project / "dvc.lock").read_bytes()
 
@@ -213,24 +218,56 @@ def test_rerunning_the_flow_or_dvc_repro_changes_nothing(prefect_harness, tmp_pa
     assert runs(project) == ["ingest", "validate", "evaluate", "package"]
 
 
+def test_bad_params_stop_the_run_before_any_stage(fake_project, capfd):
+    """`make run` (flows.kiln.main) with a misspelt copy of a section beside the real one: DVC
+    alone would rerun nothing and pass; the flow names it in one line, before Prefect starts."""
+    from flows.kiln import main
+
+    project = fake_project()
+    params = project / "params.yaml"
+    params.write_text(params.read_text() + "trian:\n  epochs: 3\n")
+    assert main(project) == 1
+    out, err = capfd.readouterr()
+    assert err == f"kiln: {params}: trian: unknown section (did you mean 'train'?)\n" and out == ""
+    assert runs(project) == []
+
+
 @pytest.mark.slow
-def test_a_failing_stage_fails_the_flow_with_its_error_and_stops_the_pipeline(prefect_harness, tmp_path):
-    from flows.kiln import StageFailed, kiln_pipeline
+def test_a_failing_stage_fails_the_flow_with_its_error_once_and_stops_the_pipeline(
+        prefect_harness, fake_project, capfd, monkeypatch):
+    """Through `make run`'s entry: the stage's error is printed once, without a traceback; the
+    Prefect flow run is Failed with that error as its message."""
+    import logging
 
-    project = make_fake_project(tmp_path, fail_evaluate=True)
-    state = kiln_pipeline(project_dir=project, return_state=True)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.logging.handlers import PrefectConsoleHandler
 
-    assert state.is_failed()
-    assert "kiln evaluate: error: no variant passed the gate (min_accuracy 0.97)" in state.message
-    assert "a warning before the error" not in state.message  # only the stage's own error lines
-    with pytest.raises(StageFailed, match=r"stage 'evaluate' failed[\s\S]*no variant passed the gate"):
-        state.result()
+    from flows.kiln import main
+
+    # Prefect's console handler keeps the stream it was set up with (an earlier test's capture).
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            monkeypatch.setattr(handler.console, "file", sys.stderr)
+    project = fake_project(fail_evaluate=True)
+    assert main(project) == 1
+    out, err = capfd.readouterr()
+    console = out + err
+    assert console.count("no variant passed the gate") == 1 and "Traceback" not in console
+    assert err.endswith("kiln: stage 'evaluate' failed (dvc repro exited 255):\n"
+                        "kiln evaluate: error: no variant passed the gate (min_accuracy 0.97)\n")
+    assert "a warning before the error" in console  # the rest of the stage's output is streamed
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+    assert run.state.is_failed()
+    assert "kiln evaluate: error: no variant passed the gate (min_accuracy 0.97)" in run.state.message
+    assert "a warning before the error" not in run.state.message  # only the stage's own error
     assert runs(project) == ["ingest", "validate", "evaluate"]
     assert not (project / "reports" / "package.json").exists()
 
 
 @pytest.mark.slow
-def test_the_scheduled_deployment_registers_its_cron_and_runs_the_flow(prefect_harness, tmp_path):
+def test_the_scheduled_deployment_registers_its_cron_and_runs_the_flow(prefect_harness, tmp_path, fake_project):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
@@ -239,7 +276,7 @@ def test_the_scheduled_deployment_registers_its_cron_and_runs_the_flow(prefect_h
     from pipeline.params import load_params
 
     schedule = load_params(REPO_ROOT / "params.yaml").schedule
-    project = make_fake_project(tmp_path)
+    project = fake_project()
     runner = kiln_runner(schedule, project_dir=project)
     deployment_name = f"{kiln_pipeline.name}/{schedule.deployment}"
     with get_client(sync_client=True) as client:

@@ -1,5 +1,7 @@
 """Per-stage unit tests on tiny data: ingest, preprocessing, augment, models, train, compress, gate."""
 import dataclasses
+import json
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +12,10 @@ from PIL import Image
 
 from pipeline import StageError, models
 from pipeline.augment import augment
-from pipeline.card import onnx_predictor
+from pipeline.card import CARD_FILE, ModelCard, Recipe, ValScore, onnx_predictor, read_card, to_dict
 from pipeline.compress import (
     PRUNERS,
+    STRUCTURED_PRUNERS,
     export_onnx,
     prune_and_finetune,
     quantize_int8,
@@ -21,13 +24,15 @@ from pipeline.compress import (
 from pipeline.dataset import data_hash, load_split, read_manifest
 from pipeline.evaluate import gate
 from pipeline.ingest import ingest
-from pipeline.params import AugmentParams, CompressParams, GateParams, Split, load_params
+from pipeline.params import (AugmentParams, CompressParams, GateParams, ModelName, PruneMethod,
+                             Split, load_params)
 from pipeline.preprocess import Preprocessing
 from pipeline.training import fit
 from pipeline.warp import warp
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = Split(train=0.6, val=0.2, test=0.2)
+MAX_FILE_BYTES = load_params(REPO / "params.yaml").ingest.max_file_bytes
 PREP = Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25])
 
 
@@ -49,8 +54,8 @@ def image_folder(root: Path, classes=("cat", "dog"), per_class=10, presplit=Fals
 
 
 def test_ingest_digits_is_stratified_and_seeded(tmp_path):
-    rows = ingest("digits", tmp_path / "a", SPLIT, seed=1)
-    again = ingest("digits", tmp_path / "b", SPLIT, seed=1)
+    rows = ingest("digits", tmp_path / "a", SPLIT, seed=1, max_file_bytes=MAX_FILE_BYTES)
+    again = ingest("digits", tmp_path / "b", SPLIT, seed=1, max_file_bytes=MAX_FILE_BYTES)
     assert len(rows) == 1797 and rows == again
     for split in ("train", "val", "test"):
         assert {r["label"] for r in rows if r["split"] == split} == {str(d) for d in range(10)}
@@ -59,11 +64,12 @@ def test_ingest_digits_is_stratified_and_seeded(tmp_path):
     _, classes = read_manifest(tmp_path / "a")
     assert classes == [str(d) for d in range(10)]
     assert data_hash(tmp_path / "a") == data_hash(tmp_path / "b")
-    assert ingest("digits", tmp_path / "c", SPLIT, seed=2) != rows
+    assert ingest("digits", tmp_path / "c", SPLIT, seed=2, max_file_bytes=MAX_FILE_BYTES) != rows
 
 
 def test_ingest_user_folder(tmp_path):
-    rows = ingest(str(image_folder(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0)
+    rows = ingest(str(image_folder(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0,
+                  max_file_bytes=MAX_FILE_BYTES)
     assert len(rows) == 20  # .DS_Store ignored
     assert {r["split"] for r in rows} == {"train", "val", "test"}
     pixels, labels = load_split(tmp_path / "out", "train", PREP)
@@ -73,7 +79,7 @@ def test_ingest_user_folder(tmp_path):
 
 def test_ingest_presplit_folder_keeps_its_split(tmp_path):
     rows = ingest(str(image_folder(tmp_path / "src", per_class=3, presplit=True)), tmp_path / "out",
-                  SPLIT, seed=0)
+                  SPLIT, seed=0, max_file_bytes=MAX_FILE_BYTES)
     assert sorted(r["split"] for r in rows).count("val") == 6
     assert all(r["path"].startswith(f"images/{r['split']}/") for r in rows)
 
@@ -86,7 +92,8 @@ def test_ingest_presplit_folder_keeps_its_split(tmp_path):
 ])
 def test_ingest_rejects_bad_folders(tmp_path, make, message):
     with pytest.raises(StageError, match=message):
-        ingest(str(make(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0)
+        ingest(str(make(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0,
+               max_file_bytes=MAX_FILE_BYTES)
 
 
 def test_preprocessing_converts_resizes_and_normalizes():
@@ -97,6 +104,58 @@ def test_preprocessing_converts_resizes_and_normalizes():
     assert x.dtype == np.float32 and np.allclose(x, (1 - 0.5) / 0.25)
     rgb_prep = Preprocessing(image_size=16, channels=3, mean=[0, 0, 0], std=[1, 1, 1])
     assert rgb_prep.pixels(Image.new("L", (40, 40))).shape == (3, 16, 16)
+
+
+def saved(image: Image.Image, path: Path, fmt: str = "PNG") -> Path:
+    image.save(path, fmt)
+    return path
+
+
+def test_preprocessing_converts_every_mode_pil_reads(tmp_path):
+    """Real PNG/JPEG files of each mode, decoded as the server and every stage decode them:
+    alpha composited on the background, 16-bit scaled (not clipped), palettes expanded."""
+    prep = dataclasses.replace(PREP, image_size=4, background=[10, 20, 30])
+    half = np.repeat([[0, 255]], 4, axis=0).repeat(2, axis=1).astype(np.uint8)  # left 0, right 255
+    gray = Image.fromarray(np.full((4, 4), 200, np.uint8))
+    files = {
+        "LA": saved(Image.merge("LA", (gray, Image.fromarray(half))), tmp_path / "la.png"),
+        "RGBA": saved(Image.merge("RGBA", (*[gray] * 3, Image.fromarray(half))), tmp_path / "rgba.png"),
+        "CMYK": saved(gray.convert("RGB").convert("CMYK"), tmp_path / "cmyk.jpg", "JPEG"),
+        "I;16": saved(Image.fromarray(np.full((4, 4), 200 * 257 + 100, np.uint16)), tmp_path / "16.png"),
+    }
+    palette = Image.fromarray((half // 255).astype(np.uint8), mode="P")  # index 0 left, 1 right
+    palette.putpalette([255, 255, 255, 200, 200, 200])
+    palette.save(tmp_path / "p.png", transparency=0)  # index 0 (white) is transparent
+    files["P"] = tmp_path / "p.png"
+    composited = 0.299 * 10 + 0.587 * 20 + 0.114 * 30  # the background as L, on the left half
+    for mode, path in files.items():
+        with Image.open(path) as image:
+            assert image.mode == mode
+        pixels = prep.load(path)[0]
+        assert pixels.shape == (4, 4) and pixels.dtype == np.uint8
+        if mode in ("LA", "RGBA", "P"):
+            assert np.abs(pixels[:, :2] - composited).max() <= 1, mode
+            assert (pixels[:, 2:] == 200).all(), mode
+        else:
+            assert (np.abs(pixels.astype(int) - 200) <= 1).all(), (mode, pixels)
+    rgb = dataclasses.replace(prep, channels=3, mean=[0] * 3, std=[1] * 3).load(files["RGBA"])
+    assert rgb[:, 0, 0].tolist() == [10, 20, 30] and rgb[:, 0, 3].tolist() == [200] * 3
+    # a card from before data.background (None): alpha is dropped, as it was
+    assert (dataclasses.replace(prep, background=None).load(files["LA"]) == 200).all()
+
+
+def test_a_card_from_before_data_background_still_reads(tmp_path):
+    """Its model was trained with alpha dropped; it reads with background None, served the same."""
+    params = load_params(REPO / "params.yaml")
+    card = ModelCard(architecture="lenet5", classes=["a", "b"], preprocessing=PREP,
+                     data_hash="0" * 64, recipe=Recipe(data=params.data, augment=params.augment,
+                                                       train=params.train, compress=None),
+                     weights={}, val=ValScore(loss=0.1, accuracy=0.9), selection=None)
+    old = to_dict(card)
+    del old["preprocessing"]["background"], old["recipe"]["data"]["background"]
+    (tmp_path / CARD_FILE).write_text(json.dumps(old))
+    read = read_card(tmp_path)
+    assert read.preprocessing.background is None and read.recipe.data.background is None
 
 
 AUG = AugmentParams(copies=2, rotation_deg=15.0, translate=0.1, scale_min=0.9, scale_max=1.1,
@@ -149,6 +208,13 @@ def test_augment_is_seeded_and_random_per_sample():
 def test_every_registered_model_builds_and_runs(name, channels):
     model = models.build(name, channels=channels, classes=7, image_size=32)
     assert model(torch.zeros(2, channels, 32, 32)).shape == (2, 7)
+
+
+def test_params_name_exactly_the_registered_variants():
+    """params.py declares the registry names so any stage (and the flow) refuses a misspelt one
+    before torch is imported; they must be the registries' names."""
+    assert set(typing.get_args(ModelName)) == set(models.MODELS)
+    assert set(typing.get_args(PruneMethod)) == set(STRUCTURED_PRUNERS) | set(PRUNERS)
 
 
 def test_unknown_model_names_the_key():

@@ -68,7 +68,8 @@ def project(tmp_path_factory, params_writer) -> Path:
     root = tmp_path_factory.mktemp("train")
     params_writer(root, CHANGES)
     p = load_params(root / "params.yaml")
-    ingest(p.data.source, root / "data/ingested", p.data.split, p.data.seed)
+    ingest(p.data.source, root / "data/ingested", p.data.split, p.data.seed,
+           p.ingest.max_file_bytes)
     cwd = os.getcwd()
     os.chdir(root)
     try:
