@@ -77,13 +77,19 @@ def first(store):
 SERVER = ("pipeline.serving", "bentoml serve kiln:", "_bentoml_impl.worker.service kiln:")
 
 
-def kiln_processes(*needles: str) -> list[psutil.Process]:
-    """Live processes whose command line contains any of `needles`."""
+def kiln_processes(home: Path, *needles: str) -> list[psutil.Process]:
+    """Live processes of the BentoML home `home` (their environment's BENTOML_HOME: other Kiln
+    servers on the machine are not this test's) whose command line contains any of `needles`."""
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if process.info["status"] != psutil.STATUS_ZOMBIE and any(n in cmdline for n in needles):
-            found.append(process)
+        if process.info["status"] == psutil.STATUS_ZOMBIE or not any(n in cmdline for n in needles):
+            continue
+        try:
+            if process.environ().get("BENTOML_HOME") == str(home):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass  # gone meanwhile, or another user's
     return found
 
 
@@ -167,7 +173,7 @@ def test_failed_infra_validation_blocks_promotion(store, first, tmp_path, case, 
     assert store.line() == line  # the champion stays
     assert store.versions("models", "kiln-classifier") == models_before  # the failed one removed
     assert store.versions("bentos", "kiln") == bentos_before
-    assert kiln_processes(*SERVER) == []  # its server is gone
+    assert kiln_processes(store.home, *SERVER) == []  # its server is gone
 
 
 def wait_for(condition, timeout_s: float, what: str):
@@ -198,13 +204,13 @@ def test_a_killed_package_stage_leaves_no_process_and_the_champion_serving(
             wait_for(lambda: store.versions("models", "kiln-classifier") - models_before, 120,
                      "the challenger in the model store")
         else:
-            wait_for(lambda: kiln_processes("_bentoml_impl.worker.service kiln:"), 120,
+            wait_for(lambda: kiln_processes(store.home, "_bentoml_impl.worker.service kiln:"), 120,
                      "the infra-validation server's workers")
         stage.send_signal(signal.SIGKILL)
     finally:
         stage.wait()
     # The server (watchdog, arbiter and workers) follows the stage within its stop grace.
-    wait_for(lambda: not kiln_processes(*SERVER), 30, "no serving process left")
+    wait_for(lambda: not kiln_processes(store.home, *SERVER), 30, "no serving process left")
     assert store.line() == line
     assert not (tmp_path / "package.json").exists()
 
