@@ -23,9 +23,10 @@ task's champion line (pipeline/champion.py: a model name and a class list).
    with; the build resolves nothing over the network.
 4. Infra validation: the new Bento runs under `bentoml serve` on a free loopback port
    (pipeline/serving.py: it dies with this stage); every test image is posted as its file to
-   /classify and all of them as one .npy to /classify_npy, and the served classes and
-   probabilities must equal the ones computed here from the same file. Any failure deletes the
-   new Bento and model, leaves the champion in place and fails the stage.
+   /classify and all of them as .npy files of up to serve.max_batch_images images to
+   /classify_npy, and the served classes and probabilities must equal the ones computed here
+   from the same file. Any failure deletes the new Bento and model, leaves the champion in
+   place and fails the stage.
 5. Promotion: the line names the new champion; the previous one is kept for rollback.
 6. The champion's Bento, with its model, is exported to --export (a DVC output): a clone that
    pulls it can serve it (`make serve` imports it) with no store of its own.
@@ -148,7 +149,7 @@ def _named(prefix: str):
 
 
 def infra_validate(bento_tag: str, model_dir: Path, card: ModelCard, data_dir: Path,
-                   ready_timeout_s: float) -> dict:
+                   ready_timeout_s: float, max_batch_images: int) -> dict:
     """Serve the Bento and check it answers every test image as model_dir's model does here.
     Raises StageError naming the first differences; returns what was checked."""
     (weights,) = card.weights
@@ -168,13 +169,16 @@ def infra_validate(bento_tag: str, model_dir: Path, card: ModelCard, data_dir: P
                                  f"for {data_dir / row['path']}: {response.text[:300]}")
             single.append(response.json())
         answers["/classify"] = single
-        buffer = io.BytesIO()
-        np.save(buffer, pixels)
-        response = client.post("/classify_npy", files={"array": ("test.npy", buffer.getvalue())})
-        if response.status_code != 200:
-            raise StageError(f"/classify_npy answered {response.status_code}: "
-                             f"{response.text[:300]}")
-        answers["/classify_npy"] = response.json()
+        batched = []
+        for start in range(0, len(pixels), max_batch_images):
+            buffer = io.BytesIO()
+            np.save(buffer, pixels[start:start + max_batch_images])
+            response = client.post("/classify_npy", files={"array": ("test.npy", buffer.getvalue())})
+            if response.status_code != 200:
+                raise StageError(f"/classify_npy answered {response.status_code}: "
+                                 f"{response.text[:300]}")
+            batched.extend(response.json())
+        answers["/classify_npy"] = batched
     for endpoint, served in answers.items():
         got = np.array([[p["probabilities"][c] for c in card.classes] for p in served])
         wrong = [(rows[i]["path"], int(e), int(a)) for i, (e, a) in
@@ -281,7 +285,8 @@ def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: 
             bentoml.bentos.build(**build_config, build_ctx=str(bentofile.resolve().parent),
                                  version=bento_tag.split(":")[1], args=to_dict(args))
             created.append((bentoml.bentos.delete, bento_tag))
-        return infra_validate(bento_tag, model_dir, card, data_dir, ready_timeout_s)
+        return infra_validate(bento_tag, model_dir, card, data_dir, ready_timeout_s,
+                              args.serve.max_batch_images)
     except BaseException:
         for delete, tag in reversed(created):
             delete(tag)

@@ -134,6 +134,9 @@ class PackageParams:
 @dataclass(frozen=True)
 class ServeParams:
     max_request_bytes: int
+    max_image_pixels: int
+    inline_decode_pixels: int
+    max_batch_images: int
     workers: int
     batch_threads: int
     access_log: bool
@@ -280,6 +283,10 @@ def _check_ranges(p: Params) -> None:
         ("package.model_name", re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", p.package.model_name)
          is not None, "must be lowercase letters, digits, '-', '_' or '.' (a BentoML model name)"),
         ("serve.max_request_bytes", p.serve.max_request_bytes >= 1024, "must be >= 1024"),
+        ("serve.max_image_pixels", p.serve.max_image_pixels >= 1, "must be >= 1"),
+        ("serve.inline_decode_pixels", 0 <= p.serve.inline_decode_pixels <= p.serve.max_image_pixels,
+         "must be in [0, serve.max_image_pixels]"),
+        ("serve.max_batch_images", p.serve.max_batch_images >= 1, "must be >= 1"),
     ]
     for key, ok, why in checks:
         if not ok:

@@ -14,25 +14,39 @@ the project's store (`make serve`), `bentoml serve <bento>`, an exported Bento f
 container (BentoML then reads the model from the Bento's own models/ folder). The model is
 model.onnx + its card (model.json); the card's sha256 of model.onnx is checked before anything
 is served, and preprocessing is rebuilt from the card, never re-implemented here. The same
-arguments carry params.yaml `serve` as it was at packaging: body limit, worker processes, batch
-threads and the access log.
+arguments carry params.yaml `serve` as it was at packaging: body, pixel and batch limits, worker
+processes, batch threads and the access log.
 
-Imports only bentoml, numpy, PIL, onnxruntime, pydantic and pipeline.card/params/preprocess, so
-the Bento needs no torch. Bad input gets HTTP 400 with a message, never 500; a request body
-larger than serve.max_request_bytes gets HTTP 413 before it is read.
+Imports only bentoml, numpy, PIL, onnxruntime, pydantic, anyio, starlette, python-multipart (the
+last three come with BentoML) and pipeline.card/params/preprocess, so the Bento needs no torch.
+Bad input gets a 4xx with a message naming the cause, never a 5xx, at a cost bounded by params
+before anything large is allocated: a body over serve.max_request_bytes gets 413 before it is
+read; a content type, multipart body or field an endpoint does not take gets 415/400 before
+BentoML parses it (InputGuard); an image over serve.max_image_pixels gets 400 from its header,
+before decoding; a batch over serve.max_batch_images gets 400 (a .npy from its header, before
+its pixels are allocated). Each rejected request is one WARNING line in the server log, without
+a traceback.
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument
+from bentoml.exceptions import BentoMLException, InvalidArgument
+from numpy.lib import format as npy_format
 from PIL import Image, UnidentifiedImageError
-from pydantic import AfterValidator, BaseModel, BeforeValidator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import Headers
 
 from pipeline.api_docs import OfflineDocsPage
 from pipeline.card import BentoArgs, onnx_predictor, read_card
@@ -42,6 +56,8 @@ from pipeline.preprocess import IMAGE_FORMATS
 ARGS: BentoArgs = typed(vars(bentoml.use_arguments()), BentoArgs, "Bento arguments")
 MODEL = bentoml.models.BentoModel(ARGS.model_tag)
 SERVE = ARGS.serve
+# Under "bentoml" so that BentoML's log configuration (handler, format, level) applies.
+log = logging.getLogger("bentoml.serve.kiln")
 
 
 class Prediction(BaseModel):
@@ -51,8 +67,9 @@ class Prediction(BaseModel):
 
 
 def _pixel_batch(images: np.ndarray) -> np.ndarray:
-    """Per-request check of /classify_batch input, run before adaptive batching concatenates
-    requests (a wrong shape there would fail every request in the batch): -> float32 (N, C, S, S).
+    """Per-request check of /classify_batch and /classify_npy input, run before adaptive batching
+    concatenates requests (a wrong shape there would fail every request in the batch):
+    -> float32 (N, C, S, S).
 
     Raises ValueError, which BentoML answers with HTTP 400 and this message.
     """
@@ -66,25 +83,177 @@ def _pixel_batch(images: np.ndarray) -> np.ndarray:
         raise ValueError(f"images: expected shape {expected}, got {images.shape}")
     if images.shape[0] == 0:
         raise ValueError(f"images: empty batch; expected shape {expected} with N >= 1")
+    if images.shape[0] > SERVE.max_batch_images:
+        raise ValueError(f"images: {images.shape[0]} images; at most {SERVE.max_batch_images} "
+                         f"images per request")
     if not np.isfinite(images).all() or images.min() < 0 or images.max() > 255:
         raise ValueError("images: pixel values must be finite and within 0..255")
-    return images.astype(np.float32)
+    return images.astype(np.float32, copy=False)
 
 
-def _decoded_image(upload) -> Image.Image:
-    """Multipart upload -> decoded PIL image, in memory (BentoML's Path input would write every
-    upload to a temporary file). Raises ValueError, which BentoML answers with HTTP 400."""
+def _image_header(upload) -> Image.Image:
+    """Multipart upload -> a PIL image whose header has been read and whose size is within
+    serve.max_image_pixels, not yet decoded (this validator runs on the event loop; classify
+    decides where to decode). Raises ValueError, which BentoML answers with HTTP 400."""
     data = upload if isinstance(upload, bytes) else getattr(upload, "file", upload).read()
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as decoded:
-            decoded.load()  # decode now, so a truncated file fails here and not later
-            return decoded
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError as e:
         raise ValueError("image: not a PNG or JPEG file") from e
-    # PIL reports a damaged file as OSError ("image file is truncated"), SyntaxError (broken
-    # PNG chunks) or ValueError, and too many pixels as DecompressionBombError.
+    # A header PIL recognises but cannot parse; DecompressionBombError only if
+    # serve.max_image_pixels is set above PIL's own limit (2 x Image.MAX_IMAGE_PIXELS).
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"image: cannot decode the PNG/JPEG file ({e})") from e
+        raise ValueError(f"image: cannot read the PNG/JPEG header ({e})") from e
+    width, height = image.size
+    if width * height > SERVE.max_image_pixels:
+        image.close()
+        raise ValueError(f"image: {width}x{height} = {width * height} pixels, over the limit of "
+                         f"{SERVE.max_image_pixels} pixels")
+    return image
+
+
+def _decoded(image: Image.Image) -> Image.Image:
+    """Decode now, so a truncated file fails here (HTTP 400) and not in preprocessing."""
+    try:
+        image.load()
+    # PIL reports a damaged file as OSError ("image file is truncated"), SyntaxError (broken
+    # PNG chunks) or ValueError.
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InvalidArgument(f"image: cannot decode the PNG/JPEG file ({e})") from e
+    return image
+
+
+def _npy_pixels(data: bytes, max_values: int) -> np.ndarray:
+    """A .npy file's bytes -> its array, without copying, after its header has been checked: a
+    numeric dtype and at most `max_values` values, all present in the file; so a header claiming
+    billions of values is refused before anything is allocated. Raises InvalidArgument (400)."""
+    if data[:4] == b"PK\x03\x04":
+        raise InvalidArgument("array: a .npz archive; expected one .npy file (numpy.save)")
+    f = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(f)
+        read_header = {(1, 0): npy_format.read_array_header_1_0,
+                       (2, 0): npy_format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f".npy format version {version} is not supported (1.0, 2.0 are)")
+        shape, fortran_order, dtype = read_header(f)
+    except (ValueError, OSError, EOFError, SyntaxError) as e:  # not .npy, or a damaged header
+        raise InvalidArgument(f"array: not a readable .npy file ({e})") from e
+    if dtype.hasobject or dtype.kind not in "uif":
+        raise InvalidArgument(f"array: expected uint8 or float pixel values 0..255, got dtype {dtype}")
+    count = int(np.prod(shape, dtype=object))  # Python ints: a hostile shape cannot overflow
+    if count > max_values:
+        raise InvalidArgument(f"array: shape {shape} holds {count} values; at most "
+                              f"{SERVE.max_batch_images} images per request")
+    if len(data) - f.tell() != count * dtype.itemsize:
+        raise InvalidArgument(f"array: not a readable .npy file (header says {count} values of "
+                              f"{dtype.itemsize} bytes; the file holds {len(data) - f.tell()} bytes)")
+    array = np.frombuffer(data, dtype, count, offset=f.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+class InputGuard:
+    """ASGI middleware: a request an endpoint cannot take gets 415/400 with the cause before
+    BentoML parses it. BentoML 1.4 answers such requests with HTTP 500 and a traceback
+    (_bentoml_impl/server/app.py: Starlette's 400 for a malformed multipart body is caught as
+    an unexpected exception; a text value where a file is expected is fetched as a URL; an
+    unknown field's bytes are JSON-decoded). `routes`: path -> the multipart file fields it
+    takes, or () for a JSON endpoint. Runs inside RequestSizeLimit, so the body is bounded."""
+
+    def __init__(self, app, routes: dict[str, tuple[str, ...]]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        fields = self.routes.get(scope.get("path"))
+        if scope["type"] != "http" or scope["method"] != "POST" or fields is None:
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        media_type = parse_options_header(headers.get("content-type", "application/json"))[0]
+        media_type = media_type.decode("latin-1").lower()
+        if not fields:
+            if media_type != "application/json":
+                return await _reject(send, 415, f"expected application/json, got {media_type}")
+            return await self.app(scope, receive, send)
+        wanted = ", ".join(f"'{f}'" for f in fields)
+        if media_type != "multipart/form-data":
+            return await _reject(send, 415, f"expected multipart/form-data with the file field "
+                                 f"{wanted}, got {media_type}")
+        messages = await _body_messages(receive)
+        problem = _form_problem(headers, messages, fields)
+        if problem:
+            return await _reject(send, 400, problem)
+        return await self.app(scope, _replay(messages, receive), send)
+
+
+async def _body_messages(receive) -> list[dict]:
+    messages = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return messages
+
+
+def _replay(messages: list[dict], receive):
+    replay = iter(messages)
+
+    async def replayed():
+        return next(replay, None) or await receive()
+
+    return replayed
+
+
+def _form_problem(headers: Headers, messages: list[dict], fields: tuple[str, ...]) -> str | None:
+    """What is wrong with a multipart body that should hold exactly one file per field in
+    `fields`, or None. Parsed with python-multipart, as BentoML's Starlette parses it after this
+    check, but only the part headers are kept (a full parse measured ~45-80 us per request
+    against ~18 us here, on a 289-byte upload)."""
+    content_type, options = parse_options_header(headers.get("content-type", ""))
+    if not options.get(b"boundary"):
+        return "multipart body without a boundary (Content-Type: multipart/form-data; boundary=...)"
+    parts: list[dict[bytes, bytes]] = []
+    header: list[bytes] = []
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header.append(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        key = b"".join(header).lower()
+        parts[-1][key] = parts[-1].get(key, b"") + data[start:end]
+
+    parser = MultipartParser(options[b"boundary"], {
+        "on_part_begin": lambda: parts.append({}),
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": header.clear})
+    # Few parts at most: a body of many tiny parts is refused below, not stored anywhere.
+    try:
+        for message in messages:
+            parser.write(message.get("body", b""))
+        parser.finalize()
+    except MultipartParseError as e:
+        return f"malformed multipart body ({e})"
+    names, files = [], []
+    for part in parts:
+        _, disposition = parse_options_header(part.get(b"content-disposition"))
+        if b"name" not in disposition:
+            return "malformed multipart body (a part without a Content-Disposition name)"
+        names.append(disposition[b"name"].decode("latin-1"))
+        files.append(b"filename" in disposition)
+    for field in fields:
+        count = names.count(field)
+        if count == 0:
+            got = ", ".join(f"'{n}'" for n in dict.fromkeys(names)) or "no fields"
+            return f"field '{field}' missing; got {got}"
+        if count > 1:
+            return f"field '{field}': one file expected, got {count} values"
+        if not files[names.index(field)]:
+            return f"field '{field}' must be a file upload (a part with a filename), got a text value"
+    extra = [n for n in names if n not in fields]
+    if extra:
+        return f"unexpected field '{extra[0]}'; this endpoint takes only {', '.join(fields)}"
+    return None
 
 
 class RequestSizeLimit:
@@ -117,12 +286,7 @@ class RequestSizeLimit:
                                      f"{self.limit} bytes")
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
-        replay = iter(messages)
-
-        async def replayed():
-            return next(replay, None) or await receive()
-
-        return await self.app(scope, replayed, send)
+        return await self.app(scope, _replay(messages, receive), send)
 
 
 async def _reject(send, status: int, message: str) -> None:
@@ -132,6 +296,80 @@ async def _reject(send, status: int, message: str) -> None:
                             (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+class RejectionLog:
+    """ASGI middleware, outermost of Kiln's: every 4xx answer is one WARNING line, `METHOD
+    path status: reason` (the reason from the JSON body: {"error"} or pydantic's "detail"),
+    whoever answered it. BentoML's own ERROR record with a traceback for the same request is
+    dropped by _ClientErrorFilter; a 5xx keeps its traceback."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status, body = 0, bytearray()
+
+        async def logged_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and 400 <= status < 500:
+                body.extend(message.get("body", b"")[: 4096 - len(body)])
+                if not message.get("more_body", False):
+                    log.warning("%s %s %d: %s", scope["method"], scope["path"], status,
+                                _reason(bytes(body)))
+            await send(message)
+
+        return await self.app(scope, receive, logged_send)
+
+
+def _reason(body: bytes) -> str:
+    try:
+        error = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace").strip() or "(no message)"
+    if isinstance(error, list) and error:  # BentoML answers a 4xx BentoMLException as [{...}]
+        error = error[0]
+    if not isinstance(error, dict):
+        return str(error)
+    details = [d.get("msg", "") for d in error.get("detail", []) if isinstance(d, dict)]
+    return "; ".join(details) or str(error.get("error", error))
+
+
+class _ClientErrorFilter(logging.Filter):
+    """Drops BentoML's ERROR record (with traceback) for a request it answers with a 4xx:
+    validation errors and BentoMLExceptions below 500. RejectionLog logs those requests."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ValidationError):
+            return False
+        return not (isinstance(error, BentoMLException) and error.error_code < 500)
+
+
+def _return_large_allocations_to_the_os() -> None:
+    """glibc malloc keeps freed memory for reuse: after a burst of ~8 MB uploads (the body, its
+    temporary-file copies, the .npy bytes) a worker kept ~70-90 MB more than with valid images
+    only (bench/serve_bombs.py, docs/benchmarks.md). Blocks of 1 MiB or more are mapped and
+    unmapped on their own (a fixed threshold: glibc otherwise raises it after each free), and
+    threads share 2 arenas. A no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD, bytes
+        libc.mallopt(-8, 2)        # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+_return_large_allocations_to_the_os()
+# bentoml._internal.server.http_app.log_exception logs each failed request on this logger.
+logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorFilter())
+# python-multipart logs a WARNING of its own before raising on a malformed body; InputGuard's
+# 400 carries the same message, logged once by RejectionLog.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 @bentoml.service(
@@ -163,6 +401,7 @@ class Classifier:
             if logits.shape != (1, len(self.classes)):
                 raise RuntimeError(f"model.onnx gives logits of shape {logits.shape} for one "
                                    f"image; model.json lists {len(self.classes)} classes")
+        self.decode_slot: anyio.CapacityLimiter | None = None
         self.ready = True
 
     def __is_ready__(self) -> bool:
@@ -180,30 +419,38 @@ class Classifier:
             for i, row in zip(probabilities.argmax(axis=1), probabilities)
         ]
 
+    def _classify_image(self, image: Image.Image) -> Prediction:
+        with _decoded(image) as decoded:
+            return self._predict(self.preprocessing.pixels(decoded)[None], self.single)[0]
+
     @bentoml.api
-    async def classify(self, image: Annotated[Image.Image, BeforeValidator(_decoded_image)]
+    async def classify(self, image: Annotated[Image.Image, BeforeValidator(_image_header)]
                        ) -> Prediction:
         """Classify one uploaded PNG/JPEG image (multipart field "image").
 
-        async: it runs on the event loop, without a hop to the thread pool; one LeNet-5-sized
-        image takes ~0.1 ms to decode and classify."""
-        return self._predict(self.preprocessing.pixels(image)[None], self.single)[0]
+        An image of up to serve.inline_decode_pixels is decoded and classified on the event
+        loop (cheaper than the hop to a thread); a larger one, up to serve.max_image_pixels, in
+        a worker thread, one at a time per worker, so it never holds the loop and a worker
+        holds at most one large decoded image."""
+        if image.width * image.height <= SERVE.inline_decode_pixels:
+            return self._classify_image(image)
+        if self.decode_slot is None:  # created on the event loop, as anyio requires
+            self.decode_slot = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(self._classify_image, image, limiter=self.decode_slot)
 
-    @bentoml.api(batchable=True, max_batch_size=256, max_latency_ms=5000)
+    @bentoml.api(batchable=True, max_batch_size=SERVE.max_batch_images, max_latency_ms=5000)
     def classify_batch(self, images: Annotated[np.ndarray, AfterValidator(_pixel_batch)]
                        ) -> list[Prediction]:
         """Classify pixel arrays, values 0..255, shape (N, S, S) (grayscale models) or
-        (N, C, S, S) at the model's input size. Requests are batched together adaptively."""
+        (N, C, S, S) at the model's input size, N <= serve.max_batch_images. Requests are
+        batched together adaptively."""
         return self._predict(images, self.batch)
 
     @bentoml.api
     def classify_npy(self, array: Path) -> list[Prediction]:
         """Classify a binary pixel array: a .npy file (numpy.save, no pickles) uploaded as the
         multipart field "array", shapes and values as for /classify_batch."""
-        try:
-            images = np.load(io.BytesIO(array.read_bytes()), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:  # not .npy, truncated, or object arrays
-            raise InvalidArgument(f"array: not a readable .npy file ({e})") from e
+        images = _npy_pixels(array.read_bytes(), SERVE.max_batch_images * int(np.prod(self.input_shape)))
         try:
             pixels = _pixel_batch(images)
         except ValueError as e:
@@ -211,5 +458,10 @@ class Classifier:
         return self._predict(pixels, self.batch)
 
 
+# First added is outermost: every rejection below is logged; the body is bounded before the
+# guard reads it.
+Classifier.add_asgi_middleware(RejectionLog)
 Classifier.add_asgi_middleware(RequestSizeLimit, max_bytes=SERVE.max_request_bytes)
+Classifier.add_asgi_middleware(InputGuard, routes={
+    api.route: tuple(api.input_spec.multipart_fields) for api in Classifier.apis.values()})
 Classifier.add_asgi_middleware(OfflineDocsPage)  # GET /: Swagger UI with nothing from outside

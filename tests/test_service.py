@@ -8,9 +8,13 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
+import re
 import subprocess
 import sys
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -248,6 +252,22 @@ def test_classify_matches_local_onnx(server, image_format):
 
 
 @pytest.mark.slow
+def test_an_image_decoded_off_the_event_loop_gets_the_same_answer(server):
+    """Over serve.inline_decode_pixels, /classify decodes in a worker thread."""
+    side = math.isqrt(load_params(REPO / "params.yaml").serve.inline_decode_pixels) + 1
+    images, _ = class_images(3, seed=7)
+    for image in images:
+        big = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST))
+        data = encode(big, "PNG")
+        response = server["client"].post("/classify", files={"image": ("big.png", data)})
+        assert response.status_code == 200, response.text
+        expected = local_probabilities(
+            server["model_dir"], PREPROCESSING.pixels(Image.open(io.BytesIO(data)))[None])[0]
+        got = response.json()["probabilities"]
+        assert [got[c] for c in CLASSES] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_classify_batch_matches_local_onnx(server):
     images, _ = class_images(9, seed=2)
     expected = local_probabilities(server["model_dir"], images[:, None])
@@ -298,7 +318,9 @@ def test_bad_images_get_400_with_a_message(server):
         assert response.status_code == 400, (case, response.text)
         assert message in response.text, (case, response.text)
     response = server["client"].post("/classify", json={})
-    assert response.status_code == 400 and "image" in response.text
+    assert response.status_code == 415, response.text
+    assert "expected multipart/form-data with the file field 'image', got application/json" \
+        in response.json()["error"]
 
 
 @pytest.mark.slow
@@ -334,7 +356,7 @@ def test_bad_npy_gets_400_with_a_message(server):
     cases = {
         "not npy": (b"not a numpy file", "not a readable .npy"),
         "truncated": (npy(np.zeros((4, SIZE, SIZE), np.uint8))[:-10], "not a readable .npy"),
-        "pickled objects": (npy(np.array([{"a": 1}], dtype=object)), "not a readable .npy"),
+        "pickled objects": (npy(np.array([{"a": 1}], dtype=object)), "got dtype object"),
         "wrong shape": (npy(np.zeros((2, SIZE + 1, SIZE + 1), np.uint8)), "expected shape"),
         "out of range": (npy(np.full((1, SIZE, SIZE), -1.0)), "0..255"),
     }
@@ -368,6 +390,141 @@ def test_oversized_requests_get_413_and_the_server_keeps_serving(server):
     images, _ = class_images(3, seed=4)
     response = server["client"].post("/classify_npy", files={"array": ("x.npy", npy(images))})
     assert response.status_code == 200, response.text
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]:
+    """(body, Content-Type) of a multipart/form-data body with parts (name, filename or None for
+    a text field, data), as a client writes it by hand."""
+    body = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--kiln\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return body + b"--kiln--\r\n", "multipart/form-data; boundary=kiln"
+
+
+def npy_header_only(shape: tuple[int, ...]) -> bytes:
+    """A uint8 .npy header claiming `shape`, followed by 64 bytes instead of the pixels."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + bytes(64)
+
+
+def bad_requests(serve) -> dict[str, tuple[str, bytes, str, int, str]]:
+    """case -> (path, body, Content-Type, status, message): every input schemathesis or the
+    issue found answered with 500, or that costs more than the serve limits allow."""
+    side = math.isqrt(serve.max_image_pixels) + 1
+    bomb = encode(np.zeros((side, side), np.uint8), "PNG")  # a few KB, > max_image_pixels
+    npz = io.BytesIO()
+    np.savez(npz, images=np.zeros((2, SIZE, SIZE), np.uint8))
+    too_many = np.zeros((serve.max_batch_images + 1, SIZE, SIZE), np.uint8)
+    png = encode(np.zeros((SIZE, SIZE), np.uint8), "PNG")
+    form = "multipart/form-data"
+    return {
+        "no boundary": ("/classify", multipart([("image", "x.png", png)])[0], form, 400,
+                        "multipart body without a boundary"),
+        "malformed multipart": ("/classify", b"--kiln\r\nno headers", form + "; boundary=kiln",
+                                400, "malformed multipart body"),
+        "text where a file is expected": ("/classify", *multipart([("image", None, b"http://x/")]),
+                                          400, "field 'image' must be a file upload"),
+        "wrong field name": ("/classify", *multipart([("file", "x.png", png)]), 400,
+                             "field 'image' missing; got 'file'"),
+        "extra field": ("/classify_npy", *multipart([("array", "x.npy", npy(too_many[:1])),
+                                                     ("note", None, b"hi")]),
+                        400, "unexpected field 'note'"),
+        "two files": ("/classify", *multipart([("image", "a.png", png), ("image", "b.png", png)]),
+                      400, "field 'image': one file expected, got 2"),
+        "JSON to an upload endpoint": ("/classify_npy", b"{}", "application/json", 415,
+                                       "expected multipart/form-data with the file field 'array', "
+                                       "got application/json"),
+        "multipart to the JSON endpoint": ("/classify_batch", *multipart([("images", "x", b"[]")]),
+                                           415, "expected application/json, got multipart/form-data"),
+        "decompression bomb": ("/classify", *multipart([("image", "x.png", bomb)]), 400,
+                               f"{side}x{side} = {side * side} pixels, over the limit of "
+                               f"{serve.max_image_pixels} pixels"),
+        ".npz": ("/classify_npy", *multipart([("array", "x.npy", npz.getvalue())]), 400,
+                 "a .npz archive; expected one .npy file"),
+        ".npy header claiming 4e9 values": (
+            "/classify_npy", *multipart([("array", "x.npy", npy_header_only((62_500_000, 8, 8)))]),
+            400, f"holds 4000000000 values; at most {serve.max_batch_images} images per request"),
+        ".npy shorter than its header": (
+            "/classify_npy", *multipart([("array", "x.npy", npy_header_only((2, 8, 8)))]),
+            400, "header says 128 values of 1 bytes; the file holds 64 bytes"),
+        "too many images (.npy)": ("/classify_npy", *multipart([("array", "x.npy", npy(too_many))]),
+                                   400, f"at most {serve.max_batch_images} images per request"),
+        "too many images (JSON)": ("/classify_batch", json.dumps({"images": too_many.tolist()}).encode(),
+                                   "application/json", 400,
+                                   f"at most {serve.max_batch_images} images per request"),
+    }
+
+
+@pytest.mark.slow
+def test_malformed_or_costly_requests_get_4xx_naming_the_cause(server):
+    serve = load_params(REPO / "params.yaml").serve
+    for case, (path, body, content_type, status, message) in bad_requests(serve).items():
+        response = server["client"].post(path, content=body, headers={"content-type": content_type})
+        assert response.status_code == status, (case, response.text)
+        assert message in response.text, (case, response.text)
+    assert server["client"].get("/readyz").status_code == 200
+    images, _ = class_images(3, seed=4)
+    response = server["client"].post("/classify", files={"image": ("x.png", encode(images[0], "PNG"))})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.slow
+def test_each_rejected_request_is_one_warning_line_without_traceback(server):
+    """The log lines after a marker request (a 404 on a made-up path, logged like any
+    rejection), once a second marker and as many lines as requests have arrived: the workers'
+    lines reach the file asynchronously, in any order between the two workers."""
+    cases = bad_requests(load_params(REPO / "params.yaml").serve)
+    marker = uuid.uuid4().hex
+
+    def log_after_marker(until) -> tuple[str, list[str]]:
+        deadline = time.monotonic() + 10  # s
+        while True:
+            text = server["log"].read_text()
+            window = text[text.find(f"GET /start-{marker} 404"):] if marker in text else ""
+            lines = [line for line in window.splitlines()[1:] if line.strip()]
+            if until(window, lines) or time.monotonic() > deadline:
+                return window, [line for line in lines if f"/end-{marker}" not in line]
+            time.sleep(0.1)
+
+    server["client"].get(f"/start-{marker}")
+    log_after_marker(lambda window, _: window)
+    for path, body, content_type, _, _ in cases.values():
+        server["client"].post(path, content=body, headers={"content-type": content_type})
+    server["client"].post("/classify", files={"image": ("x.png", b"not an image")})  # pydantic
+    server["client"].post("/classify_npy", files={"array": ("x.npy", b"not npy")})  # in the API
+    server["client"].get(f"/end-{marker}")
+    expected = len(cases) + 2
+    window, lines = log_after_marker(
+        lambda window, lines: f"/end-{marker}" in window and len(lines) >= expected + 1)
+    time.sleep(0.5)  # a line more, if any, would show here
+    window, lines = log_after_marker(lambda *_: True)
+    assert "Traceback" not in window and "[ERROR]" not in window, window
+    assert len(lines) == expected, window
+    assert all("[WARNING]" in line for line in lines), window
+    statuses = sorted(int(re.search(r"POST /classify\w* (\d{3}): ", l).group(1)) for l in lines)
+    assert statuses == sorted([c[3] for c in cases.values()] + [400, 400]), window
+    assert any("field 'image' missing; got 'file'" in l for l in lines), window
+    assert any("Value error, image: not a PNG or JPEG file" in l for l in lines), window
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error(server, tmp_path):
+    """A bounded, seeded schemathesis run over every endpoint in the served OpenAPI document:
+    no response >= 500, and the server is still ready afterwards."""
+    url = f"http://127.0.0.1:{server['port']}"
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/docs.json",
+         "--checks", "not_a_server_error", "--phases", "coverage,fuzzing", "--max-examples", "100",
+         "--seed", "10", "--continue-on-failure", "--suppress-health-check", "all",
+         "--generation-database", "none", "--request-timeout", "10"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    generated = re.search(r"(\d+) generated, (\d+) passed", done.stdout)
+    assert generated and int(generated[1]) == int(generated[2]) > 100, done.stdout[-4000:]
+    assert server["client"].get("/readyz").status_code == 200
 
 
 @pytest.mark.slow
