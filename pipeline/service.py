@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -163,6 +164,9 @@ def _return_large_allocations_to_the_os() -> None:
 
 _return_large_allocations_to_the_os()
 log_rejections_once()
+# PIL warns (two lines on stderr) when a header says over 89 Mpx; _image_header refuses such an
+# image itself, logged as one line.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 @bentoml.service(

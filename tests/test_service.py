@@ -415,6 +415,9 @@ def bad_requests(serve) -> dict[str, tuple[str, bytes, str, int, str]]:
     issue found answered with 500, or that costs more than the serve limits allow."""
     side = math.isqrt(serve.max_image_pixels) + 1
     bomb = encode(np.zeros((side, side), np.uint8), "PNG")  # a few KB, > max_image_pixels
+    # Over PIL's own limit too, where PIL warns on stderr: the log still gets one line.
+    big_side = math.isqrt(Image.MAX_IMAGE_PIXELS) + 1
+    big_bomb = encode(np.zeros((big_side, big_side), np.uint8), "PNG")  # ~90 KB
     npz = io.BytesIO()
     np.savez(npz, images=np.zeros((2, SIZE, SIZE), np.uint8))
     too_many = np.zeros((serve.max_batch_images + 1, SIZE, SIZE), np.uint8)
@@ -442,6 +445,9 @@ def bad_requests(serve) -> dict[str, tuple[str, bytes, str, int, str]]:
         "decompression bomb": ("/classify", *multipart([("image", "x.png", bomb)]), 400,
                                f"{side}x{side} = {side * side} pixels, over the limit of "
                                f"{serve.max_image_pixels} pixels"),
+        "decompression bomb over PIL's limit": (
+            "/classify", *multipart([("image", "x.png", big_bomb)]), 400,
+            f"{big_side}x{big_side} = {big_side ** 2} pixels, over the limit"),
         ".npz": ("/classify_npy", *multipart([("array", "x.npy", npz.getvalue())]), 400,
                  "a .npz archive; expected one .npy file"),
         ".npy header claiming 4e9 values": (
