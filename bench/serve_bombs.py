@@ -3,7 +3,7 @@ oversized .npy batches mixed in, against one or more Bentos (e.g. the service be
 a change), one after the other, same machine, same requests.
 
     python bench/serve_bombs.py [--bento TAG ...] [--data data/ingested] [--clients 32] \
-        [--duration 30] [--out reports/serve_bombs.json]
+        [--duration 30] [--rounds 1] [--out reports/serve_bombs.json]
 
 Load: wrk (Debian package `wrk`), 2 threads, `--clients` keep-alive connections, each sending
 its next request as soon as the previous one is answered (closed loop), `--timeout 10s`, for
@@ -17,7 +17,9 @@ Reported per Bento: completed requests/s over the whole run (every answer, whate
 status), answers by HTTP status, wrk's socket errors (timeouts above all), p50/p99 latency over
 all answered requests (wrk's), and the RSS of each worker process (psutil on the children of
 `bentoml serve`): after the warm-up, the peak during the load (sampled every 0.5 s) and 5 s
-after the load. The client shares the machine's cores with the server (2 here).
+after the load. With `--rounds N` the load runs N times against the same server (5 s apart), a
+result per round, each with the RSS after the warm-up as "before": whether memory climbs round
+after round. The client shares the machine's cores with the server (2 here).
 """
 from __future__ import annotations
 
@@ -147,34 +149,40 @@ def wrk(url: str, script: Path, listing: Path, clients: int, duration_s: int, ou
     return json.loads(out.read_text())
 
 
-def bench(bento: str, folder: Path, mixed: Path, valid: Path, clients: int, duration_s: int) -> dict:
+def bench(bento: str, folder: Path, mixed: Path, valid: Path, clients: int, duration_s: int,
+          rounds: int) -> list[dict]:
+    """`rounds` loads of duration_s one after the other against one server: one result each."""
     script = folder / "load.lua"
     script.write_text(WRK_LUA)
+    results = []
     with kiln_server(bento, folder / f"{bento.replace(':', '-')}.log") as url:
         procs = workers(int(url.rsplit(":", 1)[1]))
         wrk(url, script, valid, clients, 3, folder / "warmup.json")
         before = rss_mb(procs)
-        peak = list(before)
-        stop = threading.Event()
+        for round_ in range(1, rounds + 1):
+            peak = rss_mb(procs)
+            stop = threading.Event()
 
-        def sample() -> None:
-            while not stop.wait(SAMPLE_S):
-                peak[:] = map(max, peak, rss_mb(procs))
+            def sample() -> None:
+                while not stop.wait(SAMPLE_S):
+                    peak[:] = map(max, peak, rss_mb(procs))
 
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
-            result = wrk(url, script, mixed, clients, duration_s, folder / "load.json")
-        finally:
-            stop.set()
-            sampler.join()
-        time.sleep(5)
-        after = rss_mb(procs)
-    seconds = result["duration_us"] / 1e6
-    return {"bento": bento, "rps": round(result["requests"] / seconds, 1),
-            "statuses": dict(sorted(result["statuses"].items())), "socket_errors": result["errors"],
-            "p50_ms": result["p50_us"] / 1e3, "p99_ms": result["p99_us"] / 1e3,
-            "worker_rss_mb": {"before": before, "peak": peak, "after": after}}
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            try:
+                result = wrk(url, script, mixed, clients, duration_s, folder / "load.json")
+            finally:
+                stop.set()
+                sampler.join()
+            time.sleep(5)
+            seconds = result["duration_us"] / 1e6
+            results.append({
+                "bento": bento, "round": round_, "rps": round(result["requests"] / seconds, 1),
+                "statuses": dict(sorted(result["statuses"].items())),
+                "socket_errors": result["errors"], "p50_ms": result["p50_us"] / 1e3,
+                "p99_ms": result["p99_us"] / 1e3,
+                "worker_rss_mb": {"before": before, "peak": peak, "after": rss_mb(procs)}})
+    return results
 
 
 def main() -> None:
@@ -185,6 +193,8 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=REPO / "reports" / "package.json")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=int, default=30, help="s of load per Bento")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="loads one after the other against each server (memory round after round)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -198,15 +208,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mixed, valid = requests_files(Path(tmp), args.data, limit)
         for bento in bentos:
-            results["runs"].append(bench(bento, Path(tmp), mixed, valid, args.clients, args.duration))
-            print(json.dumps(results["runs"][-1]), file=sys.stderr)
+            for run in bench(bento, Path(tmp), mixed, valid, args.clients, args.duration, args.rounds):
+                results["runs"].append(run)
+                print(json.dumps(run), file=sys.stderr)
     results["load_after"] = os.getloadavg()
     print(json.dumps(results, indent=1))
-    print("\n| Bento | req/s | answers by status | timeouts | p50 (ms) | p99 (ms) | worker RSS MB "
-          "before / peak / 5 s after |\n|---|---:|---|---:|---:|---:|---|")
+    print("\n| Bento | round | req/s | answers by status | timeouts | p50 (ms) | p99 (ms) | worker RSS MB "
+          "before / peak / 5 s after |\n|---|---:|---:|---|---:|---:|---:|---|")
     for r in results["runs"]:
         rss = r["worker_rss_mb"]
-        print(f"| {r['bento']} | {r['rps']:.0f} | {r['statuses']} | {r['socket_errors']['timeout']} "
+        print(f"| {r['bento']} | {r['round']} | {r['rps']:.0f} | {r['statuses']} | {r['socket_errors']['timeout']} "
               f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {rss['before']} / {rss['peak']} / "
               f"{rss['after']} |")
     if args.out:

@@ -3,8 +3,10 @@ cannot take with a 4xx naming the cause, before BentoML parses or buffers it, an
 rejected request as one WARNING line.
 
     RequestSizeLimit  413 for a body over serve.max_request_bytes, before it is read
-    InputGuard        415/400 for a content type, multipart body or field an endpoint does not take
+    InputGuard        415/400 for a content type, multipart body or field an endpoint does not
+                      take; 400 for a file whose first bytes show it over a limit, before the rest
     RejectionLog      one `METHOD path status: reason` WARNING line per 4xx answer
+    cancel_request_timers()  BentoML's request timeout without its 30 s of memory per request
 
 BentoML 1.4 answers malformed multipart bodies, text values where a file is expected and unknown
 fields with HTTP 500 and a traceback (_bentoml_impl/server/app.py), and logs every 4xx it raises
@@ -13,9 +15,13 @@ logs the request. Needs only Starlette and python-multipart, which come with Ben
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from typing import Callable
 
+from bentoml._internal.server.http import traffic as bentoml_traffic
+from bentoml._internal.server.http.traffic import TimeoutMiddleware
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 from python_multipart.exceptions import MultipartParseError
@@ -26,20 +32,34 @@ from starlette.datastructures import Headers
 log = logging.getLogger("bentoml.serve.kiln")
 
 
+# Bytes of a file part a header check (InputGuard's `checks`) sees: numpy refuses .npy headers
+# over 10,000 bytes, a PNG's size is in its first 33 bytes; a JPEG's frame header may come later
+# (after its APP segments), and the service's own check still sees the whole file.
+HEADER_BYTES = 64 * 1024
+
+
 class InputGuard:
     """ASGI middleware: a request an endpoint cannot take gets 415/400 with the cause before
     BentoML parses it. BentoML 1.4 answers such requests with HTTP 500 and a traceback
     (_bentoml_impl/server/app.py: Starlette's 400 for a malformed multipart body is caught as
     an unexpected exception; a text value where a file is expected is fetched as a URL; an
     unknown field's bytes are JSON-decoded). `routes`: path -> the multipart file fields it
-    takes, or () for a JSON endpoint. Runs inside RequestSizeLimit, so the body is bounded."""
+    takes, or () for a JSON endpoint. `checks`: (path, field) -> a function of a file's first
+    HEADER_BYTES bytes that returns why the file is refused (e.g. a size over a limit that its
+    header shows) or None; a refused upload gets 400 while its body is still arriving, so it
+    never costs its body (an 8 MB body buffered here, spooled and copied by BentoML kept ~100-200
+    MB per worker under load: docs/benchmarks.md). Runs inside RequestSizeLimit, so the body is
+    bounded."""
 
-    def __init__(self, app, routes: dict[str, tuple[str, ...]]) -> None:
+    def __init__(self, app, routes: dict[str, tuple[str, ...]],
+                 checks: dict[tuple[str, str], Callable[[bytes], str | None]]) -> None:
         self.app = app
         self.routes = routes
+        self.checks = checks
 
     async def __call__(self, scope, receive, send) -> None:
-        fields = self.routes.get(scope.get("path"))
+        path = scope.get("path")
+        fields = self.routes.get(path)
         if scope["type"] != "http" or scope["method"] != "POST" or fields is None:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
@@ -53,20 +73,28 @@ class InputGuard:
         if media_type != "multipart/form-data":
             return await _reject(send, 415, f"expected multipart/form-data with the file field "
                                  f"{wanted}, got {media_type}")
-        messages = await _body_messages(receive)
-        problem = _form_problem(headers, messages, fields)
+        form = _FormParts(headers, {f: c for (p, f), c in self.checks.items() if p == path})
+        messages = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            more = message["type"] == "http.request" and message.get("more_body", False)
+            problem = form.feed(message.get("body", b""), more)
+            if problem:
+                messages.clear()
+                await _reject(send, 400, problem)
+                # Read the rest without keeping it: a client still sending its body would
+                # otherwise get a connection reset instead of the answer.
+                while more:
+                    message = await receive()
+                    more = message["type"] == "http.request" and message.get("more_body", False)
+                return
+            if not more:
+                break
+        problem = form.problem(fields)
         if problem:
             return await _reject(send, 400, problem)
         return await self.app(scope, _replay(messages, receive), send)
-
-
-async def _body_messages(receive) -> list[dict]:
-    messages = []
-    while True:
-        message = await receive()
-        messages.append(message)
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return messages
 
 
 def _replay(messages: list[dict], receive):
@@ -78,56 +106,105 @@ def _replay(messages: list[dict], receive):
     return replayed
 
 
-def _form_problem(headers: Headers, messages: list[dict], fields: tuple[str, ...]) -> str | None:
-    """What is wrong with a multipart body that should hold exactly one file per field in
-    `fields`, or None. Parsed with python-multipart, as BentoML's Starlette parses it after this
-    check, but only the part headers are kept (a full parse measured ~45-80 us per request
-    against ~18 us here, on a 289-byte upload)."""
-    content_type, options = parse_options_header(headers.get("content-type", ""))
-    if not options.get(b"boundary"):
-        return "multipart body without a boundary (Content-Type: multipart/form-data; boundary=...)"
-    parts: list[dict[bytes, bytes]] = []
-    header: list[bytes] = []
+class _FormParts:
+    """The part headers of a multipart body fed chunk by chunk, parsed with python-multipart as
+    BentoML's Starlette parses it after InputGuard's check, keeping only the part headers (a full
+    parse measured ~45-80 us per request against ~18 us here, on a 289-byte upload) and the
+    first HEADER_BYTES of each file part that has a check in `checks` (field -> check)."""
 
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header.append(data[start:end])
+    def __init__(self, headers: Headers, checks: dict[str, Callable[[bytes], str | None]]) -> None:
+        _, options = parse_options_header(headers.get("content-type", ""))
+        self.error = None if options.get(b"boundary") else (
+            "multipart body without a boundary (Content-Type: multipart/form-data; boundary=...)")
+        self.checks = checks
+        self.parts: list[dict[bytes, bytes]] = []
+        self.head: tuple[Callable[[bytes], str | None], bytearray] | None = None  # current part's
+        self.pending: list[tuple[Callable[[bytes], str | None], bytearray]] = []  # heads to check
+        header: list[bytes] = []
 
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        key = b"".join(header).lower()
-        parts[-1][key] = parts[-1].get(key, b"") + data[start:end]
+        def on_header_field(data: bytes, start: int, end: int) -> None:
+            header.append(data[start:end])
 
-    parser = MultipartParser(options[b"boundary"], {
-        "on_part_begin": lambda: parts.append({}),
-        "on_header_field": on_header_field,
-        "on_header_value": on_header_value,
-        "on_header_end": header.clear})
-    # Few parts at most: a body of many tiny parts is refused below, not stored anywhere.
-    try:
-        for message in messages:
-            parser.write(message.get("body", b""))
-        parser.finalize()
-    except MultipartParseError as e:
-        return f"malformed multipart body ({e})"
-    names, files = [], []
-    for part in parts:
-        _, disposition = parse_options_header(part.get(b"content-disposition"))
-        if b"name" not in disposition:
-            return "malformed multipart body (a part without a Content-Disposition name)"
-        names.append(disposition[b"name"].decode("latin-1"))
-        files.append(b"filename" in disposition)
-    for field in fields:
-        count = names.count(field)
-        if count == 0:
-            got = ", ".join(f"'{n}'" for n in dict.fromkeys(names)) or "no fields"
-            return f"field '{field}' missing; got {got}"
-        if count > 1:
-            return f"field '{field}': one file expected, got {count} values"
-        if not files[names.index(field)]:
-            return f"field '{field}' must be a file upload (a part with a filename), got a text value"
-    extra = [n for n in names if n not in fields]
-    if extra:
-        return f"unexpected field '{extra[0]}'; this endpoint takes only {', '.join(fields)}"
-    return None
+        def on_header_value(data: bytes, start: int, end: int) -> None:
+            key = b"".join(header).lower()
+            self.parts[-1][key] = self.parts[-1].get(key, b"") + data[start:end]
+
+        if self.error is None:
+            self.parser = MultipartParser(options[b"boundary"], {
+                "on_part_begin": lambda: self.parts.append({}),
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": header.clear,
+                "on_headers_finished": self._part_begins,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_ends})
+
+    def _part_begins(self) -> None:
+        _, disposition = parse_options_header(self.parts[-1].get(b"content-disposition"))
+        check = self.checks.get(disposition.get(b"name", b"").decode("latin-1"))
+        self.head = (check, bytearray()) if check and b"filename" in disposition else None
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.head is not None:
+            head = self.head[1]
+            head += data[start:min(end, start + HEADER_BYTES - len(head))]
+            if len(head) >= HEADER_BYTES:
+                self._part_ends()
+
+    def _part_ends(self) -> None:
+        if self.head is not None:
+            self.pending.append(self.head)
+            self.head = None
+
+    def feed(self, chunk: bytes, more: bool) -> str | None:
+        """Parse the next chunk of the body; with `more` of it to come, a file part's check
+        runs once its first HEADER_BYTES (or the whole part) are in, and what it refuses is
+        returned. A body complete in fewer chunks is left to the service's own checks."""
+        if self.error is not None:
+            return None
+        # Few parts at most: a body of many tiny parts is refused by problem(), not stored.
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError as e:
+            self.error = f"malformed multipart body ({e})"
+            return None
+        pending, self.pending = self.pending, []
+        for check, head in pending if more else ():
+            problem = check(bytes(head))
+            if problem:
+                return problem
+        return None
+
+    def problem(self, fields: tuple[str, ...]) -> str | None:
+        """What is wrong with the whole body, which should hold exactly one file per field in
+        `fields`, or None."""
+        if self.error is None:
+            try:
+                self.parser.finalize()
+            except MultipartParseError as e:
+                self.error = f"malformed multipart body ({e})"
+        if self.error is not None:
+            return self.error
+        names, files = [], []
+        for part in self.parts:
+            _, disposition = parse_options_header(part.get(b"content-disposition"))
+            if b"name" not in disposition:
+                return "malformed multipart body (a part without a Content-Disposition name)"
+            names.append(disposition[b"name"].decode("latin-1"))
+            files.append(b"filename" in disposition)
+        for field in fields:
+            count = names.count(field)
+            if count == 0:
+                got = ", ".join(f"'{n}'" for n in dict.fromkeys(names)) or "no fields"
+                return f"field '{field}' missing; got {got}"
+            if count > 1:
+                return f"field '{field}': one file expected, got {count} values"
+            if not files[names.index(field)]:
+                return f"field '{field}' must be a file upload (a part with a filename), got a text value"
+        extra = [n for n in names if n not in fields]
+        if extra:
+            return f"unexpected field '{extra[0]}'; this endpoint takes only {', '.join(fields)}"
+        return None
 
 
 class RequestSizeLimit:
@@ -211,6 +288,44 @@ def _reason(body: bytes) -> str:
         return str(error)
     details = [d.get("msg", "") for d in error.get("detail", []) if isinstance(d, dict)]
     return "; ".join(details) or str(error.get("error", error))
+
+
+class _TimerCancellingTimeout(TimeoutMiddleware):
+    """BentoML 1.4's TimeoutMiddleware (traffic.timeout, 504 for a request not answered in
+    time), but its timer is cancelled once the request is done. BentoML's stays scheduled for
+    the whole timeout after every request, and the timer holds the request's context (its
+    OpenTelemetry span, ~5 KB): at ~900 requests/s per worker and a 30 s timeout a worker held
+    ~80-90 MB more than it needed, freed only by the timers firing (docs/benchmarks.md)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+        async def started_send(message) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+            await send(message)
+
+        answer = asyncio.ensure_future(self.app(scope, receive, started_send))
+        try:
+            await waiter
+        except asyncio.TimeoutError:
+            if answer.cancel():
+                await _reject(send, 504, f"Not able to process the request in {self.timeout} seconds")
+        else:
+            await answer
+        finally:
+            timer.cancel()
+
+
+def cancel_request_timers() -> None:
+    """Make BentoML build its request timeout from _TimerCancellingTimeout: BaseAppFactory's
+    `middlewares` (bentoml/_internal/server/base_app.py) imports TimeoutMiddleware from this
+    module when the worker builds its app, after the service module has been imported."""
+    bentoml_traffic.TimeoutMiddleware = _TimerCancellingTimeout
 
 
 class ClientErrorFilter(logging.Filter):

@@ -25,8 +25,9 @@ before anything large is allocated: a body over serve.max_request_bytes gets 413
 read; a content type, multipart body or field an endpoint does not take gets 415/400 before
 BentoML parses it (pipeline/http_guard.py); an image over serve.max_image_pixels gets 400 from its header,
 before decoding; a batch over serve.max_batch_images gets 400 (a .npy from its header, before
-its pixels are allocated). Each rejected request is one WARNING line in the server log, without
-a traceback.
+its pixels are allocated). An upload whose first bytes show it over either limit is refused
+while its body is still arriving (InputGuard's checks), so it never costs its body. Each
+rejected request is one WARNING line in the server log, without a traceback.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator
 
 from pipeline.api_docs import OfflineDocsPage
 from pipeline.card import BentoArgs, onnx_predictor, read_card
-from pipeline.http_guard import InputGuard, RejectionLog, RequestSizeLimit, log_rejections_once
+from pipeline.http_guard import (InputGuard, RejectionLog, RequestSizeLimit, cancel_request_timers,
+                                 log_rejections_once)
 from pipeline.params import typed
 from pipeline.preprocess import IMAGE_FORMATS
 
@@ -100,12 +102,29 @@ def _image_header(upload) -> Image.Image:
     # serve.max_image_pixels is set above PIL's own limit (2 x Image.MAX_IMAGE_PIXELS).
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"image: cannot read the PNG/JPEG header ({e})") from e
+    problem = _pixels_over_limit(image)
+    if problem:
+        image.close()
+        raise ValueError(problem)
+    return image
+
+
+def _pixels_over_limit(image: Image.Image) -> str | None:
     width, height = image.size
     if width * height > SERVE.max_image_pixels:
-        image.close()
-        raise ValueError(f"image: {width}x{height} = {width * height} pixels, over the limit of "
-                         f"{SERVE.max_image_pixels} pixels")
-    return image
+        return (f"image: {width}x{height} = {width * height} pixels, over the limit of "
+                f"{SERVE.max_image_pixels} pixels")
+    return None
+
+
+def _image_too_large(head: bytes) -> str | None:
+    """InputGuard's check of an upload's first bytes: why an image whose header shows it over
+    serve.max_image_pixels is refused, or None (anything else is left to _image_header)."""
+    try:
+        with Image.open(io.BytesIO(head), formats=IMAGE_FORMATS) as image:
+            return _pixels_over_limit(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _decoded(image: Image.Image) -> Image.Image:
@@ -119,10 +138,9 @@ def _decoded(image: Image.Image) -> Image.Image:
     return image
 
 
-def _npy_pixels(data: bytes, max_values: int) -> np.ndarray:
-    """A .npy file's bytes -> its array, without copying, after its header has been checked: a
-    numeric dtype and at most `max_values` values, all present in the file; so a header claiming
-    billions of values is refused before anything is allocated. Raises InvalidArgument (400)."""
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """A .npy file's (first) bytes -> (shape, fortran_order, dtype, offset of the values), the
+    dtype checked to be numeric. Raises InvalidArgument (400)."""
     if data[:4] == b"PK\x03\x04":
         raise InvalidArgument("array: a .npz archive; expected one .npy file (numpy.save)")
     f = io.BytesIO(data)
@@ -137,21 +155,53 @@ def _npy_pixels(data: bytes, max_values: int) -> np.ndarray:
         raise InvalidArgument(f"array: not a readable .npy file ({e})") from e
     if dtype.hasobject or dtype.kind not in "uif":
         raise InvalidArgument(f"array: expected uint8 or float pixel values 0..255, got dtype {dtype}")
-    count = int(np.prod(shape, dtype=object))  # Python ints: a hostile shape cannot overflow
-    if count > max_values:
-        raise InvalidArgument(f"array: shape {shape} holds {count} values; at most "
-                              f"{SERVE.max_batch_images} images per request")
-    if len(data) - f.tell() != count * dtype.itemsize:
+    return shape, fortran_order, dtype, f.tell()
+
+
+def _npy_values_over_limit(shape: tuple[int, ...]) -> str | None:
+    c, s, _ = bentoml.get_current_service().input_shape
+    count = _values(shape)
+    if count > SERVE.max_batch_images * c * s * s:
+        return (f"array: shape {shape} holds {count} values; at most "
+                f"{SERVE.max_batch_images} images per request")
+    return None
+
+
+def _values(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=object))  # Python ints: a hostile shape cannot overflow
+
+
+def _npy_pixels(data: bytes) -> np.ndarray:
+    """A .npy file's bytes -> its array, without copying, after its header has been checked: a
+    numeric dtype and at most serve.max_batch_images images' worth of values, all present in the
+    file; so a header claiming billions of values is refused before anything is allocated.
+    Raises InvalidArgument (400)."""
+    shape, fortran_order, dtype, offset = _npy_header(data)
+    problem = _npy_values_over_limit(shape)
+    if problem:
+        raise InvalidArgument(problem)
+    count = _values(shape)
+    if len(data) - offset != count * dtype.itemsize:
         raise InvalidArgument(f"array: not a readable .npy file (header says {count} values of "
-                              f"{dtype.itemsize} bytes; the file holds {len(data) - f.tell()} bytes)")
-    array = np.frombuffer(data, dtype, count, offset=f.tell())
+                              f"{dtype.itemsize} bytes; the file holds {len(data) - offset} bytes)")
+    array = np.frombuffer(data, dtype, count, offset=offset)
     return array.reshape(shape, order="F" if fortran_order else "C")
 
 
+def _npy_too_large(head: bytes) -> str | None:
+    """InputGuard's check of an upload's first bytes: why a .npy whose header shows it over
+    serve.max_batch_images is refused, or None (anything else is left to _npy_pixels)."""
+    try:
+        shape = _npy_header(head)[0]
+    except InvalidArgument:
+        return None
+    return _npy_values_over_limit(shape)
+
+
 def _return_large_allocations_to_the_os() -> None:
-    """glibc malloc keeps freed memory for reuse: after a burst of ~8 MB uploads (the body, its
-    temporary-file copies, the .npy bytes) a worker kept ~70-90 MB more than with valid images
-    only (bench/serve_bombs.py, docs/benchmarks.md). Blocks of 1 MiB or more are mapped and
+    """glibc malloc keeps freed memory for reuse: with a valid 2 MB .npy batch in every 100
+    requests (32 clients, bench/serve_bombs.py's mix otherwise) a worker kept +43 MB with this
+    and +70 MB without (docs/benchmarks.md). Blocks of 1 MiB or more are mapped and
     unmapped on their own (a fixed threshold: glibc otherwise raises it after each free), and
     threads share 2 arenas. A no-op off glibc."""
     try:
@@ -164,6 +214,7 @@ def _return_large_allocations_to_the_os() -> None:
 
 _return_large_allocations_to_the_os()
 log_rejections_once()
+cancel_request_timers()
 # PIL warns (two lines on stderr) when a header says over 89 Mpx; _image_header refuses such an
 # image itself, logged as one line.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -247,7 +298,7 @@ class Classifier:
     def classify_npy(self, array: Path) -> list[Prediction]:
         """Classify a binary pixel array: a .npy file (numpy.save, no pickles) uploaded as the
         multipart field "array", shapes and values as for /classify_batch."""
-        images = _npy_pixels(array.read_bytes(), SERVE.max_batch_images * int(np.prod(self.input_shape)))
+        images = _npy_pixels(array.read_bytes())
         try:
             pixels = _pixel_batch(images)
         except ValueError as e:
@@ -260,5 +311,6 @@ class Classifier:
 Classifier.add_asgi_middleware(RejectionLog)
 Classifier.add_asgi_middleware(RequestSizeLimit, max_bytes=SERVE.max_request_bytes)
 Classifier.add_asgi_middleware(InputGuard, routes={
-    api.route: tuple(api.input_spec.multipart_fields) for api in Classifier.apis.values()})
+    api.route: tuple(api.input_spec.multipart_fields) for api in Classifier.apis.values()},
+    checks={("/classify", "image"): _image_too_large, ("/classify_npy", "array"): _npy_too_large})
 Classifier.add_asgi_middleware(OfflineDocsPage)  # GET /: Swagger UI with nothing from outside
