@@ -613,3 +613,60 @@ def test_a_bento_whose_model_file_is_corrupt_does_not_start_and_names_the_file(p
     with pytest.raises(StageError, match=r"model\.onnx: sha256 .* does not match"):
         with bento_server(str(bento), tmp_path / "home", tmp_path / "serve.log", ready_timeout_s=60):
             pass
+
+
+class _RequestState:
+    """Stands for what a request's context holds (BentoML's OpenTelemetry span)."""
+
+
+def _context_kept_after_request(middleware_class) -> bool:
+    """Run one request through `middleware_class` (a BentoML timeout middleware, 30 s) with a
+    context variable set, as BentoML's tracing sets the span, on uvloop as the server does; True
+    if what that context held is still alive once the request is done."""
+    import asyncio
+    import contextvars
+    import gc
+    import weakref
+
+    import uvloop
+
+    current = contextvars.ContextVar("request_state")
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def send(message):
+        pass
+
+    async def request():
+        state = _RequestState()
+        current.set(state)
+        await middleware_class(app, timeout=30)({"type": "http"}, None, send)
+        return weakref.ref(state)
+
+    async def main():
+        state = await asyncio.create_task(request(), context=contextvars.Context())
+        for _ in range(2):  # the loop lets go of the finished task
+            await asyncio.sleep(0)
+        gc.collect()
+        return state() is not None
+
+    return uvloop.run(main())
+
+
+def test_bentoml_builds_its_request_timeout_without_a_timer_left_per_request():
+    """BentoML 1.4's timeout middleware leaves a 30 s timer per request holding the request's
+    context (measured: ~80-90 MB per worker under load, docs/benchmarks.md); the service swaps
+    in one that cancels it. Checked on the class BentoML's app factory now builds."""
+    from types import SimpleNamespace
+
+    from bentoml._internal.server.base_app import BaseAppFactory
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from pipeline.http_guard import cancel_request_timers
+
+    assert _context_kept_after_request(TimeoutMiddleware)  # BentoML's own: the leak is real
+    cancel_request_timers()
+    (timeout,) = BaseAppFactory.middlewares.fget(SimpleNamespace(timeout=30, max_concurrency=None))
+    assert not _context_kept_after_request(timeout.cls)
