@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import html
 import io
 import json
 import math
@@ -579,31 +580,39 @@ def test_the_docs_page_draws_every_endpoint_with_no_network(server, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_api_page_describes_the_service_and_its_examples_get_200(server):
+def test_the_api_page_describes_the_service_and_its_examples_get_200(server, tmp_path):
     """/docs.json, what Swagger UI on / draws: the bentofile's short description (BentoML's
     default is the project README), a working example for every JSON endpoint and, for every
-    upload, which file to send."""
+    upload, which file to send; and the page, each endpoint opened, shows them."""
     spec = server["client"].get("/docs.json").json()
     description = yaml.safe_load((REPO / "bentofile.yaml").read_text())["description"]
     assert spec["info"]["description"] == description
-    posted, uploads = [], {}
+    examples, uploads = {}, {}
     for path, item in spec["paths"].items():
         if "post" not in item:
             continue
         ((media_type, body),) = item["post"]["requestBody"]["content"].items()
         fields = body["schema"]["properties"]
         if media_type == "application/json":
-            example = {name: field["example"] for name, field in fields.items()}
-            response = server["client"].post(path, json=example)
+            examples[path] = {name: field["example"] for name, field in fields.items()}
+            response = server["client"].post(path, json=examples[path])
             assert response.status_code == 200, (path, response.text)
-            posted.append(path)
         else:
             assert media_type == "multipart/form-data", (path, media_type)
             uploads.update({(path, name): field["description"] for name, field in fields.items()
                             if field.get("format") == "binary"})
-    assert posted == ["/classify_batch"]
+    assert list(examples) == ["/classify_batch"]
     assert "a PNG or JPEG file" in uploads[("/classify", "image")]
     assert "a .npy file (numpy.save)" in uploads[("/classify_npy", "array")]
+    url = f"http://127.0.0.1:{server['port']}/#/Service%20APIs/Classifier__"  # an open endpoint
+    page = offline_page(url + "classify_batch", tmp_path)
+    shown = re.search(r'<pre class="body-param__example[^>]*>(.*?)</pre>', page.dom, re.S)
+    assert shown, "no example body on the page"
+    shown_example = json.loads(html.unescape(re.sub(r"<[^>]+>", "", shown[1])))
+    assert shown_example == examples["/classify_batch"]
+    for (path, _), description in uploads.items():
+        page = offline_page(url + path.lstrip("/"), tmp_path)
+        assert html.escape(description, quote=False) in page.dom, (path, description)
 
 
 @pytest.mark.slow
@@ -725,7 +734,8 @@ def test_the_bento_s_image_runs_its_requirements_on_this_python_on_all_interface
     tracking off, port 3000."""
     done = subprocess.run([sys.executable, "-c", CONTAINERFILE,
                            packaged["report"]["champion"]["bento_tag"]],
-                          env=stage_env(packaged["home"]), capture_output=True, text=True, timeout=60)
+                          env=stage_env(packaged["home"]), capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     for dockerfile in (done.stdout, (packaged["export"] / "env/docker/Dockerfile").read_text()):
@@ -771,14 +781,16 @@ def test_the_bento_serves_from_a_clean_virtualenv_of_its_own_requirements(packag
                     str(tmp_path / "uv-cache"), "--python", python, "-r", str(requirements)],
     }
     for step, command in steps.items():
-        done = run_closed(command, tmp_path / f"{step}.strace", timeout_s=180)
+        trace = tmp_path / f"{step}.strace"
+        done = run_closed(command, trace, timeout_s=180)
         assert done.returncode == 0, (step, done.stderr[-3000:])
-        assert not leaving(tmp_path / f"{step}.strace"), (step, leaving(tmp_path / f"{step}.strace"))
+        assert not leaving(trace), (step, leaving(trace))
     done = subprocess.run([uv, "pip", "check", "--no-config", "--python", python],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
-    envs = {e["name"]: e["value"] for e in yaml.safe_load((bento / "bento.yaml").read_text())["envs"]}
+    manifest = yaml.safe_load((bento / "bento.yaml").read_text())
+    envs = {env["name"]: env["value"] for env in manifest["envs"]}
     assert envs == {"BENTOML_HOST": "0.0.0.0", "BENTOML_DO_NOT_TRACK": "True"}
     env = {**os.environ, **envs, "BENTOML_HOME": str(tmp_path / "home")}
     log = tmp_path / "serve.log"
