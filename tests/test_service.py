@@ -233,6 +233,8 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
 
 @pytest.mark.slow
 def test_server_binds_loopback_by_default(server):
+    """The Bento carries BENTOML_HOST=0.0.0.0 for its container image (bentofile `envs`): a
+    local `bentoml serve` with no --host still listens on loopback only."""
     assert f"listening on http://127.0.0.1:{server['port']}" in server["log"].read_text()
 
 
