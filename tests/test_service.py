@@ -774,6 +774,9 @@ def test_the_bento_serves_from_a_clean_virtualenv_of_its_own_requirements(packag
     bento = packaged["export"]
     requirements = bento / "env" / "python" / "requirements.txt"
     assert (WHEELHOUSE / "requirements.txt").is_file(), f"{WHEELHOUSE}: missing; run make install"
+    stale = set(requirements.read_text().split()) - set(
+        (WHEELHOUSE / "requirements.txt").read_text().split())
+    assert not stale, f"{WHEELHOUSE} lacks {sorted(stale)}: run make install"
     uv, venv = str(Path(sys.executable).with_name("uv")), tmp_path / "venv"
     python = str(venv / "bin" / "python")
     steps = {
