@@ -25,7 +25,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+# The wheels a Bento's requirements.txt pins (tests/wheelhouse.py, from pip's cache), so the test
+# that installs a Bento into a clean virtualenv needs no network.
+WHEELHOUSE := .kiln/wheelhouse
+$(WHEELHOUSE)/requirements.txt: $(VENV)/.installed bentofile.yaml
+	$(BIN)/python -m tests.wheelhouse $(WHEELHOUSE)
+
+install: $(VENV)/.installed $(WHEELHOUSE)/requirements.txt
 
 run: install
 	$(BIN)/python -m flows.kiln

@@ -125,6 +125,14 @@ def read_bentofile(bentofile: Path) -> tuple[dict, list[Path]]:
     return config, [bentofile.resolve(), *(root / name for name in config["include"])]
 
 
+def bento_envs(build_config: dict) -> list:
+    """bentofile.yaml `envs` as bentoml.bentos.build takes them: BentoML's env records (`bentoml
+    build` converts a bentofile's entries itself; bentos.build passes them on as they come)."""
+    from bentoml._internal.bento.build_config import BentoEnvSchema
+
+    return [BentoEnvSchema(**env) for env in build_config.get("envs", [])]
+
+
 def probabilities(predict, card: ModelCard, pixels: np.ndarray) -> np.ndarray:
     """Softmax of the logits, as the server computes it."""
     logits = predict_in_batches(predict, card.preprocessing.normalize(pixels)).astype(np.float64)
@@ -282,7 +290,8 @@ def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: 
         try:
             bentoml.bentos.get(bento_tag)
         except NotFound:
-            bentoml.bentos.build(**build_config, build_ctx=str(bentofile.resolve().parent),
+            bentoml.bentos.build(**{**build_config, "envs": bento_envs(build_config)},
+                                 build_ctx=str(bentofile.resolve().parent),
                                  version=bento_tag.split(":")[1], args=to_dict(args))
             created.append((bentoml.bentos.delete, bento_tag))
         return infra_validate(bento_tag, model_dir, card, data_dir, ready_timeout_s,

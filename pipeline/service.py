@@ -41,10 +41,10 @@ import anyio
 import anyio.to_thread
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument
+from bentoml.exceptions import BentoMLException, InvalidArgument
 from numpy.lib import format as npy_format
 from PIL import Image, UnidentifiedImageError
-from pydantic import AfterValidator, BaseModel, BeforeValidator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 from pipeline.api_docs import OfflineDocsPage
 from pipeline.card import BentoArgs, onnx_predictor, read_card
@@ -87,6 +87,17 @@ def _pixel_batch(images: np.ndarray) -> np.ndarray:
     if not np.isfinite(images).all() or images.min() < 0 or images.max() > 255:
         raise ValueError("images: pixel values must be finite and within 0..255")
     return images.astype(np.float32, copy=False)
+
+
+def _example_batch(schema: dict) -> None:
+    """/classify_batch's example on the API page (/docs.json): one blank image at the served
+    model's input size. BentoML builds the page's schema on each request, once the model has
+    loaded; while `bentoml build` writes the Bento's copy, no model has, and it gets none."""
+    try:
+        c, s, _ = bentoml.get_current_service().input_shape
+    except BentoMLException:  # "service isn't instantiated yet"
+        return
+    schema["example"] = np.zeros((1, s, s) if c == 1 else (1, c, s, s), np.uint8).tolist()
 
 
 def _image_header(upload) -> Image.Image:
@@ -272,8 +283,10 @@ class Classifier:
             return self._predict(self.preprocessing.pixels(decoded)[None], self.single)[0]
 
     @bentoml.api
-    async def classify(self, image: Annotated[Image.Image, BeforeValidator(_image_header)]
-                       ) -> Prediction:
+    async def classify(self, image: Annotated[
+            Image.Image, BeforeValidator(_image_header),
+            Field(description="the image to classify: a PNG or JPEG file, any size and colour "
+                              "mode")]) -> Prediction:
         """Classify one uploaded PNG/JPEG image (multipart field "image").
 
         An image of up to serve.inline_decode_pixels is decoded and classified on the event
@@ -287,15 +300,20 @@ class Classifier:
         return await anyio.to_thread.run_sync(self._classify_image, image, limiter=self.decode_slot)
 
     @bentoml.api(batchable=True, max_batch_size=SERVE.max_batch_images, max_latency_ms=5000)
-    def classify_batch(self, images: Annotated[np.ndarray, AfterValidator(_pixel_batch)]
-                       ) -> list[Prediction]:
+    def classify_batch(self, images: Annotated[
+            np.ndarray, AfterValidator(_pixel_batch),
+            Field(description="pixel values 0..255, shape (N, S, S) or (N, C, S, S) at the "
+                              "model's input size S (the example: one blank image)",
+                  json_schema_extra=_example_batch)]) -> list[Prediction]:
         """Classify pixel arrays, values 0..255, shape (N, S, S) (grayscale models) or
         (N, C, S, S) at the model's input size, N <= serve.max_batch_images. Requests are
         batched together adaptively."""
         return self._predict(images, self.batch)
 
     @bentoml.api
-    def classify_npy(self, array: Path) -> list[Prediction]:
+    def classify_npy(self, array: Annotated[Path, Field(
+            description="a .npy file (numpy.save) of pixel values 0..255, uint8 or float, "
+                        "shaped as /classify_batch's images")]) -> list[Prediction]:
         """Classify a binary pixel array: a .npy file (numpy.save, no pickles) uploaded as the
         multipart field "array", shapes and values as for /classify_batch."""
         images = _npy_pixels(array.read_bytes())

@@ -41,12 +41,13 @@ def _tail(log: Path, lines: int = 20) -> str:
 
 @contextlib.contextmanager
 def serving(bento: str, log: Path, ready_timeout_s: float, env: dict[str, str] | None = None,
-            host: str | None = "127.0.0.1") -> Iterator[httpx.Client]:
+            host: str | None = "127.0.0.1", python: str = sys.executable) -> Iterator[httpx.Client]:
     """`bentoml serve <bento>` (a tag or a Bento folder) on a free loopback port, its output in
     `log`; yields an httpx client once /readyz answers 200, and stops the server after.
-    host=None passes no --host, so the Bento's own config decides (it says 127.0.0.1)."""
+    host=None passes no --host, so the Bento's own config decides (it says 127.0.0.1) unless env
+    sets BENTOML_HOST. `python` runs bentoml (another virtualenv's, say)."""
     port = free_port()
-    command = [sys.executable, "-m", "bentoml", "serve", bento, "--port", str(port),
+    command = [python, "-m", "bentoml", "serve", bento, "--port", str(port),
                *(["--host", host] if host else [])]
     with open(log, "w") as log_file:
         watchdog = subprocess.Popen([sys.executable, "-m", "pipeline.serving", *command],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import html
 import io
 import json
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
+import psutil
 import pytest
 import yaml
 from PIL import Image
@@ -30,6 +32,7 @@ from pipeline import StageError
 from pipeline.card import ModelCard, Recipe, Selection, ValScore, sha256_file, write_card
 from pipeline.params import load_params
 from pipeline.preprocess import Preprocessing
+from pipeline.serving import serving
 from tests.bento_server import bento_server
 from tests.browser import offline_page
 
@@ -230,6 +233,8 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
 
 @pytest.mark.slow
 def test_server_binds_loopback_by_default(server):
+    """The Bento carries BENTOML_HOST=0.0.0.0 for its container image (bentofile `envs`): a
+    local `bentoml serve` with no --host still listens on loopback only."""
     assert f"listening on http://127.0.0.1:{server['port']}" in server["log"].read_text()
 
 
@@ -577,6 +582,42 @@ def test_the_docs_page_draws_every_endpoint_with_no_network(server, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_api_page_describes_the_service_and_its_examples_get_200(server, tmp_path):
+    """/docs.json, what Swagger UI on / draws: the bentofile's short description (BentoML's
+    default is the project README), a working example for every JSON endpoint and, for every
+    upload, which file to send; and the page, each endpoint opened, shows them."""
+    spec = server["client"].get("/docs.json").json()
+    description = yaml.safe_load((REPO / "bentofile.yaml").read_text())["description"]
+    assert spec["info"]["description"] == description
+    examples, uploads = {}, {}
+    for path, item in spec["paths"].items():
+        if "post" not in item:
+            continue
+        ((media_type, body),) = item["post"]["requestBody"]["content"].items()
+        fields = body["schema"]["properties"]
+        if media_type == "application/json":
+            examples[path] = {name: field["example"] for name, field in fields.items()}
+            response = server["client"].post(path, json=examples[path])
+            assert response.status_code == 200, (path, response.text)
+        else:
+            assert media_type == "multipart/form-data", (path, media_type)
+            uploads.update({(path, name): field["description"] for name, field in fields.items()
+                            if field.get("format") == "binary"})
+    assert list(examples) == ["/classify_batch"]
+    assert "a PNG or JPEG file" in uploads[("/classify", "image")]
+    assert "a .npy file (numpy.save)" in uploads[("/classify_npy", "array")]
+    url = f"http://127.0.0.1:{server['port']}/#/Service%20APIs/Classifier__"  # an open endpoint
+    page = offline_page(url + "classify_batch", tmp_path)
+    shown = re.search(r'<pre class="body-param__example[^>]*>(.*?)</pre>', page.dom, re.S)
+    assert shown, "no example body on the page"
+    shown_example = json.loads(html.unescape(re.sub(r"<[^>]+>", "", shown[1])))
+    assert shown_example == examples["/classify_batch"]
+    for (path, _), description in uploads.items():
+        page = offline_page(url + path.lstrip("/"), tmp_path)
+        assert html.escape(description, quote=False) in page.dom, (path, description)
+
+
+@pytest.mark.slow
 def test_readiness_and_prometheus_metrics(server):
     assert server["client"].get("/readyz").status_code == 200
     server["client"].post("/classify_npy", files={"array": ("x.npy", npy(class_images(2, 6)[0]))})
@@ -670,3 +711,105 @@ def test_bentoml_builds_its_request_timeout_without_a_timer_left_per_request():
     cancel_request_timers()
     (timeout,) = BaseAppFactory.middlewares.fget(SimpleNamespace(timeout=30, max_concurrency=None))
     assert not _context_kept_after_request(timeout.cls)
+
+
+def _dockerfile_lines(dockerfile: str) -> list[str]:
+    """Its instructions, a continued line joined, comments and blank lines left out."""
+    joined = re.sub(r"\\\n\s*", " ", dockerfile)
+    return [" ".join(line.split()) for line in joined.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+# The Dockerfile `bentoml containerize BENTO` hands its builder (BuildKit on, Docker's default).
+CONTAINERFILE = """import sys, bentoml
+from bentoml._internal.container import construct_containerfile
+with construct_containerfile(bentoml.get(sys.argv[1]), enable_buildkit=True) as (_, path):
+    print(open(path).read())
+"""
+
+
+@pytest.mark.slow
+def test_the_bento_s_image_runs_its_requirements_on_this_python_on_all_interfaces(packaged):
+    """The Dockerfile `bentoml containerize` builds (made without a Docker daemon) and the
+    Bento's own copy: the Python that made the Bento's pins (bentofile docker.python_version),
+    exactly the Bento's requirements.txt, `bentoml serve` on all interfaces with BentoML's
+    tracking off, port 3000."""
+    done = subprocess.run([sys.executable, "-c", CONTAINERFILE,
+                           packaged["report"]["champion"]["bento_tag"]],
+                          env=stage_env(packaged["home"]), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for dockerfile in (done.stdout, (packaged["export"] / "env/docker/Dockerfile").read_text()):
+        built = _dockerfile_lines(dockerfile)
+        assert built[0] == f"FROM python:{python}-slim AS base-container"
+        assert any(f"uv venv --python {python} /app/.venv" in line for line in built)
+        installs = [line for line in built if re.search(r"\b(pip|uv)\b.* install\b", line)]
+        assert len(installs) == 2, installs  # the installer, then the Bento's own pins
+        assert installs[0].endswith("|| pip install uv"), installs
+        assert installs[1].endswith(" pip install -r $BENTO_PATH/env/python/requirements.txt")
+        for name, value in {"BENTOML_HOST": "0.0.0.0", "BENTOML_DO_NOT_TRACK": "True"}.items():
+            assert f"ARG {name}={value}" in built and f"ENV {name}=${name}" in built, name
+        assert "EXPOSE 3000" in built
+        assert built[-1] == 'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]'
+
+
+@pytest.mark.slow
+def test_the_bento_serves_from_a_clean_virtualenv_of_its_own_requirements(packaged, tmp_path):
+    """What the container image does: a virtualenv with no site packages gets exactly the wheels
+    the Bento's requirements.txt pins (`uv pip install` as in its Dockerfile; --no-deps, then
+    `uv pip check`, so a requirement missing from the file fails here instead of being pulled
+    in), from make install's wheelhouse, inside a network namespace with only loopback: nothing
+    is downloaded. Its `bentoml serve` of the exported Bento, with an empty BentoML home and the
+    Bento's own envs (BENTOML_HOST=0.0.0.0), listens on all interfaces and answers the test
+    images as ONNX Runtime does here."""
+    from tests.test_offline import closed_network_missing, leaving, run_closed
+    from tests.wheelhouse import WHEELHOUSE
+
+    reason = closed_network_missing()
+    if reason and os.environ.get("CI"):
+        pytest.fail(f"no network namespace under strace: {reason}")
+    if reason:
+        pytest.skip(reason)
+    bento = packaged["export"]
+    requirements = bento / "env" / "python" / "requirements.txt"
+    assert (WHEELHOUSE / "requirements.txt").is_file(), f"{WHEELHOUSE}: missing; run make install"
+    stale = set(requirements.read_text().split()) - set(
+        (WHEELHOUSE / "requirements.txt").read_text().split())
+    assert not stale, f"{WHEELHOUSE} lacks {sorted(stale)}: run make install"
+    uv, venv = str(Path(sys.executable).with_name("uv")), tmp_path / "venv"
+    python = str(venv / "bin" / "python")
+    steps = {
+        "venv": [uv, "venv", "-q", "--no-config", "--python", sys.executable, str(venv)],
+        "install": [uv, "pip", "install", "-q", "--no-config", "--offline", "--no-index",
+                    "--find-links", str(WHEELHOUSE), "--no-deps", "--cache-dir",
+                    str(tmp_path / "uv-cache"), "--python", python, "-r", str(requirements)],
+    }
+    for step, command in steps.items():
+        trace = tmp_path / f"{step}.strace"
+        done = run_closed(command, trace, timeout_s=180)
+        assert done.returncode == 0, (step, done.stderr[-3000:])
+        assert not leaving(trace), (step, leaving(trace))
+    done = subprocess.run([uv, "pip", "check", "--no-config", "--python", python],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    manifest = yaml.safe_load((bento / "bento.yaml").read_text())
+    envs = {env["name"]: env["value"] for env in manifest["envs"]}
+    assert envs == {"BENTOML_HOST": "0.0.0.0", "BENTOML_DO_NOT_TRACK": "True"}
+    env = {**os.environ, **envs, "BENTOML_HOME": str(tmp_path / "home")}
+    log = tmp_path / "serve.log"
+    images, labels = class_images(6, seed=12)
+    expected = local_probabilities(packaged["model_dir"], images[:, None])
+    with serving(str(bento), log, 60, env=env, host=None, python=python) as client:
+        answers = [client.post("/classify", files={"image": ("x.png", encode(image, "PNG"))})
+                   for image in images]
+        answers.append(client.post("/classify_npy", files={"array": ("x.npy", npy(images))}))
+        listening = {c.laddr.ip for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == client.base_url.port}
+    assert listening == {"0.0.0.0"}, listening
+    assert [a.status_code for a in answers] == [200] * 7, [a.text for a in answers]
+    got = [a.json() for a in answers[:-1]] + answers[-1].json()
+    assert np.array([[p["probabilities"][c] for c in CLASSES] for p in got]) \
+        == pytest.approx(np.vstack([expected, expected]), abs=1e-6)
+    assert [p["label"] for p in got] == [CLASSES[i] for i in labels] * 2
