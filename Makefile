@@ -14,6 +14,7 @@ export DO_NOT_TRACK                     := 1
 export PREFECT_LOGGING_LEVEL            ?= INFO
 
 PORT ?= 3000
+PREFECT_PORT ?= 4200
 
 .PHONY: install run repro test test-fast serve rollback schedule clean
 
@@ -49,22 +50,25 @@ test-fast: install
 # in $(BENTOML_HOME)/kiln/); in a fresh clone after `dvc pull`, the exported Bento is imported.
 REPORT := reports/package.json
 EXPORT := models/champion
+POINTER := reports/champion.json
 
 serve: install
-	bento=$$($(BIN)/python -m pipeline.champion bento --report $(REPORT) --export $(EXPORT)) && \
+	bento=$$($(BIN)/python -m pipeline.champion bento --report $(REPORT) --export $(EXPORT) \
+	         --champion $(POINTER)) && \
 	$(BIN)/bentoml serve $$bento --host 127.0.0.1 --port $(PORT)
 
 # The previous champion (model and Bento) serves again at the next `make serve`.
 rollback: install
-	$(BIN)/python -m pipeline.champion rollback --report $(REPORT)
+	$(BIN)/python -m pipeline.champion rollback --report $(REPORT) --champion $(POINTER)
 
-# A local Prefect server (own session, so Ctrl-C reaches only the serve process, which pauses
-# the schedule first), then the deployment served on params.yaml's schedule.cron.
+# A local Prefect server with its UI on http://127.0.0.1:$(PREFECT_PORT) (flows/server.py; own
+# session, so Ctrl-C reaches only the serve process, which pauses the schedule first), then the
+# deployment served on params.yaml's schedule.cron.
 schedule: install
 	@mkdir -p $(PREFECT_HOME)
-	@setsid $(BIN)/prefect server start --host 127.0.0.1 --port 4200 --no-ui > $(PREFECT_HOME)/server.log 2>&1 & server=$$!; \
+	@setsid $(BIN)/python -m flows.server --port $(PREFECT_PORT) > $(PREFECT_HOME)/server.log 2>&1 & server=$$!; \
 	trap 'kill $$server 2>/dev/null; wait $$server' EXIT INT TERM; \
-	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/python -m flows.schedule
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.schedule
 
 # Outputs and caches of this checkout; the BentoML store (champions) stays: see README.
 clean:

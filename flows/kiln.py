@@ -5,6 +5,13 @@ stage is up to date and writes dvc.lock: a Prefect run and a plain `dvc repro` l
 Stages run one after another in a subprocess each, because DVC cannot run two stages at once in
 one workspace (it holds a repo lock), and a subprocess lets the task stream the stage's output.
 
+DVC ends every `dvc repro` that changed something with hints: `git add` the files it changed
+(dvc.lock, .gitignore) and `dvc push`. One repro per stage would say them after every stage, so
+the flow holds them back and says them once, after the last stage, with the files of all
+stages. Kiln leaves DVC's core.autostage off, as DVC does by default: it would `git add` to
+the user's index on every run, experiments and failed attempts included, and `git diff` would
+then no longer show what a run changed.
+
 `python -m flows.kiln` runs the flow once on this checkout (`make run`). It checks params.yaml
 before Prefect starts, and prints a failure once, as one `kiln: ...` message: Prefect's own
 reports of it (task and flow failure with tracebacks, final states) stay in the run's API log
@@ -93,6 +100,42 @@ class OwnError:
         return self.inside
 
 
+class DvcHints:
+    """Fed `dvc repro`'s stdout line by line: the lines to show, without DVC's closing hints
+    (module doc), whose files it collects. Blank lines are held back one line, as DVC starts a
+    hint with one."""
+    GIT_START, GIT_END = "To track the changes with git, run:", "dvc config core.autostage true"
+    PUSH = "Use `dvc push` to send your updates to remote storage."
+
+    def __init__(self) -> None:
+        self.git_add: set[str] = set()
+        self.push = False
+        self._inside = self._blank = False
+
+    def __call__(self, line: str) -> list[str]:
+        text = line.strip()
+        if self._inside:
+            if text.startswith("git add "):
+                self.git_add.update(shlex.split(text)[2:])
+            self._inside = text != self.GIT_END
+            return []
+        if text in (self.GIT_START, self.PUSH):
+            self._inside, self._blank = text == self.GIT_START, False
+            self.push |= text == self.PUSH
+            return []
+        shown = [""] * self._blank + [line] * bool(text)
+        self._blank = not text
+        return shown
+
+
+def hint_lines(hints: list[DvcHints]) -> list[str]:
+    """DVC's hints of all stages, each once."""
+    files = sorted(set().union(*(h.git_add for h in hints)))
+    lines = [f"To track the changes with git, run: git add {' '.join(map(shlex.quote, files))}"
+             "  (or let DVC stage them: dvc config core.autostage true)"] if files else []
+    return lines + [DvcHints.PUSH] * any(h.push for h in hints)
+
+
 def _stage_error_lines(stage: str, stderr_lines: list[str]) -> list[str]:
     """The stage's own error message, else the end of stderr (a traceback)."""
     own = list(filter(OwnError(stage), stderr_lines))
@@ -100,9 +143,10 @@ def _stage_error_lines(stage: str, stderr_lines: list[str]) -> list[str]:
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)  # DVC, not Prefect, decides what reruns
-def run_stage(stage: str, project_dir: Path) -> None:
-    """`dvc repro --single-item <stage>`, its output streamed to the run log; the stage's own
-    error message goes into the StageFailed it raises instead, so it is reported once."""
+def run_stage(stage: str, project_dir: Path) -> DvcHints:
+    """`dvc repro --single-item <stage>`, its output streamed to the run log but for DVC's
+    closing hints, which it returns; the stage's own error message goes into the StageFailed it
+    raises instead, so it is reported once."""
     logger = get_run_logger()
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     logger.info("%s (in %s)", " ".join(["dvc", *command[3:]]), project_dir)
@@ -121,14 +165,17 @@ def run_stage(stage: str, project_dir: Path) -> None:
 
     stderr_reader = threading.Thread(target=drain_stderr, name=f"stderr-{stage}", daemon=True)
     stderr_reader.start()
+    hints = DvcHints()
     for line in process.stdout:
-        logger.info("%s", line.rstrip("\n"))
+        for shown in hints(line.rstrip("\n")):
+            logger.info("%s", shown)
     returncode = process.wait()
     stderr_reader.join()
 
     if returncode != 0:
         raise StageFailed(f"stage {stage!r} failed (dvc repro exited {returncode}):\n"
                           + "\n".join(_stage_error_lines(stage, stderr_lines)))
+    return hints
 
 
 def _argument(stages: dict[str, dict], stage: str, flag: str) -> Path:
@@ -167,9 +214,11 @@ def kiln_pipeline(project_dir: Path = REPO_ROOT) -> str:
     project_dir = project_dir.resolve()
     load_params(project_dir / "params.yaml")
     stages = dvc_stages(project_dir)
-    for stage in stages:
-        run_stage(stage, project_dir)
-    return publish_evaluation(project_dir, stages)
+    hints = [run_stage(stage, project_dir) for stage in stages]
+    bento_tag = publish_evaluation(project_dir, stages)
+    for line in hint_lines(hints):
+        get_run_logger().info("%s", line)
+    return bento_tag
 
 
 class _NotFailureRecords(logging.Filter):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect.runner import Runner
 from prefect.schedules import Cron
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
 from flows.kiln import REPO_ROOT, kiln_pipeline
 from pipeline.params import ParamsError, ScheduleParams, load_params
@@ -52,7 +52,7 @@ def kiln_runner(schedule: ScheduleParams, project_dir: Path = REPO_ROOT) -> Runn
 def main() -> int:
     if not PREFECT_API_URL.value():
         print("kiln schedule: error: PREFECT_API_URL is not set; schedules need a running Prefect "
-              "server (`make schedule` starts one at http://127.0.0.1:4200/api)", file=sys.stderr)
+              "server (`make schedule` starts one)", file=sys.stderr)
         return 1
     try:
         schedule = load_params(REPO_ROOT / "params.yaml").schedule
@@ -62,7 +62,8 @@ def main() -> int:
         return 1
     runner = kiln_runner(schedule)
     print(f"Serving deployment '{kiln_pipeline.name}/{schedule.deployment}' on cron "
-          f"'{schedule.cron}' (UTC) from {PREFECT_API_URL.value()}. Run it now with: "
+          f"'{schedule.cron}' (UTC) from {PREFECT_API_URL.value()}; Prefect UI at "
+          f"{PREFECT_UI_URL.value()}. Run it now with: "
           f"prefect deployment run '{kiln_pipeline.name}/{schedule.deployment}'", flush=True)
     try:
         asyncio.run(runner.start())

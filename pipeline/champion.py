@@ -14,11 +14,19 @@ Kill safety: the package stage writes the tags it is about to create into a jour
 deleted. A run killed in between leaves the journal; the next run deletes those tags (unless a
 line names them) before it does anything else. Records are replaced atomically (write, rename).
 
+The champion pointer (reports/champion.json in dvc.yaml) is what DVC sees of a line, which lives
+outside the workspace: the task and its champion's model and Bento tags, nothing else (no time),
+so it is the same bytes in every clone with the same champion and changes exactly when the
+champion does. The validate stage depends on it, so a promotion or a rollback reruns validate
+(drift against the new champion) and nothing after it. Whatever reads or changes the line writes
+it: validate (the champion it found, none in a fresh clone's empty store), package, rollback and
+the import below.
+
 `python -m pipeline.champion bento --report R --export E` prints the Bento tag `make serve`
 serves: the champion of the task named in R (the package stage's report); when this BentoML home
 has no champion for it (a fresh clone after `dvc pull`), the Bento folder E that the package
 stage exported is imported first and becomes the champion. `... rollback --report R` rolls the
-task back.
+task back. Both take `--champion P`, the pointer to bring up to date.
 """
 from __future__ import annotations
 
@@ -141,6 +149,14 @@ def rollback(task: Task) -> Champion:
                          f"store {os.environ['BENTOML_HOME']}; nothing changed") from None
     write_line(Line(task=task, champion=restored, previous=line.previous[:-1]))
     return restored
+
+
+def write_pointer(path: Path, task: Task) -> None:
+    """The champion pointer at `path` (see the module doc) from the task's line."""
+    champion = read_line(task).champion
+    _write_json(path, {"task": task.key,
+                       "model_tag": champion.model_tag if champion else None,
+                       "bento_tag": champion.bento_tag if champion else None})
 
 
 # ---- kill safety ---------------------------------------------------------------------------
@@ -273,12 +289,20 @@ def main(argv: list[str]) -> None:
     bento.add_argument("--export", type=Path, required=True, help="the exported Bento folder")
     back = commands.add_parser("rollback", help="make the previous champion the champion again")
     back.add_argument("--report", type=Path, required=True, help="the package stage's report")
+    for command in (bento, back):
+        command.add_argument("--champion", type=Path,
+                             help="the champion pointer to write (validate's dep in dvc.yaml)")
     args = parser.parse_args(argv)
-    if args.command == "bento":
-        print(bento_to_serve(args.report, args.export))
-        return
     task, _ = read_report(args.report)
+    if args.command == "bento":
+        tag = bento_to_serve(args.report, args.export)
+        if args.champion:
+            write_pointer(args.champion, task)
+        print(tag)
+        return
     restored = rollback(task)
+    if args.champion:
+        write_pointer(args.champion, task)
     print(f"rolled back task {task.key}: champion is {restored.model_tag} (Bento "
           f"{restored.bento_tag}, test accuracy {restored.accuracy:.4f})")
 

@@ -40,6 +40,7 @@ from pipeline import StageError, models
 from pipeline.card import sha256_file, write_card
 from pipeline.params import CompressParams, TrainParams, load_params
 from pipeline.preprocess import Preprocessing
+from pipeline.progress import Progress
 from pipeline.training import (fit, make_optimizer, make_schedule, pick_device, steps_per_epoch,
                                to_input)
 
@@ -258,13 +259,14 @@ def sparsity(model: nn.Module) -> float:
 
 
 def prune_and_finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: CompressParams,
-                       recipe: TrainParams) -> nn.Module:
+                       recipe: TrainParams,
+                       on_epoch: Callable[[dict], None] | None = None) -> nn.Module:
     """Prune `model` in place by compress.prune_method (either registry), fine-tune it on the
     device tensors x, y for compress.finetune_epochs at compress.finetune_lr with the training
     recipe (train.optimizer, batch_size, seed, lr_schedule, label_smoothing, channels_last) and
-    return it in eval mode. Measured on digits, structured_l1 at 0.5 recovers to 0.9861 (float
-    0.9916) with the recipe and 8 epochs at lr 0.004, to 0.9638 with 3 constant-lr epochs at
-    0.0005."""
+    return it in eval mode; `on_epoch(metrics)` after each fine-tuning epoch (training.fit).
+    Measured on digits, structured_l1 at 0.5 recovers to 0.9861 (float 0.9916) with the recipe
+    and 8 epochs at lr 0.004, to 0.9638 with 3 constant-lr epochs at 0.0005."""
     if p.prune_method in STRUCTURED_PRUNERS:
         STRUCTURED_PRUNERS[p.prune_method](model, p.prune_amount)
     elif p.prune_method in PRUNERS:
@@ -283,7 +285,7 @@ def prune_and_finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: Co
             optimizer=optimizer,
             scheduler=make_schedule(recipe.lr_schedule, optimizer, p.finetune_lr, total_steps),
             label_smoothing=recipe.label_smoothing, seed=recipe.seed,
-            memory_format=memory_format)
+            memory_format=memory_format, on_epoch=on_epoch)
     for m in _prunable(model):
         if prune.is_pruned(m):
             prune.remove(m, "weight")
@@ -334,6 +336,7 @@ def main(argv: list[str]) -> None:
     params = load_params()
     p = params.compress
     device = pick_device()
+    progress = Progress("compress")
 
     model, card = models.load(args.model)
     prep = card.preprocessing
@@ -347,9 +350,16 @@ def main(argv: list[str]) -> None:
     macs = {"float.onnx": count_macs(model, input_shape)}
     n_params = {"float.onnx": count_params(model)}
 
+    progress("float.onnx exported")
+
+    def on_epoch(m: dict) -> None:
+        progress(f"{p.prune_method} {p.prune_amount:g}, fine-tune epoch {m['epoch']}/"
+                 f"{p.finetune_epochs}  loss {m['train_loss']:.4f}  acc {m['train_acc']:.4f}")
+
     torch.manual_seed(params.train.seed)
-    pruned = prune_and_finetune(model.to(device), x, y, p, params.train).cpu()
+    pruned = prune_and_finetune(model.to(device), x, y, p, params.train, on_epoch).cpu()
     export_onnx(pruned, prep, args.out / "pruned.onnx")
+    progress("pruned.onnx exported")
     # Masked weights are still multiplied: a mask pruner saves no MACs, and the count says so.
     macs["pruned.onnx"] = count_macs(pruned, input_shape)
     n_params["pruned.onnx"] = count_params(pruned)
@@ -362,6 +372,7 @@ def main(argv: list[str]) -> None:
     pick = rng.choice(n_originals, size=min(p.calibration_images, n_originals), replace=False)
     quantize_int8(args.out / "float.onnx", args.out / "int8.onnx", x[pick].cpu().numpy(),
                   p.int8_per_channel, p.int8_reduce_range)
+    progress(f"int8.onnx quantised, activations calibrated on {len(pick)} images")
 
     # int8 runs the float graph's MACs as int8 multiply-accumulates.
     macs["int8.onnx"], n_params["int8.onnx"] = macs["float.onnx"], n_params["float.onnx"]

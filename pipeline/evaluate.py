@@ -43,6 +43,7 @@ from pipeline.card import (ModelCard, Selection, at_least, onnx_predictor, predi
                            sha256_file, write_card)
 from pipeline.dataset import load_split
 from pipeline.params import EvaluateParams, GateParams, load_params
+from pipeline.progress import Progress
 
 Predict = Callable[[np.ndarray], np.ndarray]  # float32 (N, C, S, S) -> logits (N, classes)
 
@@ -177,9 +178,12 @@ def main(argv: list[str]) -> None:
                          "rerun the compress stage")
     latency_keys = [f"latency_ms_b{b}" for b in params.evaluate.latency_batch_sizes]
     results, latency, per_class, predictions = {}, {}, {}, {}
-    for v in variants:
+    progress = Progress("evaluate")
+    for i, v in enumerate(variants, 1):
         results[v.name], latency[v.name], per_class[v.name], predictions[v.name] = measure(
             v, x, y, card.classes, params.evaluate, counts)
+        progress(f"variant {i}/{len(variants)} {v.name}: accuracy "
+                 f"{results[v.name]['accuracy']:.4f}, latency timed")
     selected, why_not = gate(results, {v.name: v.servable for v in variants}, params.gate, latency)
 
     # Grouped by measure ("accuracy.int8_onnx"): the columns `dvc exp show` and

@@ -58,9 +58,11 @@ from pipeline import StageError
 from pipeline.card import (CARD_FILE, BentoArgs, ModelCard, at_least, onnx_predictor,
                            predict_in_batches, read_card, to_dict)
 from pipeline.champion import (REFERENCE_FILE, Champion, NotFound, Task, begin, bentoml,
-                               clean_up_killed_run, end, export_bento, now, promote, read_line)
+                               clean_up_killed_run, end, export_bento, now, promote, read_line,
+                               write_pointer)
 from pipeline.dataset import load_split, read_manifest
 from pipeline.params import PackageParams, ServeParams, load_params
+from pipeline.progress import Progress
 from pipeline.serving import serving
 
 
@@ -215,6 +217,7 @@ def _store_model(tag: str, model_dir: Path, card: ModelCard, task: Task, git: st
 def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path, export: Path,
             p: PackageParams, serve: ServeParams) -> dict:
     """Steps 0-6 of the module doc; returns the --out report."""
+    progress = Progress("package")
     for tag in clean_up_killed_run():
         print(f"package: deleted {tag}, left by a killed package run")
     card = read_card(model_dir)
@@ -256,8 +259,12 @@ def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path, e
                           f"{p.champion_tolerance}; the champion keeps serving")
                 export_bento(current.bento_tag, export)
                 return report(task, challenger, current, accuracy_now, reason)
+        progress(f"challenger test accuracy {challenger['accuracy']:.4f}; storing {model_tag}, "
+                 f"building {bento_tag} and serving it for infra validation")
         checked = build_and_validate(model_dir, card, task, bentofile, build_config, args,
                                      bento_tag, reference, data_dir, p.ready_timeout_s)
+        progress(f"infra validation passed: {checked['test_images']} test images through "
+                 f"{', '.join(checked['endpoints'])}")
         current = promote(line, Champion(
             model_tag=model_tag, bento_tag=bento_tag, accuracy=challenger["accuracy"],
             weights_sha256=challenger["weights_sha256"], promoted_at=now())).champion
@@ -323,6 +330,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--export", type=Path, required=True,
                         help="folder for the champion's Bento (with its model)")
     parser.add_argument("--out", type=Path, required=True, help="the report (JSON)")
+    parser.add_argument("--champion", type=Path,
+                        help="the champion pointer to write (pipeline/champion.py): a new "
+                             "champion changes it, which reruns validate (drift)")
     args = parser.parse_args(argv)
     params = load_params()
     result = package(args.model, args.bentofile, args.data, args.reference, args.export,
@@ -330,6 +340,8 @@ def main(argv: list[str]) -> None:
     reason = result.pop("reason")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if args.champion:
+        write_pointer(args.champion, Task(**result["task"]))
     print(f"package: {reason}")
     print(f"package: champion of {Task(**result['task']).key}: {result['champion']['bento_tag']}; "
           "serve it with `make serve`")

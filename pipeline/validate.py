@@ -43,7 +43,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import StageError
-from pipeline.champion import Task, reference
+from pipeline.champion import Task, reference, write_pointer
 from pipeline.dataset import SPLITS, data_hash, read_manifest
 from pipeline.drift import compare, profile
 from pipeline.params import DataParams, DriftParams, ValidateParams, load_params
@@ -464,13 +464,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--docs", type=Path, required=True, help="Data Docs folder to write")
     parser.add_argument("--profile", type=Path, required=True,
                         help="data profile JSON to write (package stores it with the model)")
+    parser.add_argument("--champion", type=Path,
+                        help="the champion pointer to write (pipeline/champion.py): the champion "
+                             "drift is checked against; dvc.yaml makes it a dep of this stage")
     args = parser.parse_args(argv)
     p = load_params()
     try:
         classes = read_manifest(args.data)[1]
     except FileNotFoundError:
         classes = []  # validate() below names the missing file
-    champion = reference(Task(model_name=p.package.model_name, classes=classes))
+    task = Task(model_name=p.package.model_name, classes=classes)
+    if args.champion:
+        write_pointer(args.champion, task)
+    champion = reference(task)
     if champion.profile is None:
         print(f"validate: drift not checked: {champion.note}")
     result = validate(args.data, args.docs, data=p.data, rules=p.validate, drift=p.drift,

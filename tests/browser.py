@@ -6,7 +6,8 @@ can also assert that the page tried nothing outside. A page served on the host's
 (http://127.0.0.1:PORT/...) is reached through a Unix socket bridge: sockets on the filesystem
 cross network namespaces, TCP ones do not.
 
-Run as `python -m tests.browser URL OUT [SOCKET]` only by `offline_page`, inside the namespace.
+Run as `python -m tests.browser URL OUT WINDOW [SOCKET]` only by `offline_page`, inside the
+namespace (WINDOW: `W,H` in px, or `default`).
 """
 from __future__ import annotations
 
@@ -46,11 +47,13 @@ def need_chromium() -> None:
     pytest.skip("chromium not installed (apt-get install chromium)")
 
 
-def offline_page(url: str, tmp: Path) -> Page:
-    """`url` (file:// or http://127.0.0.1:PORT/...) rendered in Chromium with no network."""
+def offline_page(url: str, tmp: Path, window: tuple[int, int] | None = None) -> Page:
+    """`url` (file:// or http://127.0.0.1:PORT/...) rendered in Chromium with no network, in a
+    window of `window` (width, height) px or Chromium's default size."""
     need_chromium()
     tmp.mkdir(parents=True, exist_ok=True)
-    command = ["unshare", "--net", sys.executable, "-m", "tests.browser", url, str(tmp)]
+    command = ["unshare", "--net", sys.executable, "-m", "tests.browser", url, str(tmp),
+               ",".join(map(str, window)) if window else "default"]
     host = urlsplit(url)
     bridge = None
     if host.scheme == "http":
@@ -102,7 +105,7 @@ def _relay(listener: socket.socket, connect) -> None:
     threading.Thread(target=accept, daemon=True).start()
 
 
-def _render_in_namespace(url: str, out: Path, bridge: str | None) -> None:
+def _render_in_namespace(url: str, out: Path, window: str, bridge: str | None) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     if bridge:
         host = urlsplit(url)
@@ -112,7 +115,8 @@ def _render_in_namespace(url: str, out: Path, bridge: str | None) -> None:
         subprocess.run(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              f"--user-data-dir={out / 'profile'}", f"--log-net-log={out / 'net.json'}",
-             f"--virtual-time-budget={RENDER_BUDGET_MS}", "--dump-dom", url],
+             f"--virtual-time-budget={RENDER_BUDGET_MS}", "--dump-dom", url]
+            + [f"--window-size={window}"] * (window != "default"),
             stdout=dom, stderr=subprocess.DEVNULL, check=True, timeout=90)
 
 
@@ -123,4 +127,5 @@ def _unix_connection(path: str) -> socket.socket:
 
 
 if __name__ == "__main__":
-    _render_in_namespace(sys.argv[1], Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    _render_in_namespace(sys.argv[1], Path(sys.argv[2]), sys.argv[3],
+                         sys.argv[4] if len(sys.argv) > 4 else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from flows.kiln import DvcHints
 from flows.report import drift_markdown, evaluation_markdown
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A stage script for the fake project: each stage appends its name to runs.log (untracked by DVC)
 # so a test sees which stages really ran, and in which order; it writes its reports to the paths
@@ -123,12 +127,15 @@ def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def fake_project(tmp_path, params_writer):
-    """(fail_evaluate=False) -> a fake project in tmp_path/project. Its params.yaml is the real
-    one (the flow checks it whole before any stage); a gate no model passes fails evaluate."""
-    def make(fail_evaluate: bool = False) -> Path:
+    """(fail_evaluate=False, git=False) -> a fake project in tmp_path/project, a git repo if
+    `git`. Its params.yaml is the real one (the flow checks it whole before any stage); a gate
+    no model passes fails evaluate."""
+    def make(fail_evaluate: bool = False, git: bool = False) -> Path:
         project = tmp_path / "project"
         project.mkdir()
-        _dvc(project, "init", "--no-scm", "-q")
+        if git:
+            subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+        _dvc(project, "init", "-q", *[] if git else ["--no-scm"])
         _dvc(project, "config", "core.analytics", "false")
         (project / "stages.py").write_text(f"EVALUATION = {EVALUATION!r}\nLATENCY = {LATENCY!r}\n"
                                            f"VALIDATION = {VALIDATION!r}\n" + FAKE_STAGES)
@@ -218,6 +225,33 @@ def test_rerunning_the_flow_or_dvc_repro_changes_nothing(prefect_harness, tmp_pa
     assert runs(project) == ["ingest", "validate", "evaluate", "package"]
 
 
+@pytest.mark.slow
+def test_dvcs_git_and_push_hints_are_said_once_after_the_last_stage(prefect_harness, fake_project):
+    """In a git repo every stage's `dvc repro` ends with DVC's hints (`git add dvc.lock ...`,
+    `dvc push`): the run log has each once, after the last stage, with every stage's files."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.kiln import kiln_pipeline
+
+    project = fake_project(git=True)
+    state = kiln_pipeline(project_dir=project, return_state=True)
+    assert state.is_completed(), state.message
+    APILogHandler().flush()  # the run log reaches the API in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[state.state_details.flow_run_id])))
+    messages = [log.message for log in sorted(logs, key=lambda log: log.timestamp)]
+    git_hints = [m for m in messages if "git add" in m]
+    assert len(git_hints) == 1 and messages.count(DvcHints.PUSH) == 1, messages
+    # DVC adds data.txt (ingest's out) to .gitignore and writes dvc.lock
+    assert git_hints[0].startswith("To track the changes with git, run: git add .gitignore dvc.lock")
+    assert messages.index(git_hints[0]) > max(i for i, m in enumerate(messages)
+                                              if m.startswith("fake package"))
+    assert "To enable auto staging, run:" not in messages
+
+
 def test_bad_params_stop_the_run_before_any_stage(fake_project, capfd):
     """`make run` (flows.kiln.main) with a misspelt copy of a section beside the real one: DVC
     alone would rerun nothing and pass; the flow names it in one line, before Prefect starts."""
@@ -291,3 +325,55 @@ def test_the_scheduled_deployment_registers_its_cron_and_runs_the_flow(prefect_h
         finished = client.read_flow_run(flow_run.id)
     assert finished.state.is_completed(), finished.state.message
     assert runs(project) == ["ingest", "validate", "evaluate", "package"]
+
+
+@pytest.mark.slow
+def test_make_schedules_server_serves_a_ui_showing_flow_runs_offline(tmp_path):
+    """The Prefect server as `make schedule` starts it (flows.server, in a session of its own)
+    on a free port, not Prefect's 4200: a flow run created through its API shows by name in the
+    UI's runs page, rendered by headless Chromium with no network, which requested nothing
+    outside; `/` serves that UI (not a redirect to the new one, which calls Amplitude); the
+    SIGTERM make's trap sends stops it."""
+    import httpx
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Completed
+
+    from flows.schedule import SERVER_WAIT_S, wait_for_api
+    from flows.server import api_url
+    from pipeline.serving import free_port
+    from tests.browser import need_chromium, offline_page
+
+    need_chromium()
+    port = free_port()
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "flows.server", "--port", str(port)],
+                                  cwd=REPO, env={**os.environ, "PREFECT_HOME": str(tmp_path)},
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_api(api_url(port), SERVER_WAIT_S)
+
+        @flow(name="kiln-ui-check")
+        def tiny() -> None:
+            pass
+
+        with temporary_settings({PREFECT_API_URL: api_url(port)}), \
+                get_client(sync_client=True) as client:
+            run = client.create_flow_run(tiny, name=f"kiln-ui-run-{port}", state=Completed())
+        landing = httpx.get(f"http://127.0.0.1:{port}/", headers={"accept": "text/html"})
+        assert landing.status_code == 200, landing.headers  # 307 to /v2 with the new UI
+        # The runs list sits below the activity chart: a window tall enough to show it. On a
+        # loaded machine Chromium once dumped the DOM before the list had come: a second look.
+        for attempt in range(2):
+            page = offline_page(f"http://127.0.0.1:{port}/runs", tmp_path / f"browser{attempt}",
+                                (1400, 1000))
+            assert page.requests == []
+            if run.name in page.dom:
+                break
+        assert run.name in page.dom, re.sub(r"<[^>]+>", " ", page.dom)[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/api/health")

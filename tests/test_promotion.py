@@ -250,10 +250,14 @@ def test_rollback_serves_the_previous_models_probabilities(store, first, tmp_pat
         return store.served_probabilities(done.stdout.strip(), tmp_path / "serve.log", images)
 
     assert served() == pytest.approx(b_expected, abs=1e-6)
-    done = store.champion_command("rollback", "--report", str(report))
+    pointer = tmp_path / "champion.json"  # `make rollback` passes dvc.yaml's, validate's dep
+    done = store.champion_command("rollback", "--report", str(report), "--champion", str(pointer))
     assert done.returncode == 0, done.stderr
     assert first["champion"]["model_tag"] in done.stdout
     assert served() == pytest.approx(a_expected, abs=1e-6)
+    named = json.loads(pointer.read_text())
+    assert (named["model_tag"], named["bento_tag"]) == (first["champion"]["model_tag"],
+                                                        first["champion"]["bento_tag"])
 
     done = store.champion_command("rollback", "--report", str(report))
     assert done.returncode == 1 and "no previous champion to roll back to" in done.stderr
