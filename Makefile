@@ -44,9 +44,11 @@ test-fast: install
 REPORT := reports/package.json
 EXPORT := models/champion
 
+# gRPC (Open Inference Protocol) listens on the Bento's serve.grpc_port unless GRPC_PORT (or
+# KILN_GRPC_PORT in the environment) says otherwise.
 serve: install
 	bento=$$($(BIN)/python -m pipeline.champion bento --report $(REPORT) --export $(EXPORT)) && \
-	$(BIN)/bentoml serve $$bento --host 127.0.0.1 --port $(PORT)
+	$(if $(GRPC_PORT),KILN_GRPC_PORT=$(GRPC_PORT) )$(BIN)/bentoml serve $$bento --host 127.0.0.1 --port $(PORT)
 
 # The previous champion (model and Bento) serves again at the next `make serve`.
 rollback: install

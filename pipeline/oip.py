@@ -29,6 +29,7 @@ the host is the one the worker's HTTP socket is bound to (http_host).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -85,6 +86,17 @@ def _invalid(message: str) -> Rejected:
     return Rejected(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+@contextlib.asynccontextmanager
+async def _answered(context):
+    """A Rejected raised inside becomes the call's status and message (context.abort raises),
+    logged as one WARNING line."""
+    try:
+        yield
+    except Rejected as e:
+        log.warning("gRPC %s: %s", e.code.name, e)
+        await context.abort(e.code, str(e))
+
+
 def accepted_shapes(input_shape: tuple[int, int, int]) -> list[list[int]]:
     c, s, _ = input_shape
     return [[-1, c, s, s], *([[-1, s, s]] if c == 1 else [])]
@@ -104,28 +116,21 @@ class InferenceService(pb_service.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name="kiln", version=self.model.server_version)
 
     async def ModelReady(self, request, context):
-        return await self._answer(context, lambda: self._found(request.name, request.version)
-                                  or pb.ModelReadyResponse(ready=self.model.ready()))
+        async with _answered(context):
+            self._found(request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.model.ready())
 
     async def ModelMetadata(self, request, context):
-        return await self._answer(context, lambda: self._found(request.name, request.version)
-                                  or self._metadata())
+        async with _answered(context):
+            self._found(request.name, request.version)
+            return self._metadata()
 
     async def ModelInfer(self, request, context):
-        async def infer():
+        async with _answered(context):
             self._found(request.model_name, request.model_version)
             wanted = self._requested_outputs(request)
             probabilities = await self.model.probabilities(self._pixels(request))
             return self._response(request, probabilities, wanted)
-        return await self._answer(context, infer)
-
-    async def _answer(self, context, answer):
-        try:
-            response = answer()
-            return await response if isinstance(response, Awaitable) else response
-        except Rejected as e:
-            log.warning("gRPC %s: %s", e.code.name, e)
-            await context.abort(e.code, str(e))
 
     def _found(self, name: str, version: str) -> None:
         if name != self.model.name or version not in ("", self.model.version):
