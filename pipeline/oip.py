@@ -72,8 +72,9 @@ class ServedModel:
     probabilities: Callable[[np.ndarray], Awaitable[np.ndarray]]  # -> float64 (N, K)
 
 
-class PortInUse(RuntimeError):
-    """The gRPC port is held by another process; the message names it and how to choose another."""
+class CannotListen(RuntimeError):
+    """KILN_GRPC_PORT is not a port, or the port is held by another process; the message says
+    which and how to choose another."""
 
 
 class Rejected(Exception):
@@ -241,7 +242,7 @@ def grpc_port(configured: int) -> int:
     if value is None:
         return configured
     if not value.isdigit() or not 0 < int(value) < 65536:
-        raise RuntimeError(f"{GRPC_PORT_ENV}={value!r}: expected a port number 1..65535")
+        raise CannotListen(f"{GRPC_PORT_ENV}={value!r}: expected a port number 1..65535")
     return int(value)
 
 
@@ -276,12 +277,12 @@ def _other_listeners(port: int) -> list[int]:
 
 async def start(model: ServedModel, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
     """A running grpc.aio server for `model` on host:port, shared with sibling workers; raises
-    PortInUse naming the port, serve.grpc_port and KILN_GRPC_PORT if anything else has it."""
+    CannotListen naming the port, serve.grpc_port and KILN_GRPC_PORT if anything else has it."""
     taken = (f"gRPC port {port} on {host} is in use by another process{{}}: choose another with "
              f"params.yaml serve.grpc_port or the {GRPC_PORT_ENV} environment variable")
     others = _other_listeners(port)
     if others:
-        raise PortInUse(taken.format(f" (pid {', '.join(map(str, others))})"))
+        raise CannotListen(taken.format(f" (pid {', '.join(map(str, others))})"))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1),
                                       ("grpc.max_receive_message_length", max_message_bytes)])
     pb_service.add_GRPCInferenceServiceServicer_to_server(InferenceService(model), server)
@@ -290,7 +291,7 @@ async def start(model: ServedModel, host: str, port: int, max_message_bytes: int
     try:
         server.add_insecure_port(address)
     except RuntimeError as e:  # grpc: "Failed to bind to address ..."
-        raise PortInUse(taken.format(f" ({e})")) from None
+        raise CannotListen(taken.format(f" ({e})")) from None
     await server.start()
     log.info("gRPC (Open Inference Protocol v2) listening on %s", address)
     return server

@@ -284,10 +284,11 @@ class Classifier:
         try:
             self.grpc = await oip.start(model, oip.http_host(), oip.grpc_port(SERVE.grpc_port),
                                         max_message_bytes=SERVE.max_request_bytes)
-        except oip.PortInUse:
+        except oip.CannotListen:
             # BentoML's arbiter (this worker's parent) restarts a worker whose startup failed,
             # forever, while HTTP keeps accepting connections; a port in use does not free
-            # itself: stop the whole server, with the reason as its last words.
+            # itself, nor does a bad KILN_GRPC_PORT: stop the whole server, with the reason as
+            # its last words.
             os.kill(os.getppid(), signal.SIGTERM)
             raise
 

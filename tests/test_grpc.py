@@ -230,6 +230,16 @@ def test_grpc_binds_loopback_like_http_on_one_port_for_every_worker(grpc_server)
     assert f"gRPC (Open Inference Protocol v2) listening on 127.0.0.1:{port}" in grpc_server["log"].read_text()
 
 
+def stopped_server_output(packaged, grpc_port: str) -> str:
+    """`bentoml serve` of the packaged Bento with KILN_GRPC_PORT=grpc_port, which must stop by
+    itself within 60 s: its output."""
+    env = {**os.environ, "BENTOML_HOME": str(packaged["home"]), "KILN_GRPC_PORT": grpc_port}
+    done = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", packaged["report"]["champion"]["bento_tag"],
+         "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr
+
+
 def test_a_grpc_port_in_use_stops_the_server_naming_the_port(packaged):
     """Another process listens on the port with SO_REUSEPORT, as another Kiln server would (it
     could otherwise share the port silently): `bentoml serve` stops at once, saying why, instead
@@ -239,10 +249,12 @@ def test_a_grpc_port_in_use_stops_the_server_naming_the_port(packaged):
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        env = {**os.environ, "BENTOML_HOME": str(packaged["home"]), "KILN_GRPC_PORT": str(port)}
-        done = subprocess.run(
-            [sys.executable, "-m", "bentoml", "serve", packaged["report"]["champion"]["bento_tag"],
-             "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60)
+        output = stopped_server_output(packaged, str(port))
     assert (f"gRPC port {port} on 127.0.0.1 is in use by another process (pid {os.getpid()}): "
             "choose another with params.yaml serve.grpc_port or the KILN_GRPC_PORT environment "
-            "variable") in done.stderr + done.stdout
+            "variable") in output
+
+
+def test_a_kiln_grpc_port_that_is_not_a_port_stops_the_server_naming_it(packaged):
+    output = stopped_server_output(packaged, "50o51")
+    assert "KILN_GRPC_PORT='50o51': expected a port number 1..65535" in output
