@@ -1,5 +1,5 @@
 """Kiln's BentoML service: the model a Bento was built and infra-validated with, behind three
-HTTP endpoints.
+HTTP endpoints and gRPC.
 
     POST /classify        multipart file "image" (PNG/JPEG)  -> {"label", "index", "probabilities"}
     POST /classify_batch  JSON {"images": pixel array}       -> one such dict per image
@@ -21,9 +21,8 @@ arguments carry params.yaml `serve` as it was at packaging: body, pixel and batc
 processes, batch threads and the access log.
 
 Imports only bentoml, numpy, PIL, onnxruntime, pydantic, anyio, starlette, python-multipart (the
-last three come with BentoML) grpcio, grpcio-reflection, open-inference-grpc, psutil (BentoML's) and
-pipeline.api_docs/card/http_guard/oip/params/preprocess, so the
-Bento needs no torch.
+last three come with BentoML), grpcio, grpcio-reflection, open-inference-grpc, psutil (comes with
+BentoML) and pipeline.api_docs/card/http_guard/oip/params/preprocess, so the Bento needs no torch.
 Bad input gets a 4xx with a message naming the cause, never a 5xx, at a cost bounded by params
 before anything large is allocated: a body over serve.max_request_bytes gets 413 before it is
 read; a content type, multipart body or field an endpoint does not take gets 415/400 before
