@@ -52,10 +52,12 @@ REPORT := reports/package.json
 EXPORT := models/champion
 POINTER := reports/champion.json
 
+# gRPC (Open Inference Protocol) listens on the Bento's serve.grpc_port unless GRPC_PORT (or
+# KILN_GRPC_PORT in the environment) says otherwise.
 serve: install
 	bento=$$($(BIN)/python -m pipeline.champion bento --report $(REPORT) --export $(EXPORT) \
 	         --champion $(POINTER)) && \
-	$(BIN)/bentoml serve $$bento --host 127.0.0.1 --port $(PORT)
+	$(if $(GRPC_PORT),KILN_GRPC_PORT=$(GRPC_PORT) )$(BIN)/bentoml serve $$bento --host 127.0.0.1 --port $(PORT)
 
 # The previous champion (model and Bento) serves again at the next `make serve`.
 rollback: install

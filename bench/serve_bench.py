@@ -1,4 +1,4 @@
-"""Serving benchmark: Kiln's Bento against a naive server, same machine, same client.
+"""Serving benchmark: Kiln's Bento (HTTP and gRPC) against a naive server, same machine, same client.
 
     python bench/serve_bench.py --data data/ingested --float-model models/float \
         [--bento TAG] [--duration 5] [--repeats 3] [--out reports/serve_bench.json]
@@ -7,6 +7,9 @@ Servers (both on 127.0.0.1, started and stopped by this script):
   kiln   the champion's Bento (or --bento) under `bentoml serve`, as `make serve` runs it: ONNX
          Runtime on the selected variant, with the Bento's own settings (params.yaml serve: HTTP
          workers, batch threads, access log), printed with the results.
+  kiln gRPC  the same `bentoml serve` processes' gRPC port (Open Inference Protocol v2,
+         pipeline/oip.py): ModelInfer with one test image's raw uint8 pixels (the client sends
+         pixels, HTTP /classify gets the PNG file and decodes it).
   naive  FastAPI + uvicorn.run defaults (one process) running the float model in torch eager
          mode, one image per request, decoded and preprocessed with the same pipeline.preprocess
          code. Both servers get uvloop and httptools (uvicorn uses them when installed).
@@ -16,14 +19,17 @@ is encoded once up front (multipart/form-data or JSON, as any client would send 
 response is read by its Content-Length and parsed as JSON. A general-purpose client (httpx) cost
 ~3 ms per request here, more than either server, and shared the same 2 cores. `c` tasks, one
 connection each, post test PNGs (cycling through the test split) to POST /classify and await
-each answer before the next (closed loop). For each server and c in (1, 32): 1 s warm-up, then
-`--duration` s measured; per request the wall time from send to parsed JSON. Reported per run:
-p50 and p99 latency (ms) and completed requests/s; the table gives the median over `--repeats`
-runs, servers interleaved (kiln, naive, kiln, naive, ...) so that load drifts hit both. Batch
+each answer before the next (closed loop). gRPC: the same loop in the same process with
+grpc.aio, one channel (own TCP connection: a local subchannel pool) per client task, each
+request serialized once up front, the response deserialized by the stub. For each server and c
+in (1, 32): 1 s warm-up, then `--duration` s measured; per request the wall time from send to
+parsed JSON (gRPC: parsed protobuf). Reported per run: p50 and p99 latency (ms) and completed
+requests/s; the table gives the median over `--repeats` runs, servers interleaved (kiln, kiln
+gRPC, naive, kiln, ...) so that load drifts hit all. Batch
 throughput: one client posting 256 test images per request to /classify_npy (raw .npy) and to
 /classify_batch (JSON lists); images/s. The client shares the machine's cores with the servers
-(2 cores here): absolute numbers include its cost, equally for both. Loopback only; total time
-(4 * duration + 4) * repeats + 2 * duration * repeats + server starts (~10 s).
+(2 cores here): absolute numbers include its cost. Loopback only; total time
+(6 * duration + 6) * repeats + 2 * (duration + 1) * repeats + server starts (~10 s).
 `uptime` load averages are recorded before and after.
 """
 
@@ -39,11 +45,12 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
+from open_inference.grpc.protocol import ModelInferResponse
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -114,10 +121,11 @@ def naive_server(model_dir: Path, log: Path):
 
 @contextmanager
 def kiln_server(bento: str, log: Path):
+    """Yields (HTTP URL, gRPC port)."""
     from pipeline.serving import serving
 
     with serving(bento, log, ready_timeout_s=60) as client:
-        yield str(client.base_url).rstrip("/")
+        yield str(client.base_url).rstrip("/"), client.grpc_port
 
 
 # ---- the client ---------------------------------------------------------------------------------
@@ -148,10 +156,51 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return int(lines[0].split()[1]), await reader.readexactly(int(length))
 
 
-async def closed_loop(port: int, requests: list[bytes], concurrency: int, warmup_s: float,
+@asynccontextmanager
+async def http_connection(port: int):
+    """One keep-alive connection; yields call(request bytes) -> True on HTTP 200."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def call(request: bytes) -> bool:
+        writer.write(request)
+        status, body = await read_response(reader)
+        json.loads(body)
+        return status == 200
+
+    try:
+        yield call
+    finally:
+        writer.close()
+
+
+@asynccontextmanager
+async def grpc_connection(port: int):
+    """One gRPC channel with its own TCP connection (a local subchannel pool: channels would
+    otherwise share one, and SO_REUSEPORT could not spread them over the workers); yields
+    call(serialized ModelInferRequest) -> True on OK."""
+    import grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                         options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    response_deserializer=ModelInferResponse.FromString)
+        await channel.channel_ready()
+
+        async def call(request: bytes) -> bool:
+            try:
+                await infer(request)
+            except grpc.aio.AioRpcError:
+                return False
+            return True
+
+        yield call
+
+
+async def closed_loop(connect, requests: list[bytes], concurrency: int, warmup_s: float,
                       duration_s: float) -> dict:
-    """`concurrency` connections posting `requests` in turn; latencies of requests that start
-    after the warm-up and finish before its end + duration_s."""
+    """`concurrency` connections (connect(): http_connection or grpc_connection) sending
+    `requests` in turn; latencies of requests that start after the warm-up and finish before
+    its end + duration_s."""
     latencies: list[float] = []
     errors = 0
     start = time.perf_counter()
@@ -159,21 +208,16 @@ async def closed_loop(port: int, requests: list[bytes], concurrency: int, warmup
 
     async def worker(k: int) -> None:
         nonlocal errors
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        i = k
-        try:
+        async with connect() as call:
+            i = k
             while (now := time.perf_counter()) < stop_at:
-                writer.write(requests[i % len(requests)])
-                status, body = await read_response(reader)
-                json.loads(body)
+                ok = await call(requests[i % len(requests)])
                 done = time.perf_counter()
-                if status != 200:
+                if not ok:
                     errors += 1
                 elif now >= measure_from and done <= stop_at:
                     latencies.append(done - now)
                 i += concurrency
-        finally:
-            writer.close()
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     latencies_ms = np.array(latencies) * 1e3
@@ -184,8 +228,10 @@ async def closed_loop(port: int, requests: list[bytes], concurrency: int, warmup
 
 
 def run(url: str, requests: list[bytes], concurrency: int, duration_s: float) -> dict:
+    """HTTP (url "http://127.0.0.1:PORT") or gRPC (url "grpc://127.0.0.1:PORT")."""
     port = int(url.rsplit(":", 1)[1])
-    return asyncio.run(closed_loop(port, requests, concurrency, 1.0, duration_s))
+    connection = grpc_connection if url.startswith("grpc:") else http_connection
+    return asyncio.run(closed_loop(lambda: connection(port), requests, concurrency, 1.0, duration_s))
 
 
 def load_average() -> str:
@@ -222,6 +268,7 @@ def main() -> None:
     from pipeline.card import read_card
     from pipeline.champion import read_line, read_report
     from pipeline.dataset import load_split, read_manifest
+    from pipeline.oip import infer_request
 
     try:
         bento = args.bento or read_line(read_report(args.report)[0]).champion.bento_tag
@@ -242,18 +289,24 @@ def main() -> None:
 
     import bentoml
 
-    config = bentoml.bentos.get(bento).info.services[0].config  # workers, access log, ...
+    info = bentoml.bentos.get(bento).info
+    config = info.services[0].config  # workers, access log, ...
+    model, version = info.args["model_tag"].split(":")
+    grpc_singles = [infer_request(model, version, pixels[i:i + 1]).SerializeToString()
+                    for i in range(len(pixels))]
     results: dict = {"load_before": load_average(), "bento": bento, "bento_config": config,
                      "duration_s": args.duration,
                      "repeats": args.repeats, "test_images": len(rows), "single": {}, "batch": {}}
     runs: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp, \
-            kiln_server(bento, Path(tmp, "kiln.log")) as kiln_url, \
+            kiln_server(bento, Path(tmp, "kiln.log")) as (kiln_url, grpc_port), \
             naive_server(args.float_model, Path(tmp, "naive.log")) as naive_url:
         for _ in range(args.repeats):
             for c in CONCURRENCY:
-                for name, url in (("kiln", kiln_url), ("naive", naive_url)):
-                    runs.setdefault((name, c), []).append(run(url, singles, c, args.duration))
+                for name, url, payloads in (("kiln", kiln_url, singles),
+                                            ("kiln_grpc", f"grpc://127.0.0.1:{grpc_port}", grpc_singles),
+                                            ("naive", naive_url, singles)):
+                    runs.setdefault((name, c), []).append(run(url, payloads, c, args.duration))
             for path, payloads in batch_payloads.items():
                 r = run(kiln_url, payloads, 1, args.duration)
                 runs.setdefault(("kiln" + path, 1), []).append({**r, "images_per_s": r["rps"] * BATCH})
@@ -272,7 +325,7 @@ def main() -> None:
     print(json.dumps(results, indent=1))
     print("\n| server | clients | p50 (ms) | p99 (ms) | req/s |\n|---|---:|---:|---:|---:|")
     for c in CONCURRENCY:
-        for name in ("kiln", "naive"):
+        for name in ("kiln", "kiln_grpc", "naive"):
             m = results["single"][f"{name}_c{c}"]
             print(f"| {name} | {c} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['rps']:.0f} |")
     for path, m in results["batch"].items():

@@ -23,9 +23,10 @@ task's champion line (pipeline/champion.py: a model name and a class list).
    with; the build resolves nothing over the network.
 4. Infra validation: the new Bento runs under `bentoml serve` on a free loopback port
    (pipeline/serving.py: it dies with this stage); every test image is posted as its file to
-   /classify and all of them as .npy files of up to serve.max_batch_images images to
-   /classify_npy, and the served classes and probabilities must equal the ones computed here
-   from the same file. Any failure deletes the new Bento and model, leaves the champion in
+   /classify, all of them as .npy files of up to serve.max_batch_images images to
+   /classify_npy, and as raw pixels in batches of the same size to gRPC ModelInfer (the Open
+   Inference Protocol, pipeline/oip.py); the served classes and probabilities must equal the
+   ones computed here from the same file, over both protocols. Any failure deletes the new Bento and model, leaves the champion in
    place and fails the stage.
 5. Promotion: the line names the new champion; the previous one is kept for rollback.
 6. The champion's Bento, with its model, is exported to --export (a DVC output): a clone that
@@ -49,12 +50,14 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import grpc
 import numpy as np
 import yaml
+from open_inference.grpc.service import GRPCInferenceServiceStub
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from pipeline import StageError
+from pipeline import StageError, oip
 from pipeline.card import (CARD_FILE, BentoArgs, ModelCard, at_least, onnx_predictor,
                            predict_in_batches, read_card, to_dict)
 from pipeline.champion import (REFERENCE_FILE, Champion, NotFound, Task, begin, bentoml,
@@ -158,10 +161,11 @@ def _named(prefix: str):
         raise StageError(f"{prefix}{e}") from e
 
 
-def infra_validate(bento_tag: str, model_dir: Path, card: ModelCard, data_dir: Path,
-                   ready_timeout_s: float, max_batch_images: int) -> dict:
-    """Serve the Bento and check it answers every test image as model_dir's model does here.
-    Raises StageError naming the first differences; returns what was checked."""
+def infra_validate(bento_tag: str, model_tag: str, model_dir: Path, card: ModelCard,
+                   data_dir: Path, ready_timeout_s: float, max_batch_images: int) -> dict:
+    """Serve the Bento and check it answers every test image as model_dir's model does here,
+    over HTTP and gRPC (ModelInfer for model_tag, by name and version). Raises StageError
+    naming the first differences; returns what was checked."""
     (weights,) = card.weights
     rows = [r for r in read_manifest(data_dir)[0] if r["split"] == "test"]
     pixels, _ = load_split(data_dir, "test", card.preprocessing)
@@ -189,8 +193,11 @@ def infra_validate(bento_tag: str, model_dir: Path, card: ModelCard, data_dir: P
                                  f"{response.text[:300]}")
             batched.extend(response.json())
         answers["/classify_npy"] = batched
-    for endpoint, served in answers.items():
-        got = np.array([[p["probabilities"][c] for c in card.classes] for p in served])
+        answers = {endpoint: np.array([[p["probabilities"][c] for c in card.classes] for p in served])
+                   for endpoint, served in answers.items()}
+        answers["gRPC ModelInfer"] = _grpc_probabilities(client.grpc_port, model_tag, pixels,
+                                                         max_batch_images)
+    for endpoint, got in answers.items():
         wrong = [(rows[i]["path"], int(e), int(a)) for i, (e, a) in
                  enumerate(zip(expected.argmax(1), got.argmax(1))) if e != a]
         off = float(np.abs(got - expected).max()) if got.shape == expected.shape else np.inf
@@ -200,6 +207,23 @@ def infra_validate(bento_tag: str, model_dir: Path, card: ModelCard, data_dir: P
                              f"(got {len(got)} answers, probabilities up to {off:.2g} apart); "
                              f"first (image, expected, served): {wrong[:5]}")
     return {"test_images": len(rows), "endpoints": list(answers)}
+
+
+def _grpc_probabilities(port: int, model_tag: str, pixels: np.ndarray,
+                        max_batch_images: int) -> np.ndarray:
+    """ModelInfer over loopback gRPC, max_batch_images raw pixel images per request."""
+    name, version = model_tag.split(":")
+    served = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        for start in range(0, len(pixels), max_batch_images):
+            request = oip.infer_request(name, version, pixels[start:start + max_batch_images])
+            try:
+                served.append(oip.probabilities_of(stub.ModelInfer(request, timeout=30)))
+            except grpc.RpcError as e:
+                raise StageError(f"gRPC ModelInfer on port {port} answered {e.code().name}: "
+                                 f"{e.details()}") from None
+    return np.concatenate(served).astype(np.float64)
 
 
 def _store_model(tag: str, model_dir: Path, card: ModelCard, task: Task, git: str,
@@ -301,8 +325,8 @@ def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: 
                                  build_ctx=str(bentofile.resolve().parent),
                                  version=bento_tag.split(":")[1], args=to_dict(args))
             created.append((bentoml.bentos.delete, bento_tag))
-        return infra_validate(bento_tag, model_dir, card, data_dir, ready_timeout_s,
-                              args.serve.max_batch_images)
+        return infra_validate(bento_tag, args.model_tag, model_dir, card, data_dir,
+                              ready_timeout_s, args.serve.max_batch_images)
     except BaseException:
         for delete, tag in reversed(created):
             delete(tag)

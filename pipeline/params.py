@@ -140,6 +140,7 @@ class ServeParams:
     workers: int
     batch_threads: int
     access_log: bool
+    grpc_port: int
 
 
 @dataclass(frozen=True)

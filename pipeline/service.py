@@ -1,10 +1,13 @@
 """Kiln's BentoML service: the model a Bento was built and infra-validated with, behind three
-HTTP endpoints.
+HTTP endpoints and gRPC.
 
     POST /classify        multipart file "image" (PNG/JPEG)  -> {"label", "index", "probabilities"}
     POST /classify_batch  JSON {"images": pixel array}       -> one such dict per image
     POST /classify_npy    multipart file "array": a .npy file (numpy.save) of pixels, the same
                           shapes as /classify_batch, uint8 or float -> one dict per image
+    gRPC                  the Open Inference Protocol v2 (KServe/Triton) on serve.grpc_port or
+                          KILN_GRPC_PORT, same host as HTTP, same model and checks
+                          (pipeline/oip.py)
     GET  /readyz          200 once the model is loaded and answered a self-check (BentoML calls
                           Classifier.__is_ready__); /livez, /metrics (Prometheus) come with BentoML
 
@@ -18,8 +21,8 @@ arguments carry params.yaml `serve` as it was at packaging: body, pixel and batc
 processes, batch threads and the access log.
 
 Imports only bentoml, numpy, PIL, onnxruntime, pydantic, anyio, starlette, python-multipart (the
-last three come with BentoML) and pipeline.api_docs/card/http_guard/params/preprocess, so the
-Bento needs no torch.
+last three come with BentoML), grpcio, grpcio-reflection, open-inference-grpc, psutil (comes with
+BentoML) and pipeline.api_docs/card/http_guard/oip/params/preprocess, so the Bento needs no torch.
 Bad input gets a 4xx with a message naming the cause, never a 5xx, at a cost bounded by params
 before anything large is allocated: a body over serve.max_request_bytes gets 413 before it is
 read; a content type, multipart body or field an endpoint does not take gets 415/400 before
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import ctypes
 import io
+import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -47,6 +52,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 from pipeline.api_docs import OfflineDocsPage
+from pipeline import oip
 from pipeline.card import BentoArgs, onnx_predictor, read_card
 from pipeline.http_guard import (InputGuard, RejectionLog, RequestSizeLimit, cancel_request_timers,
                                  log_rejections_once)
@@ -56,6 +62,7 @@ from pipeline.preprocess import IMAGE_FORMATS
 ARGS: BentoArgs = typed(vars(bentoml.use_arguments()), BentoArgs, "Bento arguments")
 MODEL = bentoml.models.BentoModel(ARGS.model_tag)
 SERVE = ARGS.serve
+GRPC_STOP_GRACE_S = 5.0  # s in-flight gRPC calls get to finish when the worker stops
 
 
 class Prediction(BaseModel):
@@ -71,14 +78,21 @@ def _pixel_batch(images: np.ndarray) -> np.ndarray:
 
     Raises ValueError, which BentoML answers with HTTP 400 and this message.
     """
-    c, s, _ = bentoml.get_current_service().input_shape
+    return pixel_batch(images, bentoml.get_current_service().input_shape)
+
+
+def pixel_batch(images: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """_pixel_batch for a model input of input_shape (C, S, S); gRPC's ModelInfer checks the
+    same way (pipeline/oip.py)."""
+    c, s, _ = input_shape
     expected = f"(N, {s}, {s}) or (N, {c}, {s}, {s})" if c == 1 else f"(N, {c}, {s}, {s})"
     if images.dtype.kind not in "uif":
         raise ValueError(f"images: expected uint8 or float pixel values 0..255, got dtype {images.dtype}")
+    sent = images.shape
     if images.ndim == 3 and c == 1:
         images = images[:, None]
     if images.ndim != 4 or images.shape[1:] != (c, s, s):
-        raise ValueError(f"images: expected shape {expected}, got {images.shape}")
+        raise ValueError(f"images: expected shape {expected}, got {sent}")
     if images.shape[0] == 0:
         raise ValueError(f"images: empty batch; expected shape {expected} with N >= 1")
     if images.shape[0] > SERVE.max_batch_images:
@@ -266,12 +280,50 @@ class Classifier:
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)
 
-    def _predict(self, pixels: np.ndarray, predict) -> list[Prediction]:
-        """uint8 or [0, 255] float (N, C, S, S) -> one Prediction per image."""
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        """The Open Inference Protocol over gRPC in this worker, on this worker's event loop and
+        this instance's sessions; every worker binds the same port (SO_REUSEPORT), on the host
+        the HTTP socket is bound to. A port in use fails the worker's startup, naming it."""
+        name, version = ARGS.model_tag.split(":")
+        model = oip.ServedModel(
+            name=name, version=version, server_version=bentoml.server_context.bento_version,
+            classes=self.classes, input_shape=self.input_shape, ready=self.__is_ready__,
+            pixels=lambda images: pixel_batch(images, self.input_shape),
+            probabilities=self._grpc_probabilities)
+        try:
+            self.grpc = await oip.start(model, oip.http_host(), oip.grpc_port(SERVE.grpc_port),
+                                        max_message_bytes=SERVE.max_request_bytes)
+        except oip.CannotListen:
+            # BentoML's arbiter (this worker's parent) restarts a worker whose startup failed,
+            # forever, while HTTP keeps accepting connections; a port in use does not free
+            # itself, nor does a bad KILN_GRPC_PORT: stop the whole server, with the reason as
+            # its last words.
+            os.kill(os.getppid(), signal.SIGTERM)
+            raise
+
+    @bentoml.on_shutdown
+    async def stop_grpc(self) -> None:
+        if getattr(self, "grpc", None) is not None:
+            await self.grpc.stop(GRPC_STOP_GRACE_S)
+
+    def _probabilities(self, pixels: np.ndarray, predict) -> np.ndarray:
+        """uint8 or [0, 255] float (N, C, S, S) -> float64 softmax (N, classes)."""
         logits = predict(self.preprocessing.normalize(pixels))
         logits = logits.astype(np.float64)
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities = exp / exp.sum(axis=1, keepdims=True)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    async def _grpc_probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """gRPC's _probabilities: one image inline on the event loop, as /classify runs it; a
+        batch on the batch session in a thread, as /classify_batch runs it."""
+        if len(pixels) == 1:
+            return self._probabilities(pixels, self.single)
+        return await anyio.to_thread.run_sync(self._probabilities, pixels, self.batch)
+
+    def _predict(self, pixels: np.ndarray, predict) -> list[Prediction]:
+        """uint8 or [0, 255] float (N, C, S, S) -> one Prediction per image."""
+        probabilities = self._probabilities(pixels, predict)
         return [
             Prediction(label=self.classes[int(i)], index=int(i),
                        probabilities=dict(zip(self.classes, map(float, row))))

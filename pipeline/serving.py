@@ -29,10 +29,22 @@ from pipeline import StageError
 STOP_GRACE_S = 10.0  # s the server gets to stop its workers before they are killed
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 (held together while chosen)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+class Served(httpx.Client):
+    """An httpx client of the served Bento's HTTP API; grpc_port: its gRPC port on 127.0.0.1."""
+    grpc_port: int
 
 
 def _tail(log: Path, lines: int = 20) -> str:
@@ -41,12 +53,14 @@ def _tail(log: Path, lines: int = 20) -> str:
 
 @contextlib.contextmanager
 def serving(bento: str, log: Path, ready_timeout_s: float, env: dict[str, str] | None = None,
-            host: str | None = "127.0.0.1", python: str = sys.executable) -> Iterator[httpx.Client]:
-    """`bentoml serve <bento>` (a tag or a Bento folder) on a free loopback port, its output in
-    `log`; yields an httpx client once /readyz answers 200, and stops the server after.
-    host=None passes no --host, so the Bento's own config decides (it says 127.0.0.1) unless env
-    sets BENTOML_HOST. `python` runs bentoml (another virtualenv's, say)."""
-    port = free_port()
+            host: str | None = "127.0.0.1", python: str = sys.executable) -> Iterator[Served]:
+    """`bentoml serve <bento>` (a tag or a Bento folder) on a free loopback port, gRPC on another
+    (KILN_GRPC_PORT), its output in `log`; yields an httpx client once /readyz answers 200, with
+    the gRPC port as its grpc_port, and stops the server after. host=None passes no --host, so
+    the Bento's own config decides (it says 127.0.0.1) unless env sets BENTOML_HOST. `python`
+    runs bentoml (another virtualenv's, say)."""
+    port, grpc_port = free_ports(2)
+    env = {**(os.environ if env is None else env), "KILN_GRPC_PORT": str(grpc_port)}
     command = [python, "-m", "bentoml", "serve", bento, "--port", str(port),
                *(["--host", host] if host else [])]
     with open(log, "w") as log_file:
@@ -72,7 +86,8 @@ def serving(bento: str, log: Path, ready_timeout_s: float, env: dict[str, str] |
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        with httpx.Client(base_url=url, timeout=30) as client:
+        with Served(base_url=url, timeout=30) as client:
+            client.grpc_port = grpc_port
             yield client
     finally:
         watchdog.stdin.close()  # the watchdog's cue to stop the server

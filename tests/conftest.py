@@ -53,3 +53,31 @@ def prefect_harness(tmp_path_factory):
 
     with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect_home")}), prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="session")
+def packaged(tmp_path_factory):
+    """The package stage run as dvc.yaml runs it on a tiny model (tests/test_service.py), into a
+    throwaway BentoML home; one per session: tests/test_service.py and tests/test_grpc.py share it."""
+    from tests.test_service import run_package, write_ingested, write_tiny_model
+
+    root = tmp_path_factory.mktemp("package")
+    model_dir = root / "selected"
+    write_tiny_model(model_dir)
+    write_ingested(root / "ingested", 12, seed=5)
+    done, report = run_package(model_dir, root / "ingested", root / "bentoml")
+    assert done.returncode == 0, done.stderr
+    return {"model_dir": model_dir, "home": root / "bentoml", "report": report,
+            "stdout": done.stdout, "export": model_dir.with_suffix(".bento")}
+
+
+@pytest.fixture(scope="session")
+def server(packaged, tmp_path_factory):
+    """The packaged Bento under `bentoml serve` with no --host (tests/bento_server.py): HTTP and
+    gRPC (client.grpc_port) on free loopback ports."""
+    from tests.bento_server import bento_server
+
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    bento_tag = packaged["report"]["champion"]["bento_tag"]
+    with bento_server(bento_tag, packaged["home"], log) as (client, port):
+        yield {"client": client, "log": log, "port": port, **packaged}

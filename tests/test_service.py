@@ -168,27 +168,6 @@ def test_package_refuses_a_missing_or_corrupt_model_by_name(tmp_path, monkeypatc
     assert not (tmp_path / "bentoml" / "models").exists()
 
 
-@pytest.fixture(scope="module")
-def packaged(tmp_path_factory):
-    """Run the package stage as dvc.yaml does, into a throwaway BentoML home."""
-    root = tmp_path_factory.mktemp("package")
-    model_dir = root / "selected"
-    write_tiny_model(model_dir)
-    write_ingested(root / "ingested", 12, seed=5)
-    done, report = run_package(model_dir, root / "ingested", root / "bentoml")
-    assert done.returncode == 0, done.stderr
-    return {"model_dir": model_dir, "home": root / "bentoml", "report": report,
-            "stdout": done.stdout, "export": model_dir.with_suffix(".bento")}
-
-
-@pytest.fixture(scope="module")
-def server(packaged, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    bento_tag = packaged["report"]["champion"]["bento_tag"]
-    with bento_server(bento_tag, packaged["home"], log) as (client, port):
-        yield {"client": client, "log": log, "port": port, **packaged}
-
-
 @pytest.mark.slow
 def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
     from pipeline.package import git_revision
@@ -213,7 +192,8 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
     sources = sorted(p.relative_to(bento / "src").as_posix()
                      for p in (bento / "src").rglob("*") if p.is_file())
     assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/api_docs.py",
-                       "pipeline/card.py", "pipeline/http_guard.py", "pipeline/params.py", "pipeline/preprocess.py", "pipeline/service.py"]
+                       "pipeline/card.py", "pipeline/http_guard.py", "pipeline/oip.py", "pipeline/params.py",
+                       "pipeline/preprocess.py", "pipeline/service.py"]
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for m in manifest["services"][0]["models"]] == [model_tag]
     # The Bento's arguments pin the model by full tag and carry params.yaml serve.
