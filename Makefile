@@ -53,11 +53,13 @@ EXPORT := models/champion
 POINTER := reports/champion.json
 
 # gRPC (Open Inference Protocol) listens on the Bento's serve.grpc_port unless GRPC_PORT (or
-# KILN_GRPC_PORT in the environment) says otherwise.
+# KILN_GRPC_PORT in the environment) says otherwise; a port in use is refused before serving.
 serve: install
+	$(if $(GRPC_PORT),export KILN_GRPC_PORT=$(GRPC_PORT) && )\
 	bento=$$($(BIN)/python -m pipeline.champion bento --report $(REPORT) --export $(EXPORT) \
 	         --champion $(POINTER)) && \
-	$(if $(GRPC_PORT),KILN_GRPC_PORT=$(GRPC_PORT) )$(BIN)/bentoml serve $$bento --host 127.0.0.1 --port $(PORT)
+	$(BIN)/python -m pipeline.oip $$bento 127.0.0.1 && \
+	$(BIN)/bentoml serve $$bento --host 127.0.0.1 --port $(PORT)
 
 # The previous champion (model and Bento) serves again at the next `make serve`.
 rollback: install

@@ -275,14 +275,33 @@ def _other_listeners(port: int) -> list[int]:
                    and c.pid is not None and c.pid not in ours})
 
 
+def _taken(host: str, port: int, detail: str) -> str:
+    return (f"gRPC port {port} on {host} is in use by another process ({detail}): choose another "
+            f"with params.yaml serve.grpc_port or the {GRPC_PORT_ENV} environment variable")
+
+
+def check_free(bento: str, host: str) -> None:
+    """Raise CannotListen if the gRPC port `bento` would listen on (KILN_GRPC_PORT, else the
+    Bento's serve.grpc_port) is taken on `host`. A worker that finds it taken stops the server,
+    but `bentoml serve` then exits 0 (BentoML's arbiter does on any stop), so `make serve` asks
+    first and exits non-zero."""
+    import bentoml
+
+    port = grpc_port(bentoml.bentos.get(bento).info.args["serve"]["grpc_port"])
+    # No SO_REUSEPORT: the bind fails if anything listens there, a server sharing the port too.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise CannotListen(_taken(host, port, e.strerror)) from None
+
+
 async def start(model: ServedModel, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
     """A running grpc.aio server for `model` on host:port, shared with sibling workers; raises
     CannotListen naming the port, serve.grpc_port and KILN_GRPC_PORT if anything else has it."""
-    taken = (f"gRPC port {port} on {host} is in use by another process{{}}: choose another with "
-             f"params.yaml serve.grpc_port or the {GRPC_PORT_ENV} environment variable")
     others = _other_listeners(port)
     if others:
-        raise CannotListen(taken.format(f" (pid {', '.join(map(str, others))})"))
+        raise CannotListen(_taken(host, port, f"pid {', '.join(map(str, others))}"))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1),
                                       ("grpc.max_receive_message_length", max_message_bytes)])
     pb_service.add_GRPCInferenceServiceServicer_to_server(InferenceService(model), server)
@@ -291,7 +310,14 @@ async def start(model: ServedModel, host: str, port: int, max_message_bytes: int
     try:
         server.add_insecure_port(address)
     except RuntimeError as e:  # grpc: "Failed to bind to address ..."
-        raise CannotListen(taken.format(f" ({e})")) from None
+        raise CannotListen(_taken(host, port, str(e))) from None
     await server.start()
     log.info("gRPC (Open Inference Protocol v2) listening on %s", address)
     return server
+
+
+if __name__ == "__main__":  # `python -m pipeline.oip BENTO HOST`: make serve's check_free
+    try:
+        check_free(*sys.argv[1:])
+    except CannotListen as e:
+        sys.exit(f"make serve: {e}")

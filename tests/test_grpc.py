@@ -258,3 +258,27 @@ def test_a_grpc_port_in_use_stops_the_server_naming_the_port(packaged):
 def test_a_kiln_grpc_port_that_is_not_a_port_stops_the_server_naming_it(packaged):
     output = stopped_server_output(packaged, "50o51")
     assert "KILN_GRPC_PORT='50o51': expected a port number 1..65535" in output
+
+
+def test_make_serves_port_check_exits_non_zero_naming_a_port_in_use(packaged):
+    """`bentoml serve` exits 0 even when a worker stopped it over the port (above), so `make
+    serve` first runs `python -m pipeline.oip BENTO HOST`: non-zero and the reason if the port
+    is taken, silent and 0 if it is free."""
+    bento = packaged["report"]["champion"]["bento_tag"]
+
+    def check(grpc_port: int) -> subprocess.CompletedProcess:
+        env = {**os.environ, "BENTOML_HOME": str(packaged["home"]), "KILN_GRPC_PORT": str(grpc_port)}
+        return subprocess.run([sys.executable, "-m", "pipeline.oip", bento, "127.0.0.1"], env=env,
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        taken = check(port)
+    assert taken.returncode != 0
+    assert (f"make serve: gRPC port {port} on 127.0.0.1 is in use by another process (Address "
+            "already in use): choose another with params.yaml serve.grpc_port or the "
+            "KILN_GRPC_PORT environment variable") in taken.stderr
+    free = check(free_port())
+    assert (free.returncode, free.stdout, free.stderr) == (0, "", "")
