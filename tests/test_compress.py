@@ -43,43 +43,47 @@ def test_count_macs_matches_lenet5_by_hand():
     assert count_params(model) == 61_706
 
 
-def test_structured_rebuild_equals_zeroing_the_dropped_channels():
+def test_structured_pruning_equals_zeroing_the_dropped_channels():
     """Before fine-tuning, the smaller model computes exactly what the full model computes with
-    the dropped channels' weights zeroed (biases kept), layer by layer: the constants the dropped
-    channels then emit are folded into the next layer's bias."""
+    the dropped channels zeroed (their weight rows and biases): a zeroed channel emits relu(0)
+    = 0 through pooling, so the layer reading it gets nothing from it."""
     model = random_lenet(1)
     reference = copy.deepcopy(model)
-    widths = structured_l1(model, 0.5)
+    widths = structured_l1(model, 0.5, torch.zeros(1, 1, 32, 32))
     assert widths == {"0": (6, 3), "3": (16, 8), "7": (120, 60), "9": (84, 42)}
 
-    layers = [m for m in reference if isinstance(m, (nn.Conv2d, nn.Linear))]
+    pairs = [(old, new) for old, new in zip(reference, model) if isinstance(old, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
-        dropped_inputs = torch.zeros(1, dtype=torch.bool)  # the previous layer's dropped channels
-        for layer, (before, after) in zip(layers, widths.values()):
-            # Ranked on the inputs that remain, as the pruner sees the already rebuilt layer.
-            per_input = layer.weight.abs().reshape(before, len(dropped_inputs), -1)
-            norms = per_input[:, ~dropped_inputs].sum(dim=(1, 2))
-            drop = torch.argsort(norms, descending=True, stable=True)[after:]
-            # Zeroed on the remaining inputs only: the dropped inputs are constants by now,
-            # and the pruner folds them into this layer's bias before dropping its channels.
-            kept_inputs = (~dropped_inputs).nonzero().flatten()
-            per_input = layer.weight.view(before, len(dropped_inputs), -1)
-            per_input[drop[:, None], kept_inputs[None, :]] = 0
-            dropped_inputs = torch.zeros(before, dtype=torch.bool)
-            dropped_inputs[drop] = True
+        kept_inputs, n_inputs = torch.arange(1), 1  # the previous layer's kept channels, of n
+        for old, new in pairs:
+            # Which original channel each kept one is: its weights on the kept inputs match.
+            # After flatten, input channel c owns features [c * k, (c + 1) * k).
+            per_input = old.weight.reshape(old.weight.shape[0], n_inputs, -1)
+            kept_rows = per_input[:, kept_inputs].flatten(1)
+            new_rows = new.weight.flatten(1)
+            kept = torch.tensor([int((kept_rows == row).all(1).nonzero()[0]) for row in new_rows])
+            assert len(kept.unique()) == len(new_rows)
+            dropped = torch.ones(old.weight.shape[0], dtype=torch.bool)
+            dropped[kept] = False
+            old.weight[dropped] = 0
+            old.bias[dropped] = 0
+            kept_inputs, n_inputs = kept.sort().values, old.weight.shape[0]
         x = torch.randn(16, 1, 32, 32)
         assert torch.allclose(model(x), reference(x), atol=1e-5)
     assert model[11].in_features == 42 and model[11].out_features == 10  # logits keep width
 
 
-def test_structured_pruning_shrinks_resnet_inner_convs_and_still_runs():
+def test_structured_pruning_shrinks_resnet_residual_groups_and_still_runs():
+    """The dependency graph ties each residual sum's channels (stem or stage conv and the body's
+    last conv) into one group, so those shrink too, not only each body's first conv."""
     torch.manual_seed(0)
     model = models.build("resnet_small", channels=3, classes=5, image_size=32).eval()
     before = count_macs(model, (3, 32, 32))
-    widths = structured_l1(model, 0.5)
-    # Only the first conv of each residual body: the others feed a residual sum.
-    assert sorted(widths.values()) == [(16, 8), (32, 16), (64, 32)]
-    assert count_macs(model, (3, 32, 32)) < before
+    widths = structured_l1(model, 0.5, torch.zeros(1, 3, 32, 32))
+    assert widths == {"0": (16, 8), "3.body.0": (16, 8), "3.body.3": (16, 8),
+                      "4": (32, 16), "8.body.0": (32, 16), "8.body.3": (32, 16),
+                      "9": (64, 32), "13.body.0": (64, 32), "13.body.3": (64, 32)}
+    assert count_macs(model, (3, 32, 32)) * 3 < before
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
 
 
