@@ -27,13 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import compress, models  # noqa: E402
-from pipeline.augment import augment  # noqa: E402
 from pipeline.card import onnx_predictor  # noqa: E402
-from pipeline.dataset import load_split  # noqa: E402
-from pipeline.ingest import ingest  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.preprocess import Preprocessing  # noqa: E402
 from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch  # noqa: E402
+from tests.test_compress import digits  # noqa: E402
 
 
 def old_compress(ref: str, tmp: Path):
@@ -58,14 +55,7 @@ def main() -> None:
     recipe = params.train
     epochs = args.float_epochs or recipe.epochs
     tmp = Path(tempfile.mkdtemp())
-    ingest("digits", tmp / "digits", params.data.split, seed=params.data.seed,
-           max_file_bytes=params.ingest.max_file_bytes)
-    prep = Preprocessing(image_size=params.data.image_size, channels=1, mean=[0.5], std=[0.25])
-    train_pixels, train_labels = load_split(tmp / "digits", "train", prep)
-    test_pixels, test_labels = load_split(tmp / "digits", "test", prep)
-    images, labels = augment(train_pixels, train_labels, params.augment, torch.device("cpu"))
-    x, y = torch.from_numpy(prep.normalize(images.numpy())), labels
-    test_x = prep.normalize(test_pixels)
+    prep, x, y, test_x, test_labels = digits(params, tmp / "digits")
     shape = (1, params.data.image_size, params.data.image_size)
 
     memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format

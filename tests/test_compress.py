@@ -109,6 +109,20 @@ def test_every_registered_method_is_selectable_and_mask_pruning_saves_nothing(tm
     assert max(sizes[m] for m in STRUCTURED_PRUNERS) * 2 < min(sizes[m] for m in PRUNERS)
 
 
+def digits(params, folder: Path):
+    """The built-in digits ingested into `folder` and preprocessed as the pipeline does (real
+    params), the train split augmented: (preprocessing, x, y, test x, test labels); x and test x
+    normalized (tests here and bench/prune_bench.py)."""
+    ingest("digits", folder, params.data.split, seed=params.data.seed,
+           max_file_bytes=params.ingest.max_file_bytes)
+    prep = Preprocessing(image_size=params.data.image_size, channels=1, mean=[0.5], std=[0.25])
+    train_pixels, train_labels = load_split(folder, "train", prep)
+    test_pixels, test_labels = load_split(folder, "test", prep)
+    images, labels = augment(train_pixels, train_labels, params.augment, torch.device("cpu"))
+    return (prep, torch.from_numpy(prep.normalize(images.numpy())), labels,
+            prep.normalize(test_pixels), test_labels)
+
+
 @pytest.mark.slow
 def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     """The pipeline's recipe on the built-in digits (real params: augment, train, compress; the
@@ -117,14 +131,7 @@ def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     exported ONNX files as evaluate does."""
     params = load_params(REPO / "params.yaml")
     assert params.compress.prune_method in STRUCTURED_PRUNERS
-    ingest("digits", tmp_path / "digits", params.data.split, seed=params.data.seed,
-           max_file_bytes=params.ingest.max_file_bytes)
-    prep = Preprocessing(image_size=params.data.image_size, channels=1, mean=[0.5], std=[0.25])
-    train_pixels, train_labels = load_split(tmp_path / "digits", "train", prep)
-    test_pixels, test_labels = load_split(tmp_path / "digits", "test", prep)
-    images, labels = augment(train_pixels, train_labels, params.augment, torch.device("cpu"))
-    x, y = torch.from_numpy(prep.normalize(images.numpy())), labels
-    test_x = prep.normalize(test_pixels)
+    prep, x, y, test_x, test_labels = digits(params, tmp_path / "digits")
 
     recipe = params.train
     memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
