@@ -157,6 +157,16 @@ def onnx_predictor(path: Path, threads: int) -> Callable:
     return lambda x: session.run(["logits"], {"input": x})[0]
 
 
+def softmax(logits):
+    """Logits (N, K) -> float64 class probabilities (N, K): what the server answers, and what
+    the package stage checks it against."""
+    import numpy as np
+
+    logits = np.asarray(logits, np.float64)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
 def predict_in_batches(predict: Callable, x):
     """predict(x) PREDICT_BATCH images at a time (bounded memory on a whole split)."""
     import numpy as np

@@ -59,7 +59,7 @@ from packaging.utils import canonicalize_name
 
 from pipeline import StageError, oip
 from pipeline.card import (CARD_FILE, BentoArgs, ModelCard, at_least, onnx_predictor,
-                           predict_in_batches, read_card, to_dict)
+                           predict_in_batches, read_card, softmax, to_dict)
 from pipeline.champion import (REFERENCE_FILE, Champion, NotFound, Task, begin, bentoml,
                                clean_up_killed_run, end, export_bento, now, promote, read_line,
                                write_pointer)
@@ -140,9 +140,7 @@ def bento_envs(build_config: dict) -> list:
 
 def probabilities(predict, card: ModelCard, pixels: np.ndarray) -> np.ndarray:
     """Softmax of the logits, as the server computes it."""
-    logits = predict_in_batches(predict, card.preprocessing.normalize(pixels)).astype(np.float64)
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
+    return softmax(predict_in_batches(predict, card.preprocessing.normalize(pixels)))
 
 
 def test_accuracy(model_dir: Path, card: ModelCard, data_dir: Path) -> float:

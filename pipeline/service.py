@@ -53,7 +53,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 from pipeline.api_docs import OfflineDocsPage
 from pipeline import oip
-from pipeline.card import BentoArgs, onnx_predictor, read_card
+from pipeline.card import BentoArgs, onnx_predictor, read_card, softmax
 from pipeline.http_guard import (InputGuard, RejectionLog, RequestSizeLimit, cancel_request_timers,
                                  log_rejections_once)
 from pipeline.params import typed
@@ -309,10 +309,7 @@ class Classifier:
 
     def _probabilities(self, pixels: np.ndarray, predict) -> np.ndarray:
         """uint8 or [0, 255] float (N, C, S, S) -> float64 softmax (N, classes)."""
-        logits = predict(self.preprocessing.normalize(pixels))
-        logits = logits.astype(np.float64)
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return exp / exp.sum(axis=1, keepdims=True)
+        return softmax(predict(self.preprocessing.normalize(pixels)))
 
     async def _grpc_probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """gRPC's _probabilities: one image inline on the event loop, as /classify runs it; a
