@@ -10,7 +10,8 @@ Method (all in one process, one run of this script, so both sides see the same m
   by round(augment.translate x side) px and crops a random side x side window (the random crop),
   then normalises it into a tensor. PIL, not torchvision: no CPU torchvision build exists here.
   num_workers=0 because DataLoader workers are slower on 2 cores (shared/STACK.md). LeNet-5,
-  Adam(train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors.
+  Adam(train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors; on a GPU the model lives
+  there and each batch is copied to it, as the original example does.
 - (b) Kiln's loop: pipeline.training.fit on the same uint8 images held on the device, warped afresh
   each epoch by pipeline.train.epoch_warper (pipeline.warp.warp: one batched affine
   grid_sample of the whole set, augment.chunk images per call: rotation, translation, zoom),
@@ -46,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,6 +58,7 @@ from pipeline.ingest import ingest
 from pipeline.params import Params, load_params
 from pipeline.preprocess import Preprocessing
 from pipeline.warp import warp
+from train_stage_bench import with_changes  # bench/, beside this file
 
 
 def load_digits(p: Params) -> tuple[Preprocessing, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -106,16 +109,19 @@ def seed_style_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> t
     loader = torch.utils.data.DataLoader(
         SeedStyleDataset(pixels, labels, prep, p.augment.rotation_deg, pad, seed),
         batch_size=p.train.batch_size, shuffle=True, num_workers=0)
-    model = models.build(p.train.model, prep.channels, 10, prep.image_size)
+    device = training.pick_device()
+    model = models.build(p.train.model, prep.channels, 10, prep.image_size).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=p.train.lr)
     start = time.perf_counter()
     for _ in range(p.train.epochs):
         model.train()
         for xb, yb in loader:
-            loss = F.cross_entropy(model(xb), yb)
+            loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return p.train.epochs * len(pixels) / seconds, test_accuracy(model, prep, splits)
 
@@ -198,19 +204,25 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="training runs per loop (median)")
     parser.add_argument("--aug-reps", type=int, default=9, help="augmentation repetitions (median)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change a params.yaml value for this benchmark")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, "
                         "one per core); 1 is steadier on a busy machine")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    p = load_params(args.params)
+    with tempfile.TemporaryDirectory() as tmp:
+        changed = Path(tmp) / "params.yaml"
+        changed.write_text(yaml.safe_dump(with_changes(args.params, args.set), sort_keys=False))
+        p = load_params(changed)
     load_before = os.getloadavg()
     prep, splits = load_digits(p)
     device = training.pick_device()
     print(f"device {device}, torch threads {torch.get_num_threads()}, "
           f"{len(splits['train'][0])} train / {len(splits['test'][0])} test images, "
-          f"{p.train.epochs} epochs, batch {p.train.batch_size}, load average {load_before}",
+          f"{p.train.epochs} epochs, batch {p.train.batch_size}, lr {p.train.lr}, "
+          f"changes {args.set}, load average {load_before}",
           flush=True)
 
     loops = (("seed_style", seed_style_run), ("kiln", kiln_run),
@@ -235,6 +247,7 @@ def main() -> None:
                                        - result["seed_style"]["test_acc"])
     result["augmentation"] = augmentation_rates(p, prep, splits, args.aug_reps)
     result["device"] = str(device)
+    result["changes"] = args.set
     result["load_average"] = {"before": load_before, "after": os.getloadavg()}
 
     aug = result["augmentation"]

@@ -25,7 +25,7 @@ def pick_device() -> torch.device:
 def to_input(pixels: torch.Tensor | np.ndarray, prep: Preprocessing,
              device: torch.device) -> torch.Tensor:
     """uint8 pixels -> normalised float32 model input on `device`, via the saved preprocessing."""
-    pixels = pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels
+    pixels = pixels.cpu().numpy() if isinstance(pixels, torch.Tensor) else pixels
     return torch.from_numpy(prep.normalize(pixels)).to(device)
 
 
