@@ -22,8 +22,9 @@ from typing import Callable
 
 from pipeline import StageError
 from pipeline.params import (AugmentParams, CompressParams, DataParams, ParamsError, ServeParams,
-                             TrainParams, typed)
+                             TextParams, TrainParams, typed)
 from pipeline.preprocess import Preprocessing
+from pipeline.text.tokens import TextPreprocessing
 
 CARD_FILE = "model.json"
 PREDICT_BATCH = 256  # images per ONNX Runtime call when scoring a whole split (bounded memory)
@@ -36,6 +37,7 @@ class Recipe:
     augment: AugmentParams
     train: TrainParams
     compress: CompressParams | None  # set from the compress stage on
+    text: TextParams | None = None   # data.modality text only
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,10 @@ class Selection:
 
 @dataclass(frozen=True)
 class ModelCard:
-    architecture: str              # a name in pipeline.models.MODELS
+    architecture: str              # a name in pipeline.models.MODELS (or the text registry)
     classes: list[str]             # a label's index is its position here
-    preprocessing: Preprocessing   # how an image becomes model input (pipeline/preprocess.py)
+    # How an image (pipeline/preprocess.py) or a text (pipeline/text/tokens.py) becomes input.
+    preprocessing: Preprocessing | TextPreprocessing
     data_hash: str                 # sha256 of the ingested data set (pipeline.dataset.data_hash)
     recipe: Recipe
     weights: dict[str, str]        # weights file next to the card -> sha256 hex of its bytes
@@ -108,10 +111,14 @@ def read_card(folder: Path) -> ModelCard:
 
 def _upgrade(raw):
     """A card written before data.background existed as one with background None: its model
-    was trained with alpha dropped (PIL's convert), and is served the same way."""
+    was trained with alpha dropped (PIL's convert), and is served the same way. One written
+    before data.modality existed is an image model's, without a text recipe."""
     try:
-        for section in (raw["preprocessing"], raw["recipe"]["data"]):
-            section.setdefault("background", None)
+        if "tokenizer_sha256" not in raw["preprocessing"]:
+            for section in (raw["preprocessing"], raw["recipe"]["data"]):
+                section.setdefault("background", None)
+        raw["recipe"]["data"].setdefault("modality", "image")
+        raw["recipe"].setdefault("text", None)
     except (KeyError, TypeError, AttributeError):
         pass  # not a card's shape: typed() names what is wrong
     return raw

@@ -1,7 +1,8 @@
 """The ingested data set as every stage reads it: manifest, class list, splits, data hash.
 
 The ingest stage writes a folder of
-    images/<split>/<class>/<file>   the images (PNG/JPEG)
+    images/<split>/<class>/<file>   the images (PNG/JPEG), or with data.modality text
+    texts/<split>/<class>/<file>    one document per file, the bytes as they came (UTF-8 expected)
     manifest.csv                    path (relative to the folder), label, split, and source: the
                                     file it came from, for error messages
     classes.json                    the class names; a label's index is its position here
@@ -47,6 +48,18 @@ def load_split(folder: Path, split: str, prep) -> tuple[np.ndarray, np.ndarray]:
         raise StageError(f"{folder / 'manifest.csv'}: no images in split {split!r}")
     pixels = np.stack([prep.load(folder / r["path"]) for r in rows])
     return pixels, np.array([index[r["label"]] for r in rows], dtype=np.int64)
+
+
+def load_texts(folder: Path, split: str) -> tuple[list[str], np.ndarray]:
+    """One split of an ingested text data set (data.modality text): the texts, decoded as UTF-8
+    (validate has checked they decode), and int64 labels."""
+    rows, classes = read_manifest(folder)
+    index = {c: i for i, c in enumerate(classes)}
+    rows = [r for r in rows if r["split"] == split]
+    if not rows:
+        raise StageError(f"{folder / 'manifest.csv'}: no texts in split {split!r}")
+    texts = [(folder / r["path"]).read_bytes().decode("utf-8") for r in rows]
+    return texts, np.array([index[r["label"]] for r in rows], dtype=np.int64)
 
 
 def data_hash(folder: Path) -> str:

@@ -24,6 +24,8 @@ class ParamsError(ValueError):
 # and PRUNERS), declared here so a misspelt name is refused before any stage runs, by code that
 # needs no torch. tests/test_stages.py checks they equal the registries.
 ModelName = Literal["lenet5", "resnet_small"]
+Modality = Literal["image", "text"]  # audio: issue 13
+TextModelName = Literal["text_encoder", "text_bag"]
 PruneMethod = Literal["structured_l1", "l1_unstructured", "l1_channels"]
 
 
@@ -36,6 +38,7 @@ class Split:
 
 @dataclass(frozen=True)
 class DataParams:
+    modality: Modality
     source: str
     split: Split
     seed: int
@@ -79,6 +82,40 @@ class AugmentParams:
     hflip: bool
     seed: int
     chunk: int
+
+
+@dataclass(frozen=True)
+class TextAugmentParams:
+    copies: int
+    deletion: float
+    swap: float
+    mask: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class TextParams:
+    source: str
+    per_class: int
+    min_texts: int
+    max_texts: int
+    min_texts_per_class_per_split: int
+    min_words: int
+    max_words: int
+    vocab_size: int
+    max_tokens: int
+    lowercase: bool
+    model: TextModelName
+    pretrained: str | None
+    dim: int
+    layers: int
+    heads: int
+    ffn: int
+    dropout: float
+    epochs: int
+    lr: float
+    batch_size: int
+    augment: TextAugmentParams
 
 
 @dataclass(frozen=True)
@@ -141,6 +178,7 @@ class ServeParams:
     batch_threads: int
     access_log: bool
     grpc_port: int
+    max_text_bytes: int
 
 
 @dataclass(frozen=True)
@@ -163,6 +201,7 @@ class Params:
     package: PackageParams
     serve: ServeParams
     schedule: ScheduleParams
+    text: TextParams
 
 
 def did_you_mean(word, choices) -> str:
@@ -288,6 +327,24 @@ def _check_ranges(p: Params) -> None:
         ("serve.inline_decode_pixels", 0 <= p.serve.inline_decode_pixels <= p.serve.max_image_pixels,
          "must be in [0, serve.max_image_pixels]"),
         ("serve.max_batch_images", p.serve.max_batch_images >= 1, "must be >= 1"),
+        ("serve.max_text_bytes", p.serve.max_text_bytes >= 1, "must be >= 1"),
+        ("text.per_class", p.text.per_class >= 1, "must be >= 1"),
+        ("text.min_texts", 1 <= p.text.min_texts <= p.text.max_texts,
+         "must satisfy 1 <= min_texts <= max_texts"),
+        ("text.min_words", 1 <= p.text.min_words <= p.text.max_words,
+         "must satisfy 1 <= min_words <= max_words"),
+        ("text.vocab_size", p.text.vocab_size >= 100, "must be >= 100"),
+        ("text.max_tokens", p.text.max_tokens >= 2, "must be >= 2"),
+        ("text.heads", p.text.heads >= 1 and p.text.dim % p.text.heads == 0,
+         "must be >= 1 and divide text.dim"),
+        ("text.dropout", 0 <= p.text.dropout < 1, "must be in [0, 1)"),
+        ("text.epochs", p.text.epochs >= 1, "must be >= 1"),
+        ("text.batch_size", p.text.batch_size >= 1, "must be >= 1"),
+        ("text.lr", p.text.lr > 0, "must be > 0"),
+        ("text.augment.copies", p.text.augment.copies >= 0, "must be >= 0"),
+        ("text.augment", all(0 <= r < 1 for r in (p.text.augment.deletion, p.text.augment.swap,
+                                                   p.text.augment.mask)),
+         "deletion, swap and mask must each be in [0, 1)"),
     ]
     for key, ok, why in checks:
         if not ok:
