@@ -59,8 +59,9 @@ SHOWN = 3  # offenders named per failed kind; the count covers the rest
 SUMMARY = ("images", "classes", "splits", "undecodable", "converted", "duplicates",
            "checks_passed", "checks_failed", "success")
 # Every key of Validation.metrics, in the order the details JSON holds them.
-METRICS = ("images", "classes", "splits", "undecodable", "duplicates", "converted", "channels_model",
-           "checks_passed", "checks_failed", "problems", "file_problems", "drift", "success")
+METRICS = ("images", "classes", "splits", "undecodable", "duplicates", "converted",
+           "channels_model", "checks_passed", "checks_failed", "problems", "file_problems", "drift",
+           "success")
 CHUNK = 512  # files per pool task: large enough that task overhead (~0.1 ms) is noise
 PNG_MAGIC, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
@@ -423,12 +424,16 @@ def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParam
                          f"has {', '.join(rows[0])}")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise StageError(f"{folder / 'classes.json'}: expected a list of class names")
+    if reference is not None and reference.get("modality", "image") != data.modality:
+        raise StageError(f"the champion of this task (package.model_name and class list) was "
+                         f"trained on {reference.get('modality', 'image')} data, this data set is "
+                         f"{data.modality}: give it another package.model_name")
     if data.modality == "text":
         from pipeline.text import checks
         unit = "texts"
-        images, word_lists = checks.text_table(folder, rows)
-        current = checks.profile(images, word_lists, text.profile_words)
-        report = checks.compare_texts(reference, current, images, word_lists, drift) \
+        images, train_words = checks.text_table(folder, rows)
+        current = checks.profile(images, train_words, text.profile_words)
+        report = checks.compare_texts(reference, current, train_words, drift) \
             if reference is not None else None
     else:
         unit = "images"

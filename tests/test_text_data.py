@@ -17,9 +17,14 @@ import pytest
 
 import pipeline.validate
 from pipeline.champion import Reference
+from pipeline.dataset import read_manifest
+from pipeline.params import load_params
+from pipeline.text import checks
+from pipeline.text.sources import ingest_texts
 from pipeline.text.words import text_key
 from tests.test_bad_data import VALIDATE, cli, problems, stage  # noqa: F401 (fixture)
 
+REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("billing", "outage", "praise")
 PER_CLASS = 10   # with the repo's 0.7/0.1/0.2 split: 7 train, 1 val, 2 test per class
 # Each class draws its words from its own vocabulary: a ticket-triage toy set.
@@ -93,7 +98,8 @@ def test_a_folder_of_txt_files_through_the_cli(tmp_path, text_project):
     assert {r["split"] for r in rows} == {"train", "val", "test"}
     for r in rows:
         assert r["path"] == f"texts/{r['split']}/{r['label']}/{Path(r['source']).name}"
-        assert (work / "data/ingested" / r["path"]).read_bytes() == (source / r["source"]).read_bytes()
+        copied = work / "data/ingested" / r["path"]
+        assert copied.read_bytes() == (source / r["source"]).read_bytes()
     validated = cli(work, *VALIDATE)
     assert validated.returncode == 0, validated.stderr
     assert "validate: 30 texts, 3 classes, {'train': 21, 'val': 3, 'test': 6}" in validated.stdout
@@ -118,7 +124,8 @@ def test_a_jsonl_file_with_its_own_splits(tmp_path, text_project, stage):
     ingested = manifest(work)
     assert [r["split"] for r in ingested] == [r["split"] for r in rows]
     assert ingested[4]["source"] == "tickets.jsonl:line 5"
-    assert (work / "data/ingested" / ingested[4]["path"]).read_text(encoding="utf-8") == rows[4]["text"]
+    fifth = work / "data/ingested" / ingested[4]["path"]
+    assert fifth.read_text(encoding="utf-8") == rows[4]["text"]
     assert json.loads((work / "reports/validation.json").read_text())["splits"] == \
         {"train": 18, "val": 6, "test": 6}
 
@@ -147,9 +154,11 @@ def test_the_built_in_language_set(tmp_path, text_project, stage):
     text in two languages, the same data on a rerun; it validates."""
     work = text_project("languages", {"per_class": 20})
     code, out = stage(work, "ingest", "--out", "data/ingested")
-    assert code == 0 and "ingest: 200 texts from languages: {'train': 140, 'val': 20, 'test': 40}" in out
+    assert code == 0, out
+    assert "ingest: 200 texts from languages: {'train': 140, 'val': 20, 'test': 40}" in out
     rows = manifest(work)
-    texts = {r["path"]: (work / "data/ingested" / r["path"]).read_bytes().decode("utf-8") for r in rows}
+    texts = {r["path"]: (work / "data/ingested" / r["path"]).read_text(encoding="utf-8")
+             for r in rows}
     languages = {}
     for r in rows:
         languages.setdefault(text_key(texts[r["path"]]), set()).add(r["label"])
@@ -160,7 +169,8 @@ def test_the_built_in_language_set(tmp_path, text_project, stage):
     assert rows[0]["source"].startswith("chatterbot-corpus chinese/")
     shutil.copytree(work / "data/ingested", tmp_path / "first")
     assert stage(work, "ingest", "--out", "data/ingested")[0] == 0
-    assert (work / "data/ingested/manifest.csv").read_bytes() == (tmp_path / "first/manifest.csv").read_bytes()
+    again = (work / "data/ingested/manifest.csv").read_bytes()
+    assert again == (tmp_path / "first/manifest.csv").read_bytes()
     code, out = stage(work, *VALIDATE)
     assert code == 0, out
 
@@ -187,7 +197,8 @@ def spoil_duplicate(source: Path) -> str:
     text = (source / "train/outage/3.txt").read_text()
     (source / "train/outage/3 copy.txt").write_text("  " + text.upper().replace(" ", "   "))
     return ("duplicate texts in a split: No two texts of one split are the same text (compared "
-            "as for leakage). -- 2 break it: train/outage/3 copy.txt (train) = train/outage/3.txt (train)")
+            "as for leakage). -- 2 break it: "
+            "train/outage/3 copy.txt (train) = train/outage/3.txt (train)")
 
 
 def spoil_leak(source: Path) -> str:
@@ -207,8 +218,9 @@ def spoil_one_class(source: Path) -> str:
 
 def spoil_too_long(source: Path) -> str:
     (source / "train/billing/essay.txt").write_text("invoice " * 40)
-    return "text length out of bounds: Every text has 1 to 30 words and punctuation marks " \
-           "(params text.min_words, text.max_words). -- 1 break it: train/billing/essay.txt (40 words)"
+    return ("text length out of bounds: Every text has 1 to 30 words and punctuation marks "
+            "(params text.min_words, text.max_words). -- 1 break it: "
+            "train/billing/essay.txt (40 words)")
 
 
 def spoil_class_missing_from_a_split(source: Path) -> str:
@@ -248,26 +260,28 @@ def test_non_utf8_bytes_in_a_jsonl_line_reach_validate(tmp_path, text_project, s
 
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": \n',
-     "bad.jsonl: line 2: not valid JSON (Expecting value, column 24)"),
-    ("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', "bad.jsonl:line 2: no `label` field"),
-    ("bad.jsonl", '["a", "x"]\n', "bad.jsonl: line 1: expected a JSON object with `text` and `label`"),
-    ("bad.jsonl", '{"text": 5, "label": "x"}\n', "bad.jsonl:line 1: `text` must be a string, got int 5"),
+     "line 2: not valid JSON (Expecting value, column 24)"),
+    ("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', "line 2: no `label` field"),
+    ("bad.jsonl", '["a", "x"]\n', "line 1: expected a JSON object with `text` and `label`"),
+    ("bad.jsonl", '{"text": 5, "label": "x"}\n', "line 1: `text` must be a string, got int 5"),
     ("bad.jsonl", '{"text": "a", "label": "x", "split": "dev"}\n',
-     "bad.jsonl:line 1: `split` must be one of train, val, test, got 'dev'"),
+     "line 1: `split` must be one of train, val, test, got 'dev'"),
     ("bad.jsonl", '{"text": "a", "label": "x", "split": "test"}\n{"text": "b", "label": "y"}\n',
-     "bad.jsonl:line 2: no `split` field, unlike bad.jsonl:line 1"),
-    ("bad.jsonl", '{"text": "a", "label": "../etc"}\n', "bad.jsonl:line 1: label '../etc' cannot name a class folder"),
-    ("bad.csv", "text,category\na,x\n", "bad.csv: line 1: the header names no `label` column (has text, category)"),
-    ("bad.csv", "text,label\na,x\nb,y,extra\n", "bad.csv: line 3: 3 fields, the header has 2"),
-    ("bad.csv", "text,label\na,x\nb,\n", "bad.csv:line 3: label '' cannot name a class folder (blank"),
-    ("notes.txt", "a lone text file\n", "text.source: {dir}/notes.txt is not a folder, a .jsonl or a .csv file"),
+     "bad.jsonl:line 2 has no `split` field, unlike bad.jsonl:line 1"),
+    ("bad.jsonl", '{"text": "a", "label": "../etc"}\n',
+     "line 1: label '../etc' cannot name a class folder"),
+    ("bad.csv", "text,category\na,x\n",
+     "line 1: the header names no `label` column (has text, category)"),
+    ("bad.csv", 'text,label\na,x\n"b\nc",y,extra\n', "line 3: 3 fields, the header has 2"),
+    ("bad.csv", "text,label\na,x\nb,\n", "line 3: label '' cannot name a class folder (blank"),
+    ("notes.txt", "a lone text file\n", "not a folder, a .jsonl or a .csv file (nor 'languages')"),
 ])
 def test_unreadable_records_stop_ingest_naming_the_line(tmp_path, text_project, stage, name,
                                                         content, message):
     (tmp_path / name).write_text(content, encoding="utf-8")
     code, out = stage(text_project(tmp_path / name), "ingest", "--out", "data/ingested")
     assert code == 1
-    assert "kiln ingest: error:" in out and message.format(dir=tmp_path) in out
+    assert f"kiln ingest: error: text.source {tmp_path / name}: " in out and message in out
 
 
 def test_a_txt_file_over_the_size_limit_is_refused_by_name(tmp_path, text_project, stage):
@@ -283,20 +297,23 @@ def test_a_txt_file_over_the_size_limit_is_refused_by_name(tmp_path, text_projec
 
 # --- drift against the champion's profile -------------------------------------------------------
 
-def champion_profile(tmp_path: Path, stage, text_project) -> dict:  # noqa: F811
-    """The data profile validate writes for a 30-per-class .jsonl set (what package stores)."""
-    path = tmp_path / "champion.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records(30, seed=1)))
-    work = text_project(path)
-    assert ingest_and_validate(stage, work)[0] == 0, "champion's data"
-    profile = json.loads((work / "reports/data_profile.json").read_text())
-    shutil.rmtree(work)
-    return profile
+@pytest.fixture(scope="module")
+def champion_profile(tmp_path_factory) -> dict:
+    """The data profile validate writes (and package stores with the champion) for a
+    30-per-class .jsonl set, made by the functions validate calls."""
+    root = tmp_path_factory.mktemp("champion")
+    (root / "champion.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(30, seed=1)))
+    params = load_params(REPO / "params.yaml")
+    ingest_texts(str(root / "champion.jsonl"), root / "ingested", params.data.split,
+                 params.data.seed, params.ingest.max_file_bytes, params.text.per_class)
+    table, words = checks.text_table(root / "ingested", read_manifest(root / "ingested")[0])
+    return checks.profile(table, words, params.text.profile_words)
 
 
-def test_the_same_kind_of_text_shows_no_drift(tmp_path, text_project, stage, monkeypatch):
-    reference = champion_profile(tmp_path, stage, text_project)
-    monkeypatch.setattr(pipeline.validate, "reference", lambda task: Reference("champ:1", reference, ""))
+def test_the_same_kind_of_text_shows_no_drift(tmp_path, text_project, stage, monkeypatch,
+                                              champion_profile):
+    monkeypatch.setattr(pipeline.validate, "reference",
+                        lambda task: Reference("champ:1", champion_profile, ""))
     path = tmp_path / "new.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records(30, seed=2)))
     work = text_project(path)
@@ -307,10 +324,11 @@ def test_the_same_kind_of_text_shows_no_drift(tmp_path, text_project, stage, mon
     assert "validate: drift against champ:1: ok; label PSI 0.000, words PSI" in out
 
 
-def test_other_lengths_labels_and_words_fail_on_drift(tmp_path, text_project, stage, monkeypatch):
+def test_other_lengths_labels_and_words_fail_on_drift(tmp_path, text_project, stage, monkeypatch,
+                                                      champion_profile):
     """Longer texts, mostly one class, and half the words new: each drift check names itself."""
-    reference = champion_profile(tmp_path, stage, text_project)
-    monkeypatch.setattr(pipeline.validate, "reference", lambda task: Reference("champ:1", reference, ""))
+    monkeypatch.setattr(pipeline.validate, "reference",
+                        lambda task: Reference("champ:1", champion_profile, ""))
     rng = np.random.default_rng(3)
     shifted = [{"text": f"{document(rng, label, 20).strip()} " + " ".join(
                     f"word{int(rng.integers(1000))}" for _ in range(20)), "label": label}
@@ -331,4 +349,5 @@ def test_an_image_profile_is_no_reference_for_texts(tmp_path, text_project, stag
     monkeypatch.setattr(pipeline.validate, "reference", lambda task: Reference(
         "digits:1", {"version": 1, "categorical": {"label": {}}, "quantiles": {}}, ""))
     code, out = ingest_and_validate(stage, text_project(write_folder(tmp_path / "src")))
-    assert code == 1 and "champion's data profile is not a text profile (its modality: image)" in out
+    assert code == 1 and "the champion of this task (package.model_name and class list) was " \
+        "trained on image data, this data set is text: give it another package.model_name" in out

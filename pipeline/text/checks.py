@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import StageError
 from pipeline.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
 from pipeline.params import DriftParams, TextParams
 from pipeline.text.words import text_key, words
@@ -72,11 +71,16 @@ def describe_text(path: Path) -> tuple[dict, list[str] | None]:
             "content_hash": None if empty else text_key(text)}, found
 
 
-def text_table(folder: Path, rows: list[dict]) -> tuple[pd.DataFrame, list[list[str] | None]]:
-    """One row per manifest entry, flags included; and each row's words (None: not a text)."""
-    described = [describe_text(folder / r["path"]) for r in rows]
-    records = [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
-                "split": r["split"], **d} for r, (d, _) in zip(rows, described)]
+def text_table(folder: Path, rows: list[dict]) -> tuple[pd.DataFrame, Counter]:
+    """One row per manifest entry, flags included; and the word occurrences of the train
+    split's texts (empty ones and files that are no text have none)."""
+    records, train_words = [], Counter()
+    for r in rows:
+        described, found = describe_text(folder / r["path"])
+        records.append({"path": r["path"], "source": r.get("source") or r["path"],
+                        "label": r["label"], "split": r["split"], **described})
+        if r["split"] == "train" and described.get("words"):
+            train_words.update(found)
     texts = pd.DataFrame.from_records(records, columns=COLUMNS).astype(
         {"words": float, "chars": float})
     texts["empty"] = texts["empty"].fillna(False).astype(bool)
@@ -85,7 +89,7 @@ def text_table(folder: Path, rows: list[dict]) -> tuple[pd.DataFrame, list[list[
     copies_in_split = hashed.groupby(["split", "content_hash"]).path.transform("size")
     texts["leak"] = texts.content_hash.map(splits_per_hash).fillna(0) > 1
     texts["duplicate"] = copies_in_split.reindex(texts.index).fillna(0) > 1
-    return texts, [w for _, w in described]
+    return texts, train_words
 
 
 def suites(E, kind, text: TextParams, repeated, labels, splits) -> list:
@@ -150,11 +154,11 @@ def metrics(texts: pd.DataFrame) -> dict:
 
 # ---- drift ---------------------------------------------------------------------------------
 
-def profile(texts: pd.DataFrame, word_lists: list[list[str] | None], vocabulary_size: int) -> dict:
+def profile(texts: pd.DataFrame, counts: Counter, vocabulary_size: int) -> dict:
     """Reference statistics of the train split's texts (pipeline/drift.py's layout, plus the
-    `vocabulary_size` most frequent words and the split's own out-of-vocabulary rate)."""
+    `vocabulary_size` most frequent of the words `counts` counts and their own out-of-vocabulary
+    rate)."""
     train = (texts.split == "train") & texts.words.notna()
-    counts = train_words(texts, word_lists)
     vocabulary = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
                   [:vocabulary_size]]
     lengths = texts.words[train].to_numpy(float)
@@ -170,12 +174,6 @@ def profile(texts: pd.DataFrame, word_lists: list[list[str] | None], vocabulary_
         "vocabulary": vocabulary,
         "oov_rate": oov_rate(vocabulary, counts),
     }
-
-
-def train_words(texts: pd.DataFrame, word_lists: list[list[str] | None]) -> Counter:
-    """Word occurrences of the train split's texts (empty and undecodable ones have none)."""
-    train = (texts.split == "train") & texts.words.notna()
-    return Counter(w for ws, keep in zip(word_lists, train) if keep for w in ws)
 
 
 def oov_rate(vocabulary: list[str], counts: Counter) -> float:
@@ -204,17 +202,12 @@ class TextDrift:
                 "oov": {"rate": self.oov_rate, "champion_rate": self.reference_oov_rate}}
 
 
-def compare_texts(reference: dict, current: dict, texts: pd.DataFrame,
-                  word_lists: list[list[str] | None], thresholds: DriftParams) -> TextDrift:
-    """Score the current train split (`current`, its profile, and its words) against the
-    champion's profile `reference`."""
-    if reference.get("modality") != "text":
-        raise StageError("champion's data profile is not a text profile (its modality: "
-                         f"{reference.get('modality', 'image')}); a text data set cannot be "
-                         "checked against it")
+def compare_texts(reference: dict, current: dict, counts: Counter, thresholds: DriftParams
+                  ) -> TextDrift:
+    """Score the current train split (`current`, its profile, and `counts`, its words) against
+    the champion's profile `reference`."""
     report = compare(reference, current, thresholds, categorical=("label",),
                      continuous=("words",))
-    counts = train_words(texts, word_lists)
     return TextDrift(report, oov_rate(reference["vocabulary"], counts), reference["oov_rate"])
 
 

@@ -53,12 +53,12 @@ def ingest_texts(source: str, out: Path, split: Split, seed: int, max_file_bytes
     elif path.suffix.lower() in (".jsonl", ".csv") and path.is_file():
         records = read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_csv(path)
     else:
-        raise StageError(f"text.source: {source} is not a folder, a .jsonl or a .csv file "
+        raise StageError(f"text.source {source}: not a folder, a .jsonl or a .csv file "
                          "(nor 'languages')")
     if records is not None:
         rows, classes = write_records(records, out, split, seed)
     if not rows:
-        raise StageError(f"text.source: {source} holds no texts")
+        raise StageError(f"text.source {source}: holds no texts")
     write_manifest(out, rows, classes)
     return rows
 
@@ -100,7 +100,8 @@ def built_in_languages(per_class: int, seed: int) -> list[Record]:
             for i, dialog in enumerate(dialogs.get("conversations") or []):
                 for j, text in enumerate(dialog):
                     if isinstance(text, str) and text.strip():
-                        where = f"chatterbot-corpus {language}/{file.name} conversation {i} line {j}"
+                        where = (f"chatterbot-corpus {language}/{file.name} conversation {i} "
+                                 f"line {j}")
                         found.setdefault(text_key(text), (text, where))
     languages_of: dict[str, int] = {}
     for found in lines.values():
@@ -127,7 +128,10 @@ def _label(value, where: str) -> str:
     return label
 
 
-def _record(fields: dict, where: str) -> Record:
+def _record(fields: dict, path: Path, line: int) -> Record:
+    """The record of one parsed line (`line` of the file at `path`); a missing or mistyped field
+    fails the stage naming file and line."""
+    where = f"text.source {path}: line {line}"
     for name in ("text", "label"):
         if fields.get(name) is None:
             raise StageError(f"{where}: no `{name}` field")
@@ -139,19 +143,20 @@ def _record(fields: dict, where: str) -> Record:
         raise StageError(f"{where}: `split` must be one of {', '.join(SPLITS)}, got {split!r}")
     try:
         data = text.encode("utf-8", "surrogateescape")  # the file's own bytes, also invalid ones
-    except UnicodeEncodeError:  # a JSON escape of a lone surrogate: invalid UTF-8 that validate names
+    except UnicodeEncodeError:  # a JSON-escaped lone surrogate: invalid UTF-8, validate names it
         data = text.encode("utf-8", "surrogatepass")
-    return data, _label(fields["label"], where), split, where
+    return data, _label(fields["label"], where), split, f"{path.name}:line {line}"
 
 
-def _same_split_rule(records: list[Record]) -> list[Record]:
+def _same_split_rule(records: list[Record], path: Path) -> list[Record]:
     """Every record gives a split, or none does; the first that breaks the rule is named."""
     if records:
         first = records[0][2] is not None
         for r in records:
             if (r[2] is not None) != first:
-                raise StageError(f"{r[3]}: {'no' if first else 'a'} `split` field, unlike "
-                                 f"{records[0][3]} (give every record a split, or none)")
+                raise StageError(f"text.source {path}: {r[3]} has {'no' if first else 'a'} "
+                                 f"`split` field, unlike {records[0][3]} (give every record a "
+                                 "split, or none)")
     return records
 
 
@@ -159,53 +164,52 @@ def read_jsonl(path: Path) -> list[Record]:
     records = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
-            where = f"{path.name}:line {n}"
             line = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
             if not line.strip():
                 continue
             try:
                 fields = json.loads(line)
             except json.JSONDecodeError as e:
-                raise StageError(f"{path}: line {n}: not valid JSON ({e.msg}, column {e.pos + 1})"
-                                 ) from None
+                raise StageError(f"text.source {path}: line {n}: not valid JSON ({e.msg}, column "
+                                 f"{e.pos + 1})") from None
             if not isinstance(fields, dict):
-                raise StageError(f"{path}: line {n}: expected a JSON object with `text` and "
-                                 f"`label`, got {type(fields).__name__}")
-            records.append(_record(fields, where))
-    return _same_split_rule(records)
+                raise StageError(f"text.source {path}: line {n}: expected a JSON object with "
+                                 f"`text` and `label`, got {type(fields).__name__}")
+            records.append(_record(fields, path, n))
+    return _same_split_rule(records, path)
 
 
 def read_csv(path: Path) -> list[Record]:
-    text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # Excel's BOM
+    # surrogateescape: bytes that are not UTF-8 reach validate unchanged; Excel writes a BOM
+    text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
-        raise StageError(f"{path}: empty (expected a header with text,label[,split])") from None
+        raise StageError(f"text.source {path}: empty (expected a header naming text, label and "
+                         "optionally split)") from None
     except csv.Error as e:
-        raise StageError(f"{path}: line 1: {e}") from None
+        raise StageError(f"text.source {path}: line 1: {e}") from None
     missing = [name for name in ("text", "label") if name not in header]
     if missing:
-        raise StageError(f"{path}: line 1: the header names no `{missing[0]}` column "
-                         f"(has {', '.join(header)})")
+        raise StageError(f"text.source {path}: line 1: the header names no `{missing[0]}` "
+                         f"column (has {', '.join(header)})")
     records = []
-    start = reader.line_num + 1
     while True:
+        start = reader.line_num + 1  # a quoted field may span lines: name the record's first
         try:
             values = next(reader)
         except StopIteration:
             break
         except csv.Error as e:
-            raise StageError(f"{path}: line {start}: {e}") from None
-        where = f"{path.name}:line {start}"
-        start = reader.line_num + 1
+            raise StageError(f"text.source {path}: line {start}: {e}") from None
         if not values:
             continue
         if len(values) != len(header):
-            raise StageError(f"{path}: line {reader.line_num}: {len(values)} fields, the header "
-                             f"has {len(header)}")
+            raise StageError(f"text.source {path}: line {start}: {len(values)} fields, the "
+                             f"header has {len(header)}")
         fields = dict(zip(header, values))
         if fields.get("split") == "":
             fields["split"] = None
-        records.append(_record(fields, where))
-    return _same_split_rule(records)
+        records.append(_record(fields, path, start))
+    return _same_split_rule(records, path)
