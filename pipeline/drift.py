@@ -13,6 +13,7 @@ equal reference mass). KS is the largest gap between the two cumulative distribu
 Continuous features are stored as PROFILE_QUANTILES quantiles of the actual values (no
 interpolation), so a profile stays a few tens of KB at any data-set size and ties (blank images,
 one image size) keep their weight; KS and PSI computed from them are within 1/PROFILE_QUANTILES.
+A text data set's profile and features (label, words per text, vocabulary): pipeline/text/checks.py.
 """
 from __future__ import annotations
 
@@ -100,16 +101,20 @@ class DriftReport:
         }
 
 
-def compare(reference: dict, current: dict, thresholds: DriftParams) -> DriftReport:
-    """Score `current` (a profile) against `reference` (the champion's profile)."""
+def compare(reference: dict, current: dict, thresholds: DriftParams,
+            categorical: tuple[str, ...] = CATEGORICAL, continuous: tuple[str, ...] = CONTINUOUS
+            ) -> DriftReport:
+    """Score `current` (a profile) against `reference` (the champion's profile), feature by
+    feature: `categorical` and `continuous` name them (images' by default; pipeline/text/checks.py
+    passes those of texts)."""
     if reference.get("version") != PROFILE_VERSION:
         raise StageError(f"champion's data profile: version "
                          f"{reference.get('version')!r}; this Kiln reads version {PROFILE_VERSION}")
     scores: dict[str, tuple[float, float | None]] = {}
-    for name in CATEGORICAL:
+    for name in categorical:
         scores[name] = (categorical_psi(reference["categorical"][name],
                                         current["categorical"][name]), None)
-    for name in CONTINUOUS:
+    for name in continuous:
         if reference["quantiles"][name] and current["quantiles"][name]:
             scores[name] = continuous_scores(reference["quantiles"][name],
                                              current["quantiles"][name], thresholds.psi_bins)

@@ -102,6 +102,9 @@ class TextParams:
     min_texts_per_class_per_split: int
     min_words: int
     max_words: int
+    profile_words: int
+    oov_warn: float
+    oov_fail: float
     vocab_size: int
     max_tokens: int
     lowercase: bool
@@ -333,6 +336,9 @@ def _check_ranges(p: Params) -> None:
          "must satisfy 1 <= min_texts <= max_texts"),
         ("text.min_words", 1 <= p.text.min_words <= p.text.max_words,
          "must satisfy 1 <= min_words <= max_words"),
+        ("text.profile_words", p.text.profile_words >= 1, "must be >= 1"),
+        ("text.oov_warn", 0 <= p.text.oov_warn <= p.text.oov_fail <= 1,
+         "must satisfy 0 <= oov_warn <= oov_fail <= 1"),
         ("text.vocab_size", p.text.vocab_size >= 100, "must be >= 100"),
         ("text.max_tokens", p.text.max_tokens >= 2, "must be >= 2"),
         ("text.heads", p.text.heads >= 1 and p.text.dim % p.text.heads == 0,

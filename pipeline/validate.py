@@ -13,6 +13,9 @@ Tables validated, all in an in-memory (ephemeral) GX context:
     drift          one row per feature compared with the reference of the task's champion
                    (pipeline/drift.py, pipeline/champion.py): same model name and class list
 
+With data.modality text, a texts table (pipeline/text/checks.py) takes the images table's place
+and the class tables count texts; the rest (reports, exit rules) is the same.
+
 Each expectation carries a `kind` (meta): the problem in plain words, which starts its line in
 the error message, and a key under `problems` in the details JSON (offender counts, 0 when
 clean). The metrics JSON holds the counts a person compares across runs (SUMMARY: images,
@@ -46,7 +49,7 @@ from pipeline import StageError
 from pipeline.champion import Task, reference, write_pointer
 from pipeline.dataset import SPLITS, data_hash, read_manifest
 from pipeline.drift import compare, profile
-from pipeline.params import DataParams, DriftParams, ValidateParams, load_params
+from pipeline.params import DataParams, DriftParams, TextParams, ValidateParams, load_params
 from pipeline.preprocess import IMAGE_FORMATS, MODES, to_channels
 
 DOCS_SITE = "kiln"
@@ -55,6 +58,10 @@ SHOWN = 3  # offenders named per failed kind; the count covers the rest
 # compares across runs with `dvc metrics diff` / `dvc exp show`.
 SUMMARY = ("images", "classes", "splits", "undecodable", "converted", "duplicates",
            "checks_passed", "checks_failed", "success")
+# Every key of Validation.metrics, in the order the details JSON holds them.
+METRICS = ("images", "classes", "splits", "undecodable", "duplicates", "converted",
+           "channels_model", "checks_passed", "checks_failed", "problems", "file_problems", "drift",
+           "success")
 CHUNK = 512  # files per pool task: large enough that task overhead (~0.1 ms) is noise
 PNG_MAGIC, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
@@ -88,7 +95,7 @@ class Validation:
     metrics: dict
     failures: list[str]   # one line per failed kind, naming offenders
     warnings: list[str]   # drift above the warn thresholds: reported, not fatal
-    images: pd.DataFrame
+    images: pd.DataFrame  # the per-file table: images, or texts (pipeline/text/checks.py)
     profile: dict         # reference statistics of this data set's train split (pipeline/drift.py)
 
 
@@ -187,28 +194,55 @@ def add_flags(images: pd.DataFrame, image_size: int) -> pd.DataFrame:
     )
 
 
-def class_tables(images: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(classes: label, images) and (class_counts: split, label, images) with zeros included for
-    every class that has images somewhere; an empty class is the classes table's finding."""
+def class_tables(images: pd.DataFrame, classes: list[str], unit: str = "images"
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(classes: label, <unit>) and (class_counts: split, label, <unit>) with zeros included for
+    every class that has files somewhere; an empty class is the classes table's finding. `unit`
+    names the count column: images, or texts."""
     per_class = images.label.value_counts()
     class_table = pd.DataFrame({"label": classes,
-                                "images": [int(per_class.get(c, 0)) for c in classes]})
+                                unit: [int(per_class.get(c, 0)) for c in classes]})
     present = [c for c in classes if per_class.get(c, 0) > 0]
     grid = pd.MultiIndex.from_product([list(SPLITS), present], names=["split", "label"])
     counts = images.groupby(["split", "label"]).size().reindex(grid, fill_value=0)
-    return class_table, counts.rename("images").reset_index()
+    return class_table, counts.rename(unit).reset_index()
 
 
-def _suites(classes: list[str], data: DataParams, rules: ValidateParams, drift: DriftParams | None):
-    """The expectations of each table; meta.kind names the problem a failure means."""
+def _suites(classes: list[str], data: DataParams, rules: ValidateParams, drift: DriftParams | None,
+            text: TextParams | None = None):
+    """The expectations of each table; meta.kind names the problem a failure means. `text`:
+    the text modality's (pipeline/text/checks.py) in the images table's place."""
     import great_expectations as gx
     from great_expectations.expectations.metadata_types import FailureSeverity
 
     E = gx.expectations
+    kinds = KINDS
+    if text is not None:
+        from pipeline.text import checks
+        kinds = {**KINDS, **checks.KINDS}
 
     def kind(key: str, fatal: bool = True) -> dict:
-        return {"meta": {"key": key, "kind": KINDS[key], "fatal": fatal},
+        return {"meta": {"key": key, "kind": kinds[key], "fatal": fatal},
                 "severity": FailureSeverity.CRITICAL if fatal else FailureSeverity.WARNING}
+
+    repeated, labels, splits = [
+        E.ExpectColumnValuesToBeUnique(
+            column="path", **kind("repeated_rows"),
+            description="Each manifest row names a different file."),
+        E.ExpectColumnValuesToBeInSet(
+            column="label", value_set=classes, **kind("unknown_labels"),
+            description="Every label is a class of classes.json."),
+        E.ExpectColumnValuesToBeInSet(
+            column="split", value_set=list(SPLITS), **kind("unknown_splits"),
+            description="Every split is train, val or test."),
+    ]
+    if text is not None:
+        suites = {"texts": checks.suites(E, kind, text, repeated, labels, splits),
+                  **_class_suites(E, kind, "texts", text.min_texts_per_class_per_split,
+                                  "text.min_texts_per_class_per_split")}
+        if drift is not None:
+            suites["drift"] = _drift_suite(E, kind, drift) + checks.drift_suite(E, kind, text)
+        return suites
 
     if data.allow_resize:
         size_rule = (f"Every image side is within {rules.max_resize_factor:g}x of data.image_size "
@@ -224,19 +258,13 @@ def _suites(classes: list[str], data: DataParams, rules: ValidateParams, drift: 
             min_value=rules.min_images, max_value=rules.max_images, **kind("image_count"),
             description=f"The data set holds {rules.min_images} to {rules.max_images} images "
                         "(params validate.min_images, validate.max_images)."),
-        E.ExpectColumnValuesToBeUnique(
-            column="path", **kind("repeated_rows"),
-            description="Each manifest row names a different file."),
+        repeated,
         E.ExpectColumnValuesToBeNull(
             column="file_problem", **kind("unreadable_files"),
             description="Every file is a complete PNG or JPEG image that decodes: not empty, "
                         "not truncated, not corrupt, not another kind of file."),
-        E.ExpectColumnValuesToBeInSet(
-            column="label", value_set=classes, **kind("unknown_labels"),
-            description="Every label is a class of classes.json."),
-        E.ExpectColumnValuesToBeInSet(
-            column="split", value_set=list(SPLITS), **kind("unknown_splits"),
-            description="Every split is train, val or test."),
+        labels,
+        splits,
         E.ExpectColumnValuesToBeBetween(
             column="resize_factor", min_value=1.0, max_value=max_factor,
             **kind("wrong_size"), description=size_rule),
@@ -254,43 +282,56 @@ def _suites(classes: list[str], data: DataParams, rules: ValidateParams, drift: 
             column="duplicate", value_set=[False], **kind("duplicate_images"),
             description="No two images of one split have the same pixels."),
     ]
-    class_table = [
-        E.ExpectTableRowCountToBeBetween(
-            min_value=2, **kind("single_class"),
-            description="The data set has at least two classes: a classifier needs two."),
-        E.ExpectColumnValuesToBeBetween(
-            column="images", min_value=1, **kind("empty_classes"),
-            description="Every class of classes.json has at least one image."),
-    ]
-    class_counts = [
-        E.ExpectColumnValuesToBeBetween(
-            column="images", min_value=rules.min_images_per_class_per_split,
-            **kind("short_class_splits"),
-            description=f"Each class has at least {rules.min_images_per_class_per_split} images "
-                        "in each split (params validate.min_images_per_class_per_split)."),
-    ]
-    suites = {"images": images, "classes": class_table, "class_counts": class_counts}
+    suites = {"images": images, **_class_suites(E, kind, "images",
+                                                rules.min_images_per_class_per_split,
+                                                "validate.min_images_per_class_per_split")}
     if drift is not None:
-        suites["drift"] = [
-            E.ExpectColumnValuesToBeBetween(
-                column="psi", max_value=drift.psi_fail, **kind("drift"),
-                description=f"Population stability index below {drift.psi_fail} "
-                            "(params drift.psi_fail)."),
-            E.ExpectColumnValuesToBeBetween(
-                column="ks", max_value=drift.ks_fail, **kind("drift"),
-                description=f"Kolmogorov-Smirnov distance below {drift.ks_fail} "
-                            "(params drift.ks_fail)."),
-            E.ExpectColumnValuesToBeBetween(
-                column="psi", max_value=drift.psi_warn,
-                **kind("drift_warning", fatal=False),
-                description=f"Population stability index below {drift.psi_warn} "
-                            "(params drift.psi_warn; a warning only)."),
-            E.ExpectColumnValuesToBeBetween(
-                column="ks", max_value=drift.ks_warn, **kind("drift_warning", fatal=False),
-                description=f"Kolmogorov-Smirnov distance below {drift.ks_warn} "
-                            "(params drift.ks_warn; a warning only)."),
-        ]
+        suites["drift"] = _drift_suite(E, kind, drift)
     return suites
+
+
+def _class_suites(E, kind, unit: str, min_per_split: int, key: str) -> dict:
+    """The classes and class_counts tables' expectations; `unit` (images, texts) is what they
+    count, `key` the params key of the per-split minimum."""
+    one = unit[:-1]
+    return {
+        "classes": [
+            E.ExpectTableRowCountToBeBetween(
+                min_value=2, **kind("single_class"),
+                description="The data set has at least two classes: a classifier needs two."),
+            E.ExpectColumnValuesToBeBetween(
+                column=unit, min_value=1, **kind("empty_classes"),
+                description=f"Every class of classes.json has at least one {one}."),
+        ],
+        "class_counts": [
+            E.ExpectColumnValuesToBeBetween(
+                column=unit, min_value=min_per_split, **kind("short_class_splits"),
+                description=f"Each class has at least {min_per_split} {unit} in each split "
+                            f"(params {key})."),
+        ],
+    }
+
+
+def _drift_suite(E, kind, drift: DriftParams) -> list:
+    return [
+        E.ExpectColumnValuesToBeBetween(
+            column="psi", max_value=drift.psi_fail, **kind("drift"),
+            description=f"Population stability index below {drift.psi_fail} "
+                        "(params drift.psi_fail)."),
+        E.ExpectColumnValuesToBeBetween(
+            column="ks", max_value=drift.ks_fail, **kind("drift"),
+            description=f"Kolmogorov-Smirnov distance below {drift.ks_fail} "
+                        "(params drift.ks_fail)."),
+        E.ExpectColumnValuesToBeBetween(
+            column="psi", max_value=drift.psi_warn,
+            **kind("drift_warning", fatal=False),
+            description=f"Population stability index below {drift.psi_warn} "
+                        "(params drift.psi_warn; a warning only)."),
+        E.ExpectColumnValuesToBeBetween(
+            column="ks", max_value=drift.ks_warn, **kind("drift_warning", fatal=False),
+            description=f"Kolmogorov-Smirnov distance below {drift.ks_warn} "
+                        "(params drift.ks_warn; a warning only)."),
+    ]
 
 
 def _offenders(result, images: pd.DataFrame) -> tuple[int | None, list[str]]:
@@ -323,12 +364,17 @@ def _offenders(result, images: pd.DataFrame) -> tuple[int | None, list[str]]:
     if column == "blank":
         return len(rows), [f"{res['unexpected_percent']:.1f}% blank"] + \
             [source[r["path"]] for r in rows]
-    if column == "images" and rows and "split" in rows[0]:  # class_counts, keyed by split
-        return len(rows), [f"{r['split']}/{r['label']} ({r['images']} images)" for r in rows]
-    if column == "images":
-        return len(rows), [f"class {r['label']!r} ({r['images']} images)" for r in rows]
+    if column in ("images", "texts") and rows and "split" in rows[0]:  # class_counts, by split
+        return len(rows), [f"{r['split']}/{r['label']} ({r[column]} {column})" for r in rows]
+    if column in ("images", "texts"):
+        return len(rows), [f"class {r['label']!r} ({r[column]} {column})" for r in rows]
     if column in ("psi", "ks"):
         return len(rows), [f"{r['feature']} {column.upper()} {r[column]:.3f}" for r in rows]
+    if column == "oov_rise":
+        return len(rows), [f"out-of-vocabulary share up {r[column]:.3f}" for r in rows]
+    if column in ("empty", "words"):
+        from pipeline.text import checks
+        return len(rows), checks.offenders(column, rows, images)
     return len(rows), [f"{source.get(r['path'], r['path'])} ({column}={r[column]})" for r in rows]
 
 
@@ -361,8 +407,10 @@ def _problem_counts(results, images: pd.DataFrame) -> dict[str, int]:
 
 
 def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParams,
-             drift: DriftParams, reference: dict | None) -> Validation:
-    """Decode every image of the ingested `folder`, run the suites, write Data Docs to `docs`.
+             drift: DriftParams, reference: dict | None, text: TextParams | None = None
+             ) -> Validation:
+    """Decode every image (or with data.modality text, every text: `text` holds its params) of
+    the ingested `folder`, run the suites, write Data Docs to `docs`.
 
     `reference` is the champion's data profile (pipeline/drift.py), None when there is none:
     then drift is not checked.
@@ -376,10 +424,24 @@ def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParam
                          f"has {', '.join(rows[0])}")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise StageError(f"{folder / 'classes.json'}: expected a list of class names")
-    images = add_flags(image_table(folder, rows, pool_size(rules.workers), data), data.image_size)
-    class_table, class_counts = class_tables(images, classes)
-    current = profile(images[images.split == "train"])
-    report = compare(reference, current, drift) if reference is not None else None
+    if reference is not None and reference.get("modality", "image") != data.modality:
+        raise StageError(f"the champion of this task (package.model_name and class list) was "
+                         f"trained on {reference.get('modality', 'image')} data, this data set is "
+                         f"{data.modality}: give it another package.model_name")
+    if data.modality == "text":
+        from pipeline.text import checks
+        unit = "texts"
+        images, train_words = checks.text_table(folder, rows)
+        current = checks.profile(images, train_words, text.profile_words)
+        report = checks.compare_texts(reference, current, train_words, drift) \
+            if reference is not None else None
+    else:
+        unit = "images"
+        images = add_flags(image_table(folder, rows, pool_size(rules.workers), data),
+                           data.image_size)
+        current = profile(images[images.split == "train"])
+        report = compare(reference, current, drift) if reference is not None else None
+    class_table, class_counts = class_tables(images, classes, unit)
 
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -392,12 +454,13 @@ def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParam
     context.add_data_docs_site(site_name=DOCS_SITE, site_config=data_docs.site_config(docs))
     run_id = data_docs.run_id(data_hash(folder))
     source = context.data_sources.add_pandas("kiln")
-    tables = {"images": (images, ["path"]), "classes": (class_table, ["label"]),
+    tables = {unit: (images, ["path"]), "classes": (class_table, ["label"]),
               "class_counts": (class_counts, ["split", "label"])}
     if report is not None:
         tables["drift"] = (report.table(), ["feature"])
     results = []
-    suites = _suites(classes, data, rules, drift if report is not None else None)
+    suites = _suites(classes, data, rules, drift if report is not None else None,
+                     text if unit == "texts" else None)
     for name, expectations in suites.items():
         frame, keys = tables[name]
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
@@ -420,27 +483,33 @@ def validate(folder: Path, docs: Path, *, data: DataParams, rules: ValidateParam
     # A failed drift check already names the feature; its warning would say it twice.
     warned = [] if drift_failed else \
         [r for r in results if not r.expectation_config.meta["fatal"] and not r.success]
-    decoded = images[images.file_problem.isna()]
-    metrics = {
-        "images": len(images),
+    shared = {
         "classes": len(classes),
         "splits": {s: int((images.split == s).sum()) for s in SPLITS},
-        "undecodable": int(images.file_problem.notna().sum()),
-        "duplicates": int(decoded.content_hash.duplicated().sum()),
-        # original mode -> images converted from it to data.channels (its PIL mode)
-        "converted": {str(m): int(n) for m, n in
-                      decoded["mode"][decoded["mode"] != MODES[data.channels]].value_counts()
-                      .sort_index().items()},
-        "channels_model": data.channels,
         "checks_passed": len(fatal) - len(failed),
         "checks_failed": len(failed),
         "problems": _problem_counts(fatal, images),
-        "file_problems": {p.replace(" ", "_").replace("/", "_"):
-                          int((images.file_problem == p).sum()) for p in FILE_PROBLEMS},
         "drift": report.metrics(warned=bool(warned), failed=drift_failed)
         if report is not None else {"status": "skipped"},
         "success": not failed,
     }
+    if unit == "texts":
+        specific, order = checks.metrics(images), checks.METRICS
+    else:
+        decoded = images[images.file_problem.isna()]
+        specific, order = {
+            "images": len(images),
+            "undecodable": int(images.file_problem.notna().sum()),
+            "duplicates": int(decoded.content_hash.duplicated().sum()),
+            # original mode -> images converted from it to data.channels (its PIL mode)
+            "converted": {str(m): int(n) for m, n in
+                          decoded["mode"][decoded["mode"] != MODES[data.channels]].value_counts()
+                          .sort_index().items()},
+            "channels_model": data.channels,
+            "file_problems": {p.replace(" ", "_").replace("/", "_"):
+                              int((images.file_problem == p).sum()) for p in FILE_PROBLEMS},
+        }, METRICS
+    metrics = {key: {**specific, **shared}[key] for key in order}
     return Validation(success=not failed, metrics=metrics,
                       failures=_lines(failed, images), warnings=_lines(warned, images),
                       images=images, profile=current)
@@ -480,25 +549,32 @@ def main(argv: list[str]) -> None:
     if champion.profile is None:
         print(f"validate: drift not checked: {champion.note}")
     result = validate(args.data, args.docs, data=p.data, rules=p.validate, drift=p.drift,
-                      reference=champion.profile)
+                      reference=champion.profile, text=p.text)
     m = result.metrics
     if champion.profile is not None:
         m["drift"]["champion"] = champion.model_tag
-    for path, data in ((args.metrics, {k: m[k] for k in SUMMARY}), (args.details, m)):
+    unit = "texts" if p.data.modality == "text" else "images"
+    summary = SUMMARY
+    if unit == "texts":
+        from pipeline.text.checks import SUMMARY as summary
+    for path, data in ((args.metrics, {k: m[k] for k in summary}), (args.details, m)):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     args.profile.parent.mkdir(parents=True, exist_ok=True)
     args.profile.write_text(json.dumps(result.profile, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"validate: {m['images']} images, {m['classes']} classes, {m['splits']}: "
+    print(f"validate: {m[unit]} {unit}, {m['classes']} classes, {m['splits']}: "
           f"{m['checks_passed']} checks passed, {m['checks_failed']} failed; "
           f"Data Docs in {args.docs / 'index.html'}")
-    if m["converted"]:
+    if m.get("converted"):
         print(f"validate: {sum(m['converted'].values())} images converted to "
               f"{MODES[p.data.channels]} (data.channels {p.data.channels}), by original mode: "
               + ", ".join(f"{mode} {n}" for mode, n in m["converted"].items()))
     if champion.profile is not None:
         scores = [f"{f} PSI {v['psi']:.3f}" + (f" KS {v['ks']:.3f}" if v["ks"] is not None else "")
                   for f, v in m["drift"]["features"].items()]
+        if "oov" in m["drift"]:
+            scores.append(f"out of vocabulary {m['drift']['oov']['rate']:.1%} (champion's own "
+                          f"{m['drift']['oov']['champion_rate']:.1%})")
         print(f"validate: drift against {champion.model_tag}: {m['drift']['status']}; {', '.join(scores)}")
     for line in result.warnings:
         print(f"validate: warning: {line}")
