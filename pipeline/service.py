@@ -35,9 +35,9 @@ read; a content type, multipart body or field an endpoint does not take gets 415
 BentoML parses it (pipeline/http_guard.py); an image over serve.max_image_pixels gets 400 from its header,
 before decoding; a batch over serve.max_batch_images gets 400 (a .npy from its header, before
 its pixels are allocated); a text that is empty or whitespace only, over serve.max_text_bytes
-UTF-8 bytes or not Unicode (a lone surrogate escape), or more than serve.max_batch_images texts,
-gets 400; a body that is not UTF-8 JSON, 400 (pipeline/http_guard.py). An upload whose first bytes show it over either limit is refused
-while its body is still arriving (InputGuard's checks), so it never costs its body. Each
+UTF-8 bytes, or more than serve.max_batch_images texts, gets 400; a body that is not UTF-8 JSON
+(or escapes an unpaired surrogate), 400 from pydantic's JSON parser. An upload whose first
+bytes show it over either limit is refused while its body is still arriving (InputGuard's checks), so it never costs its body. Each
 rejected request is one WARNING line in the server log, without a traceback.
 """
 from __future__ import annotations
@@ -135,36 +135,46 @@ def _example_batch(schema: dict) -> None:
     schema["example"] = np.zeros((1, s, s) if c == 1 else (1, c, s, s), np.uint8).tolist()
 
 
+def checked_text(text: str, name: str, max_text_bytes: int) -> str:
+    """One text sent to a text model, checked before it is tokenized: a non-space character
+    and at most max_text_bytes UTF-8 bytes. Raises ValueError naming `name`, which BentoML
+    answers with HTTP 400. A text is valid Unicode here: pydantic's JSON parser refuses a body
+    that is not UTF-8 or escapes an unpaired surrogate (HTTP 400), gRPC decodes strictly."""
+    size = len(text.encode("utf-8"))
+    if size > max_text_bytes:
+        raise ValueError(f"{name}: {size} UTF-8 bytes, over the limit of {max_text_bytes} bytes")
+    if not text.strip():
+        raise ValueError(f"{name}: {'empty' if not text else 'whitespace only'}; send a text "
+                         "with at least one word")
+    return text
+
+
 def text_batch(texts: list[str], field: str, max_text_bytes: int, max_texts: int) -> list[str]:
-    """Texts sent to a text model, checked before any is tokenized: 1..max_texts of them, each
-    with a non-space character and at most max_text_bytes UTF-8 bytes. gRPC's ModelInfer checks
-    the same way (pipeline/oip.py). Raises ValueError naming field (or field[i]), which BentoML
-    answers with HTTP 400."""
+    """1..max_texts texts, each checked_text (named field[i]); gRPC's ModelInfer checks the same
+    way (pipeline/oip.py). Raises ValueError (HTTP 400)."""
     if not texts:
         raise ValueError(f"{field}: no texts; send at least one")
     if len(texts) > max_texts:
         raise ValueError(f"{field}: {len(texts)} texts; at most {max_texts} texts per request")
-    for i, text in enumerate(texts):
-        name = field if len(texts) == 1 and field == "text" else f"{field}[{i}]"
-        try:
-            size = len(text.encode("utf-8"))
-        except UnicodeEncodeError:  # a JSON escape of half a UTF-16 surrogate pair, "\\ud800"
-            raise ValueError(f"{name}: not valid Unicode (an unpaired surrogate); send UTF-8 "
-                             "text") from None
-        if size > max_text_bytes:
-            raise ValueError(f"{name}: {size} UTF-8 bytes, over the limit of {max_text_bytes} "
-                             "bytes")
-        if not text.strip():
-            raise ValueError(f"{name}: {'empty' if not text else 'whitespace only'}; send a text "
-                             "with at least one word")
-    return texts
+    return [checked_text(text, f"{field}[{i}]", max_text_bytes) for i, text in enumerate(texts)]
 
 
-def _texts(texts: list[str], field: str) -> list[str]:
-    """text_batch for the served model; an image model's refusal names the image endpoints."""
+def _served_text_model(field: str) -> None:
+    """Raise ValueError (HTTP 400) naming the image endpoints if the served model reads images."""
     if bentoml.get_current_service().tokenizer is None:
         raise ValueError(f"{field}: {TAKES_IMAGES}")
-    return text_batch(texts, field, SERVE.max_text_bytes, SERVE.max_batch_images)
+
+
+def _text(text: str) -> str:
+    """/classify_text's check of its field "text"."""
+    _served_text_model("text")
+    return checked_text(text, "text", SERVE.max_text_bytes)
+
+
+def _texts(texts: list[str]) -> list[str]:
+    """/classify_text_batch's check of its field "texts"."""
+    _served_text_model("texts")
+    return text_batch(texts, "texts", SERVE.max_text_bytes, SERVE.max_batch_images)
 
 
 def _example_text(schema: dict) -> None:
@@ -466,7 +476,7 @@ class Classifier:
 
     @bentoml.api
     async def classify_text(self, text: Annotated[
-            str, AfterValidator(lambda text: _texts([text], "text")[0]),
+            str, AfterValidator(_text),
             Field(description="the text to classify (text models): any UTF-8 text with a "
                               "non-space character, at most serve.max_text_bytes bytes; the "
                               "model reads its first text.max_tokens tokens",
@@ -477,7 +487,7 @@ class Classifier:
 
     @bentoml.api
     def classify_text_batch(self, texts: Annotated[
-            list[str], AfterValidator(lambda texts: _texts(texts, "texts")),
+            list[str], AfterValidator(_texts),
             Field(description="texts to classify (text models): 1 to serve.max_batch_images "
                               "of them, each as /classify_text's text",
                   json_schema_extra=_example_texts)]) -> list[Prediction]:

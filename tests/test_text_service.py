@@ -7,6 +7,7 @@ Runtime's on the same tokens, a batch equals its singles, bad texts and the imag
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from open_inference.grpc import protocol as pb
 from open_inference.grpc.service import GRPCInferenceServiceStub
 
 from pipeline import oip
-from pipeline.card import ModelCard, Recipe, Selection, ValScore, sha256_file, softmax, write_card
+from pipeline.card import (ModelCard, Recipe, Selection, ValScore, read_card, sha256_file, softmax,
+                           write_card)
 from pipeline.params import load_params
 from pipeline.text import tokens
 from tests.bento_server import bento_server
@@ -82,7 +84,7 @@ def write_tiny_text_model(folder: Path, steps: int = 60, seed: int = 0) -> None:
                       output_names=["logits"], external_data=False,
                       dynamic_shapes=({0: torch.export.Dim("batch"),
                                        1: torch.export.Dim("tokens", max=prep.max_tokens)},))
-    data = dataclass_replace(params.data, modality="text")
+    data = dataclasses.replace(params.data, modality="text")
     write_card(folder, ModelCard(
         architecture="text_bag", classes=CLASSES, preprocessing=prep, data_hash="0" * 64,
         recipe=Recipe(data=data, augment=params.augment, train=params.train,
@@ -91,12 +93,6 @@ def write_tiny_text_model(folder: Path, steps: int = 60, seed: int = 0) -> None:
         val=ValScore(loss=0.1, accuracy=1.0),
         selection=Selection(variant="float_onnx", accuracy=1.0, macro_f1=1.0, size_bytes=7000,
                             macs=1000, params=100)))
-
-
-def dataclass_replace(record, **changes):
-    import dataclasses
-
-    return dataclasses.replace(record, **changes)
 
 
 def write_ingested_texts(folder: Path, n: int, seed: int) -> list[str]:
@@ -119,16 +115,10 @@ def write_ingested_texts(folder: Path, n: int, seed: int) -> list[str]:
 
 def local_probabilities(model_dir: Path, texts: list[str]) -> np.ndarray:
     """What the server should answer: the same tokenizer and ONNX file, run here."""
-    prep = _card_preprocessing(model_dir)
+    prep = read_card(model_dir).preprocessing
     ids = tokens.encode(tokens.load(model_dir, prep), texts, prep)
     session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     return softmax(session.run(["logits"], {"input_ids": ids})[0])
-
-
-def _card_preprocessing(model_dir: Path) -> tokens.TextPreprocessing:
-    from pipeline.card import read_card
-
-    return read_card(model_dir).preprocessing
 
 
 def served_probabilities(answers: list[dict]) -> np.ndarray:
