@@ -34,7 +34,7 @@ throughput: one client posting 256 test images per request to /classify_npy (raw
 
 Text mode (a text model's Bento, issue 12):
 
-    python bench/serve_bench.py text --data data/ingested [--bento TAG | --tiny] \
+    python bench/serve_bench.py text --data data/ingested [--bento TAG | --tiny [--encoder]] \
         [--duration 5] [--repeats 3] [--out reports/serve_bench_text.json]
 
 The same client and method, no naive server: c clients post one test text each (cycling through
@@ -43,7 +43,8 @@ BYTES ModelInfer requests (pipeline/oip.py text_infer_request) over gRPC, for c 
 servers interleaved; then one client posting 256 test texts per request to /classify_text_batch
 (texts/s). --tiny benchmarks a Bento of tests/test_text_service.py's tiny text model (embedding
 mean + linear, its generated texts as --data) built by the package stage into a throwaway
-BentoML home: serving overhead with a model that costs almost nothing.
+BentoML home: serving overhead with a model that costs almost nothing; --encoder puts a
+BERT-style encoder of params.yaml text's size (dim, layers, heads, ffn) into it.
 """
 
 import argparse
@@ -267,13 +268,14 @@ def champion_bento(args) -> str:
         sys.exit(f"no --bento and no champion in {os.environ['BENTOML_HOME']}: run the pipeline first")
 
 
-def tiny_text_bento(root: Path) -> tuple[str, Path]:
-    """tests/test_text_service.py's tiny text model, packaged (infra validation included) into
-    root's BentoML home, which this process then uses; -> (Bento tag, ingested text folder)."""
+def tiny_text_bento(root: Path, encoder: bool) -> tuple[str, Path]:
+    """tests/test_text_service.py's tiny text model (with an encoder: write_tiny_text_model),
+    packaged (infra validation included) into root's BentoML home, which this process then
+    uses; -> (Bento tag, ingested text folder)."""
     from tests.test_text_service import run_package, write_ingested_texts, write_tiny_text_model
 
     os.environ["BENTOML_HOME"] = str(root / "bentoml")
-    write_tiny_text_model(root / "selected")
+    write_tiny_text_model(root / "selected", encoder=encoder)
     write_ingested_texts(root / "ingested", 64, seed=7)
     done, report = run_package(root / "selected", root / "ingested", root / "bentoml")
     if done.returncode != 0:
@@ -348,12 +350,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--tiny", action="store_true",
                         help="text mode: a Bento of the tests' tiny text model, built here")
+    parser.add_argument("--encoder", action="store_true",
+                        help="--tiny: with an encoder of params.yaml text's size")
     args = parser.parse_args()
 
     if args.mode == "text":
         with tempfile.TemporaryDirectory() as tmp:
             if args.tiny:
-                args.bento, args.data = tiny_text_bento(Path(tmp))
+                args.bento, args.data = tiny_text_bento(Path(tmp), args.encoder)
             results = text_bench(args)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)

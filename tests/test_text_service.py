@@ -48,9 +48,13 @@ def class_texts(n: int, seed: int) -> tuple[list[str], np.ndarray]:
     return texts, labels
 
 
-def write_tiny_text_model(folder: Path, steps: int = 60, seed: int = 0) -> None:
+def write_tiny_text_model(folder: Path, steps: int = 60, seed: int = 0,
+                          encoder: bool = False) -> None:
     """A tokenizer trained on class_texts, an embedding-mean + linear model (padding masked)
-    trained for `steps` Adam steps, exported as the contract's model.onnx, and its card."""
+    trained for `steps` Adam steps, exported as the contract's model.onnx, and its card.
+    encoder: a BERT-style encoder of params.yaml text's size (dim, layers, heads, ffn) between
+    the embedding (plus learned positions) and the mean, so that bench/serve_bench.py's text
+    mode times a model as costly as the real text_encoder."""
     import torch
 
     params = load_params(REPO / "params.yaml")
@@ -58,17 +62,29 @@ def write_tiny_text_model(folder: Path, steps: int = 60, seed: int = 0) -> None:
     texts, labels = class_texts(150, seed=1)
     tokenizer = tokens.train_tokenizer(texts, vocab_size=200, lowercase=True)
     prep = tokens.save(tokenizer, folder, max_tokens=params.text.max_tokens, lowercase=True)
+    t = params.text
+    dim = t.dim if encoder else 8
 
     class EmbeddingMean(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.embed = torch.nn.Embedding(prep.vocab_size, 8)
-            self.head = torch.nn.Linear(8, len(CLASSES))
+            self.embed = torch.nn.Embedding(prep.vocab_size, dim)
+            self.head = torch.nn.Linear(dim, len(CLASSES))
+            if encoder:
+                self.positions = torch.nn.Embedding(prep.max_tokens, dim)
+                layer = torch.nn.TransformerEncoderLayer(dim, t.heads, t.ffn, dropout=0.0,
+                                                         batch_first=True)
+                self.encoder = torch.nn.TransformerEncoder(layer, t.layers,
+                                                           enable_nested_tensor=False)
 
         def forward(self, input_ids):
-            mask = (input_ids != prep.pad_id).unsqueeze(-1).float()
-            mean = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            return self.head(mean)
+            pad = input_ids == prep.pad_id
+            x = self.embed(input_ids)
+            if encoder:
+                x = x + self.positions(torch.arange(input_ids.shape[1]))[None]
+                x = self.encoder(x, src_key_padding_mask=pad)
+            mask = (~pad).unsqueeze(-1).float()
+            return self.head((x * mask).sum(1) / mask.sum(1).clamp(min=1.0))
 
     torch.manual_seed(seed)
     net = EmbeddingMean()
@@ -86,7 +102,7 @@ def write_tiny_text_model(folder: Path, steps: int = 60, seed: int = 0) -> None:
                                        1: torch.export.Dim("tokens", max=prep.max_tokens)},))
     data = dataclasses.replace(params.data, modality="text")
     write_card(folder, ModelCard(
-        architecture="text_bag", classes=CLASSES, preprocessing=prep, data_hash="0" * 64,
+        architecture="text_encoder" if encoder else "text_bag", classes=CLASSES, preprocessing=prep, data_hash="0" * 64,
         recipe=Recipe(data=data, augment=params.augment, train=params.train,
                       compress=params.compress, text=params.text),
         weights={"model.onnx": sha256_file(folder / "model.onnx")},
