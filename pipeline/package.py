@@ -176,55 +176,52 @@ def _named(prefix: str):
 
 def infra_validate(bento_tag: str, model_tag: str, model_dir: Path, card: ModelCard,
                    data_dir: Path, ready_timeout_s: float, max_batch_images: int) -> dict:
-    """Serve the Bento and check it answers every test image as model_dir's model does here,
-    over HTTP and gRPC (ModelInfer for model_tag, by name and version); a text model's every
-    test text (pipeline/text/infra.py). Raises StageError naming the first differences;
-    returns what was checked."""
+    """Serve the Bento and check it answers every test image (or text) as model_dir's model
+    does here, over HTTP and gRPC (ModelInfer for model_tag, by name and version). Raises
+    StageError naming the first differences; returns what was checked."""
     rows = [r for r in read_manifest(data_dir)[0] if r["split"] == "test"]
     expected, _ = test_probabilities(model_dir, card, data_dir)
-    if isinstance(card.preprocessing, TextPreprocessing):
-        texts = text_infra.test_split(model_dir, card.preprocessing, data_dir)[0]
-        with tempfile.TemporaryDirectory() as tmp, \
-                _named("infra validation: "), serving(bento_tag, Path(tmp, "serve.log"),
-                                                      ready_timeout_s) as client:
-            served = {endpoint: (indices, _served_probabilities(card, answers)) for
-                      endpoint, (indices, answers) in
-                      text_infra.served(client, texts, max_batch_images).items()}
-            served["gRPC ModelInfer"] = (np.arange(len(texts)), _grpc_probabilities(
-                client.grpc_port, model_tag, texts, max_batch_images))
-        _compare(bento_tag, rows, expected, served)
-        return {"test_texts": len(rows), "endpoints": list(served)}
-    pixels, _ = load_split(data_dir, "test", card.preprocessing)
-    answers = {}
+    text = isinstance(card.preprocessing, TextPreprocessing)
     with tempfile.TemporaryDirectory() as tmp, \
             _named("infra validation: "), serving(bento_tag, Path(tmp, "serve.log"),
                                                   ready_timeout_s) as client:
-        single = []
-        for row in rows:
-            response = client.post("/classify", files={
-                "image": (Path(row["path"]).name, (data_dir / row["path"]).read_bytes())})
-            if response.status_code != 200:
-                raise StageError(f"/classify answered {response.status_code} "
-                                 f"for {data_dir / row['path']}: {response.text[:300]}")
-            single.append(response.json())
-        answers["/classify"] = single
-        batched = []
-        for start in range(0, len(pixels), max_batch_images):
-            buffer = io.BytesIO()
-            np.save(buffer, pixels[start:start + max_batch_images])
-            response = client.post("/classify_npy", files={"array": ("test.npy", buffer.getvalue())})
-            if response.status_code != 200:
-                raise StageError(f"/classify_npy answered {response.status_code}: "
-                                 f"{response.text[:300]}")
-            batched.extend(response.json())
-        answers["/classify_npy"] = batched
-        everything = np.arange(len(rows))
-        served = {endpoint: (everything, _served_probabilities(card, got))
-                  for endpoint, got in answers.items()}
-        served["gRPC ModelInfer"] = (everything, _grpc_probabilities(
-            client.grpc_port, model_tag, pixels, max_batch_images))
+        if text:
+            batch = text_infra.test_split(model_dir, card.preprocessing, data_dir)[0]
+            answers = text_infra.served(client, batch, max_batch_images)
+        else:
+            batch, _ = load_split(data_dir, "test", card.preprocessing)
+            answers = _served_images(client, rows, batch, data_dir, max_batch_images)
+        served = {endpoint: (indices, _served_probabilities(card, got))
+                  for endpoint, (indices, got) in answers.items()}
+        served["gRPC ModelInfer"] = (np.arange(len(rows)), _grpc_probabilities(
+            client.grpc_port, model_tag, batch, max_batch_images))
     _compare(bento_tag, rows, expected, served)
-    return {"test_images": len(rows), "endpoints": list(served)}
+    return {"test_texts" if text else "test_images": len(rows), "endpoints": list(served)}
+
+
+def _served_images(client, rows: list[dict], pixels: np.ndarray, data_dir: Path,
+                   max_batch_images: int) -> dict[str, tuple[np.ndarray, list[dict]]]:
+    """Every test image posted as its file to /classify, and all as .npy files of up to
+    max_batch_images images to /classify_npy: endpoint -> (indices of the images, answers)."""
+    single = []
+    for row in rows:
+        response = client.post("/classify", files={
+            "image": (Path(row["path"]).name, (data_dir / row["path"]).read_bytes())})
+        if response.status_code != 200:
+            raise StageError(f"/classify answered {response.status_code} "
+                             f"for {data_dir / row['path']}: {response.text[:300]}")
+        single.append(response.json())
+    batched = []
+    for start in range(0, len(pixels), max_batch_images):
+        buffer = io.BytesIO()
+        np.save(buffer, pixels[start:start + max_batch_images])
+        response = client.post("/classify_npy", files={"array": ("test.npy", buffer.getvalue())})
+        if response.status_code != 200:
+            raise StageError(f"/classify_npy answered {response.status_code}: "
+                             f"{response.text[:300]}")
+        batched.extend(response.json())
+    everything = np.arange(len(rows))
+    return {"/classify": (everything, single), "/classify_npy": (everything, batched)}
 
 
 def _served_probabilities(card: ModelCard, answers: list[dict]) -> np.ndarray:

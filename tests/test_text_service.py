@@ -156,7 +156,7 @@ def text_server(tmp_path_factory):
             grpc.channel_ready_future(channel).result(timeout=10)
             yield {"client": client, "port": port, "stub": GRPCInferenceServiceStub(channel),
                    "model_dir": root / "selected", "texts": texts, "report": report,
-                   "stdout": done.stdout, "log": root / "serve.log",
+                   "stdout": done.stdout, "log": root / "serve.log", "home": root / "bentoml",
                    "model": report["champion"]["model_tag"].split(":")[0]}
 
 
@@ -170,6 +170,26 @@ def test_the_package_stage_infra_validates_a_text_bento_through_rest_and_grpc(te
     assert report["challenger_serves"] is True and report["challenger"]["accuracy"] > 0.9
     assert ("infra validation (24 test texts through /classify_text_batch, /classify_text, "
             "gRPC ModelInfer)") in text_server["stdout"]
+
+
+@pytest.mark.slow
+def test_a_text_bento_that_answers_otherwise_is_not_promoted(text_server, tmp_path):
+    """Infra validation compares the served answers with the evaluated model's: a server that
+    tokenizes each text reversed runs and answers, wrongly, and the stage fails; the champion
+    stays and the failed Bento is deleted."""
+    from tests.test_promotion import broken_build_context
+
+    home = text_server["home"]
+    bentos = sorted(p.name for p in (home / "bentos" / "kiln").iterdir())
+    bentofile = broken_build_context(tmp_path / "ctx", (
+        "return tokens.encode(self.tokenizer, batch, self.preprocessing)",
+        "return tokens.encode(self.tokenizer, [t[::-1] for t in batch], self.preprocessing)"))
+    model_dir = text_server["model_dir"]
+    done, report = run_package(model_dir, model_dir.parent / "ingested", home, bentofile)
+    assert done.returncode == 1 and report is None, done.stdout
+    assert "/classify_text_batch of kiln:" in done.stderr
+    assert "differs from the evaluated model" in done.stderr
+    assert sorted(p.name for p in (home / "bentos" / "kiln").iterdir()) == bentos
 
 
 @pytest.mark.slow
