@@ -27,8 +27,8 @@ task's champion line (pipeline/champion.py: a model name and a class list).
    /classify_npy, and as raw pixels in batches of the same size to gRPC ModelInfer (the Open
    Inference Protocol, pipeline/oip.py); the served classes and probabilities must equal the
    ones computed here from the same file, over both protocols. A text model's test texts go
-   through /classify_text_batch (serve.max_batch_images per request), a sample of them through
-   /classify_text, and all as BYTES to gRPC ModelInfer (pipeline/text/infra.py). Any failure
+   one by one to /classify_text, in batches of serve.max_batch_images to /classify_text_batch
+   and as BYTES to gRPC ModelInfer (pipeline/text/infra.py). Any failure
    deletes the new Bento and model, leaves the champion in place and fails the stage.
 5. Promotion: the line names the new champion; the previous one is kept for rollback.
 6. The champion's Bento, with its model, is exported to --export (a DVC output): a clone that
