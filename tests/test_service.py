@@ -536,9 +536,13 @@ def test_each_rejected_request_is_one_warning_line_without_traceback(server):
 
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error(server, tmp_path):
+    fuzz_finds_no_server_error(server["client"], server["port"], tmp_path)
+
+
+def fuzz_finds_no_server_error(client: httpx.Client, port: int, tmp_path: Path) -> None:
     """A bounded, seeded schemathesis run over every endpoint in the served OpenAPI document:
     no response >= 500, and the server is still ready afterwards."""
-    url = f"http://127.0.0.1:{server['port']}"
+    url = f"http://127.0.0.1:{port}"
     done = subprocess.run(
         [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/docs.json",
          "--checks", "not_a_server_error", "--phases", "coverage,fuzzing", "--max-examples", "100",
@@ -548,7 +552,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", done.stdout)
     assert generated and int(generated[1]) == int(generated[2]) > 100, done.stdout[-4000:]
-    assert server["client"].get("/readyz").status_code == 200
+    assert client.get("/readyz").status_code == 200
 
 
 @pytest.mark.slow

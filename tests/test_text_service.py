@@ -24,7 +24,7 @@ from pipeline.card import (ModelCard, Recipe, Selection, ValScore, read_card, sh
 from pipeline.params import load_params
 from pipeline.text import tokens
 from tests.bento_server import bento_server
-from tests.test_service import REPO, encode, npy, run_package
+from tests.test_service import REPO, encode, fuzz_finds_no_server_error, npy, run_package
 
 SERVE = load_params(REPO / "params.yaml").serve
 # Per-class vocabularies: a text's words come from its class's list (plus shared filler).
@@ -352,3 +352,8 @@ def test_a_truncated_bytes_element_gets_invalid_argument(text_server):
         text_server["stub"].ModelInfer(request, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "element 0 says 100 bytes; 4 remain" in caught.value.details()
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error_on_a_text_model(text_server, tmp_path):
+    fuzz_finds_no_server_error(text_server["client"], text_server["port"], tmp_path)
