@@ -31,6 +31,20 @@ throughput: one client posting 256 test images per request to /classify_npy (raw
 (2 cores here): absolute numbers include its cost. Loopback only; total time
 (6 * duration + 6) * repeats + 2 * (duration + 1) * repeats + server starts (~10 s).
 `uptime` load averages are recorded before and after.
+
+Text mode (a text model's Bento, issue 12):
+
+    python bench/serve_bench.py text --data data/ingested [--bento TAG | --tiny [--encoder]] \
+        [--duration 5] [--repeats 3] [--out reports/serve_bench_text.json]
+
+The same client and method, no naive server: c clients post one test text each (cycling through
+the test split, as JSON {"text": ...}) to POST /classify_text, and the same texts as one-element
+BYTES ModelInfer requests (pipeline/oip.py text_infer_request) over gRPC, for c in (1, 32),
+servers interleaved; then one client posting 256 test texts per request to /classify_text_batch
+(texts/s). --tiny benchmarks a Bento of tests/test_text_service.py's tiny text model (embedding
+mean + linear, its generated texts as --data) built by the package stage into a throwaway
+BentoML home: serving overhead with a model that costs almost nothing; --encoder puts a
+BERT-style encoder of params.yaml text's size (dim, layers, heads, ffn) into it.
 """
 
 import argparse
@@ -244,9 +258,87 @@ def median_of(runs: list[dict]) -> dict:
         "errors": sum(r["errors"] for r in runs), "runs": len(runs)}
 
 
+def champion_bento(args) -> str:
+    from pipeline import StageError
+    from pipeline.champion import read_line, read_report
+
+    try:
+        return args.bento or read_line(read_report(args.report)[0]).champion.bento_tag
+    except (StageError, AttributeError):
+        sys.exit(f"no --bento and no champion in {os.environ['BENTOML_HOME']}: run the pipeline first")
+
+
+def tiny_text_bento(root: Path, encoder: bool) -> tuple[str, Path]:
+    """tests/test_text_service.py's tiny text model (with an encoder: write_tiny_text_model),
+    packaged (infra validation included) into root's BentoML home, which this process then
+    uses; -> (Bento tag, ingested text folder)."""
+    from tests.test_text_service import run_package, write_ingested_texts, write_tiny_text_model
+
+    os.environ["BENTOML_HOME"] = str(root / "bentoml")
+    write_tiny_text_model(root / "selected", encoder=encoder)
+    write_ingested_texts(root / "ingested", 64, seed=7)
+    done, report = run_package(root / "selected", root / "ingested", root / "bentoml")
+    if done.returncode != 0:
+        sys.exit(f"package stage failed on the tiny text model:\n{done.stderr[-3000:]}")
+    return report["champion"]["bento_tag"], root / "ingested"
+
+
+def text_bench(args) -> dict:
+    """Text mode (module doc): p50/p99 and req/s of one text per request over REST and gRPC,
+    and /classify_text_batch throughput."""
+    import bentoml
+
+    from pipeline.dataset import load_texts
+    from pipeline.oip import text_infer_request
+
+    bento = champion_bento(args)
+    texts, _ = load_texts(args.data, "test")
+    info = bentoml.bentos.get(bento).info
+    model, version = info.args["model_tag"].split(":")
+    payloads = {
+        "kiln_text": ("/classify_text", [http_post("/classify_text", "application/json",
+                                                   json.dumps({"text": t}).encode()) for t in texts]),
+        "kiln_text_grpc": (None, [text_infer_request(model, version, [t]).SerializeToString()
+                                  for t in texts])}
+    batch = [http_post("/classify_text_batch", "application/json",
+                       json.dumps({"texts": list(np.resize(np.array(texts, object), BATCH))}).encode())]
+    results: dict = {"load_before": load_average(), "bento": bento,
+                     "bento_config": info.services[0].config, "duration_s": args.duration,
+                     "repeats": args.repeats, "test_texts": len(texts),
+                     "mean_text_bytes": round(float(np.mean([len(t.encode()) for t in texts])), 1),
+                     "single": {}, "batch": {}}
+    runs: dict[tuple, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp, \
+            kiln_server(bento, Path(tmp, "kiln.log")) as (kiln_url, grpc_port):
+        for _ in range(args.repeats):
+            for c in CONCURRENCY:
+                for name, (path, requests) in payloads.items():
+                    url = kiln_url if path else f"grpc://127.0.0.1:{grpc_port}"
+                    runs.setdefault((name, c), []).append(run(url, requests, c, args.duration))
+            r = run(kiln_url, batch, 1, args.duration)
+            runs.setdefault(("batch", 1), []).append({**r, "texts_per_s": r["rps"] * BATCH})
+    for (name, c), rs in runs.items():
+        if name == "batch":
+            results["batch"]["/classify_text_batch"] = {
+                "texts_per_s": round(statistics.median(r["texts_per_s"] for r in rs)), **median_of(rs)}
+        else:
+            results["single"][f"{name}_c{c}"] = median_of(rs)
+    results["load_after"] = load_average()
+    print(json.dumps(results, indent=1))
+    print("\n| server | clients | p50 (ms) | p99 (ms) | req/s |\n|---|---:|---:|---:|---:|")
+    for c in CONCURRENCY:
+        for name in payloads:
+            m = results["single"][f"{name}_c{c}"]
+            print(f"| {name} | {c} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['rps']:.0f} |")
+    m = results["batch"]["/classify_text_batch"]
+    print(f"\nbatch /classify_text_batch: {m['texts_per_s']:,} texts/s ({BATCH} per request, "
+          f"p50 {m['p50_ms']:.1f} ms)")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "naive-server"])
+    parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "text", "naive-server"])
     parser.add_argument("--data", type=Path, default=Path("data/ingested"))
     parser.add_argument("--float-model", type=Path, default=Path("models/float"))
     parser.add_argument("--bento", help="Bento tag (default: the champion `make serve` serves)")
@@ -256,7 +348,21 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="s measured per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--tiny", action="store_true",
+                        help="text mode: a Bento of the tests' tiny text model, built here")
+    parser.add_argument("--encoder", action="store_true",
+                        help="--tiny: with an encoder of params.yaml text's size")
     args = parser.parse_args()
+
+    if args.mode == "text":
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.tiny:
+                args.bento, args.data = tiny_text_bento(Path(tmp), args.encoder)
+            results = text_bench(args)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
+        return
 
     if args.mode == "naive-server":
         import uvicorn
@@ -264,16 +370,11 @@ def main() -> None:
                     log_level="warning")
         return
 
-    from pipeline import StageError
     from pipeline.card import read_card
-    from pipeline.champion import read_line, read_report
     from pipeline.dataset import load_split, read_manifest
     from pipeline.oip import infer_request
 
-    try:
-        bento = args.bento or read_line(read_report(args.report)[0]).champion.bento_tag
-    except (StageError, AttributeError):
-        sys.exit(f"no --bento and no champion in {os.environ['BENTOML_HOME']}: run the pipeline first")
+    bento = champion_bento(args)
     rows = [r for r in read_manifest(args.data)[0] if r["split"] == "test"]
     singles = [multipart_post("/classify", "image", "x.png", (args.data / r["path"]).read_bytes(),
                               "image/png") for r in rows]

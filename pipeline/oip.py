@@ -15,10 +15,16 @@ hands them over as a ServedModel). Server reflection is on.
                               "probabilities" FP32 [N, K], "label" BYTES [N], "index" INT64 [N]
                               as typed contents (all, or those named in the request's outputs);
                               the request's id is echoed
+                              A text model takes instead one input "texts": datatype BYTES,
+                              shape [N], each element one UTF-8 text, sent as
+                              raw_input_contents (each element a 4-byte little-endian length,
+                              then its bytes: KServe/Triton's BYTES serialisation) or
+                              contents.bytes_contents; the same outputs
 
 ModelMetadata's TensorMetadata has one datatype and shape per tensor and no parameters, so the
 rest is in its `properties` (string -> string): "classes" (JSON list, an index's label is its
-position), "input_datatypes" ("UINT8,FP32"), "input_shapes" (JSON list of accepted shapes).
+position), "input_datatypes" ("UINT8,FP32", a text model's "BYTES"), "input_shapes" (JSON list
+of accepted shapes).
 
 Bad input is answered INVALID_ARGUMENT (NOT_FOUND for an unknown model) with a message naming
 the cause, never INTERNAL or UNKNOWN; a message over serve.max_request_bytes gets gRPC's own
@@ -48,6 +54,7 @@ from open_inference.grpc import service as pb_service
 GRPC_PORT_ENV = "KILN_GRPC_PORT"  # overrides params.yaml serve.grpc_port, as BENTOML_PORT does HTTP's
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 INPUT = "images"
+TEXT_INPUT = "texts"  # a text model's one input, BYTES [N]
 # OIP datatype -> (dtype of its raw bytes, typed contents field, dtype the contents are read as:
 # uint_contents holds uint32, so a value over 255 is seen and refused instead of wrapping)
 DATATYPES = {"UINT8": (np.dtype("<u1"), "uint_contents", np.uint32),
@@ -64,12 +71,16 @@ class ServedModel:
     version: str
     server_version: str
     classes: list[str]
-    input_shape: tuple[int, int, int]  # (C, S, S)
+    input_shape: tuple[int, int, int] | None  # (C, S, S); None: a text model
     ready: Callable[[], bool]
     # The HTTP endpoints' pixel check: any numeric array -> float32 (N, C, S, S), or ValueError
     # naming the cause (shape, empty or too large a batch, values not finite or outside 0..255).
     pixels: Callable[[np.ndarray], np.ndarray]
-    probabilities: Callable[[np.ndarray], Awaitable[np.ndarray]]  # -> float64 (N, K)
+    # The text endpoints' check: list of str -> the same list, or ValueError naming the cause
+    # (none or too many texts, one empty, whitespace only or over serve.max_text_bytes).
+    texts: Callable[[list[str]], list[str]]
+    # Checked pixels or texts -> float64 (N, K)
+    probabilities: Callable[[np.ndarray | list[str]], Awaitable[np.ndarray]]
 
 
 class CannotListen(RuntimeError):
@@ -130,7 +141,8 @@ class InferenceService(pb_service.GRPCInferenceServiceServicer):
         async with _answered(context):
             self._found(request.model_name, request.model_version)
             wanted = self._requested_outputs(request)
-            probabilities = await self.model.probabilities(self._pixels(request))
+            batch = self._pixels(request) if self.model.input_shape else self._texts(request)
+            probabilities = await self.model.probabilities(batch)
             return self._response(request, probabilities, wanted)
 
     def _found(self, name: str, version: str) -> None:
@@ -141,16 +153,19 @@ class InferenceService(pb_service.GRPCInferenceServiceServicer):
 
     def _metadata(self) -> pb.ModelMetadataResponse:
         tensor = pb.ModelMetadataResponse.TensorMetadata
-        shapes = accepted_shapes(self.model.input_shape)
+        if self.model.input_shape is None:
+            name, datatypes, shapes = TEXT_INPUT, ["BYTES"], [[-1]]
+        else:
+            name, datatypes, shapes = INPUT, list(DATATYPES), accepted_shapes(self.model.input_shape)
         k = len(self.model.classes)
         return pb.ModelMetadataResponse(
             name=self.model.name, versions=[self.model.version], platform="onnxruntime_onnx",
-            inputs=[tensor(name=INPUT, datatype="UINT8", shape=shapes[0])],
+            inputs=[tensor(name=name, datatype=datatypes[0], shape=shapes[0])],
             outputs=[tensor(name="probabilities", datatype="FP32", shape=[-1, k]),
                      tensor(name="label", datatype="BYTES", shape=[-1]),
                      tensor(name="index", datatype="INT64", shape=[-1])],
             properties={"classes": json.dumps(self.model.classes),
-                        "input_datatypes": ",".join(DATATYPES),
+                        "input_datatypes": ",".join(datatypes),
                         "input_shapes": json.dumps(shapes)})
 
     def _requested_outputs(self, request) -> tuple[str, ...]:
@@ -165,7 +180,10 @@ class InferenceService(pb_service.GRPCInferenceServiceServicer):
         """The request's one input tensor as float32 (N, C, S, S), checked as HTTP checks it."""
         if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
             names = [tensor.name for tensor in request.inputs]
-            raise _invalid(f"inputs: expected one input tensor named {INPUT!r}, got {names}")
+            served = (f"; this server serves an image model, which takes no {TEXT_INPUT!r}"
+                      if TEXT_INPUT in names else "")
+            raise _invalid(f"inputs: expected one input tensor named {INPUT!r}, got "
+                           f"{names}{served}")
         tensor = request.inputs[0]
         if tensor.datatype not in DATATYPES:
             raise _invalid(f"{INPUT}: datatype {tensor.datatype!r} not accepted; send pixel "
@@ -200,6 +218,49 @@ class InferenceService(pb_service.GRPCInferenceServiceServicer):
         except ValueError as e:
             raise _invalid(str(e)) from None
 
+    def _texts(self, request) -> list[str]:
+        """The request's one BYTES input tensor "texts" [N] as N texts, each decoded as UTF-8
+        and checked as HTTP checks them."""
+        if len(request.inputs) != 1 or request.inputs[0].name != TEXT_INPUT:
+            names = [tensor.name for tensor in request.inputs]
+            served = (f"; this server serves a text model, which takes no {INPUT!r}"
+                      if INPUT in names else "")
+            raise _invalid(f"inputs: expected one input tensor named {TEXT_INPUT!r} (BYTES "
+                           f"[N], UTF-8 texts), got {names}{served}")
+        tensor = request.inputs[0]
+        if tensor.datatype != "BYTES":
+            raise _invalid(f"{TEXT_INPUT}: datatype {tensor.datatype!r} not accepted; send "
+                           "UTF-8 texts as BYTES")
+        shape = list(tensor.shape)
+        if len(shape) != 1 or shape[0] < 0:
+            raise _invalid(f"{TEXT_INPUT}: shape {shape}; expected [N], one element per text")
+        if request.raw_input_contents:
+            if tensor.HasField("contents"):
+                raise _invalid(f"{TEXT_INPUT}: both raw_input_contents and contents are set; "
+                               "send one of them")
+            if len(request.raw_input_contents) != 1:
+                raise _invalid(f"raw_input_contents: {len(request.raw_input_contents)} entries "
+                               f"for 1 input tensor")
+            elements = _bytes_elements(request.raw_input_contents[0], shape[0])
+            where = "raw_input_contents[0]"
+        else:
+            elements = list(tensor.contents.bytes_contents)
+            where = "contents.bytes_contents"
+        if len(elements) != shape[0]:
+            raise _invalid(f"{TEXT_INPUT}: shape {shape}; {where} holds {len(elements)} "
+                           f"elements")
+        texts = []
+        for i, element in enumerate(elements):
+            try:
+                texts.append(element.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise _invalid(f"{TEXT_INPUT}[{i}]: not valid UTF-8 ({e.reason} at byte "
+                               f"{e.start})") from None
+        try:
+            return self.model.texts(texts)
+        except ValueError as e:
+            raise _invalid(str(e)) from None
+
     def _response(self, request, probabilities: np.ndarray,
                   wanted: tuple[str, ...]) -> pb.ModelInferResponse:
         tensor, contents = pb.ModelInferResponse.InferOutputTensor, pb.InferTensorContents
@@ -228,6 +289,36 @@ def infer_request(model: str, version: str, pixels: np.ndarray) -> pb.ModelInfer
         inputs=[{"name": INPUT, "datatype": datatype, "shape": list(pixels.shape)}],
         outputs=[{"name": "probabilities"}],
         raw_input_contents=[pixels.astype(DATATYPES[datatype][0], copy=False).tobytes()])
+
+
+def text_infer_request(model: str, version: str, texts: list[str]) -> pb.ModelInferRequest:
+    """A client's ModelInfer request for a text model: texts as one BYTES tensor [N] in
+    raw_input_contents (package's infra validation and bench/serve_bench.py use it)."""
+    return pb.ModelInferRequest(
+        model_name=model, model_version=version,
+        inputs=[{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [len(texts)]}],
+        outputs=[{"name": "probabilities"}],
+        raw_input_contents=[b"".join(len(b).to_bytes(4, "little") + b
+                                     for b in (t.encode("utf-8") for t in texts))])
+
+
+def _bytes_elements(data: bytes, expected: int) -> list[bytes]:
+    """A BYTES tensor's raw contents -> its elements: each a 4-byte little-endian length, then
+    that many bytes (KServe/Triton); read up to one past `expected` (the count its shape says),
+    so a message of millions of empty elements is not split whole."""
+    elements, at = [], 0
+    while at < len(data) and len(elements) <= expected:
+        if at + 4 > len(data):
+            raise _invalid(f"raw_input_contents[0]: element {len(elements)} has {len(data) - at} "
+                           "bytes of its 4-byte length prefix; BYTES elements are a 4-byte "
+                           "little-endian length, then the bytes")
+        size = int.from_bytes(data[at:at + 4], "little")
+        if at + 4 + size > len(data):
+            raise _invalid(f"raw_input_contents[0]: element {len(elements)} says {size} bytes; "
+                           f"{len(data) - at - 4} remain")
+        elements.append(data[at + 4:at + 4 + size])
+        at += 4 + size
+    return elements
 
 
 def probabilities_of(response: pb.ModelInferResponse) -> np.ndarray:

@@ -26,8 +26,10 @@ task's champion line (pipeline/champion.py: a model name and a class list).
    /classify, all of them as .npy files of up to serve.max_batch_images images to
    /classify_npy, and as raw pixels in batches of the same size to gRPC ModelInfer (the Open
    Inference Protocol, pipeline/oip.py); the served classes and probabilities must equal the
-   ones computed here from the same file, over both protocols. Any failure deletes the new Bento and model, leaves the champion in
-   place and fails the stage.
+   ones computed here from the same file, over both protocols. A text model's test texts go
+   one by one to /classify_text, in batches of serve.max_batch_images to /classify_text_batch
+   and as BYTES to gRPC ModelInfer (pipeline/text/infra.py). Any failure
+   deletes the new Bento and model, leaves the champion in place and fails the stage.
 5. Promotion: the line names the new champion; the previous one is kept for rollback.
 6. The champion's Bento, with its model, is exported to --export (a DVC output): a clone that
    pulls it can serve it (`make serve` imports it) with no store of its own.
@@ -67,6 +69,8 @@ from pipeline.dataset import load_split, read_manifest
 from pipeline.params import PackageParams, ServeParams, load_params
 from pipeline.progress import Progress
 from pipeline.serving import serving
+from pipeline.text import infra as text_infra
+from pipeline.text.tokens import TOKENIZER_FILE, TextPreprocessing
 
 
 def git_revision(folder: Path) -> str:
@@ -143,11 +147,22 @@ def probabilities(predict, card: ModelCard, pixels: np.ndarray) -> np.ndarray:
     return softmax(predict_in_batches(predict, card.preprocessing.normalize(pixels)))
 
 
-def test_accuracy(model_dir: Path, card: ModelCard, data_dir: Path) -> float:
+def test_probabilities(model_dir: Path, card: ModelCard,
+                       data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The model's class probabilities for every test image or text, as the server computes
+    them, and the labels."""
     (weights,) = card.weights
+    predict = onnx_predictor(model_dir / weights, 1)
+    if isinstance(card.preprocessing, TextPreprocessing):
+        _, ids, labels = text_infra.test_split(model_dir, card.preprocessing, data_dir)
+        return softmax(predict_in_batches(predict, ids)), labels
     pixels, labels = load_split(data_dir, "test", card.preprocessing)
-    predicted = probabilities(onnx_predictor(model_dir / weights, 1), card, pixels).argmax(1)
-    return float((predicted == labels).mean())
+    return probabilities(predict, card, pixels), labels
+
+
+def test_accuracy(model_dir: Path, card: ModelCard, data_dir: Path) -> float:
+    predicted, labels = test_probabilities(model_dir, card, data_dir)
+    return float((predicted.argmax(1) == labels).mean())
 
 
 @contextlib.contextmanager
@@ -161,61 +176,87 @@ def _named(prefix: str):
 
 def infra_validate(bento_tag: str, model_tag: str, model_dir: Path, card: ModelCard,
                    data_dir: Path, ready_timeout_s: float, max_batch_images: int) -> dict:
-    """Serve the Bento and check it answers every test image as model_dir's model does here,
-    over HTTP and gRPC (ModelInfer for model_tag, by name and version). Raises StageError
-    naming the first differences; returns what was checked."""
-    (weights,) = card.weights
+    """Serve the Bento and check it answers every test image (or text) as model_dir's model
+    does here, over HTTP and gRPC (ModelInfer for model_tag, by name and version). Raises
+    StageError naming the first differences; returns what was checked."""
     rows = [r for r in read_manifest(data_dir)[0] if r["split"] == "test"]
-    pixels, _ = load_split(data_dir, "test", card.preprocessing)
-    expected = probabilities(onnx_predictor(model_dir / weights, 1), card, pixels)
-    answers = {}
+    expected, _ = test_probabilities(model_dir, card, data_dir)
+    text = isinstance(card.preprocessing, TextPreprocessing)
     with tempfile.TemporaryDirectory() as tmp, \
             _named("infra validation: "), serving(bento_tag, Path(tmp, "serve.log"),
                                                   ready_timeout_s) as client:
-        single = []
-        for row in rows:
-            response = client.post("/classify", files={
-                "image": (Path(row["path"]).name, (data_dir / row["path"]).read_bytes())})
-            if response.status_code != 200:
-                raise StageError(f"/classify answered {response.status_code} "
-                                 f"for {data_dir / row['path']}: {response.text[:300]}")
-            single.append(response.json())
-        answers["/classify"] = single
-        batched = []
-        for start in range(0, len(pixels), max_batch_images):
-            buffer = io.BytesIO()
-            np.save(buffer, pixels[start:start + max_batch_images])
-            response = client.post("/classify_npy", files={"array": ("test.npy", buffer.getvalue())})
-            if response.status_code != 200:
-                raise StageError(f"/classify_npy answered {response.status_code}: "
-                                 f"{response.text[:300]}")
-            batched.extend(response.json())
-        answers["/classify_npy"] = batched
-        answers = {endpoint: np.array([[p["probabilities"][c] for c in card.classes] for p in served])
-                   for endpoint, served in answers.items()}
-        answers["gRPC ModelInfer"] = _grpc_probabilities(client.grpc_port, model_tag, pixels,
-                                                         max_batch_images)
-    for endpoint, got in answers.items():
-        wrong = [(rows[i]["path"], int(e), int(a)) for i, (e, a) in
-                 enumerate(zip(expected.argmax(1), got.argmax(1))) if e != a]
-        off = float(np.abs(got - expected).max()) if got.shape == expected.shape else np.inf
+        if text:
+            batch = text_infra.test_split(model_dir, card.preprocessing, data_dir)[0]
+            answers = text_infra.served(client, batch, max_batch_images)
+        else:
+            batch, _ = load_split(data_dir, "test", card.preprocessing)
+            answers = _served_images(client, rows, batch, data_dir, max_batch_images)
+        served = {endpoint: (indices, _served_probabilities(card, got))
+                  for endpoint, (indices, got) in answers.items()}
+        served["gRPC ModelInfer"] = (np.arange(len(rows)), _grpc_probabilities(
+            client.grpc_port, model_tag, batch, max_batch_images))
+    _compare(bento_tag, rows, expected, served)
+    return {"test_texts" if text else "test_images": len(rows), "endpoints": list(served)}
+
+
+def _served_images(client, rows: list[dict], pixels: np.ndarray, data_dir: Path,
+                   max_batch_images: int) -> dict[str, tuple[np.ndarray, list[dict]]]:
+    """Every test image posted as its file to /classify, and all as .npy files of up to
+    max_batch_images images to /classify_npy: endpoint -> (indices of the images, answers)."""
+    single = []
+    for row in rows:
+        response = client.post("/classify", files={
+            "image": (Path(row["path"]).name, (data_dir / row["path"]).read_bytes())})
+        if response.status_code != 200:
+            raise StageError(f"/classify answered {response.status_code} "
+                             f"for {data_dir / row['path']}: {response.text[:300]}")
+        single.append(response.json())
+    batched = []
+    for start in range(0, len(pixels), max_batch_images):
+        buffer = io.BytesIO()
+        np.save(buffer, pixels[start:start + max_batch_images])
+        response = client.post("/classify_npy", files={"array": ("test.npy", buffer.getvalue())})
+        if response.status_code != 200:
+            raise StageError(f"/classify_npy answered {response.status_code}: "
+                             f"{response.text[:300]}")
+        batched.extend(response.json())
+    everything = np.arange(len(rows))
+    return {"/classify": (everything, single), "/classify_npy": (everything, batched)}
+
+
+def _served_probabilities(card: ModelCard, answers: list[dict]) -> np.ndarray:
+    """REST answers (Prediction dicts) -> their probabilities (N, K) in the card's class order."""
+    return np.array([[p["probabilities"][c] for c in card.classes] for p in answers])
+
+
+def _compare(bento_tag: str, rows: list[dict], expected: np.ndarray,
+             served: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Raise StageError naming the first endpoint whose answers for the test items at `indices`
+    differ from `expected` (the evaluated model's, rows in manifest order) in class or by more
+    than 1e-5 in probability."""
+    for endpoint, (indices, got) in served.items():
+        want = expected[indices]
+        wrong = [(rows[i]["path"], int(e), int(a)) for i, e, a in
+                 zip(indices, want.argmax(1), got.argmax(1)) if e != a]
+        off = float(np.abs(got - want).max()) if got.shape == want.shape else np.inf
         if wrong or off > 1e-5:
             raise StageError(f"infra validation: {endpoint} of {bento_tag} differs from the "
-                             f"evaluated model on {len(wrong)} of {len(expected)} test images "
+                             f"evaluated model on {len(wrong)} of {len(want)} test items "
                              f"(got {len(got)} answers, probabilities up to {off:.2g} apart); "
-                             f"first (image, expected, served): {wrong[:5]}")
-    return {"test_images": len(rows), "endpoints": list(answers)}
+                             f"first (file, expected, served): {wrong[:5]}")
 
 
-def _grpc_probabilities(port: int, model_tag: str, pixels: np.ndarray,
+def _grpc_probabilities(port: int, model_tag: str, batch: np.ndarray | list[str],
                         max_batch_images: int) -> np.ndarray:
-    """ModelInfer over loopback gRPC, max_batch_images raw pixel images per request."""
+    """ModelInfer over loopback gRPC, max_batch_images raw pixel images (or texts, as BYTES)
+    per request."""
     name, version = model_tag.split(":")
+    request_of = oip.text_infer_request if isinstance(batch, list) else oip.infer_request
     served = []
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = GRPCInferenceServiceStub(channel)
-        for start in range(0, len(pixels), max_batch_images):
-            request = oip.infer_request(name, version, pixels[start:start + max_batch_images])
+        for start in range(0, len(batch), max_batch_images):
+            request = request_of(name, version, batch[start:start + max_batch_images])
             try:
                 served.append(oip.probabilities_of(stub.ModelInfer(request, timeout=30)))
             except grpc.RpcError as e:
@@ -231,8 +272,12 @@ def _store_model(tag: str, model_dir: Path, card: ModelCard, task: Task, git: st
               "accuracy": f"{card.selection.accuracy:.4f}",
               "macro_f1": f"{card.selection.macro_f1:.4f}", "git": git}
     with bentoml.models.create(tag, labels=labels, metadata={"classes": card.classes}) as model:
+        # A text model's tokenizer goes with it (the card names it by sha256, so the model's
+        # content-addressed version covers it).
+        tokenizer = ([(model_dir / TOKENIZER_FILE, TOKENIZER_FILE)]
+                     if isinstance(card.preprocessing, TextPreprocessing) else [])
         for source, name in ((model_dir / weights, weights), (model_dir / CARD_FILE, CARD_FILE),
-                             (reference, REFERENCE_FILE)):
+                             (reference, REFERENCE_FILE), *tokenizer):
             shutil.copyfile(source, model.path_of(name))
 
 
@@ -285,20 +330,26 @@ def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path, e
                  f"building {bento_tag} and serving it for infra validation")
         checked = build_and_validate(model_dir, card, task, bentofile, build_config, args,
                                      bento_tag, reference, data_dir, p.ready_timeout_s)
-        progress(f"infra validation passed: {checked['test_images']} test images through "
-                 f"{', '.join(checked['endpoints'])}")
+        tested = _tested(checked)
+        progress(f"infra validation passed: {tested} through {', '.join(checked['endpoints'])}")
         current = promote(line, Champion(
             model_tag=model_tag, bento_tag=bento_tag, accuracy=challenger["accuracy"],
             weights_sha256=challenger["weights_sha256"], promoted_at=now())).champion
         end()
-        reason = (f"promoted {bento_tag} after infra validation ({checked['test_images']} test "
-                  f"images through {', '.join(checked['endpoints'])}): " +
+        reason = (f"promoted {bento_tag} after infra validation ({tested} through "
+                  f"{', '.join(checked['endpoints'])}): " +
                   ("first champion of this task (evaluate's gate thresholds only)"
                    if line.champion is None else
                    f"challenger test accuracy {challenger['accuracy']:.4f} >= champion "
                    f"{accuracy_now:.4f} - package.champion_tolerance {p.champion_tolerance}"))
     export_bento(current.bento_tag, export)
     return report(task, challenger, current, current.accuracy, reason)
+
+
+def _tested(checked: dict) -> str:
+    """infra_validate's count, in words: "12 test images" or "40 test texts"."""
+    kind = "texts" if "test_texts" in checked else "images"
+    return f"{checked['test_' + kind]} test {kind}"
 
 
 def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: Path,

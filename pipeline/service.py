@@ -5,6 +5,8 @@ HTTP endpoints and gRPC.
     POST /classify_batch  JSON {"images": pixel array}       -> one such dict per image
     POST /classify_npy    multipart file "array": a .npy file (numpy.save) of pixels, the same
                           shapes as /classify_batch, uint8 or float -> one dict per image
+    POST /classify_text   JSON {"text": "..."}                -> one such dict (text models)
+    POST /classify_text_batch  JSON {"texts": ["...", ...]}   -> one dict per text
     gRPC                  the Open Inference Protocol v2 (KServe/Triton) on serve.grpc_port or
                           KILN_GRPC_PORT, same host as HTTP, same model and checks
                           (pipeline/oip.py)
@@ -16,20 +18,27 @@ name it by full tag, so a Bento serves the model it was validated with wherever 
 the project's store (`make serve`), `bentoml serve <bento>`, an exported Bento folder or a
 container (BentoML then reads the model from the Bento's own models/ folder). The model is
 model.onnx + its card (model.json); the card's sha256 of model.onnx is checked before anything
-is served, and preprocessing is rebuilt from the card, never re-implemented here. The same
+is served, and preprocessing is rebuilt from the card, never re-implemented here: an image
+model's (pipeline/preprocess.py), or a text model's tokenizer.json, checked against the card's
+sha256 and applied by pipeline/text/tokens.py. Every endpoint exists whatever the model reads;
+one of the other modality answers 400 saying which endpoints the served model takes. The same
 arguments carry params.yaml `serve` as it was at packaging: body, pixel and batch limits, worker
 processes, batch threads and the access log.
 
 Imports only bentoml, numpy, PIL, onnxruntime, pydantic, anyio, starlette, python-multipart (the
 last three come with BentoML), grpcio, grpcio-reflection, open-inference-grpc, psutil (comes with
-BentoML) and pipeline.api_docs/card/http_guard/oip/params/preprocess, so the Bento needs no torch.
+BentoML), tokenizers and pipeline.api_docs/card/http_guard/oip/params/preprocess/text.tokens,
+so the Bento needs no torch.
 Bad input gets a 4xx with a message naming the cause, never a 5xx, at a cost bounded by params
 before anything large is allocated: a body over serve.max_request_bytes gets 413 before it is
 read; a content type, multipart body or field an endpoint does not take gets 415/400 before
 BentoML parses it (pipeline/http_guard.py); an image over serve.max_image_pixels gets 400 from its header,
 before decoding; a batch over serve.max_batch_images gets 400 (a .npy from its header, before
-its pixels are allocated). An upload whose first bytes show it over either limit is refused
-while its body is still arriving (InputGuard's checks), so it never costs its body. Each
+its pixels are allocated); a text that is empty or whitespace only, over serve.max_text_bytes
+UTF-8 bytes, or more than serve.max_batch_images texts, gets 400; a body that is not UTF-8 JSON
+(or escapes an unpaired surrogate), 400 from pydantic's JSON parser. An upload whose first
+bytes show it over either limit is refused while its body is still arriving (InputGuard's
+checks), so it never costs its body. Each
 rejected request is one WARNING line in the server log, without a traceback.
 """
 from __future__ import annotations
@@ -58,11 +67,19 @@ from pipeline.http_guard import (InputGuard, RejectionLog, RequestSizeLimit, can
                                  log_rejections_once)
 from pipeline.params import typed
 from pipeline.preprocess import IMAGE_FORMATS
+from pipeline.text import tokens
+from pipeline.text.tokens import TextPreprocessing
 
 ARGS: BentoArgs = typed(vars(bentoml.use_arguments()), BentoArgs, "Bento arguments")
 MODEL = bentoml.models.BentoModel(ARGS.model_tag)
 SERVE = ARGS.serve
 GRPC_STOP_GRACE_S = 5.0  # s in-flight gRPC calls get to finish when the worker stops
+# What a request of the other modality is told (after its field's name).
+TAKES_IMAGES = ("this server serves an image model; send images to /classify, /classify_batch "
+                "or /classify_npy")
+TAKES_TEXT = ("this server serves a text model; send {\"text\": ...} to /classify_text or "
+              "{\"texts\": [...]} to /classify_text_batch")
+EXAMPLE_TEXT = "How are you today?"  # the API page's example: any non-empty text is valid
 
 
 class Prediction(BaseModel):
@@ -81,9 +98,11 @@ def _pixel_batch(images: np.ndarray) -> np.ndarray:
     return pixel_batch(images, bentoml.get_current_service().input_shape)
 
 
-def pixel_batch(images: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
-    """_pixel_batch for a model input of input_shape (C, S, S); gRPC's ModelInfer checks the
-    same way (pipeline/oip.py)."""
+def pixel_batch(images: np.ndarray, input_shape: tuple[int, int, int] | None) -> np.ndarray:
+    """_pixel_batch for a model input of input_shape (C, S, S), None for a text model; gRPC's
+    ModelInfer checks the same way (pipeline/oip.py)."""
+    if input_shape is None:
+        raise ValueError(f"images: {TAKES_TEXT}")
     c, s, _ = input_shape
     expected = f"(N, {s}, {s}) or (N, {c}, {s}, {s})" if c == 1 else f"(N, {c}, {s}, {s})"
     if images.dtype.kind not in "uif":
@@ -108,16 +127,81 @@ def _example_batch(schema: dict) -> None:
     model's input size. BentoML builds the page's schema on each request, once the model has
     loaded; while `bentoml build` writes the Bento's copy, no model has, and it gets none."""
     try:
-        c, s, _ = bentoml.get_current_service().input_shape
+        input_shape = bentoml.get_current_service().input_shape
     except BentoMLException:  # "service isn't instantiated yet"
         return
+    if input_shape is None:  # a text model: the image endpoints take no example
+        return
+    c, s, _ = input_shape
     schema["example"] = np.zeros((1, s, s) if c == 1 else (1, c, s, s), np.uint8).tolist()
+
+
+def checked_text(text: str, name: str, max_text_bytes: int) -> str:
+    """One text sent to a text model, checked before it is tokenized: a non-space character
+    and at most max_text_bytes UTF-8 bytes. Raises ValueError naming `name`, which BentoML
+    answers with HTTP 400. A text is valid Unicode here: pydantic's JSON parser refuses a body
+    that is not UTF-8 or escapes an unpaired surrogate (HTTP 400), gRPC decodes strictly."""
+    size = len(text.encode("utf-8"))
+    if size > max_text_bytes:
+        raise ValueError(f"{name}: {size} UTF-8 bytes, over the limit of {max_text_bytes} bytes")
+    if not text.strip():
+        raise ValueError(f"{name}: {'empty' if not text else 'whitespace only'}; send a text "
+                         "with at least one word")
+    return text
+
+
+def text_batch(texts: list[str], field: str, max_text_bytes: int, max_texts: int) -> list[str]:
+    """1..max_texts texts, each checked_text (named field[i]); gRPC's ModelInfer checks the same
+    way (pipeline/oip.py). Raises ValueError (HTTP 400)."""
+    if not texts:
+        raise ValueError(f"{field}: no texts; send at least one")
+    if len(texts) > max_texts:
+        raise ValueError(f"{field}: {len(texts)} texts; at most {max_texts} texts per request")
+    return [checked_text(text, f"{field}[{i}]", max_text_bytes) for i, text in enumerate(texts)]
+
+
+def _served_text_model(field: str) -> None:
+    """Raise ValueError (HTTP 400) naming the image endpoints if the served model reads images."""
+    if bentoml.get_current_service().tokenizer is None:
+        raise ValueError(f"{field}: {TAKES_IMAGES}")
+
+
+def _text(text: str) -> str:
+    """/classify_text's check of its field "text"."""
+    _served_text_model("text")
+    return checked_text(text, "text", SERVE.max_text_bytes)
+
+
+def _texts(texts: list[str]) -> list[str]:
+    """/classify_text_batch's check of its field "texts"."""
+    _served_text_model("texts")
+    return text_batch(texts, "texts", SERVE.max_text_bytes, SERVE.max_batch_images)
+
+
+def _example_text(schema: dict) -> None:
+    """/classify_text's example on the API page, shown only while a text model is served (as
+    _example_batch shows its example only for an image model)."""
+    try:
+        tokenizer = bentoml.get_current_service().tokenizer
+    except BentoMLException:  # "service isn't instantiated yet"
+        return
+    if tokenizer is not None:
+        schema["example"] = EXAMPLE_TEXT
+
+
+def _example_texts(schema: dict) -> None:
+    """/classify_text_batch's example: _example_text's, twice."""
+    _example_text(schema)
+    if "example" in schema:
+        schema["example"] = [schema["example"], schema["example"].lower()]
 
 
 def _image_header(upload) -> Image.Image:
     """Multipart upload -> a PIL image whose header has been read and whose size is within
     serve.max_image_pixels, not yet decoded (this validator runs on the event loop; classify
     decides where to decode). Raises ValueError, which BentoML answers with HTTP 400."""
+    if bentoml.get_current_service().input_shape is None:
+        raise ValueError(f"image: {TAKES_TEXT}")
     data = upload if isinstance(upload, bytes) else getattr(upload, "file", upload).read()
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
@@ -184,7 +268,10 @@ def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
 
 
 def _npy_values_over_limit(shape: tuple[int, ...]) -> str | None:
-    c, s, _ = bentoml.get_current_service().input_shape
+    input_shape = bentoml.get_current_service().input_shape
+    if input_shape is None:
+        return f"array: {TAKES_TEXT}"
+    c, s, _ = input_shape
     count = _values(shape)
     if count > SERVE.max_batch_images * c * s * s:
         return (f"array: shape {shape} holds {count} values; at most "
@@ -260,20 +347,24 @@ class Classifier:
         (weights,) = card.weights
         self.classes = card.classes
         self.preprocessing = p = card.preprocessing
-        self.input_shape = (p.channels, p.image_size, p.image_size)
-        # One image: a single-threaded session run inline (waking threads costs more than the
-        # model); batches: serve.batch_threads threads.
+        # A text model: its tokenizer (sha256 checked against the card), no image input shape.
+        if isinstance(p, TextPreprocessing):
+            self.tokenizer, self.input_shape = tokens.load(folder, p), None
+        else:
+            self.tokenizer, self.input_shape = None, (p.channels, p.image_size, p.image_size)
+        # One image or text: a single-threaded session run inline (waking threads costs more
+        # than the model); batches: serve.batch_threads threads.
         self.single = onnx_predictor(folder / weights, 1)
         self.batch = onnx_predictor(folder / weights, SERVE.batch_threads)
-        # Self-check before /readyz says yes: one blank image must give one logit per class, so
-        # a model that does not match its card never gets traffic (and the first request does
-        # not pay ONNX Runtime's warm-up).
-        blank = np.zeros((1, *self.input_shape), np.uint8)
+        # Self-check before /readyz says yes: one blank image (or one text) must give one logit
+        # per class, so a model that does not match its card never gets traffic (and the first
+        # request does not pay ONNX Runtime's warm-up).
+        one = [EXAMPLE_TEXT] if self.tokenizer else np.zeros((1, *self.input_shape), np.uint8)
         for predict in (self.single, self.batch):
-            logits = predict(self.preprocessing.normalize(blank))
+            logits = predict(self._model_input(one))
             if logits.shape != (1, len(self.classes)):
                 raise RuntimeError(f"model.onnx gives logits of shape {logits.shape} for one "
-                                   f"image; model.json lists {len(self.classes)} classes")
+                                   f"input; model.json lists {len(self.classes)} classes")
         self.decode_slot: anyio.CapacityLimiter | None = None
         self.ready = True
 
@@ -290,6 +381,8 @@ class Classifier:
             name=name, version=version, server_version=bentoml.server_context.bento_version,
             classes=self.classes, input_shape=self.input_shape, ready=self.__is_ready__,
             pixels=lambda images: pixel_batch(images, self.input_shape),
+            texts=lambda texts: text_batch(texts, oip.TEXT_INPUT, SERVE.max_text_bytes,
+                                           SERVE.max_batch_images),
             probabilities=self._grpc_probabilities)
         try:
             self.grpc = await oip.start(model, oip.http_host(), oip.grpc_port(SERVE.grpc_port),
@@ -307,20 +400,28 @@ class Classifier:
         if getattr(self, "grpc", None) is not None:
             await self.grpc.stop(GRPC_STOP_GRACE_S)
 
-    def _probabilities(self, pixels: np.ndarray, predict) -> np.ndarray:
-        """uint8 or [0, 255] float (N, C, S, S) -> float64 softmax (N, classes)."""
-        return softmax(predict(self.preprocessing.normalize(pixels)))
+    def _model_input(self, batch) -> np.ndarray:
+        """Checked images (uint8 or [0, 255] float (N, C, S, S)) or texts (a list of N) -> the
+        model's input, by the card's preprocessing."""
+        if self.tokenizer is not None:
+            return tokens.encode(self.tokenizer, batch, self.preprocessing)
+        return self.preprocessing.normalize(batch)
 
-    async def _grpc_probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """gRPC's _probabilities: one image inline on the event loop, as /classify runs it; a
-        batch on the batch session in a thread, as /classify_batch runs it."""
-        if len(pixels) == 1:
-            return self._probabilities(pixels, self.single)
-        return await anyio.to_thread.run_sync(self._probabilities, pixels, self.batch)
+    def _probabilities(self, batch, predict) -> np.ndarray:
+        """Checked images or texts (_model_input) -> float64 softmax (N, classes)."""
+        return softmax(predict(self._model_input(batch)))
 
-    def _predict(self, pixels: np.ndarray, predict) -> list[Prediction]:
-        """uint8 or [0, 255] float (N, C, S, S) -> one Prediction per image."""
-        probabilities = self._probabilities(pixels, predict)
+    async def _grpc_probabilities(self, batch) -> np.ndarray:
+        """gRPC's _probabilities: one image or text inline on the event loop, as /classify and
+        /classify_text run it; a batch on the batch session in a thread, as the batch
+        endpoints run it."""
+        if len(batch) == 1:
+            return self._probabilities(batch, self.single)
+        return await anyio.to_thread.run_sync(self._probabilities, batch, self.batch)
+
+    def _predict(self, batch, predict) -> list[Prediction]:
+        """Checked images or texts (_model_input) -> one Prediction each."""
+        probabilities = self._probabilities(batch, predict)
         return [
             Prediction(label=self.classes[int(i)], index=int(i),
                        probabilities=dict(zip(self.classes, map(float, row))))
@@ -365,12 +466,37 @@ class Classifier:
                         "shaped as /classify_batch's images")]) -> list[Prediction]:
         """Classify a binary pixel array: a .npy file (numpy.save, no pickles) uploaded as the
         multipart field "array", shapes and values as for /classify_batch."""
+        if self.input_shape is None:
+            raise InvalidArgument(f"array: {TAKES_TEXT}")
         images = _npy_pixels(array.read_bytes())
         try:
             pixels = _pixel_batch(images)
         except ValueError as e:
             raise InvalidArgument(str(e).replace("images:", "array:", 1)) from e
         return self._predict(pixels, self.batch)
+
+    @bentoml.api
+    async def classify_text(self, text: Annotated[
+            str, AfterValidator(_text),
+            Field(description="the text to classify (text models): any UTF-8 text with a "
+                              "non-space character, at most serve.max_text_bytes bytes; the "
+                              "model reads its first text.max_tokens tokens",
+                  json_schema_extra=_example_text)]) -> Prediction:
+        """Classify one text (JSON {"text": "..."}), tokenized by the model's saved tokenizer
+        and classified on the event loop: ~17 us to tokenize and ~0.1 ms through an encoder of
+        params.yaml text's size (docs/benchmarks.md, Text serving), about what a hop to a
+        thread costs."""
+        return self._predict([text], self.single)[0]
+
+    @bentoml.api
+    def classify_text_batch(self, texts: Annotated[
+            list[str], AfterValidator(_texts),
+            Field(description="texts to classify (text models): 1 to serve.max_batch_images "
+                              "of them, each as /classify_text's text",
+                  json_schema_extra=_example_texts)]) -> list[Prediction]:
+        """Classify several texts (JSON {"texts": ["...", ...]}) in one model call, padded to
+        the longest of them; one answer per text, in order."""
+        return self._predict(texts, self.batch)
 
 
 # First added is outermost: every rejection below is logged; the body is bounded before the

@@ -1,5 +1,5 @@
 """What tests/test_offline.py runs inside a network namespace with only loopback: the package
-stage on a tiny model (bentoml build, ONNX Runtime, the infra-validation server), then a real
+stage on a tiny image or text model (bentoml build, ONNX Runtime, the infra-validation server), then a real
 `bentoml serve` of the Bento it built, answering requests for --hold-s seconds, long enough for
 a background thread that calls out some seconds after start (ONNX Runtime 1.29+'s telemetry
 looked up its host ~9 s after import) to do so. Writes what happened to --out (JSON).
@@ -32,14 +32,20 @@ def main(argv: list[str]) -> None:
     result["package"] = {"returncode": done.returncode, "stderr": done.stderr[-3000:],
                          "report": report}
     if report is not None:
-        image = next(args.data.glob("images/test/*/*.png"))
+        text = next(args.data.glob("texts/test/*/*.txt"), None)  # a text model's data
+        image = next(args.data.glob("images/test/*/*.png"), None)
         statuses: Counter = Counter()
         with bento_server(report["champion"]["bento_tag"], args.home,
                           args.out.with_suffix(".serve.log")) as (client, _):
             start = time.monotonic()
             while time.monotonic() - start < args.hold_s:
-                response = client.post("/classify", files={"image": (image.name, image.read_bytes())})
-                statuses[f"/classify {response.status_code}"] += 1
+                if text is not None:
+                    response = client.post("/classify_text", json={"text": text.read_text()})
+                    statuses[f"/classify_text {response.status_code}"] += 1
+                else:
+                    response = client.post("/classify", files={
+                        "image": (image.name, image.read_bytes())})
+                    statuses[f"/classify {response.status_code}"] += 1
                 statuses[f"/readyz {client.get('/readyz').status_code}"] += 1
                 time.sleep(0.2)
             result["served_s"] = time.monotonic() - start

@@ -182,6 +182,10 @@ def test_bad_input_gets_invalid_argument_naming_the_cause(grpc_server):
             raw_input_contents=[images.tobytes(), b""]), "raw_input_contents: 2 entries for 1 input"),
         "unknown output": (infer_request(model, images, outputs=[{"name": "logits"}]),
                            "no output named 'logits'"),
+        "text to an image model": (pb.ModelInferRequest(model_name=model, inputs=[
+            {"name": "texts", "datatype": "BYTES", "shape": [1],
+             "contents": {"bytes_contents": [b"a text"]}}]),
+            "got ['texts']; this server serves an image model, which takes no 'texts'"),
     }
     for case, (request, message) in invalid.items():
         with pytest.raises(grpc.RpcError) as e:

@@ -99,11 +99,8 @@ def leaving(trace: Path) -> Counter:
     return found
 
 
-@pytest.fixture(scope="module")
-def closed_session(closed_network, tmp_path_factory):
-    root = tmp_path_factory.mktemp("offline")
-    write_tiny_model(root / "selected")
-    write_ingested(root / "ingested", 12, seed=5)
+def session_in_closed_network(root: Path) -> dict:
+    """tests/offline_session.py on root/selected and root/ingested, in the closed network."""
     out, trace = root / "session.json", root / "strace.txt"
     done = run_closed([sys.executable, "-m", "tests.offline_session", "--model",
                        str(root / "selected"), "--data", str(root / "ingested"), "--home",
@@ -111,6 +108,24 @@ def closed_session(closed_network, tmp_path_factory):
                       trace, timeout_s=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"result": json.loads(out.read_text()), "trace": trace, "home": root / "bentoml"}
+
+
+@pytest.fixture(scope="module")
+def closed_session(closed_network, tmp_path_factory):
+    root = tmp_path_factory.mktemp("offline")
+    write_tiny_model(root / "selected")
+    write_ingested(root / "ingested", 12, seed=5)
+    return session_in_closed_network(root)
+
+
+def assert_nothing_left(session: dict, endpoint: str) -> None:
+    result = session["result"]
+    assert result["package"]["returncode"] == 0, result["package"]["stderr"]
+    assert result["served_s"] >= HOLD_S
+    assert set(result["responses"]) == {f"{endpoint} 200", "/readyz 200"}, result["responses"]
+    found = leaving(session["trace"])
+    assert not found, "traffic past loopback (count, pid<process> syscall address):\n" + \
+        "\n".join(f"{n:4d} {what}" for what, n in sorted(found.items()))
 
 
 def test_the_trace_names_every_address_that_would_leave(closed_network, tmp_path):
@@ -149,13 +164,18 @@ def test_a_bento_package_that_cannot_be_pinned_is_named(packages, message, tmp_p
 
 @pytest.mark.slow
 def test_a_stage_and_the_server_send_nothing_past_loopback(closed_session):
-    result = closed_session["result"]
-    assert result["package"]["returncode"] == 0, result["package"]["stderr"]
-    assert result["served_s"] >= HOLD_S
-    assert set(result["responses"]) == {"/classify 200", "/readyz 200"}, result["responses"]
-    found = leaving(closed_session["trace"])
-    assert not found, "traffic past loopback (count, pid<process> syscall address):\n" + \
-        "\n".join(f"{n:4d} {what}" for what, n in sorted(found.items()))
+    assert_nothing_left(closed_session, "/classify")
+
+
+@pytest.mark.slow
+def test_a_text_model_s_stage_and_server_send_nothing_past_loopback(closed_network, tmp_path):
+    """The same for a text model's Bento: its tokenizer and the packages `tokenizers` pulls into
+    the Bento (huggingface-hub and its requirements) stay off the network."""
+    from tests.test_text_service import write_ingested_texts, write_tiny_text_model
+
+    write_tiny_text_model(tmp_path / "selected")
+    write_ingested_texts(tmp_path / "ingested", 12, seed=5)
+    assert_nothing_left(session_in_closed_network(tmp_path), "/classify_text")
 
 
 @pytest.mark.slow

@@ -193,7 +193,8 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
                      for p in (bento / "src").rglob("*") if p.is_file())
     assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/api_docs.py",
                        "pipeline/card.py", "pipeline/http_guard.py", "pipeline/oip.py", "pipeline/params.py",
-                       "pipeline/preprocess.py", "pipeline/service.py"]
+                       "pipeline/preprocess.py", "pipeline/service.py", "pipeline/text/__init__.py",
+                       "pipeline/text/tokens.py"]
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for m in manifest["services"][0]["models"]] == [model_tag]
     # The Bento's arguments pin the model by full tag and carry params.yaml serve.
@@ -535,9 +536,13 @@ def test_each_rejected_request_is_one_warning_line_without_traceback(server):
 
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error(server, tmp_path):
+    fuzz_finds_no_server_error(server["client"], server["port"], tmp_path)
+
+
+def fuzz_finds_no_server_error(client: httpx.Client, port: int, tmp_path: Path) -> None:
     """A bounded, seeded schemathesis run over every endpoint in the served OpenAPI document:
     no response >= 500, and the server is still ready afterwards."""
-    url = f"http://127.0.0.1:{server['port']}"
+    url = f"http://127.0.0.1:{port}"
     done = subprocess.run(
         [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/docs.json",
          "--checks", "not_a_server_error", "--phases", "coverage,fuzzing", "--max-examples", "100",
@@ -547,7 +552,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", done.stdout)
     assert generated and int(generated[1]) == int(generated[2]) > 100, done.stdout[-4000:]
-    assert server["client"].get("/readyz").status_code == 200
+    assert client.get("/readyz").status_code == 200
 
 
 @pytest.mark.slow
@@ -564,8 +569,9 @@ def test_the_docs_page_draws_every_endpoint_with_no_network(server, tmp_path):
 @pytest.mark.slow
 def test_the_api_page_describes_the_service_and_its_examples_get_200(server, tmp_path):
     """/docs.json, what Swagger UI on / draws: the bentofile's short description (BentoML's
-    default is the project README), a working example for every JSON endpoint and, for every
-    upload, which file to send; and the page, each endpoint opened, shows them."""
+    default is the project README), a working example for every JSON endpoint of the served
+    model's modality (the text endpoints show none for an image model) and, for every upload,
+    which file to send; and the page, each endpoint opened, shows them."""
     spec = server["client"].get("/docs.json").json()
     description = yaml.safe_load((REPO / "bentofile.yaml").read_text())["description"]
     assert spec["info"]["description"] == description
@@ -576,6 +582,9 @@ def test_the_api_page_describes_the_service_and_its_examples_get_200(server, tmp
         ((media_type, body),) = item["post"]["requestBody"]["content"].items()
         fields = body["schema"]["properties"]
         if media_type == "application/json":
+            if path.startswith("/classify_text"):
+                assert all("example" not in field for field in fields.values()), path
+                continue
             examples[path] = {name: field["example"] for name, field in fields.items()}
             response = server["client"].post(path, json=examples[path])
             assert response.status_code == 200, (path, response.text)
@@ -595,6 +604,15 @@ def test_the_api_page_describes_the_service_and_its_examples_get_200(server, tmp
     for (path, _), description in uploads.items():
         page = offline_page(url + path.lstrip("/"), tmp_path)
         assert html.escape(description, quote=False) in page.dom, (path, description)
+
+
+@pytest.mark.slow
+def test_the_text_endpoints_refuse_text_naming_the_image_endpoints(server):
+    for path, body in (("/classify_text", {"text": "a text"}),
+                       ("/classify_text_batch", {"texts": ["a text"]})):
+        response = server["client"].post(path, json=body)
+        assert response.status_code == 400, (path, response.text)
+        assert "this server serves an image model; send images to /classify" in response.text
 
 
 @pytest.mark.slow

@@ -1,0 +1,359 @@
+"""Serving a text model: `python -m pipeline package` on a tiny text model (a WordPiece
+tokenizer trained here, embedding mean + linear exported to ONNX with the contract's signature:
+`input_ids` int64 [N, L] -> `logits` [N, K]), its infra validation through the text endpoints
+and gRPC, then the Bento under `bentoml serve`, checked as a client sees it: answers equal ONNX
+Runtime's on the same tokens, a batch equals its singles, bad texts and the image endpoints get
+400 naming the cause, gRPC's BYTES input answers as REST does."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from open_inference.grpc import protocol as pb
+from open_inference.grpc.service import GRPCInferenceServiceStub
+
+from pipeline import oip
+from pipeline.card import (ModelCard, Recipe, Selection, ValScore, read_card, sha256_file, softmax,
+                           write_card)
+from pipeline.params import load_params
+from pipeline.text import tokens
+from tests.bento_server import bento_server
+from tests.test_service import REPO, encode, fuzz_finds_no_server_error, npy, run_package
+
+SERVE = load_params(REPO / "params.yaml").serve
+# Per-class vocabularies: a text's words come from its class's list (plus shared filler).
+WORDS = {"weather": "rain sun cloud wind storm snow forecast cold warm humid".split(),
+         "sport": "goal match team score player coach league ball win referee".split(),
+         "food": "bread cheese soup spice recipe bake salad pasta fruit dinner".split()}
+CLASSES = list(WORDS)
+FILLER = "the a and of today very".split()
+
+
+def class_texts(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """n short texts, classes in turn, each 3-12 words mostly from its class's vocabulary."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(CLASSES)
+    texts = []
+    for label in labels:
+        words = WORDS[CLASSES[label]]
+        picked = [rng.choice(words if rng.random() < 0.7 else FILLER)
+                  for _ in range(rng.integers(3, 13))]
+        texts.append(" ".join(picked).capitalize() + ".")
+    return texts, labels
+
+
+def write_tiny_text_model(folder: Path, steps: int = 60, seed: int = 0,
+                          encoder: bool = False) -> None:
+    """A tokenizer trained on class_texts, an embedding-mean + linear model (padding masked)
+    trained for `steps` Adam steps, exported as the contract's model.onnx, and its card.
+    encoder: a BERT-style encoder of params.yaml text's size (dim, layers, heads, ffn) between
+    the embedding (plus learned positions) and the mean, so that bench/serve_bench.py's text
+    mode times a model as costly as the real text_encoder."""
+    import torch
+
+    params = load_params(REPO / "params.yaml")
+    folder.mkdir(parents=True)
+    texts, labels = class_texts(150, seed=1)
+    tokenizer = tokens.train_tokenizer(texts, vocab_size=200, lowercase=True)
+    prep = tokens.save(tokenizer, folder, max_tokens=params.text.max_tokens, lowercase=True)
+    t = params.text
+    dim = t.dim if encoder else 8
+
+    class EmbeddingMean(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(prep.vocab_size, dim)
+            self.head = torch.nn.Linear(dim, len(CLASSES))
+            if encoder:
+                self.positions = torch.nn.Embedding(prep.max_tokens, dim)
+                layer = torch.nn.TransformerEncoderLayer(dim, t.heads, t.ffn, dropout=0.0,
+                                                         batch_first=True)
+                self.encoder = torch.nn.TransformerEncoder(layer, t.layers,
+                                                           enable_nested_tensor=False)
+
+        def forward(self, input_ids):
+            pad = input_ids == prep.pad_id
+            x = self.embed(input_ids)
+            if encoder:
+                x = x + self.positions(torch.arange(input_ids.shape[1]))[None]
+                x = self.encoder(x, src_key_padding_mask=pad)
+            mask = (~pad).unsqueeze(-1).float()
+            return self.head((x * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+
+    torch.manual_seed(seed)
+    net = EmbeddingMean()
+    x = torch.from_numpy(tokens.encode(tokenizer, texts, prep))
+    y = torch.from_numpy(labels)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    net.eval()
+    torch.onnx.export(net, (x[:2],), str(folder / "model.onnx"), input_names=["input_ids"],
+                      output_names=["logits"], external_data=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch"),
+                                       1: torch.export.Dim("tokens", max=prep.max_tokens)},))
+    data = dataclasses.replace(params.data, modality="text")
+    write_card(folder, ModelCard(
+        architecture="text_encoder" if encoder else "text_bag", classes=CLASSES, preprocessing=prep, data_hash="0" * 64,
+        recipe=Recipe(data=data, augment=params.augment, train=params.train,
+                      compress=params.compress, text=params.text),
+        weights={"model.onnx": sha256_file(folder / "model.onnx")},
+        val=ValScore(loss=0.1, accuracy=1.0),
+        selection=Selection(variant="float_onnx", accuracy=1.0, macro_f1=1.0, size_bytes=7000,
+                            macs=1000, params=100)))
+
+
+def write_ingested_texts(folder: Path, n: int, seed: int) -> list[str]:
+    """An ingested text folder as the ingest stage writes it (the data contract), with a test
+    split of n class_texts; returns the texts in manifest order."""
+    texts, labels = class_texts(n, seed)
+    rows = []
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        path = f"texts/test/{CLASSES[label]}/{i:04d}.txt"
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(text, encoding="utf-8")
+        rows.append({"path": path, "label": CLASSES[label], "split": "test", "source": path})
+    with open(folder / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "source"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "classes.json").write_text(json.dumps(CLASSES))
+    return texts
+
+
+def local_probabilities(model_dir: Path, texts: list[str]) -> np.ndarray:
+    """What the server should answer: the same tokenizer and ONNX file, run here."""
+    prep = read_card(model_dir).preprocessing
+    ids = tokens.encode(tokens.load(model_dir, prep), texts, prep)
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return softmax(session.run(["logits"], {"input_ids": ids})[0])
+
+
+def served_probabilities(answers: list[dict]) -> np.ndarray:
+    return np.array([[a["probabilities"][c] for c in CLASSES] for a in answers])
+
+
+@pytest.fixture(scope="module")
+def text_server(tmp_path_factory):
+    """The package stage (infra validation included) on the tiny text model, then its Bento
+    under `bentoml serve` on free loopback ports, with a gRPC channel to it."""
+    root = tmp_path_factory.mktemp("text_package")
+    write_tiny_text_model(root / "selected")
+    texts = write_ingested_texts(root / "ingested", 24, seed=7)
+    done, report = run_package(root / "selected", root / "ingested", root / "bentoml")
+    assert done.returncode == 0, done.stderr[-3000:]
+    with bento_server(report["champion"]["bento_tag"], root / "bentoml", root / "serve.log") as (
+            client, port):
+        with grpc.insecure_channel(f"127.0.0.1:{client.grpc_port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            yield {"client": client, "port": port, "stub": GRPCInferenceServiceStub(channel),
+                   "model_dir": root / "selected", "texts": texts, "report": report,
+                   "stdout": done.stdout, "log": root / "serve.log", "home": root / "bentoml",
+                   "model": report["champion"]["model_tag"].split(":")[0]}
+
+
+SAMPLES = ["Rain and cold wind today.", "The team won the match!", "Bake bread, then soup.",
+           "Ünïcödé: ☔ 天气 — rain?", "x" * 2000]  # the last: far over max_tokens, cut
+
+
+@pytest.mark.slow
+def test_the_package_stage_infra_validates_a_text_bento_through_rest_and_grpc(text_server):
+    report = text_server["report"]
+    assert report["challenger_serves"] is True and report["challenger"]["accuracy"] > 0.9
+    assert ("infra validation (24 test texts through /classify_text_batch, /classify_text, "
+            "gRPC ModelInfer)") in text_server["stdout"]
+
+
+@pytest.mark.slow
+def test_a_text_bento_that_answers_otherwise_is_not_promoted(text_server, tmp_path):
+    """Infra validation compares the served answers with the evaluated model's: a server that
+    tokenizes each text reversed runs and answers, wrongly, and the stage fails; the champion
+    stays and the failed Bento is deleted."""
+    from tests.test_promotion import broken_build_context
+
+    home = text_server["home"]
+    bentos = sorted(p.name for p in (home / "bentos" / "kiln").iterdir())
+    bentofile = broken_build_context(tmp_path / "ctx", (
+        "return tokens.encode(self.tokenizer, batch, self.preprocessing)",
+        "return tokens.encode(self.tokenizer, [t[::-1] for t in batch], self.preprocessing)"))
+    model_dir = text_server["model_dir"]
+    done, report = run_package(model_dir, model_dir.parent / "ingested", home, bentofile)
+    assert done.returncode == 1 and report is None, done.stdout
+    assert "/classify_text_batch of kiln:" in done.stderr
+    assert "differs from the evaluated model" in done.stderr
+    assert sorted(p.name for p in (home / "bentos" / "kiln").iterdir()) == bentos
+
+
+@pytest.mark.slow
+def test_classify_text_answers_as_onnx_runtime_on_the_same_tokens(text_server):
+    client = text_server["client"]
+    expected = local_probabilities(text_server["model_dir"], SAMPLES)
+    answers = []
+    for text in SAMPLES:
+        response = client.post("/classify_text", json={"text": text})
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    np.testing.assert_allclose(served_probabilities(answers), expected, atol=1e-6)
+    assert [a["index"] for a in answers] == expected.argmax(1).tolist()
+    assert [a["label"] for a in answers] == [CLASSES[i] for i in expected.argmax(1)]
+    assert [a["label"] for a in answers[:3]] == ["weather", "sport", "food"]
+
+
+@pytest.mark.slow
+def test_a_batch_answers_as_its_texts_one_by_one(text_server):
+    client, texts = text_server["client"], text_server["texts"][:10] + SAMPLES
+    response = client.post("/classify_text_batch", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    batch = response.json()
+    singles = [client.post("/classify_text", json={"text": t}).json() for t in texts]
+    assert [a["label"] for a in batch] == [a["label"] for a in singles]
+    np.testing.assert_allclose(served_probabilities(batch), served_probabilities(singles),
+                               atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path, body, message", [
+    ("/classify_text", {"text": ""}, "text: empty"),
+    ("/classify_text", {"text": " \t\n "}, "text: whitespace only"),
+    ("/classify_text", {"text": "é" * (SERVE.max_text_bytes // 2 + 1)},
+     f"text: {SERVE.max_text_bytes + 2} UTF-8 bytes, over the limit of {SERVE.max_text_bytes}"),
+    ("/classify_text", {"text": 5}, "Input should be a valid string"),
+    ("/classify_text", {}, "Field required"),
+    ("/classify_text_batch", {"texts": []}, "texts: no texts"),
+    ("/classify_text_batch", {"texts": ["goal", "  "]}, "texts[1]: whitespace only"),
+    ("/classify_text_batch", {"texts": ["goal"] * (SERVE.max_batch_images + 1)},
+     f"texts: {SERVE.max_batch_images + 1} texts; at most {SERVE.max_batch_images}"),
+    ("/classify_batch", {"images": [[[0]]]}, "images: this server serves a text model"),
+])
+def test_bad_texts_and_image_input_get_400_naming_the_cause(text_server, path, body, message):
+    response = text_server["client"].post(path, json=body)
+    assert response.status_code == 400, response.text
+    assert message in response.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, message", [
+    (b'{"text": "\xff\xfe rain"}', "Invalid JSON: invalid unicode code point"),  # not UTF-8
+    (b'{"text": "\\ud800 rain"}', "Invalid JSON"),  # an unpaired surrogate escape
+    (b'{"text": "rain', "Invalid JSON: EOF"),
+])
+def test_a_body_that_is_not_utf8_json_gets_400(text_server, body, message):
+    response = text_server["client"].post("/classify_text", content=body,
+                                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert message in response.json()["detail"][0]["msg"]
+
+
+@pytest.mark.slow
+def test_the_image_endpoints_refuse_a_valid_image_naming_the_text_endpoints(text_server):
+    client = text_server["client"]
+    pixels = np.zeros((1, 8, 8), np.uint8)
+    for path, files in (("/classify", {"image": ("a.png", encode(pixels[0], "PNG"))}),
+                        ("/classify_npy", {"array": ("a.npy", npy(pixels))})):
+        response = client.post(path, files=files)
+        assert response.status_code == 400, (path, response.text)
+        assert "this server serves a text model" in response.text
+        assert "/classify_text" in response.text
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.slow
+def test_the_api_page_gives_working_text_examples(text_server):
+    spec = text_server["client"].get("/docs.json").json()
+    examples = {}
+    for path, item in spec["paths"].items():
+        if "post" not in item:
+            continue
+        ((media_type, body),) = item["post"]["requestBody"]["content"].items()
+        fields = body["schema"]["properties"]
+        if media_type == "application/json" and all("example" in f for f in fields.values()):
+            examples[path] = {name: field["example"] for name, field in fields.items()}
+    assert sorted(examples) == ["/classify_text", "/classify_text_batch"]
+    for path, example in examples.items():
+        response = text_server["client"].post(path, json=example)
+        assert response.status_code == 200, (path, response.text)
+
+
+def text_request(model: str, texts: list[bytes], raw: bool = True, datatype: str = "BYTES",
+                 shape: list[int] | None = None, name: str = "texts") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name=name, datatype=datatype,
+                                shape=[len(texts)] if shape is None else shape)
+    if raw:
+        request.raw_input_contents.append(b"".join(len(t).to_bytes(4, "little") + t for t in texts))
+    else:
+        tensor.contents.bytes_contents.extend(texts)
+    return request
+
+
+@pytest.mark.slow
+def test_grpc_metadata_advertises_the_bytes_input(text_server):
+    metadata = text_server["stub"].ModelMetadata(pb.ModelMetadataRequest(name=text_server["model"]))
+    (tensor,) = metadata.inputs
+    assert (tensor.name, tensor.datatype, list(tensor.shape)) == ("texts", "BYTES", [-1])
+    assert metadata.properties["input_datatypes"] == "BYTES"
+    assert json.loads(metadata.properties["classes"]) == CLASSES
+
+
+@pytest.mark.slow
+def test_grpc_bytes_infer_answers_as_rest_does(text_server):
+    stub, model, client = text_server["stub"], text_server["model"], text_server["client"]
+    rest = client.post("/classify_text_batch", json={"texts": SAMPLES}).json()
+    encoded = [t.encode("utf-8") for t in SAMPLES]
+    for raw in (True, False):
+        response = stub.ModelInfer(text_request(model, encoded, raw=raw), timeout=10)
+        outputs = {o.name: o for o in response.outputs}
+        probabilities = np.array(outputs["probabilities"].contents.fp32_contents).reshape(
+            list(outputs["probabilities"].shape))
+        np.testing.assert_allclose(probabilities, served_probabilities(rest), atol=1e-6)
+        assert [b.decode() for b in outputs["label"].contents.bytes_contents] == [
+            a["label"] for a in rest]
+        assert list(outputs["index"].contents.int64_contents) == [a["index"] for a in rest]
+    # One text, as the package stage and bench/serve_bench.py send it.
+    name, version = text_server["report"]["champion"]["model_tag"].split(":")
+    one = stub.ModelInfer(oip.text_infer_request(name, version, SAMPLES[:1]), timeout=10)
+    np.testing.assert_allclose(oip.probabilities_of(one), served_probabilities(rest[:1]),
+                               atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs, message", [
+    ({"texts": [b""]}, "texts[0]: empty"),
+    ({"texts": [b"goal", b" \n"]}, "texts[1]: whitespace only"),
+    ({"texts": [b"\xff\xfe rain"]}, "texts[0]: not valid UTF-8"),
+    ({"texts": [b"e" * (SERVE.max_text_bytes + 1)]}, "over the limit of"),
+    ({"texts": [b"goal"] * (SERVE.max_batch_images + 1)}, "at most"),
+    ({"texts": [b"goal"], "datatype": "UINT8"}, "datatype 'UINT8' not accepted"),
+    ({"texts": [b"goal"], "shape": [1, 1]}, "expected [N]"),
+    ({"texts": [b"goal"], "shape": [2]}, "holds 1 elements"),
+    ({"texts": [b"goal"], "raw": False, "shape": [3]}, "contents.bytes_contents holds 1"),
+    ({"texts": [b"goal"], "name": "images"}, "this server serves a text model"),
+])
+def test_grpc_bad_texts_get_invalid_argument_naming_the_cause(text_server, kwargs, message):
+    with pytest.raises(grpc.RpcError) as caught:
+        text_server["stub"].ModelInfer(text_request(text_server["model"], **kwargs), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+
+
+@pytest.mark.slow
+def test_a_truncated_bytes_element_gets_invalid_argument(text_server):
+    request = text_request(text_server["model"], [b"goal"])
+    request.raw_input_contents[0] = (100).to_bytes(4, "little") + b"goal"
+    with pytest.raises(grpc.RpcError) as caught:
+        text_server["stub"].ModelInfer(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "element 0 says 100 bytes; 4 remain" in caught.value.details()
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error_on_a_text_model(text_server, tmp_path):
+    fuzz_finds_no_server_error(text_server["client"], text_server["port"], tmp_path)
