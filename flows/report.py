@@ -55,5 +55,9 @@ def drift_markdown(validation: dict) -> str:
         return "\nDrift: not checked (no champion with a data profile yet).\n"
     rows = [f"| {feature} | {v['psi']:.3f} | {'n/a' if v['ks'] is None else format(v['ks'], '.3f')} |"
             for feature, v in drift["features"].items()]
+    oov = drift.get("oov")  # text data: the share of train-split words the champion never saw
+    if oov is not None:
+        rows.append(f"\nOut-of-vocabulary words: {oov['rate']:.1%} of the new train split, "
+                    f"{oov['champion_rate']:.1%} of the champion's own.")
     return (f"\nDrift against champion `{drift.get('champion')}`: **{drift['status']}**\n\n"
             "| feature | PSI | KS |\n|---|---:|---:|\n" + "\n".join(rows) + "\n")

@@ -377,3 +377,13 @@ def test_make_schedules_server_serves_a_ui_showing_flow_runs_offline(tmp_path):
         server.wait(timeout=30)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/api/health")
+
+
+def test_the_drift_summary_of_text_data_names_the_out_of_vocabulary_shares():
+    text = {"drift": {"status": "ok", "champion": "kiln-classifier:t1",
+                      "features": {"label": {"psi": 0.0, "ks": None},
+                                   "words": {"psi": 0.004, "ks": 0.018}},
+                      "oov": {"rate": 0.218, "champion_rate": 0.157}}}
+    assert "Out-of-vocabulary words: 21.8% of the new train split, 15.7% of the champion's own." \
+        in drift_markdown(text)
+    assert "Out-of-vocabulary" not in drift_markdown(VALIDATION)
