@@ -150,7 +150,8 @@ def at_least(accuracy: float, floor: float) -> bool:
 
 
 def onnx_predictor(path: Path, threads: int) -> Callable:
-    """float32 (N, C, S, S) model input -> float32 logits (N, classes), by an ONNX Runtime CPU
+    """float32 (N, C, S, S) model input (a text model's: int64 input_ids (N, L)) -> float32
+    logits (N, classes), by an ONNX Runtime CPU
     session on `threads` intra-op threads that sleep when idle. Spinning threads (ORT's default)
     burnt a second core between requests and cut single-image throughput by a fifth on 2 cores
     (docs/benchmarks.md, Serving)."""
@@ -161,7 +162,8 @@ def onnx_predictor(path: Path, threads: int) -> Callable:
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(["logits"], {"input": x})[0]
+    name = session.get_inputs()[0].name  # "input" (images) or "input_ids" (text, int64)
+    return lambda x: session.run(["logits"], {name: x})[0]
 
 
 def softmax(logits):
