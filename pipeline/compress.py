@@ -242,6 +242,7 @@ def main(argv: list[str]) -> None:
     tensors = load_file(args.augmented / "train.safetensors")
     text = isinstance(prep, TextPreprocessing)
     if text:
+        torch.set_num_threads(params.text.threads)
         x, y = tensors["tokens"].to(device), tensors["labels"].to(device)
         export, mac_input = text_export.export_onnx, text_export.mac_example(prep)
         recipe, mac_of = training_recipe(params.train, params.text), f"one text of {prep.max_tokens} tokens"

@@ -198,7 +198,9 @@ def main(argv: list[str]) -> None:
             v, x, y, card.classes, params.evaluate, counts)
         progress(f"variant {i}/{len(variants)} {v.name}: accuracy "
                  f"{results[v.name]['accuracy']:.4f}, latency timed")
-    selected, why_not = gate(results, {v.name: v.servable for v in variants}, params.gate, latency)
+    # A text model's absolute floor is text.min_accuracy (gate.min_accuracy is the images').
+    g = dataclasses.replace(params.gate, min_accuracy=params.text.min_accuracy) if text else params.gate
+    selected, why_not = gate(results, {v.name: v.servable for v in variants}, g, latency)
 
     # Grouped by measure ("accuracy.int8_onnx"): the columns `dvc exp show` and
     # `dvc metrics diff` show, one per variant and measure.
@@ -206,7 +208,7 @@ def main(argv: list[str]) -> None:
         measure: {n: value(m) for n, m in results.items()} for measure, value in SUMMARY.items()},
         **baseline})
     write_json(args.latency, {k: {n: latency[n][k] for n in results} for k in latency_keys})
-    write_json(args.details, {"gate": dataclasses.asdict(params.gate), "selected": selected,
+    write_json(args.details, {"gate": dataclasses.asdict(g), "selected": selected,
                               "variants": results, "why_not": why_not, "per_class": per_class,
                               **baseline})
     shown = predictions[selected or "float_torch"]
@@ -230,8 +232,9 @@ def main(argv: list[str]) -> None:
               "fitted on the train split, same test split)")
     if selected is None:
         reasons = "; ".join(f"{n} accuracy {m['accuracy']:.4f}" for n, m in results.items())
-        raise StageError(f"gate: no variant is eligible (needs accuracy >= gate.min_accuracy "
-                         f"{params.gate.min_accuracy} and within gate.max_accuracy_drop "
+        floor_key = "text.min_accuracy" if text else "gate.min_accuracy"
+        raise StageError(f"gate: no variant is eligible (needs accuracy >= {floor_key} "
+                         f"{g.min_accuracy} and within gate.max_accuracy_drop "
                          f"{params.gate.max_accuracy_drop} of float_torch): {reasons}; "
                          "nothing will be packaged")
 

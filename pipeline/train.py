@@ -190,6 +190,8 @@ def main(argv: list[str]) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if text:
+        torch.set_num_threads(params.text.threads)
     torch.manual_seed(p.seed)
     memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
 

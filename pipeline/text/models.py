@@ -162,6 +162,28 @@ class Pretrained(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=input_ids, attention_mask=(input_ids != self.pad_id).long()).logits
 
+    def _attentions(self) -> list[nn.Module]:
+        """BERT-family self-attentions (query/key/value projections, num_attention_heads)."""
+        return [m for m in self.hf.modules()
+                if all(hasattr(m, a) for a in ("query", "key", "value", "num_attention_heads"))]
+
+    def pruning_spec(self) -> tuple[list[nn.Module], dict[nn.Module, int]]:
+        """As TextEncoder's, for a BERT-family checkpoint: the embeddings and every linear layer
+        that writes the hidden size (attention and FFN outputs, the pooler) keep their width,
+        and so does the classifier; heads are removed whole from query, key and value."""
+        hidden = self.hf.config.hidden_size
+        heads = {proj: m.num_attention_heads for m in self._attentions()
+                 for proj in (m.query, m.key, m.value)}
+        linears = [m for m in self.hf.modules() if isinstance(m, nn.Linear)]
+        ignored = [m for m in self.hf.modules() if isinstance(m, nn.Embedding)]
+        ignored += [m for m in linears if m.out_features == hidden and m not in heads]
+        return ignored + [linears[-1]], heads
+
+    def pruned(self, num_heads: dict[nn.Module, int]) -> None:
+        for m in self._attentions():
+            m.num_attention_heads = num_heads[m.query]
+            m.all_head_size = m.query.out_features
+
 
 def _hf_offline() -> None:
     # Nothing is downloaded: a missing file is an error, never a hub request.
