@@ -12,7 +12,8 @@ data.seed, split stratified by data.split with data.seed.
 Each stage runs as dvc.yaml runs it (`python -m pipeline <stage>`, a fresh process) in a
 temporary project with the real params.yaml, data.modality text, and --set changes. Reported:
 the wall time of each stage's process (import and start-up included; one run; the stages'
-own lines, with per-epoch seconds, are printed above it), test accuracy and file size of every variant
+own lines, with per-epoch seconds, are printed above it), test accuracy and file size of every
+variant
 (evaluate's evaluation.json), the TF-IDF + logistic regression baseline on the same split,
 MACs and heads from compress.json. The machine's other load is printed with the result
 (`os.getloadavg`): on a shared 2-core machine it moves wall times a lot.

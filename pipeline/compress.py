@@ -245,7 +245,8 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(params.text.threads)
         x, y = tensors["tokens"].to(device), tensors["labels"].to(device)
         export, mac_input = text_export.export_onnx, text_export.mac_example(prep)
-        recipe, mac_of = training_recipe(params.train, params.text), f"one text of {prep.max_tokens} tokens"
+        recipe = training_recipe(params.train, params.text)
+        mac_of = f"one text of {prep.max_tokens} tokens"
     else:
         x, y = to_input(tensors["images"], prep, device), tensors["labels"].to(device)
         export = export_onnx
@@ -275,7 +276,9 @@ def main(argv: list[str]) -> None:
     n_params["pruned.onnx"] = count_params(pruned)
     widths = {name: list(layer.weight.shape[:2]) for name, layer in pruned.named_modules()
               if isinstance(layer, (nn.Conv2d, nn.Linear, nn.Embedding))}
-    heads = {name: m.num_heads for name, m in pruned.named_modules() if hasattr(m, "num_heads")}
+    heads = {name: getattr(m, "num_heads", None) or m.num_attention_heads  # ours, or BERT's
+             for name, m in pruned.named_modules()
+             if hasattr(m, "num_heads") or hasattr(m, "num_attention_heads")}
 
     if text:
         text_export.quantize_int8(args.out / "float.onnx", args.out / "int8.onnx",

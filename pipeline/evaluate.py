@@ -199,7 +199,8 @@ def main(argv: list[str]) -> None:
         progress(f"variant {i}/{len(variants)} {v.name}: accuracy "
                  f"{results[v.name]['accuracy']:.4f}, latency timed")
     # A text model's absolute floor is text.min_accuracy (gate.min_accuracy is the images').
-    g = dataclasses.replace(params.gate, min_accuracy=params.text.min_accuracy) if text else params.gate
+    g = (dataclasses.replace(params.gate, min_accuracy=params.text.min_accuracy) if text
+         else params.gate)
     selected, why_not = gate(results, {v.name: v.servable for v in variants}, g, latency)
 
     # Grouped by measure ("accuracy.int8_onnx"): the columns `dvc exp show` and

@@ -90,7 +90,8 @@ def fingerprint(params: Params, data: Path, augmented: Path, world_size: int) ->
     and augmented data, every project file this stage runs and the number of processes."""
     digest = hashlib.sha256(json.dumps(
         {"train": as_dict(params.train), "augment": as_dict(params.augment),
-         "data": as_dict(params.data), "text": as_dict(params.text), "world_size": world_size}, sort_keys=True).encode())
+         "data": as_dict(params.data), "text": as_dict(params.text), "world_size": world_size},
+        sort_keys=True).encode())
     digest.update(data_hash(data).encode())
     for path in (augmented / "train.safetensors", augmented / "preprocessing.json",
                  *source_files("pipeline.__main__", __name__)):

@@ -28,8 +28,8 @@ CLASSES = ("alpha", "bravo", "charlie", "delta")
 SPLITS = {"train": 40, "val": 8, "test": 12}  # texts per class
 # Tiny models and few epochs: each training run takes a second or two on 2 cores.
 TEXT = {"vocab_size": 200, "max_tokens": 16, "dim": 16, "layers": 1, "heads": 4, "ffn": 32,
-        "epochs": 2, "batch_size": 32, "lr": 0.01, "min_accuracy": 0.5, "augment": {"copies": 1, "deletion": 0.1,
-                                                               "swap": 0.1, "mask": 0.1, "seed": 0}}
+        "epochs": 2, "batch_size": 32, "lr": 0.01, "min_accuracy": 0.5,
+        "augment": {"copies": 1, "deletion": 0.1, "swap": 0.1, "mask": 0.1, "seed": 0}}
 
 
 def write_texts(folder: Path, seed: int) -> Path:

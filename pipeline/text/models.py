@@ -52,8 +52,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pad_bias: torch.Tensor) -> torch.Tensor:
         n, length, _ = x.shape
-        split = lambda t: t.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        q, k, v = (proj(x).view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q, self.k, self.v))
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + pad_bias
         attended = self.dropout(scores.softmax(-1)) @ v
         # -1: after head pruning the width is num_heads * head_dim, no longer dim.
@@ -212,7 +212,8 @@ def build(name: str, prep: TextPreprocessing, classes: int, p: TextParams) -> nn
     if p.pretrained is not None:
         return load_pretrained(Path(p.pretrained), prep, classes)
     if name not in TEXT_MODELS:
-        raise StageError(f"text.model: unknown model {name!r} (registered: {', '.join(TEXT_MODELS)})")
+        raise StageError(f"text.model: unknown model {name!r} "
+                         f"(registered: {', '.join(TEXT_MODELS)})")
     return TEXT_MODELS[name](prep, classes, p)
 
 
