@@ -289,7 +289,8 @@ def main(argv: list[str]) -> None:
         write_outputs(args.out, weights, card, files)
         (args.checkpoints / CHECKPOINT).unlink(missing_ok=True)  # done: a rerun starts afresh
         total = sum(m["seconds"] for m in history)
-        print(f"train: {card.architecture} on {world} x {device.type}, val_acc {final['val_acc']:.4f}, "
+        print(f"train: {card.architecture} on {world} x {device.type}, "
+              f"val_acc {final['val_acc']:.4f}, "
               f"{len(x) * p.epochs / total:,.0f} img/s over {p.epochs} epochs -> {args.out}",
               flush=True)
     if world > 1:

@@ -4,21 +4,24 @@ train -> compress -> evaluate stages on generated texts, and a local Hugging Fac
 through the train stage."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline import StageError
 from pipeline.card import onnx_predictor, read_card
 from pipeline.compress import count_macs_on, count_params, structured_l1
 from pipeline.dataset import write_manifest
-from pipeline.params import TextAugmentParams, load_params
+from pipeline.params import TextAugmentParams, TextModelName, load_params
 from pipeline.text import export, tokens
 from pipeline.text import models as text_models
 from pipeline.text.augment import augment_ids, delete, mask, swap
@@ -121,10 +124,18 @@ def test_each_operation_hits_its_rate_and_only_content():
 
 def build(name: str, prep: tokens.TextPreprocessing) -> torch.nn.Module:
     params = load_params(REPO / "params.yaml").text
-    import dataclasses
     p = dataclasses.replace(params, dim=32, layers=2, heads=4, ffn=64, dropout=0.0)
     torch.manual_seed(0)
     return text_models.build(name, prep, 5, p).eval()
+
+
+def test_params_name_exactly_the_registered_text_models():
+    assert set(typing.get_args(TextModelName)) == set(text_models.TEXT_MODELS)
+
+
+def test_unknown_text_model_names_the_key(vocab):
+    with pytest.raises(StageError, match="text.model: unknown model 'lstm'.*text_bag"):
+        text_models.build("lstm", vocab[1], 2, load_params(REPO / "params.yaml").text)
 
 
 @pytest.mark.parametrize("name", sorted(text_models.TEXT_MODELS))
@@ -198,17 +209,25 @@ def run(project: Path, *argv: str) -> subprocess.CompletedProcess:
     return done
 
 
-AUGMENT = ("augment", "--data", "data/ingested", "--out", "data/augmented")
+def augment_in_process(project: Path, monkeypatch) -> None:
+    """The augment stage's main, in this process (it needs no fresh one; saves a start-up)."""
+    from pipeline import augment as augment_stage
+
+    monkeypatch.chdir(project)
+    augment_stage.main(["--data", "data/ingested", "--out", "data/augmented"])
+
+
 TRAIN = ("train", "--data", "data/ingested", "--augmented", "data/augmented", "--out",
          "models/float", "--live", "reports/train", "--checkpoints", ".kiln/checkpoints/train")
 
 
 @pytest.mark.slow
-def test_augment_train_compress_evaluate_on_generated_texts(tmp_path, params_writer):
+def test_augment_train_compress_evaluate_on_generated_texts(tmp_path, params_writer,
+                                                           monkeypatch):
     write_texts(tmp_path / "data/ingested", seed=0)
     params_writer(tmp_path, {"data": {"modality": "text"}, "text": TEXT,
                              "gate": {"max_accuracy_drop": 0.2}})
-    run(tmp_path, *AUGMENT)
+    augment_in_process(tmp_path, monkeypatch)
     aug = tmp_path / "data/augmented"
     from safetensors.torch import load_file
     tensors = load_file(aug / "train.safetensors")
@@ -255,7 +274,8 @@ def test_augment_train_compress_evaluate_on_generated_texts(tmp_path, params_wri
 
 
 @pytest.mark.slow
-def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, params_writer):
+def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, params_writer,
+                                                                  monkeypatch):
     from transformers import BertConfig, BertForSequenceClassification
 
     write_texts(tmp_path / "data/ingested", seed=1)
@@ -270,7 +290,7 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
     tokenizer.save(str(checkpoint / "tokenizer.json"))
     params_writer(tmp_path, {"data": {"modality": "text"},
                              "text": {**TEXT, "pretrained": str(checkpoint)}})
-    run(tmp_path, *AUGMENT)
+    augment_in_process(tmp_path, monkeypatch)
     assert (tmp_path / "data/augmented/tokenizer.json").exists()
     done = run(tmp_path, *TRAIN)
     assert "train: pretrained" in done.stdout
