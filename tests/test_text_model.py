@@ -310,6 +310,11 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
     assert attention.num_attention_heads == 1 and attention.query.out_features == 16
     assert model.hf.bert.encoder.layer[0].intermediate.dense.out_features == 18
     assert count_params(model) < n_params and len(widths) == 4  # query, key, value, FFN
+    # The compress stage does the same to the trained checkpoint (its compress.json).
+    run(tmp_path, "compress", "--model", "models/float", "--augmented", "data/augmented",
+        "--out", "models/compressed")
+    report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
+    assert report["heads"] == {"hf.bert.encoder.layer.0.attention.self": 1}
     export.export_onnx(model, card.preprocessing, tmp_path / "pruned.onnx")
     predict = onnx_predictor(tmp_path / "pruned.onnx", 1)
     for length in (2, ids.shape[1]):  # the export traced 3 tokens: L stays dynamic
