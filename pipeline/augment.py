@@ -5,6 +5,7 @@ Every training image is kept and `copies` randomly warped versions are added by 
 when there is one. Output, loadable without pickle:
     train.safetensors    images uint8 (N, C, S, S), labels int64 (N,)
     preprocessing.json   the Preprocessing every later consumer uses (mean/std of the train split)
+With data.modality text, pipeline/text/augment.py does the same on token ids.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from pipeline.dataset import load_split
 from pipeline.params import AugmentParams, load_params
 from pipeline.preprocess import Preprocessing
+from pipeline.text.augment import write_augmented
 from pipeline.warp import warp
 
 
@@ -42,6 +44,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     params = load_params()
+    if params.data.modality == "text":
+        print(f"augment: {write_augmented(args.data, args.out, params.text)}")
+        return
     raw = Preprocessing(image_size=params.data.image_size, channels=params.data.channels,
                         mean=[0.0] * params.data.channels, std=[1.0] * params.data.channels,
                         background=params.data.background)

@@ -21,12 +21,19 @@ Two kinds of pruning method, each in its own registry:
 MACs are counted by `count_macs`: torch's FlopCounterMode on one image, FLOPs / 2 (it counts
 2 FLOPs per multiply-accumulate of conv and matmul); activations, pooling and batch norm are not
 counted (on LeNet-5 they are < 2 % of the conv/linear work).
+
+data.modality text (a text model's card): the same steps on token ids (pipeline/text/export.py):
+ONNX with input `input_ids` [N, L], structured_l1 removing whole attention heads (from q, k and v
+together) and FFN units of text_encoder, or embedding dimensions of text_bag (the model's
+`pruning_spec` names what keeps its width), fine-tuning with the text recipe, int8 by ONNX
+Runtime dynamic quantisation (no calibration), MACs of one text of text.max_tokens tokens.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -44,6 +51,9 @@ from pipeline.card import sha256_file, write_card
 from pipeline.params import CompressParams, TrainParams, load_params
 from pipeline.preprocess import Preprocessing
 from pipeline.progress import Progress
+from pipeline.text import export as text_export
+from pipeline.text.models import training_recipe
+from pipeline.text.tokens import TOKENIZER_FILE, TextPreprocessing
 from pipeline.training import (fit, make_optimizer, make_schedule, pick_device, steps_per_epoch,
                                to_input)
 
@@ -92,26 +102,47 @@ def structured_l1(model: nn.Module, amount: float, example: torch.Tensor
     dependency group, ranked by the group's L1 weight magnitude (Torch-Pruning traces the graph
     on `example`, one input batch); the logits layer keeps its width. Channels tied by a residual
     sum form one group and are removed together from every layer that writes or reads them.
+    A model with a `pruning_spec()` (the text models) names its own fixed-width layers and
+    its attention heads per q/k/v projection: the `amount` fraction of each attention's heads
+    is removed whole, by the L1 of the head's q/k/v rows and output columns, and the model's
+    `pruned(num_heads)` records the new head counts.
     Returns {layer name: (output width before, after)} for the layers that shrank."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    before = {name: m.weight.shape[0] for name, m in layers.items()}
+    kinds = (nn.Conv2d, nn.Linear, nn.Embedding)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+    before = {name: m.weight.shape[0 if not isinstance(m, nn.Embedding) else 1]
+              for name, m in layers.items()}
+    if hasattr(model, "pruning_spec"):
+        ignored, num_heads = model.pruning_spec()
+    else:
+        logits = [m for m in layers.values() if not isinstance(m, nn.Embedding)][-1]
+        ignored, num_heads = [logits], {}  # the logits layer's width is the class count
     # The dependency graph is traced through autograd: no torch.no_grad() here.
-    logits = list(layers.values())[-1]  # its width is the class count
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                  pruning_ratio=amount, ignored_layers=[logits])
+                                  pruning_ratio=amount, ignored_layers=ignored,
+                                  root_module_types=list(kinds), num_heads=num_heads,
+                                  prune_num_heads=bool(num_heads), prune_head_dims=False,
+                                  head_pruning_ratio=amount)
     pruner.step()
-    return {name: (before[name], m.weight.shape[0]) for name, m in layers.items()
-            if m.weight.shape[0] != before[name]}
+    if num_heads:
+        model.pruned(pruner.num_heads)
+    after = {name: m.weight.shape[0 if not isinstance(m, nn.Embedding) else 1]
+             for name, m in layers.items()}
+    return {name: (before[name], after[name]) for name in layers if after[name] != before[name]}
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """Multiply-accumulates of one image (see the module doc): FlopCounterMode's FLOPs / 2."""
+    return count_macs_on(model, torch.zeros(1, *input_shape))
+
+
+def count_macs_on(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of `example` (one input): FlopCounterMode's FLOPs / 2."""
     was_training = model.training
     counter = FlopCounterMode(display=False)
     try:
         with torch.no_grad(), counter:
             device = next(model.parameters()).device
-            model.eval()(torch.zeros(1, *input_shape, device=device))
+            model.eval()(example.to(device))
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
@@ -209,13 +240,25 @@ def main(argv: list[str]) -> None:
     model, card = models.load(args.model)
     prep = card.preprocessing
     tensors = load_file(args.augmented / "train.safetensors")
-    x, y = to_input(tensors["images"], prep, device), tensors["labels"].to(device)
+    text = isinstance(prep, TextPreprocessing)
+    if text:
+        torch.set_num_threads(params.text.threads)
+        x, y = tensors["tokens"].to(device), tensors["labels"].to(device)
+        export, mac_input = text_export.export_onnx, text_export.mac_example(prep)
+        recipe = training_recipe(params.train, params.text)
+        mac_of = f"one text of {prep.max_tokens} tokens"
+    else:
+        x, y = to_input(tensors["images"], prep, device), tensors["labels"].to(device)
+        export = export_onnx
+        mac_input = torch.zeros(1, prep.channels, prep.image_size, prep.image_size)
+        recipe, mac_of = params.train, "one image"
 
     args.out.mkdir(parents=True, exist_ok=True)
-    export_onnx(model, prep, args.out / "float.onnx")
+    if text:  # every text model folder carries its tokenizer (the card's tokenizer_sha256)
+        shutil.copyfile(args.model / TOKENIZER_FILE, args.out / TOKENIZER_FILE)
+    export(model, prep, args.out / "float.onnx")
 
-    input_shape = (prep.channels, prep.image_size, prep.image_size)
-    macs = {"float.onnx": count_macs(model, input_shape)}
+    macs = {"float.onnx": count_macs_on(model, mac_input)}
     n_params = {"float.onnx": count_params(model)}
 
     progress("float.onnx exported")
@@ -225,22 +268,32 @@ def main(argv: list[str]) -> None:
                  f"{p.finetune_epochs}  loss {m['train_loss']:.4f}  acc {m['train_acc']:.4f}")
 
     torch.manual_seed(params.train.seed)
-    pruned = prune_and_finetune(model.to(device), x, y, p, params.train, on_epoch).cpu()
-    export_onnx(pruned, prep, args.out / "pruned.onnx")
+    pruned = prune_and_finetune(model.to(device), x, y, p, recipe, on_epoch).cpu()
+    export(pruned, prep, args.out / "pruned.onnx")
     progress("pruned.onnx exported")
     # Masked weights are still multiplied: a mask pruner saves no MACs, and the count says so.
-    macs["pruned.onnx"] = count_macs(pruned, input_shape)
+    macs["pruned.onnx"] = count_macs_on(pruned, mac_input)
     n_params["pruned.onnx"] = count_params(pruned)
     widths = {name: list(layer.weight.shape[:2]) for name, layer in pruned.named_modules()
-              if isinstance(layer, (nn.Conv2d, nn.Linear))}
+              if isinstance(layer, (nn.Conv2d, nn.Linear, nn.Embedding))}
+    heads = {name: getattr(m, "num_heads", None) or m.num_attention_heads  # ours, or BERT's
+             for name, m in pruned.named_modules()
+             if hasattr(m, "num_heads") or hasattr(m, "num_attention_heads")}
 
-    # Calibrate on un-augmented originals: augment.py stores them first.
-    rng = np.random.default_rng(params.train.seed)
-    n_originals = len(x) // (params.augment.copies + 1)
-    pick = rng.choice(n_originals, size=min(p.calibration_images, n_originals), replace=False)
-    quantize_int8(args.out / "float.onnx", args.out / "int8.onnx", x[pick].cpu().numpy(),
-                  p.int8_per_channel, p.int8_reduce_range)
-    progress(f"int8.onnx quantised, activations calibrated on {len(pick)} images")
+    if text:
+        text_export.quantize_int8(args.out / "float.onnx", args.out / "int8.onnx",
+                                  p.int8_per_channel, p.int8_reduce_range)
+        n_calibration = 0
+        progress("int8.onnx quantised dynamically (activation scales per call, no calibration)")
+    else:
+        # Calibrate on un-augmented originals: augment.py stores them first.
+        rng = np.random.default_rng(params.train.seed)
+        n_originals = len(x) // (params.augment.copies + 1)
+        pick = rng.choice(n_originals, size=min(p.calibration_images, n_originals), replace=False)
+        quantize_int8(args.out / "float.onnx", args.out / "int8.onnx", x[pick].cpu().numpy(),
+                      p.int8_per_channel, p.int8_reduce_range)
+        n_calibration = len(pick)
+        progress(f"int8.onnx quantised, activations calibrated on {len(pick)} images")
 
     # int8 runs the float graph's MACs as int8 multiply-accumulates.
     macs["int8.onnx"], n_params["int8.onnx"] = macs["float.onnx"], n_params["float.onnx"]
@@ -248,10 +301,12 @@ def main(argv: list[str]) -> None:
     report = {"prune_method": p.prune_method,
               "prune_kind": "structured" if p.prune_method in STRUCTURED_PRUNERS else "mask",
               "sparsity": round(sparsity(pruned), 4),
-              "macs": macs, "params": n_params,
+              "macs": macs, "macs_of": mac_of, "params": n_params,
               "mac_reduction": round(macs["float.onnx"] / macs["pruned.onnx"], 3),
               "pruned_widths": widths,  # layer -> [out, in] channels/units after pruning
-              "calibration_images": len(pick),
+              **({"heads": heads} if heads else {}),  # attention -> heads left after pruning
+              "int8": "dynamic" if text else "static",
+              "calibration_images": n_calibration,
               "size_bytes": {f: (args.out / f).stat().st_size for f in VARIANT_FILES}}
     (args.out / "compress.json").write_text(json.dumps(report, indent=1) + "\n")
     write_card(args.out, dataclasses.replace(

@@ -20,6 +20,12 @@ Written, each to the path given on the command line (dvc.yaml names them):
     --confusion  actual,predicted per test image for the selected variant (DVC confusion plot)
     --tradeoff   variant, accuracy, size_kb, macs: DVC's accuracy-vs-size and -vs-MACs plots
     --latency-plot  variant, accuracy and latencies: DVC's accuracy-vs-latency plot (timing)
+
+A text model (data.modality text): the test split is encoded by the model's own tokenizer
+(tokenizer.json beside it) into int64 input_ids, padded to the split's longest text (latency
+batches are test texts at that length); --metrics and --details also hold `baseline_tfidf_lr`,
+TF-IDF + logistic regression fitted on the train split and scored on the same test split
+(pipeline/text/baseline.py).
 """
 from __future__ import annotations
 
@@ -44,6 +50,9 @@ from pipeline.card import (ModelCard, Selection, at_least, onnx_predictor, predi
 from pipeline.dataset import load_split
 from pipeline.params import EvaluateParams, GateParams, load_params
 from pipeline.progress import Progress
+from pipeline.text.baseline import tfidf_lr
+from pipeline.text.encoded import encoded_split
+from pipeline.text.tokens import TOKENIZER_FILE, TextPreprocessing
 
 Predict = Callable[[np.ndarray], np.ndarray]  # float32 (N, C, S, S) -> logits (N, classes)
 
@@ -170,8 +179,13 @@ def main(argv: list[str]) -> None:
     params = load_params()
 
     variants, card = load_variants(args.model, args.compressed, params.evaluate.threads)
-    pixels, y = load_split(args.data, "test", card.preprocessing)
-    x = card.preprocessing.normalize(pixels)
+    text, baseline = isinstance(card.preprocessing, TextPreprocessing), {}
+    if text:
+        x, y, texts = encoded_split(args.data, "test", args.compressed, card.preprocessing)
+        baseline = {"baseline_tfidf_lr": tfidf_lr(args.data, texts, y)}
+    else:
+        pixels, y = load_split(args.data, "test", card.preprocessing)
+        x = card.preprocessing.normalize(pixels)
     counts = json.loads((args.compressed / "compress.json").read_text())
     if "macs" not in counts or "params" not in counts:
         raise StageError(f"{args.compressed / 'compress.json'}: no 'macs'/'params' counts; "
@@ -184,15 +198,20 @@ def main(argv: list[str]) -> None:
             v, x, y, card.classes, params.evaluate, counts)
         progress(f"variant {i}/{len(variants)} {v.name}: accuracy "
                  f"{results[v.name]['accuracy']:.4f}, latency timed")
-    selected, why_not = gate(results, {v.name: v.servable for v in variants}, params.gate, latency)
+    # A text model's absolute floor is text.min_accuracy (gate.min_accuracy is the images').
+    g = (dataclasses.replace(params.gate, min_accuracy=params.text.min_accuracy) if text
+         else params.gate)
+    selected, why_not = gate(results, {v.name: v.servable for v in variants}, g, latency)
 
     # Grouped by measure ("accuracy.int8_onnx"): the columns `dvc exp show` and
     # `dvc metrics diff` show, one per variant and measure.
     write_json(args.metrics, {"selected": selected, **{
-        measure: {n: value(m) for n, m in results.items()} for measure, value in SUMMARY.items()}})
+        measure: {n: value(m) for n, m in results.items()} for measure, value in SUMMARY.items()},
+        **baseline})
     write_json(args.latency, {k: {n: latency[n][k] for n in results} for k in latency_keys})
-    write_json(args.details, {"gate": dataclasses.asdict(params.gate), "selected": selected,
-                              "variants": results, "why_not": why_not, "per_class": per_class})
+    write_json(args.details, {"gate": dataclasses.asdict(g), "selected": selected,
+                              "variants": results, "why_not": why_not, "per_class": per_class,
+                              **baseline})
     shown = predictions[selected or "float_torch"]
     write_csv(args.confusion, ["actual", "predicted"],
               ((card.classes[a], card.classes[b]) for a, b in zip(y, shown)))
@@ -209,16 +228,22 @@ def main(argv: list[str]) -> None:
               + "  ".join(f"b{k.removeprefix('latency_ms_b')} {v:.3f} ms"
                           for k, v in latency[name].items())
               + f"  {why_not.get(name, 'eligible')}")
+    for name, m in baseline.items():
+        print(f"evaluate: {name}  acc {m['accuracy']:.4f}  f1 {m['macro_f1']:.4f}  ({m['setup']}, "
+              "fitted on the train split, same test split)")
     if selected is None:
         reasons = "; ".join(f"{n} accuracy {m['accuracy']:.4f}" for n, m in results.items())
-        raise StageError(f"gate: no variant is eligible (needs accuracy >= gate.min_accuracy "
-                         f"{params.gate.min_accuracy} and within gate.max_accuracy_drop "
+        floor_key = "text.min_accuracy" if text else "gate.min_accuracy"
+        raise StageError(f"gate: no variant is eligible (needs accuracy >= {floor_key} "
+                         f"{g.min_accuracy} and within gate.max_accuracy_drop "
                          f"{params.gate.max_accuracy_drop} of float_torch): {reasons}; "
                          "nothing will be packaged")
 
     args.out.mkdir(parents=True, exist_ok=True)
     source = next(v.file for v in variants if v.name == selected)
     shutil.copyfile(source, args.out / SELECTED_FILE)
+    if text:  # a text model's tokenizer goes with it
+        shutil.copyfile(args.compressed / TOKENIZER_FILE, args.out / TOKENIZER_FILE)
     m = results[selected]
     write_card(args.out, dataclasses.replace(
         card, weights={SELECTED_FILE: sha256_file(args.out / SELECTED_FILE)},

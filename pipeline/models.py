@@ -10,6 +10,8 @@ from torch import nn
 
 from pipeline import StageError
 from pipeline.card import ModelCard, read_card
+from pipeline.text import models as text_models
+from pipeline.text.tokens import TextPreprocessing
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -66,8 +68,11 @@ def build(name: str, channels: int, classes: int, image_size: int) -> nn.Module:
 
 def load(model_dir: Path) -> tuple[nn.Module, ModelCard]:
     """Rebuild a saved model from its card (model_dir/model.json) and the one safetensors
-    weights file the card lists, checked against its sha256 first."""
+    weights file the card lists, checked against its sha256 first (a text model's from
+    pipeline/text/models.py)."""
     card = read_card(model_dir)
+    if isinstance(card.preprocessing, TextPreprocessing):
+        return text_models.load(model_dir, card)
     (weights,) = card.weights
     prep = card.preprocessing
     model = build(card.architecture, prep.channels, len(card.classes), prep.image_size)

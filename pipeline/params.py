@@ -118,6 +118,8 @@ class TextParams:
     epochs: int
     lr: float
     batch_size: int
+    min_accuracy: float
+    threads: int
     augment: TextAugmentParams
 
 
@@ -346,6 +348,8 @@ def _check_ranges(p: Params) -> None:
         ("text.dropout", 0 <= p.text.dropout < 1, "must be in [0, 1)"),
         ("text.epochs", p.text.epochs >= 1, "must be >= 1"),
         ("text.batch_size", p.text.batch_size >= 1, "must be >= 1"),
+        ("text.threads", p.text.threads >= 1, "must be >= 1"),
+        ("text.min_accuracy", 0 <= p.text.min_accuracy <= 1, "must be in [0, 1]"),
         ("text.lr", p.text.lr > 0, "must be > 0"),
         ("text.augment.copies", p.text.augment.copies >= 0, "must be >= 0"),
         ("text.augment", all(0 <= r < 1 for r in (p.text.augment.deletion, p.text.augment.swap,

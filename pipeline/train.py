@@ -22,6 +22,12 @@
     model.safetensors   weights
     model.json          the model card (pipeline/card.py): architecture, classes, preprocessing,
                         the params that made it, data hash, the weights' sha256, val scores
+
+data.modality text: the same loop on the augmented token ids (int64 (N, L)) with a model from
+pipeline/text/models.py (text.model, or the text.pretrained checkpoint), text.epochs, lr and
+batch_size with train.*'s optimizer, schedule, smoothing and seed; the val split is encoded by
+the augment stage's tokenizer, which is copied beside the weights (tokenizer.json), with the
+checkpoint's config.json for a pretrained model.
 """
 from __future__ import annotations
 
@@ -49,6 +55,10 @@ from pipeline.dataset import data_hash, load_split, read_manifest
 from pipeline.params import AugmentParams, Params, as_dict, load_params
 from pipeline.preprocess import Preprocessing
 from pipeline.sources import source_files
+from pipeline.text import models as text_models
+from pipeline.text.augment import read_preprocessing
+from pipeline.text.encoded import encoded_split
+from pipeline.text.tokens import TOKENIZER_FILE
 from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch, to_input
 from pipeline.warp import warp
 
@@ -80,7 +90,8 @@ def fingerprint(params: Params, data: Path, augmented: Path, world_size: int) ->
     and augmented data, every project file this stage runs and the number of processes."""
     digest = hashlib.sha256(json.dumps(
         {"train": as_dict(params.train), "augment": as_dict(params.augment),
-         "data": as_dict(params.data), "world_size": world_size}, sort_keys=True).encode())
+         "data": as_dict(params.data), "text": as_dict(params.text), "world_size": world_size},
+        sort_keys=True).encode())
     digest.update(data_hash(data).encode())
     for path in (augmented / "train.safetensors", augmented / "preprocessing.json",
                  *source_files("pipeline.__main__", __name__)):
@@ -121,12 +132,16 @@ def read_checkpoint(folder: Path, expected: str) -> dict | None:
 WEIGHTS = "model.safetensors"
 
 
-def write_outputs(out: Path, weights: dict[str, torch.Tensor], card: ModelCard) -> None:
-    """Fill a temporary sibling folder with the weights and their card (the weights' sha256
-    added), then rename it to `out`: all or nothing."""
+def write_outputs(out: Path, weights: dict[str, torch.Tensor], card: ModelCard,
+                  files: dict[str, bytes]) -> None:
+    """Fill a temporary sibling folder with the weights, their card (the weights' sha256
+    added) and `files` (name -> bytes: a text model's tokenizer), then rename it to `out`:
+    all or nothing."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
     save_file(weights, tmp / WEIGHTS)
     write_card(tmp, dataclasses.replace(card, weights={WEIGHTS: sha256_file(tmp / WEIGHTS)}))
     if out.exists():
@@ -163,7 +178,8 @@ def main(argv: list[str]) -> None:
                         help="folder for the per-epoch checkpoint; must not be a DVC out")
     args = parser.parse_args(argv)
     params = load_params()
-    p = params.train
+    text = params.data.modality == "text"
+    p = text_models.training_recipe(params.train, params.text) if text else params.train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and p.processes > 1:
@@ -175,21 +191,31 @@ def main(argv: list[str]) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if text:
+        torch.set_num_threads(params.text.threads)
     torch.manual_seed(p.seed)
     memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
 
-    prep = Preprocessing.from_dict(json.loads((args.augmented / "preprocessing.json").read_text()))
     tensors = load_file(args.augmented / "train.safetensors")
-    x = to_input(tensors["images"], prep, device).contiguous(memory_format=memory_format)
     y = tensors["labels"].to(device)
-    val_pixels, val_labels = load_split(args.data, "val", prep)
-    val = (to_input(val_pixels, prep, device).contiguous(memory_format=memory_format),
-           torch.from_numpy(val_labels).to(device))
     classes = read_manifest(args.data)[1]
-    epoch_inputs = (epoch_warper(tensors["images"].to(device), prep, params.augment, p.seed,
-                                 memory_format) if p.epoch_augment else None)
-
-    model = models.build(p.model, prep.channels, len(classes), prep.image_size).to(device)
+    if text:
+        prep = read_preprocessing(args.augmented)
+        x = tensors["tokens"].to(device)
+        val_ids, val_labels, _ = encoded_split(args.data, "val", args.augmented, prep)
+        val = (torch.from_numpy(val_ids).to(device), torch.from_numpy(val_labels).to(device))
+        epoch_inputs = None
+        model = text_models.build(params.text.model, prep, len(classes), params.text).to(device)
+    else:
+        prep = Preprocessing.from_dict(
+            json.loads((args.augmented / "preprocessing.json").read_text()))
+        x = to_input(tensors["images"], prep, device).contiguous(memory_format=memory_format)
+        val_pixels, val_labels = load_split(args.data, "val", prep)
+        val = (to_input(val_pixels, prep, device).contiguous(memory_format=memory_format),
+               torch.from_numpy(val_labels).to(device))
+        epoch_inputs = (epoch_warper(tensors["images"].to(device), prep, params.augment, p.seed,
+                                     memory_format) if p.epoch_augment else None)
+        model = models.build(p.model, prep.channels, len(classes), prep.image_size).to(device)
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
     scheduler = make_schedule(p.lr_schedule, optimizer, p.lr,
@@ -248,16 +274,23 @@ def main(argv: list[str]) -> None:
     final = history[-1]
     if rank == 0:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        card = ModelCard(architecture=p.model, classes=classes, preprocessing=prep,
-                         data_hash=data_hash(args.data),
-                         recipe=Recipe(data=params.data, augment=params.augment, train=p,
-                                       compress=None),
+        files: dict[str, bytes] = {}
+        if text:
+            files[TOKENIZER_FILE] = (args.augmented / TOKENIZER_FILE).read_bytes()
+            if (config := text_models.hf_config(model)) is not None:
+                files[text_models.HF_CONFIG] = json.dumps(config, indent=1).encode()
+        card = ModelCard(architecture=text_models.architecture(params.text) if text else p.model,
+                         classes=classes, preprocessing=prep, data_hash=data_hash(args.data),
+                         recipe=Recipe(data=params.data, augment=params.augment,
+                                       train=params.train, compress=None,
+                                       text=params.text if text else None),
                          weights={}, val=ValScore(loss=final["val_loss"], accuracy=final["val_acc"]),
                          selection=None)
-        write_outputs(args.out, weights, card)
+        write_outputs(args.out, weights, card, files)
         (args.checkpoints / CHECKPOINT).unlink(missing_ok=True)  # done: a rerun starts afresh
         total = sum(m["seconds"] for m in history)
-        print(f"train: {p.model} on {world} x {device.type}, val_acc {final['val_acc']:.4f}, "
+        print(f"train: {card.architecture} on {world} x {device.type}, "
+              f"val_acc {final['val_acc']:.4f}, "
               f"{len(x) * p.epochs / total:,.0f} img/s over {p.epochs} epochs -> {args.out}",
               flush=True)
     if world > 1:

@@ -201,7 +201,7 @@ def test_outputs_replace_the_old_folder_whole(tmp_path):
                      recipe=Recipe(data=params.data, augment=params.augment, train=params.train,
                                    compress=None),
                      weights={}, val=ValScore(loss=0.1, accuracy=0.9), selection=None)
-    train.write_outputs(out, {"w": torch.ones(2)}, card)
+    train.write_outputs(out, {"w": torch.ones(2)}, card, {})
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
     assert read_card(out).weights == {"model.safetensors": sha256_file(out / "model.safetensors")}

@@ -1,0 +1,323 @@
+"""The text models (data.modality: text): augmentation on token ids, the registry's models in
+ONNX Runtime, structured pruning that really removes heads and FFN units, int8, the augment ->
+train -> compress -> evaluate stages on generated texts, and a local Hugging Face checkpoint
+through the train stage."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import StageError
+from pipeline.card import onnx_predictor, read_card
+from pipeline.compress import count_macs_on, count_params, structured_l1
+from pipeline.dataset import write_manifest
+from pipeline.params import TextAugmentParams, TextModelName, load_params
+from pipeline.text import export, tokens
+from pipeline.text import models as text_models
+from pipeline.text.augment import augment_ids, delete, mask, swap
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("alpha", "bravo", "charlie", "delta")
+SPLITS = {"train": 40, "val": 8, "test": 12}  # texts per class
+# Tiny models and few epochs: each training run takes a second or two on 2 cores.
+TEXT = {"vocab_size": 200, "max_tokens": 16, "dim": 16, "layers": 1, "heads": 4, "ffn": 32,
+        "epochs": 2, "batch_size": 32, "lr": 0.01, "min_accuracy": 0.5,
+        "augment": {"copies": 1, "deletion": 0.1, "swap": 0.1, "mask": 0.1, "seed": 0}}
+
+
+def write_texts(folder: Path, seed: int) -> Path:
+    """An ingested text data set (the contract's layout): texts/<split>/<class>/<n>.txt, each
+    3-14 words drawn from its class's 25 words (80%) and 25 shared words (20%)."""
+    rng = random.Random(seed)
+    shared = [f"common{i}" for i in range(25)]
+    rows = []
+    for split, per_class in SPLITS.items():
+        for label in CLASSES:
+            own = [f"{label}{i}" for i in range(25)]
+            for n in range(per_class):
+                words = [rng.choice(own if rng.random() < 0.8 else shared)
+                         for _ in range(rng.randint(3, 14))]
+                path = Path("texts", split, label, f"{n}.txt")
+                (folder / path).parent.mkdir(parents=True, exist_ok=True)
+                (folder / path).write_text(" ".join(words), encoding="utf-8")
+                rows.append({"path": path.as_posix(), "label": label, "split": split,
+                             "source": f"generated {seed}"})
+    write_manifest(folder, rows, list(CLASSES))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    """A tokenizer trained on generated texts and its preprocessing."""
+    texts = [" ".join(f"{c}{i % 25} common{i % 7}" for i in range(n, n + 9))
+             for c in CLASSES for n in range(30)]
+    tokenizer = tokens.train_tokenizer(texts, TEXT["vocab_size"], lowercase=True)
+    prep = tokens.TextPreprocessing(tokenizer_sha256="0" * 64, max_tokens=TEXT["max_tokens"],
+                                    lowercase=True, pad_id=tokenizer.token_to_id("[PAD]"),
+                                    mask_id=tokenizer.token_to_id("[MASK]"),
+                                    vocab_size=tokenizer.get_vocab_size())
+    return tokenizer, prep, texts
+
+
+def padded_ids(n: int, length: int, seed: int) -> torch.Tensor:
+    """n rows of [CLS]=2 and random ids 5..99, each of a random length, padded with 0."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (n, length), generator=g)
+    lengths = torch.randint(2, length + 1, (n,), generator=g)
+    ids[torch.arange(length) >= lengths[:, None]] = 0
+    ids[:, 0] = 2
+    return ids
+
+
+# --- augmentation ------------------------------------------------------------------------------
+
+def test_augmentation_is_seeded_and_keeps_cls_and_padding():
+    ids = padded_ids(400, 24, seed=0)
+    p = TextAugmentParams(copies=2, deletion=0.1, swap=0.1, mask=0.1, seed=3)
+    out = augment_ids(ids, p, pad_id=0, mask_id=4)
+    assert out.shape == (1200, 24) and out.dtype == torch.int64
+    assert torch.equal(out, augment_ids(ids, p, pad_id=0, mask_id=4))
+    assert not torch.equal(out, augment_ids(ids, TextAugmentParams(2, 0.1, 0.1, 0.1, 4), 0, 4))
+    assert torch.equal(out[:400], ids)  # originals first
+    copy1, copy2 = out[400:800], out[800:]
+    assert not torch.equal(copy1, copy2)
+    for copy in (copy1, copy2):
+        assert (copy[:, 0] == 2).all()  # [CLS] untouched
+        # Padding stays padding; deletion only adds padding at the end of a row.
+        assert (copy[ids == 0] == 0).all()
+        length = (copy != 0).sum(1)
+        assert (copy != 0).int().argmin(1)[length < 24].equal(length[length < 24])
+        assert (length >= 2).all()  # [CLS] and at least one token survive
+
+
+def test_each_operation_hits_its_rate_and_only_content():
+    ids = padded_ids(2000, 32, seed=1)
+    content = (ids != 0).sum() - len(ids)  # tokens after [CLS]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    masked = mask(ids, 0.2, 0, 4, g())
+    assert abs((masked == 4).sum() / content - 0.2) < 0.01
+    assert ((masked == 4) <= (ids != 0)).all() and (masked[:, 0] == 2).all()
+    deleted = delete(ids, 0.15, 0, g())
+    assert abs(1 - ((deleted != 0).sum() - len(ids)) / content - 0.15) < 0.01
+    # Deletion keeps order: every row is a subsequence of its original.
+    for before, after in zip(ids[:50].tolist(), deleted[:50].tolist()):
+        it = iter(before)
+        assert all(t in it for t in after if t != 0)
+    swapped = swap(ids, 0.1, 0, g())
+    assert torch.equal(swapped.sort(1).values, ids.sort(1).values)  # same multiset per row
+    moved = (swapped != ids).sum() / content
+    assert 0.1 < moved < 0.22  # each swap moves two tokens (fewer where neighbours are equal)
+    assert torch.equal(swapped == 0, ids == 0) and (swapped[:, 0] == 2).all()
+
+
+# --- models, ONNX, pruning, int8 ---------------------------------------------------------------
+
+def build(name: str, prep: tokens.TextPreprocessing) -> torch.nn.Module:
+    params = load_params(REPO / "params.yaml").text
+    p = dataclasses.replace(params, dim=32, layers=2, heads=4, ffn=64, dropout=0.0)
+    torch.manual_seed(0)
+    return text_models.build(name, prep, 5, p).eval()
+
+
+def test_params_name_exactly_the_registered_text_models():
+    assert set(typing.get_args(TextModelName)) == set(text_models.TEXT_MODELS)
+
+
+def test_unknown_text_model_names_the_key(vocab):
+    with pytest.raises(StageError, match="text.model: unknown model 'lstm'.*text_bag"):
+        text_models.build("lstm", vocab[1], 2, load_params(REPO / "params.yaml").text)
+
+
+@pytest.mark.parametrize("name", sorted(text_models.TEXT_MODELS))
+def test_onnx_logits_match_torch_at_every_length(name, vocab, tmp_path):
+    tokenizer, prep, texts = vocab
+    model = build(name, prep)
+    export.export_onnx(model, prep, tmp_path / "m.onnx")
+    predict = onnx_predictor(tmp_path / "m.onnx", threads=1)
+    for batch in (texts[:1], texts[:7], texts[3:40]):
+        for max_tokens in (2, 5, prep.max_tokens):
+            ids = tokens.encode(tokenizer, [t[:max_tokens * 6] for t in batch], prep)
+            with torch.no_grad():
+                expected = model(torch.from_numpy(ids)).numpy()
+            got = predict(ids)
+            assert got.shape == (len(batch), 5) and got.dtype == np.float32
+            np.testing.assert_allclose(got, expected, atol=1e-4)
+    # Padding is masked: a text's logits do not depend on how much padding follows it.
+    one = tokens.encode(tokenizer, ["alpha1 bravo2"], prep)
+    longer = np.concatenate([one, np.full((1, prep.max_tokens - one.shape[1]), prep.pad_id)], 1)
+    np.testing.assert_allclose(predict(longer), predict(one), atol=1e-5)
+
+
+def test_pruning_removes_heads_and_ffn_units(vocab, tmp_path):
+    tokenizer, prep, texts = vocab
+    model = build("text_encoder", prep)
+    example = export.mac_example(prep)
+    macs, n_params = count_macs_on(model, example), count_params(model)
+    widths = structured_l1(model, 0.5, torch.from_numpy(tokens.encode(tokenizer, texts[:2], prep)))
+    for i, layer in enumerate(model.layers):
+        assert layer.attention.num_heads == 2
+        assert widths[f"layers.{i}.attention.q"] == (32, 16)  # 2 of 4 heads of 8 dims
+        assert widths[f"layers.{i}.ffn.0"] == (64, 32)
+        assert layer.attention.out.in_features == 16 and layer.ffn[2].in_features == 32
+    assert model.tokens.embedding_dim == 32 and model.classifier.out_features == 5
+    assert count_params(model) < n_params and count_macs_on(model, example) < macs
+    export.export_onnx(model, prep, tmp_path / "pruned.onnx")
+    ids = tokens.encode(tokenizer, texts[:9], prep)
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_predictor(tmp_path / "pruned.onnx", 1)(ids),
+                                   model(torch.from_numpy(ids)).numpy(), atol=1e-4)
+
+
+def test_pruning_the_bag_removes_embedding_dims(vocab):
+    tokenizer, prep, texts = vocab
+    model = build("text_bag", prep)
+    widths = structured_l1(model, 0.5, torch.from_numpy(tokens.encode(tokenizer, texts[:2], prep)))
+    assert widths == {"tokens": (32, 16)} and model.classifier.in_features == 16
+
+
+def test_int8_runs_and_is_smaller(vocab, tmp_path):
+    tokenizer, prep, texts = vocab
+    model = build("text_encoder", prep)
+    export.export_onnx(model, prep, tmp_path / "float.onnx")
+    export.quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", per_channel=True,
+                         reduce_range=True)
+    # Every MatMul and Gather weight is int8; on a model this tiny, graph overhead keeps 63%.
+    assert (tmp_path / "int8.onnx").stat().st_size < 0.7 * (tmp_path / "float.onnx").stat().st_size
+    ids = tokens.encode(tokenizer, texts, prep)
+    float_logits = onnx_predictor(tmp_path / "float.onnx", 1)(ids)
+    int8_logits = onnx_predictor(tmp_path / "int8.onnx", 1)(ids)
+    assert (int8_logits.argmax(1) == float_logits.argmax(1)).mean() > 0.9
+
+
+# --- the stages --------------------------------------------------------------------------------
+
+def run(project: Path, *argv: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=project,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def augment_in_process(project: Path, monkeypatch) -> None:
+    """The augment stage's main, in this process (it needs no fresh one; saves a start-up)."""
+    from pipeline import augment as augment_stage
+
+    monkeypatch.chdir(project)
+    augment_stage.main(["--data", "data/ingested", "--out", "data/augmented"])
+
+
+TRAIN = ("train", "--data", "data/ingested", "--augmented", "data/augmented", "--out",
+         "models/float", "--live", "reports/train", "--checkpoints", ".kiln/checkpoints/train")
+
+
+@pytest.mark.slow
+def test_augment_train_compress_evaluate_on_generated_texts(tmp_path, params_writer,
+                                                           monkeypatch):
+    write_texts(tmp_path / "data/ingested", seed=0)
+    params_writer(tmp_path, {"data": {"modality": "text"}, "text": TEXT,
+                             "gate": {"max_accuracy_drop": 0.2}})
+    augment_in_process(tmp_path, monkeypatch)
+    aug = tmp_path / "data/augmented"
+    from safetensors.torch import load_file
+    tensors = load_file(aug / "train.safetensors")
+    assert tensors["tokens"].dtype == torch.int64 and len(tensors["tokens"]) == 2 * 160
+    assert tensors["tokens"].shape[1] <= TEXT["max_tokens"]
+    prep = tokens.TextPreprocessing(**json.loads((aug / "preprocessing.json").read_text()))
+    tokenizer = tokens.load(aug, prep)  # checks the sha256
+    assert tokenizer.get_vocab_size() <= TEXT["vocab_size"]
+
+    run(tmp_path, *TRAIN)
+    card = read_card(tmp_path / "models/float")
+    assert card.architecture == "text_encoder" and card.recipe.text.dim == TEXT["dim"]
+    assert card.preprocessing == prep
+    assert (tmp_path / "models/float/tokenizer.json").read_bytes() == \
+        (aug / "tokenizer.json").read_bytes()
+
+    done = run(tmp_path, "compress", "--model", "models/float", "--augmented", "data/augmented",
+               "--out", "models/compressed")
+    report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
+    assert report["heads"] == {"layers.0.attention": 2} and report["int8"] == "dynamic"
+    assert report["macs"]["pruned.onnx"] < report["macs"]["float.onnx"]
+    sizes = report["size_bytes"]
+    assert sizes["int8.onnx"] < sizes["float.onnx"] and sizes["pruned.onnx"] < sizes["float.onnx"]
+
+    done = run(tmp_path, "evaluate", "--model", "models/float", "--compressed",
+               "models/compressed", "--data", "data/ingested", "--metrics",
+               "reports/evaluation.json", "--latency", "reports/latency.json", "--details",
+               "reports/evaluation_details.json", "--confusion", "reports/plots/confusion.csv",
+               "--tradeoff", "reports/plots/tradeoff.csv", "--latency-plot",
+               "reports/plots/latency.csv", "--out", "models/selected")
+    metrics = json.loads((tmp_path / "reports/evaluation.json").read_text())
+    baseline = metrics["baseline_tfidf_lr"]
+    assert baseline["accuracy"] > 0.8  # the generated classes are easy for TF-IDF
+    assert "baseline_tfidf_lr" in done.stdout
+    selected = tmp_path / "models/selected"
+    card = read_card(selected)
+    assert card.selection.variant == metrics["selected"]
+    # The served file answers the contract's signature on texts of any length.
+    predict = onnx_predictor(selected / "model.onnx", 1)
+    texts = [(tmp_path / "data/ingested/texts/test/alpha/0.txt").read_text(), "alpha1 alpha2"]
+    logits = predict(tokens.encode(tokens.load(selected, card.preprocessing), texts,
+                                   card.preprocessing))
+    assert logits.shape == (2, 4)
+
+
+@pytest.mark.slow
+def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, params_writer,
+                                                                  monkeypatch):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    write_texts(tmp_path / "data/ingested", seed=1)
+    texts = [p.read_text() for p in (tmp_path / "data/ingested/texts/train").rglob("*.txt")]
+    tokenizer = tokens.train_tokenizer(texts, 150, lowercase=True)
+    checkpoint = tmp_path / "tiny-bert"
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=37, max_position_embeddings=32,
+        num_labels=2)).save_pretrained(checkpoint)
+    tokenizer.save(str(checkpoint / "tokenizer.json"))
+    params_writer(tmp_path, {"data": {"modality": "text"},
+                             "text": {**TEXT, "pretrained": str(checkpoint)}})
+    augment_in_process(tmp_path, monkeypatch)
+    assert (tmp_path / "data/augmented/tokenizer.json").exists()
+    done = run(tmp_path, *TRAIN)
+    assert "train: pretrained" in done.stdout
+    model, card = text_models.load(tmp_path / "models/float")
+    assert card.architecture == "pretrained" and len(card.classes) == 4
+    assert model.hf.config.hidden_size == 32  # the checkpoint's, not text.dim
+    ids = tokens.encode(tokens.load(tmp_path / "models/float", card.preprocessing),
+                        ["alpha1 alpha2 alpha3", "delta4"], card.preprocessing)
+    with torch.no_grad():
+        assert model(torch.from_numpy(ids)).shape == (2, 4)
+    assert card.val.accuracy > 0.5  # learnt from the checkpoint's start (chance is 0.25)
+
+    # Compress's steps on it: half the heads and FFN units go, ONNX Runtime agrees with torch.
+    n_params = count_params(model)
+    widths = structured_l1(model, 0.5, torch.from_numpy(ids))
+    attention = model.hf.bert.encoder.layer[0].attention.self
+    assert attention.num_attention_heads == 1 and attention.query.out_features == 16
+    assert model.hf.bert.encoder.layer[0].intermediate.dense.out_features == 18
+    assert count_params(model) < n_params and len(widths) == 4  # query, key, value, FFN
+    # The compress stage does the same to the trained checkpoint (its compress.json).
+    run(tmp_path, "compress", "--model", "models/float", "--augmented", "data/augmented",
+        "--out", "models/compressed")
+    report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
+    assert report["heads"] == {"hf.bert.encoder.layer.0.attention.self": 1}
+    export.export_onnx(model, card.preprocessing, tmp_path / "pruned.onnx")
+    predict = onnx_predictor(tmp_path / "pruned.onnx", 1)
+    for length in (2, ids.shape[1]):  # the export traced 3 tokens: L stays dynamic
+        with torch.no_grad():
+            np.testing.assert_allclose(predict(ids[:, :length]),
+                                       model(torch.from_numpy(ids[:, :length])).numpy(), atol=1e-4)
