@@ -321,3 +321,18 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
         with torch.no_grad():
             np.testing.assert_allclose(predict(ids[:, :length]),
                                        model(torch.from_numpy(ids[:, :length])).numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_augment_writes_the_same_tokenizer_and_tokens_from_every_process(tmp_path, params_writer):
+    """`dvc repro`'s promise: the same texts and params give the same bytes, in a fresh process
+    (a new hash seed) too. On these texts tokenizers 0.23's WordPiece trainer gave another
+    vocabulary on every run, so every model after it changed."""
+    params_writer(tmp_path, {"data": {"modality": "text"}, "text": {"per_class": 150}})
+    run(tmp_path, "ingest", "--out", "data/ingested")
+    outputs = []
+    for out in ("first", "second"):
+        run(tmp_path, "augment", "--data", "data/ingested", "--out", out)
+        outputs.append({f.name: f.read_bytes() for f in sorted((tmp_path / out).iterdir())})
+    assert sorted(outputs[0]) == ["preprocessing.json", "tokenizer.json", "train.safetensors"]
+    assert outputs[0] == outputs[1]

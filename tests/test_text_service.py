@@ -1,4 +1,4 @@
-"""Serving a text model: `python -m pipeline package` on a tiny text model (a WordPiece
+"""Serving a text model: `python -m pipeline package` on a tiny text model (a BPE
 tokenizer trained here, embedding mean + linear exported to ONNX with the contract's signature:
 `input_ids` int64 [N, L] -> `logits` [N, K]), its infra validation through the text endpoints
 and gRPC, then the Bento under `bentoml serve`, checked as a client sees it: answers equal ONNX

@@ -9,7 +9,7 @@ least one token after [CLS].
 
 Output (data/augmented, the issue-12 contract):
     train.safetensors    tokens int64 (N, L), originals first, then the copies; labels int64 (N,)
-    tokenizer.json       WordPiece trained on the train split only (text.vocab_size), or the
+    tokenizer.json       BPE trained on the train split only (text.vocab_size), or the
                          text.pretrained checkpoint's own tokenizer
     preprocessing.json   TextPreprocessing.to_dict()
 """
@@ -80,7 +80,7 @@ def augment_ids(ids: torch.Tensor, p: TextAugmentParams, pad_id: int,
 
 
 def tokenizer_for(texts: list[str], p: TextParams) -> Tokenizer:
-    """The text.pretrained checkpoint's own tokenizer.json, else WordPiece trained on `texts`."""
+    """The text.pretrained checkpoint's own tokenizer.json, else BPE trained on `texts`."""
     if p.pretrained is None:
         return tokens.train_tokenizer(texts, p.vocab_size, p.lowercase)
     path = Path(p.pretrained) / tokens.TOKENIZER_FILE

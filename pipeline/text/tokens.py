@@ -40,13 +40,17 @@ class TextPreprocessing:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool) -> Tokenizer:
-    """A WordPiece tokenizer (BERT's normaliser and pre-tokenizer) trained on `texts` only."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """A byte-pair-encoding tokenizer (BERT's normaliser and pre-tokenizer) trained on `texts`
+    only. BPE, not BERT's WordPiece: `tokenizers` 0.23's WordPiece and Unigram trainers break
+    ties in hash-map order, so the same texts gave a different vocabulary on every run
+    (huggingface/tokenizers#1794), and so a different model after every `dvc repro`; its BPE
+    trainer gave the same tokenizer.json in 3 processes x 3 runs (docs/benchmarks.md, Text)."""
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, clean_text=True,
                                                       handle_chinese_chars=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                        show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     cls = tokenizer.token_to_id("[CLS]")
     tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A",
