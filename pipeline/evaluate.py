@@ -131,9 +131,10 @@ def measure(variant: Variant, x: np.ndarray, y: np.ndarray, classes: list[str],
 
 
 def gate(results: dict[str, dict], servable: dict[str, bool], g: GateParams,
-         latency: dict[str, dict]) -> tuple[str | None, dict[str, str]]:
+         latency: dict[str, dict], floor_key: str) -> tuple[str | None, dict[str, str]]:
     """Mark each variant of `results` eligible or not (in place); return the one gate.policy
-    selects (None when none is eligible) and, per ineligible variant, why not."""
+    selects (None when none is eligible) and, per ineligible variant, why not. `floor_key` is
+    the params key g.min_accuracy came from, for the messages."""
     floor = max(g.min_accuracy, results["float_torch"]["accuracy"] - g.max_accuracy_drop)
     why_not = {}
     for name, m in results.items():
@@ -142,7 +143,7 @@ def gate(results: dict[str, dict], servable: dict[str, bool], g: GateParams,
             why_not[name] = "not servable (the server runs ONNX Runtime)"
         elif not m["eligible"]:
             why_not[name] = (f"accuracy {m['accuracy']:.4f} below {floor:.4f} = "
-                             "max(gate.min_accuracy, float_torch accuracy - gate.max_accuracy_drop)")
+                             f"max({floor_key}, float_torch accuracy - gate.max_accuracy_drop)")
     eligible = [name for name, m in results.items() if m["eligible"]]
     if not eligible:
         return None, why_not
@@ -201,7 +202,9 @@ def main(argv: list[str]) -> None:
     # A text model's absolute floor is text.min_accuracy (gate.min_accuracy is the images').
     g = (dataclasses.replace(params.gate, min_accuracy=params.text.min_accuracy) if text
          else params.gate)
-    selected, why_not = gate(results, {v.name: v.servable for v in variants}, g, latency)
+    floor_key = "text.min_accuracy" if text else "gate.min_accuracy"
+    selected, why_not = gate(results, {v.name: v.servable for v in variants}, g, latency,
+                             floor_key)
 
     # Grouped by measure ("accuracy.int8_onnx"): the columns `dvc exp show` and
     # `dvc metrics diff` show, one per variant and measure.
@@ -233,7 +236,6 @@ def main(argv: list[str]) -> None:
               "fitted on the train split, same test split)")
     if selected is None:
         reasons = "; ".join(f"{n} accuracy {m['accuracy']:.4f}" for n, m in results.items())
-        floor_key = "text.min_accuracy" if text else "gate.min_accuracy"
         raise StageError(f"gate: no variant is eligible (needs accuracy >= {floor_key} "
                          f"{g.min_accuracy} and within gate.max_accuracy_drop "
                          f"{params.gate.max_accuracy_drop} of float_torch): {reasons}; "

@@ -315,11 +315,15 @@ GATE = GateParams(min_accuracy=0.9, max_accuracy_drop=0.01, policy="smallest")
 def test_gate_policies():
     r, servable, latency = results(float_torch=(0.98, 100, 1.0), float_onnx=(0.98, 100, 0.2),
                                    int8_onnx=(0.975, 30, 0.3), pruned_onnx=(0.96, 50, 0.1))
-    assert gate(r, servable, GATE, latency)[0] == "int8_onnx"
+    key = "gate.min_accuracy"
+    selected, why_not = gate(r, servable, GATE, latency, key)
+    assert selected == "int8_onnx"
     assert r["pruned_onnx"]["eligible"] is False and r["float_torch"]["eligible"] is False
+    assert "max(gate.min_accuracy, float_torch" in why_not["pruned_onnx"]
     assert gate(r, servable, GateParams(**{**GATE.__dict__, "policy": "most_accurate"}),
-                latency)[0] == "float_onnx"
+                latency, key)[0] == "float_onnx"
     assert gate(r, servable, GateParams(**{**GATE.__dict__, "policy": "fastest"}),
-                latency)[0] == "float_onnx"
+                latency, key)[0] == "float_onnx"
     assert gate(r, servable, GateParams(**{**GATE.__dict__, "min_accuracy": 0.99}),
-                latency)[0] is None
+                latency, "text.min_accuracy")[1]["float_onnx"].startswith(
+                    "accuracy 0.9800 below 0.9900 = max(text.min_accuracy")
