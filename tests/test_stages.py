@@ -292,7 +292,7 @@ def test_onnx_export_and_int8_match_torch(tmp_path):
     model.eval()
     export_onnx(model, PREP, tmp_path / "float.onnx")
     quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", x[:64].numpy(),
-                  per_channel=True, reduce_range=True)
+                  per_channel=True, reduce_range=True, text=False)
     with torch.no_grad():
         expected = model(x).numpy()
     float_logits = onnx_predictor(tmp_path / "float.onnx", threads=1)(x.numpy())

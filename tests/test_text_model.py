@@ -19,7 +19,7 @@ import torch
 
 from pipeline import StageError
 from pipeline.card import onnx_predictor, read_card
-from pipeline.compress import count_macs_on, count_params, structured_l1
+from pipeline.compress import count_macs_on, count_params, quantize_int8, structured_l1
 from pipeline.dataset import write_manifest
 from pipeline.params import TextAugmentParams, TextModelName, load_params
 from pipeline.text import export, tokens
@@ -185,18 +185,23 @@ def test_pruning_the_bag_removes_embedding_dims(vocab):
     assert widths == {"tokens": (32, 16)} and model.classifier.in_features == 16
 
 
-def test_int8_runs_and_is_smaller(vocab, tmp_path):
+def test_int8_is_smaller_and_answers_a_text_alike_alone_or_in_a_batch(vocab, tmp_path):
+    """What the server promises: a text's answer does not depend on the texts sent with it.
+    ORT's dynamic int8 broke it (activation scales per call): infra validation refused it."""
     tokenizer, prep, texts = vocab
     model = build("text_encoder", prep)
     export.export_onnx(model, prep, tmp_path / "float.onnx")
-    export.quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", per_channel=True,
-                         reduce_range=True)
-    # Every MatMul and Gather weight is int8; on a model this tiny, graph overhead keeps 63%.
-    assert (tmp_path / "int8.onnx").stat().st_size < 0.7 * (tmp_path / "float.onnx").stat().st_size
     ids = tokens.encode(tokenizer, texts, prep)
+    quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", ids[:64], per_channel=True,
+                  reduce_range=True, text=True)
+    # Every MatMul and Gather weight is int8; on a model this tiny, QDQ nodes keep 70%.
+    assert (tmp_path / "int8.onnx").stat().st_size < 0.75 * (tmp_path / "float.onnx").stat().st_size
     float_logits = onnx_predictor(tmp_path / "float.onnx", 1)(ids)
-    int8_logits = onnx_predictor(tmp_path / "int8.onnx", 1)(ids)
-    assert (int8_logits.argmax(1) == float_logits.argmax(1)).mean() > 0.9
+    int8 = onnx_predictor(tmp_path / "int8.onnx", 1)
+    batch = int8(ids)
+    assert (batch.argmax(1) == float_logits.argmax(1)).mean() > 0.9
+    alone = np.concatenate([int8(tokens.encode(tokenizer, [t], prep)) for t in texts[:40]])
+    np.testing.assert_allclose(alone, batch[:40], atol=1e-5)
 
 
 # --- the stages --------------------------------------------------------------------------------
@@ -247,10 +252,11 @@ def test_augment_train_compress_evaluate_on_generated_texts(tmp_path, params_wri
     done = run(tmp_path, "compress", "--model", "models/float", "--augmented", "data/augmented",
                "--out", "models/compressed")
     report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
-    assert report["heads"] == {"layers.0.attention": 2} and report["int8"] == "dynamic"
+    assert report["heads"] == {"layers.0.attention": 2} and report["calibration_images"] > 0
     assert report["macs"]["pruned.onnx"] < report["macs"]["float.onnx"]
     sizes = report["size_bytes"]
-    assert sizes["int8.onnx"] < sizes["float.onnx"] and sizes["pruned.onnx"] < sizes["float.onnx"]
+    # int8's size: test_int8_is_smaller_... (on this 16-wide model QDQ nodes outweigh the saving)
+    assert sizes["pruned.onnx"] < sizes["float.onnx"]
 
     done = run(tmp_path, "evaluate", "--model", "models/float", "--compressed",
                "models/compressed", "--data", "data/ingested", "--metrics",
@@ -289,7 +295,7 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
         num_labels=2)).save_pretrained(checkpoint)
     tokenizer.save(str(checkpoint / "tokenizer.json"))
     params_writer(tmp_path, {"data": {"modality": "text"},
-                             "text": {**TEXT, "pretrained": str(checkpoint)}})
+                             "text": {**TEXT, "pretrained": str(checkpoint), "epochs": 5}})
     augment_in_process(tmp_path, monkeypatch)
     assert (tmp_path / "data/augmented/tokenizer.json").exists()
     done = run(tmp_path, *TRAIN)

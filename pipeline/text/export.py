@@ -1,11 +1,12 @@
-"""The compress stage's text path: ONNX export with the contract's signature, int8 by ONNX
-Runtime dynamic quantisation, and the example input MACs are counted on.
+"""The compress stage's text path: ONNX export with the contract's signature, the int8 step
+for embedding tables, and the example input MACs are counted on.
 
-Dynamic rather than static int8: a text model's work is MatMuls over activations whose ranges
-differ per text, and its largest tensor is the token embedding table (a Gather). Dynamic
-quantisation stores MatMul and Gather weights as int8 and computes each activation's scale per
-call, so it needs no calibration set and holds accuracy (bench/text_bench.py measures it
-against the float and pruned files).
+Static int8, not ORT's dynamic quantisation: dynamic computes each activation's scale from the
+whole tensor of a call, so a text's answer depended on the other texts of its batch and their
+padding (logits up to 0.09 apart between a text sent alone and in a batch of 256 on the built-in
+data), and infra validation refused the Bento: /classify_text differed from the evaluated model
+on 3 of 1,200 test texts. With fixed (calibrated) ranges a text alone and in any batch give the
+same logits (max difference 0.0 over 300 test texts).
 """
 from __future__ import annotations
 
@@ -30,13 +31,17 @@ def export_onnx(model: nn.Module, prep: TextPreprocessing, path: Path) -> None:
                       external_data=False, dynamo=False)
 
 
-def quantize_int8(float_onnx: Path, out: Path, per_channel: bool, reduce_range: bool) -> None:
-    """ORT dynamic quantisation: int8 MatMul and Gather (embedding) weights, activation scales
-    computed per call."""
+def quantize_embeddings(model: Path, out: Path) -> Path:
+    """`model` with its embedding tables (Gather weights) stored as int8, dequantised per row
+    looked up: weights only, so no activation range and nothing that depends on the batch.
+    ORT's quantize_dynamic restricted to Gather does exactly that; the compress stage then
+    quantises the MatMuls statically. Static QDQ of the Gathers instead cost 4.6 points of test
+    accuracy on the built-in data (0.919 -> 0.873), this 0.1 (0.919 -> 0.918)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(float_onnx), str(out), per_channel=per_channel,
-                     reduce_range=reduce_range, weight_type=QuantType.QInt8)
+    quantize_dynamic(str(model), str(out), op_types_to_quantize=["Gather"], per_channel=False,
+                     weight_type=QuantType.QInt8)
+    return out
 
 
 def mac_example(prep: TextPreprocessing) -> torch.Tensor:
