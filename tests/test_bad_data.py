@@ -24,7 +24,6 @@ from PIL import Image
 import pipeline.__main__
 import pipeline.validate
 from pipeline.champion import Reference
-from tests.project import copy_repo, dvc, ran_stages
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("a", "b", "c")
@@ -388,68 +387,3 @@ def test_two_folders_for_one_class_fail_at_ingest(tmp_path, project, stage):
     shutil.copytree(source / "dog", source / "çat")
     code, out = stage(project(source), "ingest", "--out", "data/ingested")
     assert code == 1 and "two class folders for the same class 'çat'" in out
-
-
-# --- nothing lost: a failed run leaves the champion servable -----------------------------------
-
-@pytest.mark.slow
-def test_failed_runs_leave_the_champion_serving(tmp_path, params_writer):
-    """The real pipeline (dvc repro, shrunk params) packages a champion with its data profile;
-    then a run on inverted digits fails on drift and a run with a truncated file fails at
-    validate; the champion's Bento still serves the same predictions afterwards. The user
-    folders hold the same classes (0-9), so they are the champion's task."""
-    from tests.bento_server import bento_server
-
-    root = copy_repo(tmp_path / "kiln")
-    # The model only has to be packaged: the fewest epochs and a gate any model passes.
-    changes = {"augment": {"copies": 0}, "train": {"epochs": 2},
-               "compress": {"finetune_epochs": 1, "calibration_images": 16},
-               "evaluate": {"latency_runs": 1},
-               "gate": {"min_accuracy": 0.0, "max_accuracy_drop": 1.0}}
-    params_writer(root, changes)
-    dvc(root, "repro")
-    bento_tag = json.loads((root / "reports/package.json").read_text())["champion"]["bento_tag"]
-    # Read now: the failed runs below ingest other data into data/ingested.
-    probe = [p.read_bytes() for p in sorted((root / "data/ingested/images/test").rglob("*.png"))[:20]]
-
-    def predictions(log: Path) -> list[dict]:
-        with bento_server(bento_tag, root / ".bentoml", log) as (client, _):
-            answers = [client.post("/classify", files={"image": ("digit.png", png, "image/png")})
-                       for png in probe]
-        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
-        return [a.json() for a in answers]
-
-    before = predictions(tmp_path / "serve_before.log")
-
-    def user_folder(name: str, change) -> Path:
-        """40 ingested digits per class as a user's <class>/<file> folder, `change` applied to
-        each (a small set keeps the failed runs quick; drift compares shares, not counts)."""
-        folder = tmp_path / name
-        for label in range(10):
-            (folder / str(label)).mkdir(parents=True)
-            for png in sorted((root / "data/ingested/images").glob(f"*/{label}/*.png"))[:40]:
-                with Image.open(png) as image:
-                    change(image).save(folder / str(label) / png.name)
-        return folder
-
-    from PIL import ImageOps
-    params_writer(root, {**changes, "data": {"source": str(user_folder("inverted", ImageOps.invert))}})
-    failed = dvc(root, "repro", check=False)
-    assert failed.returncode != 0
-    assert ran_stages(failed.stdout) == ["ingest", "validate"]
-    assert "kiln validate: error:" in failed.stderr
-    assert "drift from the champion's data" in failed.stderr and "pixel_mean PSI" in failed.stderr
-    assert json.loads((root / "reports/validation_details.json").read_text())["drift"]["champion"] \
-        .startswith("kiln-classifier:")
-
-    broken = user_folder("broken", lambda image: image)
-    damaged = sorted((broken / "3").iterdir())[0]
-    whole = damaged.read_bytes()
-    damaged.write_bytes(whole[:len(whole) // 2])
-    params_writer(root, {**changes, "data": {"source": str(broken)}})
-    failed = dvc(root, "repro", check=False)
-    assert failed.returncode != 0 and f"truncated PNG: 3/{damaged.name}" in failed.stderr
-    assert "package" not in ran_stages(failed.stdout)
-
-    assert json.loads((root / "reports/package.json").read_text())["champion"]["bento_tag"] == bento_tag
-    assert predictions(tmp_path / "serve_after.log") == before
