@@ -20,11 +20,11 @@ import torch
 from pipeline import StageError
 from pipeline.card import onnx_predictor, read_card
 from pipeline.compress import count_macs_on, count_params, quantize_int8, structured_l1
-from pipeline.dataset import write_manifest
+from pipeline.dataset import load_texts, write_manifest
 from pipeline.params import TextAugmentParams, TextModelName, load_params
 from pipeline.text import export, tokens
 from pipeline.text import models as text_models
-from pipeline.text.augment import augment_ids, delete, mask, swap
+from pipeline.text.augment import augment_ids, delete, mask, swap, write_augmented
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("alpha", "bravo", "charlie", "delta")
@@ -342,3 +342,17 @@ def test_augment_writes_the_same_tokenizer_and_tokens_from_every_process(tmp_pat
         outputs.append({f.name: f.read_bytes() for f in sorted((tmp_path / out).iterdir())})
     assert sorted(outputs[0]) == ["preprocessing.json", "tokenizer.json", "train.safetensors"]
     assert outputs[0] == outputs[1]
+
+
+def test_augment_says_how_many_texts_are_cut_at_max_tokens(tmp_path):
+    """The model reads text.max_tokens tokens of a text: the stage's summary says how many
+    training texts lose their end (every one of these has [CLS] and 3 to 14 words)."""
+    data = write_texts(tmp_path / "ingested", seed=2)
+    n = len(load_texts(data, "train")[0])
+    text = load_params(REPO / "params.yaml").text
+    long_enough = dataclasses.replace(text, vocab_size=200, max_tokens=64)
+    assert "0 texts (0.0%) cut at text.max_tokens 64" in write_augmented(data, tmp_path / "a",
+                                                                          long_enough)
+    short = dataclasses.replace(long_enough, max_tokens=2)
+    assert f"{n} texts (100.0%) cut at text.max_tokens 2" in write_augmented(data, tmp_path / "b",
+                                                                            short)

@@ -99,14 +99,19 @@ def write_augmented(data: Path, out: Path, p: TextParams) -> str:
     texts, labels = load_texts(data, "train")
     out.mkdir(parents=True, exist_ok=True)
     prep = tokens.save(tokenizer_for(texts, p), out, p.max_tokens, p.lowercase)
-    ids = torch.from_numpy(tokens.encode(tokens.load(out, prep), texts, prep))
+    tokenizer = tokens.load(out, prep)
+    ids = torch.from_numpy(tokens.encode(tokenizer, texts, prep))
+    # The model reads text.max_tokens tokens of a text; say how many texts lose their end.
+    lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
+    cut = sum(n > p.max_tokens for n in lengths)
     all_ids = augment_ids(ids, p.augment, prep.pad_id, prep.mask_id)
     save_file({"tokens": all_ids.contiguous(),
                "labels": torch.from_numpy(labels).repeat(p.augment.copies + 1).contiguous()},
               out / "train.safetensors")
     (out / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=1) + "\n")
     return (f"{len(texts)} training texts -> {len(all_ids)}, {tuple(all_ids.shape)} token ids, "
-            f"vocabulary {prep.vocab_size}")
+            f"vocabulary {prep.vocab_size}; {cut} texts ({cut / len(texts):.1%}) cut at "
+            f"text.max_tokens {p.max_tokens} (longest {max(lengths)} tokens)")
 
 
 def read_preprocessing(folder: Path) -> TextPreprocessing:
