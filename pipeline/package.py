@@ -65,11 +65,12 @@ from pipeline.card import (CARD_FILE, BentoArgs, ModelCard, at_least, onnx_predi
 from pipeline.champion import (REFERENCE_FILE, Champion, NotFound, Task, begin, bentoml,
                                clean_up_killed_run, end, export_bento, now, promote, read_line,
                                write_pointer)
-from pipeline.dataset import load_split, read_manifest
+from pipeline.dataset import load_split, load_texts, read_manifest
 from pipeline.params import PackageParams, ServeParams, load_params
 from pipeline.progress import Progress
 from pipeline.serving import serving
 from pipeline.text import infra as text_infra
+from pipeline.text.encoded import encoded_split
 from pipeline.text.tokens import TOKENIZER_FILE, TextPreprocessing
 
 
@@ -154,7 +155,7 @@ def test_probabilities(model_dir: Path, card: ModelCard,
     (weights,) = card.weights
     predict = onnx_predictor(model_dir / weights, 1)
     if isinstance(card.preprocessing, TextPreprocessing):
-        _, ids, labels = text_infra.test_split(model_dir, card.preprocessing, data_dir)
+        ids, labels, _ = encoded_split(data_dir, "test", model_dir, card.preprocessing)
         return softmax(predict_in_batches(predict, ids)), labels
     pixels, labels = load_split(data_dir, "test", card.preprocessing)
     return probabilities(predict, card, pixels), labels
@@ -186,7 +187,7 @@ def infra_validate(bento_tag: str, model_tag: str, model_dir: Path, card: ModelC
             _named("infra validation: "), serving(bento_tag, Path(tmp, "serve.log"),
                                                   ready_timeout_s) as client:
         if text:
-            batch = text_infra.test_split(model_dir, card.preprocessing, data_dir)[0]
+            batch = load_texts(data_dir, "test")[0]
             answers = text_infra.served(client, batch, max_batch_images)
         else:
             batch, _ = load_split(data_dir, "test", card.preprocessing)

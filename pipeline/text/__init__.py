@@ -6,6 +6,12 @@
                 validate
     sources.py  text sources read into the ingested layout (ingest)
     checks.py   the texts table, its Great Expectations checks and drift features (validate)
+    augment.py  tokenizer training and token-id augmentation (augment)
+    encoded.py  a split of the ingested texts as input_ids (train, evaluate, package)
+    models.py   the text model registry and the local Hugging Face checkpoint wrapper (train on)
+    export.py   ONNX export, int8 embedding tables, the MAC example (compress)
+    baseline.py TF-IDF + logistic regression (evaluate)
+    infra.py    the text endpoints' answers for infra validation (package)
 
 Stages keep their steps and call these for what is text-specific. Importing this package
 imports nothing heavy: the Bento's service imports pipeline.text.tokens without torch.

@@ -1,24 +1,12 @@
-"""The package stage's text path: a text model's test split as the served model reads it, and
-its answers over the text endpoints (pipeline/service.py) for infra validation. The image path
+"""The package stage's text path: a text model's answers over the text endpoints
+(pipeline/service.py) for infra validation (the test split is read by pipeline/text/encoded.py). The image path
 is in pipeline/package.py; this module holds only what differs for text."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import httpx
 import numpy as np
 
 from pipeline import StageError
-from pipeline.dataset import load_texts
-from pipeline.text import tokens
-
-
-def test_split(model_dir: Path, prep: tokens.TextPreprocessing,
-               data_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The test texts, their int64 input_ids (N, L) by the model's saved tokenizer (sha256
-    checked) and their int64 labels."""
-    texts, labels = load_texts(data_dir, "test")
-    return texts, tokens.encode(tokens.load(model_dir, prep), texts, prep), labels
 
 
 def served(client: httpx.Client, texts: list[str],
