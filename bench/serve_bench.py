@@ -11,7 +11,7 @@ Servers (both on 127.0.0.1, started and stopped by this script):
          pipeline/oip.py): ModelInfer with one test image's raw uint8 pixels (the client sends
          pixels, HTTP /classify gets the PNG file and decodes it).
   naive  FastAPI + uvicorn.run defaults (one process) running the float model in torch eager
-         mode, one image per request, decoded and preprocessed with the same pipeline.preprocess
+         mode, one image per request, decoded and preprocessed with the same pipeline.image.preprocess
          code. Both servers get uvloop and httptools (uvicorn uses them when installed).
 
 Client: one asyncio process speaking HTTP/1.1 itself over keep-alive connections: each request

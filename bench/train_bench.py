@@ -13,7 +13,7 @@ Method (all in one process, one run of this script, so both sides see the same m
   Adam(train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors; on a GPU the model lives
   there and each batch is copied to it, as the original example does.
 - (b) Kiln's loop: pipeline.training.fit on the same uint8 images held on the device, warped afresh
-  each epoch by pipeline.train.epoch_warper (pipeline.warp.warp: one batched affine
+  each epoch by pipeline.train.epoch_warper (pipeline.image.warp.warp: one batched affine
   grid_sample of the whole set, augment.chunk images per call: rotation, translation, zoom),
   with the train.* params the stage uses:
   channels_last, train.lr_schedule, train.label_smoothing (train.compile as in params.yaml).
@@ -28,7 +28,7 @@ Method (all in one process, one run of this script, so both sides see the same m
   changes hit all four. Reported: the median over runs.
 - Augmentation alone: uint8 (N, 1, S, S) train images in, float [0, 1] warped images out.
   Per-image: the Dataset's PIL rotate + pad + random crop in a Python loop. Batched:
-  pipeline.warp.warp on the whole set (one call). Images/s, median of --aug-reps repetitions.
+  pipeline.image.warp.warp on the whole set (one call). Images/s, median of --aug-reps repetitions.
 - The load average (os.getloadavg) is printed before and after: the machine is shared.
 """
 from __future__ import annotations
@@ -56,8 +56,8 @@ from pipeline import models, train, training
 from pipeline.dataset import load_split
 from pipeline.ingest import ingest
 from pipeline.params import Params, load_params
-from pipeline.preprocess import Preprocessing
-from pipeline.warp import warp
+from pipeline.image.preprocess import Preprocessing
+from pipeline.image.warp import warp
 from train_stage_bench import with_changes  # bench/, beside this file
 
 

@@ -1,6 +1,6 @@
 """Stage 3: seeded, batched augmentation of the training split.
 
-Every training image is kept and `copies` randomly warped versions are added by pipeline.warp
+Every training image is kept and `copies` randomly warped versions are added by pipeline.image.warp
 (rotation, translation and zoom, the "random crop", in one per-sample affine warp), on the GPU
 when there is one. Output, loadable without pickle:
     train.safetensors    images uint8 (N, C, S, S), labels int64 (N,)
@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 
 from pipeline.dataset import load_split
 from pipeline.params import AugmentParams, load_params
-from pipeline.preprocess import Preprocessing
+from pipeline.image.preprocess import Preprocessing
 from pipeline.text.augment import write_augmented
-from pipeline.warp import warp
+from pipeline.image.warp import warp
 
 
 def augment(pixels: np.ndarray, labels: np.ndarray, p: AugmentParams,

@@ -23,8 +23,7 @@ from typing import Callable
 from pipeline import StageError
 from pipeline.params import (AugmentParams, CompressParams, DataParams, ParamsError, ServeParams,
                              TextParams, TrainParams, typed)
-from pipeline.preprocess import Preprocessing
-from pipeline.text.tokens import TextPreprocessing
+from pipeline.modality import AnyPreprocessing, get_modality
 
 CARD_FILE = "model.json"
 PREDICT_BATCH = 256  # images per ONNX Runtime call when scoring a whole split (bounded memory)
@@ -60,10 +59,10 @@ class Selection:
 
 @dataclass(frozen=True)
 class ModelCard:
-    architecture: str              # a name in pipeline.models.MODELS (or the text registry)
+    architecture: str              # a name in its modality's model registry
     classes: list[str]             # a label's index is its position here
-    # How an image (pipeline/preprocess.py) or a text (pipeline/text/tokens.py) becomes input.
-    preprocessing: Preprocessing | TextPreprocessing
+    # How an item becomes model input: the record of recipe.data.modality (pipeline/modality.py)
+    preprocessing: AnyPreprocessing
     data_hash: str                 # sha256 of the ingested data set (pipeline.dataset.data_hash)
     recipe: Recipe
     weights: dict[str, str]        # weights file next to the card -> sha256 hex of its bytes
@@ -105,6 +104,10 @@ def read_card(folder: Path) -> ModelCard:
         card = typed(_upgrade(raw), ModelCard, "card")
     except ParamsError as e:
         raise StageError(f"{path}: {e}".replace(": card.", ": ", 1)) from None
+    expected = get_modality(card.recipe.data.modality).preprocessing
+    if not isinstance(card.preprocessing, expected):
+        raise StageError(f"{path}: preprocessing is not a {expected.__name__} record, as "
+                         f"recipe.data.modality {card.recipe.data.modality} needs")
     verify(folder, card)
     return card
 

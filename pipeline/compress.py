@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline import StageError, models
 from pipeline.card import sha256_file, write_card
 from pipeline.params import CompressParams, TrainParams, load_params
-from pipeline.preprocess import Preprocessing
+from pipeline.image.preprocess import Preprocessing
 from pipeline.progress import Progress
 from pipeline.text import export as text_export
 from pipeline.text.models import training_recipe

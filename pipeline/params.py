@@ -24,7 +24,9 @@ class ParamsError(ValueError):
 # and PRUNERS), declared here so a misspelt name is refused before any stage runs, by code that
 # needs no torch. tests/test_stages.py checks they equal the registries.
 ModelName = Literal["lenet5", "resnet_small"]
-Modality = Literal["image", "text"]  # audio: issue 13
+# data.modality: each names a package pipeline/<name>/ (pipeline/modality.py, the seam)
+MODALITIES = ("image", "text")
+Modality = Literal[MODALITIES]
 TextModelName = Literal["text_encoder", "text_bag"]
 PruneMethod = Literal["structured_l1", "l1_unstructured", "l1_channels"]
 

@@ -19,7 +19,7 @@ the project's store (`make serve`), `bentoml serve <bento>`, an exported Bento f
 container (BentoML then reads the model from the Bento's own models/ folder). The model is
 model.onnx + its card (model.json); the card's sha256 of model.onnx is checked before anything
 is served, and preprocessing is rebuilt from the card, never re-implemented here: an image
-model's (pipeline/preprocess.py), or a text model's tokenizer.json, checked against the card's
+model's (pipeline/image/preprocess.py), or a text model's tokenizer.json, checked against the card's
 sha256 and applied by pipeline/text/tokens.py. Every endpoint exists whatever the model reads;
 one of the other modality answers 400 saying which endpoints the served model takes. The same
 arguments carry params.yaml `serve` as it was at packaging: body, pixel and batch limits, worker
@@ -66,7 +66,7 @@ from pipeline.card import BentoArgs, onnx_predictor, read_card, softmax
 from pipeline.http_guard import (InputGuard, RejectionLog, RequestSizeLimit, cancel_request_timers,
                                  log_rejections_once)
 from pipeline.params import typed
-from pipeline.preprocess import IMAGE_FORMATS
+from pipeline.image.preprocess import IMAGE_FORMATS
 from pipeline.text import tokens
 from pipeline.text.tokens import TextPreprocessing
 

@@ -2,7 +2,7 @@
 (pipeline/training.py: data on the device, batched augmentation there, few syncs).
 
 - With `train.epoch_augment` every epoch also warps the whole set once, per-sample random, with
-  pipeline.warp (one batched grid_sample).
+  pipeline.image.warp (one batched grid_sample).
 - bf16 autocast on CUDA; channels_last and torch.compile from params; one-cycle LR schedule and
   label smoothing from params.
 - Data parallel with torchrun + DistributedDataParallel (NCCL on GPUs, gloo on CPU): the stage
@@ -53,14 +53,14 @@ from pipeline import StageError, models
 from pipeline.card import ModelCard, Recipe, ValScore, sha256_file, write_card
 from pipeline.dataset import data_hash, load_split, read_manifest
 from pipeline.params import AugmentParams, Params, as_dict, load_params
-from pipeline.preprocess import Preprocessing
+from pipeline.image.preprocess import Preprocessing
 from pipeline.sources import source_files
 from pipeline.text import models as text_models
 from pipeline.text.augment import read_preprocessing
 from pipeline.text.encoded import encoded_split
 from pipeline.text.tokens import TOKENIZER_FILE
 from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch, to_input
-from pipeline.warp import warp
+from pipeline.image.warp import warp
 
 CHECKPOINT = "last.pt"
 
@@ -68,7 +68,7 @@ CHECKPOINT = "last.pt"
 def epoch_warper(pixels: torch.Tensor, prep: Preprocessing, p: AugmentParams, seed: int,
                  memory_format: torch.memory_format) -> Callable[[int], torch.Tensor]:
     """epoch -> that epoch's normalised inputs: every image of uint8 `pixels` (on the device)
-    warped once by pipeline.warp.warp, per-sample random, seeded by (seed, epoch)."""
+    warped once by pipeline.image.warp.warp, per-sample random, seeded by (seed, epoch)."""
     scaled = pixels.float() / 255
     mean = torch.tensor(prep.mean, device=pixels.device).view(1, -1, 1, 1)
     std = torch.tensor(prep.std, device=pixels.device).view(1, -1, 1, 1)

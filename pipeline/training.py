@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.preprocess import Preprocessing
+from pipeline.image.preprocess import Preprocessing
 
 
 def pick_device() -> torch.device:

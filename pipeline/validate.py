@@ -4,7 +4,7 @@ Tables validated, all in an in-memory (ephemeral) GX context:
     images         one row per manifest entry: path, source, label, split, file_problem (why the
                    file is not a usable PNG/JPEG: empty, truncated, corrupt, not an image),
                    mode (PIL's, as decoded), then of the pixels converted to data.channels by
-                   pipeline/preprocess.py as every later consumer converts them: height, width,
+                   pipeline/image/preprocess.py as every later consumer converts them: height, width,
                    channels, pixel_min/max/mean/std, content_hash (sha256 of those pixels, so a
                    copy under another name or re-encoded losslessly collides), and flags derived
                    from those: blank, leak, duplicate, resize_factor
@@ -50,7 +50,7 @@ from pipeline.champion import Task, reference, write_pointer
 from pipeline.dataset import SPLITS, data_hash, read_manifest
 from pipeline.drift import compare, profile
 from pipeline.params import DataParams, DriftParams, TextParams, ValidateParams, load_params
-from pipeline.preprocess import IMAGE_FORMATS, MODES, to_channels
+from pipeline.image.preprocess import IMAGE_FORMATS, MODES, to_channels
 
 DOCS_SITE = "kiln"
 SHOWN = 3  # offenders named per failed kind; the count covers the rest

@@ -18,7 +18,7 @@ from pipeline.card import onnx_predictor
 from pipeline.dataset import load_split
 from pipeline.ingest import ingest
 from pipeline.params import CompressParams, load_params
-from pipeline.preprocess import Preprocessing
+from pipeline.image.preprocess import Preprocessing
 from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ from PIL import Image
 from pipeline import StageError
 from pipeline.card import ModelCard, Recipe, Selection, ValScore, sha256_file, write_card
 from pipeline.params import load_params
-from pipeline.preprocess import Preprocessing
+from pipeline.image.preprocess import Preprocessing
 from pipeline.serving import serving
 from tests.bento_server import bento_server
 from tests.browser import offline_page
@@ -193,7 +193,7 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
                      for p in (bento / "src").rglob("*") if p.is_file())
     assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/api_docs.py",
                        "pipeline/card.py", "pipeline/http_guard.py", "pipeline/oip.py", "pipeline/params.py",
-                       "pipeline/preprocess.py", "pipeline/service.py", "pipeline/text/__init__.py",
+                       "pipeline/image/preprocess.py", "pipeline/service.py", "pipeline/text/__init__.py",
                        "pipeline/text/tokens.py"]
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for m in manifest["services"][0]["models"]] == [model_tag]

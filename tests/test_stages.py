@@ -26,9 +26,9 @@ from pipeline.evaluate import gate
 from pipeline.ingest import ingest
 from pipeline.params import (AugmentParams, CompressParams, GateParams, ModelName, PruneMethod,
                              Split, load_params)
-from pipeline.preprocess import Preprocessing
+from pipeline.image.preprocess import Preprocessing
 from pipeline.training import fit
-from pipeline.warp import warp
+from pipeline.image.warp import warp
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = Split(train=0.6, val=0.2, test=0.2)

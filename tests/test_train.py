@@ -22,7 +22,7 @@ from pipeline.card import ModelCard, Recipe, ValScore, read_card, sha256_file
 from pipeline.dataset import load_split
 from pipeline.ingest import ingest
 from pipeline.params import load_params
-from pipeline.preprocess import Preprocessing
+from pipeline.image.preprocess import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 # On top of conftest's SHRINK: the records' recipe (fresh on-device warps each epoch, no offline

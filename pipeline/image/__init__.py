@@ -1,0 +1,9 @@
+"""The image modality (data.modality: image): what differs from other modalities, in one package.
+
+    preprocess.py  Preprocessing, the saved recipe from a decoded image to model input (numpy and
+                   Pillow only: the service uses it)
+    warp.py        batched random rotation, translation and zoom on the device (augment, train)
+    modality.py    MODALITY, the image modality as the stages call it (pipeline/modality.py)
+
+Importing this package imports nothing heavy.
+"""
