@@ -23,7 +23,7 @@ from typing import Callable
 from pipeline import StageError
 from pipeline.params import (AugmentParams, CompressParams, DataParams, ParamsError, ServeParams,
                              TextParams, TrainParams, typed)
-from pipeline.modality import AnyPreprocessing, get_modality
+from pipeline.modality import PREPROCESSING, AnyPreprocessing
 
 CARD_FILE = "model.json"
 PREDICT_BATCH = 256  # images per ONNX Runtime call when scoring a whole split (bounded memory)
@@ -104,7 +104,7 @@ def read_card(folder: Path) -> ModelCard:
         card = typed(_upgrade(raw), ModelCard, "card")
     except ParamsError as e:
         raise StageError(f"{path}: {e}".replace(": card.", ": ", 1)) from None
-    expected = get_modality(card.recipe.data.modality).preprocessing
+    expected = PREPROCESSING[card.recipe.data.modality]
     if not isinstance(card.preprocessing, expected):
         raise StageError(f"{path}: preprocessing is not a {expected.__name__} record, as "
                          f"recipe.data.modality {card.recipe.data.modality} needs")

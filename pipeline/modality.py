@@ -1,22 +1,29 @@
-"""The modality seam: what differs between images and texts, behind one interface.
+"""The modality seam: what differs between images and texts, behind one interface per stage.
 
 data.modality in params.yaml names a modality, and a model card names its own
-(recipe.data.modality). Each modality is a package pipeline/<name>/ whose modality.py defines
-MODALITY, an object with the attributes and methods of `Modality` below. The stages keep their
-steps and call the modality where the data differ; none of them branches on its name.
+(recipe.data.modality). A modality is a package pipeline/<name>/ holding one module per part
+below, each providing the functions its Protocol lists; the stages keep their steps and call
+`part(name, "<part>")` where the data differ. No stage branches on a modality's name, and none
+imports a modality's modules directly.
 
-Adding a modality: write pipeline/<name>/ (its modality.py and the modules it calls, with their
-tests), add its name to pipeline/params.py MODALITIES (data.modality accepts those) and its
-preprocessing record to AnyPreprocessing below.
+    part        called by                          provides
+    (sections below, one per part, list the Protocols)
 
-A modality's modality.py imports only light modules at its top (its preprocessing record,
-numpy, pipeline.params): each method imports what its stage needs (torch, Great Expectations,
-tokenizers) inside, so the validate stage does not import torch, nor the service torch or GX.
+Adding a modality: write pipeline/<name>/ with these parts and their tests, add its name to
+pipeline/params.py MODALITIES (data.modality accepts those) and its preprocessing record to
+PREPROCESSING below.
+
+`part` imports by name at run time, so pipeline/sources.py reads a `part(..., "<part>")` call as
+an import of pipeline/<name>/<part>.py of every registered modality: a stage's dvc.yaml deps and
+its checkpoint fingerprint cover the parts it can call, and no other modality code.
 """
 from __future__ import annotations
 
 import importlib
+import shutil
+import typing
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
 from pipeline.image.preprocess import Preprocessing
@@ -26,43 +33,34 @@ from pipeline.text.tokens import TextPreprocessing
 if TYPE_CHECKING:
     from pipeline.card import ModelCard
 
-# The records a model card's `preprocessing` may hold, one per modality (card.py reads it with
-# the one its recipe.data.modality names).
-AnyPreprocessing = Preprocessing | TextPreprocessing
+# The record a model card's `preprocessing` holds, per modality: how an item becomes model input.
+PREPROCESSING = {"image": Preprocessing, "text": TextPreprocessing}
+AnyPreprocessing = typing.Union[tuple(PREPROCESSING.values())]  # what a card may hold
 
 
-class Modality(Protocol):
-    """What a modality provides. Methods take the whole Params and read their own sections."""
-
-    name: str                     # its data.modality value
-    unit: str                     # what its items are called in counts and messages: "images"
-    preprocessing: type           # the card's preprocessing record of its models
-    model_files: tuple[str, ...]  # files beside the weights that travel with every model folder
-                                  # (a text model's tokenizer.json), by name
-
-    # --- ingest and validate ---------------------------------------------------------------
-
-    # --- augment, train and compress -------------------------------------------------------
-
-    # --- evaluate, package and serving -----------------------------------------------------
+def part(modality: str, name: str) -> ModuleType:
+    """pipeline/<modality>/<name>.py: the part `name` of a registered modality."""
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r} (registered: {', '.join(MODALITIES)})")
+    return importlib.import_module(f"pipeline.{modality}.{name}")
 
 
-def get_modality(name: str) -> Modality:
-    """The modality data.modality (or a card's recipe.data.modality) names."""
-    if name not in MODALITIES:
-        raise ValueError(f"unknown modality {name!r} (registered: {', '.join(MODALITIES)})")
-    return importlib.import_module(f"pipeline.{name}.modality").MODALITY
+def card_part(card: ModelCard, name: str) -> ModuleType:
+    """The part `name` of a saved model's modality."""
+    return part(card.recipe.data.modality, name)
 
 
-def of_card(card: ModelCard) -> Modality:
-    """The modality of a saved model."""
-    return get_modality(card.recipe.data.modality)
+def copy_model_files(card: ModelCard, source: Path, target: Path) -> None:
+    """Copy the files a model needs beside its weights (its preprocessing record's MODEL_FILES,
+    a text model's tokenizer.json) from one model folder to the next."""
+    for file in card.preprocessing.MODEL_FILES:
+        shutil.copyfile(Path(source) / file, Path(target) / file)
 
 
-def copy_model_files(modality: Modality, source: Path, target: Path) -> None:
-    """Copy the files that travel with a model (Modality.model_files) from one model folder to
-    the next."""
-    import shutil
+# --- ingest and validate ---------------------------------------------------------------------
 
-    for name in modality.model_files:
-        shutil.copyfile(Path(source) / name, Path(target) / name)
+
+# --- augment, train and compress -------------------------------------------------------------
+
+
+# --- evaluate, package and serving -----------------------------------------------------------

@@ -1,6 +1,7 @@
 """Which project source files a module runs: itself and every project module it imports,
 directly or not, read from the code (import statements anywhere in a file, including those
-inside functions). dvc.yaml's deps of a stage must list exactly these files (tests/test_deps.py
+inside functions; a modality part fetched by `part(..., "<name>")`, pipeline/modality.py, is
+pipeline/<modality>/<name>.py of every registered modality). dvc.yaml's deps of a stage must list exactly these files (tests/test_deps.py
 checks it), and the train stage's checkpoint fingerprint hashes them, so a change to any code a
 stage runs reruns that stage and invalidates its checkpoints.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+from pipeline.params import MODALITIES
 
 ROOT = Path(__file__).resolve().parent.parent  # the project: `pipeline` is a package in it
 
@@ -33,7 +36,18 @@ def _imported_names(file: Path) -> set[str]:
                 base = ".".join([*parts, base] if base else parts)
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)  # submodules
+        elif _is_part_call(node):
+            names.update(f"pipeline.{m}.{node.args[1].value}" for m in MODALITIES)
     return names
+
+
+def _is_part_call(node: ast.AST) -> bool:
+    """`part(modality, "<name>")` or `card_part(card, "<name>")` (pipeline/modality.py)."""
+    if not isinstance(node, ast.Call) or len(node.args) != 2:
+        return False
+    func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+    return func in ("part", "card_part") and isinstance(node.args[1], ast.Constant) \
+        and isinstance(node.args[1].value, str)
 
 
 def source_files(*modules: str) -> list[Path]:

@@ -73,3 +73,24 @@ def test_the_source_set_follows_imports_inside_functions_and_packages(tmp_path, 
 
 def relative_to(root: Path, files: list[Path]) -> set[str]:
     return {f.relative_to(root).as_posix() for f in files}
+
+
+def test_a_modality_part_counts_as_that_part_of_every_modality(tmp_path, monkeypatch):
+    """`part(name, "checks")` imports by name at run time: the closure still holds
+    pipeline/<modality>/checks.py of every registered modality, and no other part."""
+    import pipeline.sources as sources
+    from pipeline.params import MODALITIES
+
+    stage = tmp_path / "pipeline" / "stage.py"
+    stage.parent.mkdir()
+    (stage.parent / "__init__.py").write_text("")
+    stage.write_text("from pipeline.modality import part\n\ndef run(m):\n"
+                     "    return part(m, 'checks')\n")
+    for m in MODALITIES:
+        for name in ("checks", "models"):
+            (tmp_path / "pipeline" / m).mkdir(exist_ok=True)
+            (tmp_path / "pipeline" / m / f"{name}.py").write_text("")
+    monkeypatch.setattr(sources, "ROOT", tmp_path)
+    found = {f.relative_to(tmp_path).as_posix() for f in sources.source_files("pipeline.stage")}
+    assert {f"pipeline/{m}/checks.py" for m in MODALITIES} <= found
+    assert not any(f.endswith("models.py") for f in found)

@@ -35,6 +35,8 @@ class TextPreprocessing:
     mask_id: int
     vocab_size: int
 
+    MODEL_FILES = (TOKENIZER_FILE,)  # beside the weights in every model folder (not a field)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
