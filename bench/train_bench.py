@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import models, train, training
 from pipeline.dataset import load_split
-from pipeline.ingest import ingest
+from pipeline.image.sources import ingest_images as ingest
 from pipeline.params import Params, load_params
 from pipeline.image.preprocess import Preprocessing
 from pipeline.image.warp import warp

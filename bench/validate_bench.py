@@ -27,7 +27,8 @@ from PIL import Image
 
 from pipeline.dataset import SPLITS, read_manifest
 from pipeline.params import load_params
-from pipeline.validate import image_table, pool_size, validate
+from pipeline.image.checks import image_table, pool_size
+from pipeline.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
 SIDE = 32       # px
@@ -91,8 +92,8 @@ def main() -> None:
             image_table(data, rows, pool_size(workers), params.data)
             decode[name].append(time.perf_counter() - t)
             t = time.perf_counter()
-            result = validate(data, args.out / "docs", data=params.data, rules=rules,
-                              drift=params.drift, reference=None)
+            result = validate(data, args.out / "docs",
+                              dataclasses.replace(params, validate=rules), reference=None)
             wall[name].append(time.perf_counter() - t)
             assert result.success, result.failures
     print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "

@@ -49,15 +49,14 @@ def evaluation_markdown(evaluation: dict, latency: dict[str, dict], bento_tag: s
 
 
 def drift_markdown(validation: dict) -> str:
-    """Markdown for the `drift` block of validate's details: PSI and KS per feature."""
+    """Markdown for the `drift` block of validate's details: PSI and KS per feature, then the
+    block's notes, if any."""
     drift = validation.get("drift", {"status": "skipped"})
     if drift["status"] == "skipped":
         return "\nDrift: not checked (no champion with a data profile yet).\n"
     rows = [f"| {feature} | {v['psi']:.3f} | {'n/a' if v['ks'] is None else format(v['ks'], '.3f')} |"
             for feature, v in drift["features"].items()]
-    oov = drift.get("oov")  # text data: the share of train-split words the champion never saw
-    if oov is not None:
-        rows.append(f"\nOut-of-vocabulary words: {oov['rate']:.1%} of the new train split, "
-                    f"{oov['champion_rate']:.1%} of the champion's own.")
+    # what the modality shows beside PSI and KS (texts: the out-of-vocabulary shares)
+    rows += [f"\n{note}" for note in drift.get("notes", [])]
     return (f"\nDrift against champion `{drift.get('champion')}`: **{drift['status']}**\n\n"
             "| feature | PSI | KS |\n|---|---:|---:|\n" + "\n".join(rows) + "\n")

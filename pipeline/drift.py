@@ -2,18 +2,17 @@
 
 The validate stage writes the profile of the train split it checked; the package stage stores it
 inside the model (pipeline/champion.py REFERENCE_FILE, next to model.onnx). The next run's
-validate compares its own train split with its task's champion's profile, feature by feature:
-    label              class balance                       PSI
-    size, channels     image size ("HxW") and channels     PSI
-    pixel_mean         per-image brightness, 0..255        PSI and KS
-    pixel_std          per-image contrast, 0..255          PSI and KS
+validate compares its own train split with its task's champion's profile, feature by feature.
+Which features a profile holds is the modality's choice (its `checks` part; for images: label,
+image size, channels, brightness, contrast); every profile has
+    categorical   feature -> {value: count}, scored by PSI (label is always one)
+    quantiles     feature -> PROFILE_QUANTILES quantiles of a continuous feature, PSI and KS
 PSI (population stability index) = sum over bins of (new - ref) * ln(new / ref), bin shares
 floored at PSI_FLOOR; continuous features use the reference's quantile bins (drift.psi_bins of
 equal reference mass). KS is the largest gap between the two cumulative distributions.
 Continuous features are stored as PROFILE_QUANTILES quantiles of the actual values (no
 interpolation), so a profile stays a few tens of KB at any data-set size and ties (blank images,
 one image size) keep their weight; KS and PSI computed from them are within 1/PROFILE_QUANTILES.
-A text data set's profile and features (label, words per text, vocabulary): pipeline/text/checks.py.
 """
 from __future__ import annotations
 
@@ -28,27 +27,6 @@ from pipeline.params import DriftParams
 PROFILE_VERSION = 1
 PROFILE_QUANTILES = 1001  # quantile points stored per continuous feature (every 0.1 %)
 PSI_FLOOR = 1e-4          # share given to a bin one side leaves empty, so ln() stays finite
-CATEGORICAL = ("label", "size", "channels")
-CONTINUOUS = ("pixel_mean", "pixel_std")
-
-
-def profile(images: pd.DataFrame) -> dict:
-    """Reference statistics of the decodable rows of an images table (pipeline/validate.py)."""
-    decoded = images[images.file_problem.isna()]
-    size = decoded.width.astype(int).astype(str) + "x" + decoded.height.astype(int).astype(str)
-    columns = {"label": decoded.label, "size": size,
-               "channels": decoded.channels.astype(int).astype(str)}
-    levels = np.linspace(0, 1, PROFILE_QUANTILES)
-    return {
-        "version": PROFILE_VERSION,
-        "images": len(decoded),
-        "categorical": {name: {str(k): int(v) for k, v in col.value_counts().sort_index().items()}
-                        for name, col in columns.items()},
-        "quantiles": {name: (np.quantile(decoded[name].to_numpy(float), levels,
-                                         method="inverted_cdf").round(4).tolist()
-                             if len(decoded) else [])
-                      for name in CONTINUOUS},
-    }
 
 
 def _psi(ref: np.ndarray, new: np.ndarray) -> float:
@@ -102,11 +80,10 @@ class DriftReport:
 
 
 def compare(reference: dict, current: dict, thresholds: DriftParams,
-            categorical: tuple[str, ...] = CATEGORICAL, continuous: tuple[str, ...] = CONTINUOUS
-            ) -> DriftReport:
+            categorical: tuple[str, ...], continuous: tuple[str, ...]) -> DriftReport:
     """Score `current` (a profile) against `reference` (the champion's profile), feature by
-    feature: `categorical` and `continuous` name them (images' by default; pipeline/text/checks.py
-    passes those of texts)."""
+    feature: `categorical` and `continuous` name them (the modality's `checks` part passes its
+    own)."""
     if reference.get("version") != PROFILE_VERSION:
         raise StageError(f"champion's data profile: version "
                          f"{reference.get('version')!r}; this Kiln reads version {PROFILE_VERSION}")

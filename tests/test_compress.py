@@ -16,7 +16,7 @@ from pipeline.compress import (PRUNERS, STRUCTURED_PRUNERS, count_macs, count_pa
                                export_onnx, prune_and_finetune, structured_l1)
 from pipeline.card import onnx_predictor
 from pipeline.dataset import load_split
-from pipeline.ingest import ingest
+from pipeline.image.sources import ingest_images as ingest
 from pipeline.params import CompressParams, load_params
 from pipeline.image.preprocess import Preprocessing
 from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch

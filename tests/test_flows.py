@@ -380,10 +380,18 @@ def test_make_schedules_server_serves_a_ui_showing_flow_runs_offline(tmp_path):
 
 
 def test_the_drift_summary_of_text_data_names_the_out_of_vocabulary_shares():
-    text = {"drift": {"status": "ok", "champion": "kiln-classifier:t1",
-                      "features": {"label": {"psi": 0.0, "ks": None},
-                                   "words": {"psi": 0.004, "ks": 0.018}},
-                      "oov": {"rate": 0.218, "champion_rate": 0.157}}}
+    """The text modality's drift metrics, as validate writes them to its details, carry the
+    out-of-vocabulary shares as a note the run summary shows."""
+    from pipeline.drift import DriftReport
+    from pipeline.params import load_params
+    from pipeline.text.checks import TextDrift
+
+    report = DriftReport({"label": (0.0, None), "words": (0.004, 0.018)},
+                         thresholds=load_params(REPO / "params.yaml").drift, classes_added=[],
+                         classes_removed=[])
+    drift = TextDrift(report, oov_rate=0.218, reference_oov_rate=0.157).metrics(warned=False,
+                                                                               failed=False)
+    text = {"drift": {**drift, "champion": "kiln-classifier:t1"}}
     assert "Out-of-vocabulary words: 21.8% of the new train split, 15.7% of the champion's own." \
         in drift_markdown(text)
     assert "Out-of-vocabulary" not in drift_markdown(VALIDATION)

@@ -23,7 +23,7 @@ from pipeline.compress import (
 )
 from pipeline.dataset import data_hash, load_split, read_manifest
 from pipeline.evaluate import gate
-from pipeline.ingest import ingest
+from pipeline.image.sources import ingest_images
 from pipeline.params import (AugmentParams, CompressParams, GateParams, ModelName, PruneMethod,
                              Split, load_params)
 from pipeline.image.preprocess import Preprocessing
@@ -54,8 +54,8 @@ def image_folder(root: Path, classes=("cat", "dog"), per_class=10, presplit=Fals
 
 
 def test_ingest_digits_is_stratified_and_seeded(tmp_path):
-    rows = ingest("digits", tmp_path / "a", SPLIT, seed=1, max_file_bytes=MAX_FILE_BYTES)
-    again = ingest("digits", tmp_path / "b", SPLIT, seed=1, max_file_bytes=MAX_FILE_BYTES)
+    rows = ingest_images("digits", tmp_path / "a", SPLIT, seed=1, max_file_bytes=MAX_FILE_BYTES)
+    again = ingest_images("digits", tmp_path / "b", SPLIT, seed=1, max_file_bytes=MAX_FILE_BYTES)
     assert len(rows) == 1797 and rows == again
     for split in ("train", "val", "test"):
         assert {r["label"] for r in rows if r["split"] == split} == {str(d) for d in range(10)}
@@ -64,12 +64,13 @@ def test_ingest_digits_is_stratified_and_seeded(tmp_path):
     _, classes = read_manifest(tmp_path / "a")
     assert classes == [str(d) for d in range(10)]
     assert data_hash(tmp_path / "a") == data_hash(tmp_path / "b")
-    assert ingest("digits", tmp_path / "c", SPLIT, seed=2, max_file_bytes=MAX_FILE_BYTES) != rows
+    assert ingest_images("digits", tmp_path / "c", SPLIT, seed=2,
+                         max_file_bytes=MAX_FILE_BYTES) != rows
 
 
 def test_ingest_user_folder(tmp_path):
-    rows = ingest(str(image_folder(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0,
-                  max_file_bytes=MAX_FILE_BYTES)
+    rows = ingest_images(str(image_folder(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0,
+                         max_file_bytes=MAX_FILE_BYTES)
     assert len(rows) == 20  # .DS_Store ignored
     assert {r["split"] for r in rows} == {"train", "val", "test"}
     pixels, labels = load_split(tmp_path / "out", "train", PREP)
@@ -78,8 +79,8 @@ def test_ingest_user_folder(tmp_path):
 
 
 def test_ingest_presplit_folder_keeps_its_split(tmp_path):
-    rows = ingest(str(image_folder(tmp_path / "src", per_class=3, presplit=True)), tmp_path / "out",
-                  SPLIT, seed=0, max_file_bytes=MAX_FILE_BYTES)
+    rows = ingest_images(str(image_folder(tmp_path / "src", per_class=3, presplit=True)),
+                         tmp_path / "out", SPLIT, seed=0, max_file_bytes=MAX_FILE_BYTES)
     assert sorted(r["split"] for r in rows).count("val") == 6
     assert all(r["path"].startswith(f"images/{r['split']}/") for r in rows)
 
@@ -92,8 +93,8 @@ def test_ingest_presplit_folder_keeps_its_split(tmp_path):
 ])
 def test_ingest_rejects_bad_folders(tmp_path, make, message):
     with pytest.raises(StageError, match=message):
-        ingest(str(make(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0,
-               max_file_bytes=MAX_FILE_BYTES)
+        ingest_images(str(make(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0,
+                      max_file_bytes=MAX_FILE_BYTES)
 
 
 def test_preprocessing_converts_resizes_and_normalizes():

@@ -306,8 +306,7 @@ def champion_profile(tmp_path_factory) -> dict:
     params = load_params(REPO / "params.yaml")
     ingest_texts(str(root / "champion.jsonl"), root / "ingested", params.data.split,
                  params.data.seed, params.ingest.max_file_bytes, params.text.per_class)
-    table, words = checks.text_table(root / "ingested", read_manifest(root / "ingested")[0])
-    return checks.profile(table, words, params.text.profile_words)
+    return checks.examine(root / "ingested", read_manifest(root / "ingested")[0], params, None)[1]
 
 
 def test_the_same_kind_of_text_shows_no_drift(tmp_path, text_project, stage, monkeypatch,
@@ -322,6 +321,7 @@ def test_the_same_kind_of_text_shows_no_drift(tmp_path, text_project, stage, mon
     drift = json.loads((work / "reports/validation_details.json").read_text())["drift"]
     assert drift["status"] == "ok" and drift["oov"]["rate"] == 0 and drift["champion"] == "champ:1"
     assert "validate: drift against champ:1: ok; label PSI 0.000, words PSI" in out
+    assert "validate: Out-of-vocabulary words: 0.0% of the new train split" in out
 
 
 def test_other_lengths_labels_and_words_fail_on_drift(tmp_path, text_project, stage, monkeypatch,

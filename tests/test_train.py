@@ -20,7 +20,7 @@ from pipeline import augment as augment_stage
 from pipeline import models, train, training
 from pipeline.card import ModelCard, Recipe, ValScore, read_card, sha256_file
 from pipeline.dataset import load_split
-from pipeline.ingest import ingest
+from pipeline.image.sources import ingest_images as ingest
 from pipeline.params import load_params
 from pipeline.image.preprocess import Preprocessing
 

@@ -10,13 +10,14 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-import pipeline.validate
+import pipeline.image.checks
 from pipeline import StageError
-from pipeline.drift import categorical_psi, continuous_scores, profile
+from pipeline.drift import categorical_psi, continuous_scores
 from pipeline.dataset import read_manifest
-from pipeline.ingest import ingest
+from pipeline.image.checks import add_flags, describe_image, image_table, profile
+from pipeline.image.sources import ingest_images
 from pipeline.params import load_params
-from pipeline.validate import add_flags, describe_image, image_table, validate
+from pipeline.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = load_params(REPO / "params.yaml")
@@ -38,8 +39,8 @@ def make_source(root: Path, per_class: int = PER_CLASS) -> Path:
 @pytest.fixture
 def ingested(tmp_path) -> Path:
     out = tmp_path / "ingested"
-    ingest(str(make_source(tmp_path / "source")), out, PARAMS.data.split, PARAMS.data.seed,
-           PARAMS.ingest.max_file_bytes)
+    ingest_images(str(make_source(tmp_path / "source")), out, PARAMS.data.split,
+                  PARAMS.data.seed, PARAMS.ingest.max_file_bytes)
     return out
 
 
@@ -48,7 +49,7 @@ def run(folder: Path, docs: Path, reference=None, **overrides):
     allow_resize on (these images are 8x8)."""
     rules = dataclasses.replace(PARAMS.validate, **{"min_images": 10, **overrides})
     data = dataclasses.replace(PARAMS.data, allow_resize=True)
-    return validate(folder, docs, data=data, rules=rules, drift=PARAMS.drift, reference=reference)
+    return validate(folder, docs, dataclasses.replace(PARAMS, data=data, validate=rules), reference)
 
 
 def rows_where(folder: Path, split: str, label: str) -> list[dict]:
@@ -82,7 +83,7 @@ def test_clean_set_passes_and_writes_docs(ingested, tmp_path):
     assert (tmp_path / "docs" / "index.html").is_file()
     (page,) = (tmp_path / "docs" / "validations" / "images").rglob("*.html")
     assert "Every file is a complete PNG or JPEG image that decodes" in page.read_text()
-    assert result.images.file_problem.isna().all() and (result.images.height == 8).all()
+    assert result.table.file_problem.isna().all() and (result.table.height == 8).all()
     assert result.profile["images"] == 21 and result.profile["categorical"]["size"] == {"8x8": 21}
 
 
@@ -189,7 +190,7 @@ def test_a_data_docs_page_loading_from_outside_is_named(tmp_path):
 def test_process_pool_gives_the_same_table(ingested, monkeypatch):
     rows, _ = read_manifest(ingested)
     serial = image_table(ingested, rows, workers=1, data_params=PARAMS.data)
-    monkeypatch.setattr(pipeline.validate, "CHUNK", 4)  # 30 files -> 8 chunks over 2 processes
+    monkeypatch.setattr(pipeline.image.checks, "CHUNK", 4)  # 30 files -> 8 chunks over 2 processes
     parallel = image_table(ingested, rows, workers=2, data_params=PARAMS.data)
     pd.testing.assert_frame_equal(serial, parallel)
     assert serial.content_hash.notna().all()
@@ -201,7 +202,8 @@ def test_process_pool_gives_the_same_table(ingested, monkeypatch):
 def digits(tmp_path_factory) -> tuple[Path, dict]:
     """The digits ingested with the repo's params, and the profile of their train split."""
     folder = tmp_path_factory.mktemp("digits") / "ingested"
-    ingest("digits", folder, PARAMS.data.split, PARAMS.data.seed, PARAMS.ingest.max_file_bytes)
+    ingest_images("digits", folder, PARAMS.data.split, PARAMS.data.seed,
+                  PARAMS.ingest.max_file_bytes)
     return folder, train_profile(folder)
 
 
@@ -239,7 +241,8 @@ def test_unshifted_data_shows_no_drift(digits, tmp_path):
     """Another seeded split of the same digits: a different sample, the same population."""
     folder, reference = digits
     resplit = tmp_path / "resplit"
-    ingest("digits", resplit, PARAMS.data.split, PARAMS.data.seed + 1, PARAMS.ingest.max_file_bytes)
+    ingest_images("digits", resplit, PARAMS.data.split, PARAMS.data.seed + 1,
+                  PARAMS.ingest.max_file_bytes)
     result = run(resplit, tmp_path / "docs", reference=reference, min_images=100)
     assert result.success, result.failures
     assert result.warnings == [] and result.metrics["drift"]["status"] == "ok"

@@ -3,6 +3,9 @@
     preprocess.py  Preprocessing, the saved recipe from a decoded image to model input (numpy and
                    Pillow only: the service uses it)
     warp.py        batched random rotation, translation and zoom on the device (augment, train)
+    sources.py     the `sources` part: data.source (digits, a folder) read into the ingested layout
+    checks.py      the `checks` part: the images table, its Great Expectations checks, the data
+                   profile and drift features (validate)
     modality.py    MODALITY, the image modality as the stages call it (pipeline/modality.py)
 
 Importing this package imports nothing heavy.

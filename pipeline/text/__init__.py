@@ -4,8 +4,9 @@
                 (numpy and `tokenizers` only: the service uses it)
     words.py    the normalised text key (duplicates, leakage) and the word count, for ingest and
                 validate
-    sources.py  text sources read into the ingested layout (ingest)
-    checks.py   the texts table, its Great Expectations checks and drift features (validate)
+    sources.py  the `sources` part: text sources read into the ingested layout (ingest)
+    checks.py   the `checks` part: the texts table, its Great Expectations checks, the data
+                profile and drift features (validate)
     augment.py  tokenizer training and token-id augmentation (augment)
     encoded.py  a split of the ingested texts as input_ids (train, evaluate, package)
     models.py   the text model registry and the local Hugging Face checkpoint wrapper (train on)

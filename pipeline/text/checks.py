@@ -1,6 +1,7 @@
-"""The validate stage's text table (data.modality text), its Great Expectations checks and its
-drift features. pipeline/validate.py runs them with the class and drift checks it shares with
-images, and reports failures the same way (GX report, Data Docs, one line per failed kind).
+"""The validate stage's text part (data.modality text): the texts table, its Great Expectations
+checks, the data profile and drift features. pipeline/validate.py runs them with the checks every
+modality shares (manifest, classes, PSI/KS drift) and reports failures the same way (GX report,
+Data Docs, one line per failed kind).
 
     texts    one row per manifest entry: path, source, label, split; file_problem (why the file
              is not text: unreadable, binary (NUL bytes), not UTF-8) and decode_error (where);
@@ -12,7 +13,8 @@ Drift compares the new train split with the champion's profile: label shares (PS
 per text (PSI and KS, as quantiles like image statistics: pipeline/drift.py), and the share of
 the train split's words (occurrences) missing from the champion's vocabulary (the profile keeps
 its text.profile_words most frequent words): its rise over the champion's own share (its words
-beyond the stored vocabulary) against text.oov_warn / text.oov_fail.
+beyond the stored vocabulary) against text.oov_warn / text.oov_fail. The drift metrics carry
+that share as a note, which validate and the flow's run summary print.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
-from pipeline.params import DriftParams, TextParams
+from pipeline.params import DriftParams, Params
 from pipeline.text.words import text_key, words
 
+UNIT = "texts"  # the table's name, and what the class tables count
 COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "empty", "words",
            "chars", "content_hash"]
 SUMMARY = ("texts", "classes", "splits", "undecodable", "empty", "duplicates", "checks_passed",
@@ -92,9 +95,21 @@ def text_table(folder: Path, rows: list[dict]) -> tuple[pd.DataFrame, Counter]:
     return texts, train_words
 
 
-def suites(E, kind, text: TextParams, repeated, labels, splits) -> list:
+def examine(folder: Path, rows: list[dict], params: Params, reference: dict | None
+            ) -> tuple[pd.DataFrame, dict, TextDrift | None]:
+    """The texts table of the manifest `rows` (flags included), the profile of its train split,
+    and that split's drift from `reference`."""
+    texts, train_words = text_table(folder, rows)
+    current = profile(texts, train_words, params.text.profile_words)
+    report = compare_texts(reference, current, train_words, params.drift) \
+        if reference is not None else None
+    return texts, current, report
+
+
+def suite(E, kind, params: Params, repeated, labels, splits) -> list:
     """The expectations of the texts table; `kind(key)` gives each its meta and severity;
-    `repeated`, `labels`, `splits`: the manifest's checks that images have too."""
+    `repeated`, `labels`, `splits`: the manifest's checks every modality has."""
+    text = params.text
     return [
         E.ExpectTableRowCountToBeBetween(
             min_value=text.min_texts, max_value=text.max_texts, **kind("text_count"),
@@ -126,18 +141,26 @@ def suites(E, kind, text: TextParams, repeated, labels, splits) -> list:
     ]
 
 
-def offenders(column: str, rows: list[dict], texts: pd.DataFrame) -> list[str] | None:
-    """How a failed row of the texts table is named, for the columns that need more than its
-    source; None for the others."""
+def class_minimum(params: Params) -> tuple[int, str]:
+    """(texts each class needs in each split, its params key)."""
+    return params.text.min_texts_per_class_per_split, "text.min_texts_per_class_per_split"
+
+
+def offenders(column: str, result: dict, texts: pd.DataFrame) -> list[str] | None:
+    """How the failed rows of a check on `column` are named (GX's `result`), for the columns
+    only texts have (texts table, drift); None for the others."""
+    rows = result["unexpected_index_list"]
     source = dict(zip(texts.path, texts.source))
     if column == "empty":
         return [source[r["path"]] for r in rows]
     if column == "words":
         return [f"{source[r['path']]} ({int(r['words'])} words)" for r in rows]
+    if column == "oov_rise":
+        return [f"out-of-vocabulary share up {r[column]:.3f}" for r in rows]
     return None
 
 
-def metrics(texts: pd.DataFrame) -> dict:
+def metrics(texts: pd.DataFrame, params: Params) -> dict:
     """What validate's metrics hold for texts besides the shared counts."""
     decoded = texts[texts.file_problem.isna()]
     return {
@@ -150,6 +173,11 @@ def metrics(texts: pd.DataFrame) -> dict:
         "words": {q: float(decoded.words.quantile(v)) if decoded.words.notna().any() else None
                   for q, v in (("min", 0), ("median", 0.5), ("max", 1))},
     }
+
+
+def lines(metrics: dict, params: Params) -> list[str]:
+    """What validate prints besides its summary: nothing more for texts."""
+    return []
 
 
 # ---- drift ---------------------------------------------------------------------------------
@@ -198,8 +226,12 @@ class TextDrift:
                          ignore_index=True)
 
     def metrics(self, warned: bool, failed: bool) -> dict:
+        """The PSI/KS report's metrics, the out-of-vocabulary rates, and the sentence on them
+        that validate and the run summary show (`notes`)."""
         return {**self.report.metrics(warned, failed),
-                "oov": {"rate": self.oov_rate, "champion_rate": self.reference_oov_rate}}
+                "oov": {"rate": self.oov_rate, "champion_rate": self.reference_oov_rate},
+                "notes": [f"Out-of-vocabulary words: {self.oov_rate:.1%} of the new train split, "
+                          f"{self.reference_oov_rate:.1%} of the champion's own."]}
 
 
 def compare_texts(reference: dict, current: dict, counts: Counter, thresholds: DriftParams
@@ -211,7 +243,9 @@ def compare_texts(reference: dict, current: dict, counts: Counter, thresholds: D
     return TextDrift(report, oov_rate(reference["vocabulary"], counts), reference["oov_rate"])
 
 
-def drift_suite(E, kind, text: TextParams) -> list:
+def drift_suite(E, kind, params: Params) -> list:
+    """Drift expectations beyond the PSI/KS ones every modality has: the out-of-vocabulary rise."""
+    text = params.text
     return [
         E.ExpectColumnValuesToBeBetween(
             column="oov_rise", max_value=text.oov_fail, **kind("drift"),

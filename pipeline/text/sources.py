@@ -1,4 +1,5 @@
-"""Text sources (text.source) read into the ingested layout of pipeline/dataset.py:
+"""The text modality's `sources` part (pipeline/modality.py, called by the ingest stage): text
+sources (text.source) read into the ingested layout of pipeline/dataset.py:
 texts/<split>/<class>/<name>.txt, one document per file, with manifest.csv and classes.json.
 
     languages         built in: language identification from the dialogs that ship inside the
@@ -27,9 +28,10 @@ from pathlib import Path
 from pipeline import StageError
 from pipeline.dataset import SPLITS, write_manifest
 from pipeline.folders import FileKind, copy_folder, stratified_split
-from pipeline.params import Split
+from pipeline.params import Params, Split
 from pipeline.text.words import text_key
 
+UNIT = "texts"
 TEXTS = FileKind(suffixes=frozenset({".txt"}), one="a .txt file", many=".txt files",
                  files=".txt files", other="non-.txt")
 # The built-in set: the languages with at least 600 distinct dialog lines of their own in
@@ -37,6 +39,18 @@ TEXTS = FileKind(suffixes=frozenset({".txt"}), one="a .txt file", many=".txt fil
 # except traditionalchinese: Chinese in another script.
 LANGUAGES = ("chinese", "dutch", "english", "italian", "japanese", "korean", "persian",
              "portuguese", "spanish", "ukrainian")
+
+
+def source(params: Params) -> str:
+    """text.source: where the texts come from."""
+    return params.text.source
+
+
+def ingest(params: Params, out: Path) -> list[dict]:
+    """Write the texts of text.source, manifest.csv and classes.json under `out`; return the
+    manifest rows."""
+    return ingest_texts(params.text.source, out, params.data.split, params.data.seed,
+                        params.ingest.max_file_bytes, params.text.per_class)
 
 
 def ingest_texts(source: str, out: Path, split: Split, seed: int, max_file_bytes: int,
