@@ -3,6 +3,10 @@
     preprocess.py  Preprocessing, the saved recipe from a decoded image to model input (numpy and
                    Pillow only: the service uses it)
     warp.py        batched random rotation, translation and zoom on the device (augment, train)
+    augment.py     the augmented train split (augment)
+    models.py      the model registry (train.model) and the image side of training, per-epoch
+                   warps included (train, compress, pipeline.models)
+    export.py      ONNX export, the MAC example, what int8 quantises (compress)
     modality.py    MODALITY, the image modality as the stages call it (pipeline/modality.py)
 
 Importing this package imports nothing heavy.
