@@ -13,7 +13,7 @@ Method (all in one process, one run of this script, so both sides see the same m
   Adam(train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors; on a GPU the model lives
   there and each batch is copied to it, as the original example does.
 - (b) Kiln's loop: pipeline.training.fit on the same uint8 images held on the device, warped afresh
-  each epoch by pipeline.train.epoch_warper (pipeline.image.warp.warp: one batched affine
+  each epoch by pipeline.image.models.epoch_warper (pipeline.image.warp.warp: one batched affine
   grid_sample of the whole set, augment.chunk images per call: rotation, translation, zoom),
   with the train.* params the stage uses:
   channels_last, train.lr_schedule, train.label_smoothing (train.compile as in params.yaml).
@@ -52,12 +52,14 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import models, train, training
+from pipeline import training
 from pipeline.dataset import load_split
-from pipeline.image.sources import ingest_images as ingest
-from pipeline.params import Params, load_params
+from pipeline.image import models
+from pipeline.image.models import epoch_warper
 from pipeline.image.preprocess import Preprocessing
 from pipeline.image.warp import warp
+from pipeline.image.sources import ingest_images as ingest
+from pipeline.params import Params, load_params
 from train_stage_bench import with_changes  # bench/, beside this file
 
 
@@ -144,7 +146,7 @@ def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int,
     scheduler = training.make_schedule(t.lr_schedule, optimizer, t.lr,
                                        t.epochs * training.steps_per_epoch(len(x), t.batch_size, 1))
     net = torch.compile(model) if t.compile else model
-    warps = train.epoch_warper(pixels, prep, p.augment, seed, memory_format) if per_epoch_warp else None
+    warps = epoch_warper(pixels, prep, p.augment, seed, memory_format) if per_epoch_warp else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -18,23 +18,23 @@ Two kinds of pruning method, each in its own registry:
       large and as fast as the float one unless compressed on disk. compress.json says so
       (macs and params unchanged) rather than claiming a saving.
 
-MACs are counted by `count_macs`: torch's FlopCounterMode on one image, FLOPs / 2 (it counts
-2 FLOPs per multiply-accumulate of conv and matmul); activations, pooling and batch norm are not
-counted (on LeNet-5 they are < 2 % of the conv/linear work).
+MACs are counted by `count_macs_on` on the modality's example input (one image; one text of
+text.max_tokens tokens): torch's FlopCounterMode, FLOPs / 2 (it counts 2 FLOPs per
+multiply-accumulate of conv and matmul); activations, pooling and batch norm are not counted (on
+LeNet-5 they are < 2 % of the conv/linear work).
 
-data.modality text (a text model's card): the same steps on token ids (pipeline/text/export.py):
-ONNX with input `input_ids` [N, L], structured_l1 removing whole attention heads (from q, k and v
-together) and FFN units of text_encoder, or embedding dimensions of text_bag (the model's
-`pruning_spec` names what keeps its width), fine-tuning with the text recipe, static int8 of the MatMuls
-with weights (calibrated on compress.calibration_images training texts) and int8 embedding tables,
-MACs of one text of text.max_tokens tokens.
+What differs between modalities comes from the float model's card: its `models` part
+(pipeline/modality.py Models: the training recipe fine-tuning follows, the training tensors) and
+its `export` part (Export: the ONNX signature, the MAC example, what int8 quantises, where the
+augmented set's originals end). A model that names its own pruning (`pruning_spec`, e.g. a text
+encoder's attention heads and FFN units) is pruned by it. The files a model folder carries beside
+its weights (e.g. a text model's tokenizer.json) are copied along.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -49,14 +49,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import StageError, models
 from pipeline.card import sha256_file, write_card
+from pipeline.modality import Export, card_part, copy_model_files
 from pipeline.params import CompressParams, TrainParams, load_params
-from pipeline.image.preprocess import Preprocessing
 from pipeline.progress import Progress
-from pipeline.text import export as text_export
-from pipeline.text.models import training_recipe
-from pipeline.text.tokens import TOKENIZER_FILE, TextPreprocessing
-from pipeline.training import (fit, make_optimizer, make_schedule, pick_device, steps_per_epoch,
-                               to_input)
+from pipeline.training import fit, make_optimizer, make_schedule, pick_device, steps_per_epoch
 
 PRUNERS: dict[str, Callable[[nn.Module, float], None]] = {}
 
@@ -192,25 +188,15 @@ def prune_and_finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: Co
     return model.eval()
 
 
-def export_onnx(model: nn.Module, prep: Preprocessing, path: Path) -> None:
-    example = torch.zeros(2, prep.channels, prep.image_size, prep.image_size)
-    torch.onnx.export(model.eval().cpu(), (example,), str(path), input_names=["input"],
-                      output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                      external_data=False, dynamo=False)
-
-
 def quantize_int8(float_onnx: Path, out: Path, calibration: np.ndarray, per_channel: bool,
-                  reduce_range: bool, text: bool) -> None:
+                  reduce_range: bool, export: Export) -> None:
     """ORT static quantisation: int8 weights and activations in QDQ format, activation ranges
     fixed by the calibration inputs, so an input's answer does not depend on the batch it came
-    in. A text model (`text`): its MatMuls with weights only, its embedding tables as int8
-    weights (pipeline/text/export.py quantize_embeddings)."""
+    in. The modality's `export` part names the graph's input and says what is quantised
+    (int8_scope)."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    input_name = text_export.INPUT if text else "input"
 
     class Calibration(CalibrationDataReader):
         def __init__(self) -> None:
@@ -218,7 +204,7 @@ def quantize_int8(float_onnx: Path, out: Path, calibration: np.ndarray, per_chan
 
         def get_next(self):
             batch = next(self.batches, None)
-            return None if batch is None else {input_name: batch}
+            return None if batch is None else {export.INPUT: batch}
 
     # Shape inference and graph folding first, as ORT recommends for static quantisation.
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,14 +215,10 @@ def quantize_int8(float_onnx: Path, out: Path, calibration: np.ndarray, per_chan
             # ORT's symbolic shape inference gives up on Hugging Face BERT graphs
             # (text.pretrained); ONNX's own shape inference, which it also runs, is enough for
             # quantising MatMuls (it folds less: the kiln text_encoder's int8 file was 9% larger).
-            if not text or "symbolic shape inference" not in str(e):
+            if "symbolic shape inference" not in str(e):
                 raise
             quant_pre_process(str(float_onnx), str(prepared), skip_symbolic_shape=True)
-        options: dict = {}
-        if text:
-            prepared = text_export.quantize_embeddings(prepared, Path(tmp, "embeddings.onnx"))
-            options = {"op_types_to_quantize": ["MatMul", "Gemm"],
-                       "extra_options": {"MatMulConstBOnly": True}}
+        prepared, options = export.int8_scope(prepared, Path(tmp))
         quantize_static(str(prepared), str(out), Calibration(), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8, reduce_range=reduce_range, **options)
@@ -258,24 +240,17 @@ def main(argv: list[str]) -> None:
 
     model, card = models.load(args.model)
     prep = card.preprocessing
+    trainer, export = card_part(card, "models"), card_part(card, "export")
     tensors = load_file(args.augmented / "train.safetensors")
-    text = isinstance(prep, TextPreprocessing)
-    if text:
-        torch.set_num_threads(params.text.threads)
-        x, y = tensors["tokens"].to(device), tensors["labels"].to(device)
-        export, mac_input = text_export.export_onnx, text_export.mac_example(prep)
-        recipe = training_recipe(params.train, params.text)
-        mac_of = f"one text of {prep.max_tokens} tokens"
-    else:
-        x, y = to_input(tensors["images"], prep, device), tensors["labels"].to(device)
-        export = export_onnx
-        mac_input = torch.zeros(1, prep.channels, prep.image_size, prep.image_size)
-        recipe, mac_of = params.train, "one image"
+    if (threads := trainer.torch_threads(params)) is not None:
+        torch.set_num_threads(threads)
+    x, y = trainer.train_inputs(tensors, prep, device), tensors["labels"].to(device)
+    recipe = trainer.recipe(params)
+    mac_input, mac_of = export.mac_example(prep)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    if text:  # every text model folder carries its tokenizer (the card's tokenizer_sha256)
-        shutil.copyfile(args.model / TOKENIZER_FILE, args.out / TOKENIZER_FILE)
-    export(model, prep, args.out / "float.onnx")
+    copy_model_files(card, args.model, args.out)
+    export.export_onnx(model, prep, args.out / "float.onnx")
 
     macs = {"float.onnx": count_macs_on(model, mac_input)}
     n_params = {"float.onnx": count_params(model)}
@@ -288,7 +263,7 @@ def main(argv: list[str]) -> None:
 
     torch.manual_seed(params.train.seed)
     pruned = prune_and_finetune(model.to(device), x, y, p, recipe, on_epoch).cpu()
-    export(pruned, prep, args.out / "pruned.onnx")
+    export.export_onnx(pruned, prep, args.out / "pruned.onnx")
     progress("pruned.onnx exported")
     # Masked weights are still multiplied: a mask pruner saves no MACs, and the count says so.
     macs["pruned.onnx"] = count_macs_on(pruned, mac_input)
@@ -301,14 +276,13 @@ def main(argv: list[str]) -> None:
 
     # Calibrate on un-augmented originals: augment stores them first.
     rng = np.random.default_rng(params.train.seed)
-    copies = params.text.augment.copies if text else params.augment.copies
-    n_originals = len(x) // (copies + 1)
+    n_originals = export.calibration_originals(params, len(x))
     pick = rng.choice(n_originals, size=min(p.calibration_images, n_originals), replace=False)
     quantize_int8(args.out / "float.onnx", args.out / "int8.onnx", x[pick].cpu().numpy(),
-                  p.int8_per_channel, p.int8_reduce_range, text)
+                  p.int8_per_channel, p.int8_reduce_range, export)
     n_calibration = len(pick)
     progress(f"int8.onnx quantised, activations calibrated on {len(pick)} "
-             f"{'texts' if text else 'images'}")
+             f"{export.ITEMS}")
 
     # int8 runs the float graph's MACs as int8 multiply-accumulates.
     macs["int8.onnx"], n_params["int8.onnx"] = macs["float.onnx"], n_params["float.onnx"]

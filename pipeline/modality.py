@@ -10,6 +10,13 @@ imports a modality's modules directly.
     sources     ingest                             the source read into the ingested layout
     checks      validate                           the per-item table, its checks, the data
                                                    profile and drift, metrics, offender words
+    augment     augment                            Augment: the augmented train split and the
+                                                   preprocessing record
+    models      train, compress, pipeline.models   Models: the model registry, the training
+                                                   recipe and tensors, what the card records,
+                                                   a saved model rebuilt
+    export      compress                           Export: ONNX export, the MAC example, what
+                                                   int8 quantises, calibration originals
     (sections below, one per part, list the Protocols)
 
 Adding a modality: write pipeline/<name>/ with these parts and their tests, add its name to
@@ -34,7 +41,13 @@ from pipeline.params import MODALITIES
 from pipeline.text.tokens import TextPreprocessing
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+    from torch import nn
+
     from pipeline.card import ModelCard
+    from pipeline.params import Params, TrainParams
 
 # The record a model card's `preprocessing` holds, per modality: how an item becomes model input.
 PREPROCESSING = {"image": Preprocessing, "text": TextPreprocessing}
@@ -61,9 +74,6 @@ def copy_model_files(card: ModelCard, source: Path, target: Path) -> None:
 
 
 # --- ingest and validate ---------------------------------------------------------------------
-
-if TYPE_CHECKING:
-    from pipeline.params import Params
 
 # Names for the Protocols' annotations. This module imports no pandas nor pipeline/drift.py: the
 # service imports it, and pipeline/sources.py counts every import, also one for type checking.
@@ -121,6 +131,77 @@ class Checks(Protocol):
 
 
 # --- augment, train and compress -------------------------------------------------------------
+# The augmented training set (data/augmented/train.safetensors) holds int64 `labels` and one
+# tensor of the modality's inputs (e.g. uint8 `images`, int64 `tokens`), originals first: the
+# augment part writes it, the models part turns it into model input.
+
+
+class Augment(Protocol):
+    """pipeline/<modality>/augment.py, called by the augment stage."""
+
+    def write_augmented(self, data: Path, out: Path, params: Params) -> str:
+        """The ingested train split of `data` and its augmented copies into out/train.safetensors,
+        the preprocessing record (out/preprocessing.json) and its MODEL_FILES; the summary line."""
+
+
+class Models(Protocol):
+    """pipeline/<modality>/models.py: the model registry and the training side of a modality,
+    called by train, compress (fine-tuning) and pipeline.models.load. Every model takes the
+    modality's one input tensor and returns logits (N, classes)."""
+
+    def recipe(self, params: Params) -> TrainParams:
+        """The training recipe: train.*, with the modality's own epochs, lr etc. over it."""
+
+    def torch_threads(self, params: Params) -> int | None:
+        """torch's intra-op threads for training and fine-tuning; None keeps torch's default."""
+
+    def create(self, params: Params, prep: AnyPreprocessing, classes: int) -> nn.Module:
+        """The model params name, untrained (or as its pretrained checkpoint has it)."""
+
+    def architecture(self, params: Params) -> str:
+        """The card's architecture for the model params name: a name rebuild() understands."""
+
+    def recipe_sections(self, params: Params) -> dict:
+        """The modality's own params sections the card's Recipe records, by Recipe field name."""
+
+    def train_inputs(self, tensors: dict[str, torch.Tensor], prep: AnyPreprocessing,
+                     device: torch.device) -> torch.Tensor:
+        """The augmented set's inputs (train.safetensors' tensors) as model input on `device`."""
+
+    def epoch_inputs(self, tensors: dict[str, torch.Tensor], prep: AnyPreprocessing,
+                     params: Params, device: torch.device, memory_format: torch.memory_format
+                     ) -> Callable[[int], torch.Tensor] | None:
+        """epoch -> that epoch's model input (per-epoch augmentation); None: train_inputs."""
+
+    def val_split(self, data: Path, augmented: Path, prep: AnyPreprocessing,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ingested val split as (model input, int64 labels) on `device`."""
+
+    def model_files(self, model: nn.Module) -> dict[str, bytes]:
+        """Files (name -> bytes) beside a trained model's weights, other than its MODEL_FILES."""
+
+    def rebuild(self, card: ModelCard, model_dir: Path) -> nn.Module:
+        """The architecture of the saved model in model_dir, with untrained weights."""
+
+
+class Export(Protocol):
+    """pipeline/<modality>/export.py, called by the compress stage."""
+
+    INPUT: str  # the ONNX graph's one input (its one output is "logits")
+    ITEMS: str  # what one input is, in the plural ("images")
+
+    def export_onnx(self, model: nn.Module, prep: AnyPreprocessing, path: Path) -> None:
+        """`model` as one ONNX file at `path`: input INPUT with a dynamic batch, output logits."""
+
+    def mac_example(self, prep: AnyPreprocessing) -> tuple[torch.Tensor, str]:
+        """The one input MACs are counted on, and what it is in words ("one image")."""
+
+    def int8_scope(self, prepared: Path, folder: Path) -> tuple[Path, dict]:
+        """The graph static int8 quantises (from ORT's pre-processed `prepared`; new files go into
+        `folder`) and quantize_static's keyword arguments saying which ops."""
+
+    def calibration_originals(self, params: Params, n: int) -> int:
+        """How many of the n augmented training inputs are originals (they come first)."""
 
 
 # --- evaluate, package and serving -----------------------------------------------------------

@@ -20,7 +20,7 @@ class ParamsError(ValueError):
     """params.yaml does not match the schema; the message names the file and the key."""
 
 
-# Names in the registries (pipeline/models.py MODELS; pipeline/compress.py STRUCTURED_PRUNERS
+# Names in the registries (pipeline/image/models.py MODELS; pipeline/compress.py STRUCTURED_PRUNERS
 # and PRUNERS), declared here so a misspelt name is refused before any stage runs, by code that
 # needs no torch. tests/test_stages.py checks they equal the registries.
 ModelName = Literal["lenet5", "resnet_small"]

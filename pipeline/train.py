@@ -1,8 +1,11 @@
 """Stage 4: train a registered model on the augmented training tensors with the training core
 (pipeline/training.py: data on the device, batched augmentation there, few syncs).
 
-- With `train.epoch_augment` every epoch also warps the whole set once, per-sample random, with
-  pipeline.image.warp (one batched grid_sample).
+What differs between modalities comes from data.modality's `models` part (pipeline/modality.py
+Models): the registry and the model params name (or, e.g., a local Hugging Face checkpoint), the
+recipe (train.*, or e.g. text.epochs, lr and batch_size over it), the training tensors and the
+val split on the device, the per-epoch inputs (e.g. with `train.epoch_augment` every image warped
+afresh each epoch, in one batched grid_sample), and the files written beside the weights.
 - bf16 autocast on CUDA; channels_last and torch.compile from params; one-cycle LR schedule and
   label smoothing from params.
 - Data parallel with torchrun + DistributedDataParallel (NCCL on GPUs, gloo on CPU): the stage
@@ -22,12 +25,8 @@
     model.safetensors   weights
     model.json          the model card (pipeline/card.py): architecture, classes, preprocessing,
                         the params that made it, data hash, the weights' sha256, val scores
-
-data.modality text: the same loop on the augmented token ids (int64 (N, L)) with a model from
-pipeline/text/models.py (text.model, or the text.pretrained checkpoint), text.epochs, lr and
-batch_size with train.*'s optimizer, schedule, smoothing and seed; the val split is encoded by
-the augment stage's tokenizer, which is copied beside the weights (tokenizer.json), with the
-checkpoint's config.json for a pretrained model.
+    and the files the preprocessing record names (e.g. a text model's tokenizer.json, copied
+                        from the augmented folder) and the `models` part adds
 """
 from __future__ import annotations
 
@@ -40,7 +39,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,48 +47,28 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import StageError, models
+from pipeline import StageError
 from pipeline.card import ModelCard, Recipe, ValScore, sha256_file, write_card
-from pipeline.dataset import data_hash, load_split, read_manifest
-from pipeline.params import AugmentParams, Params, as_dict, load_params
-from pipeline.image.preprocess import Preprocessing
+from pipeline.dataset import data_hash, read_manifest
+from pipeline.modality import PREPROCESSING, part
+from pipeline.params import Params, as_dict, load_params
 from pipeline.sources import source_files
-from pipeline.text import models as text_models
-from pipeline.text.augment import read_preprocessing
-from pipeline.text.encoded import encoded_split
-from pipeline.text.tokens import TOKENIZER_FILE
-from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch, to_input
-from pipeline.image.warp import warp
+from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch
 
 CHECKPOINT = "last.pt"
-
-
-def epoch_warper(pixels: torch.Tensor, prep: Preprocessing, p: AugmentParams, seed: int,
-                 memory_format: torch.memory_format) -> Callable[[int], torch.Tensor]:
-    """epoch -> that epoch's normalised inputs: every image of uint8 `pixels` (on the device)
-    warped once by pipeline.image.warp.warp, per-sample random, seeded by (seed, epoch)."""
-    scaled = pixels.float() / 255
-    mean = torch.tensor(prep.mean, device=pixels.device).view(1, -1, 1, 1)
-    std = torch.tensor(prep.std, device=pixels.device).view(1, -1, 1, 1)
-
-    def inputs(epoch: int) -> torch.Tensor:
-        # warp draws from torch's global generator: fork it so training's RNG is untouched.
-        with torch.random.fork_rng(devices=[pixels.device] if pixels.is_cuda else []):
-            torch.manual_seed(seed * 1_000_003 + epoch)
-            warped = warp(scaled, p)
-        return ((warped - mean) / std).contiguous(memory_format=memory_format)
-
-    return inputs
 
 
 # --- checkpoints -------------------------------------------------------------------------------
 
 def fingerprint(params: Params, data: Path, augmented: Path, world_size: int) -> str:
-    """sha256 of what decides the training trajectory: train/augment/data params, the ingested
-    and augmented data, every project file this stage runs and the number of processes."""
+    """sha256 of what decides the training trajectory: train/augment/data params and the
+    modality's own sections (recipe_sections), the ingested and augmented data, every project
+    file this stage runs and the number of processes."""
+    sections = part(params.data.modality, "models").recipe_sections(params)
     digest = hashlib.sha256(json.dumps(
         {"train": as_dict(params.train), "augment": as_dict(params.augment),
-         "data": as_dict(params.data), "text": as_dict(params.text), "world_size": world_size},
+         "data": as_dict(params.data), **{k: as_dict(v) for k, v in sections.items()},
+         "world_size": world_size},
         sort_keys=True).encode())
     digest.update(data_hash(data).encode())
     for path in (augmented / "train.safetensors", augmented / "preprocessing.json",
@@ -135,7 +113,7 @@ WEIGHTS = "model.safetensors"
 def write_outputs(out: Path, weights: dict[str, torch.Tensor], card: ModelCard,
                   files: dict[str, bytes]) -> None:
     """Fill a temporary sibling folder with the weights, their card (the weights' sha256
-    added) and `files` (name -> bytes: a text model's tokenizer), then rename it to `out`:
+    added) and `files` (name -> bytes: e.g. a text model's tokenizer), then rename it to `out`:
     all or nothing."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -178,8 +156,8 @@ def main(argv: list[str]) -> None:
                         help="folder for the per-epoch checkpoint; must not be a DVC out")
     args = parser.parse_args(argv)
     params = load_params()
-    text = params.data.modality == "text"
-    p = text_models.training_recipe(params.train, params.text) if text else params.train
+    trainer = part(params.data.modality, "models")
+    p = trainer.recipe(params)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and p.processes > 1:
@@ -191,31 +169,21 @@ def main(argv: list[str]) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if text:
-        torch.set_num_threads(params.text.threads)
+    if (threads := trainer.torch_threads(params)) is not None:
+        torch.set_num_threads(threads)
     torch.manual_seed(p.seed)
     memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
 
     tensors = load_file(args.augmented / "train.safetensors")
     y = tensors["labels"].to(device)
     classes = read_manifest(args.data)[1]
-    if text:
-        prep = read_preprocessing(args.augmented)
-        x = tensors["tokens"].to(device)
-        val_ids, val_labels, _ = encoded_split(args.data, "val", args.augmented, prep)
-        val = (torch.from_numpy(val_ids).to(device), torch.from_numpy(val_labels).to(device))
-        epoch_inputs = None
-        model = text_models.build(params.text.model, prep, len(classes), params.text).to(device)
-    else:
-        prep = Preprocessing.from_dict(
-            json.loads((args.augmented / "preprocessing.json").read_text()))
-        x = to_input(tensors["images"], prep, device).contiguous(memory_format=memory_format)
-        val_pixels, val_labels = load_split(args.data, "val", prep)
-        val = (to_input(val_pixels, prep, device).contiguous(memory_format=memory_format),
-               torch.from_numpy(val_labels).to(device))
-        epoch_inputs = (epoch_warper(tensors["images"].to(device), prep, params.augment, p.seed,
-                                     memory_format) if p.epoch_augment else None)
-        model = models.build(p.model, prep.channels, len(classes), prep.image_size).to(device)
+    prep = PREPROCESSING[params.data.modality](
+        **json.loads((args.augmented / "preprocessing.json").read_text()))
+    x = trainer.train_inputs(tensors, prep, device).contiguous(memory_format=memory_format)
+    val_x, val_y = trainer.val_split(args.data, args.augmented, prep, device)
+    val = (val_x.contiguous(memory_format=memory_format), val_y)
+    epoch_inputs = trainer.epoch_inputs(tensors, prep, params, device, memory_format)
+    model = trainer.create(params, prep, len(classes)).to(device)
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
     scheduler = make_schedule(p.lr_schedule, optimizer, p.lr,
@@ -274,16 +242,14 @@ def main(argv: list[str]) -> None:
     final = history[-1]
     if rank == 0:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        files: dict[str, bytes] = {}
-        if text:
-            files[TOKENIZER_FILE] = (args.augmented / TOKENIZER_FILE).read_bytes()
-            if (config := text_models.hf_config(model)) is not None:
-                files[text_models.HF_CONFIG] = json.dumps(config, indent=1).encode()
-        card = ModelCard(architecture=text_models.architecture(params.text) if text else p.model,
+        # The preprocessing record's files come from the augment stage's folder.
+        files = {name: (args.augmented / name).read_bytes() for name in prep.MODEL_FILES}
+        files.update(trainer.model_files(model))
+        card = ModelCard(architecture=trainer.architecture(params),
                          classes=classes, preprocessing=prep, data_hash=data_hash(args.data),
                          recipe=Recipe(data=params.data, augment=params.augment,
                                        train=params.train, compress=None,
-                                       text=params.text if text else None),
+                                       **trainer.recipe_sections(params)),
                          weights={}, val=ValScore(loss=final["val_loss"], accuracy=final["val_acc"]),
                          selection=None)
         write_outputs(args.out, weights, card, files)

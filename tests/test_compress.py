@@ -10,14 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import models
-from pipeline.augment import augment
 from pipeline.compress import (PRUNERS, STRUCTURED_PRUNERS, count_macs, count_params,
-                               export_onnx, prune_and_finetune, structured_l1)
+                               prune_and_finetune, structured_l1)
 from pipeline.card import onnx_predictor
 from pipeline.dataset import load_split
 from pipeline.image.sources import ingest_images as ingest
 from pipeline.params import CompressParams, load_params
+from pipeline.image import models
+from pipeline.image.augment import augment_pixels
+from pipeline.image.export import export_onnx
 from pipeline.image.preprocess import Preprocessing
 from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch
 
@@ -118,7 +119,7 @@ def digits(params, folder: Path):
     prep = Preprocessing(image_size=params.data.image_size, channels=1, mean=[0.5], std=[0.25])
     train_pixels, train_labels = load_split(folder, "train", prep)
     test_pixels, test_labels = load_split(folder, "test", prep)
-    images, labels = augment(train_pixels, train_labels, params.augment, torch.device("cpu"))
+    images, labels = augment_pixels(train_pixels, train_labels, params.augment, torch.device("cpu"))
     return (prep, torch.from_numpy(prep.normalize(images.numpy())), labels,
             prep.normalize(test_pixels), test_labels)
 

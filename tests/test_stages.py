@@ -10,13 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline import StageError, models
-from pipeline.augment import augment
+from pipeline import StageError
 from pipeline.card import CARD_FILE, ModelCard, Recipe, ValScore, onnx_predictor, read_card, to_dict
 from pipeline.compress import (
     PRUNERS,
     STRUCTURED_PRUNERS,
-    export_onnx,
     prune_and_finetune,
     quantize_int8,
     sparsity,
@@ -26,9 +24,11 @@ from pipeline.evaluate import gate
 from pipeline.image.sources import ingest_images
 from pipeline.params import (AugmentParams, CompressParams, GateParams, ModelName, PruneMethod,
                              Split, load_params)
+from pipeline.image import export, models
+from pipeline.image.augment import augment_pixels
 from pipeline.image.preprocess import Preprocessing
-from pipeline.training import fit
 from pipeline.image.warp import warp
+from pipeline.training import fit
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = Split(train=0.6, val=0.2, test=0.2)
@@ -191,8 +191,8 @@ def test_augment_is_seeded_and_random_per_sample():
     pixels = np.zeros((8, 1, 32, 32), np.uint8)
     pixels[:, :, 8:24, 12:20] = 255  # the same bar in every image
     labels = rng.integers(0, 3, 8)
-    images, out_labels = augment(pixels, labels, AUG, torch.device("cpu"))
-    again, _ = augment(pixels, labels, AUG, torch.device("cpu"))
+    images, out_labels = augment_pixels(pixels, labels, AUG, torch.device("cpu"))
+    again, _ = augment_pixels(pixels, labels, AUG, torch.device("cpu"))
     assert images.shape == (24, 1, 32, 32) and images.dtype == torch.uint8
     assert torch.equal(images, again)
     assert torch.equal(images[:8], torch.from_numpy(pixels))  # originals kept first
@@ -200,7 +200,7 @@ def test_augment_is_seeded_and_random_per_sample():
     warped = images[8:].reshape(16, -1).float()
     assert not torch.equal(warped[0], warped[1])  # per-sample parameters, not one per batch
     assert (warped != torch.from_numpy(pixels).reshape(8, -1).float().repeat(2, 1)).any(1).all()
-    other, _ = augment(pixels, labels, AugmentParams(**{**AUG.__dict__, "seed": 1}), torch.device("cpu"))
+    other, _ = augment_pixels(pixels, labels, AugmentParams(**{**AUG.__dict__, "seed": 1}), torch.device("cpu"))
     assert not torch.equal(images, other)
 
 
@@ -291,9 +291,9 @@ def test_onnx_export_and_int8_match_torch(tmp_path):
     fit(model, x, y, epochs=2, batch_size=32, optimizer=torch.optim.Adam(model.parameters(), 2e-3),
         scheduler=None, label_smoothing=0.0, seed=0, memory_format=torch.contiguous_format)
     model.eval()
-    export_onnx(model, PREP, tmp_path / "float.onnx")
+    export.export_onnx(model, PREP, tmp_path / "float.onnx")
     quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", x[:64].numpy(),
-                  per_channel=True, reduce_range=True, text=False)
+                  per_channel=True, reduce_range=True, export=export)
     with torch.no_grad():
         expected = model(x).numpy()
     float_logits = onnx_predictor(tmp_path / "float.onnx", threads=1)(x.numpy())

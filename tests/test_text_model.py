@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import StageError
+from pipeline import StageError, models
 from pipeline.card import onnx_predictor, read_card
 from pipeline.compress import count_macs_on, count_params, quantize_int8, structured_l1
 from pipeline.dataset import load_texts, write_manifest
@@ -161,7 +161,7 @@ def test_onnx_logits_match_torch_at_every_length(name, vocab, tmp_path):
 def test_pruning_removes_heads_and_ffn_units(vocab, tmp_path):
     tokenizer, prep, texts = vocab
     model = build("text_encoder", prep)
-    example = export.mac_example(prep)
+    example, _ = export.mac_example(prep)
     macs, n_params = count_macs_on(model, example), count_params(model)
     widths = structured_l1(model, 0.5, torch.from_numpy(tokens.encode(tokenizer, texts[:2], prep)))
     for i, layer in enumerate(model.layers):
@@ -193,7 +193,7 @@ def test_int8_is_smaller_and_answers_a_text_alike_alone_or_in_a_batch(vocab, tmp
     export.export_onnx(model, prep, tmp_path / "float.onnx")
     ids = tokens.encode(tokenizer, texts, prep)
     quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", ids[:64], per_channel=True,
-                  reduce_range=True, text=True)
+                  reduce_range=True, export=export)
     # Every MatMul and Gather weight is int8; on a model this tiny, QDQ nodes keep 70%.
     assert (tmp_path / "int8.onnx").stat().st_size < 0.75 * (tmp_path / "float.onnx").stat().st_size
     float_logits = onnx_predictor(tmp_path / "float.onnx", 1)(ids)
@@ -300,7 +300,7 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
     assert (tmp_path / "data/augmented/tokenizer.json").exists()
     done = run(tmp_path, *TRAIN)
     assert "train: pretrained" in done.stdout
-    model, card = text_models.load(tmp_path / "models/float")
+    model, card = models.load(tmp_path / "models/float")
     assert card.architecture == "pretrained" and len(card.classes) == 4
     assert model.hf.config.hidden_size == 32  # the checkpoint's, not text.dim
     ids = tokens.encode(tokens.load(tmp_path / "models/float", card.preprocessing),
@@ -349,10 +349,10 @@ def test_augment_says_how_many_texts_are_cut_at_max_tokens(tmp_path):
     training texts lose their end (every one of these has [CLS] and 3 to 14 words)."""
     data = write_texts(tmp_path / "ingested", seed=2)
     n = len(load_texts(data, "train")[0])
-    text = load_params(REPO / "params.yaml").text
-    long_enough = dataclasses.replace(text, vocab_size=200, max_tokens=64)
-    assert "0 texts (0.0%) cut at text.max_tokens 64" in write_augmented(data, tmp_path / "a",
-                                                                          long_enough)
+    params = load_params(REPO / "params.yaml")
+    long_enough = dataclasses.replace(params.text, vocab_size=200, max_tokens=64)
+    summary = write_augmented(data, tmp_path / "a", dataclasses.replace(params, text=long_enough))
+    assert "0 texts (0.0%) cut at text.max_tokens 64" in summary
     short = dataclasses.replace(long_enough, max_tokens=2)
-    assert f"{n} texts (100.0%) cut at text.max_tokens 2" in write_augmented(data, tmp_path / "b",
-                                                                            short)
+    summary = write_augmented(data, tmp_path / "b", dataclasses.replace(params, text=short))
+    assert f"{n} texts (100.0%) cut at text.max_tokens 2" in summary

@@ -20,9 +20,11 @@ from pipeline import augment as augment_stage
 from pipeline import models, train, training
 from pipeline.card import ModelCard, Recipe, ValScore, read_card, sha256_file
 from pipeline.dataset import load_split
+from pipeline.image import models as image_models
+from pipeline.image.models import epoch_warper
+from pipeline.image.preprocess import Preprocessing
 from pipeline.image.sources import ingest_images as ingest
 from pipeline.params import load_params
-from pipeline.image.preprocess import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 # On top of conftest's SHRINK: the records' recipe (fresh on-device warps each epoch, no offline
@@ -173,7 +175,7 @@ def test_epoch_warps_are_per_sample_and_replayable():
     pixels[:, :, 8:24, 12:20] = 255
     prep = Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25])
     p = load_params(REPO / "params.yaml").augment
-    warps = train.epoch_warper(pixels, prep, p, seed=0, memory_format=torch.channels_last)
+    warps = epoch_warper(pixels, prep, p, seed=0, memory_format=torch.channels_last)
     before = torch.get_rng_state()
     first = warps(1)
     assert torch.equal(torch.get_rng_state(), before)  # training's RNG is left alone
@@ -216,7 +218,7 @@ def test_fit_on_cuda_with_bf16_autocast():
     x[:, :, :, :16] += 1.5 * (y == 0).float().view(-1, 1, 1, 1)
     x[:, :, :, 16:] += 1.5 * (y == 1).float().view(-1, 1, 1, 1)
     torch.manual_seed(0)
-    model = models.build("lenet5", channels=1, classes=2, image_size=32).cuda()
+    model = image_models.build("lenet5", channels=1, classes=2, image_size=32).cuda()
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     metrics = training.fit(model, x, y, epochs=3, batch_size=32, optimizer=optimizer,

@@ -6,6 +6,10 @@
     sources.py     the `sources` part: data.source (digits, a folder) read into the ingested layout
     checks.py      the `checks` part: the images table, its Great Expectations checks, the data
                    profile and drift features (validate)
+    augment.py     the augmented train split (augment)
+    models.py      the model registry (train.model) and the image side of training, per-epoch
+                   warps included (train, compress, pipeline.models)
+    export.py      ONNX export, the MAC example, what int8 quantises (compress)
     modality.py    MODALITY, the image modality as the stages call it (pipeline/modality.py)
 
 Importing this package imports nothing heavy.

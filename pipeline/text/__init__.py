@@ -9,8 +9,9 @@
                 profile and drift features (validate)
     augment.py  tokenizer training and token-id augmentation (augment)
     encoded.py  a split of the ingested texts as input_ids (train, evaluate, package)
-    models.py   the text model registry and the local Hugging Face checkpoint wrapper (train on)
-    export.py   ONNX export, int8 embedding tables, the MAC example (compress)
+    models.py   the text model registry, the local Hugging Face checkpoint wrapper and the text
+                side of training (train, compress, pipeline.models)
+    export.py   ONNX export, what int8 quantises, the MAC example (compress)
     baseline.py TF-IDF + logistic regression (evaluate)
     infra.py    the text endpoints' answers for infra validation (package)
 

@@ -1,5 +1,5 @@
-"""The augment stage's text path: the tokenizer, the encoded training split and its augmented
-copies, on token ids.
+"""Text augmentation, the `augment` part of the modality seam (pipeline/modality.py Augment):
+the tokenizer, the encoded training split and its augmented copies, on token ids.
 
 Each copy applies, per training text and in this order, random deletion, adjacent swap and
 masking at text.augment's rates (each a share of the text's own tokens), drawn from one
@@ -24,9 +24,8 @@ from tokenizers import Tokenizer
 
 from pipeline import StageError
 from pipeline.dataset import load_texts
-from pipeline.params import TextAugmentParams, TextParams
+from pipeline.params import Params, TextAugmentParams, TextParams
 from pipeline.text import tokens
-from pipeline.text.tokens import TextPreprocessing
 
 
 def _editable(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -94,8 +93,9 @@ def tokenizer_for(texts: list[str], p: TextParams) -> Tokenizer:
     return tokenizer
 
 
-def write_augmented(data: Path, out: Path, p: TextParams) -> str:
+def write_augmented(data: Path, out: Path, params: Params) -> str:
     """Tokenizer, encoded and augmented train split and preprocessing into `out`; a summary."""
+    p = params.text
     texts, labels = load_texts(data, "train")
     out.mkdir(parents=True, exist_ok=True)
     prep = tokens.save(tokenizer_for(texts, p), out, p.max_tokens, p.lowercase)
@@ -113,6 +113,3 @@ def write_augmented(data: Path, out: Path, p: TextParams) -> str:
             f"vocabulary {prep.vocab_size}; {cut} texts ({cut / len(texts):.1%}) cut at "
             f"text.max_tokens {p.max_tokens} (longest {max(lengths)} tokens)")
 
-
-def read_preprocessing(folder: Path) -> TextPreprocessing:
-    return TextPreprocessing(**json.loads((folder / "preprocessing.json").read_text()))

@@ -1,5 +1,7 @@
-"""The compress stage's text path: ONNX export with the contract's signature, the int8 step
-for embedding tables, and the example input MACs are counted on.
+"""The compress stage's text side, the `export` part of the modality seam (pipeline/modality.py
+Export): ONNX export with the contract's signature, what int8 quantises (the MatMuls with
+weights statically, the embedding tables as int8 weights), and the example input MACs are
+counted on.
 
 Static int8, not ORT's dynamic quantisation: dynamic computes each activation's scale from the
 whole tensor of a call, so a text's answer depended on the other texts of its batch and their
@@ -15,9 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.params import Params
 from pipeline.text.tokens import TextPreprocessing
 
 INPUT, OUTPUT = "input_ids", "logits"
+ITEMS = "texts"
 
 
 def export_onnx(model: nn.Module, prep: TextPreprocessing, path: Path) -> None:
@@ -44,7 +48,20 @@ def quantize_embeddings(model: Path, out: Path) -> Path:
     return out
 
 
-def mac_example(prep: TextPreprocessing) -> torch.Tensor:
+def int8_scope(prepared: Path, folder: Path) -> tuple[Path, dict]:
+    """The embedding tables as int8 weights (quantize_embeddings, written into `folder`), then
+    static int8 of the MatMuls with weights only."""
+    options = {"op_types_to_quantize": ["MatMul", "Gemm"],
+               "extra_options": {"MatMulConstBOnly": True}}
+    return quantize_embeddings(prepared, folder / "embeddings.onnx"), options
+
+
+def mac_example(prep: TextPreprocessing) -> tuple[torch.Tensor, str]:
     """One text of prep.max_tokens tokens, none of them padding: MACs are stated at the longest
     input the model reads (an upper bound per text; attention grows with L squared)."""
-    return torch.full((1, prep.max_tokens), prep.mask_id, dtype=torch.int64)
+    example = torch.full((1, prep.max_tokens), prep.mask_id, dtype=torch.int64)
+    return example, f"one text of {prep.max_tokens} tokens"
+
+
+def calibration_originals(params: Params, n: int) -> int:
+    return n // (params.text.augment.copies + 1)

@@ -1,4 +1,5 @@
-"""Text model registry (text.model in params.yaml), and the text.pretrained wrapper.
+"""Text model registry (text.model in params.yaml), the text.pretrained wrapper, and the text side
+of training: the `models` part of the modality seam (pipeline/modality.py Models).
 
 Every model takes one input, int64 `input_ids` (N, L) with 1 <= L <= max_tokens, padded with
 pad_id, masks the padding itself and returns float logits (N, classes): the ONNX signature of
@@ -24,12 +25,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import StageError
-from pipeline.card import ModelCard, read_card
-from pipeline.params import TextParams, TrainParams
+from pipeline.card import ModelCard
+from pipeline.params import Params, TextParams, TrainParams
+from pipeline.text.encoded import encoded_split
 from pipeline.text.tokens import TextPreprocessing
 
 PRETRAINED = "pretrained"  # the card's architecture for a text.pretrained model
@@ -217,38 +218,66 @@ def build(name: str, prep: TextPreprocessing, classes: int, p: TextParams) -> nn
     return TEXT_MODELS[name](prep, classes, p)
 
 
-def training_recipe(train: TrainParams, text: TextParams) -> TrainParams:
+# --- the Models part ---------------------------------------------------------------------------
+
+def recipe(params: Params) -> TrainParams:
     """train.* (optimizer, schedule, smoothing, seed) with text.epochs, lr and batch_size; no
     channels_last or per-epoch warps (image-only: token ids are (N, L))."""
-    return dataclasses.replace(train, epochs=text.epochs, lr=text.lr, batch_size=text.batch_size,
-                               channels_last=False, epoch_augment=False)
+    return dataclasses.replace(params.train, epochs=params.text.epochs, lr=params.text.lr,
+                               batch_size=params.text.batch_size, channels_last=False,
+                               epoch_augment=False)
 
 
-def architecture(p: TextParams) -> str:
-    """The card's architecture: the registry name, or PRETRAINED."""
-    return PRETRAINED if p.pretrained is not None else p.model
+def torch_threads(params: Params) -> int | None:
+    return params.text.threads
 
 
-def hf_config(model: nn.Module) -> dict | None:
-    """A pretrained model's config (saved beside its weights as HF_CONFIG), else None."""
-    return model.hf.config.to_dict() if isinstance(model, Pretrained) else None
+def create(params: Params, prep: TextPreprocessing, classes: int) -> nn.Module:
+    return build(params.text.model, prep, classes, params.text)
 
 
-def load(model_dir: Path, card: ModelCard | None = None) -> tuple[nn.Module, ModelCard]:
-    """Rebuild a saved text model from its card and weights (a pretrained one from the
-    config.json beside them, without its original checkpoint folder)."""
-    card = card or read_card(model_dir)
-    (weights,) = card.weights
-    prep, text = card.preprocessing, card.recipe.text
-    if card.architecture == PRETRAINED:
-        _hf_offline()
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+def architecture(params: Params) -> str:
+    """The registry name, or PRETRAINED."""
+    return PRETRAINED if params.text.pretrained is not None else params.text.model
 
-        config = json.loads((model_dir / HF_CONFIG).read_text())
-        config = AutoConfig.for_model(**config)
-        config._attn_implementation = "eager"
-        model = Pretrained(AutoModelForSequenceClassification.from_config(config), prep.pad_id)
-    else:
-        model = build(card.architecture, prep, len(card.classes), text)
-    model.load_state_dict(load_file(model_dir / weights))
-    return model.eval(), card
+
+def recipe_sections(params: Params) -> dict:
+    return {"text": params.text}
+
+
+def train_inputs(tensors: dict[str, torch.Tensor], prep: TextPreprocessing,
+                 device: torch.device) -> torch.Tensor:
+    return tensors["tokens"].to(device)
+
+
+def epoch_inputs(tensors: dict[str, torch.Tensor], prep: TextPreprocessing, params: Params,
+                 device: torch.device, memory_format: torch.memory_format) -> None:
+    return None  # the augment stage's copies are the whole augmentation
+
+
+def val_split(data: Path, augmented: Path, prep: TextPreprocessing,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded by the augment stage's tokenizer (in `augmented`)."""
+    ids, labels, _ = encoded_split(data, "val", augmented, prep)
+    return torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
+
+
+def model_files(model: nn.Module) -> dict[str, bytes]:
+    """A pretrained model's config as HF_CONFIG: rebuilds it without the checkpoint."""
+    if not isinstance(model, Pretrained):
+        return {}
+    return {HF_CONFIG: json.dumps(model.hf.config.to_dict(), indent=1).encode()}
+
+
+def rebuild(card: ModelCard, model_dir: Path) -> nn.Module:
+    """A pretrained model from the HF_CONFIG beside its weights, without its original
+    checkpoint folder."""
+    prep = card.preprocessing
+    if card.architecture != PRETRAINED:
+        return build(card.architecture, prep, len(card.classes), card.recipe.text)
+    _hf_offline()
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(**json.loads((model_dir / HF_CONFIG).read_text()))
+    config._attn_implementation = "eager"
+    return Pretrained(AutoModelForSequenceClassification.from_config(config), prep.pad_id)
