@@ -7,9 +7,9 @@ below, each providing the functions its Protocol lists; the stages keep their st
 imports a modality's modules directly.
 
     part        called by                          provides
-    scoring     evaluate, package                  Scoring: a split as model input, baselines, the gate's floor
-    infra       package                            Infra: the served answers for infra validation, gRPC requests
-    serving     service.py, oip.py                 Serving: each endpoint's input checked, the model input
+    scoring     evaluate, package                  Scoring: a split as model input, baselines, floor
+    infra       package                            Infra: the served answers, gRPC requests
+    serving     service.py, oip.py                 Serving: every endpoint's input, model input
     (sections below, one per part, list the Protocols)
 
 Adding a modality: write pipeline/<name>/ with these parts and their tests, add its name to
@@ -77,7 +77,7 @@ if TYPE_CHECKING:
 
     from pipeline.params import Params, ServeParams
 
-    Items = Any  # a split's or a request's items as read: uint8 pixels (N, C, S, S), a list of texts
+    Items = Any  # a split's or a request's items as read: uint8 pixels (N, C, S, S), texts
 
 
 class Scoring(Protocol):
