@@ -39,7 +39,7 @@ Text mode (a text model's Bento, issue 12):
 
 The same client and method, no naive server: c clients post one test text each (cycling through
 the test split, as JSON {"text": ...}) to POST /classify_text, and the same texts as one-element
-BYTES ModelInfer requests (pipeline/oip.py text_infer_request) over gRPC, for c in (1, 32),
+BYTES ModelInfer requests (pipeline/text/infra.py infer_request) over gRPC, for c in (1, 32),
 servers interleaved; then one client posting 256 test texts per request to /classify_text_batch
 (texts/s). --tiny benchmarks a Bento of tests/test_text_service.py's tiny text model (embedding
 mean + linear, its generated texts as --data) built by the package stage into a throwaway
@@ -289,7 +289,7 @@ def text_bench(args) -> dict:
     import bentoml
 
     from pipeline.dataset import load_texts
-    from pipeline.oip import text_infer_request
+    from pipeline.text.infra import infer_request as text_infer_request
 
     bento = champion_bento(args)
     texts, _ = load_texts(args.data, "test")
@@ -372,7 +372,7 @@ def main() -> None:
 
     from pipeline.card import read_card
     from pipeline.dataset import load_split, read_manifest
-    from pipeline.oip import infer_request
+    from pipeline.image.infra import infer_request
 
     bento = champion_bento(args)
     rows = [r for r in read_manifest(args.data)[0] if r["split"] == "test"]

@@ -17,15 +17,16 @@ Written, each to the path given on the command line (dvc.yaml names them):
                  process (no HTTP). Timing: it changes on every run.
     --details    every variant's measures with its eligibility and, if not eligible, why not;
                  per-class precision and recall; the gate's params
-    --confusion  actual,predicted per test image for the selected variant (DVC confusion plot)
+    --confusion  actual,predicted per test item for the selected variant (DVC confusion plot)
     --tradeoff   variant, accuracy, size_kb, macs: DVC's accuracy-vs-size and -vs-MACs plots
     --latency-plot  variant, accuracy and latencies: DVC's accuracy-vs-latency plot (timing)
 
-A text model (data.modality text): the test split is encoded by the model's own tokenizer
-(tokenizer.json beside it) into int64 input_ids, padded to the split's longest text (latency
-batches are test texts at that length); --metrics and --details also hold `baseline_tfidf_lr`,
-TF-IDF + logistic regression fitted on the train split and scored on the same test split
-(pipeline/text/baseline.py).
+What differs per modality is the model's scoring part (pipeline/<modality>/scoring.py,
+pipeline/modality.py Scoring): how the test split becomes model input (a text model's own
+tokenizer, say), the baselines --metrics and --details report beside the variants (a text
+model's TF-IDF + logistic regression fitted on the train split, `baseline_tfidf_lr`), and the
+absolute accuracy floor of the gate (gate.min_accuracy, text.min_accuracy). The files a model
+needs beside its weights (a text model's tokenizer.json) go to --out with the selected variant.
 """
 from __future__ import annotations
 
@@ -47,14 +48,11 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 from pipeline import StageError, models
 from pipeline.card import (ModelCard, Selection, at_least, onnx_predictor, predict_in_batches, read_card,
                            sha256_file, write_card)
-from pipeline.dataset import load_split
+from pipeline.modality import card_part, copy_model_files
 from pipeline.params import EvaluateParams, GateParams, load_params
 from pipeline.progress import Progress
-from pipeline.text.baseline import tfidf_lr
-from pipeline.text.encoded import encoded_split
-from pipeline.text.tokens import TOKENIZER_FILE, TextPreprocessing
 
-Predict = Callable[[np.ndarray], np.ndarray]  # float32 (N, C, S, S) -> logits (N, classes)
+Predict = Callable[[np.ndarray], np.ndarray]  # model input (N, ...) -> logits (N, classes)
 
 
 @dataclass(frozen=True)
@@ -97,8 +95,8 @@ def load_variants(float_dir: Path, compressed_dir: Path, threads: int
 
 
 def median_latency_ms(predict: Predict, x: np.ndarray, batch_size: int, runs: int) -> float:
-    """Median wall time of one predict call on `batch_size` images, after 3 warm-up calls."""
-    batch = np.resize(x, (batch_size, *x.shape[1:]))  # repeats test images if too few
+    """Median wall time of one predict call on `batch_size` items, after 3 warm-up calls."""
+    batch = np.resize(x, (batch_size, *x.shape[1:]))  # repeats test items if too few
     for _ in range(3):
         predict(batch)
     times = []
@@ -180,13 +178,9 @@ def main(argv: list[str]) -> None:
     params = load_params()
 
     variants, card = load_variants(args.model, args.compressed, params.evaluate.threads)
-    text, baseline = isinstance(card.preprocessing, TextPreprocessing), {}
-    if text:
-        x, y, texts = encoded_split(args.data, "test", args.compressed, card.preprocessing)
-        baseline = {"baseline_tfidf_lr": tfidf_lr(args.data, texts, y)}
-    else:
-        pixels, y = load_split(args.data, "test", card.preprocessing)
-        x = card.preprocessing.normalize(pixels)
+    scoring = card_part(card, "scoring")
+    x, y, items = scoring.split_input(args.data, "test", args.compressed, card)
+    baseline = scoring.baselines(args.data, items, y)
     counts = json.loads((args.compressed / "compress.json").read_text())
     if "macs" not in counts or "params" not in counts:
         raise StageError(f"{args.compressed / 'compress.json'}: no 'macs'/'params' counts; "
@@ -199,10 +193,9 @@ def main(argv: list[str]) -> None:
             v, x, y, card.classes, params.evaluate, counts)
         progress(f"variant {i}/{len(variants)} {v.name}: accuracy "
                  f"{results[v.name]['accuracy']:.4f}, latency timed")
-    # A text model's absolute floor is text.min_accuracy (gate.min_accuracy is the images').
-    g = (dataclasses.replace(params.gate, min_accuracy=params.text.min_accuracy) if text
-         else params.gate)
-    floor_key = "text.min_accuracy" if text else "gate.min_accuracy"
+    # The modality's absolute floor: gate.min_accuracy for images, text.min_accuracy for texts.
+    floor, floor_key = scoring.floor(params)
+    g = dataclasses.replace(params.gate, min_accuracy=floor)
     selected, why_not = gate(results, {v.name: v.servable for v in variants}, g, latency,
                              floor_key)
 
@@ -244,8 +237,7 @@ def main(argv: list[str]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     source = next(v.file for v in variants if v.name == selected)
     shutil.copyfile(source, args.out / SELECTED_FILE)
-    if text:  # a text model's tokenizer goes with it
-        shutil.copyfile(args.compressed / TOKENIZER_FILE, args.out / TOKENIZER_FILE)
+    copy_model_files(card, args.compressed, args.out)
     m = results[selected]
     write_card(args.out, dataclasses.replace(
         card, weights={SELECTED_FILE: sha256_file(args.out / SELECTED_FILE)},

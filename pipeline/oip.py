@@ -8,23 +8,22 @@ hands them over as a ServedModel). Server reflection is on.
     ModelReady, ModelMetadata the model by its BentoML name (package.model_name), version the
                               model tag's version ("" means the one served); another name is
                               NOT_FOUND
-    ModelInfer                one input "images": raw pixels 0..255, datatype UINT8 or FP32,
-                              shape [N, C, S, S] (or [N, S, S] for a grayscale model), sent as
-                              raw_input_contents (little-endian) or typed contents
-                              (uint_contents for UINT8, fp32_contents for FP32); outputs
-                              "probabilities" FP32 [N, K], "label" BYTES [N], "index" INT64 [N]
-                              as typed contents (all, or those named in the request's outputs);
-                              the request's id is echoed
-                              A text model takes instead one input "texts": datatype BYTES,
-                              shape [N], each element one UTF-8 text, sent as
+    ModelInfer                one input tensor, as the served model's modality reads it
+                              (pipeline/<modality>/serving.py grpc_input): an image model's
+                              "images", raw pixels 0..255, UINT8 or FP32, [N, C, S, S] (or
+                              [N, S, S] for a grayscale model), as raw_input_contents
+                              (little-endian) or typed contents (uint_contents, fp32_contents);
+                              a text model's "texts", BYTES [N], one UTF-8 text per element, as
                               raw_input_contents (each element a 4-byte little-endian length,
                               then its bytes: KServe/Triton's BYTES serialisation) or
-                              contents.bytes_contents; the same outputs
+                              contents.bytes_contents. Outputs "probabilities" FP32 [N, K],
+                              "label" BYTES [N], "index" INT64 [N] as typed contents (all, or
+                              those named in the request's outputs); the request's id is echoed
 
 ModelMetadata's TensorMetadata has one datatype and shape per tensor and no parameters, so the
 rest is in its `properties` (string -> string): "classes" (JSON list, an index's label is its
-position), "input_datatypes" ("UINT8,FP32", a text model's "BYTES"), "input_shapes" (JSON list
-of accepted shapes).
+position), "input_datatypes" (an image model's "UINT8,FP32", a text model's "BYTES"),
+"input_shapes" (JSON list of accepted shapes).
 
 Bad input is answered INVALID_ARGUMENT (NOT_FOUND for an unknown model) with a message naming
 the cause, never INTERNAL or UNKNOWN; a message over serve.max_request_bytes gets gRPC's own
@@ -53,12 +52,6 @@ from open_inference.grpc import service as pb_service
 
 GRPC_PORT_ENV = "KILN_GRPC_PORT"  # overrides params.yaml serve.grpc_port, as BENTOML_PORT does HTTP's
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-INPUT = "images"
-TEXT_INPUT = "texts"  # a text model's one input, BYTES [N]
-# OIP datatype -> (dtype of its raw bytes, typed contents field, dtype the contents are read as:
-# uint_contents holds uint32, so a value over 255 is seen and refused instead of wrapping)
-DATATYPES = {"UINT8": (np.dtype("<u1"), "uint_contents", np.uint32),
-             "FP32": (np.dtype("<f4"), "fp32_contents", np.float32)}
 OUTPUTS = ("probabilities", "label", "index")
 
 log = logging.getLogger("bentoml.serve.kiln")  # the HTTP rejections' logger (pipeline/http_guard.py)
@@ -71,16 +64,14 @@ class ServedModel:
     version: str
     server_version: str
     classes: list[str]
-    input_shape: tuple[int, int, int] | None  # (C, S, S); None: a text model
     ready: Callable[[], bool]
-    # The HTTP endpoints' pixel check: any numeric array -> float32 (N, C, S, S), or ValueError
-    # naming the cause (shape, empty or too large a batch, values not finite or outside 0..255).
-    pixels: Callable[[np.ndarray], np.ndarray]
-    # The text endpoints' check: list of str -> the same list, or ValueError naming the cause
-    # (none or too many texts, one empty, whitespace only or over serve.max_text_bytes).
-    texts: Callable[[list[str]], list[str]]
-    # Checked pixels or texts -> float64 (N, K)
-    probabilities: Callable[[np.ndarray | list[str]], Awaitable[np.ndarray]]
+    # ModelMetadata's input tensor: its name, the datatypes and the shapes it accepts
+    input: tuple[str, list[str], list[list[int]]]
+    # A ModelInfer request -> its input as a checked batch, or ValueError naming the cause
+    # (checked as the HTTP endpoints check: the modality's serving part, grpc_input)
+    batch: Callable[[pb.ModelInferRequest], object]
+    # A checked batch -> float64 (N, K)
+    probabilities: Callable[[object], Awaitable[np.ndarray]]
 
 
 class CannotListen(RuntimeError):
@@ -107,11 +98,6 @@ async def _answered(context):
     except Rejected as e:
         log.warning("gRPC %s: %s", e.code.name, e)
         await context.abort(e.code, str(e))
-
-
-def accepted_shapes(input_shape: tuple[int, int, int]) -> list[list[int]]:
-    c, s, _ = input_shape
-    return [[-1, c, s, s], *([[-1, s, s]] if c == 1 else [])]
 
 
 class InferenceService(pb_service.GRPCInferenceServiceServicer):
@@ -141,7 +127,10 @@ class InferenceService(pb_service.GRPCInferenceServiceServicer):
         async with _answered(context):
             self._found(request.model_name, request.model_version)
             wanted = self._requested_outputs(request)
-            batch = self._pixels(request) if self.model.input_shape else self._texts(request)
+            try:
+                batch = self.model.batch(request)
+            except ValueError as e:
+                raise _invalid(str(e)) from None
             probabilities = await self.model.probabilities(batch)
             return self._response(request, probabilities, wanted)
 
@@ -153,10 +142,7 @@ class InferenceService(pb_service.GRPCInferenceServiceServicer):
 
     def _metadata(self) -> pb.ModelMetadataResponse:
         tensor = pb.ModelMetadataResponse.TensorMetadata
-        if self.model.input_shape is None:
-            name, datatypes, shapes = TEXT_INPUT, ["BYTES"], [[-1]]
-        else:
-            name, datatypes, shapes = INPUT, list(DATATYPES), accepted_shapes(self.model.input_shape)
+        name, datatypes, shapes = self.model.input
         k = len(self.model.classes)
         return pb.ModelMetadataResponse(
             name=self.model.name, versions=[self.model.version], platform="onnxruntime_onnx",
@@ -175,91 +161,6 @@ class InferenceService(pb_service.GRPCInferenceServiceServicer):
             raise _invalid(f"outputs: no output named {unknown[0]!r}; outputs are "
                            f"{', '.join(OUTPUTS)}")
         return names or OUTPUTS
-
-    def _pixels(self, request) -> np.ndarray:
-        """The request's one input tensor as float32 (N, C, S, S), checked as HTTP checks it."""
-        if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
-            names = [tensor.name for tensor in request.inputs]
-            served = (f"; this server serves an image model, which takes no {TEXT_INPUT!r}"
-                      if TEXT_INPUT in names else "")
-            raise _invalid(f"inputs: expected one input tensor named {INPUT!r}, got "
-                           f"{names}{served}")
-        tensor = request.inputs[0]
-        if tensor.datatype not in DATATYPES:
-            raise _invalid(f"{INPUT}: datatype {tensor.datatype!r} not accepted; send pixel "
-                           f"values 0..255 as {' or '.join(DATATYPES)}")
-        raw_dtype, field, typed_dtype = DATATYPES[tensor.datatype]
-        shape = list(tensor.shape)
-        if any(d < 0 for d in shape):
-            raise _invalid(f"{INPUT}: shape {shape} has a negative dimension")
-        count = int(np.prod(shape, dtype=object))  # Python ints: a hostile shape cannot overflow
-        if request.raw_input_contents:
-            if tensor.HasField("contents"):
-                raise _invalid(f"{INPUT}: both raw_input_contents and contents are set; send "
-                               f"one of them")
-            if len(request.raw_input_contents) != 1:
-                raise _invalid(f"raw_input_contents: {len(request.raw_input_contents)} entries "
-                               f"for 1 input tensor")
-            data = request.raw_input_contents[0]
-            if len(data) != count * raw_dtype.itemsize:
-                raise _invalid(f"{INPUT}: shape {shape} of {tensor.datatype} is "
-                               f"{count * raw_dtype.itemsize} bytes; raw_input_contents[0] "
-                               f"holds {len(data)} bytes")
-            array = np.frombuffer(data, raw_dtype)
-        else:
-            values = getattr(tensor.contents, field)
-            if len(values) != count:
-                raise _invalid(f"{INPUT}: shape {shape} has {count} values; contents.{field} "
-                               f"holds {len(values)} (a {tensor.datatype} tensor's values go "
-                               f"in contents.{field} or raw_input_contents)")
-            array = np.array(values, typed_dtype)
-        try:
-            return self.model.pixels(array.reshape(shape))
-        except ValueError as e:
-            raise _invalid(str(e)) from None
-
-    def _texts(self, request) -> list[str]:
-        """The request's one BYTES input tensor "texts" [N] as N texts, each decoded as UTF-8
-        and checked as HTTP checks them."""
-        if len(request.inputs) != 1 or request.inputs[0].name != TEXT_INPUT:
-            names = [tensor.name for tensor in request.inputs]
-            served = (f"; this server serves a text model, which takes no {INPUT!r}"
-                      if INPUT in names else "")
-            raise _invalid(f"inputs: expected one input tensor named {TEXT_INPUT!r} (BYTES "
-                           f"[N], UTF-8 texts), got {names}{served}")
-        tensor = request.inputs[0]
-        if tensor.datatype != "BYTES":
-            raise _invalid(f"{TEXT_INPUT}: datatype {tensor.datatype!r} not accepted; send "
-                           "UTF-8 texts as BYTES")
-        shape = list(tensor.shape)
-        if len(shape) != 1 or shape[0] < 0:
-            raise _invalid(f"{TEXT_INPUT}: shape {shape}; expected [N], one element per text")
-        if request.raw_input_contents:
-            if tensor.HasField("contents"):
-                raise _invalid(f"{TEXT_INPUT}: both raw_input_contents and contents are set; "
-                               "send one of them")
-            if len(request.raw_input_contents) != 1:
-                raise _invalid(f"raw_input_contents: {len(request.raw_input_contents)} entries "
-                               f"for 1 input tensor")
-            elements = _bytes_elements(request.raw_input_contents[0], shape[0])
-            where = "raw_input_contents[0]"
-        else:
-            elements = list(tensor.contents.bytes_contents)
-            where = "contents.bytes_contents"
-        if len(elements) != shape[0]:
-            raise _invalid(f"{TEXT_INPUT}: shape {shape}; {where} holds {len(elements)} "
-                           f"elements")
-        texts = []
-        for i, element in enumerate(elements):
-            try:
-                texts.append(element.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise _invalid(f"{TEXT_INPUT}[{i}]: not valid UTF-8 ({e.reason} at byte "
-                               f"{e.start})") from None
-        try:
-            return self.model.texts(texts)
-        except ValueError as e:
-            raise _invalid(str(e)) from None
 
     def _response(self, request, probabilities: np.ndarray,
                   wanted: tuple[str, ...]) -> pb.ModelInferResponse:
@@ -280,45 +181,26 @@ class InferenceService(pb_service.GRPCInferenceServiceServicer):
                                      id=request.id, outputs=[build[name]() for name in wanted])
 
 
-def infer_request(model: str, version: str, pixels: np.ndarray) -> pb.ModelInferRequest:
-    """A client's ModelInfer request for uint8 or float32 pixels (N, C, S, S), sent as raw
-    little-endian bytes (package's infra validation and bench/serve_bench.py use it)."""
-    datatype = {np.dtype(np.uint8): "UINT8", np.dtype(np.float32): "FP32"}[pixels.dtype]
-    return pb.ModelInferRequest(
-        model_name=model, model_version=version,
-        inputs=[{"name": INPUT, "datatype": datatype, "shape": list(pixels.shape)}],
-        outputs=[{"name": "probabilities"}],
-        raw_input_contents=[pixels.astype(DATATYPES[datatype][0], copy=False).tobytes()])
-
-
-def text_infer_request(model: str, version: str, texts: list[str]) -> pb.ModelInferRequest:
-    """A client's ModelInfer request for a text model: texts as one BYTES tensor [N] in
-    raw_input_contents (package's infra validation and bench/serve_bench.py use it)."""
-    return pb.ModelInferRequest(
-        model_name=model, model_version=version,
-        inputs=[{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [len(texts)]}],
-        outputs=[{"name": "probabilities"}],
-        raw_input_contents=[b"".join(len(b).to_bytes(4, "little") + b
-                                     for b in (t.encode("utf-8") for t in texts))])
-
-
-def _bytes_elements(data: bytes, expected: int) -> list[bytes]:
-    """A BYTES tensor's raw contents -> its elements: each a 4-byte little-endian length, then
-    that many bytes (KServe/Triton); read up to one past `expected` (the count its shape says),
-    so a message of millions of empty elements is not split whole."""
-    elements, at = [], 0
-    while at < len(data) and len(elements) <= expected:
-        if at + 4 > len(data):
-            raise _invalid(f"raw_input_contents[0]: element {len(elements)} has {len(data) - at} "
-                           "bytes of its 4-byte length prefix; BYTES elements are a 4-byte "
-                           "little-endian length, then the bytes")
-        size = int.from_bytes(data[at:at + 4], "little")
-        if at + 4 + size > len(data):
-            raise _invalid(f"raw_input_contents[0]: element {len(elements)} says {size} bytes; "
-                           f"{len(data) - at - 4} remain")
-        elements.append(data[at + 4:at + 4 + size])
-        at += 4 + size
-    return elements
+def input_tensor(request, name: str, serves: str, hint: str = "") -> tuple[object, bytes | None]:
+    """A ModelInfer request's one input tensor, which must be named `name`, and its one
+    raw_input_contents entry (None: the values are in its typed contents). Raises ValueError
+    naming the cause; `serves` ("an image model") and `hint` (what `name` holds) go into it."""
+    names = [tensor.name for tensor in request.inputs]
+    if names != [name]:
+        other = next((n for n in names if n != name), None)
+        served = f"; this server serves {serves}, which takes no {other!r}" if other else ""
+        raise ValueError(f"inputs: expected one input tensor named {name!r}{hint}, got "
+                         f"{names}{served}")
+    tensor = request.inputs[0]
+    if not request.raw_input_contents:
+        return tensor, None
+    if tensor.HasField("contents"):
+        raise ValueError(f"{name}: both raw_input_contents and contents are set; send one of "
+                         "them")
+    if len(request.raw_input_contents) != 1:
+        raise ValueError(f"raw_input_contents: {len(request.raw_input_contents)} entries for 1 "
+                         "input tensor")
+    return tensor, request.raw_input_contents[0]
 
 
 def probabilities_of(response: pb.ModelInferResponse) -> np.ndarray:

@@ -11,7 +11,8 @@ task's champion line (pipeline/champion.py: a model name and a class list).
    its arguments (params.yaml serve) and its pinned Python packages. A challenger whose Bento
    tag is the champion's is the champion already: nothing is promoted again.
 2. Otherwise challenger and champion are scored on the same test split (--data, ONNX Runtime,
-   each with the preprocessing in its own card). The challenger goes on only if its accuracy is
+   each with the preprocessing in its own card, by the model's scoring part,
+   pipeline/<modality>/scoring.py). The challenger goes on only if its accuracy is
    at least the champion's minus package.champion_tolerance; with no champion yet, evaluate's
    gate was the whole bar. A worse challenger is not packaged: nothing enters the store, the
    champion keeps serving, the stage succeeds.
@@ -22,14 +23,15 @@ task's champion line (pipeline/champion.py: a model name and a class list).
    require, each pinned (`==`) to the version installed here, the one infra validation serves
    with; the build resolves nothing over the network.
 4. Infra validation: the new Bento runs under `bentoml serve` on a free loopback port
-   (pipeline/serving.py: it dies with this stage); every test image is posted as its file to
-   /classify, all of them as .npy files of up to serve.max_batch_images images to
-   /classify_npy, and as raw pixels in batches of the same size to gRPC ModelInfer (the Open
-   Inference Protocol, pipeline/oip.py); the served classes and probabilities must equal the
-   ones computed here from the same file, over both protocols. A text model's test texts go
-   one by one to /classify_text, in batches of serve.max_batch_images to /classify_text_batch
-   and as BYTES to gRPC ModelInfer (pipeline/text/infra.py). Any failure
-   deletes the new Bento and model, leaves the champion in place and fails the stage.
+   (pipeline/serving.py: it dies with this stage); every test item goes through the model's
+   REST endpoints and, in batches of up to serve.max_batch_images, to gRPC ModelInfer (the
+   Open Inference Protocol, pipeline/oip.py), as the model's infra part says
+   (pipeline/<modality>/infra.py, pipeline/modality.py Infra: an image model's test images as
+   their files to /classify and as .npy files to /classify_npy, raw pixels over gRPC; a text
+   model's test texts to /classify_text and /classify_text_batch, BYTES over gRPC); the served
+   classes and probabilities must equal the ones computed here from the same split, over both
+   protocols. Any failure deletes the new Bento and model, leaves the champion in place and
+   fails the stage.
 5. Promotion: the line names the new champion; the previous one is kept for rollback.
 6. The champion's Bento, with its model, is exported to --export (a DVC output): a clone that
    pulls it can serve it (`make serve` imports it) with no store of its own.
@@ -44,7 +46,6 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import shutil
 import subprocess
@@ -65,13 +66,11 @@ from pipeline.card import (CARD_FILE, BentoArgs, ModelCard, at_least, onnx_predi
 from pipeline.champion import (REFERENCE_FILE, Champion, NotFound, Task, begin, bentoml,
                                clean_up_killed_run, end, export_bento, now, promote, read_line,
                                write_pointer)
-from pipeline.dataset import load_split, load_texts, read_manifest
+from pipeline.dataset import read_manifest
+from pipeline.modality import card_part
 from pipeline.params import PackageParams, ServeParams, load_params
 from pipeline.progress import Progress
 from pipeline.serving import serving
-from pipeline.text import infra as text_infra
-from pipeline.text.encoded import encoded_split
-from pipeline.text.tokens import TOKENIZER_FILE, TextPreprocessing
 
 
 def git_revision(folder: Path) -> str:
@@ -143,26 +142,18 @@ def bento_envs(build_config: dict) -> list:
     return [BentoEnvSchema(**env) for env in build_config.get("envs", [])]
 
 
-def probabilities(predict, card: ModelCard, pixels: np.ndarray) -> np.ndarray:
-    """Softmax of the logits, as the server computes it."""
-    return softmax(predict_in_batches(predict, card.preprocessing.normalize(pixels)))
-
-
 def test_probabilities(model_dir: Path, card: ModelCard,
-                       data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The model's class probabilities for every test image or text, as the server computes
-    them, and the labels."""
+                       data_dir: Path) -> tuple[np.ndarray, np.ndarray, object]:
+    """The model's class probabilities for every test item, as the server computes them, the
+    labels and the items as read (the model's scoring part)."""
     (weights,) = card.weights
     predict = onnx_predictor(model_dir / weights, 1)
-    if isinstance(card.preprocessing, TextPreprocessing):
-        ids, labels, _ = encoded_split(data_dir, "test", model_dir, card.preprocessing)
-        return softmax(predict_in_batches(predict, ids)), labels
-    pixels, labels = load_split(data_dir, "test", card.preprocessing)
-    return probabilities(predict, card, pixels), labels
+    x, labels, items = card_part(card, "scoring").split_input(data_dir, "test", model_dir, card)
+    return softmax(predict_in_batches(predict, x)), labels, items
 
 
 def test_accuracy(model_dir: Path, card: ModelCard, data_dir: Path) -> float:
-    predicted, labels = test_probabilities(model_dir, card, data_dir)
+    predicted, labels, _ = test_probabilities(model_dir, card, data_dir)
     return float((predicted.argmax(1) == labels).mean())
 
 
@@ -177,52 +168,22 @@ def _named(prefix: str):
 
 def infra_validate(bento_tag: str, model_tag: str, model_dir: Path, card: ModelCard,
                    data_dir: Path, ready_timeout_s: float, max_batch_images: int) -> dict:
-    """Serve the Bento and check it answers every test image (or text) as model_dir's model
-    does here, over HTTP and gRPC (ModelInfer for model_tag, by name and version). Raises
-    StageError naming the first differences; returns what was checked."""
+    """Serve the Bento and check it answers every test item as model_dir's model does here,
+    over HTTP and gRPC (ModelInfer for model_tag, by name and version). Raises StageError naming
+    the first differences; returns what was checked: "tested" (in words) and the endpoints."""
+    infra = card_part(card, "infra")
     rows = [r for r in read_manifest(data_dir)[0] if r["split"] == "test"]
-    expected, _ = test_probabilities(model_dir, card, data_dir)
-    text = isinstance(card.preprocessing, TextPreprocessing)
+    expected, _, items = test_probabilities(model_dir, card, data_dir)
     with tempfile.TemporaryDirectory() as tmp, \
             _named("infra validation: "), serving(bento_tag, Path(tmp, "serve.log"),
                                                   ready_timeout_s) as client:
-        if text:
-            batch = load_texts(data_dir, "test")[0]
-            answers = text_infra.served(client, batch, max_batch_images)
-        else:
-            batch, _ = load_split(data_dir, "test", card.preprocessing)
-            answers = _served_images(client, rows, batch, data_dir, max_batch_images)
+        answers = infra.served(client, data_dir, rows, items, max_batch_images)
         served = {endpoint: (indices, _served_probabilities(card, got))
                   for endpoint, (indices, got) in answers.items()}
         served["gRPC ModelInfer"] = (np.arange(len(rows)), _grpc_probabilities(
-            client.grpc_port, model_tag, batch, max_batch_images))
+            client.grpc_port, model_tag, items, infra.infer_request, max_batch_images))
     _compare(bento_tag, rows, expected, served)
-    return {"test_texts" if text else "test_images": len(rows), "endpoints": list(served)}
-
-
-def _served_images(client, rows: list[dict], pixels: np.ndarray, data_dir: Path,
-                   max_batch_images: int) -> dict[str, tuple[np.ndarray, list[dict]]]:
-    """Every test image posted as its file to /classify, and all as .npy files of up to
-    max_batch_images images to /classify_npy: endpoint -> (indices of the images, answers)."""
-    single = []
-    for row in rows:
-        response = client.post("/classify", files={
-            "image": (Path(row["path"]).name, (data_dir / row["path"]).read_bytes())})
-        if response.status_code != 200:
-            raise StageError(f"/classify answered {response.status_code} "
-                             f"for {data_dir / row['path']}: {response.text[:300]}")
-        single.append(response.json())
-    batched = []
-    for start in range(0, len(pixels), max_batch_images):
-        buffer = io.BytesIO()
-        np.save(buffer, pixels[start:start + max_batch_images])
-        response = client.post("/classify_npy", files={"array": ("test.npy", buffer.getvalue())})
-        if response.status_code != 200:
-            raise StageError(f"/classify_npy answered {response.status_code}: "
-                             f"{response.text[:300]}")
-        batched.extend(response.json())
-    everything = np.arange(len(rows))
-    return {"/classify": (everything, single), "/classify_npy": (everything, batched)}
+    return {"tested": f"{len(rows)} test {infra.ITEMS}", "endpoints": list(served)}
 
 
 def _served_probabilities(card: ModelCard, answers: list[dict]) -> np.ndarray:
@@ -247,17 +208,16 @@ def _compare(bento_tag: str, rows: list[dict], expected: np.ndarray,
                              f"first (file, expected, served): {wrong[:5]}")
 
 
-def _grpc_probabilities(port: int, model_tag: str, batch: np.ndarray | list[str],
+def _grpc_probabilities(port: int, model_tag: str, items, request_of,
                         max_batch_images: int) -> np.ndarray:
-    """ModelInfer over loopback gRPC, max_batch_images raw pixel images (or texts, as BYTES)
-    per request."""
+    """ModelInfer over loopback gRPC, max_batch_images items per request, each made by
+    request_of(model name, version, items) (the model's infra part)."""
     name, version = model_tag.split(":")
-    request_of = oip.text_infer_request if isinstance(batch, list) else oip.infer_request
     served = []
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = GRPCInferenceServiceStub(channel)
-        for start in range(0, len(batch), max_batch_images):
-            request = request_of(name, version, batch[start:start + max_batch_images])
+        for start in range(0, len(items), max_batch_images):
+            request = request_of(name, version, items[start:start + max_batch_images])
             try:
                 served.append(oip.probabilities_of(stub.ModelInfer(request, timeout=30)))
             except grpc.RpcError as e:
@@ -273,12 +233,11 @@ def _store_model(tag: str, model_dir: Path, card: ModelCard, task: Task, git: st
               "accuracy": f"{card.selection.accuracy:.4f}",
               "macro_f1": f"{card.selection.macro_f1:.4f}", "git": git}
     with bentoml.models.create(tag, labels=labels, metadata={"classes": card.classes}) as model:
-        # A text model's tokenizer goes with it (the card names it by sha256, so the model's
-        # content-addressed version covers it).
-        tokenizer = ([(model_dir / TOKENIZER_FILE, TOKENIZER_FILE)]
-                     if isinstance(card.preprocessing, TextPreprocessing) else [])
+        # The files the model needs beside its weights (a text model's tokenizer) go with it
+        # (the card names them by sha256, so the model's content-addressed version covers them).
+        extra = [(model_dir / name, name) for name in card.preprocessing.MODEL_FILES]
         for source, name in ((model_dir / weights, weights), (model_dir / CARD_FILE, CARD_FILE),
-                             (reference, REFERENCE_FILE), *tokenizer):
+                             (reference, REFERENCE_FILE), *extra):
             shutil.copyfile(source, model.path_of(name))
 
 
@@ -331,7 +290,7 @@ def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path, e
                  f"building {bento_tag} and serving it for infra validation")
         checked = build_and_validate(model_dir, card, task, bentofile, build_config, args,
                                      bento_tag, reference, data_dir, p.ready_timeout_s)
-        tested = _tested(checked)
+        tested = checked["tested"]
         progress(f"infra validation passed: {tested} through {', '.join(checked['endpoints'])}")
         current = promote(line, Champion(
             model_tag=model_tag, bento_tag=bento_tag, accuracy=challenger["accuracy"],
@@ -345,12 +304,6 @@ def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path, e
                    f"{accuracy_now:.4f} - package.champion_tolerance {p.champion_tolerance}"))
     export_bento(current.bento_tag, export)
     return report(task, challenger, current, current.accuracy, reason)
-
-
-def _tested(checked: dict) -> str:
-    """infra_validate's count, in words: "12 test images" or "40 test texts"."""
-    kind = "texts" if "test_texts" in checked else "images"
-    return f"{checked['test_' + kind]} test {kind}"
 
 
 def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: Path,

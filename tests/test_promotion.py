@@ -153,8 +153,8 @@ def broken_build_context(root: Path, replace: tuple[str, str]) -> Path:
 
 @pytest.mark.parametrize("case, replace, message", [
     ("answers differ",  # the server inverts the pixels: it runs, but answers wrongly
-     ("return self.preprocessing.normalize(batch)",
-      "return self.preprocessing.normalize(255 - batch)"),
+     ("return softmax(predict(self.model_input(batch)))",
+      "return softmax(predict(self.model_input(255 - batch)))"),
      "differs from the evaluated model"),
     ("never ready",  # the self-check fails, so the worker never starts
      ("self.ready = True", "raise RuntimeError('broken on purpose')"),

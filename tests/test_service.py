@@ -192,9 +192,11 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
     sources = sorted(p.relative_to(bento / "src").as_posix()
                      for p in (bento / "src").rglob("*") if p.is_file())
     assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/api_docs.py",
-                       "pipeline/card.py", "pipeline/http_guard.py", "pipeline/oip.py", "pipeline/params.py",
-                       "pipeline/image/preprocess.py", "pipeline/service.py", "pipeline/text/__init__.py",
-                       "pipeline/text/tokens.py"]
+                       "pipeline/card.py", "pipeline/http_guard.py", "pipeline/image/__init__.py",
+                       "pipeline/image/preprocess.py", "pipeline/image/serving.py",
+                       "pipeline/modality.py", "pipeline/oip.py", "pipeline/params.py",
+                       "pipeline/service.py", "pipeline/text/__init__.py",
+                       "pipeline/text/serving.py", "pipeline/text/tokens.py"]
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for m in manifest["services"][0]["models"]] == [model_tag]
     # The Bento's arguments pin the model by full tag and carry params.yaml serve.

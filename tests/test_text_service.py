@@ -22,7 +22,7 @@ from pipeline import oip
 from pipeline.card import (ModelCard, Recipe, Selection, ValScore, read_card, sha256_file, softmax,
                            write_card)
 from pipeline.params import load_params
-from pipeline.text import tokens
+from pipeline.text import infra, tokens
 from tests.bento_server import bento_server
 from tests.test_service import REPO, encode, fuzz_finds_no_server_error, npy, run_package
 
@@ -182,8 +182,8 @@ def test_a_text_bento_that_answers_otherwise_is_not_promoted(text_server, tmp_pa
     home = text_server["home"]
     bentos = sorted(p.name for p in (home / "bentos" / "kiln").iterdir())
     bentofile = broken_build_context(tmp_path / "ctx", (
-        "return tokens.encode(self.tokenizer, batch, self.preprocessing)",
-        "return tokens.encode(self.tokenizer, [t[::-1] for t in batch], self.preprocessing)"))
+        "return softmax(predict(self.model_input(batch)))",
+        "return softmax(predict(self.model_input([t[::-1] for t in batch])))"))
     model_dir = text_server["model_dir"]
     done, report = run_package(model_dir, model_dir.parent / "ingested", home, bentofile)
     assert done.returncode == 1 and report is None, done.stdout
@@ -319,7 +319,7 @@ def test_grpc_bytes_infer_answers_as_rest_does(text_server):
         assert list(outputs["index"].contents.int64_contents) == [a["index"] for a in rest]
     # One text, as the package stage and bench/serve_bench.py send it.
     name, version = text_server["report"]["champion"]["model_tag"].split(":")
-    one = stub.ModelInfer(oip.text_infer_request(name, version, SAMPLES[:1]), timeout=10)
+    one = stub.ModelInfer(infra.infer_request(name, version, SAMPLES[:1]), timeout=10)
     np.testing.assert_allclose(oip.probabilities_of(one), served_probabilities(rest[:1]),
                                atol=1e-6)
 

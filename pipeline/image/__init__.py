@@ -10,7 +10,11 @@
     models.py      the model registry (train.model) and the image side of training, per-epoch
                    warps included (train, compress, pipeline.models)
     export.py      ONNX export, the MAC example, what int8 quantises (compress)
-    modality.py    MODALITY, the image modality as the stages call it (pipeline/modality.py)
+    scoring.py     a split as model input, no baselines, the gate's floor (evaluate, package)
+    infra.py       /classify and /classify_npy answers for infra validation, gRPC pixel requests
+                   (package)
+    serving.py     each endpoint's input checked, pixels as model input (the service, gRPC;
+                   numpy and Pillow only)
 
 Importing this package imports nothing heavy.
 """

@@ -8,13 +8,16 @@
     checks.py   the `checks` part: the texts table, its Great Expectations checks, the data
                 profile and drift features (validate)
     augment.py  tokenizer training and token-id augmentation (augment)
-    encoded.py  a split of the ingested texts as input_ids (train, evaluate, package)
+    encoded.py  a split of the ingested texts as input_ids (train; evaluate and package through
+                scoring.py)
     models.py   the text model registry, the local Hugging Face checkpoint wrapper and the text
                 side of training (train, compress, pipeline.models)
     export.py   ONNX export, what int8 quantises, the MAC example (compress)
-    baseline.py TF-IDF + logistic regression (evaluate)
-    infra.py    the text endpoints' answers for infra validation (package)
+    scoring.py  a split as model input, the TF-IDF + logistic regression baseline, the gate's
+                floor (evaluate, package)
+    infra.py    the text endpoints' answers for infra validation, gRPC BYTES requests (package)
+    serving.py  each endpoint's input checked, texts as input_ids (the service, gRPC; light)
 
 Stages keep their steps and call these for what is text-specific. Importing this package
-imports nothing heavy: the Bento's service imports pipeline.text.tokens without torch.
+imports nothing heavy: the Bento's service imports pipeline.text.serving and tokens without torch.
 """
