@@ -282,7 +282,7 @@ def main(argv: list[str]) -> None:
                   p.int8_per_channel, p.int8_reduce_range, export)
     n_calibration = len(pick)
     progress(f"int8.onnx quantised, activations calibrated on {len(pick)} "
-             f"{export.ITEMS}")
+             f"{prep.UNIT}")
 
     # int8 runs the float graph's MACs as int8 multiply-accumulates.
     macs["int8.onnx"], n_params["int8.onnx"] = macs["float.onnx"], n_params["float.onnx"]

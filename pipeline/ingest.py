@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.dataset import SPLITS
-from pipeline.modality import part
+from pipeline.modality import PREPROCESSING, part
 from pipeline.params import load_params
 
 
@@ -24,4 +24,4 @@ def main(argv: list[str]) -> None:
     sources = part(params.data.modality, "sources")
     rows = sources.ingest(params, args.out)
     counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
-    print(f"ingest: {len(rows)} {sources.UNIT} from {sources.source(params)}: {counts}")
+    print(f"ingest: {len(rows)} {PREPROCESSING[params.data.modality].UNIT} from {sources.source(params)}: {counts}")

@@ -6,25 +6,33 @@ below, each providing the functions its Protocol lists; the stages keep their st
 `part(name, "<part>")` where the data differ. No stage branches on a modality's name, and none
 imports a modality's modules directly.
 
-    part        called by                          provides
-    sources     ingest                             the source read into the ingested layout
-    checks      validate                           the per-item table, its checks, the data
-                                                   profile and drift, metrics, offender words
-    augment     augment                            Augment: the augmented train split and the
-                                                   preprocessing record
-    models      train, compress, pipeline.models   Models: the model registry, the training
-                                                   recipe and tensors, what the card records,
-                                                   a saved model rebuilt
-    export      compress                           Export: ONNX export, the MAC example, what
-                                                   int8 quantises, calibration originals
-    scoring     evaluate, package                  Scoring: a split as model input, baselines, floor
-    infra       package                            Infra: the served answers, gRPC requests
-    serving     service.py, oip.py                 Serving: every endpoint's input, model input
-    (sections below, one per part, list the Protocols)
+    part      Protocol  called by                          provides
+    sources   Sources   ingest                             the source read into the ingested
+                                                           layout
+    checks    Checks    validate                           the per-item table, its checks, the
+                                                           data profile and drift, metrics
+    augment   Augment   augment                            the augmented train split and the
+                                                           preprocessing record
+    models    Models    train, compress, pipeline.models   the model registry, the training
+                                                           recipe and tensors, a saved model
+                                                           rebuilt
+    export    Export    compress                           ONNX export, the MAC example, what
+                                                           int8 quantises
+    scoring   Scoring   evaluate, package                  a split as model input, baselines,
+                                                           the gate's floor
+    infra     Infra     package                            the served answers, gRPC requests
+    serving   Serving   service.py, oip.py                 its endpoints' input checks, the
+                                                           model input (light: no torch)
+
+Besides its parts, a modality has a preprocessing record (PREPROCESSING below): how one item
+becomes model input, saved in every model card, with its UNIT ("images": what counts and
+messages call the items) and MODEL_FILES (files a model folder holds beside the weights).
 
 Adding a modality: write pipeline/<name>/ with these parts and their tests, add its name to
 pipeline/params.py MODALITIES (data.modality accepts those) and its preprocessing record to
-PREPROCESSING below.
+PREPROCESSING below; if its items come to endpoints of their own, declare them in
+pipeline/service.py. tests/test_modality.py checks that every registered modality provides
+every part's functions with the Protocol's parameters.
 
 `part` imports by name at run time, so pipeline/sources.py reads a `part(..., "<part>")` call as
 an import of pipeline/<name>/<part>.py of every registered modality: a stage's dvc.yaml deps and
@@ -88,7 +96,6 @@ Expect = typing.Callable[..., dict]  # kind(key, fatal=True): an expectation's m
 class Sources(Protocol):
     """pipeline/<modality>/sources.py, called by the ingest stage."""
 
-    UNIT: str  # what the items are called in messages, plural: "images"
 
     def source(self, params: Params) -> str:
         """The source params names (data.source's value, ...), for the stage's summary line."""
@@ -103,7 +110,6 @@ class Checks(Protocol):
     which the stage's shared checks and offender words read, and what its own checks need. The
     drift metrics' `notes`, if any, are sentences validate and the flow's run summary print."""
 
-    UNIT: str                  # the table's name and the class tables' count column: "images"
     KINDS: dict[str, str]      # problem key -> words starting its error line: its own checks'
                                # and the class checks' (empty_classes, short_class_splits)
     SUMMARY: tuple[str, ...]   # the keys of validate's --metrics JSON
@@ -191,7 +197,6 @@ class Export(Protocol):
     """pipeline/<modality>/export.py, called by the compress stage."""
 
     INPUT: str  # the ONNX graph's one input (its one output is "logits")
-    ITEMS: str  # what one input is, in the plural ("images")
 
     def export_onnx(self, model: nn.Module, prep: AnyPreprocessing, path: Path) -> None:
         """`model` as one ONNX file at `path`: input INPUT with a dynamic batch, output logits."""
@@ -214,7 +219,6 @@ if TYPE_CHECKING:
     import httpx
     import numpy as np
     from open_inference.grpc import protocol as pb
-    from PIL import Image
 
     from pipeline.params import ServeParams
 
@@ -238,7 +242,6 @@ class Scoring(Protocol):
 class Infra(Protocol):
     """pipeline/<modality>/infra.py: the package stage's infra validation of a served Bento."""
 
-    ITEMS: str  # what a split's items are called in messages ("images")
 
     def served(self, client: httpx.Client, data: Path, rows: list[dict], items: Items,
                max_batch: int) -> dict[str, tuple[np.ndarray, list[dict]]]:
@@ -250,8 +253,11 @@ class Infra(Protocol):
 
 class Serving(Protocol):
     """pipeline/<modality>/serving.py: what the service and gRPC do with a request's items.
-    Every endpoint's check exists in every modality: one of another modality raises ValueError
-    saying which endpoints the served model takes. Light: the Bento has no torch."""
+    Besides these, it holds the checks of its own REST endpoints, which pipeline/service.py
+    declares and calls (an image model's image, images, array; a text model's text, texts),
+    each raising ValueError naming the field and the cause. Light: the Bento has no torch."""
+
+    TAKES: str  # what a request to another modality's endpoint is told: the endpoints it takes
 
     def model_input(self, folder: Path, card: ModelCard) -> Callable[[Items], np.ndarray]:
         """Checked items -> the model's input, by the card's preprocessing and folder's files."""
@@ -262,33 +268,13 @@ class Serving(Protocol):
     def api_examples(self, card: ModelCard) -> dict[str, object]:
         """JSON field -> the API page's example value, for this modality's JSON endpoints."""
 
-    def image(self, upload: Any, card: ModelCard, serve: ServeParams) -> Image.Image:
-        """/classify's field "image": header read and size checked, not yet decoded."""
-
-    def image_head(self, head: bytes, card: ModelCard, serve: ServeParams) -> str | None:
-        """Why an upload to /classify is refused from its first bytes, or None."""
-
-    def image_pixels(self, image: Image.Image, card: ModelCard) -> Items:
-        """/classify's checked image, decoded, as a checked batch of one."""
-
-    def images(self, images: np.ndarray, card: ModelCard, serve: ServeParams) -> Items:
-        """/classify_batch's field "images" as a checked batch."""
-
-    def array(self, data: bytes, card: ModelCard, serve: ServeParams) -> Items:
-        """/classify_npy's file "array" (a .npy file's bytes) as a checked batch."""
-
-    def array_head(self, head: bytes, card: ModelCard, serve: ServeParams) -> str | None:
-        """Why an upload to /classify_npy is refused from its first bytes, or None."""
-
-    def text(self, text: str, card: ModelCard, serve: ServeParams) -> str:
-        """/classify_text's field "text", checked."""
-
-    def texts(self, texts: list[str], card: ModelCard, serve: ServeParams) -> Items:
-        """/classify_text_batch's field "texts" as a checked batch."""
-
     def grpc_input(self, request: pb.ModelInferRequest, card: ModelCard,
                    serve: ServeParams) -> Items:
         """A ModelInfer request's input tensor as a checked batch."""
 
     def grpc_metadata(self, card: ModelCard) -> tuple[str, list[str], list[list[int]]]:
         """ModelMetadata's input tensor: its name, accepted datatypes and accepted shapes."""
+
+
+PARTS = {"sources": Sources, "checks": Checks, "augment": Augment, "models": Models,
+         "export": Export, "scoring": Scoring, "infra": Infra, "serving": Serving}

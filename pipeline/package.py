@@ -183,7 +183,7 @@ def infra_validate(bento_tag: str, model_tag: str, model_dir: Path, card: ModelC
         served["gRPC ModelInfer"] = (np.arange(len(rows)), _grpc_probabilities(
             client.grpc_port, model_tag, items, infra.infer_request, max_batch_images))
     _compare(bento_tag, rows, expected, served)
-    return {"tested": f"{len(rows)} test {infra.ITEMS}", "endpoints": list(served)}
+    return {"tested": f"{len(rows)} test {card.preprocessing.UNIT}", "endpoints": list(served)}
 
 
 def _served_probabilities(card: ModelCard, answers: list[dict]) -> np.ndarray:

@@ -83,31 +83,51 @@ class Prediction(BaseModel):
     probabilities: dict[str, float]
 
 
-# Each endpoint's input is checked by the served model's serving part (Classifier.serving,
-# pipeline/<modality>/serving.py), which raises ValueError naming the cause: from a pydantic
-# validator BentoML answers it with HTTP 400 and its message. The validators run per request,
-# before adaptive batching concatenates requests (a bad one there would fail the whole batch),
-# and on the event loop.
+# Each endpoint belongs to one modality, whose serving part (pipeline/<modality>/serving.py)
+# checks its input and raises ValueError naming the cause: from a pydantic validator BentoML
+# answers it with HTTP 400 and its message. On a model of another modality every endpoint
+# answers 400 with that model's TAKES (which endpoints it does take). The validators run per
+# request, before adaptive batching concatenates requests (a bad one there would fail the whole
+# batch), and on the event loop.
+
+def _refusal(modality: str, field: str) -> str | None:
+    """Why `field` of a `modality` endpoint is refused by the served model: it serves another
+    modality. None when it serves this one."""
+    served = bentoml.get_current_service()
+    return None if served.modality == modality else f"{field}: {served.serving.TAKES}"
+
+
+def _served(modality: str, field: str):
+    """The Classifier serving a model of `modality`, or ValueError (_refusal)."""
+    if (refusal := _refusal(modality, field)) is not None:
+        raise ValueError(refusal)
+    return bentoml.get_current_service()
+
 
 def _image(upload) -> Image.Image:
     """/classify's "image": its header read and its size checked, not yet decoded (classify
     decides where to decode)."""
-    served = bentoml.get_current_service()
+    served = _served("image", "image")
     return served.serving.image(upload, served.card, SERVE)
 
 
 def _images(images: np.ndarray) -> object:
-    served = bentoml.get_current_service()
+    served = _served("image", "images")
     return served.serving.images(images, served.card, SERVE)
 
 
+def _array(data: bytes) -> object:
+    served = _served("image", "array")
+    return served.serving.array(data, served.card, SERVE)
+
+
 def _text(text: str) -> str:
-    served = bentoml.get_current_service()
+    served = _served("text", "text")
     return served.serving.text(text, served.card, SERVE)
 
 
 def _texts(texts: list[str]) -> object:
-    served = bentoml.get_current_service()
+    served = _served("text", "texts")
     return served.serving.texts(texts, served.card, SERVE)
 
 
@@ -115,13 +135,13 @@ def _image_head(head: bytes) -> str | None:
     """InputGuard's check of an upload's first bytes: why it is refused (a size over a limit
     its header shows, another modality's endpoint) or None."""
     served = bentoml.get_current_service()
-    return served.serving.image_head(head, served.card, SERVE)
+    return _refusal("image", "image") or served.serving.image_head(head, served.card, SERVE)
 
 
 def _array_head(head: bytes) -> str | None:
     """_image_head's check for /classify_npy."""
     served = bentoml.get_current_service()
-    return served.serving.array_head(head, served.card, SERVE)
+    return _refusal("image", "array") or served.serving.array_head(head, served.card, SERVE)
 
 
 def _example(field: str):
@@ -186,7 +206,7 @@ class Classifier:
         self.classes = card.classes
         # The served model's modality checks each endpoint's input and turns a checked batch
         # into the model's input (a text model's tokenizer sha256-checked against the card).
-        self.serving = card_part(card, "serving")
+        self.modality, self.serving = card.recipe.data.modality, card_part(card, "serving")
         self.model_input = self.serving.model_input(folder, card)
         # One image or text: a single-threaded session run inline (waking threads costs more
         # than the model); batches: serve.batch_threads threads.
@@ -294,7 +314,7 @@ class Classifier:
                         "shaped as /classify_batch's images")]) -> list[Prediction]:
         """Classify a binary pixel array: a .npy file (numpy.save, no pickles) uploaded as the
         multipart field "array", shapes and values as for /classify_batch."""
-        pixels = _invalid_argument(self.serving.array, array.read_bytes(), self.card, SERVE)
+        pixels = _invalid_argument(_array, array.read_bytes())
         return self._predict(pixels, self.batch)
 
     @bentoml.api

@@ -37,7 +37,7 @@ import pandas as pd
 from pipeline import StageError
 from pipeline.champion import Task, reference, write_pointer
 from pipeline.dataset import SPLITS, data_hash, read_manifest
-from pipeline.modality import part
+from pipeline.modality import PREPROCESSING, part
 from pipeline.params import DriftParams, Params, load_params
 
 DOCS_SITE = "kiln"
@@ -101,8 +101,9 @@ def _suites(checks: ModuleType, classes: list[str], params: Params, with_drift: 
             column="split", value_set=list(SPLITS), **kind("unknown_splits"),
             description="Every split is train, val or test."),
     ]
-    suites = {checks.UNIT: checks.suite(E, kind, params, repeated, labels, splits),
-              **_class_suites(E, kind, checks.UNIT, *checks.class_minimum(params))}
+    unit = PREPROCESSING[params.data.modality].UNIT
+    suites = {unit: checks.suite(E, kind, params, repeated, labels, splits),
+              **_class_suites(E, kind, unit, *checks.class_minimum(params))}
     if with_drift:
         suites["drift"] = _drift_suite(E, kind, params.drift) + \
             checks.drift_suite(E, kind, params)
@@ -179,9 +180,10 @@ def _offenders(result, table: pd.DataFrame, checks: ModuleType) -> tuple[int | N
         errors = table.set_index("path").decode_error
         return len(rows), [f"{r['file_problem']}: {source[r['path']]} ({errors[r['path']]})"
                            for r in rows]
-    if column == checks.UNIT and rows and "split" in rows[0]:  # class_counts, by split
+    key = result.expectation_config.meta["key"]
+    if key == "short_class_splits":  # class_counts: its count column is named for the unit
         return len(rows), [f"{r['split']}/{r['label']} ({r[column]} {column})" for r in rows]
-    if column == checks.UNIT:
+    if key == "empty_classes":
         return len(rows), [f"class {r['label']!r} ({r[column]} {column})" for r in rows]
     if column in ("psi", "ks"):
         return len(rows), [f"{r['feature']} {column.upper()} {r[column]:.3f}" for r in rows]
@@ -241,7 +243,8 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
                          f"trained on {trained_on} data, this data set is {modality}: give it "
                          "another package.model_name")
     table, current, report = checks.examine(folder, rows, params, reference)
-    class_table, class_counts = class_tables(table, classes, checks.UNIT)
+    unit = PREPROCESSING[modality].UNIT
+    class_table, class_counts = class_tables(table, classes, unit)
 
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -254,7 +257,7 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
     context.add_data_docs_site(site_name=DOCS_SITE, site_config=data_docs.site_config(docs))
     run_id = data_docs.run_id(data_hash(folder))
     source = context.data_sources.add_pandas("kiln")
-    tables = {checks.UNIT: (table, ["path"]), "classes": (class_table, ["label"]),
+    tables = {unit: (table, ["path"]), "classes": (class_table, ["label"]),
               "class_counts": (class_counts, ["split", "label"])}
     if report is not None:
         tables["drift"] = (report.table(), ["feature"])
@@ -341,7 +344,8 @@ def main(argv: list[str]) -> None:
         path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     args.profile.parent.mkdir(parents=True, exist_ok=True)
     args.profile.write_text(json.dumps(result.profile, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"validate: {m[checks.UNIT]} {checks.UNIT}, {m['classes']} classes, {m['splits']}: "
+    unit = PREPROCESSING[p.data.modality].UNIT
+    print(f"validate: {m[unit]} {unit}, {m['classes']} classes, {m['splits']}: "
           f"{m['checks_passed']} checks passed, {m['checks_failed']} failed; "
           f"Data Docs in {args.docs / 'index.html'}")
     for line in checks.lines(m, p):

@@ -39,7 +39,6 @@ from pipeline.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, comp
 from pipeline.image.preprocess import IMAGE_FORMATS, MODES, to_channels
 from pipeline.params import DataParams, Params
 
-UNIT = "images"  # the table's name, and what the class tables count
 # What --metrics holds (the rest of Validation.metrics goes to --details): the counts a person
 # compares across runs with `dvc metrics diff` / `dvc exp show`.
 SUMMARY = ("images", "classes", "splits", "undecodable", "converted", "duplicates",
@@ -255,13 +254,13 @@ def class_minimum(params: Params) -> tuple[int, str]:
     return params.validate.min_images_per_class_per_split, "validate.min_images_per_class_per_split"
 
 
-def offenders(column: str, result: dict, images: pd.DataFrame) -> list[str] | None:
+def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | None:
     """How the failed rows of an images-table check on `column` are named (GX's `result`), for
     the columns only images have; None for the others."""
     rows = result["unexpected_index_list"]
-    source = dict(zip(images.path, images.source))
+    source = dict(zip(table.path, table.source))
     if column == "resize_factor":
-        sizes = images.set_index("path")
+        sizes = table.set_index("path")
         return [f"{source[r['path']]} ({int(sizes.width[r['path']])}x"
                 f"{int(sizes.height[r['path']])} px)" for r in rows]
     if column == "blank":
@@ -269,13 +268,13 @@ def offenders(column: str, result: dict, images: pd.DataFrame) -> list[str] | No
     return None
 
 
-def metrics(images: pd.DataFrame, params: Params) -> dict:
+def metrics(table: pd.DataFrame, params: Params) -> dict:
     """What validate's metrics hold for images besides the shared counts."""
-    decoded = images[images.file_problem.isna()]
+    decoded = table[table.file_problem.isna()]
     channels = params.data.channels
     return {
-        "images": len(images),
-        "undecodable": int(images.file_problem.notna().sum()),
+        "images": len(table),
+        "undecodable": int(table.file_problem.notna().sum()),
         "duplicates": int(decoded.content_hash.duplicated().sum()),
         # original mode -> images converted from it to data.channels (its PIL mode)
         "converted": {str(m): int(n) for m, n in
@@ -283,7 +282,7 @@ def metrics(images: pd.DataFrame, params: Params) -> dict:
                       .sort_index().items()},
         "channels_model": channels,
         "file_problems": {p.replace(" ", "_").replace("/", "_"):
-                          int((images.file_problem == p).sum()) for p in FILE_PROBLEMS},
+                          int((table.file_problem == p).sum()) for p in FILE_PROBLEMS},
     }
 
 

@@ -12,7 +12,6 @@ from pipeline.image.preprocess import Preprocessing
 from pipeline.params import Params
 
 INPUT, OUTPUT = "input", "logits"
-ITEMS = "images"
 
 
 def export_onnx(model: nn.Module, prep: Preprocessing, path: Path) -> None:

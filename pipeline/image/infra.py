@@ -13,7 +13,6 @@ from open_inference.grpc import protocol as pb
 from pipeline import StageError
 from pipeline.image.serving import DATATYPES, GRPC_INPUT
 
-ITEMS = "images"
 
 
 def served(client: httpx.Client, data: Path, rows: list[dict], items: np.ndarray,

@@ -54,6 +54,7 @@ class Preprocessing:
     # before data.background existed (pipeline/card.py reads such cards with None).
     background: int | list[int] | None = None
 
+    UNIT = "images"   # what the items are called in counts and messages (not a field)
     MODEL_FILES = ()  # files beside the weights a model folder needs besides them (not a field)
 
     def to_dict(self) -> dict:

@@ -2,8 +2,8 @@
 and pipeline/oip.py do with an image model's requests. An upload's header is read and its size
 checked before it is decoded; a pixel array's or a .npy file's shape, dtype and values are
 checked before anything large is allocated; the checked pixels are normalised by the card's
-preprocessing (pipeline/image/preprocess.py), never re-implemented here. The text endpoints
-answer that this server takes images.
+preprocessing (pipeline/image/preprocess.py), never re-implemented here. Endpoints of another
+modality answer TAKES (pipeline/service.py).
 
 Bad input raises ValueError naming the field and the cause (HTTP 400, gRPC INVALID_ARGUMENT).
 Needs numpy and Pillow only: the Bento has no torch.
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from pipeline.params import ServeParams
 
 SERVES = "an image model"
-# What a request to a text endpoint is told (after its field's name).
+# What a request to another modality's endpoint is told (after its field's name).
 TAKES = f"this server serves {SERVES}; send images to /classify, /classify_batch or /classify_npy"
 GRPC_INPUT = "images"  # ModelInfer's one input tensor
 # OIP datatype -> (dtype of its raw bytes, typed contents field, dtype the contents are read as:
@@ -193,14 +193,6 @@ def array_head(head: bytes, card: ModelCard, serve: ServeParams) -> str | None:
     except ValueError:
         return None
     return _npy_values_over_limit(shape, card, serve)
-
-
-def text(text: str, card: ModelCard, serve: ServeParams) -> str:
-    raise ValueError(f"text: {TAKES}")
-
-
-def texts(texts: list[str], card: ModelCard, serve: ServeParams) -> list[str]:
-    raise ValueError(f"texts: {TAKES}")
 
 
 def grpc_input(request, card: ModelCard, serve: ServeParams) -> np.ndarray:

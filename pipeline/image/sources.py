@@ -22,7 +22,6 @@ from pipeline.dataset import write_manifest
 from pipeline.folders import FileKind, copy_folder, stratified_split
 from pipeline.params import Params, Split
 
-UNIT = "images"
 IMAGES = FileKind(suffixes=frozenset({".png", ".jpg", ".jpeg"}), one="an image", many="images",
                   files="image files", other="non-image")
 

@@ -29,7 +29,6 @@ from pipeline.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, comp
 from pipeline.params import DriftParams, Params
 from pipeline.text.words import text_key, words
 
-UNIT = "texts"  # the table's name, and what the class tables count
 COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "empty", "words",
            "chars", "content_hash"]
 SUMMARY = ("texts", "classes", "splits", "undecodable", "empty", "duplicates", "checks_passed",
@@ -146,11 +145,11 @@ def class_minimum(params: Params) -> tuple[int, str]:
     return params.text.min_texts_per_class_per_split, "text.min_texts_per_class_per_split"
 
 
-def offenders(column: str, result: dict, texts: pd.DataFrame) -> list[str] | None:
+def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | None:
     """How the failed rows of a check on `column` are named (GX's `result`), for the columns
     only texts have (texts table, drift); None for the others."""
     rows = result["unexpected_index_list"]
-    source = dict(zip(texts.path, texts.source))
+    source = dict(zip(table.path, table.source))
     if column == "empty":
         return [source[r["path"]] for r in rows]
     if column == "words":
@@ -160,16 +159,16 @@ def offenders(column: str, result: dict, texts: pd.DataFrame) -> list[str] | Non
     return None
 
 
-def metrics(texts: pd.DataFrame, params: Params) -> dict:
+def metrics(table: pd.DataFrame, params: Params) -> dict:
     """What validate's metrics hold for texts besides the shared counts."""
-    decoded = texts[texts.file_problem.isna()]
+    decoded = table[table.file_problem.isna()]
     return {
-        "texts": len(texts),
-        "undecodable": int(texts.file_problem.notna().sum()),
+        "texts": len(table),
+        "undecodable": int(table.file_problem.notna().sum()),
         "empty": int(decoded["empty"].sum()),
         "duplicates": int(decoded.content_hash.dropna().duplicated().sum()),
         "file_problems": {p.replace(" ", "_").replace("-", "_"):
-                          int((texts.file_problem == p).sum()) for p in FILE_PROBLEMS},
+                          int((table.file_problem == p).sum()) for p in FILE_PROBLEMS},
         "words": {q: float(decoded.words.quantile(v)) if decoded.words.notna().any() else None
                   for q, v in (("min", 0), ("median", 0.5), ("max", 1))},
     }

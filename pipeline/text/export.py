@@ -21,7 +21,6 @@ from pipeline.params import Params
 from pipeline.text.tokens import TextPreprocessing
 
 INPUT, OUTPUT = "input_ids", "logits"
-ITEMS = "texts"
 
 
 def export_onnx(model: nn.Module, prep: TextPreprocessing, path: Path) -> None:

@@ -12,7 +12,6 @@ from open_inference.grpc import protocol as pb
 from pipeline import StageError
 from pipeline.text.serving import GRPC_INPUT
 
-ITEMS = "texts"
 
 
 def served(client: httpx.Client, data: Path, rows: list[dict], items: list[str],

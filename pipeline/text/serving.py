@@ -3,8 +3,8 @@ pipeline/oip.py do with a text model's requests. A text is checked (a non-space 
 most serve.max_text_bytes UTF-8 bytes), then tokenized by the model's saved tokenizer
 (tokenizer.json, checked against the card's sha256, applied by pipeline/text/tokens.py). A text
 is valid Unicode here: pydantic's JSON parser refuses a body that is not UTF-8 or escapes an
-unpaired surrogate (HTTP 400), gRPC's BYTES elements are decoded strictly. The image endpoints
-answer that this server takes texts.
+unpaired surrogate (HTTP 400), gRPC's BYTES elements are decoded strictly. Endpoints of another
+modality answer TAKES (pipeline/service.py).
 
 Bad input raises ValueError naming the field and the cause (HTTP 400, gRPC INVALID_ARGUMENT).
 Needs numpy and `tokenizers` only: the Bento has no torch.
@@ -19,14 +19,11 @@ from pipeline.text import tokens
 if TYPE_CHECKING:
     from pathlib import Path
 
-    import numpy as np
-    from PIL import Image
-
     from pipeline.card import ModelCard
     from pipeline.params import ServeParams
 
 SERVES = "a text model"
-# What a request to an image endpoint is told (after its field's name).
+# What a request to another modality's endpoint is told (after its field's name).
 TAKES = (f"this server serves {SERVES}; send {{\"text\": ...}} to /classify_text or "
          "{\"texts\": [...]} to /classify_text_batch")
 GRPC_INPUT = "texts"  # ModelInfer's one input tensor, BYTES [N]
@@ -45,30 +42,6 @@ def example(card: ModelCard) -> list[str]:
 
 def api_examples(card: ModelCard) -> dict[str, object]:
     return {"text": EXAMPLE_TEXT, "texts": [EXAMPLE_TEXT, EXAMPLE_TEXT.lower()]}
-
-
-def image(upload, card: ModelCard, serve: ServeParams) -> Image.Image:
-    raise ValueError(f"image: {TAKES}")
-
-
-def image_head(head: bytes, card: ModelCard, serve: ServeParams) -> str | None:
-    return f"image: {TAKES}"
-
-
-def image_pixels(image: Image.Image, card: ModelCard) -> np.ndarray:
-    raise ValueError(f"image: {TAKES}")
-
-
-def images(images: np.ndarray, card: ModelCard, serve: ServeParams) -> np.ndarray:
-    raise ValueError(f"images: {TAKES}")
-
-
-def array(data: bytes, card: ModelCard, serve: ServeParams) -> np.ndarray:
-    raise ValueError(f"array: {TAKES}")
-
-
-def array_head(head: bytes, card: ModelCard, serve: ServeParams) -> str | None:
-    return f"array: {TAKES}"
 
 
 def checked_text(text: str, name: str, max_text_bytes: int) -> str:

@@ -31,7 +31,6 @@ from pipeline.folders import FileKind, copy_folder, stratified_split
 from pipeline.params import Params, Split
 from pipeline.text.words import text_key
 
-UNIT = "texts"
 TEXTS = FileKind(suffixes=frozenset({".txt"}), one="a .txt file", many=".txt files",
                  files=".txt files", other="non-.txt")
 # The built-in set: the languages with at least 600 distinct dialog lines of their own in

@@ -35,6 +35,7 @@ class TextPreprocessing:
     mask_id: int
     vocab_size: int
 
+    UNIT = "texts"  # what the items are called in counts and messages (not a field)
     MODEL_FILES = (TOKENIZER_FILE,)  # beside the weights in every model folder (not a field)
 
     def to_dict(self) -> dict:
