@@ -126,6 +126,17 @@ class TextParams:
 
 
 @dataclass(frozen=True)
+class AudioParams:
+    source: str
+    sample_rate: int
+    clip_seconds: float
+    voices: int
+    takes: int
+    speed_wpm: list[int]
+    pitch: list[int]
+
+
+@dataclass(frozen=True)
 class TrainParams:
     model: ModelName
     optimizer: Literal["adam", "sgd"]
@@ -209,6 +220,7 @@ class Params:
     serve: ServeParams
     schedule: ScheduleParams
     text: TextParams
+    audio: AudioParams
 
 
 def did_you_mean(word, choices) -> str:
@@ -288,6 +300,10 @@ def _is_background(value) -> bool:
         all(0 <= v <= 255 for v in levels)
 
 
+def _is_range(value: list[int], low: int, high: int) -> bool:
+    return len(value) == 2 and low <= value[0] <= value[1] <= high
+
+
 def _check_ranges(p: Params) -> None:
     checks = [
         ("data.split", abs(p.data.split.train + p.data.split.val + p.data.split.test - 1) < 1e-6,
@@ -357,6 +373,14 @@ def _check_ranges(p: Params) -> None:
         ("text.augment", all(0 <= r < 1 for r in (p.text.augment.deletion, p.text.augment.swap,
                                                    p.text.augment.mask)),
          "deletion, swap and mask must each be in [0, 1)"),
+        ("audio.sample_rate", p.audio.sample_rate >= 1000, "must be >= 1000 (Hz)"),
+        ("audio.clip_seconds", p.audio.clip_seconds > 0, "must be > 0"),
+        ("audio.voices", p.audio.voices >= 3, "must be >= 3 (a voice is in one split only)"),
+        ("audio.takes", p.audio.takes >= 1, "must be >= 1"),
+        ("audio.speed_wpm", _is_range(p.audio.speed_wpm, 80, 450),
+         "must be [min, max] with 80 <= min <= max <= 450 (eSpeak NG's words per minute)"),
+        ("audio.pitch", _is_range(p.audio.pitch, 0, 99),
+         "must be [min, max] with 0 <= min <= max <= 99 (eSpeak NG's pitch scale)"),
     ]
     for key, ok, why in checks:
         if not ok:
