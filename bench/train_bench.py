@@ -152,7 +152,7 @@ def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int,
     start = time.perf_counter()
     training.fit(net, x, y, epochs=t.epochs, batch_size=t.batch_size, optimizer=optimizer,
                  scheduler=scheduler, label_smoothing=t.label_smoothing, seed=seed,
-                 memory_format=memory_format, epoch_inputs=warps)  # fit syncs once per epoch (.tolist of the sums)
+                 memory_format=memory_format, epoch_inputs=warps, cuda_graph=t.cuda_graph)  # fit syncs once per epoch (.tolist of the sums)
     seconds = time.perf_counter() - start
     return t.epochs * len(x) / seconds, test_accuracy(model.cpu().float(), prep, splits)
 

@@ -13,7 +13,8 @@ Method:
   lazily inside the first optimizer step). The checkpoint folder is emptied before each run.
 - Test accuracy: the written models/float on the test split, float32, on the CPU.
 - KILN_BENCH_PROFILE=1 prints cProfile's top functions (cumulative) of each run (slower).
-- Reported: each run, and the median of the stage seconds and of the test accuracy.
+- Reported: each run (with the stage's first two and last epoch lines and its summary line),
+  and the median of the stage seconds and of the test accuracy.
 """
 from __future__ import annotations
 
@@ -112,6 +113,9 @@ def main() -> None:
             if os.environ.get("KILN_BENCH_PROFILE"):
                 print(out.stdout.split("RESULT ", 1)[0][-12000:])
             result = json.loads(out.stdout.split("RESULT ", 1)[1])
+            epochs = [line for line in out.stdout.splitlines() if line.startswith("epoch")]
+            print("\n".join(["  " + line for line in dict.fromkeys(epochs[:2] + epochs[-1:])]
+                            + [line for line in out.stdout.splitlines() if line.startswith("train:")]))
             runs.append(result)
             print(f"run {run}: train stage {result['stage_s']:.2f} s, test accuracy "
                   f"{result['test_acc']:.4f} on {result['device']}", flush=True)

@@ -151,6 +151,7 @@ class TrainParams:
     epoch_augment: bool
     channels_last: bool
     compile: bool
+    cuda_graph: bool
     processes: int
 
 

@@ -76,6 +76,28 @@ def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -
     return loss / len(x), correct / len(x)
 
 
+class LossAndHits(nn.Module):
+    """A training step's forward: (mean cross-entropy, correct predictions) of the batch
+    inputs[idx], y[idx], under bf16 autocast on CUDA. The batch is gathered inside, so a CUDA
+    graph of it (torch.cuda.make_graphed_callables) takes only the index as new input. Autocast's
+    weight-cast cache is off: graph capture refuses it, and a step casts each weight once anyway."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float,
+                 memory_format: torch.memory_format):
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+        self.memory_format = memory_format
+
+    def forward(self, inputs: torch.Tensor, idx: torch.Tensor,
+                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xb, yb = inputs[idx].contiguous(memory_format=self.memory_format), y[idx]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=xb.is_cuda, cache_enabled=False):
+            logits = self.model(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=self.label_smoothing)
+        return loss, (logits.argmax(1) == yb).sum()
+
+
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None, label_smoothing: float,
@@ -83,19 +105,27 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
         val: tuple[torch.Tensor, torch.Tensor] | None = None,
         on_epoch: Callable[[dict], None] | None = None,
         epoch_inputs: Callable[[int], torch.Tensor] | None = None,
-        start_epoch: int = 0) -> dict:
+        start_epoch: int = 0, cuda_graph: bool = False) -> dict:
     """Train in place on device tensors x (normalised) and y for epochs start_epoch+1..epochs;
     return the last epoch's metrics ({} when there is none left to run).
 
     The recipe (optimizer, schedule, smoothing, memory format) is required: callers take it from
     params.yaml. The hooks after it are optional: `val` is scored after every epoch and
     `on_epoch(metrics)` called; `epoch_inputs(e)` replaces x for epoch e (per-epoch
-    augmentation); `start_epoch` resumes. `batch_size` is the global batch: under
+    augmentation); `start_epoch` resumes; `cuda_graph` (train.cuda_graph) replays each full
+    batch's forward and backward as CUDA graphs, on CUDA in one process (elsewhere, and for a
+    tail batch, the same step runs eagerly). `batch_size` is the global batch: under
     torch.distributed each rank takes every world_size-th sample of it and DDP averages the
     gradients.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     metrics: dict = {}
+    step = LossAndHits(model, label_smoothing, memory_format)
+    # Captured at the first full batch (shapes are fixed). A replay copies an input only where
+    # its storage differs from the capture's: y and x (no epoch_inputs) never, a new epoch's
+    # warped inputs once per step, the index always.
+    graphed: nn.Module | None = None
+    graphs = cuda_graph and x.is_cuda and world == 1
     for epoch in range(start_epoch + 1, epochs + 1):
         model.train()
         start = time.perf_counter()
@@ -110,17 +140,21 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
             if len(idx) < world:  # a rank without a sample would leave DDP's all-reduce waiting
                 continue
             idx = idx[rank::world]
-            xb, yb = inputs[idx].contiguous(memory_format=memory_format), y[idx]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-                logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+            if graphs and len(idx) == batch_size:
+                if graphed is None:
+                    graphed = torch.cuda.make_graphed_callables(
+                        LossAndHits(model, label_smoothing, memory_format),
+                        (inputs, idx.clone(), y))
+                loss, hits = graphed(inputs, idx, y)
+            else:
+                loss, hits = step(inputs, idx, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.argmax(1) == yb).sum()
+            loss_sum.add_(loss.detach(), alpha=len(idx))
+            correct.add_(hits)
             seen += len(idx)
         totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64,
                                                               device=x.device)])

@@ -226,3 +226,53 @@ def test_fit_on_cuda_with_bf16_autocast():
                            label_smoothing=0.0, seed=0, memory_format=torch.channels_last,
                            val=(x, y))
     assert metrics["val_acc"] > 0.95
+
+
+def digit_halves(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes a LeNet-5 separates in a few epochs: bright left or right image halves."""
+    rng = np.random.default_rng(0)
+    y = torch.from_numpy(rng.integers(0, 2, n)).to(device)
+    x = torch.from_numpy(rng.normal(0, 0.3, (n, 1, 32, 32)).astype(np.float32)).to(device)
+    x[:, :, :, :16] += 1.5 * (y == 0).float().view(-1, 1, 1, 1)
+    x[:, :, :, 16:] += 1.5 * (y == 1).float().view(-1, 1, 1, 1)
+    return x, y
+
+
+def fit_lenet(x: torch.Tensor, y: torch.Tensor, cuda_graph: bool) -> tuple[dict, dict]:
+    """(last epoch's metrics, weights) of 3 epochs at batch 64 with params.yaml's recipe."""
+    torch.manual_seed(0)
+    model = models.build("lenet5", channels=1, classes=2, image_size=32).to(x.device)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = training.make_optimizer("adam", model.parameters(), 2e-3, 0.9, 0.0)
+    steps = 3 * training.steps_per_epoch(len(x), 64, 1)
+    metrics = training.fit(model, x, y, epochs=3, batch_size=64, optimizer=optimizer,
+                           scheduler=training.make_schedule("onecycle", optimizer, 2e-3, steps),
+                           label_smoothing=0.1, seed=0, memory_format=torch.channels_last,
+                           val=(x, y), cuda_graph=cuda_graph)
+    return metrics, {k: v.float().cpu() for k, v in model.state_dict().items()}
+
+
+def test_cuda_graph_flag_leaves_cpu_training_unchanged():
+    x, y = digit_halves(96, "cpu")  # one full batch of 64 and a tail of 32
+    eager, graph = fit_lenet(x, y, cuda_graph=False), fit_lenet(x, y, cuda_graph=True)
+    assert eager[0]["train_loss"] == graph[0]["train_loss"]
+    assert all(torch.equal(eager[1][k], graph[1][k]) for k in eager[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_steps_train_like_eager_steps(monkeypatch):
+    """200 samples at batch 64: three captured-graph steps and an eager tail step per epoch."""
+    captures = []
+    make = torch.cuda.make_graphed_callables
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables",
+                        lambda *a, **k: captures.append(a) or make(*a, **k))
+    x, y = digit_halves(200, "cuda")
+    eager = fit_lenet(x, y, cuda_graph=False)
+    assert not captures
+    graph = fit_lenet(x, y, cuda_graph=True)
+    assert len(captures) == 1
+    assert graph[0]["val_acc"] > 0.95
+    assert abs(graph[0]["train_loss"] - eager[0]["train_loss"]) < 1e-3
+    for key, weights in eager[1].items():
+        torch.testing.assert_close(graph[1][key], weights, rtol=1e-2, atol=1e-3)
