@@ -81,7 +81,8 @@ def main() -> None:
     fit(model, x, y, epochs=epochs, batch_size=recipe.batch_size, optimizer=optimizer,
         scheduler=make_schedule(recipe.lr_schedule, optimizer, recipe.lr,
                                 steps_per_epoch(len(x), recipe.batch_size, 1) * epochs),
-        label_smoothing=recipe.label_smoothing, seed=recipe.seed, memory_format=memory_format)
+        label_smoothing=recipe.label_smoothing, seed=recipe.seed, memory_format=memory_format,
+        cuda_graph=recipe.cuda_graph)
     model.eval()
 
     def measure(name: str, net: torch.nn.Module, seconds: float | None) -> dict:

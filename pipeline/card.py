@@ -115,13 +115,15 @@ def read_card(folder: Path) -> ModelCard:
 def _upgrade(raw):
     """A card written before data.background existed as one with background None: its model
     was trained with alpha dropped (PIL's convert), and is served the same way. One written
-    before data.modality existed is an image model's, without a text recipe."""
+    before data.modality existed is an image model's, without a text recipe; one before
+    train.cuda_graph was trained without CUDA graphs."""
     try:
         if "tokenizer_sha256" not in raw["preprocessing"]:
             for section in (raw["preprocessing"], raw["recipe"]["data"]):
                 section.setdefault("background", None)
         raw["recipe"]["data"].setdefault("modality", "image")
         raw["recipe"].setdefault("text", None)
+        raw["recipe"]["train"].setdefault("cuda_graph", False)  # cards before train.cuda_graph
     except (KeyError, TypeError, AttributeError):
         pass  # not a card's shape: typed() names what is wrong
     return raw

@@ -181,7 +181,7 @@ def prune_and_finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: Co
             optimizer=optimizer,
             scheduler=make_schedule(recipe.lr_schedule, optimizer, p.finetune_lr, total_steps),
             label_smoothing=recipe.label_smoothing, seed=recipe.seed,
-            memory_format=memory_format, on_epoch=on_epoch)
+            memory_format=memory_format, cuda_graph=recipe.cuda_graph, on_epoch=on_epoch)
     for m in _prunable(model):
         if prune.is_pruned(m):
             prune.remove(m, "weight")

@@ -237,7 +237,7 @@ def main(argv: list[str]) -> None:
         fit(net, x, y, epochs=p.epochs, batch_size=p.batch_size, optimizer=optimizer,
             scheduler=scheduler, label_smoothing=p.label_smoothing, seed=p.seed,
             memory_format=memory_format, val=val, on_epoch=on_epoch,
-            epoch_inputs=epoch_inputs, start_epoch=len(history))
+            epoch_inputs=epoch_inputs, start_epoch=len(history), cuda_graph=p.cuda_graph)
 
     final = history[-1]
     if rank == 0:

@@ -101,11 +101,11 @@ class LossAndHits(nn.Module):
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None, label_smoothing: float,
-        seed: int, memory_format: torch.memory_format,
+        seed: int, memory_format: torch.memory_format, cuda_graph: bool,
         val: tuple[torch.Tensor, torch.Tensor] | None = None,
         on_epoch: Callable[[dict], None] | None = None,
         epoch_inputs: Callable[[int], torch.Tensor] | None = None,
-        start_epoch: int = 0, cuda_graph: bool = False) -> dict:
+        start_epoch: int = 0) -> dict:
     """Train in place on device tensors x (normalised) and y for epochs start_epoch+1..epochs;
     return the last epoch's metrics ({} when there is none left to run).
 

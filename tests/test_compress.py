@@ -144,7 +144,8 @@ def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     steps = steps_per_epoch(len(x), recipe.batch_size, 1) * FLOAT_EPOCHS
     fit(model, x, y, epochs=FLOAT_EPOCHS, batch_size=recipe.batch_size, optimizer=optimizer,
         scheduler=make_schedule(recipe.lr_schedule, optimizer, recipe.lr, steps),
-        label_smoothing=recipe.label_smoothing, seed=recipe.seed, memory_format=memory_format)
+        label_smoothing=recipe.label_smoothing, seed=recipe.seed, memory_format=memory_format,
+        cuda_graph=recipe.cuda_graph)
     model.eval()
     export_onnx(model, prep, tmp_path / "float.onnx")
     float_acc = (onnx_predictor(tmp_path / "float.onnx", 2)(test_x).argmax(1) == test_labels).mean()

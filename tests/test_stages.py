@@ -242,7 +242,7 @@ def test_fit_learns_and_is_deterministic():
         optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
         epochs = []
         fit(model, x, y, epochs=3, batch_size=32, optimizer=optimizer, scheduler=None,
-            label_smoothing=0.0, seed=0, memory_format=torch.contiguous_format,
+            label_smoothing=0.0, seed=0, memory_format=torch.contiguous_format, cuda_graph=False,
             val=(x, y), on_epoch=epochs.append)
         runs.append(epochs)
     assert runs[0][-1]["val_acc"] > 0.95
@@ -289,7 +289,8 @@ def test_onnx_export_and_int8_match_torch(tmp_path):
     torch.manual_seed(0)
     model = models.build("lenet5", channels=1, classes=2, image_size=32)
     fit(model, x, y, epochs=2, batch_size=32, optimizer=torch.optim.Adam(model.parameters(), 2e-3),
-        scheduler=None, label_smoothing=0.0, seed=0, memory_format=torch.contiguous_format)
+        scheduler=None, label_smoothing=0.0, seed=0, memory_format=torch.contiguous_format,
+        cuda_graph=False)
     model.eval()
     export.export_onnx(model, PREP, tmp_path / "float.onnx")
     quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", x[:64].numpy(),

@@ -224,7 +224,7 @@ def test_fit_on_cuda_with_bf16_autocast():
     metrics = training.fit(model, x, y, epochs=3, batch_size=32, optimizer=optimizer,
                            scheduler=training.make_schedule("onecycle", optimizer, 2e-3, 3 * 8),
                            label_smoothing=0.0, seed=0, memory_format=torch.channels_last,
-                           val=(x, y))
+                           val=(x, y), cuda_graph=False)
     assert metrics["val_acc"] > 0.95
 
 
@@ -241,7 +241,7 @@ def digit_halves(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
 def fit_lenet(x: torch.Tensor, y: torch.Tensor, cuda_graph: bool) -> tuple[dict, dict]:
     """(last epoch's metrics, weights) of 3 epochs at batch 64 with params.yaml's recipe."""
     torch.manual_seed(0)
-    model = models.build("lenet5", channels=1, classes=2, image_size=32).to(x.device)
+    model = image_models.build("lenet5", channels=1, classes=2, image_size=32).to(x.device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = training.make_optimizer("adam", model.parameters(), 2e-3, 0.9, 0.0)
     steps = 3 * training.steps_per_epoch(len(x), 64, 1)

@@ -222,10 +222,11 @@ def build(name: str, prep: TextPreprocessing, classes: int, p: TextParams) -> nn
 
 def recipe(params: Params) -> TrainParams:
     """train.* (optimizer, schedule, smoothing, seed) with text.epochs, lr and batch_size; no
-    channels_last or per-epoch warps (image-only: token ids are (N, L))."""
+    channels_last or per-epoch warps (image-only: token ids are (N, L)); no CUDA graphs (only
+    measured with the image models: docs/benchmarks.md, GPU)."""
     return dataclasses.replace(params.train, epochs=params.text.epochs, lr=params.text.lr,
                                batch_size=params.text.batch_size, channels_last=False,
-                               epoch_augment=False)
+                               epoch_augment=False, cuda_graph=False)
 
 
 def torch_threads(params: Params) -> int | None:
