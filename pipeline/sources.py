@@ -1,6 +1,6 @@
 """Which project source files a module runs: itself and every project module it imports,
 directly or not, read from the code (import statements anywhere in a file, including those
-inside functions; a modality part fetched by `part(..., "<name>")`, pipeline/modality.py, is
+inside functions, but not those under `if TYPE_CHECKING:`, which never run; a modality part fetched by `part(..., "<name>")`, pipeline/modality.py, is
 pipeline/<modality>/<name>.py of every registered modality). dvc.yaml's deps of a stage must list exactly these files (tests/test_deps.py
 checks it), and the train stage's checkpoint fingerprint hashes them, so a change to any code a
 stage runs reruns that stage and invalidates its checkpoints.
@@ -26,7 +26,7 @@ def _module_file(name: str) -> Path | None:
 def _imported_names(file: Path) -> set[str]:
     package = file.relative_to(ROOT).with_suffix("").parts[:-1]
     names = set()
-    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+    for node in _run_nodes(ast.parse(file.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -39,6 +39,24 @@ def _imported_names(file: Path) -> set[str]:
         elif _is_part_call(node):
             names.update(f"pipeline.{m}.{node.args[1].value}" for m in MODALITIES)
     return names
+
+
+def _run_nodes(tree: ast.AST):
+    """Every node of `tree` but those under `if TYPE_CHECKING:`: imports for type annotations
+    only never run."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def _is_type_checking(test: ast.AST) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _is_part_call(node: ast.AST) -> bool:
