@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import StageError
-from pipeline.params import (AugmentParams, CompressParams, DataParams, ParamsError, ServeParams,
-                             TextParams, TrainParams, typed)
+from pipeline.params import (AudioParams, AugmentParams, CompressParams, DataParams, ParamsError,
+                             ServeParams, TextParams, TrainParams, typed)
 from pipeline.modality import PREPROCESSING, AnyPreprocessing
 
 CARD_FILE = "model.json"
@@ -37,6 +37,7 @@ class Recipe:
     train: TrainParams
     compress: CompressParams | None  # set from the compress stage on
     text: TextParams | None = None   # data.modality text only
+    audio: AudioParams | None = None  # data.modality audio only
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,15 @@ def read_card(folder: Path) -> ModelCard:
 def _upgrade(raw):
     """A card written before data.background existed as one with background None: its model
     was trained with alpha dropped (PIL's convert), and is served the same way. One written
-    before data.modality existed is an image model's, without a text recipe."""
+    before data.modality existed is an image model's, without a text (or audio) recipe."""
     try:
-        if "tokenizer_sha256" not in raw["preprocessing"]:
-            for section in (raw["preprocessing"], raw["recipe"]["data"]):
+        data = raw["recipe"]["data"]
+        data.setdefault("modality", "image")
+        if data["modality"] == "image":
+            for section in (raw["preprocessing"], data):
                 section.setdefault("background", None)
-        raw["recipe"]["data"].setdefault("modality", "image")
         raw["recipe"].setdefault("text", None)
+        raw["recipe"].setdefault("audio", None)
     except (KeyError, TypeError, AttributeError):
         pass  # not a card's shape: typed() names what is wrong
     return raw
