@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import StageError
-from pipeline.params import (AugmentParams, CompressParams, DataParams, ParamsError, ServeParams,
-                             TextParams, TrainParams, typed)
+from pipeline.params import (AudioParams, AugmentParams, CompressParams, DataParams, ParamsError,
+                             ServeParams, TextParams, TrainParams, typed)
 from pipeline.modality import PREPROCESSING, AnyPreprocessing
 
 CARD_FILE = "model.json"
@@ -37,6 +37,7 @@ class Recipe:
     train: TrainParams
     compress: CompressParams | None  # set from the compress stage on
     text: TextParams | None = None   # data.modality text only
+    audio: AudioParams | None = None  # data.modality audio only
 
 
 @dataclass(frozen=True)
@@ -115,14 +116,16 @@ def read_card(folder: Path) -> ModelCard:
 def _upgrade(raw):
     """A card written before data.background existed as one with background None: its model
     was trained with alpha dropped (PIL's convert), and is served the same way. One written
-    before data.modality existed is an image model's, without a text recipe; one before
-    train.cuda_graph was trained without CUDA graphs."""
+    before data.modality existed is an image model's, without a text (or audio) recipe; one
+    before train.cuda_graph was trained without CUDA graphs."""
     try:
-        if "tokenizer_sha256" not in raw["preprocessing"]:
-            for section in (raw["preprocessing"], raw["recipe"]["data"]):
+        data = raw["recipe"]["data"]
+        data.setdefault("modality", "image")
+        if data["modality"] == "image":
+            for section in (raw["preprocessing"], data):
                 section.setdefault("background", None)
-        raw["recipe"]["data"].setdefault("modality", "image")
         raw["recipe"].setdefault("text", None)
+        raw["recipe"].setdefault("audio", None)
         raw["recipe"]["train"].setdefault("cuda_graph", False)  # cards before train.cuda_graph
     except (KeyError, TypeError, AttributeError):
         pass  # not a card's shape: typed() names what is wrong

@@ -40,12 +40,13 @@ def write_manifest(folder: Path, rows: list[dict], classes: list[str]) -> None:
 
 
 def load_split(folder: Path, split: str, prep) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one split through `prep` (a Preprocessing): uint8 (N, C, S, S) pixels, int64 labels."""
+    """Decode one split through `prep`'s load: an image Preprocessing's uint8 (N, C, S, S)
+    pixels, an AudioPreprocessing's float32 (N, samples) waveforms; and int64 labels."""
     rows, classes = read_manifest(folder)
     index = {c: i for i, c in enumerate(classes)}
     rows = [r for r in rows if r["split"] == split]
     if not rows:
-        raise StageError(f"{folder / 'manifest.csv'}: no images in split {split!r}")
+        raise StageError(f"{folder / 'manifest.csv'}: no {prep.UNIT} in split {split!r}")
     pixels = np.stack([prep.load(folder / r["path"]) for r in rows])
     return pixels, np.array([index[r["label"]] for r in rows], dtype=np.int64)
 

@@ -1,4 +1,5 @@
-"""The modality seam: what differs between images and texts, behind one interface per stage.
+"""The modality seam: what differs between images, texts and audio, behind one interface per
+stage.
 
 data.modality in params.yaml names a modality, and a model card names its own
 (recipe.data.modality). A modality is a package pipeline/<name>/ holding one module per part
@@ -47,6 +48,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
+from pipeline.audio.preprocess import AudioPreprocessing
 from pipeline.image.preprocess import Preprocessing
 from pipeline.params import MODALITIES
 from pipeline.text.tokens import TextPreprocessing
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
     from pipeline.params import Params, TrainParams
 
 # The record a model card's `preprocessing` holds, per modality: how an item becomes model input.
-PREPROCESSING = {"image": Preprocessing, "text": TextPreprocessing}
+PREPROCESSING = {"image": Preprocessing, "text": TextPreprocessing, "audio": AudioPreprocessing}
 AnyPreprocessing = typing.Union[tuple(PREPROCESSING.values())]  # what a card may hold
 
 

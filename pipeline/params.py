@@ -25,7 +25,7 @@ class ParamsError(ValueError):
 # needs no torch. tests/test_stages.py checks they equal the registries.
 ModelName = Literal["lenet5", "resnet_small"]
 # data.modality: each names a package pipeline/<name>/ (pipeline/modality.py, the seam)
-MODALITIES = ("image", "text")
+MODALITIES = ("image", "text", "audio")
 Modality = Literal[MODALITIES]
 TextModelName = Literal["text_encoder", "text_bag"]
 PruneMethod = Literal["structured_l1", "l1_unstructured", "l1_channels"]
@@ -134,6 +134,8 @@ class AudioParams:
     takes: int
     speed_wpm: list[int]
     pitch: list[int]
+    silent_rms: float
+    min_accuracy: float
 
 
 @dataclass(frozen=True)
@@ -382,6 +384,8 @@ def _check_ranges(p: Params) -> None:
          "must be [min, max] with 80 <= min <= max <= 450 (eSpeak NG's words per minute)"),
         ("audio.pitch", _is_range(p.audio.pitch, 0, 99),
          "must be [min, max] with 0 <= min <= max <= 99 (eSpeak NG's pitch scale)"),
+        ("audio.silent_rms", 0 <= p.audio.silent_rms < 1, "must be in [0, 1) (full scale 1)"),
+        ("audio.min_accuracy", 0 <= p.audio.min_accuracy <= 1, "must be in [0, 1]"),
     ]
     for key, ok, why in checks:
         if not ok:
