@@ -1,4 +1,5 @@
-"""Audio sources (audio.source) read into the ingested layout of pipeline/dataset.py:
+"""The audio modality's `sources` part (pipeline/modality.py, called by the ingest stage): audio
+sources (audio.source) read into the ingested layout of pipeline/dataset.py:
 audio/<split>/<class>/<name>.<ext>, one recording per file, with manifest.csv and classes.json.
 
     spoken_digits     built in: "zero" to "nine" synthesised offline by eSpeak NG
@@ -28,7 +29,7 @@ from pipeline import StageError
 from pipeline.audio.decode import AUDIO_SUFFIXES
 from pipeline.dataset import write_manifest
 from pipeline.folders import FileKind, copy_folder, stratified_split
-from pipeline.params import Split
+from pipeline.params import Params, Split
 
 AUDIO = FileKind(suffixes=AUDIO_SUFFIXES, one="an audio file", many="audio files",
                  files="audio files", other="non-audio")
@@ -43,6 +44,19 @@ UNVOICED = frozenset({"whisper", "whisperf"})
 # int16 full scale (clipped, up to 0.23% of a clip's); at 75, one sample of one clip, and the
 # quietest clip's RMS is -39 dBFS (median -22).
 VOLUME = 75
+
+
+def source(params: Params) -> str:
+    """audio.source: where the recordings come from."""
+    return params.audio.source
+
+
+def ingest(params: Params, out: Path) -> list[dict]:
+    """Write the recordings of audio.source, manifest.csv and classes.json under `out`; return
+    the manifest rows."""
+    a = params.audio
+    return ingest_audio(a.source, out, params.data.split, params.data.seed,
+                        params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
 
 
 def ingest_audio(source: str, out: Path, split: Split, seed: int, max_file_bytes: int,
