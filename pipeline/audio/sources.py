@@ -21,6 +21,7 @@ variants; the same params give the same files, byte for byte.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,57 @@ def voice_names(variants: list[str]) -> list[str]:
 def write_spoken_digits(out: Path, split: Split, seed: int, voices: int, takes: int,
                         speed_wpm: list[int], pitch: list[int]) -> tuple[list[dict], list[str]]:
     """audio/<split>/<digit>/<voice>-<take>.wav for each drawn voice, digit and take;
-    (manifest rows, classes)."""
+    (manifest rows, classes). Synthesised by a fresh Python process: eSpeak NG's samples
+    depend on every utterance its process made before (measured: the same call twice in one
+    process gave 8,789 then 8,790 samples, and neither espeak_Terminate nor a new
+    espeak_Initialize resets it; the same calls in two fresh processes, the same bytes), so only
+    a fresh process makes the same files from the same params whatever its caller synthesised
+    before (a test session, a notebook). A subprocess, not a multiprocessing pool: a spawned
+    worker re-runs its caller's main script, which fails for a script without a __main__ guard
+    or read from stdin."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    import pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        exchange = Path(tmp) / "exchange.pickle"  # the arguments in, the outcome out
+        exchange.write_bytes(pickle.dumps((out, split, seed, voices, takes, speed_wpm, pitch)))
+        # the child imports this very module, wherever the caller's sys.path found it
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(pipeline.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, "-c", _FRESH, str(exchange)], env=env,
+                              stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"eSpeak NG synthesis failed in its process (exit "
+                               f"{done.returncode}):\n{done.stderr[-4000:]}")
+        outcome = pickle.loads(exchange.read_bytes())
+    if isinstance(outcome, StageError):
+        raise outcome
+    return outcome
+
+
+# What the fresh process runs: synthesise_digits on the pickled arguments; its result, or the
+# StageError that names what params ask for that cannot be, pickled back in their place.
+_FRESH = """
+import pickle, sys
+from pathlib import Path
+from pipeline import StageError
+from pipeline.audio.sources import synthesise_digits
+exchange = Path(sys.argv[1])
+try:
+    outcome = synthesise_digits(*pickle.loads(exchange.read_bytes()))
+except StageError as e:
+    outcome = e
+exchange.write_bytes(pickle.dumps(outcome))
+"""
+
+
+def synthesise_digits(out: Path, split: Split, seed: int, voices: int, takes: int,
+                      speed_wpm: list[int], pitch: list[int]) -> tuple[list[dict], list[str]]:
+    """write_spoken_digits' work, in the process it runs in (a fresh one: see there)."""
     import soundfile
 
     from pipeline.audio.espeak import synthesiser
