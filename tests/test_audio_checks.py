@@ -104,6 +104,16 @@ def spoil_corrupt(source: Path) -> str:
             "file. No 'data' chunk marker (corrupt, or not WAV, FLAC or Ogg audio))")
 
 
+def spoil_truncated(source: Path) -> str:
+    """A WAV cut off half way (an interrupted copy): libsndfile decodes the half that is there
+    without a word, so decode.py takes it; its header still promises the whole. A clip that
+    may have lost its word stops validate, naming the file and both lengths."""
+    data = write(source / "val/low/cut.wav", tone(320, 0.5))
+    (source / "val/low/cut.wav").write_bytes(data[:len(data) // 2])
+    return ("-- 1 break it: truncated WAV: val/low/cut.wav (its header promises 16000 bytes of "
+            "samples, 7978 follow)")
+
+
 def spoil_zero_length(source: Path) -> str:
     """A 0-byte file (an interrupted copy or export): no recording. Stops, naming it."""
     (source / "val/high/empty.wav").write_bytes(b"")
@@ -143,7 +153,8 @@ def spoil_leaked(source: Path) -> str:
             "(test)")
 
 
-@pytest.mark.parametrize("spoil", [spoil_corrupt, spoil_zero_length, spoil_wrong_extension,
+@pytest.mark.parametrize("spoil", [spoil_corrupt, spoil_truncated, spoil_zero_length,
+                                   spoil_wrong_extension,
                                    spoil_silent, spoil_leaked], ids=lambda f: f.__name__[6:])
 def test_bad_audio_stops_validate_naming_the_file(tmp_path, audio_project, stage, spoil):
     expected = spoil(write_folder(tmp_path / "src"))
@@ -324,6 +335,21 @@ def test_a_text_profile_is_no_reference_for_audio(tmp_path, audio_project, stage
     code, out = ingest_and_validate(stage, audio_project(write_folder(tmp_path / "src")))
     assert code == 1 and "was trained on text data, this data set is audio: give it another " \
         "package.model_name" in out
+
+
+def test_streamed_and_padded_wavs_are_not_truncated(tmp_path):
+    """A streaming writer's placeholder length (ffmpeg to a pipe: 0xFFFFFFFF) and chunks after
+    the samples are no truncation; half a file is."""
+    data = write(tmp_path / "whole.wav", tone(300, 0.5))
+    at = data.index(b"data") + 4
+    (tmp_path / "streamed.wav").write_bytes(data[:at] + b"\xff" * 4 + data[at + 4:])
+    (tmp_path / "tagged.wav").write_bytes(data + b"LIST\x04\x00\x00\x00INFO")
+    (tmp_path / "cut.wav").write_bytes(data[:-100])
+    assert [checks.wav_truncation(tmp_path / n) for n in
+            ("whole.wav", "streamed.wav", "tagged.wav")] == [None, None, None]
+    assert checks.wav_truncation(tmp_path / "cut.wav") == \
+        "its header promises 16000 bytes of samples, 15900 follow"
+    assert checks.describe_clip(tmp_path / "streamed.wav", RATE)["seconds"] == 0.5
 
 
 def test_decoded_samples_hash_alike_across_containers(tmp_path):

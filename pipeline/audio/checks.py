@@ -14,11 +14,12 @@ Data Docs, one line per failed kind).
              duplicate
 
 What decode.py refuses (empty, corrupt or not audio, an extension that names another container,
-no samples, non-finite samples) stops the stage naming the file. What it decodes is taken and
-reported, not refused: 8-bit samples, several channels (mixed to mono), any rate (resampled);
-the metrics count the clips per format, source rate and channel count, and the stage prints
-them. Silent and clipped clips are bounded per data set (audio.max_silent_share,
-audio.max_clipped_share); clipped ones within the bound are named on a line of their own.
+no samples, non-finite samples), and a WAV cut short (which it decodes up to the cut), stop the
+stage naming the file. What it decodes is taken and reported, not refused: 8-bit samples,
+several channels (mixed to mono), any rate (resampled); the metrics count the clips per format,
+source rate and channel count, and the stage prints them. Silent and clipped clips are bounded
+per data set (audio.max_silent_share, audio.max_clipped_share); clipped ones within the bound
+are named on a line of their own.
 
 Drift features of the train split (pipeline/drift.py scores them):
     label, source_rate, channels   class balance, how it was recorded   PSI
@@ -27,13 +28,14 @@ Drift features of the train split (pipeline/drift.py scores them):
     centroid                       spectral centroid, Hz (brightness)   PSI and KS
 Silent clips have no loudness nor centroid (RMS 0: no spectrum); the silent check counts them.
 
-One process decodes every clip: the built-in set's 1,200 clips take 0.9 s (median of 5 runs of
-clip_table on the shared 2-core machine) of validate's ~10 s, the rest is Great Expectations
-and Data Docs, so a pool (images use one) would save little at that size.
+One process decodes every clip: the built-in set's 1,200 clips take 0.6 to 0.9 s (median of 5
+runs of clip_table, two loads of the shared 2-core machine) of validate's 5 to 11 s; the rest is
+Great Expectations and Data Docs, so a pool (images use one) would save little at that size.
 """
 from __future__ import annotations
 
 import hashlib
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +65,10 @@ FILE_PROBLEMS = {
     "non-finite samples": "holds non-finite samples",
     "corrupt or not audio": "",
 }
+TRUNCATED = "truncated WAV"  # a file_problem of its own: libsndfile reads what is there
+# A data chunk this long or longer is a streaming writer's placeholder for "unknown" (ffmpeg
+# writes 0xFFFFFFFF to a pipe, sox 0x7FFFF000), not a promise the file breaks: 2 GiB of samples.
+STREAMED = 0x7FFF0000
 COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "format",
            "source_rate", "channels", "seconds", "clipped", "rms", "loudness", "centroid",
            "content_hash"]
@@ -104,14 +110,39 @@ def spectral_centroid(samples: np.ndarray, sample_rate: int) -> float:
     return float(magnitude @ np.fft.rfftfreq(n, 1 / sample_rate) / total)
 
 
+def wav_truncation(path: Path) -> str | None:
+    """Why a RIFF WAV file is cut short: its data chunk's header promises more bytes than follow
+    it (an interrupted copy or download); None when whole, or not a RIFF WAV. libsndfile decodes
+    such a file up to its end without an error, so decode.py takes it."""
+    with open(path, "rb") as f:
+        riff, _, wave = struct.unpack("<4sI4s", f.read(12).ljust(12, b"\0"))
+        if (riff, wave) != (b"RIFF", b"WAVE"):
+            return None
+        size, offset = path.stat().st_size, 12
+        while offset + 8 <= size:  # chunk by chunk: id, length, bytes (padded to even)
+            f.seek(offset)
+            chunk, length = struct.unpack("<4sI", f.read(8))
+            if chunk == b"data":
+                held = size - offset - 8
+                if held < length < STREAMED:
+                    return f"its header promises {length} bytes of samples, {held} follow"
+                return None
+            offset += 8 + length + (length & 1)
+    return None
+
+
 def describe_clip(path: Path, sample_rate: int) -> dict:
     """How one file was recorded, and its samples decoded to mono at `sample_rate` described;
-    or, when decode.py refuses it, file_problem (the kind) and decode_error (the cause)."""
+    or, when decode.py refuses it or it is a truncated WAV, file_problem (the kind) and
+    decode_error (the cause)."""
     try:
         decoded = decode(path, sample_rate)
     except AudioError as e:
         cause = str(e).removeprefix(f"{path}: ")
         return {"file_problem": file_problem(cause), "decode_error": cause}
+    cut = wav_truncation(path) if decoded.format in ("WAV", "WAVEX") else None
+    if cut:
+        return {"file_problem": TRUNCATED, "decode_error": cut}
     samples = decoded.samples
     return {
         "file_problem": None, "decode_error": None,
@@ -256,8 +287,9 @@ def metrics(table: pd.DataFrame, params: Params) -> dict:
         "clipped_clips": [_clipped(s, c) for s, c in
                           zip(clipped.source[:SHOWN], clipped.clipped[:SHOWN])],
         "sample_rate": params.audio.sample_rate,
-        "file_problems": {p.replace(" ", "_").replace("-", "_"):
-                          int((table.file_problem == p).sum()) for p in FILE_PROBLEMS},
+        "file_problems": {p.lower().replace(" ", "_").replace("-", "_"):
+                          int((table.file_problem == p).sum())
+                          for p in (*FILE_PROBLEMS, TRUNCATED)},
     }
 
 
