@@ -23,7 +23,7 @@ from pipeline.audio import checks
 from pipeline.audio.decode import decode
 from pipeline.champion import Reference
 from pipeline.dataset import SPLITS, read_manifest
-from pipeline.params import load_params
+from pipeline.params import ParamsError, load_params
 from tests.test_bad_data import VALIDATE, problems, stage  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,3 +366,16 @@ def test_decoded_samples_hash_alike_across_containers(tmp_path):
     assert hashes[0] == hashes[1] != hashes[2]
     assert decode(tmp_path / "a.wav", RATE).samples.tobytes() == \
         decode(tmp_path / "a.flac", RATE).samples.tobytes()
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"min_seconds": 2.0}, "audio.min_seconds: must satisfy 0 <= min_seconds <= max_seconds"),
+    ({"min_clips": 0}, "audio.min_clips: must satisfy 1 <= min_clips <= max_clips"),
+    ({"clipped_samples": 1.0}, "audio.clipped_samples: must be in [0, 1)"),
+    ({"max_silent_share": 1.5}, "audio.max_silent_share: must be in [0, 1]"),
+    ({"max_clipped_share": -0.1}, "audio.max_clipped_share: must be in [0, 1]"),
+    ({"max_seconds": "long"}, "audio.max_seconds: expected float, got str 'long'"),
+])
+def test_validate_params_out_of_range_are_refused(changes, message, params_writer, tmp_path):
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        load_params(params_writer(tmp_path, {"audio": changes}))
