@@ -135,6 +135,14 @@ class AudioParams:
     speed_wpm: list[int]
     pitch: list[int]
     silent_rms: float
+    min_clips: int
+    max_clips: int
+    min_clips_per_class_per_split: int
+    min_seconds: float
+    max_seconds: float
+    clipped_samples: float
+    max_clipped_share: float
+    max_silent_share: float
     min_accuracy: float
 
 
@@ -385,6 +393,15 @@ def _check_ranges(p: Params) -> None:
         ("audio.pitch", _is_range(p.audio.pitch, 0, 99),
          "must be [min, max] with 0 <= min <= max <= 99 (eSpeak NG's pitch scale)"),
         ("audio.silent_rms", 0 <= p.audio.silent_rms < 1, "must be in [0, 1) (full scale 1)"),
+        ("audio.min_clips", 1 <= p.audio.min_clips <= p.audio.max_clips,
+         "must satisfy 1 <= min_clips <= max_clips"),
+        ("audio.min_clips_per_class_per_split", p.audio.min_clips_per_class_per_split >= 0,
+         "must be >= 0"),
+        ("audio.min_seconds", 0 <= p.audio.min_seconds <= p.audio.max_seconds,
+         "must satisfy 0 <= min_seconds <= max_seconds (s)"),
+        ("audio.clipped_samples", 0 <= p.audio.clipped_samples < 1, "must be in [0, 1)"),
+        ("audio.max_clipped_share", 0 <= p.audio.max_clipped_share <= 1, "must be in [0, 1]"),
+        ("audio.max_silent_share", 0 <= p.audio.max_silent_share <= 1, "must be in [0, 1]"),
         ("audio.min_accuracy", 0 <= p.audio.min_accuracy <= 1, "must be in [0, 1]"),
     ]
     for key, ok, why in checks:

@@ -1,4 +1,5 @@
-"""Audio sources (audio.source) read into the ingested layout of pipeline/dataset.py:
+"""The audio modality's `sources` part (pipeline/modality.py, called by the ingest stage): audio
+sources (audio.source) read into the ingested layout of pipeline/dataset.py:
 audio/<split>/<class>/<name>.<ext>, one recording per file, with manifest.csv and classes.json.
 
     spoken_digits     built in: "zero" to "nine" synthesised offline by eSpeak NG
@@ -20,6 +21,7 @@ variants; the same params give the same files, byte for byte.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from pipeline import StageError
 from pipeline.audio.decode import AUDIO_SUFFIXES
 from pipeline.dataset import write_manifest
 from pipeline.folders import FileKind, copy_folder, stratified_split
-from pipeline.params import Split
+from pipeline.params import Params, Split
 
 AUDIO = FileKind(suffixes=AUDIO_SUFFIXES, one="an audio file", many="audio files",
                  files="audio files", other="non-audio")
@@ -43,6 +45,19 @@ UNVOICED = frozenset({"whisper", "whisperf"})
 # int16 full scale (clipped, up to 0.23% of a clip's); at 75, one sample of one clip, and the
 # quietest clip's RMS is -39 dBFS (median -22).
 VOLUME = 75
+
+
+def source(params: Params) -> str:
+    """audio.source: where the recordings come from."""
+    return params.audio.source
+
+
+def ingest(params: Params, out: Path) -> list[dict]:
+    """Write the recordings of audio.source, manifest.csv and classes.json under `out`; return
+    the manifest rows."""
+    a = params.audio
+    return ingest_audio(a.source, out, params.data.split, params.data.seed,
+                        params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
 
 
 def ingest_audio(source: str, out: Path, split: Split, seed: int, max_file_bytes: int,
@@ -74,7 +89,57 @@ def voice_names(variants: list[str]) -> list[str]:
 def write_spoken_digits(out: Path, split: Split, seed: int, voices: int, takes: int,
                         speed_wpm: list[int], pitch: list[int]) -> tuple[list[dict], list[str]]:
     """audio/<split>/<digit>/<voice>-<take>.wav for each drawn voice, digit and take;
-    (manifest rows, classes)."""
+    (manifest rows, classes). Synthesised by a fresh Python process: eSpeak NG's samples
+    depend on every utterance its process made before (measured: the same call twice in one
+    process gave 8,789 then 8,790 samples, and neither espeak_Terminate nor a new
+    espeak_Initialize resets it; the same calls in two fresh processes, the same bytes), so only
+    a fresh process makes the same files from the same params whatever its caller synthesised
+    before (a test session, a notebook). A subprocess, not a multiprocessing pool: a spawned
+    worker re-runs its caller's main script, which fails for a script without a __main__ guard
+    or read from stdin."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    import pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        exchange = Path(tmp) / "exchange.pickle"  # the arguments in, the outcome out
+        exchange.write_bytes(pickle.dumps((out, split, seed, voices, takes, speed_wpm, pitch)))
+        # the child imports this very module, wherever the caller's sys.path found it
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(pipeline.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, "-c", _FRESH, str(exchange)], env=env,
+                              stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"eSpeak NG synthesis failed in its process (exit "
+                               f"{done.returncode}):\n{done.stderr[-4000:]}")
+        outcome = pickle.loads(exchange.read_bytes())
+    if isinstance(outcome, StageError):
+        raise outcome
+    return outcome
+
+
+# What the fresh process runs: synthesise_digits on the pickled arguments; its result, or the
+# StageError that names what params ask for that cannot be, pickled back in their place.
+_FRESH = """
+import pickle, sys
+from pathlib import Path
+from pipeline import StageError
+from pipeline.audio.sources import synthesise_digits
+exchange = Path(sys.argv[1])
+try:
+    outcome = synthesise_digits(*pickle.loads(exchange.read_bytes()))
+except StageError as e:
+    outcome = e
+exchange.write_bytes(pickle.dumps(outcome))
+"""
+
+
+def synthesise_digits(out: Path, split: Split, seed: int, voices: int, takes: int,
+                      speed_wpm: list[int], pitch: list[int]) -> tuple[list[dict], list[str]]:
+    """write_spoken_digits' work, in the process it runs in (a fresh one: see there)."""
     import soundfile
 
     from pipeline.audio.espeak import synthesiser
