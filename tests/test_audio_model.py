@@ -226,9 +226,10 @@ def test_pruning_shrinks_the_body_not_the_front_end_and_onnx_agrees(name, waves,
                                    model(waves).numpy(), atol=1e-4)
 
 
-def test_int8_keeps_the_front_end_float_and_answers_alone_as_in_a_batch(waves, tmp_path):
+@pytest.mark.parametrize("name", sorted(audio_models.AUDIO_MODELS))
+def test_int8_keeps_the_front_end_float_and_answers_alone_as_in_a_batch(name, waves, tmp_path):
     """The server's promise: a clip's answer does not depend on the clips sent with it."""
-    model, prep = build("conv1d"), preprocessing(params().audio)
+    model, prep = build(name), preprocessing(params().audio)
     export.export_onnx(model, prep, tmp_path / "float.onnx")
     calibration = waves.numpy()
     quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", calibration,

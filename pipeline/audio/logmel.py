@@ -6,10 +6,10 @@ library beyond decoding.
 
 The STFT is a Conv1d with fixed kernels (the Hann-windowed cosine and sine of each FFT bin),
 stride hop, zero-padded by n_fft / 2 on both sides: torch.stft(center=True, pad_mode="constant")
-frame for frame, and it exports to ONNX as one Conv (ONNX Runtime's DFT op does not quantise or
-prune, and torch.stft does not export without it). Its kernels and the filterbank are buffers,
-not parameters: no optimiser step, pruning pass or int8 calibration touches them, and a model
-rebuilt from its card recomputes them (they are not in the weights file).
+frame for frame (tests/test_audio_model.py), exported as one ONNX Conv rather than opset 17's
+STFT op. Its kernels and the filterbank are buffers, not parameters: no optimiser step or
+pruning pass touches them, and a model rebuilt from its card recomputes them (they are not in
+the weights file). int8 leaves them in float (pipeline/audio/export.py says why).
 
 Hand-written rather than torchaudio's MelSpectrogram: torchaudio has no build for torch 2.13
 (../shared/STACK.md) and librosa would bring numba (~426 MB) for one filterbank.

@@ -70,6 +70,15 @@ def _conv2d_block(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
+class AsImage(nn.Module):
+    """(N, n_mels, frames) -> a one-channel image (N, 1, n_mels, frames). An ONNX Unsqueeze:
+    nn.Unflatten's Reshape of a computed shape stops ORT's symbolic shape inference, which
+    int8 quantisation runs first."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.unsqueeze(1)
+
+
 AUDIO_MODELS: dict[str, Callable[[int, int, int], nn.Sequential]] = {}
 
 
@@ -93,7 +102,7 @@ def conv1d(n_mels: int, classes: int, width: int) -> nn.Sequential:
 def cnn2d(n_mels: int, classes: int, width: int) -> nn.Sequential:
     quarter, half = max(1, width // 4), max(1, width // 2)
     return nn.Sequential(
-        nn.Unflatten(1, (1, n_mels)),  # (N, n_mels, frames) -> one-channel image
+        AsImage(),
         *_conv2d_block(1, quarter), nn.MaxPool2d(2),
         *_conv2d_block(quarter, half), nn.MaxPool2d(2),
         *_conv2d_block(half, width), nn.MaxPool2d(2),
