@@ -55,6 +55,8 @@ from pipeline.progress import Progress
 from pipeline.training import fit, make_optimizer, make_schedule, pick_device, steps_per_epoch
 
 PRUNERS: dict[str, Callable[[nn.Module, float], None]] = {}
+# The convolutions pruning, widths and sparsity count: an audio Conv1D network's too.
+CONVS = (nn.Conv1d, nn.Conv2d)
 
 
 def register(pruner: Callable[[nn.Module, float], None]) -> Callable[[nn.Module, float], None]:
@@ -63,7 +65,7 @@ def register(pruner: Callable[[nn.Module, float], None]) -> Callable[[nn.Module,
 
 
 def _prunable(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [m for m in model.modules() if isinstance(m, (*CONVS, nn.Linear))]
 
 
 @register
@@ -77,7 +79,7 @@ def l1_unstructured(model: nn.Module, amount: float) -> None:
 def l1_channels(model: nn.Module, amount: float) -> None:
     """Zero the `amount` fraction of each conv layer's output channels with the smallest L1 norm."""
     for m in _prunable(model):
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, CONVS):
             prune.ln_structured(m, "weight", amount=amount, n=1, dim=0)
 
 
@@ -104,7 +106,7 @@ def structured_l1(model: nn.Module, amount: float, example: torch.Tensor
     is removed whole, by the L1 of the head's q/k/v rows and output columns, and the model's
     `pruned(num_heads)` records the new head counts.
     Returns {layer name: (output width before, after)} for the layers that shrank."""
-    kinds = (nn.Conv2d, nn.Linear, nn.Embedding)
+    kinds = (*CONVS, nn.Linear, nn.Embedding)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
     before = {name: m.weight.shape[0 if not isinstance(m, nn.Embedding) else 1]
               for name, m in layers.items()}
@@ -269,7 +271,7 @@ def main(argv: list[str]) -> None:
     macs["pruned.onnx"] = count_macs_on(pruned, mac_input)
     n_params["pruned.onnx"] = count_params(pruned)
     widths = {name: list(layer.weight.shape[:2]) for name, layer in pruned.named_modules()
-              if isinstance(layer, (nn.Conv2d, nn.Linear, nn.Embedding))}
+              if isinstance(layer, (*CONVS, nn.Linear, nn.Embedding))}
     heads = {name: getattr(m, "num_heads", None) or m.num_attention_heads  # ours, or BERT's
              for name, m in pruned.named_modules()
              if hasattr(m, "num_heads") or hasattr(m, "num_attention_heads")}

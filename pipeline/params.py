@@ -28,6 +28,7 @@ ModelName = Literal["lenet5", "resnet_small"]
 MODALITIES = ("image", "text", "audio")
 Modality = Literal[MODALITIES]
 TextModelName = Literal["text_encoder", "text_bag"]
+AudioModelName = Literal["conv1d", "cnn2d"]  # pipeline/audio/models.py AUDIO_MODELS
 PruneMethod = Literal["structured_l1", "l1_unstructured", "l1_channels"]
 
 
@@ -126,6 +127,21 @@ class TextParams:
 
 
 @dataclass(frozen=True)
+class AudioAugmentParams:
+    copies: int
+    per_epoch: bool
+    gain_db: list[float]
+    shift_s: float
+    speed: list[float]
+    snr_db: list[float]
+    freq_masks: int
+    freq_mask_bins: int
+    time_masks: int
+    time_mask_frames: int
+    seed: int
+
+
+@dataclass(frozen=True)
 class AudioParams:
     source: str
     sample_rate: int
@@ -144,6 +160,16 @@ class AudioParams:
     max_clipped_share: float
     max_silent_share: float
     min_accuracy: float
+    model: AudioModelName
+    n_fft: int
+    hop: int
+    n_mels: int
+    width: int
+    epochs: int
+    lr: float
+    batch_size: int
+    threads: int
+    augment: AudioAugmentParams
 
 
 @dataclass(frozen=True)
@@ -311,7 +337,7 @@ def _is_background(value) -> bool:
         all(0 <= v <= 255 for v in levels)
 
 
-def _is_range(value: list[int], low: int, high: int) -> bool:
+def _is_range(value: list[float], low: float, high: float) -> bool:
     return len(value) == 2 and low <= value[0] <= value[1] <= high
 
 
@@ -403,6 +429,29 @@ def _check_ranges(p: Params) -> None:
         ("audio.max_clipped_share", 0 <= p.audio.max_clipped_share <= 1, "must be in [0, 1]"),
         ("audio.max_silent_share", 0 <= p.audio.max_silent_share <= 1, "must be in [0, 1]"),
         ("audio.min_accuracy", 0 <= p.audio.min_accuracy <= 1, "must be in [0, 1]"),
+        ("audio.n_fft", p.audio.n_fft >= 16, "must be >= 16 (samples)"),
+        ("audio.hop", 1 <= p.audio.hop <= p.audio.n_fft, "must be in [1, audio.n_fft] (samples)"),
+        ("audio.n_mels", 1 <= p.audio.n_mels <= p.audio.n_fft // 2 + 1,
+         "must be in [1, audio.n_fft / 2 + 1] (a mel band per FFT bin at most)"),
+        ("audio.width", p.audio.width >= 1, "must be >= 1"),
+        ("audio.epochs", p.audio.epochs >= 1, "must be >= 1"),
+        ("audio.lr", p.audio.lr > 0, "must be > 0"),
+        ("audio.batch_size", p.audio.batch_size >= 1, "must be >= 1"),
+        ("audio.threads", p.audio.threads >= 1, "must be >= 1"),
+        ("audio.augment.copies", p.audio.augment.copies >= 0, "must be >= 0"),
+        ("audio.augment.gain_db", _is_range(p.audio.augment.gain_db, -60, 60),
+         "must be [min, max] with -60 <= min <= max <= 60 (dB)"),
+        ("audio.augment.shift_s", 0 <= p.audio.augment.shift_s < p.audio.clip_seconds,
+         "must be in [0, audio.clip_seconds) (s)"),
+        ("audio.augment.speed", _is_range(p.audio.augment.speed, 0.5, 2),
+         "must be [min, max] with 0.5 <= min <= max <= 2 (playback rate)"),
+        ("audio.augment.snr_db", _is_range(p.audio.augment.snr_db, -20, 100),
+         "must be [min, max] with -20 <= min <= max <= 100 (dB)"),
+        ("audio.augment", min(p.audio.augment.freq_masks, p.audio.augment.freq_mask_bins,
+                              p.audio.augment.time_masks, p.audio.augment.time_mask_frames) >= 0,
+         "freq_masks, freq_mask_bins, time_masks and time_mask_frames must each be >= 0"),
+        ("audio.augment.freq_mask_bins", p.audio.augment.freq_mask_bins <= p.audio.n_mels,
+         "must be <= audio.n_mels"),
     ]
     for key, ok, why in checks:
         if not ok:

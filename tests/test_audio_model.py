@@ -1,0 +1,301 @@
+"""The audio models (data.modality: audio): the log-mel front end against torch.stft, waveform
+perturbation and SpecAugment, the registry's models in ONNX Runtime on raw waveforms, structured
+pruning that shrinks the body and never the front end, int8 with the front end in float, and the
+augment -> train -> compress stages on generated clips."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import soundfile
+import torch
+from safetensors.torch import load_file
+
+from pipeline import StageError
+from pipeline.audio import export
+from pipeline.audio import models as audio_models
+from pipeline.audio.augment import augment_waves, preprocessing, write_augmented
+from pipeline.audio.logmel import LogMel, mask_bands, mel_filterbank
+from pipeline.audio.perturb import generator, perturb, resample
+from pipeline.card import onnx_predictor, read_card
+from pipeline.compress import count_macs_on, count_params, quantize_int8, structured_l1
+from pipeline.dataset import load_split, write_manifest
+from pipeline.params import AudioModelName, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+RATE = 16000
+CLASSES = {"low": 300.0, "mid": 700.0, "high": 1500.0, "top": 3000.0}  # class -> tone Hz
+SPLITS = {"train": 24, "val": 4, "test": 8}  # clips per class
+# Tiny models, few epochs: a training run takes a few seconds on 2 cores.
+AUDIO = {"n_mels": 16, "width": 8, "epochs": 4, "batch_size": 16, "lr": 0.01,
+         "augment": {"copies": 1, "time_masks": 1, "freq_masks": 1, "freq_mask_bins": 2}}
+
+
+def params(**audio):
+    """The real params.yaml's audio section with AUDIO and `audio` changes (augment merged)."""
+    p = load_params(REPO / "params.yaml")
+    changes = {**AUDIO, **audio}
+    augment = dataclasses.replace(p.audio.augment, **changes.pop("augment"))
+    return dataclasses.replace(p, audio=dataclasses.replace(p.audio, augment=augment, **changes))
+
+
+def clip(hz: float, rng: np.random.Generator) -> np.ndarray:
+    """A tone of 0.2-0.6 s at a random level and place in 1 s of light noise."""
+    n = int(rng.uniform(0.2, 0.6) * RATE)
+    start = rng.integers(0, RATE - n)
+    out = rng.normal(0, 0.003, RATE)
+    out[start:start + n] += rng.uniform(0.1, 0.5) * np.sin(2 * np.pi * hz * np.arange(n) / RATE
+                                                           + rng.uniform(0, 2 * np.pi))
+    return out.astype(np.float32)
+
+
+def write_clips(folder: Path, seed: int) -> Path:
+    """An ingested audio data set (the contract's layout): audio/<split>/<class>/<n>.wav."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split, per_class in SPLITS.items():
+        for label, hz in CLASSES.items():
+            for n in range(per_class):
+                path = Path("audio", split, label, f"{n}.wav")
+                (folder / path).parent.mkdir(parents=True, exist_ok=True)
+                soundfile.write(folder / path, clip(hz, rng), RATE, subtype="PCM_16")
+                rows.append({"path": path.as_posix(), "label": label, "split": split,
+                             "source": f"generated {seed}"})
+    write_manifest(folder, rows, list(CLASSES))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def waves() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(np.stack([clip(hz, rng) for hz in [*CLASSES.values()] * 4]))
+
+
+def build(name: str) -> audio_models.AudioClassifier:
+    """An untrained model with random batch norms, as trained ones have (fresh ones are all
+    zeros and ones: the exporter would share their constants between layers)."""
+    p = params()
+    torch.manual_seed(0)
+    model = audio_models.build(name, preprocessing(p.audio), len(CLASSES), p.audio)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            for tensor in (m.weight, m.bias, m.running_mean, m.running_var):
+                tensor.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+# --- the front end -----------------------------------------------------------------------------
+
+def test_front_end_is_torch_stft_and_exports_to_conv_matmul_log(waves, tmp_path):
+    p = params().audio
+    logmel = LogMel(RATE, p.n_fft, p.hop, p.n_mels).eval()
+    reference = torch.stft(waves, p.n_fft, p.hop, window=torch.hann_window(p.n_fft),
+                           center=True, pad_mode="constant", return_complex=True).abs().square()
+    power = logmel.power(waves)
+    assert power.shape == reference.shape == (16, p.n_fft // 2 + 1, 1 + RATE // p.hop)
+    scale = reference.max()
+    assert ((power - reference).abs().max() / scale) < 1e-6
+    # Training mode takes torch.stft's FFT for speed: the same features.
+    train_power = logmel.train().power(waves)
+    assert ((train_power - power).abs().max() / scale) < 1e-6
+    # The filterbank: n_mels triangles of peak ~1, centres rising, none empty.
+    bank = mel_filterbank(RATE, p.n_fft, p.n_mels)
+    assert bank.shape == (p.n_mels, p.n_fft // 2 + 1) and (bank >= 0).all()
+    assert (bank.max(1) > 0.5).all() and (np.diff(bank.argmax(1)) >= 0).all()
+    # The whole model's graph: the front end is plain ONNX ops, no DFT or STFT op.
+    export.export_onnx(build("conv1d"), preprocessing(params().audio), tmp_path / "m.onnx")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    ops = {n.op_type for n in graph.node if n.name.startswith(export.FRONTEND)}
+    assert {"Conv", "MatMul", "Log"} <= ops and not ops & {"DFT", "STFT", "MelWeightMatrix"}
+
+
+def test_spec_augment_masks_bands_in_training_mode_only(waves):
+    features = torch.ones(64, 16, 50)
+    masked = mask_bands(features, 1, masks=1, max_width=3)
+    zero_bands = (masked == 0).all(2).sum(1)  # whole mel bands zeroed, per clip
+    assert zero_bands.max() == 3 and zero_bands.min() == 0 and (masked == 0).any(2).sum() \
+        == zero_bands.sum()
+    masked = mask_bands(features, 2, masks=2, max_width=5)
+    assert ((masked == 0).all(1).sum(1) <= 10).all() and (masked == 0).any()
+    # In the model: the body sees zeroed frames in training mode, none in eval mode.
+    model = build("cnn2d")
+    seen = []
+    model.body.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        model.train()(waves)
+        model.eval()(waves)
+    assert (seen[0] == 0).all(1).any() and not (seen[1] == 0).all(1).any()
+
+
+# --- perturbation ------------------------------------------------------------------------------
+
+def test_augmented_copies_are_seeded_and_follow_the_originals(waves):
+    p = params().audio
+    out = augment_waves(waves, p)
+    assert out.shape == (2 * len(waves), RATE) and torch.equal(out[:len(waves)], waves)
+    assert torch.equal(out, augment_waves(waves, p))
+    other = dataclasses.replace(p, augment=dataclasses.replace(p.augment, seed=1))
+    assert not torch.equal(out, augment_waves(waves, other))
+    assert out.abs().max() <= 1
+
+
+def test_each_perturbation_does_what_its_range_says(waves):
+    p = params().audio.augment
+    fixed = lambda **k: dataclasses.replace(  # noqa: E731
+        p, **{"speed": [1, 1], "shift_s": 0.0, "gain_db": [0, 0], "snr_db": [100, 100], **k})
+    g = lambda: generator(0, waves.device)  # noqa: E731
+    torch.testing.assert_close(perturb(waves, fixed(), RATE, g()), waves, atol=1e-4, rtol=0)
+    louder = perturb(waves, fixed(gain_db=[6, 6]), RATE, g())
+    torch.testing.assert_close(louder, waves * 10 ** (6 / 20), atol=1e-4, rtol=0)
+    assert perturb(waves, fixed(gain_db=[40, 40]), RATE, g()).abs().max() == 1  # clipped
+    noisy = perturb(waves, fixed(snr_db=[10, 10]), RATE, g())
+    snr = waves.square().mean(1) / (noisy - waves).square().mean(1)
+    assert ((10 * snr.log10() - 10).abs() < 0.5).all()
+    # Shift and speed: output sample t is input sample centre + (t - centre) x rate - shift.
+    ones = torch.ones(len(waves), 1)
+    torch.testing.assert_close(resample(waves, ones, 5 * ones)[:, 5:], waves[:, :-5])
+    assert (resample(waves, ones, 5 * ones)[:, :5] == 0).all()
+    tone = torch.sin(2 * torch.pi * 500 * torch.arange(RATE) / RATE).expand(2, RATE)
+    faster = resample(tone, torch.tensor([[1.0], [1.2]]), torch.zeros(2, 1))
+    assert torch.fft.rfft(faster).abs().argmax(1).tolist() == [500, 600]  # 1 Hz bins
+
+
+def test_per_epoch_inputs_depend_on_seed_and_epoch_only(waves):
+    p, prep = params(), preprocessing(params().audio)
+    tensors = {"waveforms": waves}
+    inputs = audio_models.epoch_inputs(tensors, prep, p, torch.device("cpu"),
+                                       torch.contiguous_format)
+    first = inputs(1)
+    assert torch.equal(first, inputs(1)) and not torch.equal(first, inputs(2))
+    assert not torch.equal(first, waves) and first.shape == waves.shape
+    again = audio_models.epoch_inputs(tensors, prep, p, torch.device("cpu"),
+                                      torch.contiguous_format)
+    assert torch.equal(again(2), inputs(2))
+    off = params(augment={**AUDIO["augment"], "per_epoch": False})
+    assert audio_models.epoch_inputs(tensors, prep, off, torch.device("cpu"),
+                                     torch.contiguous_format) is None
+
+
+# --- models, ONNX, pruning, int8 ---------------------------------------------------------------
+
+def test_params_name_exactly_the_registered_audio_models():
+    assert set(typing.get_args(AudioModelName)) == set(audio_models.AUDIO_MODELS)
+
+
+def test_unknown_audio_model_names_the_key():
+    p = params()
+    with pytest.raises(StageError, match="audio.model: unknown model 'lstm'.*cnn2d"):
+        audio_models.build("lstm", preprocessing(p.audio), 2, p.audio)
+
+
+@pytest.mark.parametrize("name", sorted(audio_models.AUDIO_MODELS))
+def test_pruning_shrinks_the_body_not_the_front_end_and_onnx_agrees(name, waves, tmp_path):
+    model, prep = build(name), preprocessing(params().audio)
+    export.export_onnx(model, prep, tmp_path / "float.onnx")
+    predict = onnx_predictor(tmp_path / "float.onnx", threads=1)
+    for batch in (waves[:1], waves):
+        with torch.no_grad():
+            expected = model(batch).numpy()
+        got = predict(batch.numpy())
+        assert got.shape == (len(batch), len(CLASSES)) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+    example, _ = export.mac_example(prep)
+    macs, n_params = count_macs_on(model, example), count_params(model)
+    kernels, bank = model.frontend[0].kernels.clone(), model.frontend[0].filterbank.clone()
+    widths = structured_l1(model, 0.5, waves[:1])
+    convs = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv1d,
+                                                                   torch.nn.Conv2d))]
+    assert set(widths) == set(convs) and all(after < before for before, after in widths.values())
+    assert torch.equal(model.frontend[0].kernels, kernels)
+    assert torch.equal(model.frontend[0].filterbank, bank)
+    assert model.frontend[1].num_features == params().audio.n_mels
+    assert model.body[-1].out_features == len(CLASSES)
+    assert count_params(model) < n_params and count_macs_on(model, example) < macs
+    export.export_onnx(model, prep, tmp_path / "pruned.onnx")
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_predictor(tmp_path / "pruned.onnx", 1)(waves.numpy()),
+                                   model(waves).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(audio_models.AUDIO_MODELS))
+def test_int8_keeps_the_front_end_float_and_answers_alone_as_in_a_batch(name, waves, tmp_path):
+    """The server's promise: a clip's answer does not depend on the clips sent with it."""
+    model, prep = build(name), preprocessing(params().audio)
+    export.export_onnx(model, prep, tmp_path / "float.onnx")
+    calibration = waves.numpy()
+    quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", calibration,
+                  per_channel=True, reduce_range=True, export=export)
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    frontend = [n for n in graph.node if n.name.startswith(export.FRONTEND)]
+    assert frontend and not any(set(n.input) & dequantized for n in frontend)
+    body = [n for n in graph.node if n.op_type == "Conv" and n not in frontend]
+    assert body and all(set(n.input) & dequantized for n in body)  # the body's convs are int8
+    batch = onnx_predictor(tmp_path / "int8.onnx", 1)(waves.numpy())
+    alone = np.concatenate([onnx_predictor(tmp_path / "int8.onnx", 1)(w[None].numpy())
+                            for w in waves])
+    np.testing.assert_allclose(alone, batch, atol=1e-5)
+    float_logits = onnx_predictor(tmp_path / "float.onnx", 1)(waves.numpy())
+    assert (batch.argmax(1) == float_logits.argmax(1)).mean() >= 0.9
+
+
+# --- the stages --------------------------------------------------------------------------------
+
+def run(project: Path, *argv: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=project,
+                          env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_augment_writes_the_same_bytes_twice(tmp_path):
+    data = write_clips(tmp_path / "ingested", seed=1)
+    outputs = []
+    for out in ("first", "second"):
+        summary = write_augmented(data, tmp_path / out, params())
+        outputs.append({f.name: f.read_bytes() for f in sorted((tmp_path / out).iterdir())})
+    assert sorted(outputs[0]) == ["preprocessing.json", "train.safetensors"]
+    assert outputs[0] == outputs[1]
+    assert summary.startswith("96 training clips -> 192 (1 perturbed copies each)")
+
+
+@pytest.mark.slow
+def test_augment_train_compress_on_generated_clips(tmp_path, params_writer, monkeypatch):
+    from pipeline import augment as augment_stage
+
+    write_clips(tmp_path / "data/ingested", seed=0)
+    augment = {**dataclasses.asdict(params().audio.augment)}  # params_writer sets whole keys
+    # 3 fine-tuning epochs: after 1, half of this 8-wide network's channels gone, 0.5 accuracy
+    params_writer(tmp_path, {"data": {"modality": "audio"}, "audio": {**AUDIO, "augment": augment},
+                             "compress": {"finetune_epochs": 3}})
+    monkeypatch.chdir(tmp_path)
+    augment_stage.main(["--data", "data/ingested", "--out", "data/augmented"])
+    tensors = load_file(tmp_path / "data/augmented/train.safetensors")
+    assert tensors["waveforms"].shape == (2 * 96, RATE) and tensors["labels"].shape == (192,)
+
+    run(tmp_path, "train", "--data", "data/ingested", "--augmented", "data/augmented", "--out",
+        "models/float", "--live", "reports/train", "--checkpoints", ".kiln/checkpoints/train")
+    card = read_card(tmp_path / "models/float")
+    assert card.architecture == "conv1d" and card.recipe.audio.n_mels == AUDIO["n_mels"]
+    assert card.preprocessing == preprocessing(card.recipe.audio)
+
+    run(tmp_path, "compress", "--model", "models/float", "--augmented", "data/augmented",
+        "--out", "models/compressed")
+    report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
+    assert report["macs"]["pruned.onnx"] < report["macs"]["float.onnx"]
+    assert report["pruned_widths"]["body.0"] == [4, AUDIO["n_mels"]]  # half of 8, all bands in
+    assert report["macs_of"] == "one clip of 1 s"
+    x, y = load_split(tmp_path / "data/ingested", "test", card.preprocessing)
+    for variant in ("float.onnx", "pruned.onnx", "int8.onnx"):
+        logits = onnx_predictor(tmp_path / "models/compressed" / variant, 1)(x)
+        assert (logits.argmax(1) == y).mean() > 0.5, variant  # chance: 0.25
