@@ -618,6 +618,16 @@ def test_the_text_endpoints_refuse_text_naming_the_image_endpoints(server):
 
 
 @pytest.mark.slow
+def test_the_audio_endpoint_refuses_a_recording_naming_the_image_endpoints(server):
+    from tests.test_audio_service import audio_file
+
+    wav = audio_file(np.full(1600, 0.25, np.float32), 16000)
+    response = server["client"].post("/classify_audio", files={"audio": ("a.wav", wav)})
+    assert response.status_code == 400, response.text
+    assert "audio: this server serves an image model; send images to /classify" in response.text
+
+
+@pytest.mark.slow
 def test_readiness_and_prometheus_metrics(server):
     assert server["client"].get("/readyz").status_code == 200
     server["client"].post("/classify_npy", files={"array": ("x.npy", npy(class_images(2, 6)[0]))})
