@@ -192,6 +192,8 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
     sources = sorted(p.relative_to(bento / "src").as_posix()
                      for p in (bento / "src").rglob("*") if p.is_file())
     assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/api_docs.py",
+                       "pipeline/audio/__init__.py", "pipeline/audio/decode.py",
+                       "pipeline/audio/preprocess.py", "pipeline/audio/serving.py",
                        "pipeline/card.py", "pipeline/http_guard.py", "pipeline/image/__init__.py",
                        "pipeline/image/preprocess.py", "pipeline/image/serving.py",
                        "pipeline/modality.py", "pipeline/oip.py", "pipeline/params.py",

@@ -272,8 +272,8 @@ def test_the_audio_endpoint_refuses_a_recording_naming_the_text_endpoints(text_s
     wav = audio_file(np.full(1600, 0.25, np.float32), 16000)
     response = text_server["client"].post("/classify_audio", files={"audio": ("a.wav", wav)})
     assert response.status_code == 400, response.text
-    assert "audio: this server serves a text model; send {\"text\": ...} to /classify_text" \
-        in response.json()["error"], response.text
+    assert "audio: this server serves a text model; send" in response.text, response.text
+    assert "to /classify_text or" in response.text, response.text
 
 
 @pytest.mark.slow
