@@ -64,7 +64,8 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from PIL import Image
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, PlainValidator,
+                      WithJsonSchema)
 
 from pipeline.api_docs import OfflineDocsPage
 from pipeline import oip
@@ -134,7 +135,19 @@ def _texts(texts: list[str]) -> object:
     return served.serving.texts(texts, served.card, SERVE)
 
 
-def _audio(upload: Path) -> object:
+def _audio_upload(upload):
+    """/classify_audio's "audio" as uploaded, once the served model is known to take it: a
+    PlainValidator keeps it in memory (BentoML's Path input writes every upload to a file)."""
+    _served("audio", "audio")
+    return upload
+
+
+# What the API page shows for such a field: a file upload (pydantic derives no JSON schema
+# through a PlainValidator).
+UPLOAD_SCHEMA = WithJsonSchema({"type": "file", "format": "binary"})
+
+
+def _audio(upload) -> object:
     served = _served("audio", "audio")
     return served.serving.audio(upload, served.card, SERVE)
 
@@ -356,7 +369,8 @@ class Classifier:
         return self._predict(texts, self.batch)
 
     @bentoml.api
-    def classify_audio(self, audio: Annotated[Path, Field(
+    def classify_audio(self, audio: Annotated[
+            Path, PlainValidator(_audio_upload), UPLOAD_SCHEMA, Field(
             description="the recording to classify (audio models): a WAV, FLAC or Ogg "
                         "(Vorbis, Opus) file, any sample rate and channel count, at most "
                         "serve.max_audio_seconds long; the model hears its centre "

@@ -23,6 +23,7 @@ Needs numpy, soundfile and soxr only: the Bento has no torch.
 from __future__ import annotations
 
 import io
+from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -73,17 +74,18 @@ def _refuse_silent(waveforms: np.ndarray, card: ModelCard, name) -> None:
                          f"audio.silent_rms {threshold:g}); send a recording with sound")
 
 
-def audio(upload: Path, card: ModelCard, serve: ServeParams) -> np.ndarray:
-    """/classify_audio's "audio" (the uploaded file, saved by BentoML under a name ending in
-    the client's file name) -> float32 (1, clip_samples): decoded, mono, resampled, fitted, not
-    silent. Raises ValueError starting "audio: "."""
-    suffix = upload.suffix.lower()
+def audio(upload, card: ModelCard, serve: ServeParams) -> np.ndarray:
+    """/classify_audio's "audio" (the uploaded file, or its bytes) -> float32 (1, clip_samples):
+    decoded, mono, resampled, fitted, not silent. Raises ValueError starting "audio: "."""
+    name = getattr(upload, "filename", None) or ""
+    suffix = PurePath(name).suffix.lower()
     if suffix and suffix not in decode.AUDIO_SUFFIXES:
         raise ValueError(f"audio: a {suffix} file; send WAV, FLAC or Ogg audio "
                          f"({', '.join(sorted(decode.AUDIO_SUFFIXES))})")
+    data = upload if isinstance(upload, bytes) else upload.file.read()
     p = card.preprocessing
     try:
-        decoded = decode.decode(upload.read_bytes(), p.sample_rate, name=None,
+        decoded = decode.decode(data, p.sample_rate, name=None,
                                 max_seconds=serve.max_audio_seconds)
     except decode.AudioError as e:  # its message starts "audio: " (name None)
         raise ValueError(str(e)) from None
