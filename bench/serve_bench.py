@@ -45,6 +45,21 @@ servers interleaved; then one client posting 256 test texts per request to /clas
 mean + linear, its generated texts as --data) built by the package stage into a throwaway
 BentoML home: serving overhead with a model that costs almost nothing; --encoder puts a
 BERT-style encoder of params.yaml text's size (dim, layers, heads, ffn) into it.
+
+Audio mode (an audio model's Bento, issue 13):
+
+    python bench/serve_bench.py audio --data data/ingested [--bento TAG | --tiny] \
+        [--duration 5] [--repeats 3] [--out reports/serve_bench_audio.json]
+
+The same client and method, no naive server and no batch endpoint: c clients post one test clip
+each as its file (multipart "audio", cycling through the test split) to POST /classify_audio,
+which decodes, resamples and fits it, and the same clips decoded here (AudioPreprocessing.load)
+as one-clip FP32 ModelInfer requests (pipeline/audio/infra.py infer_request) over gRPC, for c in
+(1, 32), servers interleaved. --tiny benchmarks a Bento of tests/test_audio_service.py's tiny
+audio model (a strided Conv1d, log energy, a linear head) built by the package stage into a
+throwaway BentoML home, its test split 1 s tones written as eSpeak NG writes speech (22.05 kHz
+16-bit mono WAV): serving overhead, decoding and resampling included, with a model that costs
+almost nothing.
 """
 
 import argparse
@@ -283,6 +298,85 @@ def tiny_text_bento(root: Path, encoder: bool) -> tuple[str, Path]:
     return report["champion"]["bento_tag"], root / "ingested"
 
 
+def tiny_audio_bento(root: Path) -> tuple[str, Path]:
+    """tests/test_audio_service.py's tiny audio model, packaged (infra validation included) into
+    root's BentoML home, which this process then uses; -> (Bento tag, ingested audio folder)."""
+    from tests.test_audio_service import (run_package, write_ingested_clips,
+                                          write_tiny_audio_model)
+
+    os.environ["BENTOML_HOME"] = str(root / "bentoml")
+    write_tiny_audio_model(root / "selected")
+    write_ingested_clips(root / "ingested", 64, seed=7, formats=[("WAV", "PCM_16", 22050, 1)],
+                         seconds=(1.0, 1.0))
+    done, report = run_package(root / "selected", root / "ingested", root / "bentoml")
+    if done.returncode != 0:
+        sys.exit(f"package stage failed on the tiny audio model:\n{done.stderr[-3000:]}")
+    return report["champion"]["bento_tag"], root / "ingested"
+
+
+def single_runs(bento: str, payloads: dict[str, tuple[str | None, list[bytes]]], args,
+                batch: list[bytes] | None = None) -> dict[tuple, list[dict]]:
+    """(name, c) -> runs of each payload set (path None: gRPC) for c in CONCURRENCY, servers
+    interleaved, `args.repeats` times; ("batch", 1) -> runs of one client posting `batch`."""
+    runs: dict[tuple, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp, \
+            kiln_server(bento, Path(tmp, "kiln.log")) as (kiln_url, grpc_port):
+        for _ in range(args.repeats):
+            for c in CONCURRENCY:
+                for name, (path, requests) in payloads.items():
+                    url = kiln_url if path else f"grpc://127.0.0.1:{grpc_port}"
+                    runs.setdefault((name, c), []).append(run(url, requests, c, args.duration))
+            if batch:
+                runs.setdefault(("batch", 1), []).append(run(kiln_url, batch, 1, args.duration))
+    return runs
+
+
+def print_singles(results: dict, names) -> None:
+    print(json.dumps(results, indent=1))
+    print("\n| server | clients | p50 (ms) | p99 (ms) | req/s |\n|---|---:|---:|---:|---:|")
+    for c in CONCURRENCY:
+        for name in names:
+            m = results["single"][f"{name}_c{c}"]
+            print(f"| {name} | {c} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['rps']:.0f} |")
+
+
+def audio_bench(args) -> dict:
+    """Audio mode (module doc): p50/p99 and req/s of one clip per request over REST (its file)
+    and gRPC (its decoded waveform)."""
+    import bentoml
+    import soundfile
+
+    from pipeline.audio.infra import infer_request as audio_infer_request
+    from pipeline.card import read_card
+    from pipeline.dataset import read_manifest
+
+    bento = champion_bento(args)
+    info = bentoml.bentos.get(bento).info
+    model, version = info.args["model_tag"].split(":")
+    prep = read_card(Path(bentoml.models.get(info.args["model_tag"]).path)).preprocessing
+    files = [args.data / r["path"] for r in read_manifest(args.data)[0] if r["split"] == "test"]
+    payloads = {
+        "kiln_audio": ("/classify_audio", [multipart_post("/classify_audio", "audio", f.name,
+                                                          f.read_bytes(),
+                                                          "application/octet-stream")
+                                           for f in files]),
+        "kiln_audio_grpc": (None, [audio_infer_request(model, version,
+                                                       prep.load(f)[None]).SerializeToString()
+                                   for f in files])}
+    seconds = [soundfile.info(str(f)).duration for f in files]
+    results: dict = {"load_before": load_average(), "bento": bento,
+                     "bento_config": info.services[0].config, "duration_s": args.duration,
+                     "repeats": args.repeats, "test_clips": len(files),
+                     "mean_clip_s": round(float(np.mean(seconds)), 3),
+                     "mean_file_bytes": round(float(np.mean([f.stat().st_size for f in files]))),
+                     "single": {}}
+    for (name, c), rs in single_runs(bento, payloads, args).items():
+        results["single"][f"{name}_c{c}"] = median_of(rs)
+    results["load_after"] = load_average()
+    print_singles(results, payloads)
+    return results
+
+
 def text_bench(args) -> dict:
     """Text mode (module doc): p50/p99 and req/s of one text per request over REST and gRPC,
     and /classify_text_batch throughput."""
@@ -307,29 +401,15 @@ def text_bench(args) -> dict:
                      "repeats": args.repeats, "test_texts": len(texts),
                      "mean_text_bytes": round(float(np.mean([len(t.encode()) for t in texts])), 1),
                      "single": {}, "batch": {}}
-    runs: dict[tuple, list[dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp, \
-            kiln_server(bento, Path(tmp, "kiln.log")) as (kiln_url, grpc_port):
-        for _ in range(args.repeats):
-            for c in CONCURRENCY:
-                for name, (path, requests) in payloads.items():
-                    url = kiln_url if path else f"grpc://127.0.0.1:{grpc_port}"
-                    runs.setdefault((name, c), []).append(run(url, requests, c, args.duration))
-            r = run(kiln_url, batch, 1, args.duration)
-            runs.setdefault(("batch", 1), []).append({**r, "texts_per_s": r["rps"] * BATCH})
-    for (name, c), rs in runs.items():
+    for (name, c), rs in single_runs(bento, payloads, args, batch).items():
         if name == "batch":
             results["batch"]["/classify_text_batch"] = {
-                "texts_per_s": round(statistics.median(r["texts_per_s"] for r in rs)), **median_of(rs)}
+                "texts_per_s": round(statistics.median(r["rps"] * BATCH for r in rs)),
+                **median_of(rs)}
         else:
             results["single"][f"{name}_c{c}"] = median_of(rs)
     results["load_after"] = load_average()
-    print(json.dumps(results, indent=1))
-    print("\n| server | clients | p50 (ms) | p99 (ms) | req/s |\n|---|---:|---:|---:|---:|")
-    for c in CONCURRENCY:
-        for name in payloads:
-            m = results["single"][f"{name}_c{c}"]
-            print(f"| {name} | {c} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['rps']:.0f} |")
+    print_singles(results, payloads)
     m = results["batch"]["/classify_text_batch"]
     print(f"\nbatch /classify_text_batch: {m['texts_per_s']:,} texts/s ({BATCH} per request, "
           f"p50 {m['p50_ms']:.1f} ms)")
@@ -338,7 +418,8 @@ def text_bench(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "text", "naive-server"])
+    parser.add_argument("mode", nargs="?", default="bench",
+                        choices=["bench", "text", "audio", "naive-server"])
     parser.add_argument("--data", type=Path, default=Path("data/ingested"))
     parser.add_argument("--float-model", type=Path, default=Path("models/float"))
     parser.add_argument("--bento", help="Bento tag (default: the champion `make serve` serves)")
@@ -349,16 +430,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--tiny", action="store_true",
-                        help="text mode: a Bento of the tests' tiny text model, built here")
+                        help="text or audio mode: a Bento of the tests' tiny model, built here")
     parser.add_argument("--encoder", action="store_true",
                         help="--tiny: with an encoder of params.yaml text's size")
     args = parser.parse_args()
 
-    if args.mode == "text":
+    if args.mode in ("text", "audio"):
         with tempfile.TemporaryDirectory() as tmp:
-            if args.tiny:
+            if args.tiny and args.mode == "text":
                 args.bento, args.data = tiny_text_bento(Path(tmp), args.encoder)
-            results = text_bench(args)
+            elif args.tiny:
+                args.bento, args.data = tiny_audio_bento(Path(tmp))
+            results = (text_bench if args.mode == "text" else audio_bench)(args)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")

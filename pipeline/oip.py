@@ -16,14 +16,17 @@ hands them over as a ServedModel). Server reflection is on.
                               a text model's "texts", BYTES [N], one UTF-8 text per element, as
                               raw_input_contents (each element a 4-byte little-endian length,
                               then its bytes: KServe/Triton's BYTES serialisation) or
-                              contents.bytes_contents. Outputs "probabilities" FP32 [N, K],
-                              "label" BYTES [N], "index" INT64 [N] as typed contents (all, or
-                              those named in the request's outputs); the request's id is echoed
+                              contents.bytes_contents; an audio model's "waveform", FP32
+                              [N, clip_samples], decoded clips (mono at the model's rate,
+                              values in [-1, 1]), raw or fp32_contents. Outputs
+                              "probabilities" FP32 [N, K], "label" BYTES [N], "index" INT64
+                              [N] as typed contents (all, or those named in the request's
+                              outputs); the request's id is echoed
 
 ModelMetadata's TensorMetadata has one datatype and shape per tensor and no parameters, so the
 rest is in its `properties` (string -> string): "classes" (JSON list, an index's label is its
-position), "input_datatypes" (an image model's "UINT8,FP32", a text model's "BYTES"),
-"input_shapes" (JSON list of accepted shapes).
+position), "input_datatypes" (an image model's "UINT8,FP32", a text model's "BYTES", an audio
+model's "FP32"), "input_shapes" (JSON list of accepted shapes).
 
 Bad input is answered INVALID_ARGUMENT (NOT_FOUND for an unknown model) with a message naming
 the cause, never INTERNAL or UNKNOWN; a message over serve.max_request_bytes gets gRPC's own

@@ -234,6 +234,7 @@ class ServeParams:
     access_log: bool
     grpc_port: int
     max_text_bytes: int
+    max_audio_seconds: float
 
 
 @dataclass(frozen=True)
@@ -388,6 +389,7 @@ def _check_ranges(p: Params) -> None:
          "must be in [0, serve.max_image_pixels]"),
         ("serve.max_batch_images", p.serve.max_batch_images >= 1, "must be >= 1"),
         ("serve.max_text_bytes", p.serve.max_text_bytes >= 1, "must be >= 1"),
+        ("serve.max_audio_seconds", p.serve.max_audio_seconds > 0, "must be > 0 (s)"),
         ("text.per_class", p.text.per_class >= 1, "must be >= 1"),
         ("text.min_texts", 1 <= p.text.min_texts <= p.text.max_texts,
          "must satisfy 1 <= min_texts <= max_texts"),

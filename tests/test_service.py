@@ -192,6 +192,8 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
     sources = sorted(p.relative_to(bento / "src").as_posix()
                      for p in (bento / "src").rglob("*") if p.is_file())
     assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/api_docs.py",
+                       "pipeline/audio/__init__.py", "pipeline/audio/decode.py",
+                       "pipeline/audio/preprocess.py", "pipeline/audio/serving.py",
                        "pipeline/card.py", "pipeline/http_guard.py", "pipeline/image/__init__.py",
                        "pipeline/image/preprocess.py", "pipeline/image/serving.py",
                        "pipeline/modality.py", "pipeline/oip.py", "pipeline/params.py",
@@ -615,6 +617,16 @@ def test_the_text_endpoints_refuse_text_naming_the_image_endpoints(server):
         response = server["client"].post(path, json=body)
         assert response.status_code == 400, (path, response.text)
         assert "this server serves an image model; send images to /classify" in response.text
+
+
+@pytest.mark.slow
+def test_the_audio_endpoint_refuses_a_recording_naming_the_image_endpoints(server):
+    from tests.test_audio_service import audio_file
+
+    wav = audio_file(np.full(1600, 0.25, np.float32), 16000)
+    response = server["client"].post("/classify_audio", files={"audio": ("a.wav", wav)})
+    assert response.status_code == 400, response.text
+    assert "audio: this server serves an image model; send images to /classify" in response.text
 
 
 @pytest.mark.slow

@@ -266,6 +266,17 @@ def test_the_image_endpoints_refuse_a_valid_image_naming_the_text_endpoints(text
 
 
 @pytest.mark.slow
+def test_the_audio_endpoint_refuses_a_recording_naming_the_text_endpoints(text_server):
+    from tests.test_audio_service import audio_file
+
+    wav = audio_file(np.full(1600, 0.25, np.float32), 16000)
+    response = text_server["client"].post("/classify_audio", files={"audio": ("a.wav", wav)})
+    assert response.status_code == 400, response.text
+    assert "audio: this server serves a text model; send" in response.text, response.text
+    assert "to /classify_text or" in response.text, response.text
+
+
+@pytest.mark.slow
 def test_the_api_page_gives_working_text_examples(text_server):
     spec = text_server["client"].get("/docs.json").json()
     examples = {}
