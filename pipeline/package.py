@@ -24,7 +24,8 @@ task's champion line (pipeline/champion.py: a model name and a class list).
    with; the build resolves nothing over the network.
 4. Infra validation: the new Bento runs under `bentoml serve` on a free loopback port
    (pipeline/serving.py: it dies with this stage); every test item goes through the model's
-   REST endpoints and, in batches of up to serve.max_batch_images, to gRPC ModelInfer (the
+   REST endpoints and, in batches of up to serve.max_batch_images (fewer where a request would
+   pass serve.max_request_bytes), to gRPC ModelInfer (the
    Open Inference Protocol, pipeline/oip.py), as the model's infra part says
    (pipeline/<modality>/infra.py, pipeline/modality.py Infra: an image model's test images as
    their files to /classify and as .npy files to /classify_npy, raw pixels over gRPC; a text
@@ -167,7 +168,8 @@ def _named(prefix: str):
 
 
 def infra_validate(bento_tag: str, model_tag: str, model_dir: Path, card: ModelCard,
-                   data_dir: Path, ready_timeout_s: float, max_batch_images: int) -> dict:
+                   data_dir: Path, ready_timeout_s: float, max_batch_images: int,
+                   max_request_bytes: int) -> dict:
     """Serve the Bento and check it answers every test item as model_dir's model does here,
     over HTTP and gRPC (ModelInfer for model_tag, by name and version). Raises StageError naming
     the first differences; returns what was checked: "tested" (in words) and the endpoints."""
@@ -181,7 +183,8 @@ def infra_validate(bento_tag: str, model_tag: str, model_dir: Path, card: ModelC
         served = {endpoint: (indices, _served_probabilities(card, got))
                   for endpoint, (indices, got) in answers.items()}
         served["gRPC ModelInfer"] = (np.arange(len(rows)), _grpc_probabilities(
-            client.grpc_port, model_tag, items, infra.infer_request, max_batch_images))
+            client.grpc_port, model_tag, items, infra.infer_request, max_batch_images,
+            max_request_bytes))
     _compare(bento_tag, rows, expected, served)
     return {"tested": f"{len(rows)} test {card.preprocessing.UNIT}", "endpoints": list(served)}
 
@@ -208,16 +211,23 @@ def _compare(bento_tag: str, rows: list[dict], expected: np.ndarray,
                              f"first (file, expected, served): {wrong[:5]}")
 
 
-def _grpc_probabilities(port: int, model_tag: str, items, request_of,
-                        max_batch_images: int) -> np.ndarray:
-    """ModelInfer over loopback gRPC, max_batch_images items per request, each made by
-    request_of(model name, version, items) (the model's infra part)."""
+def _grpc_probabilities(port: int, model_tag: str, items, request_of, max_batch_images: int,
+                        max_request_bytes: int) -> np.ndarray:
+    """ModelInfer over loopback gRPC, max_batch_images items per request (fewer where the
+    request would pass the server's max_request_bytes: 240 one-second clips are 15 MB), each
+    made by request_of(model name, version, items) (the model's infra part)."""
     name, version = model_tag.split(":")
     served = []
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = GRPCInferenceServiceStub(channel)
-        for start in range(0, len(items), max_batch_images):
-            request = request_of(name, version, items[start:start + max_batch_images])
+        start = 0
+        while start < len(items):
+            n = min(max_batch_images, len(items) - start)
+            request = request_of(name, version, items[start:start + n])
+            while request.ByteSize() > max_request_bytes and n > 1:
+                n //= 2
+                request = request_of(name, version, items[start:start + n])
+            start += n
             try:
                 served.append(oip.probabilities_of(stub.ModelInfer(request, timeout=30)))
             except grpc.RpcError as e:
@@ -329,7 +339,8 @@ def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: 
                                  version=bento_tag.split(":")[1], args=to_dict(args))
             created.append((bentoml.bentos.delete, bento_tag))
         return infra_validate(bento_tag, args.model_tag, model_dir, card, data_dir,
-                              ready_timeout_s, args.serve.max_batch_images)
+                              ready_timeout_s, args.serve.max_batch_images,
+                              args.serve.max_request_bytes)
     except BaseException:
         for delete, tag in reversed(created):
             delete(tag)
