@@ -140,10 +140,10 @@ def relaunch_under_torchrun(argv: list[str], processes: int) -> None:
                          f"(exit {done.returncode}); their errors are above")
 
 
-def progress_line(m: dict, epochs: int, eta_s: float) -> str:
+def progress_line(m: dict, epochs: int, eta_s: float, unit: str) -> str:
     return (f"epoch {m['epoch']:3d}/{epochs}  loss {m['train_loss']:.4f}  "
             f"acc {m['train_acc']:.4f}  val_loss {m['val_loss']:.4f}  val_acc {m['val_acc']:.4f}  "
-            f"{m['images_per_s']:,.0f} img/s  {m['seconds']:.2f} s  eta {eta_s:.1f} s")
+            f"{m['images_per_s']:,.0f} {unit}/s  {m['seconds']:.2f} s  eta {eta_s:.1f} s")
 
 
 def main(argv: list[str]) -> None:
@@ -232,7 +232,7 @@ def main(argv: list[str]) -> None:
             write_checkpoint(args.checkpoints, state)
             run_seconds.append(m["seconds"])
             eta = (p.epochs - m["epoch"]) * sum(run_seconds) / len(run_seconds)
-            print(progress_line(m, p.epochs, eta), flush=True)
+            print(progress_line(m, p.epochs, eta, prep.UNIT), flush=True)
 
         fit(net, x, y, epochs=p.epochs, batch_size=p.batch_size, optimizer=optimizer,
             scheduler=scheduler, label_smoothing=p.label_smoothing, seed=p.seed,
@@ -257,7 +257,7 @@ def main(argv: list[str]) -> None:
         total = sum(m["seconds"] for m in history)
         print(f"train: {card.architecture} on {world} x {device.type}, "
               f"val_acc {final['val_acc']:.4f}, "
-              f"{len(x) * p.epochs / total:,.0f} img/s over {p.epochs} epochs -> {args.out}",
+              f"{len(x) * p.epochs / total:,.0f} {prep.UNIT}/s over {p.epochs} epochs -> {args.out}",
               flush=True)
     if world > 1:
         dist.barrier()

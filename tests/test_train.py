@@ -94,7 +94,7 @@ def test_same_seed_same_data_gives_identical_metrics(project, reference, monkeyp
     monkeypatch.chdir(project)
     train.main(stage_argv("again"))
     progress = capsys.readouterr().out
-    assert "epoch   8/8" in progress and "img/s" in progress and "eta 0.0 s" in progress
+    assert "epoch   8/8" in progress and "images/s" in progress and "eta 0.0 s" in progress
     metrics, weights = outputs(project, "again")
     ref_metrics, ref_weights = outputs(project, reference)
     assert metrics == ref_metrics
