@@ -24,7 +24,7 @@ from pipeline.audio.decode import decode
 from pipeline.champion import Reference
 from pipeline.dataset import SPLITS, read_manifest
 from pipeline.params import ParamsError, load_params
-from tests.test_bad_data import VALIDATE, problems, stage  # noqa: F401 (fixture)
+from tests.test_bad_data import VALIDATE, ingest_and_validate, problems, stage  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 16000  # Hz the generated clips are written at (params.yaml audio.sample_rate)
@@ -80,11 +80,6 @@ def audio_project(tmp_path, params_writer):
         return work
     return make
 
-
-def ingest_and_validate(stage, work: Path) -> tuple[int, str]:  # noqa: F811
-    code, out = stage(work, "ingest", "--out", "data/ingested")
-    assert code == 0, out
-    return stage(work, *VALIDATE)
 
 
 def details(work: Path) -> dict:

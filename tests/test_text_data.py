@@ -22,7 +22,7 @@ from pipeline.params import load_params
 from pipeline.text import checks
 from pipeline.text.sources import ingest_texts
 from pipeline.text.words import text_key
-from tests.test_bad_data import VALIDATE, cli, problems, stage  # noqa: F401 (fixture)
+from tests.test_bad_data import VALIDATE, cli, ingest_and_validate, problems, stage  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("billing", "outage", "praise")
@@ -69,11 +69,6 @@ def text_project(tmp_path, params_writer):
         return work
     return make
 
-
-def ingest_and_validate(stage, work: Path) -> tuple[int, str]:  # noqa: F811
-    code, out = stage(work, "ingest", "--out", "data/ingested")
-    assert code == 0, out
-    return stage(work, *VALIDATE)
 
 
 def manifest(work: Path) -> list[dict]:
