@@ -1,9 +1,12 @@
 """Which project source files a module runs: itself and every project module it imports,
 directly or not, read from the code (import statements anywhere in a file, including those
-inside functions, but not those under `if TYPE_CHECKING:`, which never run; a modality part fetched by `part(..., "<name>")`, pipeline/modality.py, is
-pipeline/<modality>/<name>.py of every registered modality). dvc.yaml's deps of a stage must list exactly these files (tests/test_deps.py
-checks it), and the train stage's checkpoint fingerprint hashes them, so a change to any code a
-stage runs reruns that stage and invalidates its checkpoints.
+inside functions and those under `if TYPE_CHECKING:`: an annotation's type is part of the code
+it describes; a modality part fetched by `part(..., "<name>")`, pipeline/modality.py, is
+pipeline/<modality>/<name>.py of every registered modality). dvc.yaml's deps of a stage must
+list exactly these files (tests/test_deps.py checks it), and the train stage's checkpoint
+fingerprint hashes them, so a change to any code a stage runs reruns that stage and invalidates
+its checkpoints. What those files need installed (outside_imports) leaves the TYPE_CHECKING
+imports out: they never run, so the Bento needs no torch for the seam's annotations.
 """
 from __future__ import annotations
 
@@ -23,10 +26,12 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-def _imported_names(file: Path) -> set[str]:
+def _imported_names(file: Path, for_annotations: bool) -> set[str]:
+    """What `file` imports; `for_annotations`: also under `if TYPE_CHECKING:`."""
     package = file.relative_to(ROOT).with_suffix("").parts[:-1]
     names = set()
-    for node in _run_nodes(ast.parse(file.read_text(encoding="utf-8"))):
+    tree = ast.parse(file.read_text(encoding="utf-8"))
+    for node in ast.walk(tree) if for_annotations else _run_nodes(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -83,7 +88,7 @@ def source_files(*modules: str) -> list[Path]:
         if file in seen:
             continue
         seen.add(file)
-        for name in _imported_names(file):
+        for name in _imported_names(file, for_annotations=True):
             parts = name.split(".")
             for i in range(1, len(parts) + 1):
                 found = _module_file(".".join(parts[:i]))
@@ -95,5 +100,6 @@ def source_files(*modules: str) -> list[Path]:
 def outside_imports(*modules: str) -> set[str]:
     """Top-level names of the modules that the project files of `modules` import from outside
     the project (standard library included): what an environment running them must provide."""
-    return {name.split(".")[0] for file in source_files(*modules) for name in _imported_names(file)
+    return {name.split(".")[0] for file in source_files(*modules)
+            for name in _imported_names(file, for_annotations=False)
             if name and _module_file(name.split(".")[0]) is None}

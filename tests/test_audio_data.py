@@ -20,7 +20,8 @@ import pytest
 import soundfile
 
 from pipeline import StageError
-from pipeline.audio.decode import AudioError, clip_length, decode, fit, load_clip
+from pipeline.audio.decode import AudioError, clip_length, decode, fit
+from pipeline.audio.preprocess import AudioPreprocessing
 from pipeline.audio.sources import DIGITS, ingest_audio
 from pipeline.dataset import SPLITS, read_manifest
 from pipeline.params import ParamsError, Split, load_params
@@ -97,11 +98,12 @@ def test_a_clip_is_padded_or_cut_centred_to_the_clip_length(tmp_path):
     soundfile.write(short, np.full(4000, 0.25, np.float32), RATE, subtype="PCM_16")
     soundfile.write(long, np.linspace(-0.5, 0.5, 3 * RATE, dtype=np.float32), RATE,
                     subtype="PCM_16")
-    padded = load_clip(short, RATE, 1.0)
+    clip = AudioPreprocessing(sample_rate=RATE, clip_samples=clip_length(RATE, 1.0))
+    padded = clip.load(short)
     assert padded.shape == (clip_length(RATE, 1.0),) == (16000,)
     assert np.all(padded[:6000] == 0) and np.all(padded[10000:] == 0)
     assert np.allclose(padded[6000:10000], 0.25, atol=1e-4)
-    cut = load_clip(long, RATE, 1.0)
+    cut = clip.load(long)
     assert cut.shape == (16000,)
     assert np.allclose(cut, np.linspace(-0.5, 0.5, 3 * RATE)[16000:32000], atol=1e-4)
     # an odd sample of padding, or one cut, falls at the end
@@ -284,7 +286,7 @@ def test_a_user_folder_is_copied_with_a_stratified_split(tmp_path, capsys):
     for row in rows:
         assert (tmp_path / "out" / row["path"]).read_bytes() == \
             (source / row["source"]).read_bytes()
-        assert load_clip(tmp_path / "out" / row["path"], RATE, 1.0).shape == (RATE,)
+        assert AudioPreprocessing(RATE, RATE).load(tmp_path / "out" / row["path"]).shape == (RATE,)
     for label in classes:  # 5 per class: round(1.0) to test, max(1, round(0.5)) to val
         assert sorted(r["split"] for r in rows if r["label"] == label) == \
             ["test", "train", "train", "train", "val"]

@@ -29,8 +29,8 @@ from pipeline.audio.preprocess import AudioPreprocessing
 from pipeline.card import ModelCard, Recipe, Selection, ValScore, sha256_file, softmax, write_card
 from pipeline.params import load_params
 from tests.bento_server import bento_server
-from tests.test_service import (REPO, encode, fuzz_finds_no_server_error, multipart, npy,
-                                run_package)
+from tests.test_service import (REPO, encode, fit_and_export, fuzz_finds_no_server_error,
+                                multipart, npy, run_package)
 
 PARAMS = load_params(REPO / "params.yaml")
 SERVE = PARAMS.serve
@@ -86,17 +86,9 @@ def write_tiny_audio_model(folder: Path, steps: int = 40, seed: int = 0) -> None
             return self.head(torch.log1p(energy).mean(-1))
 
     net = TinyAudio()
-    x, y = torch.from_numpy(clips), torch.from_numpy(labels)
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.02)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-        optimizer.step()
-    net.eval()
     folder.mkdir(parents=True)
-    torch.onnx.export(net, (x[:2],), str(folder / "model.onnx"), input_names=["waveform"],
-                      output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                      external_data=False)
+    fit_and_export(net, torch.from_numpy(clips), torch.from_numpy(labels), steps, 0.02,
+                   folder / "model.onnx", "waveform")
     data = dataclasses.replace(PARAMS.data, modality="audio")
     write_card(folder, ModelCard(
         architecture="tiny_audio", classes=CLASSES, preprocessing=PREP, data_hash="0" * 64,

@@ -52,6 +52,24 @@ def class_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.uint8), labels
 
 
+def fit_and_export(net, x, y, steps: int, lr: float, path: Path, input_name: str,
+                   dynamic: dict | None = None) -> None:
+    """`steps` full-batch Adam steps of `net` on (x, y), then `net` as an ONNX file at `path`
+    with input `input_name` (dynamic batch, plus `dynamic` axes) and output logits: a tiny model
+    to serve, made as evaluate's variants are."""
+    import torch
+
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    net.eval()
+    torch.onnx.export(net, (x[:2],), str(path), input_names=[input_name], output_names=["logits"],
+                      dynamic_shapes=({0: torch.export.Dim("batch"), **(dynamic or {})},),
+                      external_data=False)
+
+
 def write_tiny_model(folder: Path, steps: int = 150, seed: int = 0) -> None:
     """Train a tiny CNN on class_images for `steps` Adam steps (0: an untrained, poor model) and
     write model.onnx + its card as evaluate does."""
@@ -63,17 +81,8 @@ def write_tiny_model(folder: Path, steps: int = 150, seed: int = 0) -> None:
         torch.nn.Flatten(), torch.nn.Linear(16, len(CLASSES)))
     images, labels = class_images(96, seed=0)
     x = torch.from_numpy(PREPROCESSING.normalize(images[:, None]))
-    y = torch.from_numpy(labels)
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-        optimizer.step()
-    net.eval()
     folder.mkdir(parents=True)
-    torch.onnx.export(net, (x[:2],), str(folder / "model.onnx"), input_names=["input"],
-                      output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                      external_data=False)
+    fit_and_export(net, x, torch.from_numpy(labels), steps, 0.05, folder / "model.onnx", "input")
     params = load_params(REPO / "params.yaml")
     write_card(folder, ModelCard(
         architecture="tiny_cnn", classes=CLASSES, preprocessing=PREPROCESSING, data_hash="0" * 64,

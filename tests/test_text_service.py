@@ -24,7 +24,8 @@ from pipeline.card import (ModelCard, Recipe, Selection, ValScore, read_card, sh
 from pipeline.params import load_params
 from pipeline.text import infra, tokens
 from tests.bento_server import bento_server
-from tests.test_service import REPO, encode, fuzz_finds_no_server_error, npy, run_package
+from tests.test_service import (REPO, encode, fit_and_export, fuzz_finds_no_server_error, npy,
+                                run_package)
 
 SERVE = load_params(REPO / "params.yaml").serve
 # Per-class vocabularies: a text's words come from its class's list (plus shared filler).
@@ -89,17 +90,8 @@ def write_tiny_text_model(folder: Path, steps: int = 60, seed: int = 0,
     torch.manual_seed(seed)
     net = EmbeddingMean()
     x = torch.from_numpy(tokens.encode(tokenizer, texts, prep))
-    y = torch.from_numpy(labels)
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-        optimizer.step()
-    net.eval()
-    torch.onnx.export(net, (x[:2],), str(folder / "model.onnx"), input_names=["input_ids"],
-                      output_names=["logits"], external_data=False,
-                      dynamic_shapes=({0: torch.export.Dim("batch"),
-                                       1: torch.export.Dim("tokens", max=prep.max_tokens)},))
+    fit_and_export(net, x, torch.from_numpy(labels), steps, 0.1, folder / "model.onnx",
+                   "input_ids", {1: torch.export.Dim("tokens", max=prep.max_tokens)})
     data = dataclasses.replace(params.data, modality="text")
     write_card(folder, ModelCard(
         architecture="text_encoder" if encoder else "text_bag", classes=CLASSES, preprocessing=prep, data_hash="0" * 64,

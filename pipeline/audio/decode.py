@@ -82,13 +82,6 @@ def fit(samples: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
-def load_clip(source: Path | bytes, sample_rate: int, clip_seconds: float,
-              name: str | None = None) -> np.ndarray:
-    """One model input: float32 (clip_length,) decoded from a file or its bytes."""
-    decoded = decode(source, sample_rate, name=name)
-    return fit(decoded.samples, clip_length(sample_rate, clip_seconds))
-
-
 def decode(source: Path | bytes, sample_rate: int, name: str | None = None,
            max_seconds: float | None = None) -> Decoded:
     """Decode a file (a path) or its bytes to mono float32 at `sample_rate` Hz.
