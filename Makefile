@@ -46,24 +46,24 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"
 
-# The champion of the task the last package run reported (pipeline/champion.py keeps the lines
-# in $(BENTOML_HOME)/kiln/); in a fresh clone after `dvc pull`, the exported Bento is imported.
-REPORT := reports/package.json
-EXPORT := models/champion
+# The champion the workspace names: the record the package stage writes (committed with
+# dvc.lock) and its exported Bento (pipeline/champion.py), imported into $(BENTOML_HOME) after
+# every file is checked against its manifest.
 POINTER := reports/champion.json
+EXPORT := models/champion
 
 # gRPC (Open Inference Protocol) listens on the Bento's serve.grpc_port unless GRPC_PORT (or
 # KILN_GRPC_PORT in the environment) says otherwise; a port in use is refused before serving.
 serve: install
 	$(if $(GRPC_PORT),export KILN_GRPC_PORT=$(GRPC_PORT) && )\
-	bento=$$($(BIN)/python -m pipeline.champion bento --report $(REPORT) --export $(EXPORT) \
-	         --champion $(POINTER)) && \
+	bento=$$($(BIN)/python -m pipeline.champion bento --champion $(POINTER) --export $(EXPORT)) && \
 	$(BIN)/python -m pipeline.oip $$bento 127.0.0.1 && \
 	$(BIN)/bentoml serve $$bento --host 127.0.0.1 --port $(PORT)
 
-# The previous champion (model and Bento) serves again at the next `make serve`.
+# The previous champion (model and Bento) serves again at the next `make serve`; dvc.lock records
+# the package stage's changed outputs when that stage was up to date.
 rollback: install
-	$(BIN)/python -m pipeline.champion rollback --report $(REPORT) --champion $(POINTER)
+	$(BIN)/python -m pipeline.champion rollback --champion $(POINTER) --export $(EXPORT) --stage package
 
 # A local Prefect server with its UI on http://127.0.0.1:$(PREFECT_PORT) (flows/server.py; own
 # session, so Ctrl-C reaches only the serve process, which pauses the schedule first), then the
@@ -74,6 +74,7 @@ schedule: install
 	trap 'kill $$server 2>/dev/null; wait $$server' EXIT INT TERM; \
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.schedule
 
-# Outputs and caches of this checkout; the BentoML store (champions) stays: see README.
+# Outputs and caches of this checkout. The champion record (reports/champion.json) and the BentoML
+# store stay: `make serve` then serves the store's copy of the champion (README, Champion).
 clean:
 	rm -rf data models reports/data_docs .dvc/tmp .dvc/cache .kiln

@@ -275,12 +275,12 @@ def median_of(runs: list[dict]) -> dict:
 
 def champion_bento(args) -> str:
     from pipeline import StageError
-    from pipeline.champion import read_line, read_report
+    from pipeline.champion import Exports, bento_to_serve
 
     try:
-        return args.bento or read_line(read_report(args.report)[0]).champion.bento_tag
-    except (StageError, AttributeError):
-        sys.exit(f"no --bento and no champion in {os.environ['BENTOML_HOME']}: run the pipeline first")
+        return args.bento or bento_to_serve(args.champion, Exports(args.export))
+    except StageError as e:
+        sys.exit(f"no --bento and no champion to serve ({e}): run the pipeline first")
 
 
 def tiny_text_bento(root: Path, encoder: bool) -> tuple[str, Path]:
@@ -423,8 +423,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/ingested"))
     parser.add_argument("--float-model", type=Path, default=Path("models/float"))
     parser.add_argument("--bento", help="Bento tag (default: the champion `make serve` serves)")
-    parser.add_argument("--report", type=Path, default=Path("reports/package.json"),
-                        help="the package stage's report (names the champion's task)")
+    parser.add_argument("--champion", type=Path, default=Path("reports/champion.json"),
+                        help="the champion record (without --bento: its champion is served)")
+    parser.add_argument("--export", type=Path, default=Path("models/champion"),
+                        help="the exported Bentos the record names")
     parser.add_argument("--port", type=int)
     parser.add_argument("--duration", type=float, default=5.0, help="s measured per run")
     parser.add_argument("--repeats", type=int, default=3)

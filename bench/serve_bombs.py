@@ -190,7 +190,10 @@ def main() -> None:
     parser.add_argument("--bento", action="append",
                         help="Bento tag, once per Bento to compare (default: the champion)")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "ingested")
-    parser.add_argument("--report", type=Path, default=REPO / "reports" / "package.json")
+    parser.add_argument("--champion", type=Path, default=REPO / "reports" / "champion.json",
+                        help="the champion record (without --bento: its champion is served)")
+    parser.add_argument("--export", type=Path, default=REPO / "models" / "champion",
+                        help="the exported Bentos the record names")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=int, default=30, help="s of load per Bento")
     parser.add_argument("--rounds", type=int, default=1,
@@ -198,10 +201,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    from pipeline.champion import read_line, read_report
+    from pipeline.champion import Exports, bento_to_serve
     from pipeline.params import load_params
 
-    bentos = args.bento or [read_line(read_report(args.report)[0]).champion.bento_tag]
+    bentos = args.bento or [bento_to_serve(args.champion, Exports(args.export))]
     limit = load_params(REPO / "params.yaml").serve.max_request_bytes
     results = {"load_before": os.getloadavg(), "clients": args.clients, "duration_s": args.duration,
                "mix": f"{MIX - 2} valid PNGs, 1 PNG bomb, 1 big .npy per {MIX} requests", "runs": []}

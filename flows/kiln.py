@@ -6,9 +6,10 @@ Stages run one after another in a subprocess each, because DVC cannot run two st
 one workspace (it holds a repo lock), and a subprocess lets the task stream the stage's output.
 
 DVC ends every `dvc repro` that changed something with hints: `git add` the files it changed
-(dvc.lock, .gitignore) and `dvc push`. One repro per stage would say them after every stage, so
-the flow holds them back and says them once, after the last stage, with the files of all
-stages. Kiln leaves DVC's core.autostage off, as DVC does by default: it would `git add` to
+(dvc.lock, .gitignore) and `dvc push`. One repro per stage would say them after every stage, and
+they name only DVC's own files, so the flow holds them back and ends with a run summary instead
+(flows/report.py run_summary): the selected variant, the champion, drift, where the reports
+are, and every file git sees changed, to commit. Kiln leaves DVC's core.autostage off, as DVC does by default: it would `git add` to
 the user's index on every run, experiments and failed attempts included, and `git diff` would
 then no longer show what a run changed.
 
@@ -35,7 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging.handlers import PrefectConsoleHandler
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-from flows.report import drift_markdown, evaluation_markdown
+from flows.report import drift_markdown, evaluation_markdown, run_summary
 from pipeline.params import ParamsError, load_params
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -128,12 +129,22 @@ class DvcHints:
         return shown
 
 
-def hint_lines(hints: list[DvcHints]) -> list[str]:
-    """DVC's hints of all stages, each once."""
-    files = sorted(set().union(*(h.git_add for h in hints)))
-    lines = [f"To track the changes with git, run: git add {' '.join(map(shlex.quote, files))}"
-             "  (or let DVC stage them: dvc config core.autostage true)"] if files else []
-    return lines + [DvcHints.PUSH] * any(h.push for h in hints)
+def changed_files(project_dir: Path, hints: list[DvcHints]) -> list[str]:
+    """The files a commit of this run would take: what git sees changed or new in the project
+    (dvc.lock, the committed reports, the champion record; also the user's own edits, such as
+    params.yaml) and the files DVC's hints name; none outside a git repo."""
+    done = subprocess.run(["git", "status", "--porcelain=v1", "-z"], cwd=project_dir,
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return []
+    entries = iter(done.stdout.split("\0"))
+    files = set().union(*(h.git_add for h in hints))
+    for entry in entries:
+        if entry:
+            files.add(entry[3:])
+            if entry[0] in "RC":  # a rename or copy: its source path follows
+                next(entries, None)
+    return sorted(files)
 
 
 def _stage_error_lines(stage: str, stderr_lines: list[str]) -> list[str]:
@@ -186,10 +197,10 @@ def _argument(stages: dict[str, dict], stage: str, flag: str) -> Path:
     return Path(words[words.index(flag) + 1])
 
 
-@task(task_run_name="publish evaluation", cache_policy=NO_CACHE)
-def publish_evaluation(project_dir: Path, stages: dict[str, dict]) -> str:
+@task(task_run_name="summary", cache_policy=NO_CACHE)
+def publish_summary(project_dir: Path, stages: dict[str, dict], hints: list[DvcHints]) -> tuple[str, list[str]]:
     """Publish the evaluation table, drift and the champion's Bento tag as a markdown artifact;
-    return the tag."""
+    return the tag and the run summary (flows/report.py run_summary)."""
     def read(stage: str, flag: str) -> dict:
         return json.loads((project_dir / _argument(stages, stage, flag)).read_text())
 
@@ -203,20 +214,23 @@ def publish_evaluation(project_dir: Path, stages: dict[str, dict]) -> str:
     markdown = evaluation_markdown(evaluation, latency, bento_tag) + drift_markdown(validation)
     create_markdown_artifact(markdown=markdown,
                              key=ARTIFACT_KEY, description="Kiln variants and the champion's Bento")
-    return bento_tag
+    summary = run_summary(evaluation, package, validation,
+                          str(_argument(stages, "validate", "--docs") / "index.html"),
+                          changed_files(project_dir, hints), any(h.push for h in hints))
+    return bento_tag, summary
 
 
 @flow(name="kiln", description="Reproduce Kiln's dvc.yaml stages in order; publish the evaluation.")
 def kiln_pipeline(project_dir: Path = REPO_ROOT) -> str:
-    """Check params.yaml whole, then run every dvc.yaml stage of `project_dir` in order; return
-    the champion's Bento tag. DVC skips a stage whose deps and params are unchanged, so without
-    the check here a misspelt section no stage lists would pass unseen."""
+    """Check params.yaml whole, then run every dvc.yaml stage of `project_dir` in order; log the
+    run summary and return the champion's Bento tag. DVC skips a stage whose deps and params are
+    unchanged, so without the check here a misspelt section no stage lists would pass unseen."""
     project_dir = project_dir.resolve()
     load_params(project_dir / "params.yaml")
     stages = dvc_stages(project_dir)
     hints = [run_stage(stage, project_dir) for stage in stages]
-    bento_tag = publish_evaluation(project_dir, stages)
-    for line in hint_lines(hints):
+    bento_tag, summary = publish_summary(project_dir, stages, hints)
+    for line in summary:
         get_run_logger().info("%s", line)
     return bento_tag
 
@@ -242,14 +256,13 @@ def main(project_dir: Path = REPO_ROOT) -> int:
         for handler in consoles:
             handler.addFilter(quiet)
         with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: int(timeout)}):
-            bento_tag = kiln_pipeline(project_dir=project_dir)
+            kiln_pipeline(project_dir=project_dir)
     except (StageFailed, ProjectError, ParamsError) as e:
         print(f"kiln: {e}", file=sys.stderr)
         return 1
     finally:
         for handler in consoles:
             handler.removeFilter(quiet)
-    print(f"Champion Bento {bento_tag}. Serve it with: make serve")
     return 0
 
 

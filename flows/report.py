@@ -5,6 +5,7 @@ Imports nothing from Prefect so it can be rendered (and tested) on its own.
 from __future__ import annotations
 
 import re
+import shlex
 
 # evaluate writes one latency per batch size in params.yaml's evaluate.latency_batch_sizes.
 _LATENCY_KEY = re.compile(r"latency_ms_b(\d+)")
@@ -60,3 +61,37 @@ def drift_markdown(validation: dict) -> str:
     rows += [f"\n{note}" for note in drift.get("notes", [])]
     return (f"\nDrift against champion `{drift.get('champion')}`: **{drift['status']}**\n\n"
             "| feature | PSI | KS |\n|---|---:|---:|\n" + "\n".join(rows) + "\n")
+
+
+def run_summary(evaluation: dict, package: dict, validation: dict, data_docs: str,
+                to_commit: list[str], push: bool) -> list[str]:
+    """What `make run` ends with: the selected variant, the champion, drift, where the reports
+    are, what to commit and what to do next. `evaluation` is evaluate's --details, `package` the
+    package stage's --out, `validation` validate's --details; `to_commit` the files git sees
+    changed; `push` whether DVC has something to push."""
+    selected, champion = evaluation["selected"], package["champion"]
+    drift = validation.get("drift", {"status": "skipped"})
+    lines = [
+        "Kiln run finished.",
+        f"  Selected variant: {selected}, test accuracy "
+        f"{evaluation['variants'][selected]['accuracy']:.4f}.",
+        f"  Champion: Bento {champion['bento_tag']} (model {champion['model_tag']}, test accuracy "
+        f"{champion['accuracy']:.4f}); "
+        + ("this run's model serves." if package["challenger_serves"] else
+           "this run's model did not replace it (the package stage's log above says why)."),
+        "  Drift: " + ("not checked (no champion of this task with a data profile)."
+                       if drift["status"] == "skipped" else
+                       f"{drift['status']} against {drift.get('champion')}."),
+        f"  Reports: Data Docs {data_docs}; `dvc metrics show`; `dvc plots show` writes "
+        "dvc_plots/index.html.",
+    ]
+    if to_commit:
+        lines.append("  To keep this run: git add " + " ".join(map(shlex.quote, to_commit))
+                     + " && git commit" + (", then `dvc push`" if push else "")
+                     + " (the champion changes for other clones only when you commit).")
+    else:
+        lines.append("  Nothing to commit: the workspace matches the last commit.")
+    lines.append("  Next: `make serve` serves the champion on http://127.0.0.1:3000; `make "
+                 "rollback` restores the one before; `dvc exp run -S train.epochs=20` tries a "
+                 "change without touching the champion until `dvc exp apply`.")
+    return lines

@@ -2,26 +2,31 @@
 exported for DVC.
 
 The selected model (model.onnx + its card, as evaluate selected it) is the challenger of its
-task's champion line (pipeline/champion.py: a model name and a class list).
+task's champion, as the workspace's champion record names it (--champion, with the exported
+Bentos in --export: pipeline/champion.py).
 
 0. What a killed package run left in the BentoML store is deleted (its journal), and the
    challenger's card and weights are checked (sha256).
 1. Tags are content addresses: the model's version is a hash of what goes into it (model.onnx,
    its card, the drift reference), the Bento's a hash of the model tag, the Bento's sources and
    its arguments (params.yaml serve) and its pinned Python packages. A challenger whose Bento
-   tag is the champion's is the champion already: nothing is promoted again.
+   tag is the champion's is the champion already: nothing is promoted again. One that `make
+   rollback` retired is not promoted again either.
 2. Otherwise challenger and champion are scored on the same test split (--data, ONNX Runtime,
    each with the preprocessing in its own card, by the model's scoring part,
-   pipeline/<modality>/scoring.py). The challenger goes on only if its accuracy is
-   at least the champion's minus package.champion_tolerance; with no champion yet, evaluate's
-   gate was the whole bar. A worse challenger is not packaged: nothing enters the store, the
-   champion keeps serving, the stage succeeds.
+   pipeline/<modality>/scoring.py; the champion from its checked export, else the store). The
+   challenger goes on only if its accuracy is at least the champion's minus
+   package.champion_tolerance; with no champion yet, evaluate's gate was the whole bar; with a
+   champion whose files are not here (not pulled), it goes on with a warning. A worse
+   challenger is not packaged: nothing enters the store, the champion keeps serving, the stage
+   succeeds.
 3. The challenger is saved as package.model_name (labelled with task, variant, accuracy, macro
    F1, git revision) and its Bento built from bentofile.yaml with the model's full tag and
    params.yaml serve as build arguments (pipeline/service.py serves exactly that model). The
    Bento's requirements are bentofile.yaml's python.packages and bentoml with everything they
    require, each pinned (`==`) to the version installed here, the one infra validation serves
-   with; the build resolves nothing over the network.
+   with; the build resolves nothing over the network. A full disk is one StageError naming it;
+   a failed build leaves nothing in BentoML's build space.
 4. Infra validation: the new Bento runs under `bentoml serve` on a free loopback port
    (pipeline/serving.py: it dies with this stage); every test item goes through the model's
    REST endpoints and, in batches of up to serve.max_batch_images (fewer where a request would
@@ -33,9 +38,9 @@ task's champion line (pipeline/champion.py: a model name and a class list).
    classes and probabilities must equal the ones computed here from the same split, over both
    protocols. Any failure deletes the new Bento and model, leaves the champion in place and
    fails the stage.
-5. Promotion: the line names the new champion; the previous one is kept for rollback.
-6. The champion's Bento, with its model, is exported to --export (a DVC output): a clone that
-   pulls it can serve it (`make serve` imports it) with no store of its own.
+5. Promotion: every Bento of the line is exported to --export with its manifest, then the
+   record names the new champion (the commit point), keeping the previous one for rollback;
+   exports no line names are removed.
 
 --out gets the outcome, the same on every run that ends in the same state (no times, no event
 words): the task, the challenger, the champion after this run and whether the challenger serves.
@@ -48,6 +53,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -64,9 +70,9 @@ from packaging.utils import canonicalize_name
 from pipeline import StageError, oip
 from pipeline.card import (CARD_FILE, BentoArgs, ModelCard, at_least, onnx_predictor,
                            predict_in_batches, read_card, softmax, to_dict)
-from pipeline.champion import (REFERENCE_FILE, Champion, NotFound, Task, begin, bentoml,
-                               clean_up_killed_run, end, export_bento, now, promote, read_line,
-                               write_pointer)
+from pipeline.champion import (REFERENCE_FILE, Champion, Exports, Line, NotFound, Record, Task,
+                               begin, bentoml, clean_up_killed_run, end, no_space_left,
+                               read_record, remove_build_leftovers, write_record)
 from pipeline.dataset import read_manifest
 from pipeline.modality import card_part
 from pipeline.params import PackageParams, ServeParams, load_params
@@ -251,11 +257,12 @@ def _store_model(tag: str, model_dir: Path, card: ModelCard, task: Task, git: st
             shutil.copyfile(source, model.path_of(name))
 
 
-def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path, export: Path,
-            p: PackageParams, serve: ServeParams) -> dict:
+def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path,
+            record_path: Path, exports: Exports, p: PackageParams, serve: ServeParams) -> dict:
     """Steps 0-6 of the module doc; returns the --out report."""
     progress = Progress("package")
-    for tag in clean_up_killed_run():
+    record = read_record(record_path)
+    for tag in clean_up_killed_run(keep=record.tags()):
         print(f"package: deleted {tag}, left by a killed package run")
     card = read_card(model_dir)
     if card.selection is None:
@@ -274,46 +281,83 @@ def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path, e
     bento_tag = f"{build_config['name']}:" + content_version(
         json.dumps(to_dict(args), sort_keys=True).encode(),
         json.dumps(build_config, sort_keys=True).encode(), *(f.read_bytes() for f in sources))
-    challenger = {"model_tag": model_tag, "bento_tag": bento_tag,
-                  "accuracy": test_accuracy(model_dir, card, data_dir),
-                  "weights_sha256": card.weights[weights]}
-    line = read_line(task)
+    challenger = Champion(model_tag=model_tag, bento_tag=bento_tag,
+                          accuracy=round(test_accuracy(model_dir, card, data_dir), 5),
+                          weights_sha256=card.weights[weights])
+    line = record.line(task)
     current = line.champion
 
-    if current is not None and current.bento_tag == bento_tag:
-        reason = f"the challenger is the champion already ({bento_tag}); nothing to promote"
-    else:
-        if current is not None:
-            try:
-                stored = Path(bentoml.models.get(current.model_tag).path)
-            except NotFound:
-                raise StageError(f"champion model {current.model_tag} of task {task.key} is "
-                                 "missing from the BentoML store; restore it or roll back") from None
-            accuracy_now = test_accuracy(stored, read_card(stored), data_dir)
-            if not at_least(challenger["accuracy"], accuracy_now - p.champion_tolerance):
-                reason = (f"challenger test accuracy {challenger['accuracy']:.4f} < champion "
-                          f"{accuracy_now:.4f} - package.champion_tolerance "
-                          f"{p.champion_tolerance}; the champion keeps serving")
-                export_bento(current.bento_tag, export)
-                return report(task, challenger, current, accuracy_now, reason)
-        progress(f"challenger test accuracy {challenger['accuracy']:.4f}; storing {model_tag}, "
+    def build() -> str:
+        progress(f"challenger test accuracy {challenger.accuracy:.4f}; storing {model_tag}, "
                  f"building {bento_tag} and serving it for infra validation")
         checked = build_and_validate(model_dir, card, task, bentofile, build_config, args,
                                      bento_tag, reference, data_dir, p.ready_timeout_s)
-        tested = checked["tested"]
-        progress(f"infra validation passed: {tested} through {', '.join(checked['endpoints'])}")
-        current = promote(line, Champion(
-            model_tag=model_tag, bento_tag=bento_tag, accuracy=challenger["accuracy"],
-            weights_sha256=challenger["weights_sha256"], promoted_at=now())).champion
-        end()
-        reason = (f"promoted {bento_tag} after infra validation ({tested} through "
-                  f"{', '.join(checked['endpoints'])}): " +
-                  ("first champion of this task (evaluate's gate thresholds only)"
-                   if line.champion is None else
-                   f"challenger test accuracy {challenger['accuracy']:.4f} >= champion "
-                   f"{accuracy_now:.4f} - package.champion_tolerance {p.champion_tolerance}"))
-    export_bento(current.bento_tag, export)
-    return report(task, challenger, current, current.accuracy, reason)
+        tested = f"{checked['tested']} through {', '.join(checked['endpoints'])}"
+        progress(f"infra validation passed: {tested}")
+        return tested
+
+    if model_tag in line.retired:
+        reason = (f"the challenger {model_tag} was rolled back from (`make rollback`), so it is "
+                  f"not promoted again; {current.bento_tag} keeps serving")
+    elif current is not None and current.bento_tag == bento_tag:
+        reason = f"the challenger is the champion already ({bento_tag}); nothing to promote"
+        if exports.verified(bento_tag) is None and not _in_store(bento_tag):
+            reason += f" (rebuilt here after infra validation: {build()})"
+    else:
+        stored = exports.model_folder(current) if current is not None else None
+        if current is not None and stored is not None:
+            accuracy_now = test_accuracy(stored, read_card(stored), data_dir)
+            if not at_least(challenger.accuracy, accuracy_now - p.champion_tolerance):
+                reason = (f"challenger test accuracy {challenger.accuracy:.4f} < champion "
+                          f"{accuracy_now:.4f} - package.champion_tolerance "
+                          f"{p.champion_tolerance}; the champion keeps serving")
+                return finish(record, line, challenger, record_path, exports, reason)
+        tested = build()
+        if current is None:
+            why = "first champion of this task (evaluate's gate thresholds only)"
+        elif stored is None:
+            why = (f"NOT compared with the champion {current.bento_tag} that {record_path} names: "
+                   f"its Bento is neither in {exports.folder} nor in the BentoML store (`dvc "
+                   "pull` brings it); it stays in the line, for rollback")
+            print(f"package: warning: {why}")
+        else:
+            why = (f"challenger test accuracy {challenger.accuracy:.4f} >= champion "
+                   f"{accuracy_now:.4f} - package.champion_tolerance {p.champion_tolerance}")
+        line = Line(task=task, champion=challenger,
+                    previous=line.previous + ([current] if current else []), retired=line.retired)
+        reason = f"promoted {bento_tag} after infra validation ({tested}): {why}"
+    report = finish(record, line, challenger, record_path, exports, reason)
+    end()
+    return report
+
+
+def _in_store(bento_tag: str) -> bool:
+    try:
+        bentoml.bentos.get(bento_tag)
+        return True
+    except NotFound:
+        return False
+
+
+def finish(record: Record, line: Line, challenger: Champion, record_path: Path,
+           exports: Exports, reason: str) -> dict:
+    """Every Bento the line names exported and checked, then the record written (the commit
+    point: pipeline/champion.py), then exports no line names removed; returns the report."""
+    for tag in [line.champion.bento_tag] + [c.bento_tag for c in reversed(line.previous)]:
+        if exports.verified(tag) is None:
+            if not _in_store(tag):
+                if tag == line.champion.bento_tag:
+                    raise StageError(f"champion {tag} is neither in {exports.folder} nor in the "
+                                     f"BentoML store: run `dvc pull {exports.folder}`")
+                print(f"package: warning: previous champion {tag} is neither in "
+                      f"{exports.folder} nor in the BentoML store; `make rollback` cannot "
+                      "restore it until `dvc pull` brings it")
+                continue
+            exports.add(tag)
+    record = record.with_line(line)
+    write_record(record_path, record)
+    exports.prune(record.bento_tags())
+    return report(line.task, challenger, line.champion, reason)
 
 
 def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: Path,
@@ -323,38 +367,50 @@ def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: 
     store has it already), then infra-validate; on any failure delete what this run created.
     The journal names both tags first."""
     created = []
-    begin(args.model_tag, bento_tag)
+    build_space = begin(args.model_tag, bento_tag)
     try:
-        try:
-            bentoml.models.get(args.model_tag)
-        except NotFound:
-            _store_model(args.model_tag, model_dir, card, task,
-                         git_revision(bentofile.resolve().parent), reference)
-            created.append((bentoml.models.delete, args.model_tag))
-        try:
-            bentoml.bentos.get(bento_tag)
-        except NotFound:
-            bentoml.bentos.build(**{**build_config, "envs": bento_envs(build_config)},
-                                 build_ctx=str(bentofile.resolve().parent),
-                                 version=bento_tag.split(":")[1], args=to_dict(args))
-            created.append((bentoml.bentos.delete, bento_tag))
+        with no_space_left(f"storing {args.model_tag} and building {bento_tag} in "
+                           f"{os.environ['BENTOML_HOME']}"):
+            _store_and_build(model_dir, card, task, bentofile, build_config, args, bento_tag,
+                             reference, created)
         return infra_validate(bento_tag, args.model_tag, model_dir, card, data_dir,
                               ready_timeout_s, args.serve.max_batch_images,
                               args.serve.max_request_bytes)
     except BaseException:
         for delete, tag in reversed(created):
-            delete(tag)
+            with contextlib.suppress(NotFound):
+                delete(tag)
+        remove_build_leftovers(build_space)
         end()
         raise
 
 
-def report(task: Task, challenger: dict, champion: Champion, accuracy: float, reason: str) -> dict:
+def _store_and_build(model_dir: Path, card: ModelCard, task: Task, bentofile: Path,
+                     build_config: dict, args: BentoArgs, bento_tag: str, reference: Path,
+                     created: list) -> None:
+    """The model into the store and its Bento built, each unless the store has it; what is
+    created is appended to `created` (delete function, tag) as soon as it exists."""
+    try:
+        bentoml.models.get(args.model_tag)
+    except NotFound:
+        _store_model(args.model_tag, model_dir, card, task,
+                     git_revision(bentofile.resolve().parent), reference)
+        created.append((bentoml.models.delete, args.model_tag))
+    try:
+        bentoml.bentos.get(bento_tag)
+    except NotFound:
+        bentoml.bentos.build(**{**build_config, "envs": bento_envs(build_config)},
+                             build_ctx=str(bentofile.resolve().parent),
+                             version=bento_tag.split(":")[1], args=to_dict(args))
+        created.append((bentoml.bentos.delete, bento_tag))
+
+
+def report(task: Task, challenger: Champion, champion: Champion, reason: str) -> dict:
     return {"task": dataclasses.asdict(task),
-            "challenger": {**challenger, "accuracy": round(challenger["accuracy"], 5)},
-            "champion": {"model_tag": champion.model_tag, "bento_tag": champion.bento_tag,
-                         "accuracy": round(accuracy, 5),
-                         "weights_sha256": champion.weights_sha256},
-            "challenger_serves": champion.bento_tag == challenger["bento_tag"],
+            "challenger": {**dataclasses.asdict(challenger),
+                           "accuracy": round(challenger.accuracy, 5)},
+            "champion": {**dataclasses.asdict(champion), "accuracy": round(champion.accuracy, 5)},
+            "challenger_serves": champion.bento_tag == challenger.bento_tag,
             "reason": reason}
 
 
@@ -365,21 +421,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--data", type=Path, required=True, help="ingested folder (test split)")
     parser.add_argument("--reference", type=Path, required=True,
                         help="data profile of the training data (validate --profile), for drift")
+    parser.add_argument("--champion", type=Path, required=True,
+                        help="the champion record (pipeline/champion.py) to read and update")
     parser.add_argument("--export", type=Path, required=True,
-                        help="folder for the champion's Bento (with its model)")
+                        help="folder of the exported Bentos the record names, with manifests")
     parser.add_argument("--out", type=Path, required=True, help="the report (JSON)")
-    parser.add_argument("--champion", type=Path,
-                        help="the champion pointer to write (pipeline/champion.py): a new "
-                             "champion changes it, which reruns validate (drift)")
     args = parser.parse_args(argv)
     params = load_params()
-    result = package(args.model, args.bentofile, args.data, args.reference, args.export,
-                     params.package, params.serve)
+    result = package(args.model, args.bentofile, args.data, args.reference, args.champion,
+                     Exports(args.export), params.package, params.serve)
     reason = result.pop("reason")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    if args.champion:
-        write_pointer(args.champion, Task(**result["task"]))
     print(f"package: {reason}")
     print(f"package: champion of {Task(**result['task']).key}: {result['champion']['bento_tag']}; "
-          "serve it with `make serve`")
+          f"named by {args.champion}, serve it with `make serve`")

@@ -35,7 +35,7 @@ from types import ModuleType
 import pandas as pd
 
 from pipeline import StageError
-from pipeline.champion import Task, reference, write_pointer
+from pipeline.champion import Exports, Task, reference
 from pipeline.dataset import SPLITS, data_hash, read_manifest
 from pipeline.modality import PREPROCESSING, part
 from pipeline.params import DriftParams, Params, load_params
@@ -319,9 +319,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--docs", type=Path, required=True, help="Data Docs folder to write")
     parser.add_argument("--profile", type=Path, required=True,
                         help="data profile JSON to write (package stores it with the model)")
-    parser.add_argument("--champion", type=Path,
-                        help="the champion pointer to write (pipeline/champion.py): the champion "
-                             "drift is checked against; dvc.yaml makes it a dep of this stage")
+    parser.add_argument("--champion", type=Path, required=True,
+                        help="the champion record (pipeline/champion.py): drift is checked "
+                             "against the champion of this task it names")
+    parser.add_argument("--export", type=Path, required=True,
+                        help="the exported Bentos the record names (the champion's data profile)")
     args = parser.parse_args(argv)
     p = load_params()
     checks = part(p.data.modality, "checks")
@@ -330,9 +332,7 @@ def main(argv: list[str]) -> None:
     except FileNotFoundError:
         classes = []  # validate() below names the missing file
     task = Task(model_name=p.package.model_name, classes=classes)
-    if args.champion:
-        write_pointer(args.champion, task)
-    champion = reference(task)
+    champion = reference(args.champion, Exports(args.export), task)
     if champion.profile is None:
         print(f"validate: drift not checked: {champion.note}")
     result = validate(args.data, args.docs, p, champion.profile)

@@ -59,7 +59,7 @@ def prefect_harness(tmp_path_factory):
 def packaged(tmp_path_factory):
     """The package stage run as dvc.yaml runs it on a tiny model (tests/test_service.py), into a
     throwaway BentoML home; one per session: tests/test_service.py and tests/test_grpc.py share it."""
-    from tests.test_service import run_package, write_ingested, write_tiny_model
+    from tests.test_service import exported, run_package, write_ingested, write_tiny_model
 
     root = tmp_path_factory.mktemp("package")
     model_dir = root / "selected"
@@ -68,7 +68,7 @@ def packaged(tmp_path_factory):
     done, report = run_package(model_dir, root / "ingested", root / "bentoml")
     assert done.returncode == 0, done.stderr
     return {"model_dir": model_dir, "home": root / "bentoml", "report": report,
-            "stdout": done.stdout, "export": model_dir.with_suffix(".bento")}
+            "stdout": done.stdout, "export": exported(root, report["champion"]["bento_tag"])}
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CHAMPION_POINTER = "reports/champion.json"  # dvc.yaml: validate's dep, written by package
 
 
 def project_env(project: Path) -> dict[str, str]:
@@ -42,12 +41,11 @@ def ran_stages(output: str) -> list[str]:
 
 def copy_repo(root: Path) -> Path:
     """The repo's files as a clone would have them, without the outputs of a run (dvc.lock,
-    reports but the champion pointer, which validate needs to exist), committed in a new git
-    repo (DVCLive 3.49 fails in one with no commit)."""
+    reports, the champion record), committed in a new git repo (DVCLive 3.49 fails in one with
+    no commit): a project before its first run."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    outputs = [n for n in files if n == "dvc.lock"
-               or n.startswith("reports/") and n != CHAMPION_POINTER]
+    outputs = [n for n in files if n == "dvc.lock" or n.startswith("reports/")]
     for name in set(files) - set(outputs):
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)

@@ -297,7 +297,7 @@ def champion_profile(tmp_path_factory) -> dict:
 def test_the_same_kind_of_audio_shows_no_drift(tmp_path, audio_project, stage, monkeypatch,
                                                champion_profile):
     monkeypatch.setattr(pipeline.validate, "reference",
-                        lambda task: Reference("champ:1", champion_profile, ""))
+                        lambda *_: Reference("champ:1", champion_profile, ""))
     work = audio_project(write_folder(tmp_path / "src", per_class=20, start=1000))
     code, out = ingest_and_validate(stage, work)
     assert code == 0, out
@@ -312,7 +312,7 @@ def test_louder_longer_brighter_audio_fails_on_drift(tmp_path, audio_project, st
                                                      champion_profile):
     """Each changed statistic names itself: duration, loudness (dBFS) and spectral centroid."""
     monkeypatch.setattr(pipeline.validate, "reference",
-                        lambda task: Reference("champ:1", champion_profile, ""))
+                        lambda *_: Reference("champ:1", champion_profile, ""))
     work = audio_project(write_folder(tmp_path / "src", per_class=20, start=1000,
                                       seconds=(0.8, 1.2), amplitude=(0.7, 0.9), brighter=2.0))
     code, out = ingest_and_validate(stage, work)
@@ -324,7 +324,7 @@ def test_louder_longer_brighter_audio_fails_on_drift(tmp_path, audio_project, st
 
 
 def test_a_text_profile_is_no_reference_for_audio(tmp_path, audio_project, stage, monkeypatch):
-    monkeypatch.setattr(pipeline.validate, "reference", lambda task: Reference(
+    monkeypatch.setattr(pipeline.validate, "reference", lambda *_: Reference(
         "langs:1", {"version": 1, "modality": "text", "categorical": {"label": {}},
                     "quantiles": {}}, ""))
     code, out = ingest_and_validate(stage, audio_project(write_folder(tmp_path / "src")))

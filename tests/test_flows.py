@@ -56,7 +56,9 @@ FAKE_STAGES = textwrap.dedent('''\
         write("--latency", LATENCY)
         write("--details", EVALUATION)
     elif stage == "package":
-        write("--out", {"champion": {"bento_tag": "kiln_classifier:fake123"}})
+        write("--out", {"champion": {"bento_tag": "kiln_classifier:fake123",
+                                      "model_tag": "kiln-classifier:fake456", "accuracy": 0.9778},
+                         "challenger_serves": True})
     ''')
 
 FAKE_DVC_YAML = textwrap.dedent('''\
@@ -68,7 +70,7 @@ FAKE_DVC_YAML = textwrap.dedent('''\
       validate:
         cmd: >-
           python stages.py validate --metrics reports/validation.json
-          --details reports/validation_details.json
+          --details reports/validation_details.json --docs reports/data_docs
         deps: [stages.py, data.txt]
         metrics:
           - reports/validation.json:
@@ -226,9 +228,10 @@ def test_rerunning_the_flow_or_dvc_repro_changes_nothing(prefect_harness, tmp_pa
 
 
 @pytest.mark.slow
-def test_dvcs_git_and_push_hints_are_said_once_after_the_last_stage(prefect_harness, fake_project):
+def test_the_run_ends_with_a_summary_naming_every_file_to_commit(prefect_harness, fake_project):
     """In a git repo every stage's `dvc repro` ends with DVC's hints (`git add dvc.lock ...`,
-    `dvc push`): the run log has each once, after the last stage, with every stage's files."""
+    `dvc push`), which name only DVC's files: the run log has none of them, and ends, after the
+    last stage, with a summary whose commit line names every file git sees changed."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
@@ -236,6 +239,10 @@ def test_dvcs_git_and_push_hints_are_said_once_after_the_last_stage(prefect_harn
     from flows.kiln import kiln_pipeline
 
     project = fake_project(git=True)
+    subprocess.run(["git", "add", "stages.py", "dvc.yaml", "params.yaml", ".dvc"], cwd=project,
+                   check=True)
+    subprocess.run(["git", "-c", "user.name=k", "-c", "user.email=k@localhost", "commit", "-qm",
+                    "project"], cwd=project, check=True)
     state = kiln_pipeline(project_dir=project, return_state=True)
     assert state.is_completed(), state.message
     APILogHandler().flush()  # the run log reaches the API in batches
@@ -243,13 +250,19 @@ def test_dvcs_git_and_push_hints_are_said_once_after_the_last_stage(prefect_harn
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
             any_=[state.state_details.flow_run_id])))
     messages = [log.message for log in sorted(logs, key=lambda log: log.timestamp)]
-    git_hints = [m for m in messages if "git add" in m]
-    assert len(git_hints) == 1 and messages.count(DvcHints.PUSH) == 1, messages
-    # DVC adds data.txt (ingest's out) to .gitignore and writes dvc.lock
-    assert git_hints[0].startswith("To track the changes with git, run: git add .gitignore dvc.lock")
-    assert messages.index(git_hints[0]) > max(i for i, m in enumerate(messages)
-                                              if m.startswith("fake package"))
-    assert "To enable auto staging, run:" not in messages
+    (commit,) = [m for m in messages if "git add" in m]
+    # DVC adds data.txt (ingest's out) to .gitignore and writes dvc.lock; the stages write the
+    # reports, and runs.log is the fake stages' own file
+    assert commit.startswith("  To keep this run: git add .gitignore dvc.lock reports/ runs.log "
+                             "&& git commit, then `dvc push`"), commit
+    summary = messages[messages.index("Kiln run finished."):]
+    assert commit in summary and messages.index("Kiln run finished.") > max(
+        i for i, m in enumerate(messages) if m.startswith("fake package"))
+    assert "  Selected variant: int8_onnx, test accuracy 0.9778." in summary
+    assert ("  Champion: Bento kiln_classifier:fake123 (model kiln-classifier:fake456, test "
+            "accuracy 0.9778); this run's model serves.") in summary
+    assert "  Drift: warn against kiln-classifier:old1." in summary
+    assert DvcHints.PUSH not in messages and "To enable auto staging, run:" not in messages
 
 
 def test_bad_params_stop_the_run_before_any_stage(fake_project, capfd):

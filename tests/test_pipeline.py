@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,23 +52,29 @@ def lock_hashes(project: Path) -> dict[tuple[str, str], str]:
             for entry in spec.get("deps", []) + spec.get("outs", [])}
 
 
+def champion(project: Path) -> dict:
+    """The champion the workspace names (reports/champion.json, the package stage's record)."""
+    record = json.loads((project / "reports/champion.json").read_text())
+    return record["lines"][record["serves"]]["champion"]
+
+
+def served_bento(project: Path) -> str:
+    """The Bento `make serve` serves (its lookup, as the Makefile runs it)."""
+    return run(project, sys.executable, "-m", "pipeline.champion", "bento", "--champion",
+               "reports/champion.json", "--export", "models/champion").stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, params_writer) -> Path:
-    """A copy of the repo, reproduced with `dvc repro` on the shrunk params and committed. The
-    first run promotes the first champion; the next reruns validate, and only validate, which
-    checks drift against that champion (test_second_repro_is_a_noop: the one after reruns
-    nothing)."""
+    """A copy of the repo, reproduced once with `dvc repro` on the shrunk params and committed:
+    the first run promotes the first champion, and then `dvc status` has nothing to say
+    (test_second_repro_is_a_noop: nor does `dvc repro`)."""
     root = copy_repo(tmp_path_factory.mktemp("kiln"))
     params_writer(root)
     done = dvc(root, "repro")
     assert ran_stages(done.stdout) == STAGES
     assert "drift not checked" in done.stdout
-    champion = json.loads((root / "reports/package.json").read_text())["champion"]["model_tag"]
-    done = dvc(root, "repro")
-    assert ran_stages(done.stdout) == ["validate"]
-    assert f"validate: drift against {champion}: ok;" in done.stdout
-    drift = json.loads((root / "reports/validation_details.json").read_text())["drift"]
-    assert (drift["status"], drift["champion"]) == ("ok", champion)
+    assert json.loads(dvc(root, "status", "--json").stdout) == {}
     git(root, "add", "-A")
     git(root, "commit", "-qm", "repro")
     return root
@@ -89,12 +97,16 @@ def test_repro_produces_every_artifact(project):
     assert len((project / "reports/train/plots/metrics/val_acc.tsv").read_text().splitlines()) == epochs + 1
     report = json.loads((project / "reports/package.json").read_text())
     assert report["challenger_serves"] and report["champion"]["bento_tag"].startswith("kiln:")
-    assert (project / "models/champion/bento.yaml").exists()
-    # Committed to git, as DVC users expect: metrics, plots and the package report.
+    assert champion(project)["bento_tag"] == report["champion"]["bento_tag"]
+    bento = report["champion"]["bento_tag"].replace(":", "-")
+    assert (project / "models/champion" / bento / "bento.yaml").exists()
+    assert (project / "models/champion" / f"{bento}.sha256").exists()
+    # Committed to git, as DVC users expect: metrics, plots, the package report and the
+    # champion record.
     tracked = git(project, "ls-files", "reports").stdout.split()
     assert {"reports/validation.json", "reports/evaluation.json", "reports/latency.json",
             "reports/train/metrics.json", "reports/plots/confusion.csv",
-            "reports/package.json"} <= set(tracked)
+            "reports/package.json", "reports/champion.json"} <= set(tracked)
     assert not any(name.startswith("reports/data_docs/") for name in tracked)  # in the DVC cache
 
 
@@ -176,7 +188,7 @@ def test_a_changed_shared_module_reruns_exactly_its_stages_and_the_same_outputs(
 def test_served_accuracy_equals_evaluated(project, tmp_path):
     """Every test image, uploaded as its PNG file, through the champion's Bento."""
     evaluation = json.loads((project / "reports/evaluation.json").read_text())
-    bento_tag = json.loads((project / "reports/package.json").read_text())["champion"]["bento_tag"]
+    bento_tag = served_bento(project)
     with open(project / "data/ingested/manifest.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
     with bento_server(bento_tag, project / ".bentoml", tmp_path / "serve.log") as (client, _):
@@ -214,9 +226,6 @@ def test_prefect_flow_reruns_what_dvc_says_and_publishes(project, prefect_harnes
             key=ArtifactFilterKey(any_=["kiln-evaluation"]),
             flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     assert bento_tag in artifact.data and "int8_onnx" in artifact.data
-    # The drift table is current: checked against the champion the first run promoted.
-    champion = json.loads((project / "reports/package.json").read_text())["champion"]["model_tag"]
-    assert f"Drift against champion `{champion}`: **ok**" in artifact.data
     git(project, "commit", "-qam", "latency runs")
 
 
@@ -240,8 +249,10 @@ def test_gate_failure_stops_before_package(project):
 def test_a_pulled_clone_is_up_to_date_serves_the_champion_and_runs_experiments(project, tmp_path):
     """Share a run the DVC way: a local-folder remote, `dvc push`, a fresh `git clone` and
     `dvc pull`. Then nothing reruns, `make serve`'s champion lookup imports the pulled Bento
-    into the clone's empty BentoML home and it serves; `dvc exp run -S` reruns what the param
-    feeds and `dvc exp diff` / `dvc metrics diff` / `dvc params diff` show the change."""
+    into the clone's empty BentoML home and it serves. A queued experiment (its own temporary
+    workspace) that promotes its model does not change what the clone serves until `dvc exp
+    apply` brings it in; `dvc exp diff` / `dvc metrics diff` / `dvc params diff` then show the
+    change."""
     dvc(project, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
     git(project, "commit", "-qam", "remote")
     dvc(project, "push")
@@ -252,20 +263,36 @@ def test_a_pulled_clone_is_up_to_date_serves_the_champion_and_runs_experiments(p
     assert ran_stages(done.stdout) == [] and "Data and pipelines are up to date" in done.stdout
     assert not (clone / ".bentoml").exists()
 
-    report = json.loads((clone / "reports/package.json").read_text())
-    done = run(clone, sys.executable, "-m", "pipeline.champion", "bento", "--report",
-               "reports/package.json", "--export", "models/champion")
-    assert done.stdout.strip() == report["champion"]["bento_tag"]
-    assert "imported" in done.stderr
+    before = champion(clone)
+    assert served_bento(clone) == before["bento_tag"]  # imported into an empty store
     images = sorted((clone / "data/ingested/images/test").glob("*/*.png"))[:20]
-    with bento_server(done.stdout.strip(), clone / ".bentoml", tmp_path / "serve.log") as (client, _):
-        labels = [client.post("/classify", files={"image": ("x.png", p.read_bytes())}).json()["label"]
-                  for p in images]
+
+    def served() -> tuple[list[str], np.ndarray]:
+        with bento_server(served_bento(clone), clone / ".bentoml", tmp_path / "serve.log") as (client, _):
+            answers = [client.post("/classify", files={"image": ("x.png", p.read_bytes())}).json()
+                       for p in images]
+        return ([a["label"] for a in answers],
+                np.array([[a["probabilities"][str(d)] for d in range(10)] for a in answers]))
+
+    labels, probabilities = served()
     assert np.mean([label == p.parent.name for label, p in zip(labels, images)]) >= 0.9
 
     epochs = yaml.safe_load((clone / "params.yaml").read_text())["train"]["epochs"]
-    done = dvc(clone, "exp", "run", "-S", f"train.epochs={epochs - 2}")
-    assert ran_stages(done.stdout) == ["train", "compress", "evaluate", "package"]
+    dvc(clone, "exp", "run", "--queue", "-n", "shorter", "-S", f"train.epochs={epochs - 2}",
+        "-S", "package.champion_tolerance=0.5")
+    done = dvc(clone, "exp", "run", "--run-all")
+    assert "promoted kiln:" in done.stdout  # inside the experiment's own workspace
+    assert git(clone, "status", "--porcelain").stdout == ""  # the clone's workspace untouched
+    assert champion(clone) == before
+    assert served()[1] == pytest.approx(probabilities, abs=1e-7)
+
+    dvc(clone, "exp", "apply", "shorter")
+    after = champion(clone)
+    assert after["model_tag"] != before["model_tag"]
+    assert served_bento(clone) == after["bento_tag"]
+    assert np.abs(served()[1] - probabilities).max() > 1e-4  # the experiment's model serves
+    assert json.loads(dvc(clone, "status", "--json").stdout) == {}
+
     diff = json.loads(dvc(clone, "exp", "diff", "--json").stdout)
     accuracy = diff["metrics"]["reports/evaluation.json"]["accuracy.float_torch"]
     assert accuracy["old"] != accuracy["new"]
@@ -280,6 +307,35 @@ def test_a_pulled_clone_is_up_to_date_serves_the_champion_and_runs_experiments(p
                            cwd=clone, env={**project_env(clone), "COLUMNS": "200"},
                            capture_output=True, text=True, check=True).stdout
     assert "train.epochs" in shown and "accuracy.float_torch" in shown and "…" not in shown, shown
+
+
+def test_a_killed_package_run_leaves_the_champion_serving(project, tmp_path):
+    """DVC deletes a stage's outputs before it runs it; the champion record and the exported
+    Bentos are `persist: true`, so a package stage killed mid-run (`kill -9` of `dvc repro`'s
+    stage) leaves them whole: `make serve` serves the same champion, and the next repro
+    finishes the job."""
+    before = champion(project)
+    record = (project / "reports/champion.json").read_bytes()
+    edit_params(project, {"serve": {"access_log": True}})  # a new Bento: package reruns
+    try:
+        stage = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", "package"],
+                                 cwd=project, env=project_env(project), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for line in stage.stdout:  # the new Bento is built and being validated
+            if "building kiln:" in line:
+                break
+        os.killpg(stage.pid, signal.SIGKILL)
+        stage.wait()
+        assert (project / "reports/champion.json").read_bytes() == record
+        assert served_bento(project) == before["bento_tag"]
+        with bento_server(before["bento_tag"], project / ".bentoml", tmp_path / "serve.log") as (client, _):
+            png = next((project / "data/ingested/images/test").glob("*/*.png")).read_bytes()
+            assert client.post("/classify", files={"image": ("x.png", png)}).status_code == 200
+    finally:
+        git(project, "checkout", "params.yaml")
+    done = dvc(project, "repro")
+    assert "package" in ran_stages(done.stdout)
+    assert champion(project) == before and json.loads(dvc(project, "status", "--json").stdout) == {}
 
 
 def test_a_corrupted_weights_file_is_refused_by_name(project):
@@ -317,7 +373,7 @@ def test_failed_runs_and_other_classes_leave_the_champion_serving(project, tmp_p
     from PIL import ImageOps
     from sklearn.datasets import load_digits
 
-    bento_tag = json.loads((project / "reports/package.json").read_text())["champion"]["bento_tag"]
+    bento_tag = served_bento(project)
     probe = [p.read_bytes() for p in sorted((project / "data/ingested/images/test").rglob("*.png"))[:20]]
 
     def predictions(log: Path) -> list[dict]:
@@ -366,8 +422,7 @@ def test_failed_runs_and_other_classes_leave_the_champion_serving(project, tmp_p
         assert "drift not checked: no champion of task kiln-classifier-" in done.stdout
     finally:
         git(project, "checkout", "params.yaml")
-    assert json.loads((project / "reports/package.json").read_text())["champion"]["bento_tag"] \
-        == bento_tag
+    assert served_bento(project) == bento_tag
     assert predictions(tmp_path / "serve_after.log") == before
     done = dvc(project, "repro")
     assert "package" not in ran_stages(done.stdout)  # the digits again: nothing new to package

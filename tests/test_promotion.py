@@ -2,12 +2,17 @@
 the real params.yaml) promotes a first model, refuses a worse one, refuses one whose served
 answers differ from the evaluated ones (infra validation), does not promote an identical one
 again, promotes an equal one; after `rollback` the server answers with the old model's
-probabilities; a SIGKILLed package stage leaves no process behind and the champion serving; a
-data set with other classes gets its own champion line. One BentoML home for the module: the
-steps build on each other, in file order."""
+probabilities and the rolled-back model is not promoted again; a SIGKILLed package stage, or
+one that runs out of disk, leaves no process and nothing half-built behind and the champion
+serving; `make serve`'s lookup refuses a damaged or crafted export by name and repairs a
+damaged store copy; a data set with other classes gets its own champion line. One workspace
+(champion record and exported Bentos) and one BentoML home for the module: the steps build on
+each other, in file order."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,8 +24,9 @@ import numpy as np
 import psutil
 import pytest
 
+from pipeline.card import sha256_file
 from tests.bento_server import bento_server
-from tests.test_service import (CLASSES, REPO, class_images, encode,
+from tests.test_service import (CLASSES, REPO, class_images, encode, exported,
                                 local_probabilities, run_package, stage_env, write_ingested,
                                 write_tiny_model)
 
@@ -28,31 +34,49 @@ pytestmark = pytest.mark.slow
 
 
 class Store:
-    """A BentoML home and the ingested test split the package stage scores on."""
+    """A workspace (the champion record and the exported Bentos, as dvc.yaml names them), a
+    BentoML home and the ingested test split the package stage scores on."""
 
     def __init__(self, root: Path):
         self.root, self.home = root, root / "bentoml"
+        self.record, self.exports = root / "champion.json", root / "champion"
         self.ingested = root / "ingested"
         write_ingested(self.ingested, 30, seed=7)
 
-    def package(self, model_dir: Path, bentofile: Path = REPO / "bentofile.yaml"):
-        return run_package(model_dir, self.ingested, self.home, bentofile)
+    def package(self, model_dir: Path, bentofile: Path = REPO / "bentofile.yaml", home=None):
+        return run_package(model_dir, self.ingested, home or self.home, bentofile, self.root)
 
-    def champion_command(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.champion", *args], cwd=REPO,
-                              env=stage_env(self.home), capture_output=True, text=True, timeout=60)
+    def champion_command(self, *args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+        """`python -m pipeline.champion <args> --champion <record> --export <exports>`, as the
+        Makefile runs it."""
+        return subprocess.run([sys.executable, "-m", "pipeline.champion", *args, "--champion",
+                               str(self.record), "--export", str(self.exports)], cwd=REPO,
+                              env=stage_env(home or self.home), capture_output=True, text=True,
+                              timeout=60)
+
+    def served_bento(self, home: Path | None = None) -> str:
+        """The Bento `make serve` would serve."""
+        done = self.champion_command("bento", home=home)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
 
     def line(self) -> dict:
-        (path,) = (self.home / "kiln" / "champions").glob("*.json")
-        return json.loads(path.read_text())
+        record = json.loads(self.record.read_text())
+        return record["lines"][record["serves"]]
+
+    def workspace(self) -> dict[str, bytes]:
+        """Every file of the record and the exports: what a failed run must leave as it was."""
+        files = {p: p.read_bytes() for p in self.exports.rglob("*") if p.is_file()}
+        return {**files, self.record: self.record.read_bytes()}
 
     def versions(self, kind: str, name: str) -> set[str]:
         folder = self.home / kind / name
         return {p.name for p in folder.iterdir() if p.name != "latest"} if folder.exists() else set()
 
-    def served_probabilities(self, bento_tag: str, log: Path, images: np.ndarray) -> np.ndarray:
+    def served_probabilities(self, bento_tag: str, log: Path, images: np.ndarray,
+                             home: Path | None = None) -> np.ndarray:
         """What the Bento answers for `images`, each uploaded as a PNG to /classify."""
-        with bento_server(bento_tag, self.home, log) as (client, _):
+        with bento_server(bento_tag, home or self.home, log) as (client, _):
             answers = [client.post("/classify", files={"image": ("x.png", encode(image, "PNG"))})
                        for image in images]
         assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
@@ -93,16 +117,24 @@ def kiln_processes(home: Path, *needles: str) -> list[psutil.Process]:
     return found
 
 
-def test_first_model_is_promoted_on_thresholds_alone(store, first):
+def test_first_model_is_promoted_on_thresholds_alone(store, first, tmp_path):
     assert first["challenger_serves"] is True
     assert first["challenger"]["accuracy"] == 1.0
     line = store.line()
-    assert line["champion"]["bento_tag"] == first["champion"]["bento_tag"]
-    assert line["previous"] == []
+    bento_tag = first["champion"]["bento_tag"]
+    assert line["champion"]["bento_tag"] == bento_tag
+    assert line["previous"] == [] and line["retired"] == []
     assert line["task"] == {"model_name": "kiln-classifier", "classes": CLASSES}
-    report = store.root / "first.package.json"
-    done = store.champion_command("bento", "--report", str(report), "--export", "unused")
-    assert done.stdout.strip() == first["champion"]["bento_tag"], done.stderr
+    # Its Bento is exported beside a manifest that `sha256sum -c` checks.
+    folder = exported(store.root, bento_tag)
+    done = subprocess.run(["sha256sum", "--check", "--strict", "--quiet",
+                           str(folder.with_name(folder.name + ".sha256"))],
+                          cwd=folder, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # `make serve`'s lookup in an empty store (a fresh clone after `dvc pull`) imports it.
+    empty = tmp_path / "empty-home"
+    assert store.served_bento(home=empty) == bento_tag
+    assert (empty / "bentos" / "kiln" / bento_tag.split(":")[1] / "bento.yaml").is_file()
 
 
 def test_worse_challenger_is_not_packaged_and_the_champion_still_serves(store, first, tmp_path):
@@ -116,6 +148,7 @@ def test_worse_challenger_is_not_packaged_and_the_champion_still_serves(store, f
     assert report["champion"]["bento_tag"] == first["champion"]["bento_tag"]
     assert store.line()["champion"]["bento_tag"] == first["champion"]["bento_tag"]
     assert store.versions("models", "kiln-classifier") == models_before  # nothing stored
+    assert store.served_bento() == first["champion"]["bento_tag"]
 
     images, _ = class_images(6, seed=8)
     served = store.served_probabilities(first["champion"]["bento_tag"], tmp_path / "serve.log", images)
@@ -161,7 +194,7 @@ def broken_build_context(root: Path, replace: tuple[str, str]) -> Path:
      "failed to start before it was ready"),
 ])
 def test_failed_infra_validation_blocks_promotion(store, first, tmp_path, case, replace, message):
-    line = store.line()
+    workspace = store.workspace()
     models_before = store.versions("models", "kiln-classifier")
     bentos_before = store.versions("bentos", "kiln")
     challenger = tmp_path / "challenger"
@@ -170,9 +203,10 @@ def test_failed_infra_validation_blocks_promotion(store, first, tmp_path, case, 
     assert done.returncode == 1, done.stdout
     assert "kiln package: error: " in done.stderr and message in done.stderr
     assert report is None
-    assert store.line() == line  # the champion stays
+    assert store.workspace() == workspace  # the champion stays
     assert store.versions("models", "kiln-classifier") == models_before  # the failed one removed
     assert store.versions("bentos", "kiln") == bentos_before
+    assert not any((store.home / "tmp").iterdir())  # no half-built Bento
     assert kiln_processes(store.home, *SERVER) == []  # its server is gone
 
 
@@ -189,15 +223,16 @@ def wait_for(condition, timeout_s: float, what: str):
 @pytest.mark.parametrize("kill_point", ["model stored", "validation server up"])
 def test_a_killed_package_stage_leaves_no_process_and_the_champion_serving(
         store, first, tmp_path, kill_point):
-    line = store.line()
+    workspace = store.workspace()
     models_before = store.versions("models", "kiln-classifier")
     challenger = tmp_path / "challenger"
-    write_tiny_model(challenger, seed=2)
+    # Its own model per kill point: the first is rolled back at the end, which retires it.
+    write_tiny_model(challenger, seed={"model stored": 2, "validation server up": 6}[kill_point])
     stage = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "package", "--model", str(challenger), "--bentofile",
          str(REPO / "bentofile.yaml"), "--data", str(store.ingested), "--reference",
-         str(store.ingested / "profile.json"), "--export", str(tmp_path / "bento"),
-         "--out", str(tmp_path / "package.json")],
+         str(store.ingested / "profile.json"), "--champion", str(store.record), "--export",
+         str(store.exports), "--out", str(tmp_path / "package.json")],
         cwd=REPO, env=stage_env(store.home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if kill_point == "model stored":
@@ -211,26 +246,27 @@ def test_a_killed_package_stage_leaves_no_process_and_the_champion_serving(
         stage.wait()
     # The server (watchdog, arbiter and workers) follows the stage within its stop grace.
     wait_for(lambda: not kiln_processes(store.home, *SERVER), 30, "no serving process left")
-    assert store.line() == line
+    assert store.workspace() == workspace
     assert not (tmp_path / "package.json").exists()
 
     images, _ = class_images(20, seed=12)
-    served = store.served_probabilities(line["champion"]["bento_tag"], tmp_path / "serve.log", images)
+    served = store.served_probabilities(store.served_bento(), tmp_path / "serve.log", images)
     assert served == pytest.approx(local_probabilities(store.root / "first", images[:, None]), abs=1e-6)
 
-    # The next run deletes what the killed one left, then does its job.
+    # The next run deletes what the killed one left, then does its job; roll it back.
     done, report = store.package(challenger)
     assert done.returncode == 0, done.stderr
     assert "left by a killed package run" in done.stdout
     assert report["challenger_serves"] is True
-    done = store.champion_command("rollback", "--report", str(challenger.with_suffix(".package.json")))
+    done = store.champion_command("rollback")
     assert done.returncode == 0, done.stderr
-    assert store.line() == line
+    assert store.line()["champion"]["bento_tag"] == first["champion"]["bento_tag"]
 
 
 def test_rollback_serves_the_previous_models_probabilities(store, first, tmp_path):
     """Promote A (first), promote B (equal accuracy), roll back: the server answers with A's
-    probabilities, computed here with ONNX Runtime from A's own files."""
+    probabilities, computed here with ONNX Runtime from A's own files, and B is retired: the
+    package stage does not promote it again."""
     b_dir = store.root / "second"
     write_tiny_model(b_dir, seed=1)
     done, b = store.package(b_dir)
@@ -242,25 +278,141 @@ def test_rollback_serves_the_previous_models_probabilities(store, first, tmp_pat
     a_expected = local_probabilities(store.root / "first", images[:, None])
     b_expected = local_probabilities(b_dir, images[:, None])
     assert np.abs(a_expected - b_expected).max() > 1e-3  # two models a test can tell apart
-    report = b_dir.with_suffix(".package.json")
 
     def served() -> np.ndarray:  # as `make serve` picks the Bento
-        done = store.champion_command("bento", "--report", str(report), "--export", "unused")
-        assert done.returncode == 0, done.stderr
-        return store.served_probabilities(done.stdout.strip(), tmp_path / "serve.log", images)
+        return store.served_probabilities(store.served_bento(), tmp_path / "serve.log", images)
 
     assert served() == pytest.approx(b_expected, abs=1e-6)
-    pointer = tmp_path / "champion.json"  # `make rollback` passes dvc.yaml's, validate's dep
-    done = store.champion_command("rollback", "--report", str(report), "--champion", str(pointer))
+    done = store.champion_command("rollback")
     assert done.returncode == 0, done.stderr
     assert first["champion"]["model_tag"] in done.stdout
     assert served() == pytest.approx(a_expected, abs=1e-6)
-    named = json.loads(pointer.read_text())
-    assert (named["model_tag"], named["bento_tag"]) == (first["champion"]["model_tag"],
-                                                        first["champion"]["bento_tag"])
+    line = store.line()
+    assert line["champion"]["bento_tag"] == first["champion"]["bento_tag"]
+    assert b["champion"]["model_tag"] in line["retired"]
+    assert not exported(store.root, b["champion"]["bento_tag"]).exists()
 
-    done = store.champion_command("rollback", "--report", str(report))
+    done, again = store.package(b_dir)
+    assert done.returncode == 0, done.stderr
+    assert "was rolled back from" in done.stdout and again["challenger_serves"] is False
+    assert served() == pytest.approx(a_expected, abs=1e-6)
+
+    done = store.champion_command("rollback")
     assert done.returncode == 1 and "no previous champion to roll back to" in done.stderr
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flipped byte in model.onnx", r"model\.onnx: sha256 \w+ does not match"),
+    ("flipped byte in service.py", r"src/pipeline/service\.py: sha256 \w+ does not match"),
+    ("README links out of the folder", r"README\.md: a symbolic link \(to .*secret"),
+    ("a file the manifest does not list", r"extra\.py: not listed in"),
+    ("a manifest path out of the folder", r"\.sha256:\d+: not `<sha256>  <relative path>`"),
+])
+def test_a_damaged_or_crafted_export_is_refused_by_name_and_nothing_is_imported(
+        store, first, tmp_path, damage, message):
+    """`make serve`'s lookup in a fresh clone (an empty BentoML home) of a workspace whose
+    exported champion was damaged (a DVC cache object) or crafted: it exits non-zero naming the
+    file, and imports nothing."""
+    workspace = tmp_path / "workspace"
+    shutil.copytree(store.root, workspace, ignore=shutil.ignore_patterns("bentoml"))
+    bento_tag = store.line()["champion"]["bento_tag"]
+    folder = exported(workspace, bento_tag)
+    manifest = folder.with_name(folder.name + ".sha256")
+    if damage == "flipped byte in model.onnx":
+        _flip_a_byte(next(folder.glob("models/*/*/model.onnx")))
+    elif damage == "flipped byte in service.py":
+        _flip_a_byte(folder / "src/pipeline/service.py")
+    elif damage == "README links out of the folder":
+        (tmp_path / "secret.txt").write_text("not for the API page\n")
+        (folder / "README.md").unlink()
+        (folder / "README.md").symlink_to(tmp_path / "secret.txt")
+    elif damage == "a file the manifest does not list":
+        (folder / "src/pipeline/extra.py").write_text("print('hello')\n")
+    else:
+        manifest.write_text(manifest.read_text() + f"{'0' * 64}  ../../secret.txt\n")
+    empty = tmp_path / "empty-home"
+    done = subprocess.run([sys.executable, "-m", "pipeline.champion", "bento", "--champion",
+                           str(workspace / "champion.json"), "--export", str(workspace / "champion")],
+                          cwd=REPO, env=stage_env(empty), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert re.search(message, done.stderr), done.stderr
+    assert done.stderr.startswith("kiln champion: error: ") and done.stderr.count("\n") == 1
+    assert not any((empty / "bentos").glob("*/*")) and not any((empty / "models").glob("*/*"))
+
+
+def test_a_damaged_store_copy_is_imported_again_from_the_checked_export(store, first, tmp_path):
+    line = store.line()
+    stored = store.home / "models" / line["champion"]["model_tag"].replace(":", "/") / "model.onnx"
+    _flip_a_byte(stored)
+    done = store.champion_command("bento")
+    assert done.returncode == 0, done.stderr
+    assert "differed from" in done.stderr and "imported again" in done.stderr
+    assert done.stdout.strip() == line["champion"]["bento_tag"]
+    assert sha256_file(stored) == line["champion"]["weights_sha256"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """(size in KiB) -> a folder on a tmpfs of that size, unmounted afterwards. Needs root: fails
+    in CI (which runs as root), skips elsewhere."""
+    mounted = []
+
+    def make(kib: int) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            reason = f"cannot mount a small tmpfs (root needed): {done.stderr.strip()}"
+            if os.environ.get("CI"):
+                pytest.fail(reason)
+            pytest.skip(reason)
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+def test_a_full_disk_names_the_cause_in_one_line_and_changes_nothing(store, first, tmp_path,
+                                                                     small_disk):
+    """ENOSPC where the package stage builds (the BentoML home) and where it exports (the
+    workspace): one line naming the cause, nothing half-built, the champion serving."""
+    challenger = tmp_path / "challenger"
+    write_tiny_model(challenger, seed=4)
+    workspace = store.workspace()
+
+    home = small_disk(150)  # KiB: less than a model and its Bento
+    done, _ = store.package(challenger, home=home)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("kiln package: error: no space left on the device while storing "
+                           "kiln-classifier:") and "nothing was changed" in line
+    assert store.workspace() == workspace
+    assert [p for p in home.rglob("*") if p.is_file() and "prometheus" not in str(p)] == []
+
+    # Room for the record and exports as they are (+64 KiB), not for a new Bento's folder.
+    used = subprocess.run(["du", "-sk", str(store.exports), str(store.record)], check=True,
+                          capture_output=True, text=True).stdout.split()[::2]  # KiB each
+    size = sum(map(int, used)) + 64
+    disk = small_disk(size)
+    shutil.copy2(store.record, disk / "champion.json")
+    shutil.copytree(store.exports, disk / "champion")
+    before = {p: p.read_bytes() for p in disk.rglob("*") if p.is_file()}
+    done, _ = run_package(challenger, store.ingested, store.home, REPO / "bentofile.yaml", disk)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "kiln package: error: no space left on the device while exporting kiln:")
+    assert {p: p.read_bytes() for p in disk.rglob("*") if p.is_file()} == before
+    assert store.served_bento() == first["champion"]["bento_tag"]
 
 
 def test_other_classes_start_their_own_line(store, first, tmp_path):
@@ -282,16 +434,16 @@ def test_other_classes_start_their_own_line(store, first, tmp_path):
         manifest = manifest.replace(f",{old},", f",{new},")
     (ingested / "manifest.csv").write_text(manifest)
 
-    done, report = run_package(other, ingested, store.home)
+    done, report = run_package(other, ingested, store.home, workspace=store.root)
     assert done.returncode == 0, done.stderr
     assert "first champion of this task" in done.stdout and report["challenger_serves"] is True
     assert report["task"]["classes"] == renamed
-    lines = sorted((store.home / "kiln" / "champions").glob("*.json"))
-    assert len(lines) == 2
-    assert json.loads(next(p for p in lines if "circle" in p.read_text()).read_text())[
-        "champion"]["bento_tag"] == report["champion"]["bento_tag"]
-    assert json.loads(next(p for p in lines if "circle" not in p.read_text()).read_text()) == line
+    record = json.loads(store.record.read_text())
+    assert len(record["lines"]) == 2
+    assert store.line()["champion"]["bento_tag"] == report["champion"]["bento_tag"]
+    assert [v for k, v in record["lines"].items() if k != record["serves"]] == [line]
+    assert exported(store.root, line["champion"]["bento_tag"]).is_dir()  # still rollback-able
     images, _ = class_images(3, seed=4)
-    with bento_server(report["champion"]["bento_tag"], store.home, tmp_path / "serve.log") as (client, _):
+    with bento_server(store.served_bento(), store.home, tmp_path / "serve.log") as (client, _):
         body = client.post("/classify", files={"image": ("x.png", encode(images[0], "PNG"))}).json()
     assert set(body["probabilities"]) == set(renamed)

@@ -135,24 +135,35 @@ def stage_env(bentoml_home: Path) -> dict[str, str]:
 
 
 def run_package(model_dir: Path, ingested: Path, home: Path,
-                bentofile: Path = REPO / "bentofile.yaml") -> tuple[subprocess.CompletedProcess, dict | None]:
+                bentofile: Path = REPO / "bentofile.yaml",
+                workspace: Path | None = None) -> tuple[subprocess.CompletedProcess, dict | None]:
     """The package stage as dvc.yaml runs it (the real params.yaml), into the BentoML home
-    `home`; its outputs beside model_dir. Returns the finished process and the report."""
-    out, export = model_dir.with_suffix(".package.json"), model_dir.with_suffix(".bento")
+    `home`; its report beside model_dir, the champion record and the exported Bentos in
+    `workspace` (model_dir's folder by default) as champion.json and champion/. Returns the
+    finished process and the report."""
+    workspace = workspace or model_dir.parent
+    out = model_dir.with_suffix(".package.json")
     reference = ingested / "profile.json"  # stored with the model; only validate reads it
     if not reference.exists():
         reference.write_text("{}")
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "package", "--model", str(model_dir),
          "--bentofile", str(bentofile), "--data", str(ingested), "--reference", str(reference),
-         "--export", str(export), "--out", str(out)],
+         "--champion", str(workspace / "champion.json"), "--export", str(workspace / "champion"),
+         "--out", str(out)],
         cwd=REPO, env=stage_env(home), capture_output=True, text=True, timeout=180)
     return done, json.loads(out.read_text()) if out.exists() and done.returncode == 0 else None
+
+
+def exported(workspace: Path, bento_tag: str) -> Path:
+    """The exported Bento folder of `bento_tag` among a run_package workspace's exports."""
+    return workspace / "champion" / bento_tag.replace(":", "-")
 
 
 def test_package_refuses_a_missing_or_corrupt_model_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # before bentoml is imported
     monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
+    from pipeline.champion import Exports
     from pipeline.package import package
 
     params = load_params(REPO / "params.yaml")
@@ -161,7 +172,8 @@ def test_package_refuses_a_missing_or_corrupt_model_by_name(tmp_path, monkeypatc
 
     def run():
         package(model_dir, REPO / "bentofile.yaml", tmp_path, tmp_path / "profile.json",
-                tmp_path / "bento", params.package, params.serve)
+                tmp_path / "champion.json", Exports(tmp_path / "champion"), params.package,
+                params.serve)
 
     with pytest.raises(StageError, match=r"selected/model\.json: model card not found"):
         run()
@@ -219,9 +231,9 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements
     # The exported folder is the same Bento with the model inside it.
-    exported = packaged["export"]
-    assert yaml.safe_load((exported / "bento.yaml").read_text())["version"] == version
-    assert (exported / "models" / model_tag.replace(":", "/") / "model.onnx").read_bytes() \
+    folder = packaged["export"]
+    assert yaml.safe_load((folder / "bento.yaml").read_text())["version"] == version
+    assert (folder / "models" / model_tag.replace(":", "/") / "model.onnx").read_bytes() \
         == (stored / "model.onnx").read_bytes()
 
 

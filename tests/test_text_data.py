@@ -307,7 +307,7 @@ def champion_profile(tmp_path_factory) -> dict:
 def test_the_same_kind_of_text_shows_no_drift(tmp_path, text_project, stage, monkeypatch,
                                               champion_profile):
     monkeypatch.setattr(pipeline.validate, "reference",
-                        lambda task: Reference("champ:1", champion_profile, ""))
+                        lambda *_: Reference("champ:1", champion_profile, ""))
     path = tmp_path / "new.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records(30, seed=2)))
     work = text_project(path)
@@ -323,7 +323,7 @@ def test_other_lengths_labels_and_words_fail_on_drift(tmp_path, text_project, st
                                                       champion_profile):
     """Longer texts, mostly one class, and half the words new: each drift check names itself."""
     monkeypatch.setattr(pipeline.validate, "reference",
-                        lambda task: Reference("champ:1", champion_profile, ""))
+                        lambda *_: Reference("champ:1", champion_profile, ""))
     rng = np.random.default_rng(3)
     shifted = [{"text": f"{document(rng, label, 20).strip()} " + " ".join(
                     f"word{int(rng.integers(1000))}" for _ in range(20)), "label": label}
@@ -341,7 +341,7 @@ def test_other_lengths_labels_and_words_fail_on_drift(tmp_path, text_project, st
 
 
 def test_an_image_profile_is_no_reference_for_texts(tmp_path, text_project, stage, monkeypatch):
-    monkeypatch.setattr(pipeline.validate, "reference", lambda task: Reference(
+    monkeypatch.setattr(pipeline.validate, "reference", lambda *_: Reference(
         "digits:1", {"version": 1, "categorical": {"label": {}}, "quantiles": {}}, ""))
     code, out = ingest_and_validate(stage, text_project(write_folder(tmp_path / "src")))
     assert code == 1 and "the champion of this task (package.model_name and class list) was " \
