@@ -99,6 +99,9 @@ class TextAugmentParams:
 @dataclass(frozen=True)
 class TextParams:
     source: str
+    text_column: str
+    label_column: str
+    split_column: str
     per_class: int
     min_texts: int
     max_texts: int
@@ -390,6 +393,12 @@ def _check_ranges(p: Params) -> None:
         ("serve.max_batch_images", p.serve.max_batch_images >= 1, "must be >= 1"),
         ("serve.max_text_bytes", p.serve.max_text_bytes >= 1, "must be >= 1"),
         ("serve.max_audio_seconds", p.serve.max_audio_seconds > 0, "must be > 0 (s)"),
+        ("text.text_column", len({p.text.text_column, p.text.label_column,
+                                  p.text.split_column}) == 3,
+         "text_column, label_column and split_column must name three different columns"),
+        ("text.text_column", all(c.strip() == c != "" for c in (
+            p.text.text_column, p.text.label_column, p.text.split_column)),
+         "text_column, label_column and split_column must be non-blank, without outer spaces"),
         ("text.per_class", p.text.per_class >= 1, "must be >= 1"),
         ("text.min_texts", 1 <= p.text.min_texts <= p.text.max_texts,
          "must satisfy 1 <= min_texts <= max_texts"),

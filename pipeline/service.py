@@ -1,13 +1,15 @@
 """Kiln's BentoML service: the model a Bento was built and infra-validated with, behind six
 HTTP endpoints and gRPC.
 
-    POST /classify        multipart file "image" (PNG/JPEG)  -> {"label", "index", "probabilities"}
+    POST /classify        multipart file "image" (PNG, JPEG, WebP, BMP, TIFF, GIF)
+                          -> {"label", "index", "probabilities"}
     POST /classify_batch  JSON {"images": pixel array}       -> one such dict per image
     POST /classify_npy    multipart file "array": a .npy file (numpy.save) of pixels, the same
                           shapes as /classify_batch, uint8 or float -> one dict per image
     POST /classify_text   JSON {"text": "..."}                -> one such dict (text models)
     POST /classify_text_batch  JSON {"texts": ["...", ...]}   -> one dict per text
-    POST /classify_audio  multipart file "audio" (WAV, FLAC, Ogg) -> one such dict (audio models)
+    POST /classify_audio  multipart file "audio" (WAV, FLAC, Ogg, MP3, M4A, AAC) -> one such dict
+                          (audio models)
     gRPC                  the Open Inference Protocol v2 (KServe/Triton) on serve.grpc_port or
                           KILN_GRPC_PORT, same host as HTTP, same model and checks
                           (pipeline/oip.py)
@@ -32,7 +34,7 @@ limits, worker processes, batch threads and the access log.
 
 Imports only bentoml, numpy, PIL, onnxruntime, pydantic, anyio, starlette, python-multipart (the
 last three come with BentoML), grpcio, grpcio-reflection, open-inference-grpc, psutil (comes with
-BentoML), tokenizers, soundfile, soxr and the project modules bentofile.yaml `include` lists
+BentoML), tokenizers, soundfile, soxr, av (M4A/AAC uploads only) and the project modules bentofile.yaml `include` lists
 (every modality's serving part among them), so the Bento needs no torch.
 
 Bad input gets a 4xx with a message naming the cause, never a 5xx, at a cost bounded by params
@@ -311,9 +313,11 @@ class Classifier:
     @bentoml.api
     async def classify(self, image: Annotated[
             Image.Image, BeforeValidator(_image),
-            Field(description="the image to classify: a PNG or JPEG file, any size and colour "
-                              "mode")]) -> Prediction:
-        """Classify one uploaded PNG/JPEG image (multipart field "image").
+            Field(description="the image to classify: a PNG, JPEG, WebP, BMP, TIFF or GIF "
+                              "file of one picture (not animated, not multi-page), any size "
+                              "and colour mode")]) -> Prediction:
+        """Classify one uploaded image (multipart field "image"): PNG, JPEG, WebP, BMP, TIFF or
+        GIF, one picture.
 
         An image of up to serve.inline_decode_pixels is decoded and classified on the event
         loop (cheaper than the hop to a thread); a larger one, up to serve.max_image_pixels, in
@@ -371,8 +375,8 @@ class Classifier:
     @bentoml.api
     def classify_audio(self, audio: Annotated[
             Path, PlainValidator(_audio_upload), UPLOAD_SCHEMA, Field(
-            description="the recording to classify (audio models): a WAV, FLAC or Ogg "
-                        "(Vorbis, Opus) file, any sample rate and channel count, at most "
+            description="the recording to classify (audio models): a WAV, FLAC, Ogg "
+                        "(Vorbis, Opus), MP3, M4A or AAC (ADTS) file, any sample rate and channel count, at most "
                         "serve.max_audio_seconds long; the model hears its centre "
                         "audio.clip_seconds")]) -> Prediction:
         """Classify one uploaded recording (multipart field "audio"): decoded, mixed to mono,

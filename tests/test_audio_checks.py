@@ -93,10 +93,11 @@ def spoil_corrupt(source: Path) -> str:
     model can learn from or be tested on it. Stops, naming the file and libsndfile's cause."""
     data = write(source / "train/low/broken.wav", tone(300, 0.5))
     (source / "train/low/broken.wav").write_bytes(data[:12] + bytes(32) + data[44:])
-    return ("unusable audio file: Every file is WAV, FLAC or Ogg audio that decodes: not empty, "
-            "not corrupt, in the container its extension names, with finite samples. -- 1 break "
-            "it: corrupt or not audio: train/low/broken.wav (cannot be decoded: Error in WAV "
-            "file. No 'data' chunk marker (corrupt, or not WAV, FLAC or Ogg audio))")
+    return ("unusable audio file: Every file is WAV, FLAC, Ogg, MP3, M4A or AAC audio that "
+            "decodes: not empty, not corrupt nor cut short, in the container its extension "
+            "names, with finite samples. -- 1 break it: corrupt or not audio: "
+            "train/low/broken.wav (cannot be decoded: Error in WAV file. No 'data' chunk marker "
+            "(corrupt, or not WAV, FLAC, Ogg, MP3, M4A or AAC audio))")
 
 
 def spoil_truncated(source: Path) -> str:
@@ -118,7 +119,7 @@ def spoil_zero_length(source: Path) -> str:
 def spoil_wrong_extension(source: Path) -> str:
     """FLAC bytes named .wav. libsndfile could read them, but the service and other tools go by
     the extension, and a name that lies about its content is a bug in the export that made it:
-    stops, saying to rename it. (A file whose extension is not an audio one at all, .mp3 or
+    stops, saying to rename it. (A file whose extension is not an audio one at all, .wma or
     .txt, is skipped by ingest and listed: pipeline/folders.py.)"""
     write(source / "test/low/export.wav", tone(310, 0.5), container="FLAC")
     return ("-- 1 break it: wrong extension: test/low/export.wav (holds FLAC audio, but its "

@@ -65,6 +65,8 @@ ACCEPTED = [
     (".flac", "FLAC", "PCM_S8", 11025, 1),
     (".ogg", "OGG", "VORBIS", 44100, 1),
     (".opus", "OGG", "OPUS", 48000, 1),
+    (".mp3", "MP3", "MPEG_LAYER_III", 44100, 2),  # libsndfile's LAME writes, its mpg123 reads
+    (".mp3", "MP3", "MPEG_LAYER_III", 8000, 1),   # MPEG-2.5 layer III
 ]
 
 
@@ -84,7 +86,7 @@ def test_each_accepted_format_decodes_to_mono_at_the_model_rate(suffix, containe
     assert decoded.sample_rate == RATE
     assert abs(len(decoded.samples) - 0.6 * RATE) <= 0.6 * RATE * 0.03  # Opus pads its start
     expected = tone(RATE, 0.6) * (channels + 1) / (2 * channels)
-    lossy = subtype in ("VORBIS", "OPUS", "ULAW", "PCM_U8", "PCM_S8")
+    lossy = subtype in ("VORBIS", "OPUS", "ULAW", "PCM_U8", "PCM_S8", "MPEG_LAYER_III")
     assert similarity(decoded.samples, expected) > (0.95 if lossy else 0.999)
     level = np.sqrt(np.mean(expected ** 2))
     assert decoded.rms == pytest.approx(level, rel=0.1 if lossy else 0.01)
@@ -126,16 +128,19 @@ REFUSED = [
     ("corrupt", "noise.wav", b"RIFF\x24\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4,
      "noise.wav: cannot be decoded"),
     ("not audio", "picture.wav", b"\x89PNG\r\n\x1a\n" + bytes(64),
-     "picture.wav: cannot be decoded: Format not recognised (corrupt, or not WAV, FLAC or Ogg"),
+     "picture.wav: cannot be decoded: Format not recognised (corrupt, or not WAV, FLAC, Ogg, "
+     "MP3, M4A or AAC audio)"),
     ("zero-length", "empty.wav", b"", "empty.wav: empty (0 bytes)"),
     ("no samples", "header.wav", _wav_without_samples(), "header.wav: holds no samples"),
     ("wrong extension", "flac.wav", encoded(tone(RATE, 0.2), RATE, "FLAC", "PCM_16"),
      "flac.wav: holds FLAC audio, but its extension '.wav' says WAV: rename it"),
     ("wrong extension", "ogg.flac", encoded(tone(RATE, 0.2), RATE, "OGG", "VORBIS"),
      "ogg.flac: holds OGG audio, but its extension '.flac' says FLAC"),
-    ("unaccepted extension", "song.mp3", encoded(tone(RATE, 0.2), RATE, "WAV", "PCM_16"),
-     "song.mp3: extension '.mp3' is not an accepted audio file (accepted: .wav, .flac, .ogg, "
-     ".opus)"),
+    ("unaccepted extension", "song.wma", encoded(tone(RATE, 0.2), RATE, "WAV", "PCM_16"),
+     "song.wma: extension '.wma' is not an accepted audio file (accepted: .wav, .flac, .ogg, "
+     ".opus, .mp3, .m4a, .aac)"),
+    ("wrong extension", "song.mp3", encoded(tone(RATE, 0.2), RATE, "WAV", "PCM_16"),
+     "song.mp3: holds WAV audio, but its extension '.mp3' says MP3: rename it"),
     ("unaccepted container", None, encoded(tone(RATE, 0.2), RATE, "AIFF", "PCM_16"),
      "audio: AIFF audio is not accepted"),
     ("non-finite", "nan.wav", _float_wav_with_nan(), "nan.wav: holds non-finite samples"),

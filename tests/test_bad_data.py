@@ -159,14 +159,18 @@ def test_zero_byte_file(tmp_path, project, stage):
 
 
 def test_non_image_with_image_extension(tmp_path, project, stage):
+    """Text named .png, and an icon (a format PIL reads, Kiln and its server do not) named .jpg:
+    each named with what it is. A GIF named .jpg would be read as the GIF it is: the content
+    decides, not the name (tests/test_formats.py)."""
     source = make_source(tmp_path / "src")
     (source / "a/notes.png").write_text("meeting notes, not a picture\n")
-    Image.fromarray(pixels(5)).save(source / "b/really_a_gif.jpg", "GIF")  # the service takes PNG/JPEG only
+    Image.fromarray(pixels(5)).save(source / "b/really_an_icon.jpg", "ICO")
     code, out = ingest_and_validate(stage, project(source))
     assert code == 1
     assert "2 break it:" in out
-    assert "not a PNG/JPEG image: a/notes.png (29 bytes starting b'meeting note')" in out
-    assert "not a PNG/JPEG image: b/really_a_gif.jpg (" in out
+    assert ("not an accepted image: a/notes.png (29 bytes starting b'meeting note'; accepted: "
+            "PNG, JPEG, WebP, BMP, TIFF or GIF)") in out
+    assert "not an accepted image: b/really_an_icon.jpg (ICO image; accepted: " in out
 
 
 def test_broken_link_fails_at_ingest(tmp_path, project):

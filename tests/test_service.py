@@ -245,7 +245,7 @@ def test_server_binds_loopback_by_default(server):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"])
 def test_classify_matches_local_onnx(server, image_format):
     images, labels = class_images(6, seed=1)
     predictions = []
@@ -315,15 +315,23 @@ def test_classify_batch_concurrent_requests_of_mixed_shapes(server):
         assert [p["index"] for p in response.json()] == expected.tolist()
 
 
+def animated_gif() -> bytes:
+    frames = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (0, 255)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
 @pytest.mark.slow
 def test_bad_images_get_400_with_a_message(server):
     rng = np.random.default_rng(0)
     png = encode(rng.integers(0, 256, (64, 64), dtype=np.uint8), "PNG")  # noise: incompressible
     cases = {
-        "not an image": (b"this is not an image", "not a PNG or JPEG"),
+        "not an image": (b"this is not an image", "not a PNG, JPEG, WebP, BMP, TIFF or GIF"),
         "truncated PNG": (png[: len(png) // 2], "truncated"),
-        "empty file": (b"", "not a PNG or JPEG"),
-        "GIF": (encode(np.zeros((8, 8), np.uint8), "GIF"), "not a PNG or JPEG"),
+        "empty file": (b"", "not a PNG, JPEG, WebP, BMP, TIFF or GIF"),
+        "an icon": (encode(np.zeros((8, 8), np.uint8), "ICO"), "not a PNG, JPEG, WebP"),
+        "animated GIF": (animated_gif(), "image: several frames (an animated GIF)"),
     }
     for case, (data, message) in cases.items():
         response = server["client"].post("/classify", files={"image": ("x.png", data)})
@@ -556,7 +564,8 @@ def test_each_rejected_request_is_one_warning_line_without_traceback(server):
     statuses = sorted(int(re.search(r"POST /classify\w* (\d{3}): ", l).group(1)) for l in lines)
     assert statuses == sorted([c[3] for c in cases.values()] + [400, 400]), window
     assert any("field 'image' missing; got 'file'" in l for l in lines), window
-    assert any("Value error, image: not a PNG or JPEG file" in l for l in lines), window
+    assert any("Value error, image: not a PNG, JPEG, WebP, BMP, TIFF or GIF file" in l
+               for l in lines), window
 
 
 @pytest.mark.slow
@@ -618,7 +627,7 @@ def test_the_api_page_describes_the_service_and_its_examples_get_200(server, tmp
             uploads.update({(path, name): field["description"] for name, field in fields.items()
                             if field.get("format") == "binary"})
     assert list(examples) == ["/classify_batch"]
-    assert "a PNG or JPEG file" in uploads[("/classify", "image")]
+    assert "a PNG, JPEG, WebP, BMP, TIFF or GIF file" in uploads[("/classify", "image")]
     assert "a .npy file (numpy.save)" in uploads[("/classify_npy", "array")]
     url = f"http://127.0.0.1:{server['port']}/#/Service%20APIs/Classifier__"  # an open endpoint
     page = offline_page(url + "classify_batch", tmp_path)

@@ -20,7 +20,7 @@ from pipeline.champion import Reference
 from pipeline.dataset import read_manifest
 from pipeline.params import load_params
 from pipeline.text import checks
-from pipeline.text.sources import ingest_texts
+from pipeline.text.sources import Columns, ingest_texts
 from pipeline.text.words import text_key
 from tests.test_bad_data import VALIDATE, cli, ingest_and_validate, problems, stage  # noqa: F401 (fixture)
 
@@ -256,7 +256,8 @@ def test_non_utf8_bytes_in_a_jsonl_line_reach_validate(tmp_path, text_project, s
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": \n',
      "line 2: not valid JSON (Expecting value, column 24)"),
-    ("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', "line 2: no `label` field"),
+    ("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "tag": "x"}\n',
+     "line 2: no `label` field (text.label_column; the record has `text`, `tag`)"),
     ("bad.jsonl", '["a", "x"]\n', "line 1: expected a JSON object with `text` and `label`"),
     ("bad.jsonl", '{"text": 5, "label": "x"}\n', "line 1: `text` must be a string, got int 5"),
     ("bad.jsonl", '{"text": "a", "label": "x", "split": "dev"}\n',
@@ -266,10 +267,12 @@ def test_non_utf8_bytes_in_a_jsonl_line_reach_validate(tmp_path, text_project, s
     ("bad.jsonl", '{"text": "a", "label": "../etc"}\n',
      "line 1: label '../etc' cannot name a class folder"),
     ("bad.csv", "text,category\na,x\n",
-     "line 1: the header names no `label` column (has text, category)"),
+     "line 1: the header names no `label` column (text.label_column); it has `text`, "
+     "`category`"),
     ("bad.csv", 'text,label\na,x\n"b\nc",y,extra\n', "line 3: 3 fields, the header has 2"),
     ("bad.csv", "text,label\na,x\nb,\n", "line 3: label '' cannot name a class folder (blank"),
-    ("notes.txt", "a lone text file\n", "not a folder, a .jsonl or a .csv file (nor 'languages')"),
+    ("notes.txt", "a lone text file\n",
+     "not a folder, a .jsonl, .csv or .tsv file (nor 'languages')"),
 ])
 def test_unreadable_records_stop_ingest_naming_the_line(tmp_path, text_project, stage, name,
                                                         content, message):
@@ -299,8 +302,10 @@ def champion_profile(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("champion")
     (root / "champion.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(30, seed=1)))
     params = load_params(REPO / "params.yaml")
+    t = params.text
     ingest_texts(str(root / "champion.jsonl"), root / "ingested", params.data.split,
-                 params.data.seed, params.ingest.max_file_bytes, params.text.per_class)
+                 params.data.seed, params.ingest.max_file_bytes, t.per_class,
+                 Columns(t.text_column, t.label_column, t.split_column))
     return checks.examine(root / "ingested", read_manifest(root / "ingested")[0], params, None)[1]
 
 

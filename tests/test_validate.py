@@ -82,7 +82,9 @@ def test_clean_set_passes_and_writes_docs(ingested, tmp_path):
     assert m["drift"] == {"status": "skipped"}
     assert (tmp_path / "docs" / "index.html").is_file()
     (page,) = (tmp_path / "docs" / "validations" / "images").rglob("*.html")
-    assert "Every file is a complete PNG or JPEG image that decodes" in page.read_text()
+    assert ("Every file is one complete picture (PNG, JPEG, WebP, BMP, TIFF or GIF) that "
+            "decodes") in page.read_text()
+    assert m["formats"] == {"PNG": len(CLASSES) * PER_CLASS}
     assert result.table.file_problem.isna().all() and (result.table.height == 8).all()
     assert result.profile["images"] == 21 and result.profile["categorical"]["size"] == {"8x8": 21}
 
@@ -93,9 +95,10 @@ def test_corrupt_file_fails_naming_it(ingested, tmp_path):
     result = run(ingested, tmp_path / "docs")
     assert not result.success
     line = failure(result, "unreadable image file")
-    assert f"1 break it: not a PNG/JPEG image: {bad['source']} (9 bytes starting b'not a png')" in line
+    assert (f"1 break it: not an accepted image: {bad['source']} (9 bytes starting "
+            "b'not a png'; accepted: PNG, JPEG, WebP, BMP, TIFF or GIF)") in line
     assert result.metrics["undecodable"] == 1 and result.metrics["problems"]["unreadable_files"] == 1
-    assert result.metrics["file_problems"]["not_a_PNG_JPEG_image"] == 1
+    assert result.metrics["file_problems"]["not_an_accepted_image"] == 1
     assert (tmp_path / "docs" / "index.html").is_file()
 
 

@@ -14,8 +14,8 @@ Data Docs, one line per failed kind).
              duplicate
 
 What decode.py refuses (empty, corrupt or not audio, an extension that names another container,
-no samples, non-finite samples), and a WAV cut short (which it decodes up to the cut), stop the
-stage naming the file. What it decodes is taken and reported, not refused: 8-bit samples,
+no samples, non-finite samples), and a WAV, MP3 or M4A cut short (which it decodes up to the
+cut), stop the stage naming the file. What it decodes is taken and reported, not refused: 8-bit samples,
 several channels (mixed to mono), any rate (resampled); the metrics count the clips per format,
 source rate and channel count, and the stage prints them. Silent and clipped clips are bounded
 per data set (audio.max_silent_share, audio.max_clipped_share); clipped ones within the bound
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.audio.decode import AudioError, decode
+from pipeline.audio.decode import ACCEPTED, AudioError, decode, truncation
 from pipeline.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
 from pipeline.params import Params
 
@@ -65,7 +65,9 @@ FILE_PROBLEMS = {
     "non-finite samples": "holds non-finite samples",
     "corrupt or not audio": "",
 }
-TRUNCATED = "truncated WAV"  # a file_problem of its own: libsndfile reads what is there
+# container -> its file_problem when cut short: decode.py reads what is there, this names it
+TRUNCATED = {"WAV": "truncated WAV", "WAVEX": "truncated WAV", "MP3": "truncated MP3",
+             "MP4": "truncated M4A"}
 # A data chunk this long or longer is a streaming writer's placeholder for "unknown" (ffmpeg
 # writes 0xFFFFFFFF to a pipe, sox 0x7FFFF000), not a promise the file breaks: 2 GiB of samples.
 STREAMED = 0x7FFF0000
@@ -133,16 +135,16 @@ def wav_truncation(path: Path) -> str | None:
 
 def describe_clip(path: Path, sample_rate: int) -> dict:
     """How one file was recorded, and its samples decoded to mono at `sample_rate` described;
-    or, when decode.py refuses it or it is a truncated WAV, file_problem (the kind) and
+    or, when decode.py refuses it or it is a WAV, MP3 or M4A cut short, file_problem (the kind) and
     decode_error (the cause)."""
     try:
         decoded = decode(path, sample_rate)
     except AudioError as e:
         cause = str(e).removeprefix(f"{path}: ")
         return {"file_problem": file_problem(cause), "decode_error": cause}
-    cut = wav_truncation(path) if decoded.format in ("WAV", "WAVEX") else None
+    cut = wav_truncation(path) if decoded.format in ("WAV", "WAVEX") else truncation(decoded)
     if cut:
-        return {"file_problem": TRUNCATED, "decode_error": cut}
+        return {"file_problem": TRUNCATED[decoded.format], "decode_error": cut}
     samples = decoded.samples
     return {
         "file_problem": None, "decode_error": None,
@@ -202,8 +204,9 @@ def suite(E, kind, params: Params, repeated, labels, splits) -> list:
         repeated,
         E.ExpectColumnValuesToBeNull(
             column="file_problem", **kind("unreadable_clips"),
-            description="Every file is WAV, FLAC or Ogg audio that decodes: not empty, not "
-                        "corrupt, in the container its extension names, with finite samples."),
+            description=f"Every file is {ACCEPTED} audio that decodes: not empty, not "
+                        "corrupt nor cut short, in the container its extension names, with "
+                        "finite samples."),
         labels,
         splits,
         E.ExpectColumnValuesToBeBetween(
@@ -289,7 +292,7 @@ def metrics(table: pd.DataFrame, params: Params) -> dict:
         "sample_rate": params.audio.sample_rate,
         "file_problems": {p.lower().replace(" ", "_").replace("-", "_"):
                           int((table.file_problem == p).sum())
-                          for p in (*FILE_PROBLEMS, TRUNCATED)},
+                          for p in (*FILE_PROBLEMS, *sorted(set(TRUNCATED.values())))},
     }
 
 

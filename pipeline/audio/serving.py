@@ -1,12 +1,15 @@
 """The audio modality's serving part (pipeline/modality.py Serving): what pipeline/service.py and
 pipeline/oip.py do with an audio model's requests.
 
-An upload to /classify_audio (a WAV, FLAC or Ogg file, any rate and channel count) is decoded by
-pipeline/audio/decode.py, the module training read its clips with, with serve.max_audio_seconds
-as its bound (a longer file is refused from its header, before its samples are read), and fitted
-to the card's clip length (AudioPreprocessing): the model is served what it was trained on,
+An upload to /classify_audio (a WAV, FLAC, Ogg, MP3, M4A or AAC file, any rate and channel
+count) is decoded by pipeline/audio/decode.py, the module training read its clips with, with
+serve.max_audio_seconds as its bound (a longer file is refused from its header, before its
+samples are read; an ADTS stream, which has no length in a header, once decoding passes it),
+and fitted to the card's clip length (AudioPreprocessing): the model is served what it was trained on,
 never a second copy of it. The file's name only has to end in an accepted extension (or none);
-its bytes decide the container, so a FLAC named .wav is decoded as FLAC.
+its bytes decide the container, so a FLAC named .wav is decoded as FLAC. M4A and AAC uploads
+are decoded by FFmpeg's AAC decoder (PyAV), as training decoded such clips: a model trained on
+phone recordings takes them as recorded.
 
 gRPC ModelInfer takes that model input itself: FP32 `waveform` [N, clip_samples], mono at the
 card's sample rate, values in [-1, 1] (what AudioPreprocessing.load returns).
@@ -18,7 +21,7 @@ has an RMS below the card's audio.silent_rms (the key validate counts silent cli
 it came as a file or a waveform, so both protocols refuse the same clips. Endpoints of another
 modality answer TAKES (pipeline/service.py).
 
-Needs numpy, soundfile and soxr only: the Bento has no torch.
+Needs numpy, soundfile, soxr and av only: the Bento has no torch.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ if TYPE_CHECKING:
 
 SERVES = "an audio model"
 # What a request to another modality's endpoint is told (after its field's name).
-TAKES = f"this server serves {SERVES}; send a WAV, FLAC or Ogg file to /classify_audio"
+TAKES = f"this server serves {SERVES}; send a {decode.ACCEPTED} file to /classify_audio"
 GRPC_INPUT = "waveform"  # ModelInfer's one input tensor, FP32 [N, clip_samples]
 EXAMPLE_HZ, EXAMPLE_PEAK = 440.0, 0.1  # the self-check's clip: a tone, -20 dBFS, far from silent
 
@@ -80,7 +83,7 @@ def audio(upload, card: ModelCard, serve: ServeParams) -> np.ndarray:
     name = getattr(upload, "filename", None) or ""
     suffix = PurePath(name).suffix.lower()
     if suffix and suffix not in decode.AUDIO_SUFFIXES:
-        raise ValueError(f"audio: a {suffix} file; send WAV, FLAC or Ogg audio "
+        raise ValueError(f"audio: a {suffix} file; send {decode.ACCEPTED} audio "
                          f"({', '.join(sorted(decode.AUDIO_SUFFIXES))})")
     data = upload if isinstance(upload, bytes) else upload.file.read()
     p = card.preprocessing

@@ -4,15 +4,19 @@ checks every modality shares (manifest, classes, PSI/KS drift) and reports failu
 (GX report, Data Docs, one line per failed kind).
 
     images   one row per manifest entry: path, source, label, split, file_problem (why the file
-             is not a usable PNG/JPEG: empty, truncated, corrupt, not an image), mode (PIL's, as
-             decoded), then of the pixels converted to data.channels by
+             is not one usable picture in an accepted format, pipeline/image/preprocess.py
+             IMAGE_FORMATS: empty, truncated, corrupt, several frames, pixels that cannot be
+             converted, not an accepted image), format and mode (PIL's, as decoded), then of
+             the pixels converted to data.channels by
              pipeline/image/preprocess.py as every later consumer converts them: height, width,
              channels, pixel_min/max/mean/std, content_hash (sha256 of those pixels, so a copy
              under another name or re-encoded losslessly collides), and flags derived from
              those: blank, leak, duplicate, resize_factor
 
 Images of any mode PIL decodes (palette, gray or RGB with alpha, CMYK, 16-bit) are converted, not
-refused: the metrics count them per original mode (`converted`). Decoding and hashing run in a
+refused: the metrics count them per original mode (`converted`), and every decoded image per
+format (`formats`). An animated GIF, WebP or PNG, a multi-page TIFF and float pixels are refused
+by name (preprocess.refusal), as the server refuses them. Decoding and hashing run in a
 process pool over chunks of files: the parent holds one small dict per image, never pixels, so
 memory stays flat however large the data set.
 
@@ -36,7 +40,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
-from pipeline.image.preprocess import IMAGE_FORMATS, MODES, to_channels
+from pipeline.image.preprocess import ACCEPTED, IMAGE_FORMATS, MODES, refusal, to_channels
 from pipeline.params import DataParams, Params
 
 # What --metrics holds (the rest of Validation.metrics goes to --details): the counts a person
@@ -44,16 +48,22 @@ from pipeline.params import DataParams, Params
 SUMMARY = ("images", "classes", "splits", "undecodable", "converted", "duplicates",
            "checks_passed", "checks_failed", "success")
 # Every key of Validation.metrics, in the order the details JSON holds them.
-METRICS = ("images", "classes", "splits", "undecodable", "duplicates", "converted",
+METRICS = ("images", "classes", "splits", "undecodable", "duplicates", "formats", "converted",
            "channels_model", "checks_passed", "checks_failed", "problems", "file_problems", "drift",
            "success")
 CHUNK = 512  # files per pool task: large enough that task overhead (~0.1 ms) is noise
 PNG_MAGIC, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
-FILE_PROBLEMS = ("empty file", "truncated PNG", "truncated JPEG", "corrupt PNG", "corrupt JPEG",
-                 "not a PNG/JPEG image", "unreadable file")  # what file_problem() names
-COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "mode", "height",
-           "width", "channels", "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "content_hash"]
+GIF_END = b";"  # the trailer byte
+# The accepted formats as messages name them, in file_problem's kinds
+NAMES = ("PNG", "JPEG", "WebP", "BMP", "TIFF", "GIF")
+FILE_PROBLEMS = ("empty file", *(f"{how} {name}" for name in NAMES for how in ("truncated",
+                                                                                "corrupt")),
+                 "several frames", "unconvertible pixels", "not an accepted image",
+                 "unreadable file")  # what describe_image names
+COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "format", "mode",
+           "height", "width", "channels", "pixel_min", "pixel_max", "pixel_mean", "pixel_std",
+           "content_hash"]
 
 CATEGORICAL = ("label", "size", "channels")  # drift features scored by PSI
 CONTINUOUS = ("pixel_mean", "pixel_std")     # and by PSI and KS
@@ -72,44 +82,91 @@ KINDS = {
 }
 
 
-def file_problem(data: bytes) -> str:
-    """Name why `data` did not decode as PNG/JPEG: the kind, for the message and the metrics."""
-    if not data:
-        return "empty file"
-    body = data.rstrip(b"\0\r\n ")  # some tools pad files; padding does not make them whole
+def sniffed(data: bytes) -> str | None:
+    """The accepted format (as NAMES says it) that the first bytes of `data` announce, or None."""
     if data.startswith(PNG_MAGIC):
-        return "corrupt PNG" if body.endswith(PNG_END) else "truncated PNG"
+        return "PNG"
     if data.startswith(JPEG_MAGIC):
-        return "corrupt JPEG" if body.endswith(JPEG_END) else "truncated JPEG"
-    return "not a PNG/JPEG image"
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[:2] == b"BM" and data[6:10] == bytes(4):  # reserved fields: zero
+        return "BMP"
+    if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # classic and BigTIFF
+        return "TIFF"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    return None
+
+
+def cut_short(name: str, data: bytes, error: Exception) -> bool:
+    """Whether a file of format `name` that did not decode ends before its own structure says
+    it does (an interrupted copy or download)."""
+    body = data.rstrip(b"\0\r\n ")  # some tools pad files; padding does not make them whole
+    if name == "PNG":
+        return not body.endswith(PNG_END)
+    if name == "JPEG":
+        return not body.endswith(JPEG_END)
+    if name == "GIF":
+        return not body.endswith(GIF_END)
+    if name == "WebP":  # the RIFF header's length of what follows it
+        return len(data) < 8 + int.from_bytes(data[4:8], "little")
+    if name == "BMP":  # the header's file length (0 where the writer left it unset)
+        return len(data) < int.from_bytes(data[2:6], "little")
+    # TIFF: its directories and strips may lie anywhere in the file; PIL says when it ran out
+    return "truncated" in str(error)
+
+
+def file_problem(data: bytes, error: Exception) -> tuple[str, str]:
+    """(kind, detail) of a file that did not decode as an accepted image, PIL's `error` in hand:
+    the kind for the message and the metrics, the detail saying what was found."""
+    if not data:
+        return "empty file", "0 bytes"
+    name = sniffed(data)
+    if name is None:
+        try:  # what it is, if another PIL plugin knows it: ICO, PPM, PSD, ... (never decoded)
+            with Image.open(io.BytesIO(data)) as other:
+                found = f"{other.format} image"
+        except Exception:  # noqa: BLE001 (PIL raises many types for bytes it does not know)
+            found = f"{len(data)} bytes starting {data[:12]!r}"
+        return "not an accepted image", f"{found}; accepted: {ACCEPTED}"
+    how = "truncated" if cut_short(name, data, error) else "corrupt"
+    return f"{how} {name}", f"{type(error).__name__}: {error}"
 
 
 def describe_image(path: Path, data_params: DataParams) -> dict:
-    """Mode as decoded, then size, channels, pixel statistics and content hash of one file's
-    pixels converted to data.channels (over data.background); or, when it is not a usable
-    PNG/JPEG, file_problem (the kind) and decode_error (PIL's words)."""
+    """Format and mode as decoded, then size, channels, pixel statistics and content hash of one
+    file's pixels converted to data.channels (over data.background); or, when it is not one
+    usable picture in an accepted format, file_problem (the kind) and decode_error (the cause:
+    PIL's words, or what the file is)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         return {"file_problem": "unreadable file", "decode_error": f"{type(e).__name__}: {e}"}
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            refused = refusal(image)
+            if refused:
+                return {"file_problem": refused[0], "decode_error": refused[1],
+                        "format": image.format, "mode": image.mode}
             image.load()
-            mode = image.mode
-            pixels = np.asarray(to_channels(image, data_params.channels, data_params.background))
+            fmt, mode = image.format, image.mode
+            try:
+                pixels = np.asarray(to_channels(image, data_params.channels,
+                                                data_params.background))
+            except (ValueError, OSError) as e:  # e.g. LAB, which PIL cannot convert to RGB
+                return {"file_problem": "unconvertible pixels", "format": fmt, "mode": mode,
+                        "decode_error": f"{mode} pixels: {e}"}
     # PIL's decoders raise many types for a broken file (OSError, SyntaxError, ValueError,
     # struct.error, DecompressionBombError, ...): any of them means "does not decode".
     except Exception as e:  # noqa: BLE001
-        problem = file_problem(data)
-        detail = ("0 bytes" if problem == "empty file" else
-                  f"{len(data)} bytes starting {data[:12]!r}" if problem.startswith("not a") else
-                  f"{type(e).__name__}: {e}")
-        return {"file_problem": problem, "decode_error": detail}
+        kind, detail = file_problem(data, e)
+        return {"file_problem": kind, "decode_error": detail}
     digest = hashlib.sha256(f"{pixels.shape}{pixels.dtype.str}".encode())
     digest.update(np.ascontiguousarray(pixels).tobytes())
     low, high = pixels.min(), pixels.max()
     return {
-        "file_problem": None, "decode_error": None, "mode": mode,
+        "file_problem": None, "decode_error": None, "format": fmt, "mode": mode,
         "height": pixels.shape[0], "width": pixels.shape[1],
         "channels": 1 if pixels.ndim == 2 else pixels.shape[2],
         "pixel_min": float(low), "pixel_max": float(high),
@@ -221,8 +278,9 @@ def suite(E, kind, params: Params, repeated, labels, splits) -> list:
         repeated,
         E.ExpectColumnValuesToBeNull(
             column="file_problem", **kind("unreadable_files"),
-            description="Every file is a complete PNG or JPEG image that decodes: not empty, "
-                        "not truncated, not corrupt, not another kind of file."),
+            description=f"Every file is one complete picture ({ACCEPTED}) that decodes: not "
+                        "empty, not truncated, not corrupt, not animated nor multi-page, not "
+                        "float pixels, not another kind of file."),
         labels,
         splits,
         E.ExpectColumnValuesToBeBetween(
@@ -276,6 +334,9 @@ def metrics(table: pd.DataFrame, params: Params) -> dict:
         "images": len(table),
         "undecodable": int(table.file_problem.notna().sum()),
         "duplicates": int(decoded.content_hash.duplicated().sum()),
+        # PIL's format name -> decoded images in it (MPO: a camera JPEG read as its main picture)
+        "formats": {str(f): int(n) for f, n in decoded["format"].value_counts().sort_index()
+                    .items()},
         # original mode -> images converted from it to data.channels (its PIL mode)
         "converted": {str(m): int(n) for m, n in
                       decoded["mode"][decoded["mode"] != MODES[channels]].value_counts()
@@ -287,9 +348,15 @@ def metrics(table: pd.DataFrame, params: Params) -> dict:
 
 
 def lines(metrics: dict, params: Params) -> list[str]:
-    """What validate prints besides its summary: how many images were converted, by mode."""
-    if not metrics["converted"]:
-        return []
-    return [f"{sum(metrics['converted'].values())} images converted to "
-            f"{MODES[params.data.channels]} (data.channels {params.data.channels}), by original "
-            "mode: " + ", ".join(f"{mode} {n}" for mode, n in metrics["converted"].items())]
+    """What validate prints besides its summary: the images decoded per format; how many were
+    converted, by mode."""
+    found = []
+    if metrics["formats"]:
+        found.append("decoded images by format: " + ", ".join(
+            f"{fmt} {n}" for fmt, n in metrics["formats"].items()))
+    if metrics["converted"]:
+        found.append(f"{sum(metrics['converted'].values())} images converted to "
+                     f"{MODES[params.data.channels]} (data.channels {params.data.channels}), by "
+                     "original mode: " + ", ".join(f"{mode} {n}" for mode, n in
+                                                   metrics["converted"].items()))
+    return found

@@ -13,11 +13,33 @@ import numpy as np
 from PIL import Image
 
 MODES = {1: "L", 3: "RGB"}  # data.channels -> the PIL mode the model's pixels are in
-IMAGE_FORMATS = ["PNG", "JPEG"]  # what Kiln reads: validate checks files against it, the server
-                                 # decodes uploads with it
+# What Kiln reads, by PIL's plugin names: ingest takes files named like one (IMAGE_SUFFIXES),
+# validate decodes them with these plugins only, the server decodes uploads with them. A camera
+# JPEG that carries more pictures after its main one (MPO: a preview, a depth map) opens through
+# the JPEG plugin and is read as its main picture.
+IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"]
+ACCEPTED = "PNG, JPEG, WebP, BMP, TIFF or GIF"  # how messages name IMAGE_FORMATS
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 # PIL modes of one 16-bit (or wider) integer channel: 16-bit grayscale PNGs open as one of these.
 _WIDE_GRAY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 _ALPHA = {"RGBA", "LA", "PA"}  # with an alpha channel, as PNG decodes them
+
+
+def refusal(image: Image.Image) -> tuple[str, str] | None:
+    """(kind, why) an opened, not yet decoded image that PIL reads is still not one Kiln takes;
+    None for the rest. Several frames (an animated GIF, WebP or PNG, a multi-page TIFF): which
+    one is the picture to learn from or classify is not Kiln's guess to make. 32-bit float
+    pixels (scientific TIFFs): their range is unknown, so no mapping to 0..255 is right.
+    Validate and the server refuse the same images with the same words."""
+    if image.format != "MPO" and getattr(image, "is_animated", False):
+        what = ("pages (a multi-page TIFF)" if image.format == "TIFF" else
+                f"frames (an animated {image.format})")
+        return ("several frames", f"several {what}: Kiln takes one picture per file; save the "
+                                  "one you mean as a file of its own")
+    if image.mode == "F":
+        return ("unconvertible pixels", "32-bit float pixels, whose range Kiln cannot know: "
+                                        "save it with 8- or 16-bit pixels")
+    return None
 
 
 def to_channels(image: Image.Image, channels: int, background: int | list[int] | None
@@ -73,7 +95,7 @@ class Preprocessing:
         return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
     def load(self, path: str | Path) -> np.ndarray:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             return self.pixels(image)
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:

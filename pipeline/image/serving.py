@@ -1,6 +1,8 @@
 """The image modality's serving part (pipeline/modality.py Serving): what pipeline/service.py
-and pipeline/oip.py do with an image model's requests. An upload's header is read and its size
-checked before it is decoded; a pixel array's or a .npy file's shape, dtype and values are
+and pipeline/oip.py do with an image model's requests. An upload (PNG, JPEG, WebP, BMP, TIFF or
+GIF: pipeline/image/preprocess.py IMAGE_FORMATS, what validate takes) has its header read and its
+size checked before it is decoded, and is refused if it holds several frames or float pixels,
+as validate refuses such files; a pixel array's or a .npy file's shape, dtype and values are
 checked before anything large is allocated; the checked pixels are normalised by the card's
 preprocessing (pipeline/image/preprocess.py), never re-implemented here. Endpoints of another
 modality answer TAKES (pipeline/service.py).
@@ -17,7 +19,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.image.preprocess import IMAGE_FORMATS
+from pipeline.image.preprocess import ACCEPTED, IMAGE_FORMATS, refusal
 from pipeline.oip import input_tensor
 
 if TYPE_CHECKING:
@@ -58,22 +60,33 @@ def api_examples(card: ModelCard) -> dict[str, object]:
 
 
 def image(upload, card: ModelCard, serve: ServeParams) -> Image.Image:
-    """Multipart upload -> a PIL image whose header has been read and whose size is within
-    serve.max_image_pixels, not yet decoded (the service decides where to decode)."""
+    """Multipart upload -> a PIL image whose header has been read, whose size is within
+    serve.max_image_pixels and which is one picture Kiln takes (preprocess.refusal, as validate
+    refuses), not yet decoded (the service decides where to decode)."""
     data = upload if isinstance(upload, bytes) else getattr(upload, "file", upload).read()
     try:
         opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError as e:
-        raise ValueError("image: not a PNG or JPEG file") from e
+        raise ValueError(f"image: not a {ACCEPTED} file") from e
     # A header PIL recognises but cannot parse; DecompressionBombError only if
     # serve.max_image_pixels is set above PIL's own limit (2 x Image.MAX_IMAGE_PIXELS).
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"image: cannot read the PNG/JPEG header ({e})") from e
-    problem = _pixels_over_limit(opened, serve)
+        raise ValueError(f"image: cannot read the image header ({e})") from e
+    try:
+        # over the limit first: reading past the header (is_animated seeks to a GIF's second
+        # frame) is for images within it
+        problem = _pixels_over_limit(opened, serve) or _refused(opened)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # a damaged second frame or page
+        problem = f"image: cannot read the {opened.format} file ({e})"
     if problem:
         opened.close()
         raise ValueError(problem)
     return opened
+
+
+def _refused(image: Image.Image) -> str | None:
+    refused = refusal(image)
+    return f"image: {refused[1]}" if refused else None
 
 
 def _pixels_over_limit(image: Image.Image, serve: ServeParams) -> str | None:
@@ -102,7 +115,7 @@ def image_pixels(image: Image.Image, card: ModelCard) -> np.ndarray:
     # PIL reports a damaged file as OSError ("image file is truncated"), SyntaxError (broken
     # PNG chunks) or ValueError.
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"image: cannot decode the PNG/JPEG file ({e})") from e
+        raise ValueError(f"image: cannot decode the {image.format} file ({e})") from e
     with image:
         return card.preprocessing.pixels(image)[None]
 

@@ -3,11 +3,13 @@ sources (data.source) read into the ingested layout of pipeline/dataset.py:
 images/<split>/<class>/<name>, with manifest.csv and classes.json.
 
     digits     built in: scikit-learn's 8x8 handwritten digits (1797, no download), as PNG
-    <folder>   one subfolder per class of PNG/JPEG files, optionally pre-split into
-               train/ val/ test/ (pipeline/folders.py: hidden and system files skipped, what
-               cannot be taken refused by name)
+    <folder>   one subfolder per class of image files (.png .jpg .jpeg .webp .bmp .tif
+               .tiff .gif: pipeline/image/preprocess.py IMAGE_SUFFIXES), optionally pre-split
+               into train/ val/ test/ (pipeline/folders.py: hidden and system files skipped,
+               what cannot be taken refused by name)
 
-Files are copied byte for byte; the validate stage decodes them. Without pre-split folders the
+Files are copied byte for byte; the validate stage decodes them by their content, not their
+name (a WebP saved as .jpg is read as WebP), and names those it cannot take. Without pre-split folders the
 split is data.split, stratified and seeded (pipeline/folders.py).
 """
 from __future__ import annotations
@@ -20,10 +22,11 @@ from PIL import Image
 from pipeline import StageError
 from pipeline.dataset import write_manifest
 from pipeline.folders import FileKind, copy_folder, stratified_split
+from pipeline.image.preprocess import IMAGE_SUFFIXES
 from pipeline.params import Params, Split
 
-IMAGES = FileKind(suffixes=frozenset({".png", ".jpg", ".jpeg"}), one="an image", many="images",
-                  files="image files", other="non-image")
+IMAGES = FileKind(suffixes=IMAGE_SUFFIXES, one="an image", many="images", files="image files",
+                  other="non-image")
 
 
 def source(params: Params) -> str:
@@ -63,6 +66,7 @@ def ingest_images(source: str, out: Path, split: Split, seed: int, max_file_byte
         rows, classes = copy_folder(root, out, "images", split, seed, max_file_bytes, IMAGES,
                                     "data.source")
     if not rows:
-        raise StageError(f"data.source: {source} holds no PNG/JPEG images")
+        raise StageError(f"data.source: {source} holds no images "
+                         f"({' '.join(sorted(IMAGE_SUFFIXES))})")
     write_manifest(out, rows, classes)
     return rows

@@ -7,15 +7,22 @@ texts/<split>/<class>/<name>.txt, one document per file, with manifest.csv and c
     <folder>          one subfolder per class of .txt files, optionally pre-split into
                       train/ val/ test/ (scikit-learn's load_files layout; pipeline/folders.py:
                       hidden and system files skipped, what cannot be taken refused by name)
-    <file>.jsonl      one JSON object per line: `text`, `label`, optional `split`
-    <file>.csv        a header naming `text`, `label`, optional `split` (other columns ignored)
+    <file>.jsonl      one JSON object per line with a text, a label and optionally a split
+                      field (named by text.text_column, text.label_column, text.split_column:
+                      `text`, `label`, `split` by default; other fields ignored)
+    <file>.csv        a header naming those columns (other columns ignored); RFC 4180: fields
+                      holding commas, quotes or line breaks are quoted
+    <file>.tsv        the same, tab-separated, as IANA's text/tab-separated-values: no quoting,
+                      one record per line, a quote is text (a text holding a tab or a line break
+                      needs .csv or .jsonl)
 
-Files are copied byte for byte; a .jsonl/.csv text is written as its UTF-8 bytes, and bytes that
-are not UTF-8 are carried through unchanged (surrogateescape), so the validate stage, which
+Files are copied byte for byte; a .jsonl/.csv/.tsv text is written as its UTF-8 bytes, and bytes
+that are not UTF-8 are carried through unchanged (surrogateescape), so the validate stage, which
 decodes every text, names the line they came from. A record that does not parse, or lacks a
-field, fails here, naming the file and line. Without a `split` field the split is data.split,
-stratified and seeded like images (pipeline/folders.py); a file gives a split to every record
-or to none.
+field, fails here, naming the file and line; a header without the text or label column fails
+naming the file, the column, its params key and the columns the header has. Without a split
+field the split is data.split, stratified and seeded like images (pipeline/folders.py); a file
+gives a split to every record or to none.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import csv
 import io
 import json
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import StageError
@@ -40,6 +48,24 @@ LANGUAGES = ("chinese", "dutch", "english", "italian", "japanese", "korean", "pe
              "portuguese", "spanish", "ukrainian")
 
 
+# A records file's suffix -> the delimiter of its columns (None: JSON Lines)
+RECORD_FILES = {".jsonl": None, ".csv": ",", ".tsv": "\t"}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The field (JSON Lines) or header column (CSV, TSV) names of a records file's text, label
+    and optional split: text.text_column, text.label_column, text.split_column."""
+    text: str
+    label: str
+    split: str
+
+    def key(self, name: str) -> str:
+        """The params key that names column `name`, for messages."""
+        return {self.text: "text.text_column", self.label: "text.label_column",
+                self.split: "text.split_column"}[name]
+
+
 def source(params: Params) -> str:
     """text.source: where the texts come from."""
     return params.text.source
@@ -48,25 +74,29 @@ def source(params: Params) -> str:
 def ingest(params: Params, out: Path) -> list[dict]:
     """Write the texts of text.source, manifest.csv and classes.json under `out`; return the
     manifest rows."""
-    return ingest_texts(params.text.source, out, params.data.split, params.data.seed,
-                        params.ingest.max_file_bytes, params.text.per_class)
+    t = params.text
+    return ingest_texts(t.source, out, params.data.split, params.data.seed,
+                        params.ingest.max_file_bytes, t.per_class,
+                        Columns(t.text_column, t.label_column, t.split_column))
 
 
 def ingest_texts(source: str, out: Path, split: Split, seed: int, max_file_bytes: int,
-                 per_class: int) -> list[dict]:
+                 per_class: int, columns: Columns) -> list[dict]:
     """Write the texts, manifest.csv and classes.json under `out`; return the manifest rows."""
     out.mkdir(parents=True, exist_ok=True)
     path = Path(source)
+    suffix = path.suffix.lower()
     if source == "languages":
         records = built_in_languages(per_class, seed)
     elif path.is_dir():
         rows, classes = copy_folder(path, out, "texts", split, seed, max_file_bytes, TEXTS,
                                     "text.source")
         records = None
-    elif path.suffix.lower() in (".jsonl", ".csv") and path.is_file():
-        records = read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_csv(path)
+    elif suffix in RECORD_FILES and path.is_file():
+        records = read_jsonl(path, columns) if RECORD_FILES[suffix] is None else \
+            read_delimited(path, columns, RECORD_FILES[suffix])
     else:
-        raise StageError(f"text.source {source}: not a folder, a .jsonl or a .csv file "
+        raise StageError(f"text.source {source}: not a folder, a .jsonl, .csv or .tsv file "
                          "(nor 'languages')")
     if records is not None:
         rows, classes = write_records(records, out, split, seed)
@@ -129,11 +159,11 @@ def built_in_languages(per_class: int, seed: int) -> list[Record]:
     return records
 
 
-def _label(value, where: str) -> str:
-    """A record's label as a class name: a string or an integer, NFC with outer blanks removed,
-    usable as a folder name."""
+def _label(value, where: str, name: str) -> str:
+    """A record's label (its column `name`) as a class name: a string or an integer, NFC with
+    outer blanks removed, usable as a folder name."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise StageError(f"{where}: `label` must be a string or an integer, got {value!r}")
+        raise StageError(f"{where}: `{name}` must be a string or an integer, got {value!r}")
     label = unicodedata.normalize("NFC", str(value)).strip()
     if not label or label in (".", "..") or "/" in label or "\0" in label:
         raise StageError(f"{where}: label {value!r} cannot name a class folder (blank, '.', "
@@ -141,39 +171,44 @@ def _label(value, where: str) -> str:
     return label
 
 
-def _record(fields: dict, path: Path, line: int) -> Record:
+def _record(fields: dict, path: Path, line: int, columns: Columns) -> Record:
     """The record of one parsed line (`line` of the file at `path`); a missing or mistyped field
-    fails the stage naming file and line."""
+    fails the stage naming file, line, the field, its params key and the fields it has."""
     where = f"text.source {path}: line {line}"
-    for name in ("text", "label"):
+    for name in (columns.text, columns.label):
         if fields.get(name) is None:
-            raise StageError(f"{where}: no `{name}` field")
-    text = fields["text"]
+            has = ", ".join(f"`{k}`" for k in fields if fields[k] is not None) or "none"
+            raise StageError(f"{where}: no `{name}` field ({columns.key(name)}; the record "
+                             f"has {has})")
+    text = fields[columns.text]
     if not isinstance(text, str):
-        raise StageError(f"{where}: `text` must be a string, got {type(text).__name__} {text!r}")
-    split = fields.get("split")
+        raise StageError(f"{where}: `{columns.text}` must be a string, got "
+                         f"{type(text).__name__} {text!r}")
+    split = fields.get(columns.split)
     if split is not None and split not in SPLITS:
-        raise StageError(f"{where}: `split` must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise StageError(f"{where}: `{columns.split}` must be one of {', '.join(SPLITS)}, got "
+                         f"{split!r}")
     try:
         data = text.encode("utf-8", "surrogateescape")  # the file's own bytes, also invalid ones
     except UnicodeEncodeError:  # a JSON-escaped lone surrogate: invalid UTF-8, validate names it
         data = text.encode("utf-8", "surrogatepass")
-    return data, _label(fields["label"], where), split, f"{path.name}:line {line}"
+    return (data, _label(fields[columns.label], where, columns.label), split,
+            f"{path.name}:line {line}")
 
 
-def _same_split_rule(records: list[Record], path: Path) -> list[Record]:
+def _same_split_rule(records: list[Record], path: Path, columns: Columns) -> list[Record]:
     """Every record gives a split, or none does; the first that breaks the rule is named."""
     if records:
         first = records[0][2] is not None
         for r in records:
             if (r[2] is not None) != first:
                 raise StageError(f"text.source {path}: {r[3]} has {'no' if first else 'a'} "
-                                 f"`split` field, unlike {records[0][3]} (give every record a "
-                                 "split, or none)")
+                                 f"`{columns.split}` field, unlike {records[0][3]} (give every "
+                                 "record a split, or none)")
     return records
 
 
-def read_jsonl(path: Path) -> list[Record]:
+def read_jsonl(path: Path, columns: Columns) -> list[Record]:
     records = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -187,26 +222,32 @@ def read_jsonl(path: Path) -> list[Record]:
                                  f"{e.pos + 1})") from None
             if not isinstance(fields, dict):
                 raise StageError(f"text.source {path}: line {n}: expected a JSON object with "
-                                 f"`text` and `label`, got {type(fields).__name__}")
-            records.append(_record(fields, path, n))
-    return _same_split_rule(records, path)
+                                 f"`{columns.text}` and `{columns.label}`, got "
+                                 f"{type(fields).__name__}")
+            records.append(_record(fields, path, n, columns))
+    return _same_split_rule(records, path, columns)
 
 
-def read_csv(path: Path) -> list[Record]:
+def read_delimited(path: Path, columns: Columns, delimiter: str) -> list[Record]:
+    """A CSV (delimiter ",": RFC 4180 quoting) or TSV (delimiter "\t": no quoting) file's
+    records, by the header's column names."""
     # surrogateescape: bytes that are not UTF-8 reach validate unchanged; Excel writes a BOM
     text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-    reader = csv.reader(io.StringIO(text, newline=""))
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
-        raise StageError(f"text.source {path}: empty (expected a header naming text, label and "
-                         "optionally split)") from None
+        raise StageError(f"text.source {path}: empty (expected a header naming "
+                         f"`{columns.text}`, `{columns.label}` and optionally "
+                         f"`{columns.split}`)") from None
     except csv.Error as e:
         raise StageError(f"text.source {path}: line 1: {e}") from None
-    missing = [name for name in ("text", "label") if name not in header]
+    missing = [name for name in (columns.text, columns.label) if name not in header]
     if missing:
         raise StageError(f"text.source {path}: line 1: the header names no `{missing[0]}` "
-                         f"column (has {', '.join(header)})")
+                         f"column ({columns.key(missing[0])}); it has "
+                         + ", ".join(f"`{h}`" for h in header))
     records = []
     while True:
         start = reader.line_num + 1  # a quoted field may span lines: name the record's first
@@ -222,7 +263,7 @@ def read_csv(path: Path) -> list[Record]:
             raise StageError(f"text.source {path}: line {start}: {len(values)} fields, the "
                              f"header has {len(header)}")
         fields = dict(zip(header, values))
-        if fields.get("split") == "":
-            fields["split"] = None
-        records.append(_record(fields, path, start))
-    return _same_split_rule(records, path)
+        if fields.get(columns.split) == "":
+            fields[columns.split] = None
+        records.append(_record(fields, path, start, columns))
+    return _same_split_rule(records, path, columns)
