@@ -399,8 +399,8 @@ class TimedConnections(HttpToolsProtocol):
         as after each response (uvicorn's keep-alive timer, armed at the start too);
       - a request whose head (request line and headers) is not complete header_timeout_s after
         its first byte gets 408 and the connection is closed.
-    A body that trickles in is bounded by BentoML's traffic.timeout (504). Set up by
-    time_out_connections."""
+    A body that trickles in is bounded by BentoML's traffic.timeout (504). Bytes that are not
+    HTTP get uvicorn's 400 in the one error shape. Set up by time_out_connections."""
 
     idle_timeout_s: float
     header_timeout_s: float
@@ -427,6 +427,14 @@ class TimedConnections(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP/1.1 ("Invalid HTTP request received."),
+        in the one error shape (ErrorAnswers) instead of plain text."""
+        body = json.dumps({"error": msg}).encode()
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+        self.transport.close()
 
     def _cancel_head_timer(self) -> None:
         if self.head_timer is not None:

@@ -608,6 +608,10 @@ def test_every_error_answer_is_the_one_json_shape_the_api_page_declares(server):
             assert declared["content"]["application/json"]["schema"] == {
                 "$ref": "#/components/schemas/Error"}, case
     assert answers["405"][2].headers["allow"] == "POST"
+    # Bytes that are not HTTP at all: uvicorn's own 400, in the same shape.
+    took, answer = closed_within(server["port"], b"GARBAGE \x01\r\n\r\n", 0, 10)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"error": "Invalid HTTP request received."}
 
 
 @pytest.mark.slow
@@ -957,6 +961,48 @@ def test_a_model_that_cannot_load_or_fails_its_self_check_stops_the_server(packa
             done, *ports = served[case].result()
             assert_stopped_for(done, ports, f"model {model_tag} cannot be served: ")
             assert reason in done.stdout + done.stderr, (case, (done.stdout + done.stderr)[-3000:])
+
+
+def test_what_a_client_sent_is_escaped_cut_and_counted():
+    from pipeline.rejections import bounded
+
+    assert bounded("field 'image' missing; got 'file'", 100) == "field 'image' missing; got 'file'"
+    assert bounded("a\nb\r\x1b[2Jc\u202ed\u2028e\x00", 100) == "a\\nb\\r\\x1b[2Jc\\u202ed\\u2028e\\x00"
+    assert bounded("x" * 7_000_000, 10) == "x" * 10 + "... (6999990 more characters)"
+    assert bounded("\n" * 50, 9) == "\\n" * 4 + "... (46 more characters)"  # escapes stay whole
+    assert bounded("é☔天", 3) == "é☔天"  # printable, whatever the script
+
+
+def test_the_api_page_lists_the_served_endpoints_with_every_error_in_one_shape():
+    """published() on a document shaped as BentoML's: the other modality's endpoint gone, each
+    operation's errors in the one Error shape, the JSON field given its schema, the body
+    required."""
+    from pipeline.api_docs import ENDPOINT_ERRORS, PROBE_ERRORS, published
+
+    bentoml_error = {"content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/InvalidArgument"}}}}
+    spec = {"paths": {
+        "/readyz": {"get": {"responses": {"200": {"description": "ok"}}}},
+        "/classify_batch": {"post": {
+            "responses": {"200": {"description": "ok"}, "400": bentoml_error},
+            "requestBody": {"content": {"application/json": {"schema": {"properties": {
+                "images": {"title": "Images", "description": "pixels", "type": "array",
+                           "items": {"type": "number"}}}}}}}}},
+        "/classify_text": {"post": {"responses": {"200": {"description": "ok"}}}}},
+        "components": {"schemas": {"InvalidArgument": {}, "Prediction": {}}}}
+    shape = {"type": "array", "maxItems": 2}
+    out = published(spec, {"/classify_batch"}, {"images": shape})
+    assert sorted(out["paths"]) == ["/classify_batch", "/readyz"]
+    assert sorted(out["components"]["schemas"]) == ["Error", "Prediction"]
+    operation = out["paths"]["/classify_batch"]["post"]
+    assert sorted(operation["responses"]) == sorted(["200", *ENDPOINT_ERRORS])
+    assert sorted(out["paths"]["/readyz"]["get"]["responses"]) == sorted(["200", *PROBE_ERRORS])
+    assert operation["responses"]["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"}
+    assert operation["requestBody"]["required"] is True
+    assert operation["requestBody"]["content"]["application/json"]["schema"]["properties"][
+        "images"] == {"title": "Images", "description": "pixels", **shape}
+    assert "InvalidArgument" in spec["components"]["schemas"]  # the input is left as it was
 
 
 class _RequestState:

@@ -294,6 +294,18 @@ def test_the_api_page_gives_working_text_examples(text_server):
         assert response.status_code == 200, (path, response.text)
 
 
+@pytest.mark.parametrize("text, visible", [
+    *[(text, False) for text in INVISIBLE_TEXTS],
+    ("", False), (" \t\n\u3000\u00a0", False), ("\u2800", True),  # braille blank: a symbol
+    ("goal", True), ("\u200b\u200bé", True), ("\x00\u3164 7", True), ("天", True),
+    ("\u2603", True), ("\U0001F600", True), ("\u200b" * 100_000 + "!", True),
+])
+def test_a_visible_character_is_a_letter_number_punctuation_mark_or_symbol(text, visible):
+    from pipeline.text.serving import has_visible_character
+
+    assert has_visible_character(text) is visible
+
+
 def text_request(model: str, texts: list[bytes], raw: bool = True, datatype: str = "BYTES",
                  shape: list[int] | None = None, name: str = "texts") -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model)
