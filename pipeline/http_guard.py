@@ -5,12 +5,14 @@ rejected request as one WARNING line.
     RequestSizeLimit  413 for a body over serve.max_request_bytes, before it is read
     InputGuard        415/400 for a content type, multipart body or field an endpoint does not
                       take; 400 for a file whose first bytes show it over a limit, before the rest
-    RejectionLog      one `METHOD path status: reason` WARNING line per 4xx answer
+    ErrorAnswers      every error answer as {"error": message}, the message bounded; one
+                      `METHOD path status: message` WARNING line per 4xx answer
     cancel_request_timers()  BentoML's request timeout without its 30 s of memory per request
+    time_out_connections()   idle connections and slowly sent request heads are closed
 
 BentoML 1.4 answers malformed multipart bodies, text values where a file is expected and unknown
 fields with HTTP 500 and a traceback (_bentoml_impl/server/app.py), and logs every 4xx it raises
-itself at ERROR with a traceback; log_rejections_once() drops those records, since RejectionLog
+itself at ERROR with a traceback; log_rejections_once() drops those records, since ErrorAnswers
 logs the request. Needs only Starlette and python-multipart, which come with BentoML.
 """
 from __future__ import annotations
@@ -27,6 +29,10 @@ from pydantic import ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import Headers
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from pipeline.rejections import BoundedArgs, bounded
 
 # Under "bentoml" so that BentoML's log configuration (handler, format, level) applies.
 log = logging.getLogger("bentoml.serve.kiln")
@@ -249,35 +255,57 @@ async def _reject(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class RejectionLog:
-    """ASGI middleware, outermost of Kiln's: every 4xx answer is one WARNING line, `METHOD
-    path status: reason` (the reason from the JSON body: {"error"} or pydantic's "detail"),
-    whoever answered it. BentoML's own ERROR record with a traceback for the same request is
-    dropped by _ClientErrorFilter; a 5xx keeps its traceback."""
+class ErrorAnswers:
+    """ASGI middleware, outermost of Kiln's: every answer with a status of 400 or more, whoever
+    gave it (Kiln's guards, BentoML's validation and exceptions, Starlette's 404 and 405), leaves
+    in one JSON shape, {"error": message} (what /docs.json declares, api_docs.py), the message
+    bounded (pipeline/rejections.py); and every 4xx is one WARNING line, `METHOD path status:
+    message`. BentoML answers a pydantic error as {"error": "1 validation error for Input",
+    "detail": [...]}, a 4xx BentoMLException as [{"error": ...}], Starlette's 404 and 405 as
+    plain text. BentoML's own ERROR record with a traceback for a 4xx is dropped by
+    ClientErrorFilter; a 5xx keeps its traceback. A HEAD answer has no body to reshape."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, max_error_chars: int) -> None:
         self.app = app
+        self.max_chars = max_error_chars
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] == "HEAD":
             return await self.app(scope, receive, send)
-        status, body = 0, bytearray()
+        start, body = None, bytearray()
 
-        async def logged_send(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body" and 400 <= status < 500:
-                body.extend(message.get("body", b"")[: 4096 - len(body)])
-                if not message.get("more_body", False):
-                    log.warning("%s %s %d: %s", scope["method"], scope["path"], status,
-                                _reason(bytes(body)))
-            await send(message)
+        async def answer(message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message  # sent with the reshaped body
+                return
+            if start is None or message["type"] != "http.response.body":
+                return await send(message)
+            body.extend(message.get("body", b"")[: ERROR_BODY_BYTES - len(body)])
+            if message.get("more_body", False):
+                return
+            status = start["status"]
+            error = bounded(_message(bytes(body)), self.max_chars)
+            if status < 500:
+                log.warning("%s %s %d: %s", scope["method"],
+                            bounded(scope["path"], self.max_chars), status, error)
+            data = json.dumps({"error": error}).encode()
+            headers = [(k, v) for k, v in start["headers"]
+                       if k.lower() not in (b"content-type", b"content-length")]
+            await send({**start, "headers": [*headers, (b"content-type", b"application/json"),
+                                             (b"content-length", str(len(data)).encode())]})
+            await send({"type": "http.response.body", "body": data})
 
-        return await self.app(scope, receive, logged_send)
+        return await self.app(scope, receive, answer)
 
 
-def _reason(body: bytes) -> str:
+# Bytes of an error answer's body read for its message: every error body is a short JSON or
+# text message; a longer one is cut (and no longer parses as JSON: its text is the message).
+ERROR_BODY_BYTES = 64 * 1024
+
+
+def _message(body: bytes) -> str:
+    """The message in an error answer's body, whichever shape it came in."""
     try:
         error = json.loads(body)
     except ValueError:
@@ -286,8 +314,18 @@ def _reason(body: bytes) -> str:
         error = error[0]
     if not isinstance(error, dict):
         return str(error)
-    details = [d.get("msg", "") for d in error.get("detail", []) if isinstance(d, dict)]
+    details = [_pydantic_message(d) for d in error.get("detail") or [] if isinstance(d, dict)]
     return "; ".join(details) or str(error.get("error", error))
+
+
+def _pydantic_message(detail: dict) -> str:
+    """One pydantic error as `field: message`. Kiln's own checks raise ValueError whose message
+    names the field already ("images: ..."), which pydantic prefixes with "Value error, "."""
+    message = str(detail.get("msg", ""))
+    if message.startswith("Value error, "):
+        return message.removeprefix("Value error, ")
+    where = ".".join(str(part) for part in detail.get("loc", ()))
+    return f"{where}: {message}" if where else message
 
 
 class _TimerCancellingTimeout(TimeoutMiddleware):
@@ -330,7 +368,7 @@ def cancel_request_timers() -> None:
 
 class ClientErrorFilter(logging.Filter):
     """Drops BentoML's ERROR record (with traceback) for a request it answers with a 4xx:
-    validation errors and BentoMLExceptions below 500. RejectionLog logs those requests."""
+    validation errors and BentoMLExceptions below 500. ErrorAnswers logs those requests."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -339,10 +377,90 @@ class ClientErrorFilter(logging.Filter):
         return not (isinstance(error, BentoMLException) and error.error_code < 500)
 
 
-def log_rejections_once() -> None:
-    """Leave RejectionLog's line the only record of a rejected request."""
+def log_rejections_once(max_error_chars: int) -> None:
+    """Leave ErrorAnswers' line the only record of a rejected request, and keep the access log
+    (serve.access_log) to one line per request whatever the path holds."""
     # bentoml._internal.server.http_app.log_exception logs each failed request on this logger.
     logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorFilter())
     # python-multipart logs a WARNING of its own before raising on a malformed body; InputGuard's
-    # 400 carries the same message, logged once by RejectionLog.
+    # 400 carries the same message, logged once by ErrorAnswers.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    # BentoML's access log writes the path as it came: a newline in it (%0A) would end the line.
+    logging.getLogger("bentoml.access").addFilter(BoundedArgs(max_error_chars))
+
+
+class TimedConnections(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 connection (httptools, what uvicorn picks when it is installed, as in
+    the Bento) with the two timeouts uvicorn 0.55 lacks. uvicorn closes a keep-alive connection
+    only after a response: a connection that never sends a request stays open, and any byte
+    cancels the timer, so one header byte a second (slowloris) holds a connection and its
+    socket for ever. Here:
+      - a connection with no request under way is closed after idle_timeout_s, from its start
+        as after each response (uvicorn's keep-alive timer, armed at the start too);
+      - a request whose head (request line and headers) is not complete header_timeout_s after
+        its first byte gets 408 and the connection is closed.
+    A body that trickles in is bounded by BentoML's traffic.timeout (504). Bytes that are not
+    HTTP get uvicorn's 400 in the one error shape. Set up by time_out_connections."""
+
+    idle_timeout_s: float
+    header_timeout_s: float
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = self.idle_timeout_s
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                            self.timeout_keep_alive_handler)
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._cancel_head_timer()
+        self.head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP/1.1 ("Invalid HTTP request received."),
+        in the one error shape (ErrorAnswers) instead of plain text."""
+        body = json.dumps({"error": msg}).encode()
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+        self.transport.close()
+
+    def _cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing():
+            return
+        message = (f"request head (request line and headers) not complete "
+                   f"{self.header_timeout_s:g} s after its first byte")
+        client = "%s:%d" % self.client if self.client else "unknown client"
+        log.warning("connection from %s: %s; answered 408 and closed", client, message)
+        body = json.dumps({"error": message}).encode()
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+        self.transport.close()
+
+
+def time_out_connections(idle_timeout_s: float, header_timeout_s: float) -> None:
+    """Make uvicorn serve every HTTP connection as TimedConnections. BentoML's worker builds
+    uvicorn's Config with its default protocol ("auto") after it has imported the service
+    module, and uvicorn looks "auto" up in HTTP_PROTOCOLS when it loads the Config; BentoML
+    passes no other setting for it (`bentoml serve --timeout-keep-alive` only sets the timer
+    that idle_timeout_s replaces here)."""
+    TimedConnections.idle_timeout_s = idle_timeout_s
+    TimedConnections.header_timeout_s = header_timeout_s
+    HTTP_PROTOCOLS["auto"] = f"{__name__}:{TimedConnections.__name__}"

@@ -267,8 +267,10 @@ class Serving(Protocol):
     def example(self, card: ModelCard) -> Items:
         """One valid item as a checked batch: the service's self-check before /readyz."""
 
-    def api_examples(self, card: ModelCard) -> dict[str, object]:
-        """JSON field -> the API page's example value, for this modality's JSON endpoints."""
+    def api_fields(self, card: ModelCard, serve: ServeParams) -> dict[str, dict]:
+        """JSON field of this modality's JSON endpoints -> its JSON schema on the API page
+        (/docs.json): every constraint OpenAPI can state (sizes, ranges) and an example that
+        the server answers with 200."""
 
     def grpc_input(self, request: pb.ModelInferRequest, card: ModelCard,
                    serve: ServeParams) -> Items:

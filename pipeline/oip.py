@@ -53,6 +53,8 @@ from grpc_reflection.v1alpha import reflection
 from open_inference.grpc import protocol as pb
 from open_inference.grpc import service as pb_service
 
+from pipeline.rejections import bounded
+
 GRPC_PORT_ENV = "KILN_GRPC_PORT"  # overrides params.yaml serve.grpc_port, as BENTOML_PORT does HTTP's
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 OUTPUTS = ("probabilities", "label", "index")
@@ -92,20 +94,22 @@ def _invalid(message: str) -> Rejected:
     return Rejected(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-@contextlib.asynccontextmanager
-async def _answered(context):
-    """A Rejected raised inside becomes the call's status and message (context.abort raises),
-    logged as one WARNING line."""
-    try:
-        yield
-    except Rejected as e:
-        log.warning("gRPC %s: %s", e.code.name, e)
-        await context.abort(e.code, str(e))
-
-
 class InferenceService(pb_service.GRPCInferenceServiceServicer):
-    def __init__(self, model: ServedModel) -> None:
+    def __init__(self, model: ServedModel, max_error_chars: int) -> None:
         self.model = model
+        self.max_error_chars = max_error_chars
+
+    @contextlib.asynccontextmanager
+    async def _answered(self, context):
+        """A Rejected raised inside becomes the call's status and message (context.abort
+        raises), logged as one WARNING line; the message bounded (pipeline/rejections.py): it
+        quotes what the client sent."""
+        try:
+            yield
+        except Rejected as e:
+            message = bounded(str(e), self.max_error_chars)
+            log.warning("gRPC %s: %s", e.code.name, message)
+            await context.abort(e.code, message)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -117,17 +121,17 @@ class InferenceService(pb_service.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name="kiln", version=self.model.server_version)
 
     async def ModelReady(self, request, context):
-        async with _answered(context):
+        async with self._answered(context):
             self._found(request.name, request.version)
             return pb.ModelReadyResponse(ready=self.model.ready())
 
     async def ModelMetadata(self, request, context):
-        async with _answered(context):
+        async with self._answered(context):
             self._found(request.name, request.version)
             return self._metadata()
 
     async def ModelInfer(self, request, context):
-        async with _answered(context):
+        async with self._answered(context):
             self._found(request.model_name, request.model_version)
             wanted = self._requested_outputs(request)
             try:
@@ -158,6 +162,10 @@ class InferenceService(pb_service.GRPCInferenceServiceServicer):
                         "input_shapes": json.dumps(shapes)})
 
     def _requested_outputs(self, request) -> tuple[str, ...]:
+        # Counted before they are read: one 8 MB message holds millions of empty entries.
+        if len(request.outputs) > len(OUTPUTS):
+            raise _invalid(f"outputs: {len(request.outputs)} requested; there are "
+                           f"{len(OUTPUTS)} ({', '.join(OUTPUTS)})")
         names = tuple(output.name for output in request.outputs)
         unknown = [name for name in names if name not in OUTPUTS]
         if unknown:
@@ -188,6 +196,9 @@ def input_tensor(request, name: str, serves: str, hint: str = "") -> tuple[objec
     """A ModelInfer request's one input tensor, which must be named `name`, and its one
     raw_input_contents entry (None: the values are in its typed contents). Raises ValueError
     naming the cause; `serves` ("an image model") and `hint` (what `name` holds) go into it."""
+    if len(request.inputs) > 1:  # counted first: a message may hold millions of them
+        raise ValueError(f"inputs: expected one input tensor named {name!r}{hint}, got "
+                         f"{len(request.inputs)}")
     names = [tensor.name for tensor in request.inputs]
     if names != [name]:
         other = next((n for n in names if n != name), None)
@@ -204,6 +215,14 @@ def input_tensor(request, name: str, serves: str, hint: str = "") -> tuple[objec
         raise ValueError(f"raw_input_contents: {len(request.raw_input_contents)} entries for 1 "
                          "input tensor")
     return tensor, request.raw_input_contents[0]
+
+
+def shape_of(tensor) -> str:
+    """A request tensor's shape for a message, "[2, 8, 8]"; a client may send millions of
+    dimensions, which are counted, not listed."""
+    if len(tensor.shape) > 8:
+        return f"of {len(tensor.shape)} dimensions"
+    return str(list(tensor.shape))
 
 
 def probabilities_of(response: pb.ModelInferResponse) -> np.ndarray:
@@ -258,9 +277,9 @@ def _taken(host: str, port: int, detail: str) -> str:
 
 def check_free(bento: str, host: str) -> None:
     """Raise CannotListen if the gRPC port `bento` would listen on (KILN_GRPC_PORT, else the
-    Bento's serve.grpc_port) is taken on `host`. A worker that finds it taken stops the server,
-    but `bentoml serve` then exits 0 (BentoML's arbiter does on any stop), so `make serve` asks
-    first and exits non-zero."""
+    Bento's serve.grpc_port) is taken on `host`. A worker that finds it taken stops the server
+    (`bentoml serve` exits non-zero: pipeline/cannot_serve.py); `make serve` asks first, so it
+    refuses before anything has started, in one line."""
     import bentoml
 
     port = grpc_port(bentoml.bentos.get(bento).info.args["serve"]["grpc_port"])
@@ -272,15 +291,18 @@ def check_free(bento: str, host: str) -> None:
             raise CannotListen(_taken(host, port, e.strerror)) from None
 
 
-async def start(model: ServedModel, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
+async def start(model: ServedModel, host: str, port: int, max_message_bytes: int,
+                max_error_chars: int) -> grpc.aio.Server:
     """A running grpc.aio server for `model` on host:port, shared with sibling workers; raises
-    CannotListen naming the port, serve.grpc_port and KILN_GRPC_PORT if anything else has it."""
+    CannotListen naming the port, serve.grpc_port and KILN_GRPC_PORT if anything else has it.
+    A rejection's status message is at most max_error_chars characters."""
     others = _other_listeners(port)
     if others:
         raise CannotListen(_taken(host, port, f"pid {', '.join(map(str, others))}"))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1),
                                       ("grpc.max_receive_message_length", max_message_bytes)])
-    pb_service.add_GRPCInferenceServiceServicer_to_server(InferenceService(model), server)
+    pb_service.add_GRPCInferenceServiceServicer_to_server(InferenceService(model, max_error_chars),
+                                                          server)
     reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

@@ -238,6 +238,9 @@ class ServeParams:
     grpc_port: int
     max_text_bytes: int
     max_audio_seconds: float
+    idle_timeout_s: float
+    header_timeout_s: float
+    max_error_chars: int
 
 
 @dataclass(frozen=True)
@@ -393,6 +396,9 @@ def _check_ranges(p: Params) -> None:
         ("serve.max_batch_images", p.serve.max_batch_images >= 1, "must be >= 1"),
         ("serve.max_text_bytes", p.serve.max_text_bytes >= 1, "must be >= 1"),
         ("serve.max_audio_seconds", p.serve.max_audio_seconds > 0, "must be > 0 (s)"),
+        ("serve.idle_timeout_s", p.serve.idle_timeout_s > 0, "must be > 0 (s)"),
+        ("serve.header_timeout_s", p.serve.header_timeout_s > 0, "must be > 0 (s)"),
+        ("serve.max_error_chars", p.serve.max_error_chars >= 80, "must be >= 80 (characters)"),
         ("text.text_column", len({p.text.text_column, p.text.label_column,
                                   p.text.split_column}) == 3,
          "text_column, label_column and split_column must name three different columns"),

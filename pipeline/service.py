@@ -21,16 +21,21 @@ name it by full tag, so a Bento serves the model it was validated with wherever 
 the project's store (`make serve`), `bentoml serve <bento>`, an exported Bento folder or a
 container (BentoML then reads the model from the Bento's own models/ folder). The model is
 model.onnx + its card (model.json) and the files its preprocessing names beside it; the card's
-sha256 of model.onnx is checked before anything is served.
+sha256 of model.onnx is checked before anything is served. A model that cannot be served (a
+sha256 that is not the card's, a card that does not parse, an ONNX file ONNX Runtime refuses, a
+failed self-check) or a gRPC port in use stops the whole server: `bentoml serve` exits non-zero
+with the reason in its log (pipeline/cannot_serve.py), instead of restarting workers forever.
 
 What the model reads is its modality's: the served model's serving part
 (pipeline/<modality>/serving.py, pipeline/modality.py Serving) checks each endpoint's input and
 turns a checked batch into the model's input by the card's preprocessing (an image model's
 pipeline/image/preprocess.py, a text model's tokenizer.json checked against the card's sha256),
 never re-implemented here. Every endpoint exists whatever the model reads (BentoML declares them
-statically); one of another modality answers 400 saying which endpoints the served model takes.
-The same arguments carry params.yaml `serve` as it was at packaging: body, pixel and batch
-limits, worker processes, batch threads and the access log.
+statically); one of another modality answers 400 saying which endpoints the served model takes,
+and the API page (/docs.json, pipeline/api_docs.py) lists the served model's only. The same
+arguments carry params.yaml `serve` as it was at packaging: body, pixel and batch limits,
+worker processes, batch threads, the access log, connection timeouts and the length of error
+messages.
 
 Imports only bentoml, numpy, PIL, onnxruntime, pydantic, anyio, starlette, python-multipart (the
 last three come with BentoML), grpcio, grpcio-reflection, open-inference-grpc, psutil (comes with
@@ -42,20 +47,24 @@ before anything large is allocated: a body over serve.max_request_bytes gets 413
 read; a content type, multipart body or field an endpoint does not take gets 415/400 before
 BentoML parses it (pipeline/http_guard.py); an image over serve.max_image_pixels gets 400 from its header,
 before decoding; a batch over serve.max_batch_images gets 400 (a .npy from its header, before
-its pixels are allocated); a text that is empty or whitespace only, over serve.max_text_bytes
-UTF-8 bytes, or more than serve.max_batch_images texts, gets 400; an audio file of another
+its pixels are allocated); a text with no visible character (empty, whitespace, control or
+zero-width characters only), over serve.max_text_bytes UTF-8 bytes, or more than
+serve.max_batch_images texts, gets 400; an audio file of another
 format, empty, undecodable, silent or over serve.max_audio_seconds (from its header, before its
 samples are decoded) gets 400; a body that is not UTF-8 JSON
 (or escapes an unpaired surrogate), 400 from pydantic's JSON parser. An upload whose first
 bytes show it over either limit is refused while its body is still arriving (InputGuard's
-checks), so it never costs its body. Each
-rejected request is one WARNING line in the server log, without a traceback.
+checks), so it never costs its body. An upload's file name is never used as a file's (uploads
+stay in memory: _upload). Every error answer is {"error": message}, whoever gives it, the
+message at most serve.max_error_chars characters with control characters escaped, and each
+rejected request is one WARNING line in the server log, without a traceback
+(pipeline/http_guard.py ErrorAnswers, pipeline/rejections.py). A connection idle for
+serve.idle_timeout_s, or whose request head is still arriving serve.header_timeout_s after its
+first byte, is closed (http_guard.TimedConnections).
 """
 from __future__ import annotations
 
 import ctypes
-import os
-import signal
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -64,16 +73,17 @@ import anyio
 import anyio.to_thread
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, InvalidArgument
+from bentoml.exceptions import InvalidArgument
 from PIL import Image
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, PlainValidator,
                       WithJsonSchema)
 
-from pipeline.api_docs import OfflineDocsPage
-from pipeline import oip
+from pipeline import StageError, oip
+from pipeline.api_docs import OfflineDocsPage, PublishedSpec
+from pipeline.cannot_serve import exit_worker, stop_server_when_a_worker_cannot_serve
 from pipeline.card import BentoArgs, onnx_predictor, read_card, softmax
-from pipeline.http_guard import (InputGuard, RejectionLog, RequestSizeLimit, cancel_request_timers,
-                                 log_rejections_once)
+from pipeline.http_guard import (ErrorAnswers, InputGuard, RequestSizeLimit, cancel_request_timers,
+                                 log_rejections_once, time_out_connections)
 from pipeline.modality import card_part
 from pipeline.params import typed
 
@@ -137,16 +147,27 @@ def _texts(texts: list[str]) -> object:
     return served.serving.texts(texts, served.card, SERVE)
 
 
-def _audio_upload(upload):
-    """/classify_audio's "audio" as uploaded, once the served model is known to take it: a
-    PlainValidator keeps it in memory (BentoML's Path input writes every upload to a file)."""
-    _served("audio", "audio")
-    return upload
+def _upload(modality: str, field: str):
+    """A PlainValidator for an upload field of a `modality` endpoint: the upload as it came (a
+    Starlette UploadFile, in memory or spooled to an unnamed file), once the served model is
+    known to take it. BentoML's own `Path` input writes every upload to a file named after the
+    client's filename, which reached the filesystem: a 245-byte name got HTTP 500 (File name
+    too long)."""
+    def checked(upload):
+        _served(modality, field)
+        return upload
+    return PlainValidator(checked)
 
 
-# What the API page shows for such a field: a file upload (pydantic derives no JSON schema
-# through a PlainValidator).
-UPLOAD_SCHEMA = WithJsonSchema({"type": "file", "format": "binary"})
+def _upload_bytes(upload) -> bytes:
+    return upload if isinstance(upload, bytes) else upload.file.read()
+
+
+# What the schemas say of such a field (pydantic derives none through a PlainValidator): a file
+# upload, as BentoML's own file input says it: "file" in /schema.json, which BentoML's clients
+# read, and an OpenAPI 3.0 file part (a binary string) in /docs.json.
+UPLOAD_SCHEMA = (WithJsonSchema({"type": "file", "format": "binary"}, mode="validation"),
+                 WithJsonSchema({"type": "string", "format": "binary"}, mode="serialization"))
 
 
 def _audio(upload) -> object:
@@ -174,19 +195,20 @@ def _audio_head(head: bytes) -> str | None:
     return _refusal("audio", "audio") or served.serving.audio_head(head, served.card, SERVE)
 
 
-def _example(field: str):
-    """The API page's (/docs.json) example of JSON field `field`, if the served model's
-    modality gives one. BentoML builds the page's schema on each request, once the model has
-    loaded; while `bentoml build` writes the Bento's copy, no model has, and it gets none."""
-    def add(schema: dict) -> None:
-        try:
-            served = bentoml.get_current_service()
-        except BentoMLException:  # "service isn't instantiated yet"
-            return
-        example = served.serving.api_examples(served.card).get(field)
-        if example is not None:
-            schema["example"] = example
-    return add
+# Endpoint -> the modality whose model it serves: the API page (/docs.json) lists the served
+# model's only (the others answer every request with 400 naming the ones it takes).
+MODALITY_OF_ENDPOINT = {"/classify": "image", "/classify_batch": "image", "/classify_npy": "image",
+                        "/classify_text": "text", "/classify_text_batch": "text",
+                        "/classify_audio": "audio"}
+
+
+def _published() -> tuple[set[str], dict[str, dict]]:
+    """What the API page (/docs.json, pipeline/api_docs.py) publishes of the served model: its
+    endpoints, and the JSON schema of each of their JSON fields (constraints and example, from
+    its modality's serving part)."""
+    served = bentoml.get_current_service()
+    return ({path for path, modality in MODALITY_OF_ENDPOINT.items()
+             if modality == served.modality}, served.serving.api_fields(served.card, SERVE))
 
 
 def _invalid_argument(check, *args):
@@ -213,8 +235,10 @@ def _return_large_allocations_to_the_os() -> None:
 
 
 _return_large_allocations_to_the_os()
-log_rejections_once()
+log_rejections_once(SERVE.max_error_chars)
 cancel_request_timers()
+time_out_connections(SERVE.idle_timeout_s, SERVE.header_timeout_s)
+stop_server_when_a_worker_cannot_serve()  # in `bentoml serve` itself, before it starts workers
 # PIL warns (two lines on stderr) when a header says over 89 Mpx; the image modality refuses such an
 # image itself, logged as one line.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -230,7 +254,15 @@ class Classifier:
     model = MODEL
 
     def __init__(self) -> None:
-        folder = Path(self.model.path)
+        """The model loaded and self-checked, or the whole server stopped with the reason
+        (pipeline/cannot_serve.py): retrying would fail the same way."""
+        try:
+            self._load(Path(self.model.path))
+        except Exception as e:
+            why = str(e) if isinstance(e, StageError) else f"{type(e).__name__}: {e}"
+            exit_worker(f"model {ARGS.model_tag} cannot be served: {why}")
+
+    def _load(self, folder: Path) -> None:
         self.card = card = read_card(folder)  # refuses a model.onnx whose sha256 is not the card's
         (weights,) = card.weights
         self.classes = card.classes
@@ -271,14 +303,11 @@ class Classifier:
             probabilities=self._grpc_probabilities)
         try:
             self.grpc = await oip.start(model, oip.http_host(), oip.grpc_port(SERVE.grpc_port),
-                                        max_message_bytes=SERVE.max_request_bytes)
-        except oip.CannotListen:
-            # BentoML's arbiter (this worker's parent) restarts a worker whose startup failed,
-            # forever, while HTTP keeps accepting connections; a port in use does not free
-            # itself, nor does a bad KILN_GRPC_PORT: stop the whole server, with the reason as
-            # its last words.
-            os.kill(os.getppid(), signal.SIGTERM)
-            raise
+                                        max_message_bytes=SERVE.max_request_bytes,
+                                        max_error_chars=SERVE.max_error_chars)
+        except oip.CannotListen as e:
+            # A port in use does not free itself, nor does a bad KILN_GRPC_PORT.
+            exit_worker(str(e))
 
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:
@@ -333,29 +362,29 @@ class Classifier:
     def classify_batch(self, images: Annotated[
             np.ndarray, AfterValidator(_images),
             Field(description="pixel values 0..255, shape (N, S, S) or (N, C, S, S) at the "
-                              "model's input size S (the example: one blank image)",
-                  json_schema_extra=_example("images"))]) -> list[Prediction]:
+                              "model's input size S (the example: one blank image)")]) -> list[Prediction]:
         """Classify pixel arrays, values 0..255, shape (N, S, S) (grayscale models) or
         (N, C, S, S) at the model's input size, N <= serve.max_batch_images. Requests are
         batched together adaptively."""
         return self._predict(images, self.batch)
 
     @bentoml.api
-    def classify_npy(self, array: Annotated[Path, Field(
+    def classify_npy(self, array: Annotated[
+            Path, _upload("image", "array"), *UPLOAD_SCHEMA, Field(
             description="a .npy file (numpy.save) of pixel values 0..255, uint8 or float, "
                         "shaped as /classify_batch's images")]) -> list[Prediction]:
         """Classify a binary pixel array: a .npy file (numpy.save, no pickles) uploaded as the
         multipart field "array", shapes and values as for /classify_batch."""
-        pixels = _invalid_argument(_array, array.read_bytes())
+        pixels = _invalid_argument(_array, _upload_bytes(array))
         return self._predict(pixels, self.batch)
 
     @bentoml.api
     async def classify_text(self, text: Annotated[
             str, AfterValidator(_text),
             Field(description="the text to classify (text models): any UTF-8 text with a "
-                              "non-space character, at most serve.max_text_bytes bytes; the "
-                              "model reads its first text.max_tokens tokens",
-                  json_schema_extra=_example("text"))]) -> Prediction:
+                              "visible character (a letter, digit, punctuation mark or symbol), "
+                              "at most serve.max_text_bytes bytes; the model reads its first "
+                              "text.max_tokens tokens")]) -> Prediction:
         """Classify one text (JSON {"text": "..."}), tokenized by the model's saved tokenizer
         and classified on the event loop: ~17 us to tokenize and ~0.1 ms through an encoder of
         params.yaml text's size (docs/benchmarks.md, Text serving), about what a hop to a
@@ -366,17 +395,17 @@ class Classifier:
     def classify_text_batch(self, texts: Annotated[
             list[str], AfterValidator(_texts),
             Field(description="texts to classify (text models): 1 to serve.max_batch_images "
-                              "of them, each as /classify_text's text",
-                  json_schema_extra=_example("texts"))]) -> list[Prediction]:
+                              "of them, each as /classify_text's text")]) -> list[Prediction]:
         """Classify several texts (JSON {"texts": ["...", ...]}) in one model call, padded to
         the longest of them; one answer per text, in order."""
         return self._predict(texts, self.batch)
 
     @bentoml.api
     def classify_audio(self, audio: Annotated[
-            Path, PlainValidator(_audio_upload), UPLOAD_SCHEMA, Field(
+            Path, _upload("audio", "audio"), *UPLOAD_SCHEMA, Field(
             description="the recording to classify (audio models): a WAV, FLAC, Ogg "
-                        "(Vorbis, Opus), MP3, M4A or AAC (ADTS) file, any sample rate and channel count, at most "
+                        "(Vorbis, Opus), MP3, M4A or AAC (ADTS) file, any sample rate and "
+                        "channel count, at most "
                         "serve.max_audio_seconds long; the model hears its centre "
                         "audio.clip_seconds")]) -> Prediction:
         """Classify one uploaded recording (multipart field "audio"): decoded, mixed to mono,
@@ -390,10 +419,11 @@ class Classifier:
 
 # First added is outermost: every rejection below is logged; the body is bounded before the
 # guard reads it.
-Classifier.add_asgi_middleware(RejectionLog)
+Classifier.add_asgi_middleware(ErrorAnswers, max_error_chars=SERVE.max_error_chars)
 Classifier.add_asgi_middleware(RequestSizeLimit, max_bytes=SERVE.max_request_bytes)
 Classifier.add_asgi_middleware(InputGuard, routes={
     api.route: tuple(api.input_spec.multipart_fields) for api in Classifier.apis.values()},
     checks={("/classify", "image"): _image_head, ("/classify_npy", "array"): _array_head,
             ("/classify_audio", "audio"): _audio_head})
 Classifier.add_asgi_middleware(OfflineDocsPage)  # GET /: Swagger UI with nothing from outside
+Classifier.add_asgi_middleware(PublishedSpec, served=_published)  # GET /docs.json

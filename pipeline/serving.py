@@ -75,8 +75,11 @@ def serving(bento: str, log: Path, ready_timeout_s: float, env: dict[str, str] |
             if watchdog.poll() is not None:
                 raise StageError(f"`bentoml serve {bento}` exited with code "
                                  f"{watchdog.returncode} before it was ready:\n{_tail(log)}")
-            # BentoML's arbiter restarts a worker whose startup failed, forever: fail fast.
-            if "Application startup failed" in log.read_text(errors="replace"):
+            # A worker that cannot serve stops the server (pipeline/cannot_serve.py), at the
+            # arbiter's next check (~10 s); one whose startup failed otherwise is restarted
+            # forever: fail fast on either.
+            text = log.read_text(errors="replace")
+            if "cannot serve: " in text or "Application startup failed" in text:
                 raise StageError(f"{bento} failed to start before it was ready:\n{_tail(log)}")
             if time.monotonic() > deadline:
                 raise StageError(f"{bento} not ready after {ready_timeout_s} s:\n{_tail(log)}")

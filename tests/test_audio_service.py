@@ -191,6 +191,22 @@ def test_classify_audio_answers_as_onnx_runtime_on_the_same_decoded_clips(audio_
     assert [a["label"] for a in answers] == [f.parent.name for f in files] + ["high", "low"]
 
 
+@pytest.mark.slow
+def test_an_upload_s_long_file_name_never_reaches_the_filesystem(audio_server):
+    """245-byte file names (BentoML's file input wrote each upload to a file named after it:
+    HTTP 500, File name too long): a recording is classified as under a short name, and
+    /classify_npy gives its answer for an audio model."""
+    client, (first, *_) = audio_server["client"], audio_server["files"]
+    long_name = "n" * (245 - len(first.suffix)) + first.suffix
+    short, long = (post_audio(client, name, first.read_bytes()) for name in (first.name, long_name))
+    assert long.status_code == 200, long.text
+    assert long.json() == short.json()
+    response = client.post("/classify_npy", files={"array": ("n" * 241 + ".npy", b"\x93NUMPY")})
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": "array: this server serves an audio model; send a WAV, "
+                                        "FLAC or Ogg file to /classify_audio"}
+
+
 def waveform_request(model: str, values: np.ndarray, raw: bool = True, datatype: str = "FP32",
                      shape: list[int] | None = None, name: str = "waveform") -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model)

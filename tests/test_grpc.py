@@ -209,6 +209,50 @@ def test_bad_input_gets_invalid_argument_naming_the_cause(grpc_server):
     assert "gRPC INVALID_ARGUMENT: images: empty batch" in log and "Traceback" not in log
 
 
+def test_what_a_client_sent_is_quoted_bounded_and_escaped_in_statuses_and_logs(grpc_server):
+    """A 7 MB model name with a newline and an escape sequence (it was echoed whole into the
+    status and a 7.3 MB log line per call): the status and the log line give at most
+    serve.max_error_chars characters of it, escaped, and the rest is counted."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_server['client'].grpc_port}",
+                                    options=[("grpc.max_send_message_length", 16 << 20)])
+    name = "m" * 7_000_000 + "\n2026-01-01T00:00:00+0000 [INFO] forged\x1b[2J"
+    with channel, pytest.raises(grpc.RpcError) as e:
+        GRPCInferenceServiceStub(channel).ModelInfer(infer_request(name, np.zeros((1, SIZE, SIZE))))
+    details = e.value.details()
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(details) <= SERVE.max_error_chars + 40 and details.isprintable(), details[-200:]
+    assert details.startswith("model 'mmm") and details.endswith(" more characters)"), details[-100:]
+    deadline = time.monotonic() + 10  # s: the worker's line reaches the log file on its own time
+    while not (lines := [line for line in grpc_server["log"].read_text().splitlines()
+                         if "gRPC NOT_FOUND: model 'mmm" in line]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert lines and all(len(line) <= SERVE.max_error_chars + 400 for line in lines), \
+        [len(line) for line in lines]
+    assert not any(line.startswith("2026-01-01") for line in grpc_server["log"].read_text().splitlines())
+
+
+def test_millions_of_inputs_or_outputs_are_counted_before_they_are_read(grpc_server):
+    """One 8 MB message can hold a million empty input or output entries: each is refused by its
+    count, before the entries are read one by one."""
+    stub, model = grpc_server["stub"], grpc_server["model"]
+    outputs = infer_request(model, np.zeros((1, SIZE, SIZE), np.uint8))
+    outputs.outputs.extend([pb.ModelInferRequest.InferRequestedOutputTensor()] * 1_000_000)
+    inputs = pb.ModelInferRequest(model_name=model)
+    inputs.inputs.extend([pb.ModelInferRequest.InferInputTensor()] * 1_000_000)
+    dimensions = pb.ModelInferRequest(model_name=model)
+    dimensions.inputs.add(name="images", datatype="UINT8", shape=[1] * 1_000_000)
+    cases = {"outputs": (outputs, "outputs: 1000000 requested; there are 3"),
+             "inputs": (inputs, "inputs: expected one input tensor named 'images', got 1000000"),
+             "dimensions": (dimensions, "images: shape of 1000000 dimensions; expected [N, 1, "
+                                        f"{SIZE}, {SIZE}] or [N, {SIZE}, {SIZE}]")}
+    for case, (request, message) in cases.items():
+        assert request.ByteSize() <= SERVE.max_request_bytes, case
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, e.value.details())
+        assert message in e.value.details(), (case, e.value.details())
+
+
 def test_grpc_binds_loopback_like_http_on_one_port_for_every_worker(grpc_server):
     """Served with no --host: HTTP and gRPC are both on 127.0.0.1; every worker listens on the
     gRPC port (SO_REUSEPORT)."""
@@ -236,18 +280,21 @@ def test_grpc_binds_loopback_like_http_on_one_port_for_every_worker(grpc_server)
 
 def stopped_server_output(packaged, grpc_port: str) -> str:
     """`bentoml serve` of the packaged Bento with KILN_GRPC_PORT=grpc_port, which must stop by
-    itself within 60 s: its output."""
+    itself within 60 s, exiting non-zero (pipeline/cannot_serve.py): its output."""
+    from pipeline.cannot_serve import EXIT_CODE
+
     env = {**os.environ, "BENTOML_HOME": str(packaged["home"]), "KILN_GRPC_PORT": grpc_port}
     done = subprocess.run(
         [sys.executable, "-m", "bentoml", "serve", packaged["report"]["champion"]["bento_tag"],
          "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == EXIT_CODE, (done.stdout + done.stderr)[-3000:]
     return done.stdout + done.stderr
 
 
 def test_a_grpc_port_in_use_stops_the_server_naming_the_port(packaged):
     """Another process listens on the port with SO_REUSEPORT, as another Kiln server would (it
-    could otherwise share the port silently): `bentoml serve` stops at once, saying why, instead
-    of restarting its workers forever."""
+    could otherwise share the port silently): `bentoml serve` stops, non-zero, saying why,
+    instead of restarting its workers forever."""
     with socket.socket() as other:
         other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         other.bind(("127.0.0.1", 0))
@@ -265,9 +312,9 @@ def test_a_kiln_grpc_port_that_is_not_a_port_stops_the_server_naming_it(packaged
 
 
 def test_make_serves_port_check_exits_non_zero_naming_a_port_in_use(packaged):
-    """`bentoml serve` exits 0 even when a worker stopped it over the port (above), so `make
-    serve` first runs `python -m pipeline.oip BENTO HOST`: non-zero and the reason if the port
-    is taken, silent and 0 if it is free."""
+    """`make serve` first runs `python -m pipeline.oip BENTO HOST`, so a port in use is refused
+    before anything starts: non-zero and the reason if the port is taken, silent and 0 if it is
+    free."""
     bento = packaged["report"]["champion"]["bento_tag"]
 
     def check(grpc_port: int) -> subprocess.CompletedProcess:

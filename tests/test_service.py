@@ -32,11 +32,12 @@ from pipeline import StageError
 from pipeline.card import ModelCard, Recipe, Selection, ValScore, sha256_file, write_card
 from pipeline.params import load_params
 from pipeline.image.preprocess import Preprocessing
-from pipeline.serving import serving
+from pipeline.serving import free_ports, serving
 from tests.bento_server import bento_server
 from tests.browser import offline_page
 
 REPO = Path(__file__).resolve().parent.parent
+SERVE = load_params(REPO / "params.yaml").serve
 SIZE = 8  # px, side of the tiny model's grayscale input
 CLASSES = ["bright", "dark", "left"]
 PREPROCESSING = Preprocessing(image_size=SIZE, channels=1, mean=[0.5], std=[0.25])
@@ -215,11 +216,12 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
     assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/api_docs.py",
                        "pipeline/audio/__init__.py", "pipeline/audio/decode.py",
                        "pipeline/audio/preprocess.py", "pipeline/audio/serving.py",
-                       "pipeline/card.py", "pipeline/http_guard.py", "pipeline/image/__init__.py",
-                       "pipeline/image/preprocess.py", "pipeline/image/serving.py",
-                       "pipeline/modality.py", "pipeline/oip.py", "pipeline/params.py",
-                       "pipeline/service.py", "pipeline/text/__init__.py",
-                       "pipeline/text/serving.py", "pipeline/text/tokens.py"]
+                       "pipeline/cannot_serve.py", "pipeline/card.py", "pipeline/http_guard.py",
+                       "pipeline/image/__init__.py", "pipeline/image/preprocess.py",
+                       "pipeline/image/serving.py", "pipeline/modality.py", "pipeline/oip.py",
+                       "pipeline/params.py", "pipeline/rejections.py", "pipeline/service.py",
+                       "pipeline/text/__init__.py", "pipeline/text/serving.py",
+                       "pipeline/text/tokens.py"]
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for m in manifest["services"][0]["models"]] == [model_tag]
     # The Bento's arguments pin the model by full tag and carry params.yaml serve.
@@ -528,12 +530,13 @@ def test_an_upload_over_a_limit_is_refused_from_its_header_before_its_body_arriv
     assert server["client"].get("/readyz").status_code == 200
 
 
-@pytest.mark.slow
-def test_each_rejected_request_is_one_warning_line_without_traceback(server):
-    """The log lines after a marker request (a 404 on a made-up path, logged like any
-    rejection), once a second marker and as many lines as requests have arrived: the workers'
-    lines reach the file asynchronously, in any order between the two workers."""
-    cases = bad_requests(load_params(REPO / "params.yaml").serve)
+def logged_between_markers(server, send, expected: int) -> tuple[str, list[str]]:
+    """The server log's lines for the requests `send()` makes, which should log `expected`
+    lines: those after a marker request (a 404 on a made-up path, logged like any rejection),
+    once a second marker and as many lines have arrived (the workers' lines reach the file
+    asynchronously, in any order between the two workers), and half a second more (a line
+    more, if any, would show). Returns (the log from the first marker on, the lines between
+    the markers)."""
     marker = uuid.uuid4().hex
 
     def log_after_marker(until) -> tuple[str, list[str]]:
@@ -548,24 +551,200 @@ def test_each_rejected_request_is_one_warning_line_without_traceback(server):
 
     server["client"].get(f"/start-{marker}")
     log_after_marker(lambda window, _: window)
-    for path, body, content_type, _, _ in cases.values():
-        server["client"].post(path, content=body, headers={"content-type": content_type})
-    server["client"].post("/classify", files={"image": ("x.png", b"not an image")})  # pydantic
-    server["client"].post("/classify_npy", files={"array": ("x.npy", b"not npy")})  # in the API
+    send()
     server["client"].get(f"/end-{marker}")
+    log_after_marker(lambda window, lines: f"/end-{marker}" in window and len(lines) >= expected + 1)
+    time.sleep(0.5)
+    return log_after_marker(lambda *_: True)
+
+
+@pytest.mark.slow
+def test_each_rejected_request_is_one_warning_line_without_traceback(server):
+    cases = bad_requests(load_params(REPO / "params.yaml").serve)
+
+    def send() -> None:
+        for path, body, content_type, _, _ in cases.values():
+            server["client"].post(path, content=body, headers={"content-type": content_type})
+        server["client"].post("/classify", files={"image": ("x.png", b"not an image")})  # pydantic
+        server["client"].post("/classify_npy", files={"array": ("x.npy", b"not npy")})  # in the API
+
     expected = len(cases) + 2
-    window, lines = log_after_marker(
-        lambda window, lines: f"/end-{marker}" in window and len(lines) >= expected + 1)
-    time.sleep(0.5)  # a line more, if any, would show here
-    window, lines = log_after_marker(lambda *_: True)
+    window, lines = logged_between_markers(server, send, expected)
     assert "Traceback" not in window and "[ERROR]" not in window, window
     assert len(lines) == expected, window
     assert all("[WARNING]" in line for line in lines), window
     statuses = sorted(int(re.search(r"POST /classify\w* (\d{3}): ", l).group(1)) for l in lines)
     assert statuses == sorted([c[3] for c in cases.values()] + [400, 400]), window
     assert any("field 'image' missing; got 'file'" in l for l in lines), window
-    assert any("Value error, image: not a PNG, JPEG, WebP, BMP, TIFF or GIF file" in l
+    assert any("POST /classify 400: image: not a PNG, JPEG, WebP, BMP, TIFF or GIF file" in l
                for l in lines), window
+
+
+def error_answers(client: httpx.Client) -> dict[str, tuple[str, str, httpx.Response]]:
+    """case -> (method, path, response) for a request refused by each part of the server:
+    Kiln's guards (415, 400, 413), pydantic through BentoML (400; BentoML's own shape
+    {"error", "detail": [...]}), an InvalidArgument raised in an endpoint (400; BentoML's own
+    shape [{"error"}]), another modality's endpoint, and Starlette's 404 and 405 (plain text)."""
+    serve = SERVE
+    requests = {
+        "415 (guard)": ("POST", "/classify", {"json": {}}),
+        "400 (guard)": ("POST", "/classify", {"files": {"file": ("x.png", b"x")}}),
+        "413 (guard)": ("POST", "/classify_npy",
+                        {"files": {"array": ("x.npy", bytes(serve.max_request_bytes + 1))}}),
+        "400 (pydantic, a field missing)": ("POST", "/classify_batch", {"json": {}}),
+        "400 (pydantic, a check)": ("POST", "/classify_batch", {"json": {"images": [[[300]]]}}),
+        "400 (pydantic, not JSON)": ("POST", "/classify_batch",
+                                     {"content": b"{", "headers": {"content-type": "application/json"}}),
+        "400 (in the endpoint)": ("POST", "/classify_npy", {"files": {"array": ("x.npy", b"no")}}),
+        "400 (another modality)": ("POST", "/classify_text", {"json": {"text": "hola"}}),
+        "400 (too many images)": ("POST", "/classify_batch", {"json": {"images": np.zeros(
+            (serve.max_batch_images + 1, SIZE, SIZE), np.uint8).tolist()}}),
+        "404": ("GET", "/no-such-endpoint", {}),
+        "405": ("GET", "/classify", {}),
+    }
+    return {case: (method, path, client.request(method, path, **kwargs))
+            for case, (method, path, kwargs) in requests.items()}
+
+
+@pytest.mark.slow
+def test_every_error_answer_is_the_one_json_shape_the_api_page_declares(server):
+    """Whoever refuses a request, its answer is {"error": message} and nothing else, as
+    application/json; on an operation of /docs.json, with a status declared there whose schema
+    it validates against (schemathesis checks the same over generated requests)."""
+    import jsonschema
+
+    spec = server["client"].get("/docs.json").json()
+    error_schema = spec["components"]["schemas"]["Error"]
+    answers = error_answers(server["client"])
+    for case, (method, path, response) in answers.items():
+        assert response.status_code == int(case[:3]), (case, response.text)
+        assert response.headers["content-type"] == "application/json", case
+        body = response.json()
+        assert list(body) == ["error"] and isinstance(body["error"], str), (case, body)
+        assert body["error"], case
+        jsonschema.validate(body, error_schema)
+        operation = spec["paths"].get(path, {}).get(method.lower())
+        if operation is not None:
+            declared = operation["responses"][str(response.status_code)]
+            assert declared["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/Error"}, case
+    assert answers["405"][2].headers["allow"] == "POST"
+    # Bytes that are not HTTP at all: uvicorn's own 400, in the same shape.
+    took, answer = closed_within(server["port"], b"GARBAGE \x01\r\n\r\n", 0, 10)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"error": "Invalid HTTP request received."}
+
+
+@pytest.mark.slow
+def test_what_a_client_sent_is_quoted_bounded_and_escaped_in_answers_and_logs(server):
+    """A path, a multipart field name and a content type as long as a client likes, with
+    newlines and an escape sequence in them: each answer's message and each log line is at most
+    serve.max_error_chars characters of it (the rest counted), its control characters escaped,
+    so every request stays one log line (a newline used to forge a line of its own)."""
+    limit = SERVE.max_error_chars
+    forged = "\n2026-01-01T00:00:00+0000 [INFO] [cli] forged\x1b[2J"
+    long = "x" * 20_000
+    png = encode(np.zeros((SIZE, SIZE), np.uint8), "PNG")
+    # python-multipart refuses a part header over 8 KiB ("Maximum header size exceeded")
+    field = multipart([(f"image{forged}{long[:4000]}", "x.png", png)])
+    requests = [
+        ("GET", "/" + long + forged.replace("\n", "%0A").replace("\x1b", "%1B"), {}),
+        ("POST", "/classify", {"content": field[0], "headers": {"content-type": field[1]}}),
+        ("POST", "/classify", {"content": b"{}", "headers": {
+            "content-type": f"application/x-{long}{forged.replace(chr(10), ' ').replace(chr(27), '')}"}}),
+    ]
+    answers = []
+
+    def send() -> None:
+        answers.extend(server["client"].request(method, path, **kwargs)
+                       for method, path, kwargs in requests)
+
+    window, lines = logged_between_markers(server, send, len(requests))
+    assert [a.status_code for a in answers] == [404, 400, 415], [a.text[:300] for a in answers]
+    for answer in answers[1:]:  # the 404's message is Starlette's; its path is in the log
+        message = answer.json()["error"]
+        assert len(message) <= limit + 40 and "more characters)" in message, message[-200:]
+        assert message.isprintable(), message
+    assert not any(line.startswith("2026-01-01") for line in window.splitlines()), window[-3000:]
+    assert len(lines) == len(requests), window[-3000:]
+    for line in lines:
+        assert "[WARNING]" in line and len(line) <= 2 * (limit + 40) + 400, line[:300]
+        assert "\x1b" not in line
+    assert any("image\\n2026-01-01" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_an_upload_s_file_name_never_reaches_the_filesystem(server):
+    """A 245-byte file name (BentoML's file input wrote each upload to a file named after it:
+    HTTP 500, File name too long, on every Bento) is only a name: the upload is classified."""
+    name = "n" * 241
+    images, _ = class_images(2, seed=8)
+    answers = {
+        "/classify": server["client"].post(
+            "/classify", files={"image": (name + ".png", encode(images[0], "PNG"))}),
+        "/classify_npy": server["client"].post(
+            "/classify_npy", files={"array": (name + ".npy", npy(images))}),
+        "/classify_audio": server["client"].post(
+            "/classify_audio", files={"audio": (name + ".wav", b"RIFF")}),
+    }
+    assert answers["/classify"].status_code == 200, answers["/classify"].text
+    assert answers["/classify_npy"].status_code == 200, answers["/classify_npy"].text
+    assert [p["index"] for p in answers["/classify_npy"].json()] == local_probabilities(
+        server["model_dir"], images[:, None]).argmax(axis=1).tolist()
+    assert answers["/classify_audio"].status_code == 400  # an image model: refused, by name
+    assert "this server serves an image model" in answers["/classify_audio"].json()["error"]
+
+
+def closed_within(port: int, send: bytes, every_s: float, within_s: float) -> tuple[float, bytes]:
+    """Open a connection to 127.0.0.1:port, send `send` one byte each every_s seconds (all at
+    once if every_s is 0; nothing if empty), and read until the server closes it: (seconds
+    until it did, what it answered). Fails if it is still open after within_s."""
+    started = time.monotonic()
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=within_s) as client:
+        client.settimeout(every_s or within_s)
+        if not every_s:
+            client.sendall(send)
+        pending = list(send) if every_s else []
+        while time.monotonic() - started < within_s:
+            if pending:
+                try:
+                    client.send(bytes([pending.pop(0)]))
+                except OSError:  # closed under us: its answer (if any) is still to be read
+                    pending.clear()
+            try:
+                chunk = client.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return time.monotonic() - started, answer
+            answer += chunk
+    raise AssertionError(f"the connection is still open after {within_s} s; got {answer!r}")
+
+
+@pytest.mark.slow
+def test_idle_connections_and_trickled_request_heads_are_cut(server):
+    """Raw sockets against the server: a connection that sends nothing is closed after
+    serve.idle_timeout_s; one that sends its request head a byte a second (slowloris) gets 408
+    and is closed serve.header_timeout_s after its first byte. uvicorn alone cut neither."""
+    idle_s, head_s = SERVE.idle_timeout_s, SERVE.header_timeout_s
+    head = b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"y" * 200
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        idle = pool.submit(closed_within, server["port"], b"", 0, idle_s + 5)
+        slow = pool.submit(closed_within, server["port"], head, 1.0, head_s + 5)
+        (idle_after, idle_answer), (slow_after, slow_answer) = idle.result(), slow.result()
+    assert idle_s - 0.5 <= idle_after <= idle_s + 3 and idle_answer == b"", (idle_after, idle_answer)
+    assert head_s - 0.5 <= slow_after <= head_s + 3, slow_after
+    status, _, body = slow_answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408 "), slow_answer
+    assert json.loads(body) == {"error": f"request head (request line and headers) not complete "
+                                         f"{head_s:g} s after its first byte"}
+    # A request sent at once is answered as before, and the connection kept alive meanwhile.
+    took, answer = closed_within(server["port"], b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n", 0,
+                                 idle_s + 5)
+    assert answer.startswith(b"HTTP/1.1 200 ") and took >= idle_s - 0.5, (took, answer)
 
 
 @pytest.mark.slow
@@ -574,16 +753,20 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
 
 
 def fuzz_finds_no_server_error(client: httpx.Client, port: int, tmp_path: Path) -> None:
-    """A bounded, seeded schemathesis run over every endpoint in the served OpenAPI document:
-    no response >= 500, and the server is still ready afterwards."""
+    """A bounded, seeded schemathesis run with every check over every operation in the served
+    OpenAPI document, with the project's schemathesis.toml (what `schemathesis run
+    .../docs.json --checks all` reads from the repository): no response >= 500, every status,
+    content type, header and body as /docs.json declares them, schema-invalid requests refused
+    and valid ones accepted; the server is still ready afterwards."""
     url = f"http://127.0.0.1:{port}"
     done = subprocess.run(
-        [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/docs.json",
-         "--checks", "not_a_server_error", "--phases", "coverage,fuzzing", "--max-examples", "100",
+        [str(Path(sys.executable).with_name("schemathesis")),
+         "--config-file", str(REPO / "schemathesis.toml"), "run", f"{url}/docs.json",
+         "--checks", "all", "--phases", "examples,coverage,fuzzing", "--max-examples", "60",
          "--seed", "10", "--continue-on-failure", "--suppress-health-check", "all",
          "--generation-database", "none", "--request-timeout", "10"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"})
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+        capture_output=True, text=True, timeout=180, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"})
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", done.stdout)
     assert generated and int(generated[1]) == int(generated[2]) > 100, done.stdout[-4000:]
     assert client.get("/readyz").status_code == 200
@@ -603,23 +786,26 @@ def test_the_docs_page_draws_every_endpoint_with_no_network(server, tmp_path):
 @pytest.mark.slow
 def test_the_api_page_describes_the_service_and_its_examples_get_200(server, tmp_path):
     """/docs.json, what Swagger UI on / draws: the bentofile's short description (BentoML's
-    default is the project README), a working example for every JSON endpoint of the served
-    model's modality (the text endpoints show none for an image model) and, for every upload,
-    which file to send; and the page, each endpoint opened, shows them."""
+    default is the project README), the served model's endpoints only (an image model's: the
+    text and audio endpoints answer 400), a working example for every JSON endpoint and, for
+    every upload, which file to send; and the page, each endpoint opened, shows them."""
+    import jsonschema
+
     spec = server["client"].get("/docs.json").json()
     description = yaml.safe_load((REPO / "bentofile.yaml").read_text())["description"]
     assert spec["info"]["description"] == description
+    assert sorted(p for p, item in spec["paths"].items() if "post" in item) == [
+        "/classify", "/classify_batch", "/classify_npy"]
     examples, uploads = {}, {}
     for path, item in spec["paths"].items():
         if "post" not in item:
             continue
+        assert item["post"]["requestBody"]["required"] is True, path
         ((media_type, body),) = item["post"]["requestBody"]["content"].items()
         fields = body["schema"]["properties"]
         if media_type == "application/json":
-            if path.startswith("/classify_text"):
-                assert all("example" not in field for field in fields.values()), path
-                continue
             examples[path] = {name: field["example"] for name, field in fields.items()}
+            jsonschema.validate(examples[path], body["schema"])  # the example keeps the schema
             response = server["client"].post(path, json=examples[path])
             assert response.status_code == 200, (path, response.text)
         else:
@@ -696,6 +882,148 @@ def test_a_bento_whose_model_file_is_corrupt_does_not_start_and_names_the_file(p
     with pytest.raises(StageError, match=r"model\.onnx: sha256 .* does not match"):
         with bento_server(str(bento), tmp_path / "home", tmp_path / "serve.log", ready_timeout_s=60):
             pass
+
+
+def serve_until_it_stops(bento: str, home: Path, cwd: Path,
+                         timeout_s: float = 150) -> tuple[subprocess.CompletedProcess, int, int]:
+    """`bentoml serve <bento>` from BentoML home `home`, on free ports, which must exit by itself
+    within timeout_s: (the finished process, its HTTP port, its gRPC port)."""
+    port, grpc_port = free_ports(2)
+    done = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", bento, "--port", str(port)],
+        env={**stage_env(home), "KILN_GRPC_PORT": str(grpc_port)}, cwd=cwd,
+        capture_output=True, text=True, timeout=timeout_s)
+    return done, port, grpc_port
+
+
+def assert_stopped_for(done: subprocess.CompletedProcess, ports: tuple[int, int],
+                       reason: str) -> None:
+    """The server exited with cannot_serve.EXIT_CODE, its log gives `reason` as why, its
+    workers were not restarted over and over, and nothing listens on its ports."""
+    from pipeline.cannot_serve import EXIT_CODE
+
+    output = done.stdout + done.stderr
+    assert done.returncode == EXIT_CODE, output[-3000:]
+    assert f"cannot serve: {reason}" in output, output[-3000:]
+    assert "stopping the server" in output
+    workers = SERVE.workers or psutil.cpu_count()
+    # Each worker fails once, and a few more may start before the arbiter's next check.
+    assert output.count("cannot serve: ") <= 3 * workers, output[-3000:]
+    for port in ports:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.slow
+def test_a_model_file_corrupt_in_the_store_stops_the_server_with_the_reason(packaged, tmp_path):
+    """Flipped bytes in the stored model.onnx (the BentoML home's model store, which
+    `bentoml serve <tag>` reads): the server used to restart its workers forever (248 times
+    in 90 s), its port open and /readyz never answering. Now `bentoml serve` itself exits
+    non-zero, its log naming the file and the sha256 mismatch, and its ports are closed."""
+    import shutil
+
+    home = tmp_path / "bentoml"
+    shutil.copytree(packaged["home"], home)
+    (onnx,) = home.glob("models/*/*/model.onnx")
+    data = bytearray(onnx.read_bytes())
+    data[-100] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    done, *ports = serve_until_it_stops(packaged["report"]["champion"]["bento_tag"], home, tmp_path)
+    model_tag = packaged["report"]["champion"]["model_tag"]
+    assert_stopped_for(done, ports, f"model {model_tag} cannot be served: {onnx}: sha256 ")
+    assert re.search(rf"{re.escape(str(onnx))}: sha256 \w+\.\.\. does not match \w+\.\.\. "
+                     rf"recorded in {re.escape(str(onnx.with_name('model.json')))}",
+                     done.stdout + done.stderr)
+
+
+def _card_not_json(folder: Path) -> str:
+    (folder / "model.json").write_text("{")
+    return f"{folder / 'model.json'}: not valid JSON"
+
+
+def _onnx_refused(folder: Path) -> str:
+    """A model.onnx ONNX Runtime cannot load, whose sha256 the card records (so the card's
+    check passes and ONNX Runtime's refusal is what stops the server)."""
+    card = json.loads((folder / "model.json").read_text())
+    (folder / "model.onnx").write_bytes(b"not an ONNX model" * 100)
+    card["weights"]["model.onnx"] = sha256_file(folder / "model.onnx")
+    (folder / "model.json").write_text(json.dumps(card))
+    return "INVALID_PROTOBUF"
+
+
+def _classes_not_the_model_s(folder: Path) -> str:
+    """A card listing a class more than its model.onnx has logits: the self-check fails."""
+    card = json.loads((folder / "model.json").read_text())
+    card["classes"].append("extra")
+    (folder / "model.json").write_text(json.dumps(card))
+    return f"RuntimeError: model.onnx gives logits of shape (1, {len(CLASSES)}) for one input; " \
+        f"model.json lists {len(CLASSES) + 1} classes"
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_load_or_fails_its_self_check_stops_the_server(packaged, tmp_path):
+    """A card that does not parse, an ONNX file ONNX Runtime refuses, a model whose logits are
+    not the card's classes: each server exits non-zero with the reason (three served side by
+    side, to keep the test short)."""
+    import shutil
+
+    model_tag = packaged["report"]["champion"]["model_tag"]
+    cases = {}
+    for break_model in (_card_not_json, _onnx_refused, _classes_not_the_model_s):
+        home = tmp_path / break_model.__name__ / "bentoml"
+        shutil.copytree(packaged["home"], home)
+        (folder,) = home.glob("models/*/*/")
+        cases[break_model.__name__] = (home, break_model(folder))
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        served = {case: pool.submit(serve_until_it_stops, packaged["report"]["champion"]["bento_tag"],
+                                    home, home.parent)
+                  for case, (home, _) in cases.items()}
+        for case, (_, reason) in cases.items():
+            done, *ports = served[case].result()
+            assert_stopped_for(done, ports, f"model {model_tag} cannot be served: ")
+            assert reason in done.stdout + done.stderr, (case, (done.stdout + done.stderr)[-3000:])
+
+
+def test_what_a_client_sent_is_escaped_cut_and_counted():
+    from pipeline.rejections import bounded
+
+    assert bounded("field 'image' missing; got 'file'", 100) == "field 'image' missing; got 'file'"
+    assert bounded("a\nb\r\x1b[2Jc\u202ed\u2028e\x00", 100) == "a\\nb\\r\\x1b[2Jc\\u202ed\\u2028e\\x00"
+    assert bounded("x" * 7_000_000, 10) == "x" * 10 + "... (6999990 more characters)"
+    assert bounded("\n" * 50, 9) == "\\n" * 4 + "... (46 more characters)"  # escapes stay whole
+    assert bounded("é☔天", 3) == "é☔天"  # printable, whatever the script
+
+
+def test_the_api_page_lists_the_served_endpoints_with_every_error_in_one_shape():
+    """published() on a document shaped as BentoML's: the other modality's endpoint gone, each
+    operation's errors in the one Error shape, the JSON field given its schema, the body
+    required."""
+    from pipeline.api_docs import ENDPOINT_ERRORS, PROBE_ERRORS, published
+
+    bentoml_error = {"content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/InvalidArgument"}}}}
+    spec = {"paths": {
+        "/readyz": {"get": {"responses": {"200": {"description": "ok"}}}},
+        "/classify_batch": {"post": {
+            "responses": {"200": {"description": "ok"}, "400": bentoml_error},
+            "requestBody": {"content": {"application/json": {"schema": {"properties": {
+                "images": {"title": "Images", "description": "pixels", "type": "array",
+                           "items": {"type": "number"}}}}}}}}},
+        "/classify_text": {"post": {"responses": {"200": {"description": "ok"}}}}},
+        "components": {"schemas": {"InvalidArgument": {}, "Prediction": {}}}}
+    shape = {"type": "array", "maxItems": 2}
+    out = published(spec, {"/classify_batch"}, {"images": shape})
+    assert sorted(out["paths"]) == ["/classify_batch", "/readyz"]
+    assert sorted(out["components"]["schemas"]) == ["Error", "Prediction"]
+    operation = out["paths"]["/classify_batch"]["post"]
+    assert sorted(operation["responses"]) == sorted(["200", *ENDPOINT_ERRORS])
+    assert sorted(out["paths"]["/readyz"]["get"]["responses"]) == sorted(["200", *PROBE_ERRORS])
+    assert operation["responses"]["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"}
+    assert operation["requestBody"]["required"] is True
+    assert operation["requestBody"]["content"]["application/json"]["schema"]["properties"][
+        "images"] == {"title": "Images", "description": "pixels", **shape}
+    assert "InvalidArgument" in spec["components"]["schemas"]  # the input is left as it was
 
 
 class _RequestState:

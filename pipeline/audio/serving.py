@@ -33,7 +33,7 @@ import numpy as np
 import soundfile
 
 from pipeline.audio import decode
-from pipeline.oip import input_tensor
+from pipeline.oip import input_tensor, shape_of
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -61,8 +61,8 @@ def example(card: ModelCard) -> np.ndarray:
     return (EXAMPLE_PEAK * np.sin(2 * np.pi * EXAMPLE_HZ * t)).astype(np.float32)[None]
 
 
-def api_examples(card: ModelCard) -> dict[str, object]:
-    return {}  # /classify_audio takes a file: no JSON field to give an example of
+def api_fields(card: ModelCard, serve: ServeParams) -> dict[str, dict]:
+    return {}  # /classify_audio takes a file: no JSON field
 
 
 def _refuse_silent(waveforms: np.ndarray, card: ModelCard, name) -> None:
@@ -135,8 +135,10 @@ def grpc_input(request, card: ModelCard, serve: ServeParams) -> np.ndarray:
     if tensor.datatype != "FP32":
         raise ValueError(f"{GRPC_INPUT}: datatype {tensor.datatype!r} not accepted; send samples "
                          "in [-1, 1] as FP32")
+    if len(tensor.shape) != 2:  # counted before a dimension is read
+        raise ValueError(f"{GRPC_INPUT}: shape {shape_of(tensor)}; expected {expected}")
     shape = list(tensor.shape)
-    if len(shape) != 2 or shape[1] != p.clip_samples or shape[0] < 0:
+    if shape[1] != p.clip_samples or shape[0] < 0:
         raise ValueError(f"{GRPC_INPUT}: shape {shape}; expected {expected}")
     if shape[0] == 0:
         raise ValueError(f"{GRPC_INPUT}: no clips; expected {expected} with N >= 1")

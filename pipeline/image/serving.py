@@ -20,7 +20,7 @@ from numpy.lib import format as npy_format
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.image.preprocess import ACCEPTED, IMAGE_FORMATS, refusal
-from pipeline.oip import input_tensor
+from pipeline.oip import input_tensor, shape_of
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -53,10 +53,24 @@ def example(card: ModelCard) -> np.ndarray:
     return np.zeros((1, *_input_shape(card)), np.uint8)
 
 
-def api_examples(card: ModelCard) -> dict[str, object]:
-    """/classify_batch's example: one blank image at the model's input size."""
+def api_fields(card: ModelCard, serve: ServeParams) -> dict[str, dict]:
+    """/classify_batch's "images": arrays of 1..serve.max_batch_images images of the model's
+    input shape (S x S rows of pixels, or C of those; either for a grayscale model), values
+    0..255; the example: one blank image."""
     c, s, _ = _input_shape(card)
-    return {"images": np.zeros((1, s, s) if c == 1 else (1, c, s, s), np.uint8).tolist()}
+
+    def exactly(n: int, item: dict) -> dict:
+        return {"type": "array", "minItems": n, "maxItems": n, "items": item}
+
+    # JSON true and false are pixels 1 and 0, as numpy reads them (`images` takes a bool array)
+    pixel = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 255}, {"type": "boolean"}]}
+    image = exactly(s, exactly(s, pixel))
+    shapes = [image, exactly(c, image)] if c == 1 else [exactly(c, image)]
+    batches = [{"type": "array", "minItems": 1, "maxItems": serve.max_batch_images,
+                "items": shape} for shape in shapes]
+    example = np.zeros((1, s, s) if c == 1 else (1, c, s, s), np.uint8).tolist()
+    return {"images": {**({"oneOf": batches} if len(batches) > 1 else batches[0]),
+                       "example": example}}
 
 
 def image(upload, card: ModelCard, serve: ServeParams) -> Image.Image:
@@ -120,25 +134,31 @@ def image_pixels(image: Image.Image, card: ModelCard) -> np.ndarray:
         return card.preprocessing.pixels(image)[None]
 
 
+def _checked_shape(sent: tuple[int, ...], card: ModelCard, serve: ServeParams) -> tuple[int, ...]:
+    """A batch's shape, (N, S, S) (grayscale models) or (N, C, S, S) at the model's input
+    size with 1 <= N <= serve.max_batch_images, as (N, C, S, S); ValueError naming "images"
+    otherwise. Checked before any pixel is read."""
+    c, s, _ = _input_shape(card)
+    expected = f"(N, {s}, {s}) or (N, {c}, {s}, {s})" if c == 1 else f"(N, {c}, {s}, {s})"
+    shape = (sent[0], 1, *sent[1:]) if len(sent) == 3 and c == 1 else tuple(sent)
+    if len(shape) != 4 or shape[1:] != (c, s, s):
+        raise ValueError(f"images: expected shape {expected}, got {tuple(sent)}")
+    if shape[0] == 0:
+        raise ValueError(f"images: empty batch; expected shape {expected} with N >= 1")
+    if shape[0] > serve.max_batch_images:
+        raise ValueError(f"images: {shape[0]} images; at most {serve.max_batch_images} "
+                         f"images per request")
+    return shape
+
+
 def images(images: np.ndarray, card: ModelCard, serve: ServeParams) -> np.ndarray:
     """Pixel values 0..255 of shape (N, S, S) (grayscale models) or (N, C, S, S) at the model's
     input size, 1 <= N <= serve.max_batch_images -> float32 (N, C, S, S). Checked per request,
     before adaptive batching concatenates requests (a wrong shape there would fail every
     request in the batch)."""
-    c, s, _ = _input_shape(card)
-    expected = f"(N, {s}, {s}) or (N, {c}, {s}, {s})" if c == 1 else f"(N, {c}, {s}, {s})"
-    if images.dtype.kind not in "uif":
+    if images.dtype.kind not in "buif":  # b: JSON true and false, pixels 1 and 0 (api_fields)
         raise ValueError(f"images: expected uint8 or float pixel values 0..255, got dtype {images.dtype}")
-    sent = images.shape
-    if images.ndim == 3 and c == 1:
-        images = images[:, None]
-    if images.ndim != 4 or images.shape[1:] != (c, s, s):
-        raise ValueError(f"images: expected shape {expected}, got {sent}")
-    if images.shape[0] == 0:
-        raise ValueError(f"images: empty batch; expected shape {expected} with N >= 1")
-    if images.shape[0] > serve.max_batch_images:
-        raise ValueError(f"images: {images.shape[0]} images; at most {serve.max_batch_images} "
-                         f"images per request")
+    images = images.reshape(_checked_shape(images.shape, card, serve))
     if not np.isfinite(images).all() or images.min() < 0 or images.max() > 255:
         raise ValueError("images: pixel values must be finite and within 0..255")
     return images.astype(np.float32, copy=False)
@@ -216,9 +236,14 @@ def grpc_input(request, card: ModelCard, serve: ServeParams) -> np.ndarray:
         raise ValueError(f"{GRPC_INPUT}: datatype {tensor.datatype!r} not accepted; send pixel "
                          f"values 0..255 as {' or '.join(DATATYPES)}")
     raw_dtype, field, typed_dtype = DATATYPES[tensor.datatype]
+    if len(tensor.shape) not in (3, 4):  # counted before a dimension is read
+        c, s, _ = _input_shape(card)
+        raise ValueError(f"{GRPC_INPUT}: shape {shape_of(tensor)}; expected [N, {c}, {s}, {s}]"
+                         + (f" or [N, {s}, {s}]" if c == 1 else ""))
     shape = list(tensor.shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"{GRPC_INPUT}: shape {shape} has a negative dimension")
+    _checked_shape(tuple(shape), card, serve)  # the batch size before any value is read
     count = _values(shape)
     if raw is not None:
         if len(raw) != count * raw_dtype.itemsize:
