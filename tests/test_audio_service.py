@@ -204,7 +204,7 @@ def test_an_upload_s_long_file_name_never_reaches_the_filesystem(audio_server):
     response = client.post("/classify_npy", files={"array": ("n" * 241 + ".npy", b"\x93NUMPY")})
     assert response.status_code == 400, response.text
     assert response.json() == {"error": "array: this server serves an audio model; send a WAV, "
-                                        "FLAC or Ogg file to /classify_audio"}
+                                        "FLAC, Ogg, MP3, M4A or AAC file to /classify_audio"}
 
 
 def waveform_request(model: str, values: np.ndarray, raw: bool = True, datatype: str = "FP32",
