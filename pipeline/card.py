@@ -42,7 +42,8 @@ class Recipe:
 
 @dataclass(frozen=True)
 class ValScore:
-    """The float model on the val split after its last training epoch."""
+    """The float model on the val split after the training epoch whose weights were saved (the
+    best by train.monitor, pipeline/training.py EarlyStopping)."""
     loss: float
     accuracy: float
 
@@ -117,7 +118,9 @@ def _upgrade(raw):
     """A card written before data.background existed as one with background None: its model
     was trained with alpha dropped (PIL's convert), and is served the same way. One written
     before data.modality existed is an image model's, without a text (or audio) recipe; one
-    before train.cuda_graph was trained without CUDA graphs."""
+    before train.cuda_graph was trained without CUDA graphs; one before early stopping trained
+    for its `epochs`, all of them (patience = epochs, which the card records as max_epochs), and
+    had the gate's floor of its modality in text.min_accuracy or audio.min_accuracy."""
     try:
         data = raw["recipe"]["data"]
         data.setdefault("modality", "image")
@@ -127,6 +130,13 @@ def _upgrade(raw):
         raw["recipe"].setdefault("text", None)
         raw["recipe"].setdefault("audio", None)
         raw["recipe"]["train"].setdefault("cuda_graph", False)  # cards before train.cuda_graph
+        for section in (raw["recipe"]["train"], raw["recipe"]["text"], raw["recipe"]["audio"]):
+            if section is not None and "epochs" in section:  # cards before early stopping
+                section["max_epochs"] = section.pop("epochs")
+                section.pop("min_accuracy", None)
+        train = raw["recipe"]["train"]
+        train.setdefault("patience", train["max_epochs"])
+        train.setdefault("monitor", "val_loss")
     except (KeyError, TypeError, AttributeError):
         pass  # not a card's shape: typed() names what is wrong
     return raw

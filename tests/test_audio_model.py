@@ -35,7 +35,7 @@ RATE = 16000
 CLASSES = {"low": 300.0, "mid": 700.0, "high": 1500.0, "top": 3000.0}  # class -> tone Hz
 SPLITS = {"train": 24, "val": 4, "test": 8}  # clips per class
 # Tiny models, few epochs: a training run takes a few seconds on 2 cores.
-AUDIO = {"n_mels": 16, "width": 8, "epochs": 4, "batch_size": 16, "lr": 0.01,
+AUDIO = {"n_mels": 16, "width": 8, "max_epochs": 4, "batch_size": 16, "lr": 0.01,
          "augment": {"copies": 1, "time_masks": 1, "freq_masks": 1, "freq_mask_bins": 2}}
 
 

@@ -31,7 +31,7 @@ CLASSES = ("alpha", "bravo", "charlie", "delta")
 SPLITS = {"train": 40, "val": 8, "test": 12}  # texts per class
 # Tiny models and few epochs: each training run takes a second or two on 2 cores.
 TEXT = {"vocab_size": 200, "max_tokens": 16, "dim": 16, "layers": 1, "heads": 4, "ffn": 32,
-        "epochs": 2, "batch_size": 32, "lr": 0.01, "min_accuracy": 0.5,
+        "max_epochs": 2, "batch_size": 32, "lr": 0.01,
         "augment": {"copies": 1, "deletion": 0.1, "swap": 0.1, "mask": 0.1, "seed": 0}}
 
 
@@ -295,7 +295,7 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
         num_labels=2)).save_pretrained(checkpoint)
     tokenizer.save(str(checkpoint / "tokenizer.json"))
     params_writer(tmp_path, {"data": {"modality": "text"},
-                             "text": {**TEXT, "pretrained": str(checkpoint), "epochs": 5}})
+                             "text": {**TEXT, "pretrained": str(checkpoint), "max_epochs": 5}})
     augment_in_process(tmp_path, monkeypatch)
     assert (tmp_path / "data/augmented/tokenizer.json").exists()
     done = run(tmp_path, *TRAIN)

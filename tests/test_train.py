@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 # On top of conftest's SHRINK: the records' recipe (fresh on-device warps each epoch, no offline
 # copies), so resume and DDP are tested with the per-epoch augmentation's RNG in play. 8 epochs:
 # ~0.1 s each here.
-CHANGES = {"augment": {"copies": 0}, "train": {"epochs": 8, "epoch_augment": True}}
+CHANGES = {"augment": {"copies": 0}, "train": {"max_epochs": 8, "epoch_augment": True}}
 
 
 def stage_argv(name: str) -> list[str]:
@@ -120,7 +120,7 @@ def test_killed_run_resumes_to_the_same_result(project, reference):
     finally:
         child.wait()
     killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 3 <= killed_at < CHANGES["train"]["epochs"]
+    assert 3 <= killed_at < CHANGES["train"]["max_epochs"]
     assert not (project / "models/killed").exists()  # nothing DVC could take for an output
 
     done = run_stage(project, "killed")
@@ -131,7 +131,7 @@ def test_killed_run_resumes_to_the_same_result(project, reference):
     assert metrics == ref_metrics
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
     live = (project / "reports/killed/plots/metrics/val_acc.tsv").read_text().splitlines()
-    assert len(live) == 1 + CHANGES["train"]["epochs"]  # header + every epoch, resumed ones too
+    assert len(live) == 1 + CHANGES["train"]["max_epochs"]  # header + every epoch, resumed ones too
     assert not checkpoint.exists()
 
 
