@@ -57,7 +57,7 @@ from pipeline.baselines import Baseline
 from pipeline.card import (ModelCard, Selection, ValScore, at_least, onnx_predictor,
                            predict_in_batches, read_card, sha256_file, write_card)
 from pipeline.modality import card_part, copy_model_files
-from pipeline.params import EvaluateParams, GateParams, load_params
+from pipeline.params import EvaluateParams, GateParams, Params, load_params
 from pipeline.progress import Progress
 
 Predict = Callable[[np.ndarray], np.ndarray]  # model input (N, ...) -> logits (N, classes)
@@ -260,8 +260,12 @@ def main(argv: list[str]) -> None:
         parser.add_argument(f"--{report}", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="folder for the selected variant")
     args = parser.parse_args(argv)
-    params = load_params()
+    # The servable baselines' folders: the selected one is copied to --out
+    with tempfile.TemporaryDirectory(prefix="kiln-evaluate-") as scratch:
+        evaluate(args, load_params(), Path(scratch))
 
+
+def evaluate(args: argparse.Namespace, params: Params, scratch: Path) -> None:
     card = read_card(args.compressed)
     scoring = card_part(card, "scoring")
     x, y, items = scoring.split_input(args.data, "test", args.compressed, card)
@@ -269,7 +273,6 @@ def main(argv: list[str]) -> None:
     fitted = scoring.baselines(args.data, items, y, card, params)
     baseline = {name: b.report() for name, b in fitted.items()}
     progress("baselines fitted: " + ", ".join(f"{n} {b.accuracy:.4f}" for n, b in fitted.items()))
-    scratch = Path(tempfile.mkdtemp(prefix="kiln-evaluate-"))
     variants = load_variants(args.model, args.compressed, x, params.evaluate.threads) + \
         baseline_variants(fitted, card, args.compressed, args.data, scratch, params.evaluate.threads)
     latency_keys = [f"latency_ms_b{b}" for b in params.evaluate.latency_batch_sizes]
@@ -313,14 +316,12 @@ def main(argv: list[str]) -> None:
               "fitted on the train split, same test split"
               + ("" if m["servable"] else f"; not servable: {m['why_not_servable']}") + ")")
     if selected is None:
-        shutil.rmtree(scratch, ignore_errors=True)
         raise StageError(refusal(results, baseline, g))
 
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = next(v for v in variants if v.name == selected)
     shutil.copyfile(chosen.file, args.out / SELECTED_FILE)
     copy_model_files(card, args.compressed, args.out)
-    shutil.rmtree(scratch, ignore_errors=True)
     m = results[selected]
     write_card(args.out, dataclasses.replace(
         chosen.card, weights={SELECTED_FILE: sha256_file(args.out / SELECTED_FILE)},

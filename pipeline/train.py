@@ -9,9 +9,10 @@ afresh each epoch, in one batched grid_sample), and the files written beside the
 - bf16 autocast on CUDA; channels_last and torch.compile from params; one-cycle LR schedule and
   label smoothing from params.
 - Early stopping (pipeline/training.py EarlyStopping): the val split is scored after every
-  epoch; training stops after train.patience epochs with no better train.monitor, at
-  max_epochs at the latest, and the weights saved are the best epoch's. The one-cycle schedule
-  spans max_epochs, so where a run stops does not change the steps before it.
+  epoch; training stops after train.patience epochs with no better train.monitor (counted from
+  the end of the one-cycle warm-up at the earliest), at max_epochs at the latest, and the
+  weights saved are the best epoch's. The one-cycle schedule spans max_epochs, so where a run
+  stops does not change the steps before it.
 - Data parallel with torchrun + DistributedDataParallel (NCCL on GPUs, gloo on CPU): the stage
   joins the process group when torchrun started it (WORLD_SIZE in the environment), or relaunches
   itself under torchrun when `train.processes` > 1. Every rank walks the same global batch order
@@ -58,7 +59,8 @@ from pipeline.dataset import data_hash, read_manifest
 from pipeline.modality import PREPROCESSING, part
 from pipeline.params import Params, as_dict, load_params
 from pipeline.sources import source_files
-from pipeline.training import EarlyStopping, fit, make_optimizer, make_schedule, steps_per_epoch
+from pipeline.training import (EarlyStopping, fit, make_optimizer, make_schedule, steps_per_epoch,
+                               warmup_epochs)
 
 CHECKPOINT = "last.pt"
 LIVE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")  # per epoch, to DVCLive
@@ -197,7 +199,7 @@ def main(argv: list[str]) -> None:
     optimizer = make_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
     scheduler = make_schedule(p.lr_schedule, optimizer, p.lr,
                               p.max_epochs * steps_per_epoch(len(x), p.batch_size, world))
-    stopping = EarlyStopping(p.monitor, p.patience)
+    stopping = EarlyStopping(p.monitor, p.patience, warmup_epochs(p.lr_schedule, p.max_epochs))
 
     stamp = fingerprint(params, args.data, args.augmented, world)
     checkpoint = read_checkpoint(args.checkpoints, stamp)

@@ -21,6 +21,7 @@ from pipeline import StageError, models
 from pipeline.card import onnx_predictor, read_card
 from pipeline.compress import count_macs_on, count_params, quantize_int8, structured_l1
 from pipeline.dataset import load_texts, write_manifest
+from pipeline.modality import card_part
 from pipeline.params import TextAugmentParams, TextModelName, load_params
 from pipeline.text import export, tokens
 from pipeline.text import models as text_models
@@ -271,11 +272,11 @@ def test_augment_train_compress_evaluate_on_generated_texts(tmp_path, params_wri
     selected = tmp_path / "models/selected"
     card = read_card(selected)
     assert card.selection.variant == metrics["selected"]
-    # The served file answers the contract's signature on texts of any length.
+    # The served file answers texts of any length, as the service feeds it (the card's serving
+    # part: token ids, or the texts themselves for a selected TF-IDF baseline).
     predict = onnx_predictor(selected / "model.onnx", 1)
     texts = [(tmp_path / "data/ingested/texts/test/alpha/0.txt").read_text(), "alpha1 alpha2"]
-    logits = predict(tokens.encode(tokens.load(selected, card.preprocessing), texts,
-                                   card.preprocessing))
+    logits = predict(card_part(card, "serving").model_input(selected, card)(texts))
     assert logits.shape == (2, 4)
 
 
