@@ -25,6 +25,8 @@ from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
+from pipeline.dataset import read_manifest
+
 # lbfgs' default 100 iterations stop short of convergence on a few thousand features
 LOGREG = {"max_iter": 1000}
 LOGREG_SETUP = "LogisticRegression(max_iter=1000), scikit-learn defaults"
@@ -54,6 +56,25 @@ def train_sample(n: int, limit: int, seed: int) -> np.ndarray:
     if n <= limit:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def split_labels(folder: Path, split: str) -> np.ndarray:
+    """int64 labels of one split of the ingested data, from its manifest alone."""
+    rows, classes = read_manifest(folder)
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[r["label"]] for r in rows if r["split"] == split], dtype=np.int64)
+
+
+def load_train_sample(folder: Path, prep, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """train_sample's items of the ingested train split, decoded through `prep`'s load (as
+    pipeline.dataset.load_split, only those: a big set's other files are not decoded), and
+    their int64 labels."""
+    rows, classes = read_manifest(folder)
+    index = {c: i for i, c in enumerate(classes)}
+    rows = [r for r in rows if r["split"] == "train"]
+    rows = [rows[i] for i in train_sample(len(rows), limit, seed)]
+    return (np.stack([prep.load(folder / r["path"]) for r in rows]),
+            np.array([index[r["label"]] for r in rows], dtype=np.int64))
 
 
 def probabilities(model, features, classes: int) -> np.ndarray:

@@ -299,3 +299,23 @@ def test_augment_train_compress_on_generated_clips(tmp_path, params_writer, monk
     for variant in ("float.onnx", "pruned.onnx", "int8.onnx"):
         logits = onnx_predictor(tmp_path / "models/compressed" / variant, 1)(x)
         assert (logits.argmax(1) == y).mean() > 0.5, variant  # chance: 0.25
+
+    # The gate's baselines for audio: the majority class and logistic regression on log-mel band
+    # statistics, which can be served (its graph takes the waveform, as the models do).
+    done = run(tmp_path, "evaluate", "--model", "models/float", "--compressed",
+               "models/compressed", "--data", "data/ingested", "--metrics",
+               "reports/evaluation.json", "--latency", "reports/latency.json", "--details",
+               "reports/evaluation_details.json", "--confusion", "reports/plots/confusion.csv",
+               "--tradeoff", "reports/plots/tradeoff.csv", "--latency-plot",
+               "reports/plots/latency.csv", "--out", "models/selected")
+    evaluation = json.loads((tmp_path / "reports/evaluation.json").read_text())
+    assert evaluation["baseline_majority"]["accuracy"] == 0.25  # 8 test clips per class
+    logreg = evaluation["baseline_logreg"]
+    assert logreg["servable"] and logreg["accuracy"] > 0.9  # tones apart in frequency
+    assert evaluation["accuracy"]["baseline_logreg"] == pytest.approx(logreg["accuracy"])
+    selected = read_card(tmp_path / "models/selected")
+    assert selected.selection.variant == evaluation["selected"]
+    assert f"selected {evaluation['selected']}" in done.stdout
+    logits = onnx_predictor(tmp_path / "models/selected/model.onnx", 1)(x)
+    assert (logits.argmax(1) == y).mean() == pytest.approx(
+        evaluation["accuracy"][evaluation["selected"]])

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.baselines import (LOGREG_SETUP, Baseline, linear_logits, logistic_regression,
-                                majority, scored, train_sample)
+from pipeline.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
+                                logistic_regression, majority, scored, split_labels)
 from pipeline.dataset import load_split
 
 if TYPE_CHECKING:
@@ -82,12 +82,12 @@ def baselines(data: Path, items: np.ndarray, labels: np.ndarray, card: ModelCard
             return np.concatenate([statistics(torch.from_numpy(waveforms[i:i + FEATURE_BATCH]))
                                    .numpy() for i in range(0, len(waveforms), FEATURE_BATCH)])
 
-    train_waves, train_labels = load_split(data, "train", card.preprocessing)
+    train_waves, train_labels = load_train_sample(
+        data, card.preprocessing, params.evaluate.baseline_train_items, params.data.seed)
     val_waves, val_labels = load_split(data, "val", card.preprocessing)
-    pick = train_sample(len(train_labels), params.evaluate.baseline_train_items, params.data.seed)
-    train = features(train_waves[pick])
+    train = features(train_waves)
     mean, std = train.mean(0), train.std(0) + 1e-6
-    model = logistic_regression((train - mean) / std, train_labels[pick])
+    model = logistic_regression((train - mean) / std, train_labels)
     weight, bias = linear_logits(model, classes)
     # (x - mean) / std inside the linear layer: W' = W / std, b' = b - W' @ mean
     weight, bias = weight / std, bias - (weight / std) @ mean
@@ -103,10 +103,11 @@ def baselines(data: Path, items: np.ndarray, labels: np.ndarray, card: ModelCard
     frames = 1 + card.preprocessing.clip_samples // a.hop
     bins = a.n_fft // 2 + 1
     frontend_macs = frames * (2 * bins * a.n_fft + a.n_mels * bins)  # STFT conv, mel MatMul
-    return {"baseline_majority": majority(train_labels, labels, val_labels, classes),
+    return {"baseline_majority": majority(split_labels(data, "train"), labels, val_labels,
+                                          classes),
             "baseline_logreg": scored(
                 model, f"{LOGREG_SETUP} on log-mel band means and deviations "
-                f"({weight.shape[1]} features, standardised; {len(pick)} train clips)",
+                f"({weight.shape[1]} features, standardised; {len(train_labels)} train clips)",
                 ((features(items) - mean) / std, labels),
                 ((features(val_waves) - mean) / std, val_labels), classes,
                 macs=frontend_macs + weight.size, params=weight.size + bias.size,

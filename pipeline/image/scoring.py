@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.baselines import (LOGREG_SETUP, Baseline, linear_logits, logistic_regression,
-                                majority, scored, train_sample)
+from pipeline.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
+                                logistic_regression, majority, scored, split_labels)
 from pipeline.dataset import load_split
 
 if TYPE_CHECKING:
@@ -38,14 +38,14 @@ def baselines(data: Path, items: np.ndarray, labels: np.ndarray, card: ModelCard
     """The majority class and logistic regression on the normalised pixels, fitted on data's
     train split, scored on `items` (uint8 pixels) and `labels`."""
     prep, classes = card.preprocessing, len(card.classes)
-    train_pixels, train_labels = load_split(data, "train", prep)
+    train_pixels, train_labels = load_train_sample(data, prep, params.evaluate.baseline_train_items,
+                                                   params.data.seed)
     val_pixels, val_labels = load_split(data, "val", prep)
-    pick = train_sample(len(train_labels), params.evaluate.baseline_train_items, params.data.seed)
 
     def features(pixels: np.ndarray) -> np.ndarray:
         return prep.normalize(pixels).reshape(len(pixels), -1)
 
-    model = logistic_regression(features(train_pixels[pick]), train_labels[pick])
+    model = logistic_regression(features(train_pixels), train_labels)
     weight, bias = linear_logits(model, classes)
 
     def export(path: Path) -> None:
@@ -60,9 +60,10 @@ def baselines(data: Path, items: np.ndarray, labels: np.ndarray, card: ModelCard
             linear.bias.copy_(torch.from_numpy(bias))
         export_onnx(nn.Sequential(nn.Flatten(), linear), prep, path)
 
-    return {"baseline_majority": majority(train_labels, labels, val_labels, classes),
+    return {"baseline_majority": majority(split_labels(data, "train"), labels, val_labels,
+                                          classes),
             "baseline_logreg": scored(
                 model, f"{LOGREG_SETUP} on the normalised pixels ({weight.shape[1]} features, "
-                f"{len(pick)} train images)", (features(items), labels),
+                f"{len(train_labels)} train images)", (features(items), labels),
                 (features(val_pixels), val_labels), classes, macs=weight.size,
                 params=weight.size + bias.size, export=export)}
