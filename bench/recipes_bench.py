@@ -4,6 +4,7 @@ baselines the gate measures them against.
 
     .venv/bin/python bench/recipes_bench.py languages   # tests/languages.py: 6 x 120 texts
     .venv/bin/python bench/recipes_bench.py digits      # the built-in digits
+    .venv/bin/python bench/recipes_bench.py texts       # the built-in 10 languages (6,000 texts)
 
 Each configuration runs the stages as dvc.yaml runs them (`python -m pipeline <stage>`, a fresh
 process each) in a temporary project holding the real params.yaml with its changes
@@ -55,14 +56,19 @@ CONFIGS = {
         "lenet5, 30 epochs (before)": {"train": {"patience": 30}},
         "lenet5, early stopping": {},
     },
+    "texts": {
+        "text_encoder, 4 epochs (before)": {"text": {"max_epochs": 4}, "train": {"patience": 4}},
+        "text_encoder, early stopping": {},
+    },
 }
 
 
 def project(data: str, changes: dict, source: Path | None) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["latency_runs"] = 5
-    if data == "languages":
+    if data in ("languages", "texts"):
         params["data"]["modality"] = "text"
+    if data == "languages":
         params["text"]["source"] = str(source)
     for section, values in changes.items():
         params[section].update(values)

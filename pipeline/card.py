@@ -51,7 +51,7 @@ class ValScore:
 @dataclass(frozen=True)
 class Selection:
     """The variant evaluate's gate selected, measured on the test split."""
-    variant: str         # float_onnx | pruned_onnx | int8_onnx
+    variant: str         # float_onnx | pruned_onnx | int8_onnx, or a servable baseline's name
     accuracy: float
     macro_f1: float
     size_bytes: int
@@ -61,7 +61,8 @@ class Selection:
 
 @dataclass(frozen=True)
 class ModelCard:
-    architecture: str              # a name in its modality's model registry
+    architecture: str              # a name in its modality's model registry, or the name of
+                                   # the servable baseline it is (pipeline/baselines.py)
     classes: list[str]             # a label's index is its position here
     # How an item becomes model input: the record of recipe.data.modality (pipeline/modality.py)
     preprocessing: AnyPreprocessing
