@@ -5,6 +5,7 @@ baselines the gate measures them against.
     .venv/bin/python bench/recipes_bench.py languages   # tests/languages.py: 6 x 120 texts
     .venv/bin/python bench/recipes_bench.py digits      # the built-in digits
     .venv/bin/python bench/recipes_bench.py texts       # the built-in 10 languages (6,000 texts)
+    ... --config NAME                                   # only that configuration (repeatable)
 
 Each configuration runs the stages as dvc.yaml runs them (`python -m pipeline <stage>`, a fresh
 process each) in a temporary project holding the real params.yaml with its changes
@@ -50,6 +51,7 @@ CONFIGS = {
     "languages": {
         "text_encoder, 4 epochs (before)": {"text": {"max_epochs": 4}, "train": {"patience": 4}},
         "text_encoder, early stopping": {},
+        "text_encoder, early stopping, budget 20": {"text": {"max_epochs": 20}},
         "text_bag, early stopping": {"text": {"model": "text_bag"}},
     },
     "digits": {
@@ -59,6 +61,7 @@ CONFIGS = {
     "texts": {
         "text_encoder, 4 epochs (before)": {"text": {"max_epochs": 4}, "train": {"patience": 4}},
         "text_encoder, early stopping": {},
+        "text_encoder, early stopping, budget 20": {"text": {"max_epochs": 20}},
     },
 }
 
@@ -80,12 +83,15 @@ def project(data: str, changes: dict, source: Path | None) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data", choices=CONFIGS)
+    parser.add_argument("--config", action="append", help="only these configurations (names)")
     args = parser.parse_args()
     source = None
     if args.data == "languages":
         source = write_language_folder(Path(tempfile.mkdtemp(prefix="languages_")), 120, seed=0)
     env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
     for name, changes in CONFIGS[args.data].items():
+        if args.config and name not in args.config:
+            continue
         root = project(args.data, changes, source)
         wall = {}
         for stage, argv in STAGES.items():

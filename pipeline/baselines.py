@@ -11,8 +11,8 @@ which it has (pipeline/<modality>/scoring.py baselines, pipeline/modality.py Sco
 
 A learned baseline is fitted on at most evaluate.baseline_train_items train items, drawn with
 data.seed. A variant must reach the best baseline's accuracy plus gate.baseline_margin; a
-baseline that can be served (`export`: one ONNX graph with the model's input and a `logits`
-output) and is more accurate than every variant is a candidate of the gate itself.
+baseline that can be served (`export`: one ONNX graph of the input its serving part builds and a
+`logits` output) and is more accurate than every variant is a candidate of the gate itself.
 """
 from __future__ import annotations
 

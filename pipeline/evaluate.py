@@ -207,7 +207,8 @@ def gate(results: dict[str, dict], servable: dict[str, bool], g: GateParams,
             why_not[name] = "not servable (the server runs ONNX Runtime)"
         elif name in baselines:
             m["eligible"] = (m["accuracy"] > results[best_model]["accuracy"] + 1e-9
-                             and (g.min_accuracy is None or at_least(m["accuracy"], g.min_accuracy)))
+                             and (g.min_accuracy is None
+                                  or at_least(m["accuracy"], g.min_accuracy)))
             if not m["eligible"]:
                 why_not[name] = (f"a baseline serves only when more accurate than every variant "
                                  f"({best_model} {results[best_model]['accuracy']:.4f})"
@@ -273,8 +274,9 @@ def evaluate(args: argparse.Namespace, params: Params, scratch: Path) -> None:
     fitted = scoring.baselines(args.data, items, y, card, params)
     baseline = {name: b.report() for name, b in fitted.items()}
     progress("baselines fitted: " + ", ".join(f"{n} {b.accuracy:.4f}" for n, b in fitted.items()))
-    variants = load_variants(args.model, args.compressed, x, params.evaluate.threads) + \
-        baseline_variants(fitted, card, args.compressed, args.data, scratch, params.evaluate.threads)
+    threads = params.evaluate.threads
+    variants = load_variants(args.model, args.compressed, x, threads) + \
+        baseline_variants(fitted, card, args.compressed, args.data, scratch, threads)
     latency_keys = [f"latency_ms_b{b}" for b in params.evaluate.latency_batch_sizes]
     results, latency, per_class, predictions = {}, {}, {}, {}
     for i, v in enumerate(variants, 1):
