@@ -5,11 +5,14 @@ baselines the gate measures them against.
     .venv/bin/python bench/recipes_bench.py languages   # tests/languages.py: 6 x 120 texts
     .venv/bin/python bench/recipes_bench.py digits      # the built-in digits
     .venv/bin/python bench/recipes_bench.py texts       # the built-in 10 languages (6,000 texts)
+    .venv/bin/python bench/recipes_bench.py audio       # the built-in spoken digits (1,200 clips)
     ... --config NAME                                   # only that configuration (repeatable)
 
 Each configuration runs the stages as dvc.yaml runs them (`python -m pipeline <stage>`, a fresh
 process each) in a temporary project holding the real params.yaml with its changes
-(CONFIGS below; evaluate.latency_runs 5, as latency is not compared here). Reported per
+(CONFIGS below; evaluate.latency_runs 5, as latency is not compared here; "all N epochs" sets
+train.patience to the budget: every epoch runs and the best is kept, where the recipe before
+early stopping kept the last). Reported per
 configuration: the train stage's last line (epochs run of the budget, why it stopped, the epoch
 saved), its wall time (one run, the process's start-up included), the test accuracy of every
 variant and baseline and the variant the gate selected. On a shared machine wall times move a
@@ -49,19 +52,23 @@ STAGES = {
 # data set -> configuration -> params changes (section -> key -> value)
 CONFIGS = {
     "languages": {
-        "text_encoder, 4 epochs (before)": {"text": {"max_epochs": 4}, "train": {"patience": 4}},
+        "text_encoder, all 4 epochs": {"text": {"max_epochs": 4}, "train": {"patience": 4}},
         "text_encoder, early stopping": {},
         "text_encoder, early stopping, budget 20": {"text": {"max_epochs": 20}},
         "text_bag, early stopping": {"text": {"model": "text_bag"}},
     },
     "digits": {
-        "lenet5, 30 epochs (before)": {"train": {"patience": 30}},
+        "lenet5, all 30 epochs": {"train": {"patience": 30}},
         "lenet5, early stopping": {},
     },
     "texts": {
-        "text_encoder, 4 epochs (before)": {"text": {"max_epochs": 4}, "train": {"patience": 4}},
+        "text_encoder, all 4 epochs": {"text": {"max_epochs": 4}, "train": {"patience": 4}},
         "text_encoder, early stopping": {},
         "text_encoder, early stopping, budget 20": {"text": {"max_epochs": 20}},
+    },
+    "audio": {
+        "conv1d, all 15 epochs": {"train": {"patience": 15}},
+        "conv1d, early stopping": {},
     },
 }
 
@@ -71,6 +78,8 @@ def project(data: str, changes: dict, source: Path | None) -> Path:
     params["evaluate"]["latency_runs"] = 5
     if data in ("languages", "texts"):
         params["data"]["modality"] = "text"
+    if data == "audio":
+        params["data"]["modality"] = "audio"
     if data == "languages":
         params["text"]["source"] = str(source)
     for section, values in changes.items():
