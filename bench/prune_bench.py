@@ -62,12 +62,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, choices=sorted(models.MODELS))
     parser.add_argument("--old-ref", required=True, help="git ref holding the old compress.py")
-    parser.add_argument("--float-epochs", type=int, help="default: train.epochs")
+    parser.add_argument("--float-epochs", type=int, help="default: train.max_epochs")
     args = parser.parse_args()
     torch.set_num_threads(2)
     params = load_params(REPO / "params.yaml")
     recipe = params.train
-    epochs = args.float_epochs or recipe.epochs
+    epochs = args.float_epochs or recipe.max_epochs
     tmp = Path(tempfile.mkdtemp())
     prep, x, y, test_x, test_labels = digits(params, tmp / "digits")
     shape = (1, params.data.image_size, params.data.image_size)

@@ -133,7 +133,7 @@ def main() -> None:
     metrics = json.loads((project / "reports/evaluation.json").read_text())
     compress = json.loads((project / "models/compressed/compress.json").read_text())
     result = {"texts": n, "params": {k: params["text"][k] for k in
-                                     ("model", "dim", "layers", "heads", "ffn", "epochs",
+                                     ("model", "dim", "layers", "heads", "ffn", "max_epochs",
                                       "batch_size", "vocab_size", "max_tokens")},
               "sets": args.set, "stage_wall_s": wall, "accuracy": metrics["accuracy"],
               "size_kb": metrics["size_kb"], "baseline_tfidf_lr": metrics["baseline_tfidf_lr"],

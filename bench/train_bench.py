@@ -115,7 +115,7 @@ def seed_style_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> t
     model = models.build(p.train.model, prep.channels, 10, prep.image_size).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=p.train.lr)
     start = time.perf_counter()
-    for _ in range(p.train.epochs):
+    for _ in range(p.train.max_epochs):
         model.train()
         for xb, yb in loader:
             loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
@@ -125,7 +125,7 @@ def seed_style_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> t
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return p.train.epochs * len(pixels) / seconds, test_accuracy(model, prep, splits)
+    return p.train.max_epochs * len(pixels) / seconds, test_accuracy(model, prep, splits)
 
 
 def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int,
@@ -144,17 +144,17 @@ def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int,
     optimizer = training.make_optimizer(t.optimizer, model.parameters(), t.lr, t.momentum,
                                      t.weight_decay)
     scheduler = training.make_schedule(t.lr_schedule, optimizer, t.lr,
-                                       t.epochs * training.steps_per_epoch(len(x), t.batch_size, 1))
+                                       t.max_epochs * training.steps_per_epoch(len(x), t.batch_size, 1))
     net = torch.compile(model) if t.compile else model
     warps = epoch_warper(pixels, prep, p.augment, seed, memory_format) if per_epoch_warp else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    training.fit(net, x, y, epochs=t.epochs, batch_size=t.batch_size, optimizer=optimizer,
+    training.fit(net, x, y, epochs=t.max_epochs, batch_size=t.batch_size, optimizer=optimizer,
                  scheduler=scheduler, label_smoothing=t.label_smoothing, seed=seed,
                  memory_format=memory_format, epoch_inputs=warps, cuda_graph=t.cuda_graph)  # fit syncs once per epoch (.tolist of the sums)
     seconds = time.perf_counter() - start
-    return t.epochs * len(x) / seconds, test_accuracy(model.cpu().float(), prep, splits)
+    return t.max_epochs * len(x) / seconds, test_accuracy(model.cpu().float(), prep, splits)
 
 
 def kiln_seed_recipe_run(p: Params, prep: Preprocessing, splits: dict,
@@ -223,7 +223,7 @@ def main() -> None:
     device = training.pick_device()
     print(f"device {device}, torch threads {torch.get_num_threads()}, "
           f"{len(splits['train'][0])} train / {len(splits['test'][0])} test images, "
-          f"{p.train.epochs} epochs, batch {p.train.batch_size}, lr {p.train.lr}, "
+          f"{p.train.max_epochs} epochs, batch {p.train.batch_size}, lr {p.train.lr}, "
           f"changes {args.set}, load average {load_before}",
           flush=True)
 

@@ -42,7 +42,8 @@ class Recipe:
 
 @dataclass(frozen=True)
 class ValScore:
-    """The float model on the val split after its last training epoch."""
+    """The float model on the val split after the training epoch whose weights were saved (the
+    best by train.monitor, pipeline/training.py EarlyStopping)."""
     loss: float
     accuracy: float
 
@@ -50,7 +51,7 @@ class ValScore:
 @dataclass(frozen=True)
 class Selection:
     """The variant evaluate's gate selected, measured on the test split."""
-    variant: str         # float_onnx | pruned_onnx | int8_onnx
+    variant: str         # float_onnx | pruned_onnx | int8_onnx, or a servable baseline's name
     accuracy: float
     macro_f1: float
     size_bytes: int
@@ -60,7 +61,8 @@ class Selection:
 
 @dataclass(frozen=True)
 class ModelCard:
-    architecture: str              # a name in its modality's model registry
+    architecture: str              # a name in its modality's model registry, or the name of
+                                   # the servable baseline it is (pipeline/baselines.py)
     classes: list[str]             # a label's index is its position here
     # How an item becomes model input: the record of recipe.data.modality (pipeline/modality.py)
     preprocessing: AnyPreprocessing
@@ -117,7 +119,9 @@ def _upgrade(raw):
     """A card written before data.background existed as one with background None: its model
     was trained with alpha dropped (PIL's convert), and is served the same way. One written
     before data.modality existed is an image model's, without a text (or audio) recipe; one
-    before train.cuda_graph was trained without CUDA graphs."""
+    before train.cuda_graph was trained without CUDA graphs; one before early stopping trained
+    for its `epochs`, all of them (patience = epochs, which the card records as max_epochs), and
+    had the gate's floor of its modality in text.min_accuracy or audio.min_accuracy."""
     try:
         data = raw["recipe"]["data"]
         data.setdefault("modality", "image")
@@ -127,6 +131,13 @@ def _upgrade(raw):
         raw["recipe"].setdefault("text", None)
         raw["recipe"].setdefault("audio", None)
         raw["recipe"]["train"].setdefault("cuda_graph", False)  # cards before train.cuda_graph
+        for section in (raw["recipe"]["train"], raw["recipe"]["text"], raw["recipe"]["audio"]):
+            if section is not None and "epochs" in section:  # cards before early stopping
+                section["max_epochs"] = section.pop("epochs")
+                section.pop("min_accuracy", None)
+        train = raw["recipe"]["train"]
+        train.setdefault("patience", train["max_epochs"])
+        train.setdefault("monitor", "val_loss")
     except (KeyError, TypeError, AttributeError):
         pass  # not a card's shape: typed() names what is wrong
     return raw

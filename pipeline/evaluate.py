@@ -1,12 +1,18 @@
 """Stage 6: evaluate every variant on the test split, gate them and select the one to serve.
 
-Variants: the float torch model (the reference, not servable: the server runs ONNX Runtime)
-and the ONNX files from compress. A variant is eligible when its accuracy is at least
-gate.min_accuracy and within gate.max_accuracy_drop of the float torch model; gate.policy picks
-one of the eligible. The chosen one goes to --out as model.onnx + its card (model.json, with the
-selection) for packaging. None eligible: the reports are still written, the stage fails and
-nothing is packaged. An ineligible variant (e.g. int8 losing more than gate.max_accuracy_drop) is
-reported with the reason, and the policy falls back to the best eligible one.
+Variants: the float torch model (the reference, not servable: the server runs ONNX Runtime),
+the ONNX files from compress, and the baselines that can be served (pipeline/baselines.py).
+The baselines, fitted on the train split by the model's scoring part, set the gate's bar: a
+model variant is eligible when its accuracy is at least the best baseline's plus
+gate.baseline_margin, at least gate.min_accuracy where that is set (null: no absolute floor),
+and within gate.max_accuracy_drop of the float torch model. A servable baseline is eligible only
+when it is more accurate than every model variant (and reaches gate.min_accuracy): then the
+simpler model is the better one to serve. gate.policy picks one of the eligible. The chosen one
+goes to --out as model.onnx + its card (model.json, with the selection) for packaging. None
+eligible: the reports are still written, the stage fails naming the params key whose bar no
+variant reached, and nothing is packaged. An ineligible variant (e.g. int8 losing more than
+gate.max_accuracy_drop) is reported with the reason, and the policy falls back to the best
+eligible one.
 
 Written, each to the path given on the command line (dvc.yaml names them):
     --metrics    the selected variant; per variant: accuracy, macro F1, size (kB) and thousands
@@ -23,10 +29,10 @@ Written, each to the path given on the command line (dvc.yaml names them):
 
 What differs per modality is the model's scoring part (pipeline/<modality>/scoring.py,
 pipeline/modality.py Scoring): how the test split becomes model input (a text model's own
-tokenizer, say), the baselines --metrics and --details report beside the variants (a text
-model's TF-IDF + logistic regression fitted on the train split, `baseline_tfidf_lr`), and the
-absolute accuracy floor of the gate (gate.min_accuracy, text.min_accuracy). The files a model
-needs beside its weights (a text model's tokenizer.json) go to --out with the selected variant.
+tokenizer, say) and the baselines --metrics and --details report beside the variants (every
+modality's majority class and a logistic regression: on an image's pixels, a clip's log-mel
+statistics, a text's TF-IDF word unigrams). The files a model needs beside its weights (a text
+model's tokenizer.json) go to --out with the selected variant.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ import dataclasses
 import json
 import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +53,11 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from pipeline import StageError, models
-from pipeline.card import (ModelCard, Selection, at_least, onnx_predictor, predict_in_batches, read_card,
-                           sha256_file, write_card)
+from pipeline.baselines import Baseline
+from pipeline.card import (ModelCard, Selection, ValScore, at_least, onnx_predictor,
+                           predict_in_batches, read_card, sha256_file, write_card)
 from pipeline.modality import card_part, copy_model_files
-from pipeline.params import EvaluateParams, GateParams, load_params
+from pipeline.params import EvaluateParams, GateParams, Params, load_params
 from pipeline.progress import Progress
 
 Predict = Callable[[np.ndarray], np.ndarray]  # model input (N, ...) -> logits (N, classes)
@@ -61,7 +69,10 @@ class Variant:
     file: Path
     servable: bool       # the server runs ONNX Runtime, so only ONNX files can be served
     predict: Predict
-    compressed_as: str   # its entry in compress.json (MACs and parameters)
+    x: np.ndarray        # the test split as its input
+    macs: int            # per item (compress.json's count, or the baseline's)
+    params: int
+    card: ModelCard      # the card it is selected with
 
 
 def torch_predictor(model: torch.nn.Module) -> Predict:
@@ -78,20 +89,51 @@ SELECTED_FILE = "model.onnx"  # the selected variant's name in --out, which pack
 ONNX_VARIANTS = {"float_onnx": "float.onnx", "pruned_onnx": "pruned.onnx", "int8_onnx": "int8.onnx"}
 
 
-def load_variants(float_dir: Path, compressed_dir: Path, threads: int
-                  ) -> tuple[list[Variant], ModelCard]:
+def load_variants(float_dir: Path, compressed_dir: Path, x: np.ndarray, threads: int
+                  ) -> list[Variant]:
     """The float torch model and the compressed ONNX files, every file checked against its
-    card; and the compressed folder's card."""
+    card, each scored on x (the test split as model input)."""
     torch.set_num_threads(threads)
     model, float_card = models.load(float_dir)
     card = read_card(compressed_dir)
     (weights,) = float_card.weights
-    variants = [Variant("float_torch", float_dir / weights, False, torch_predictor(model),
-                        "float.onnx")]
+    counts = json.loads((compressed_dir / "compress.json").read_text())
+    if "macs" not in counts or "params" not in counts:
+        raise StageError(f"{compressed_dir / 'compress.json'}: no 'macs'/'params' counts; "
+                         "rerun the compress stage")
+    variants = [Variant("float_torch", float_dir / weights, False, torch_predictor(model), x,
+                        counts["macs"]["float.onnx"], counts["params"]["float.onnx"], card)]
     for name, file in ONNX_VARIANTS.items():
         path = compressed_dir / file
-        variants.append(Variant(name, path, True, onnx_predictor(path, threads), file))
-    return variants, card
+        variants.append(Variant(name, path, True, onnx_predictor(path, threads), x,
+                                counts["macs"][file], counts["params"][file], card))
+    return variants
+
+
+def baseline_variants(baselines: dict[str, Baseline], card: ModelCard, compressed_dir: Path,
+                      data: Path, folder: Path, threads: int) -> list[Variant]:
+    """The servable baselines as variants: each exported into folder/<name>/ as model.onnx with
+    the files the model's preprocessing names and its card (architecture: the baseline's name,
+    which the scoring and serving parts read), scored on the test split as its scoring part
+    reads it for that card (a text baseline reads the texts themselves)."""
+    scoring = card_part(card, "scoring")
+    variants = []
+    for name, b in baselines.items():
+        if b.export is None:
+            continue
+        out = folder / name
+        out.mkdir(parents=True)
+        b.export(out / SELECTED_FILE)
+        copy_model_files(card, compressed_dir, out)
+        b_card = dataclasses.replace(card, architecture=name,
+                                     weights={SELECTED_FILE: sha256_file(out / SELECTED_FILE)},
+                                     val=ValScore(loss=b.val_loss, accuracy=b.val_accuracy))
+        write_card(out, b_card)
+        x = scoring.split_input(data, "test", out, b_card)[0]
+        variants.append(Variant(name, out / SELECTED_FILE, True,
+                                onnx_predictor(out / SELECTED_FILE, threads), x, b.macs, b.params,
+                                b_card))
+    return variants
 
 
 def median_latency_ms(predict: Predict, x: np.ndarray, batch_size: int, runs: int) -> float:
@@ -107,10 +149,10 @@ def median_latency_ms(predict: Predict, x: np.ndarray, batch_size: int, runs: in
     return statistics.median(times) * 1e3
 
 
-def measure(variant: Variant, x: np.ndarray, y: np.ndarray, classes: list[str],
-            p: EvaluateParams, counts: dict) -> tuple[dict, dict, dict, np.ndarray]:
-    """(metrics, latency, per-class detail, predictions) of one variant; `counts` is
-    compress.json (its "macs" and "params" per file)."""
+def measure(variant: Variant, y: np.ndarray, classes: list[str],
+            p: EvaluateParams) -> tuple[dict, dict, dict, np.ndarray]:
+    """(metrics, latency, per-class detail, predictions) of one variant on its test input."""
+    x = variant.x
     predicted = predict_in_batches(variant.predict, x).argmax(1)
     precision, recall, _, _ = precision_recall_fscore_support(
         y, predicted, labels=range(len(classes)), zero_division=0)
@@ -118,8 +160,8 @@ def measure(variant: Variant, x: np.ndarray, y: np.ndarray, classes: list[str],
         "accuracy": round(float(accuracy_score(y, predicted)), 5),
         "macro_f1": round(float(f1_score(y, predicted, average="macro")), 5),
         "size_bytes": variant.file.stat().st_size,
-        "macs": counts["macs"][variant.compressed_as],
-        "params": counts["params"][variant.compressed_as],
+        "macs": variant.macs,
+        "params": variant.params,
     }
     latency = {f"latency_ms_b{b}": round(median_latency_ms(variant.predict, x, b, p.latency_runs), 4)
                for b in p.latency_batch_sizes}
@@ -128,20 +170,54 @@ def measure(variant: Variant, x: np.ndarray, y: np.ndarray, classes: list[str],
     return metrics, latency, per_class, predicted
 
 
+def model_floor(results: dict[str, dict], baselines: dict[str, dict], g: GateParams
+                ) -> tuple[float, str, str]:
+    """The bar a model variant's accuracy must reach, in words, and the params key that set it:
+    the highest of the best baseline plus gate.baseline_margin, gate.min_accuracy where it is
+    set, and the float torch model's accuracy less gate.max_accuracy_drop."""
+    terms = []
+    if baselines:
+        best = max(baselines, key=lambda n: baselines[n]["accuracy"])
+        terms.append((baselines[best]["accuracy"] + g.baseline_margin,
+                      f"{best} {baselines[best]['accuracy']:.4f} + gate.baseline_margin "
+                      f"{g.baseline_margin:g}", "gate.baseline_margin"))
+    if g.min_accuracy is not None:
+        terms.append((g.min_accuracy, f"gate.min_accuracy {g.min_accuracy:g}",
+                      "gate.min_accuracy"))
+    terms.append((results["float_torch"]["accuracy"] - g.max_accuracy_drop,
+                  f"float_torch {results['float_torch']['accuracy']:.4f} - "
+                  f"gate.max_accuracy_drop {g.max_accuracy_drop:g}", "gate.max_accuracy_drop"))
+    return max(terms, key=lambda term: term[0])
+
+
 def gate(results: dict[str, dict], servable: dict[str, bool], g: GateParams,
-         latency: dict[str, dict], floor_key: str) -> tuple[str | None, dict[str, str]]:
+         latency: dict[str, dict], baselines: dict[str, dict]
+         ) -> tuple[str | None, dict[str, str]]:
     """Mark each variant of `results` eligible or not (in place); return the one gate.policy
-    selects (None when none is eligible) and, per ineligible variant, why not. `floor_key` is
-    the params key g.min_accuracy came from, for the messages."""
-    floor = max(g.min_accuracy, results["float_torch"]["accuracy"] - g.max_accuracy_drop)
+    selects (None when none is eligible) and, per ineligible variant, why not. `baselines` are
+    the baselines' reports (accuracy); those of them in `results` are servable baselines, which
+    are eligible only when more accurate than every model variant (and at gate.min_accuracy)."""
+    floor, why_floor, _ = model_floor(results, baselines, g)
+    best_model = max((n for n in results if n not in baselines),
+                     key=lambda n: results[n]["accuracy"])
     why_not = {}
     for name, m in results.items():
-        m["eligible"] = servable[name] and at_least(m["accuracy"], floor)
         if not servable[name]:
+            m["eligible"] = False
             why_not[name] = "not servable (the server runs ONNX Runtime)"
-        elif not m["eligible"]:
-            why_not[name] = (f"accuracy {m['accuracy']:.4f} below {floor:.4f} = "
-                             f"max({floor_key}, float_torch accuracy - gate.max_accuracy_drop)")
+        elif name in baselines:
+            m["eligible"] = (m["accuracy"] > results[best_model]["accuracy"] + 1e-9
+                             and (g.min_accuracy is None
+                                  or at_least(m["accuracy"], g.min_accuracy)))
+            if not m["eligible"]:
+                why_not[name] = (f"a baseline serves only when more accurate than every variant "
+                                 f"({best_model} {results[best_model]['accuracy']:.4f})"
+                                 + ("" if g.min_accuracy is None else
+                                    f" and at gate.min_accuracy {g.min_accuracy:g}"))
+        else:
+            m["eligible"] = at_least(m["accuracy"], floor)
+            if not m["eligible"]:
+                why_not[name] = f"accuracy {m['accuracy']:.4f} below {floor:.4f} = {why_floor}"
     eligible = [name for name, m in results.items() if m["eligible"]]
     if not eligible:
         return None, why_not
@@ -151,6 +227,16 @@ def gate(results: dict[str, dict], servable: dict[str, bool], g: GateParams,
         "fastest": lambda n: (min(latency[n].values()), -results[n]["accuracy"]),
     }[g.policy]
     return min(eligible, key=rank), why_not
+
+
+def refusal(results: dict[str, dict], baselines: dict[str, dict], g: GateParams) -> str:
+    """The gate's refusal when no variant is eligible: the bar, the params key that set it, and
+    every variant's accuracy."""
+    floor, why_floor, key = model_floor(results, baselines, g)
+    accuracies = "; ".join(f"{n} {m['accuracy']:.4f}" for n, m in results.items())
+    return (f"gate: no variant is eligible: a model variant needs accuracy >= {floor:.4f} = "
+            f"{why_floor} (params.yaml {key}), a baseline more than every model variant; "
+            f"test accuracy: {accuracies}; nothing will be packaged")
 
 
 def write_csv(path: Path, header: list[str], rows) -> None:
@@ -175,29 +261,32 @@ def main(argv: list[str]) -> None:
         parser.add_argument(f"--{report}", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="folder for the selected variant")
     args = parser.parse_args(argv)
-    params = load_params()
+    # The servable baselines' folders: the selected one is copied to --out
+    with tempfile.TemporaryDirectory(prefix="kiln-evaluate-") as scratch:
+        evaluate(args, load_params(), Path(scratch))
 
-    variants, card = load_variants(args.model, args.compressed, params.evaluate.threads)
+
+def evaluate(args: argparse.Namespace, params: Params, scratch: Path) -> None:
+    card = read_card(args.compressed)
     scoring = card_part(card, "scoring")
     x, y, items = scoring.split_input(args.data, "test", args.compressed, card)
-    baseline = scoring.baselines(args.data, items, y)
-    counts = json.loads((args.compressed / "compress.json").read_text())
-    if "macs" not in counts or "params" not in counts:
-        raise StageError(f"{args.compressed / 'compress.json'}: no 'macs'/'params' counts; "
-                         "rerun the compress stage")
+    progress = Progress("evaluate")
+    fitted = scoring.baselines(args.data, items, y, card, params)
+    baseline = {name: b.report() for name, b in fitted.items()}
+    progress("baselines fitted: " + ", ".join(f"{n} {b.accuracy:.4f}" for n, b in fitted.items()))
+    threads = params.evaluate.threads
+    variants = load_variants(args.model, args.compressed, x, threads) + \
+        baseline_variants(fitted, card, args.compressed, args.data, scratch, threads)
     latency_keys = [f"latency_ms_b{b}" for b in params.evaluate.latency_batch_sizes]
     results, latency, per_class, predictions = {}, {}, {}, {}
-    progress = Progress("evaluate")
     for i, v in enumerate(variants, 1):
         results[v.name], latency[v.name], per_class[v.name], predictions[v.name] = measure(
-            v, x, y, card.classes, params.evaluate, counts)
+            v, y, card.classes, params.evaluate)
         progress(f"variant {i}/{len(variants)} {v.name}: accuracy "
                  f"{results[v.name]['accuracy']:.4f}, latency timed")
-    # The modality's absolute floor: gate.min_accuracy for images, text.min_accuracy for texts.
-    floor, floor_key = scoring.floor(params)
-    g = dataclasses.replace(params.gate, min_accuracy=floor)
+    g = params.gate
     selected, why_not = gate(results, {v.name: v.servable for v in variants}, g, latency,
-                             floor_key)
+                             baseline)
 
     # Grouped by measure ("accuracy.int8_onnx"): the columns `dvc exp show` and
     # `dvc metrics diff` show, one per variant and measure.
@@ -226,21 +315,18 @@ def main(argv: list[str]) -> None:
               + f"  {why_not.get(name, 'eligible')}")
     for name, m in baseline.items():
         print(f"evaluate: {name}  acc {m['accuracy']:.4f}  f1 {m['macro_f1']:.4f}  ({m['setup']}, "
-              "fitted on the train split, same test split)")
+              "fitted on the train split, same test split"
+              + ("" if m["servable"] else f"; not servable: {m['why_not_servable']}") + ")")
     if selected is None:
-        reasons = "; ".join(f"{n} accuracy {m['accuracy']:.4f}" for n, m in results.items())
-        raise StageError(f"gate: no variant is eligible (needs accuracy >= {floor_key} "
-                         f"{g.min_accuracy} and within gate.max_accuracy_drop "
-                         f"{params.gate.max_accuracy_drop} of float_torch): {reasons}; "
-                         "nothing will be packaged")
+        raise StageError(refusal(results, baseline, g))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    source = next(v.file for v in variants if v.name == selected)
-    shutil.copyfile(source, args.out / SELECTED_FILE)
+    chosen = next(v for v in variants if v.name == selected)
+    shutil.copyfile(chosen.file, args.out / SELECTED_FILE)
     copy_model_files(card, args.compressed, args.out)
     m = results[selected]
     write_card(args.out, dataclasses.replace(
-        card, weights={SELECTED_FILE: sha256_file(args.out / SELECTED_FILE)},
+        chosen.card, weights={SELECTED_FILE: sha256_file(args.out / SELECTED_FILE)},
         selection=Selection(variant=selected, accuracy=m["accuracy"], macro_f1=m["macro_f1"],
                             size_bytes=m["size_bytes"], macs=m["macs"], params=m["params"])))
     print(f"evaluate: selected {selected} by gate.policy={params.gate.policy} -> {args.out}")

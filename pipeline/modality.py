@@ -19,8 +19,8 @@ imports a modality's modules directly.
                                                            rebuilt
     export    Export    compress                           ONNX export, the MAC example, what
                                                            int8 quantises
-    scoring   Scoring   evaluate, package                  a split as model input, baselines,
-                                                           the gate's floor
+    scoring   Scoring   evaluate, package                  a split as model input, the
+                                                           baselines the gate measures against
     infra     Infra     package                            the served answers, gRPC requests
     serving   Serving   service.py, oip.py                 its endpoints' input checks, the
                                                            model input (light: no torch)
@@ -93,6 +93,7 @@ def copy_model_files(card: ModelCard, source: Path, target: Path) -> None:
 Table = typing.Any   # a pandas.DataFrame, one row per item
 Drift = typing.Any   # pipeline/drift.py's DriftReport, or an object with its table() and metrics()
 Expect = typing.Callable[..., dict]  # kind(key, fatal=True): an expectation's meta and severity
+Baseline = typing.Any  # pipeline/baselines.py's Baseline (scikit-learn: not for the service)
 
 
 class Sources(Protocol):
@@ -234,11 +235,13 @@ class Scoring(Protocol):
                     ) -> tuple[np.ndarray, np.ndarray, Items]:
         """(model input, int64 labels (N,), the items as read) of one split of ingested `data`."""
 
-    def baselines(self, data: Path, items: Items, labels: np.ndarray) -> dict[str, dict]:
-        """Name -> accuracy, macro_f1, setup of each baseline fitted on data's train split."""
-
-    def floor(self, params: Params) -> tuple[float, str]:
-        """The gate's absolute accuracy floor for this modality, and the params key it is."""
+    def baselines(self, data: Path, items: Items, labels: np.ndarray, card: ModelCard,
+                  params: Params) -> dict[str, Baseline]:
+        """Name -> each baseline (pipeline/baselines.py) fitted on data's train split (at most
+        evaluate.baseline_train_items items, drawn with data.seed), scored on (items, labels),
+        with an `export` where it can be served with the card's preprocessing. split_input and
+        model_input read a split and a request for a card whose architecture is a servable
+        baseline's name."""
 
 
 class Infra(Protocol):

@@ -121,10 +121,9 @@ class TextParams:
     heads: int
     ffn: int
     dropout: float
-    epochs: int
+    max_epochs: int
     lr: float
     batch_size: int
-    min_accuracy: float
     threads: int
     augment: TextAugmentParams
 
@@ -162,13 +161,12 @@ class AudioParams:
     clipped_samples: float
     max_clipped_share: float
     max_silent_share: float
-    min_accuracy: float
     model: AudioModelName
     n_fft: int
     hop: int
     n_mels: int
     width: int
-    epochs: int
+    max_epochs: int
     lr: float
     batch_size: int
     threads: int
@@ -182,7 +180,9 @@ class TrainParams:
     lr: float
     momentum: float
     weight_decay: float
-    epochs: int
+    max_epochs: int
+    patience: int
+    monitor: Literal["val_loss", "val_acc"]
     batch_size: int
     seed: int
     lr_schedule: Literal["onecycle", "constant"]
@@ -210,11 +210,13 @@ class EvaluateParams:
     latency_runs: int
     latency_batch_sizes: list[int]
     threads: int
+    baseline_train_items: int
 
 
 @dataclass(frozen=True)
 class GateParams:
-    min_accuracy: float
+    min_accuracy: float | None
+    baseline_margin: float
     max_accuracy_drop: float
     policy: Literal["smallest", "most_accurate", "fastest"]
 
@@ -373,7 +375,8 @@ def _check_ranges(p: Params) -> None:
          "must satisfy 0 < scale_min <= scale_max"),
         ("serve.batch_threads", p.serve.batch_threads >= 1, "must be >= 1"),
         ("serve.workers", p.serve.workers >= 0, "must be >= 0 (0 = one per core)"),
-        ("train.epochs", p.train.epochs >= 1, "must be >= 1"),
+        ("train.max_epochs", p.train.max_epochs >= 1, "must be >= 1"),
+        ("train.patience", p.train.patience >= 1, "must be >= 1 (epochs)"),
         ("train.batch_size", p.train.batch_size >= 1, "must be >= 1"),
         ("train.lr", p.train.lr > 0, "must be > 0"),
         ("train.label_smoothing", 0 <= p.train.label_smoothing < 1, "must be in [0, 1)"),
@@ -383,7 +386,11 @@ def _check_ranges(p: Params) -> None:
         ("evaluate.latency_runs", p.evaluate.latency_runs >= 1, "must be >= 1"),
         ("evaluate.latency_batch_sizes", len(p.evaluate.latency_batch_sizes) > 0
          and min(p.evaluate.latency_batch_sizes) >= 1, "must be a non-empty list of sizes >= 1"),
-        ("gate.min_accuracy", 0 <= p.gate.min_accuracy <= 1, "must be in [0, 1]"),
+        ("gate.min_accuracy", p.gate.min_accuracy is None or 0 <= p.gate.min_accuracy <= 1,
+         "must be in [0, 1], or null for no absolute floor"),
+        ("gate.baseline_margin", 0 <= p.gate.baseline_margin <= 1, "must be in [0, 1]"),
+        ("gate.max_accuracy_drop", 0 <= p.gate.max_accuracy_drop <= 1, "must be in [0, 1]"),
+        ("evaluate.baseline_train_items", p.evaluate.baseline_train_items >= 1, "must be >= 1"),
         ("package.champion_tolerance", 0 <= p.package.champion_tolerance <= 1,
          "must be in [0, 1]"),
         ("package.ready_timeout_s", p.package.ready_timeout_s > 0, "must be > 0"),
@@ -418,10 +425,9 @@ def _check_ranges(p: Params) -> None:
         ("text.heads", p.text.heads >= 1 and p.text.dim % p.text.heads == 0,
          "must be >= 1 and divide text.dim"),
         ("text.dropout", 0 <= p.text.dropout < 1, "must be in [0, 1)"),
-        ("text.epochs", p.text.epochs >= 1, "must be >= 1"),
+        ("text.max_epochs", p.text.max_epochs >= 1, "must be >= 1"),
         ("text.batch_size", p.text.batch_size >= 1, "must be >= 1"),
         ("text.threads", p.text.threads >= 1, "must be >= 1"),
-        ("text.min_accuracy", 0 <= p.text.min_accuracy <= 1, "must be in [0, 1]"),
         ("text.lr", p.text.lr > 0, "must be > 0"),
         ("text.augment.copies", p.text.augment.copies >= 0, "must be >= 0"),
         ("text.augment", all(0 <= r < 1 for r in (p.text.augment.deletion, p.text.augment.swap,
@@ -445,13 +451,12 @@ def _check_ranges(p: Params) -> None:
         ("audio.clipped_samples", 0 <= p.audio.clipped_samples < 1, "must be in [0, 1)"),
         ("audio.max_clipped_share", 0 <= p.audio.max_clipped_share <= 1, "must be in [0, 1]"),
         ("audio.max_silent_share", 0 <= p.audio.max_silent_share <= 1, "must be in [0, 1]"),
-        ("audio.min_accuracy", 0 <= p.audio.min_accuracy <= 1, "must be in [0, 1]"),
         ("audio.n_fft", p.audio.n_fft >= 16, "must be >= 16 (samples)"),
         ("audio.hop", 1 <= p.audio.hop <= p.audio.n_fft, "must be in [1, audio.n_fft] (samples)"),
         ("audio.n_mels", 1 <= p.audio.n_mels <= p.audio.n_fft // 2 + 1,
          "must be in [1, audio.n_fft / 2 + 1] (a mel band per FFT bin at most)"),
         ("audio.width", p.audio.width >= 1, "must be >= 1"),
-        ("audio.epochs", p.audio.epochs >= 1, "must be >= 1"),
+        ("audio.max_epochs", p.audio.max_epochs >= 1, "must be >= 1"),
         ("audio.lr", p.audio.lr > 0, "must be > 0"),
         ("audio.batch_size", p.audio.batch_size >= 1, "must be >= 1"),
         ("audio.threads", p.audio.threads >= 1, "must be >= 1"),

@@ -3,11 +3,16 @@
 
 What differs between modalities comes from data.modality's `models` part (pipeline/modality.py
 Models): the registry and the model params name (or, e.g., a local Hugging Face checkpoint), the
-recipe (train.*, or e.g. text.epochs, lr and batch_size over it), the training tensors and the
+recipe (train.*, or e.g. text.max_epochs, lr and batch_size over it), the training tensors and the
 val split on the device, the per-epoch inputs (e.g. with `train.epoch_augment` every image warped
 afresh each epoch, in one batched grid_sample), and the files written beside the weights.
 - bf16 autocast on CUDA; channels_last and torch.compile from params; one-cycle LR schedule and
   label smoothing from params.
+- Early stopping (pipeline/training.py EarlyStopping): the val split is scored after every
+  epoch; training stops after train.patience epochs with no better train.monitor (counted from
+  the end of the one-cycle warm-up at the earliest), at max_epochs at the latest, and the
+  weights saved are the best epoch's. The one-cycle schedule spans max_epochs, so where a run
+  stops does not change the steps before it.
 - Data parallel with torchrun + DistributedDataParallel (NCCL on GPUs, gloo on CPU): the stage
   joins the process group when torchrun started it (WORLD_SIZE in the environment), or relaunches
   itself under torchrun when `train.processes` > 1. Every rank walks the same global batch order
@@ -18,8 +23,9 @@ afresh each epoch, in one batched grid_sample), and the files written beside the
   fingerprint of the params, data, code (every project file the stage runs, as
   pipeline/sources.py finds them) and world size that made it; a rerun with the same
   fingerprint resumes after the last finished epoch, any other checkpoint is ignored. Epoch e's
-  batch order and warps depend only on (seed, e), so a resumed run ends exactly where an
-  uninterrupted one does. The checkpoint is deleted once the outputs are in place.
+  batch order and warps depend only on (seed, e), and the checkpoint holds the early stopping's
+  state (the best epoch and its weights), so a resumed run ends exactly where an uninterrupted
+  one does. The checkpoint is deleted once the outputs are in place.
 - Outputs are written to a temporary sibling folder and renamed into place, so a killed stage
   never leaves a half-written model:
     model.safetensors   weights
@@ -53,9 +59,11 @@ from pipeline.dataset import data_hash, read_manifest
 from pipeline.modality import PREPROCESSING, part
 from pipeline.params import Params, as_dict, load_params
 from pipeline.sources import source_files
-from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch
+from pipeline.training import (EarlyStopping, fit, make_optimizer, make_schedule, steps_per_epoch,
+                               warmup_epochs)
 
 CHECKPOINT = "last.pt"
+LIVE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")  # per epoch, to DVCLive
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -141,8 +149,11 @@ def relaunch_under_torchrun(argv: list[str], processes: int) -> None:
 
 
 def progress_line(m: dict, epochs: int, eta_s: float, unit: str) -> str:
+    """One epoch's line; `*` marks an epoch better than every earlier one (train.monitor); eta:
+    to max_epochs, the most it can take."""
     return (f"epoch {m['epoch']:3d}/{epochs}  loss {m['train_loss']:.4f}  "
-            f"acc {m['train_acc']:.4f}  val_loss {m['val_loss']:.4f}  val_acc {m['val_acc']:.4f}  "
+            f"acc {m['train_acc']:.4f}  val_loss {m['val_loss']:.4f}  val_acc {m['val_acc']:.4f}"
+            f"{' *' if m['improved'] else '  '}  "
             f"{m['images_per_s']:,.0f} {unit}/s  {m['seconds']:.2f} s  eta {eta_s:.1f} s")
 
 
@@ -187,7 +198,8 @@ def main(argv: list[str]) -> None:
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
     scheduler = make_schedule(p.lr_schedule, optimizer, p.lr,
-                              p.epochs * steps_per_epoch(len(x), p.batch_size, world))
+                              p.max_epochs * steps_per_epoch(len(x), p.batch_size, world))
+    stopping = EarlyStopping(p.monitor, p.patience, warmup_epochs(p.lr_schedule, p.max_epochs))
 
     stamp = fingerprint(params, args.data, args.augmented, world)
     checkpoint = read_checkpoint(args.checkpoints, stamp)
@@ -197,6 +209,7 @@ def main(argv: list[str]) -> None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(checkpoint["scheduler"])
+        stopping.load_state_dict(checkpoint["stopping"])
         history = checkpoint["history"]
         if rank == 0:
             print(f"train: resuming after epoch {checkpoint['epoch']} from "
@@ -213,7 +226,7 @@ def main(argv: list[str]) -> None:
         live_context = contextlib.nullcontext()
     with live_context as live:
         def log(m: dict) -> None:
-            for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            for key in LIVE_METRICS:
                 live.log_metric(key, m[key])
             live.next_step()
 
@@ -228,18 +241,24 @@ def main(argv: list[str]) -> None:
             log(m)
             state = {"fingerprint": stamp, "epoch": m["epoch"], "history": history,
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None}
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "stopping": stopping.state_dict()}
             write_checkpoint(args.checkpoints, state)
             run_seconds.append(m["seconds"])
-            eta = (p.epochs - m["epoch"]) * sum(run_seconds) / len(run_seconds)
-            print(progress_line(m, p.epochs, eta, prep.UNIT), flush=True)
+            eta = (p.max_epochs - m["epoch"]) * sum(run_seconds) / len(run_seconds)
+            print(progress_line(m, p.max_epochs, eta, prep.UNIT), flush=True)
 
-        fit(net, x, y, epochs=p.epochs, batch_size=p.batch_size, optimizer=optimizer,
+        fit(net, x, y, epochs=p.max_epochs, batch_size=p.batch_size, optimizer=optimizer,
             scheduler=scheduler, label_smoothing=p.label_smoothing, seed=p.seed,
             memory_format=memory_format, val=val, on_epoch=on_epoch,
-            epoch_inputs=epoch_inputs, start_epoch=len(history), cuda_graph=p.cuda_graph)
+            epoch_inputs=epoch_inputs, start_epoch=len(history), cuda_graph=p.cuda_graph,
+            stopping=stopping)
+        if rank == 0:  # DVCLive's summary (metrics.json): the saved model's epoch, not the last
+            best = history[stopping.best_epoch - 1]
+            live.summary.update({key: best[key] for key in LIVE_METRICS})
+            live.summary.update(best_epoch=best["epoch"], epochs_run=len(history))
 
-    final = history[-1]
+    final = history[stopping.best_epoch - 1]  # the epoch whose weights fit left in the model
     if rank == 0:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         # The preprocessing record's files come from the augment stage's folder.
@@ -255,9 +274,12 @@ def main(argv: list[str]) -> None:
         write_outputs(args.out, weights, card, files)
         (args.checkpoints / CHECKPOINT).unlink(missing_ok=True)  # done: a rerun starts afresh
         total = sum(m["seconds"] for m in history)
+        why = (f"stopped: no better {p.monitor} in train.patience={p.patience} epochs"
+               if stopping.stop else "max_epochs reached")
         print(f"train: {card.architecture} on {world} x {device.type}, "
-              f"val_acc {final['val_acc']:.4f}, "
-              f"{len(x) * p.epochs / total:,.0f} {prep.UNIT}/s over {p.epochs} epochs -> {args.out}",
+              f"{len(x) * len(history) / total:,.0f} {prep.UNIT}/s over {len(history)} of "
+              f"{p.max_epochs} epochs ({why}); saved epoch {final['epoch']}: "
+              f"val_loss {final['val_loss']:.4f}, val_acc {final['val_acc']:.4f} -> {args.out}",
               flush=True)
     if world > 1:
         dist.barrier()

@@ -12,14 +12,16 @@ os.environ.update(DVC_NO_ANALYTICS="1", BENTOML_DO_NOT_TRACK="True", DO_NOT_TRAC
 
 REPO = Path(__file__).resolve().parents[1]
 # section -> key -> value: what every test that runs stages changes in the real params.yaml, to
-# stay fast (fewer epochs, copies and timing runs; gate thresholds for 6 epochs of training).
+# stay fast (fewer epochs, copies and timing runs; the gate's drop allowed after a short training).
+# 8 epochs: LeNet-5 on the digits tests 0.969 (6 epochs: 0.958), clear of the gate's bar, the
+# logistic-regression baseline's 0.953.
 SHRINK = {
     "validate": {"min_images": 10},
     "augment": {"copies": 1},
-    "train": {"epochs": 6},
+    "train": {"max_epochs": 8},
     "compress": {"finetune_epochs": 1, "calibration_images": 64},
     "evaluate": {"latency_runs": 5},
-    "gate": {"min_accuracy": 0.9, "max_accuracy_drop": 0.02},
+    "gate": {"max_accuracy_drop": 0.02},
 }
 
 

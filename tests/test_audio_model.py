@@ -35,7 +35,7 @@ RATE = 16000
 CLASSES = {"low": 300.0, "mid": 700.0, "high": 1500.0, "top": 3000.0}  # class -> tone Hz
 SPLITS = {"train": 24, "val": 4, "test": 8}  # clips per class
 # Tiny models, few epochs: a training run takes a few seconds on 2 cores.
-AUDIO = {"n_mels": 16, "width": 8, "epochs": 4, "batch_size": 16, "lr": 0.01,
+AUDIO = {"n_mels": 16, "width": 8, "max_epochs": 4, "batch_size": 16, "lr": 0.01,
          "augment": {"copies": 1, "time_masks": 1, "freq_masks": 1, "freq_mask_bins": 2}}
 
 
@@ -299,3 +299,23 @@ def test_augment_train_compress_on_generated_clips(tmp_path, params_writer, monk
     for variant in ("float.onnx", "pruned.onnx", "int8.onnx"):
         logits = onnx_predictor(tmp_path / "models/compressed" / variant, 1)(x)
         assert (logits.argmax(1) == y).mean() > 0.5, variant  # chance: 0.25
+
+    # The gate's baselines for audio: the majority class and logistic regression on log-mel band
+    # statistics, which can be served (its graph takes the waveform, as the models do).
+    done = run(tmp_path, "evaluate", "--model", "models/float", "--compressed",
+               "models/compressed", "--data", "data/ingested", "--metrics",
+               "reports/evaluation.json", "--latency", "reports/latency.json", "--details",
+               "reports/evaluation_details.json", "--confusion", "reports/plots/confusion.csv",
+               "--tradeoff", "reports/plots/tradeoff.csv", "--latency-plot",
+               "reports/plots/latency.csv", "--out", "models/selected")
+    evaluation = json.loads((tmp_path / "reports/evaluation.json").read_text())
+    assert evaluation["baseline_majority"]["accuracy"] == 0.25  # 8 test clips per class
+    logreg = evaluation["baseline_logreg"]
+    assert logreg["servable"] and logreg["accuracy"] > 0.9  # tones apart in frequency
+    assert evaluation["accuracy"]["baseline_logreg"] == pytest.approx(logreg["accuracy"])
+    selected = read_card(tmp_path / "models/selected")
+    assert selected.selection.variant == evaluation["selected"]
+    assert f"selected {evaluation['selected']}" in done.stdout
+    logits = onnx_predictor(tmp_path / "models/selected/model.onnx", 1)(x)
+    assert (logits.argmax(1) == y).mean() == pytest.approx(
+        evaluation["accuracy"][evaluation["selected"]])

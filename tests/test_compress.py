@@ -127,7 +127,7 @@ def digits(params, folder: Path):
 @pytest.mark.slow
 def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     """The pipeline's recipe on the built-in digits (real params: augment, train, compress; the
-    float model trained for FLOAT_EPOCHS instead of train.epochs, to keep the test short):
+    float model trained for FLOAT_EPOCHS instead of train.max_epochs, to keep the test short):
     >= 2x fewer MACs and <= 1 point accuracy loss on the test split, measured through the
     exported ONNX files as evaluate does."""
     params = load_params(REPO / "params.yaml")

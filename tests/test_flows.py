@@ -46,7 +46,7 @@ FAKE_STAGES = textwrap.dedent('''\
         write("--metrics", {"success": VALIDATION["success"]})
         write("--details", VALIDATION)
     elif stage == "evaluate":
-        if yaml.safe_load(Path("params.yaml").read_text())["gate"]["min_accuracy"] > 0.99:
+        if (yaml.safe_load(Path("params.yaml").read_text())["gate"]["min_accuracy"] or 0) > 0.99:
             print("a warning before the error", file=sys.stderr)
             print("kiln evaluate: error: no variant passed the gate (min_accuracy 0.97)", file=sys.stderr)
             sys.exit(1)

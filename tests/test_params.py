@@ -20,12 +20,13 @@ def write(tmp_path: Path, edit) -> Path:
 def test_repo_params_load():
     params = load_params(REPO / "params.yaml")
     assert params.train.model == "lenet5"
-    assert isinstance(params.gate.min_accuracy, float)
+    assert params.gate.min_accuracy is None  # relative to the baselines by default
+    assert isinstance(params.gate.baseline_margin, float)
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda r: r["train"].update(epoch=3),
-     "params.yaml: train.epoch: unknown key (did you mean 'epochs'?)"),
+    (lambda r: r["train"].update(max_epoch=3),
+     "params.yaml: train.max_epoch: unknown key (did you mean 'max_epochs'?)"),
     (lambda r: r.update(extra={}), "params.yaml: extra: unknown section (allowed: data, ingest,"),
     # DVC reruns only stages whose listed params changed: with `train:` kept, a misspelt copy
     # beside it is seen only because the loader reads every section
@@ -41,8 +42,8 @@ def test_repo_params_load():
     (lambda r: r["data"].update(background=None), "data.background: must be a gray level"),
     (lambda r: r["data"].update(background="black"), "data.background: expected int or list[int], got str 'black'"),
     (lambda r: r["ingest"].update(max_file_bytes=0), "ingest.max_file_bytes: must be >= 1"),
-    (lambda r: r["train"].update(epochs="ten"), "train.epochs: expected int, got str 'ten'"),
-    (lambda r: r["train"].update(epochs=True), "train.epochs: expected int, got bool"),
+    (lambda r: r["train"].update(max_epochs="ten"), "train.max_epochs: expected int, got str 'ten'"),
+    (lambda r: r["train"].update(max_epochs=True), "train.max_epochs: expected int, got bool"),
     (lambda r: r["augment"].update(hflip="no"), "augment.hflip: expected bool"),
     (lambda r: r["train"].update(optimizer="rmsprop"), "train.optimizer: expected one of ['adam', 'sgd']"),
     (lambda r: r["data"].update(channels=2), "data.channels: expected one of [1, 3]"),
@@ -50,12 +51,26 @@ def test_repo_params_load():
     (lambda r: r["gate"].pop("policy"), "gate.policy: missing key"),
     (lambda r: r["evaluate"].update(latency_batch_sizes=[1, "x"]),
      "evaluate.latency_batch_sizes[1]: expected int"),
-    (lambda r: r["train"].update(epochs=0), "train.epochs: must be >= 1"),
+    (lambda r: r["train"].update(max_epochs=0), "train.max_epochs: must be >= 1"),
+    (lambda r: r["train"].update(patience=0), "train.patience: must be >= 1 (epochs)"),
+    (lambda r: r["train"].update(monitor="val_f1"),
+     "train.monitor: expected one of ['val_loss', 'val_acc'], got 'val_f1'"),
+    # the keys before early stopping and one gate for every modality: refused, never ignored
+    (lambda r: r["train"].update(epochs=30),
+     "train.epochs: unknown key (did you mean 'max_epochs'?)"),
+    (lambda r: r["text"].update(min_accuracy=0.85), "text.min_accuracy: unknown key"),
+    (lambda r: r["gate"].update(min_accuracy=1.5),
+     "gate.min_accuracy: must be in [0, 1], or null for no absolute floor"),
 ])
 def test_bad_params_name_the_key(tmp_path, edit, message):
     with pytest.raises(ParamsError) as e:
         load_params(write(tmp_path, edit))
     assert message in str(e.value)
+
+
+def test_an_absolute_gate_floor_is_optional(tmp_path):
+    params = load_params(write(tmp_path, lambda r: r["gate"].update(min_accuracy=0.9)))
+    assert params.gate.min_accuracy == 0.9
 
 
 def test_int_accepted_where_float_expected(tmp_path):

@@ -82,18 +82,20 @@ def project(tmp_path_factory, params_writer) -> Path:
 
 def test_repro_produces_every_artifact(project):
     evaluation = json.loads((project / "reports/evaluation.json").read_text())
-    assert set(evaluation["accuracy"]) == {"float_torch", "float_onnx", "pruned_onnx", "int8_onnx"}
+    assert set(evaluation["accuracy"]) == {"float_torch", "float_onnx", "pruned_onnx", "int8_onnx",
+                                           "baseline_logreg"}  # the servable baseline
     details = json.loads((project / "reports/evaluation_details.json").read_text())
     selected = evaluation["selected"]
     assert details["variants"][selected]["eligible"]
     params = yaml.safe_load((project / "params.yaml").read_text())
-    assert evaluation["accuracy"][selected] >= params["gate"]["min_accuracy"]
+    baselines = [v["accuracy"] for k, v in evaluation.items() if k.startswith("baseline_")]
+    assert evaluation["accuracy"][selected] >= max(baselines) + params["gate"]["baseline_margin"]
     card = json.loads((project / "models/selected/model.json").read_text())
     assert card["selection"]["variant"] == selected and card["classes"] == [str(d) for d in range(10)]
-    assert card["recipe"]["train"]["epochs"] == params["train"]["epochs"]
+    assert card["recipe"]["train"]["max_epochs"] == params["train"]["max_epochs"]
     assert json.loads((project / "reports/validation.json").read_text())["success"] is True
     assert (project / "reports/data_docs/index.html").exists()
-    epochs = params["train"]["epochs"]
+    epochs = json.loads((project / "reports/train/metrics.json").read_text())["epochs_run"]
     assert len((project / "reports/train/plots/metrics/val_acc.tsv").read_text().splitlines()) == epochs + 1
     report = json.loads((project / "reports/package.json").read_text())
     assert report["challenger_serves"] and report["champion"]["bento_tag"].startswith("kiln:")
@@ -277,8 +279,8 @@ def test_a_pulled_clone_is_up_to_date_serves_the_champion_and_runs_experiments(p
     labels, probabilities = served()
     assert np.mean([label == p.parent.name for label, p in zip(labels, images)]) >= 0.9
 
-    epochs = yaml.safe_load((clone / "params.yaml").read_text())["train"]["epochs"]
-    dvc(clone, "exp", "run", "--queue", "-n", "shorter", "-S", f"train.epochs={epochs - 2}",
+    epochs = yaml.safe_load((clone / "params.yaml").read_text())["train"]["max_epochs"]
+    dvc(clone, "exp", "run", "--queue", "-n", "longer", "-S", f"train.max_epochs={epochs + 2}",
         "-S", "package.champion_tolerance=0.5")
     done = dvc(clone, "exp", "run", "--run-all")
     assert "promoted kiln:" in done.stdout  # inside the experiment's own workspace
@@ -286,7 +288,7 @@ def test_a_pulled_clone_is_up_to_date_serves_the_champion_and_runs_experiments(p
     assert champion(clone) == before
     assert served()[1] == pytest.approx(probabilities, abs=1e-7)
 
-    dvc(clone, "exp", "apply", "shorter")
+    dvc(clone, "exp", "apply", "longer")
     after = champion(clone)
     assert after["model_tag"] != before["model_tag"]
     assert served_bento(clone) == after["bento_tag"]
@@ -296,17 +298,17 @@ def test_a_pulled_clone_is_up_to_date_serves_the_champion_and_runs_experiments(p
     diff = json.loads(dvc(clone, "exp", "diff", "--json").stdout)
     accuracy = diff["metrics"]["reports/evaluation.json"]["accuracy.float_torch"]
     assert accuracy["old"] != accuracy["new"]
-    assert diff["params"]["params.yaml"]["train.epochs"] == {"old": epochs, "new": epochs - 2,
-                                                              "diff": -2}
+    assert diff["params"]["params.yaml"]["train.max_epochs"] == {"old": epochs, "new": epochs + 2,
+                                                                  "diff": 2}
     assert "accuracy.float_torch" in dvc(clone, "metrics", "diff").stdout
-    assert "train.epochs" in dvc(clone, "params", "diff").stdout
+    assert "train.max_epochs" in dvc(clone, "params", "diff").stdout
     plots = json.loads(dvc(clone, "plots", "diff", "--json").stdout)
     assert "reports/plots/confusion.csv" in json.dumps(plots)
     # The README's comparison, in a 200-column terminal: every column whole.
     shown = subprocess.run([sys.executable, "-m", "dvc", *EXP_SHOW[1:], "--no-pager"],
                            cwd=clone, env={**project_env(clone), "COLUMNS": "200"},
                            capture_output=True, text=True, check=True).stdout
-    assert "train.epochs" in shown and "accuracy.float_torch" in shown and "…" not in shown, shown
+    assert "train.max_epochs" in shown and "accuracy.float_torch" in shown and "…" not in shown, shown
 
 
 def test_a_killed_package_run_leaves_the_champion_serving(project, tmp_path):

@@ -20,7 +20,7 @@ from pipeline.compress import (
     sparsity,
 )
 from pipeline.dataset import data_hash, load_split, read_manifest
-from pipeline.evaluate import gate
+from pipeline.evaluate import gate, refusal
 from pipeline.image.sources import ingest_images
 from pipeline.params import (AugmentParams, CompressParams, GateParams, ModelName, PruneMethod,
                              Split, load_params)
@@ -311,21 +311,53 @@ def results(**accuracy):
             {name: {"latency_ms_b1": lat} for name, (_, _, lat) in accuracy.items()})
 
 
-GATE = GateParams(min_accuracy=0.9, max_accuracy_drop=0.01, policy="smallest")
+GATE = GateParams(min_accuracy=0.9, baseline_margin=0.0, max_accuracy_drop=0.01,
+                  policy="smallest")
+BASELINES = {"baseline_majority": {"accuracy": 0.1}, "baseline_logreg": {"accuracy": 0.95}}
 
 
 def test_gate_policies():
     r, servable, latency = results(float_torch=(0.98, 100, 1.0), float_onnx=(0.98, 100, 0.2),
                                    int8_onnx=(0.975, 30, 0.3), pruned_onnx=(0.96, 50, 0.1))
-    key = "gate.min_accuracy"
-    selected, why_not = gate(r, servable, GATE, latency, key)
+    selected, why_not = gate(r, servable, GATE, latency, BASELINES)
     assert selected == "int8_onnx"
     assert r["pruned_onnx"]["eligible"] is False and r["float_torch"]["eligible"] is False
-    assert "max(gate.min_accuracy, float_torch" in why_not["pruned_onnx"]
+    assert why_not["pruned_onnx"] == ("accuracy 0.9600 below 0.9700 = float_torch 0.9800 - "
+                                      "gate.max_accuracy_drop 0.01")
     assert gate(r, servable, GateParams(**{**GATE.__dict__, "policy": "most_accurate"}),
-                latency, key)[0] == "float_onnx"
+                latency, BASELINES)[0] == "float_onnx"
     assert gate(r, servable, GateParams(**{**GATE.__dict__, "policy": "fastest"}),
-                latency, key)[0] == "float_onnx"
+                latency, BASELINES)[0] == "float_onnx"
     assert gate(r, servable, GateParams(**{**GATE.__dict__, "min_accuracy": 0.99}),
-                latency, "text.min_accuracy")[1]["float_onnx"].startswith(
-                    "accuracy 0.9800 below 0.9900 = max(text.min_accuracy")
+                latency, BASELINES)[1]["float_onnx"] == (
+                    "accuracy 0.9800 below 0.9900 = gate.min_accuracy 0.99")
+
+
+def test_the_default_gate_is_relative_to_the_best_baseline():
+    """gate.min_accuracy null: the bar is the best baseline plus gate.baseline_margin, for every
+    modality; a refusal names the key that set the bar."""
+    g = GateParams(min_accuracy=None, baseline_margin=0.01, max_accuracy_drop=0.05,
+                   policy="smallest")
+    r, servable, latency = results(float_torch=(0.955, 100, 1.0), float_onnx=(0.955, 100, 0.2),
+                                   int8_onnx=(0.955, 30, 0.3), pruned_onnx=(0.95, 50, 0.1))
+    assert gate(r, servable, g, latency, {"baseline_logreg": {"accuracy": 0.6}})[0] == "int8_onnx"
+    selected, why_not = gate(r, servable, g, latency, {"baseline_tfidf_lr": {"accuracy": 0.95}})
+    assert selected is None
+    assert why_not["int8_onnx"] == ("accuracy 0.9550 below 0.9600 = baseline_tfidf_lr 0.9500 + "
+                                    "gate.baseline_margin 0.01")
+    message = refusal(r, {"baseline_tfidf_lr": {"accuracy": 0.95}}, g)
+    assert "needs accuracy >= 0.9600" in message and "(params.yaml gate.baseline_margin)" in message
+
+
+def test_a_servable_baseline_is_selected_only_when_it_beats_every_variant():
+    r, servable, latency = results(float_torch=(0.47, 900, 1.0), float_onnx=(0.47, 900, 0.2),
+                                   int8_onnx=(0.46, 300, 0.3), pruned_onnx=(0.45, 500, 0.1),
+                                   baseline_tfidf_lr=(0.98, 400, 0.1))
+    baselines = {"baseline_majority": {"accuracy": 0.17}, "baseline_tfidf_lr": {"accuracy": 0.98}}
+    assert gate(r, servable, GATE, latency, baselines)[0] == "baseline_tfidf_lr"
+    # A variant as accurate as the baseline passes the gate (margin 0); the baseline does not.
+    r["float_onnx"]["accuracy"] = r["float_torch"]["accuracy"] = 0.98
+    selected, why_not = gate(r, servable, GATE, latency, baselines)
+    assert selected == "float_onnx"
+    assert why_not["baseline_tfidf_lr"].startswith(
+        "a baseline serves only when more accurate than every variant (float_torch 0.9800)")

@@ -21,6 +21,7 @@ from pipeline import StageError, models
 from pipeline.card import onnx_predictor, read_card
 from pipeline.compress import count_macs_on, count_params, quantize_int8, structured_l1
 from pipeline.dataset import load_texts, write_manifest
+from pipeline.modality import card_part
 from pipeline.params import TextAugmentParams, TextModelName, load_params
 from pipeline.text import export, tokens
 from pipeline.text import models as text_models
@@ -31,7 +32,7 @@ CLASSES = ("alpha", "bravo", "charlie", "delta")
 SPLITS = {"train": 40, "val": 8, "test": 12}  # texts per class
 # Tiny models and few epochs: each training run takes a second or two on 2 cores.
 TEXT = {"vocab_size": 200, "max_tokens": 16, "dim": 16, "layers": 1, "heads": 4, "ffn": 32,
-        "epochs": 2, "batch_size": 32, "lr": 0.01, "min_accuracy": 0.5,
+        "max_epochs": 2, "batch_size": 32, "lr": 0.01,
         "augment": {"copies": 1, "deletion": 0.1, "swap": 0.1, "mask": 0.1, "seed": 0}}
 
 
@@ -271,11 +272,11 @@ def test_augment_train_compress_evaluate_on_generated_texts(tmp_path, params_wri
     selected = tmp_path / "models/selected"
     card = read_card(selected)
     assert card.selection.variant == metrics["selected"]
-    # The served file answers the contract's signature on texts of any length.
+    # The served file answers texts of any length, as the service feeds it (the card's serving
+    # part: token ids, or the texts themselves for a selected TF-IDF baseline).
     predict = onnx_predictor(selected / "model.onnx", 1)
     texts = [(tmp_path / "data/ingested/texts/test/alpha/0.txt").read_text(), "alpha1 alpha2"]
-    logits = predict(tokens.encode(tokens.load(selected, card.preprocessing), texts,
-                                   card.preprocessing))
+    logits = predict(card_part(card, "serving").model_input(selected, card)(texts))
     assert logits.shape == (2, 4)
 
 
@@ -295,7 +296,7 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
         num_labels=2)).save_pretrained(checkpoint)
     tokenizer.save(str(checkpoint / "tokenizer.json"))
     params_writer(tmp_path, {"data": {"modality": "text"},
-                             "text": {**TEXT, "pretrained": str(checkpoint), "epochs": 5}})
+                             "text": {**TEXT, "pretrained": str(checkpoint), "max_epochs": 5}})
     augment_in_process(tmp_path, monkeypatch)
     assert (tmp_path / "data/augmented/tokenizer.json").exists()
     done = run(tmp_path, *TRAIN)

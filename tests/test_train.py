@@ -4,6 +4,8 @@ the per-epoch checkpoint, 2-process DistributedDataParallel (gloo) against one p
 per-epoch augmentation."""
 from __future__ import annotations
 
+import copy
+import json
 import os
 import signal
 import subprocess
@@ -30,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 # On top of conftest's SHRINK: the records' recipe (fresh on-device warps each epoch, no offline
 # copies), so resume and DDP are tested with the per-epoch augmentation's RNG in play. 8 epochs:
 # ~0.1 s each here.
-CHANGES = {"augment": {"copies": 0}, "train": {"epochs": 8, "epoch_augment": True}}
+CHANGES = {"augment": {"copies": 0}, "train": {"max_epochs": 8, "epoch_augment": True}}
 
 
 def stage_argv(name: str) -> list[str]:
@@ -120,7 +122,7 @@ def test_killed_run_resumes_to_the_same_result(project, reference):
     finally:
         child.wait()
     killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 3 <= killed_at < CHANGES["train"]["epochs"]
+    assert 3 <= killed_at < CHANGES["train"]["max_epochs"]
     assert not (project / "models/killed").exists()  # nothing DVC could take for an output
 
     done = run_stage(project, "killed")
@@ -131,8 +133,84 @@ def test_killed_run_resumes_to_the_same_result(project, reference):
     assert metrics == ref_metrics
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
     live = (project / "reports/killed/plots/metrics/val_acc.tsv").read_text().splitlines()
-    assert len(live) == 1 + CHANGES["train"]["epochs"]  # header + every epoch, resumed ones too
+    assert len(live) == 1 + CHANGES["train"]["max_epochs"]  # header + every epoch, resumed ones too
     assert not checkpoint.exists()
+
+
+def test_training_stops_when_val_stops_improving_and_saves_the_best_epoch(project, params_writer):
+    """A budget of 30 epochs and patience 2: the stage stops once val loss has not improved for
+    2 epochs after the warm-up, and the model it saves scores the best epoch's val loss, not
+    the last one's."""
+    stops = project / "stops"
+    stops.mkdir()
+    (stops / "data").symlink_to(project / "data")
+    params_writer(stops, {**CHANGES, "train": {**CHANGES["train"], "max_epochs": 30,
+                                               "patience": 2}})
+    done = run_stage(stops, "stops")
+    curve = [float(line.split("\t")[1]) for line in
+             (stops / "reports/stops/plots/metrics/val_loss.tsv").read_text().splitlines()[1:]]
+    best = int(np.argmin(curve)) + 1
+    assert len(curve) < 30 and len(curve) - max(best, 9) == 2  # warm-up: 30% of 30 epochs
+    assert (f"over {len(curve)} of 30 epochs (stopped: no better val_loss in train.patience=2 "
+            f"epochs); saved epoch {best}: val_loss {curve[best - 1]:.4f}") in done.stdout
+    assert best < len(curve) and curve[-1] > curve[best - 1]
+    summary = json.loads((stops / "reports/stops/metrics.json").read_text())
+    assert (summary["best_epoch"], summary["epochs_run"]) == (best, len(curve))
+    model, card = models.load(stops / "models/stops")
+    pixels, labels = load_split(stops / "data/ingested", "val", card.preprocessing)
+    x = training.to_input(pixels, card.preprocessing, torch.device("cpu"))
+    val_loss = training.score(model, x.contiguous(memory_format=torch.channels_last),
+                              torch.from_numpy(labels), 128)[0]
+    assert val_loss == pytest.approx(curve[best - 1], abs=1e-5) == card.val.loss
+
+
+def test_a_resumed_fit_stops_and_keeps_what_an_uninterrupted_one_does():
+    """The early stopping's state (best epoch, its weights) travels with the checkpoint: fit
+    resumed after epoch 3 stops at the same epoch with the same weights. Val labels are noise,
+    so val loss soon stops improving."""
+    x, y = digit_halves(96, "cpu")
+    noise = torch.from_numpy(np.random.default_rng(1).integers(0, 2, 96))
+
+    def start() -> tuple:
+        torch.manual_seed(0)
+        model = image_models.build("lenet5", channels=1, classes=2, image_size=32)
+        optimizer = training.make_optimizer("adam", model.parameters(), 2e-3, 0.9, 0.0)
+        schedule = training.make_schedule("onecycle", optimizer, 2e-3, 20 * 2)
+        return model, optimizer, schedule, training.EarlyStopping("val_loss", 2, warmup=0)
+
+    def fit(parts: tuple, start_epoch: int = 0, on_epoch=None) -> dict:
+        model, optimizer, schedule, stopping = parts
+        return training.fit(model, x, y, epochs=20, batch_size=64, optimizer=optimizer,
+                            scheduler=schedule, label_smoothing=0.1, seed=0,
+                            memory_format=torch.contiguous_format, cuda_graph=False,
+                            val=(x, noise), on_epoch=on_epoch, start_epoch=start_epoch,
+                            stopping=stopping)
+
+    whole = start()
+    fit(whole)
+    assert whole[3].stop and whole[3].last_epoch < 20
+
+    class Killed(Exception):
+        pass
+
+    saved = {}
+
+    def kill_after_3(m: dict) -> None:
+        if m["epoch"] == 3:
+            saved.update((name, copy.deepcopy(part.state_dict()))
+                         for name, part in zip("mosx", first))
+            raise Killed
+
+    first = start()
+    with pytest.raises(Killed):
+        fit(first, on_epoch=kill_after_3)
+    resumed = start()
+    for name, part in zip("mosx", resumed):
+        part.load_state_dict(saved[name])
+    fit(resumed, start_epoch=3)
+    assert (resumed[3].best_epoch, resumed[3].last_epoch) == (whole[3].best_epoch,
+                                                              whole[3].last_epoch)
+    assert all(torch.equal(resumed[0].state_dict()[k], v) for k, v in whole[0].state_dict().items())
 
 
 def test_checkpoint_from_other_params_or_data_is_ignored(project, tmp_path, capsys, params_writer):

@@ -134,10 +134,12 @@ def epoch_perturber(waves: torch.Tensor, p: AudioParams, seed: int
 # --- the Models part ---------------------------------------------------------------------------
 
 def recipe(params: Params) -> TrainParams:
-    """train.* (optimizer, schedule, smoothing, seed) with audio.epochs, lr and batch_size; no
-    channels_last or image warps (audio.augment.per_epoch is audio's own per-epoch switch)."""
+    """train.* (optimizer, schedule, smoothing, seed, patience, monitor) with audio.max_epochs,
+    lr and batch_size; no channels_last or image warps (audio.augment.per_epoch is audio's own
+    per-epoch switch)."""
     p = params.audio
-    return dataclasses.replace(params.train, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
+    return dataclasses.replace(params.train, max_epochs=p.max_epochs, lr=p.lr,
+                               batch_size=p.batch_size,
                                channels_last=False, epoch_augment=False)
 
 

@@ -13,8 +13,8 @@
     models.py   the text model registry, the local Hugging Face checkpoint wrapper and the text
                 side of training (train, compress, pipeline.models)
     export.py   ONNX export, what int8 quantises, the MAC example (compress)
-    scoring.py  a split as model input, the TF-IDF + logistic regression baseline, the gate's
-                floor (evaluate, package)
+    scoring.py  a split as model input, the baselines: majority class, TF-IDF + logistic
+                regression, servable as an ONNX graph that reads texts (evaluate, package)
     infra.py    the text endpoints' answers for infra validation, gRPC BYTES requests (package)
     serving.py  each endpoint's input checked, texts as input_ids (the service, gRPC; light)
 

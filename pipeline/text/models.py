@@ -221,10 +221,10 @@ def build(name: str, prep: TextPreprocessing, classes: int, p: TextParams) -> nn
 # --- the Models part ---------------------------------------------------------------------------
 
 def recipe(params: Params) -> TrainParams:
-    """train.* (optimizer, schedule, smoothing, seed) with text.epochs, lr and batch_size; no
-    channels_last or per-epoch warps (image-only: token ids are (N, L)); no CUDA graphs (only
-    measured with the image models: docs/benchmarks.md, GPU)."""
-    return dataclasses.replace(params.train, epochs=params.text.epochs, lr=params.text.lr,
+    """train.* (optimizer, schedule, smoothing, seed, patience, monitor) with text.max_epochs,
+    lr and batch_size; no channels_last or per-epoch warps (image-only: token ids are (N, L)); no
+    CUDA graphs (only measured with the image models: docs/benchmarks.md, GPU)."""
+    return dataclasses.replace(params.train, max_epochs=params.text.max_epochs, lr=params.text.lr,
                                batch_size=params.text.batch_size, channels_last=False,
                                epoch_augment=False, cuda_graph=False)
 

@@ -36,7 +36,10 @@ EXAMPLE_TEXT = "How are you today?"  # the API page's example: any non-empty tex
 
 
 def model_input(folder: Path, card: ModelCard):
-    """Checked texts -> int64 input_ids (N, L) by folder's tokenizer.json."""
+    """Checked texts -> int64 input_ids (N, L) by folder's tokenizer.json (the served TF-IDF
+    baseline: the texts themselves, tokens.raw_texts)."""
+    if card.architecture == tokens.RAW_TEXT_MODEL:
+        return tokens.raw_texts
     tokenizer = tokens.load(folder, card.preprocessing)
     return lambda texts: tokens.encode(tokenizer, texts, card.preprocessing)
 

@@ -22,6 +22,15 @@ from pipeline import StageError
 
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 of a trained vocabulary
+# The architecture of the TF-IDF + logistic-regression baseline served as a model
+# (pipeline/text/scoring.py): its graph tokenizes by itself and reads the texts, raw_texts below,
+# not input_ids; the tokenizer.json beside it is the run's, unused.
+RAW_TEXT_MODEL = "baseline_tfidf_lr"
+
+
+def raw_texts(texts: list[str]) -> np.ndarray:
+    """Texts as the string tensor [N, 1] a RAW_TEXT_MODEL's graph reads."""
+    return np.array(list(texts), dtype=object).reshape(-1, 1)
 
 
 @dataclass(frozen=True)
