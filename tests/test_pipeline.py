@@ -311,32 +311,39 @@ def test_a_pulled_clone_is_up_to_date_serves_the_champion_and_runs_experiments(p
     assert "train.max_epochs" in shown and "accuracy.float_torch" in shown and "…" not in shown, shown
 
 
-def test_a_killed_package_run_leaves_the_champion_serving(project, tmp_path):
+def test_a_killed_package_run_leaves_the_champion_serving_and_no_process(project, tmp_path):
     """DVC deletes a stage's outputs before it runs it; the champion record and the exported
-    Bentos are `persist: true`, so a package stage killed mid-run (`kill -9` of `dvc repro`'s
-    stage) leaves them whole: `make serve` serves the same champion, and the next repro
-    finishes the job."""
+    Bentos are `persist: true`, so a package stage killed mid-run (`kill -9` of `dvc repro` and
+    its stage, once its new Bento is stored and under infra validation) leaves them whole:
+    `make serve` serves the same champion, the validation server follows the stage (its
+    watchdog), and the next repro deletes what the killed run stored and finishes the job."""
+    from tests.test_promotion import SERVER, kiln_processes, wait_for
+
     before = champion(project)
     record = (project / "reports/champion.json").read_bytes()
+    home = project / ".bentoml"
     edit_params(project, {"serve": {"access_log": True}})  # a new Bento: package reruns
     try:
         stage = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", "package"],
-                                 cwd=project, env=project_env(project), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        for line in stage.stdout:  # the new Bento is built and being validated
-            if "building kiln:" in line:
-                break
-        os.killpg(stage.pid, signal.SIGKILL)
-        stage.wait()
+                                 cwd=project, env=project_env(project), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_for(lambda: kiln_processes(home, "_bentoml_impl.worker.service kiln:"), 120,
+                     "the infra-validation server's workers")
+        finally:
+            os.killpg(stage.pid, signal.SIGKILL)
+            stage.wait()
+        wait_for(lambda: not kiln_processes(home, *SERVER), 30, "no serving process left")
         assert (project / "reports/champion.json").read_bytes() == record
         assert served_bento(project) == before["bento_tag"]
-        with bento_server(before["bento_tag"], project / ".bentoml", tmp_path / "serve.log") as (client, _):
+        with bento_server(before["bento_tag"], home, tmp_path / "serve.log") as (client, _):
             png = next((project / "data/ingested/images/test").glob("*/*.png")).read_bytes()
             assert client.post("/classify", files={"image": ("x.png", png)}).status_code == 200
     finally:
         git(project, "checkout", "params.yaml")
     done = dvc(project, "repro")
     assert "package" in ran_stages(done.stdout)
+    assert "left by a killed package run" in done.stdout
     assert champion(project) == before and json.loads(dvc(project, "status", "--json").stdout) == {}
 
 
