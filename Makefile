@@ -40,11 +40,16 @@ run: install
 repro: install
 	dvc repro
 
+# One pytest worker per CPU (pytest-xdist), each file on one worker: a file's tests build on its
+# module fixtures. Most slow tests wait on subprocesses and servers, so two workers on 2 cores
+# took 14 min where one took 21 (docs/benchmarks.md, Tests).
+PYTEST := $(BIN)/python -m pytest -ra -n auto --dist loadfile --durations=15
+
 test: install
-	$(BIN)/python -m pytest -ra
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -ra -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The champion the workspace names: the record the package stage writes (committed with
 # dvc.lock) and its exported Bento (pipeline/champion.py), imported into $(BENTOML_HOME) after

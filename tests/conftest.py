@@ -22,6 +22,7 @@ SHRINK = {
     "compress": {"finetune_epochs": 1, "calibration_images": 64},
     "evaluate": {"latency_runs": 5},
     "gate": {"max_accuracy_drop": 0.02},
+    "serve": {"workers": 1},  # each server the stages start and the tests query: one worker's start
 }
 
 
@@ -53,7 +54,10 @@ def prefect_harness(tmp_path_factory):
     from prefect.settings import PREFECT_HOME, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect_home")}), prefect_test_harness():
+    # 120 s for the temporary server to answer (Prefect's default, 30, was missed with two test
+    # workers on 2 busy cores, as flows/kiln.py's SERVER_START_TIMEOUT_S was by `make run`)
+    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect_home")}), \
+            prefect_test_harness(server_startup_timeout=120):
         yield
 
 
