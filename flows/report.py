@@ -92,6 +92,6 @@ def run_summary(evaluation: dict, package: dict, validation: dict, data_docs: st
     else:
         lines.append("  Nothing to commit: the workspace matches the last commit.")
     lines.append("  Next: `make serve` serves the champion on http://127.0.0.1:3000; `make "
-                 "rollback` restores the one before; `dvc exp run -S train.epochs=20` tries a "
+                 "rollback` restores the one before; `dvc exp run -S train.seed=1` tries a "
                  "change without touching the champion until `dvc exp apply`.")
     return lines

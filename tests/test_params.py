@@ -1,4 +1,5 @@
 """params.yaml loads into typed params; bad values are rejected with the key named."""
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,14 @@ def test_stage_cli_reports_bad_params(tmp_path, edit, message):
     assert done.returncode == 1
     assert done.stderr == f"kiln ingest: error: {message}\n"  # one line, no traceback
     assert not (tmp_path / "out").exists()
+
+
+def test_the_overrides_kiln_suggests_name_real_keys(tmp_path):
+    """Every `-S key=value` that the README or the run summary tells a user to type loads: a
+    renamed key (train.epochs became train.max_epochs) must not live on in the advice."""
+    texts = [REPO / "README.md", *sorted((REPO / "flows").glob("*.py"))]
+    overrides = {m for path in texts
+                 for m in re.findall(r"-S ([a-z_]+)\.([a-z_]+)=([^\s`'\"]+)", path.read_text())}
+    assert ("train", "seed", "1") in overrides  # the summary's Next line
+    for section, key, value in overrides:
+        load_params(write(tmp_path, lambda r: r[section].__setitem__(key, yaml.safe_load(value))))
