@@ -9,6 +9,12 @@ import yaml
 
 os.environ.update(DVC_NO_ANALYTICS="1", BENTOML_DO_NOT_TRACK="True", DO_NOT_TRACK="1",
                   PREFECT_SERVER_ANALYTICS_ENABLED="false")
+# pytest-xdist workers share the cores: each worker's processes (its own torch, the stages it
+# starts) get their share of OpenMP threads, before torch is imported. With torch's default of a
+# thread per core, two `dvc repro` side by side on 2 cores took 76 s each instead of 53
+# (docs/benchmarks.md, Tests): the threads spin waiting for each other.
+if (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 REPO = Path(__file__).resolve().parents[1]
 # section -> key -> value: what every test that runs stages changes in the real params.yaml, to
