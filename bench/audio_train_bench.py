@@ -46,13 +46,9 @@ from pipeline.compress import quantize_int8  # noqa: E402
 from pipeline.dataset import load_split  # noqa: E402
 from pipeline.evaluate import median_latency_ms  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
+from tests.project import stage_argv  # noqa: E402
 
-STAGES = {
-    "augment": "--data data/ingested --out data/augmented",
-    "train": "--data data/ingested --augmented data/augmented --out models/float "
-             "--live reports/train --checkpoints .kiln/checkpoints/train",
-    "compress": "--model models/float --augmented data/augmented --out models/compressed",
-}
+STAGES = ('augment', 'train', 'compress')  # run as dvc.yaml runs them (tests/project.py stage_argv)
 
 
 def write_params(project: Path, changes: list[str]) -> None:
@@ -98,9 +94,9 @@ def main() -> None:
             ingest_audio(a.source, data, params.data.split, params.data.seed,
                          params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
         walls = {}
-        for stage, argv in STAGES.items():
+        for stage in STAGES:
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "pipeline", stage, *argv.split()],
+            done = subprocess.run([sys.executable, "-m", "pipeline", *stage_argv(stage)],
                                   cwd=project, env={**os.environ, "PYTHONPATH": str(REPO)},
                                   capture_output=True, text=True, check=False)
             walls[stage] = time.perf_counter() - start

@@ -36,19 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.languages import write_language_folder  # noqa: E402
+from tests.project import stage_argv  # noqa: E402
 
-STAGES = {
-    "ingest": "--out data/ingested",
-    "augment": "--data data/ingested --out data/augmented",
-    "train": "--data data/ingested --augmented data/augmented --out models/float "
-             "--live reports/train --checkpoints .kiln/checkpoints/train",
-    "compress": "--model models/float --augmented data/augmented --out models/compressed",
-    "evaluate": "--model models/float --compressed models/compressed --data data/ingested "
-                "--metrics reports/evaluation.json --latency reports/latency.json "
-                "--details reports/evaluation_details.json --confusion reports/plots/confusion.csv "
-                "--tradeoff reports/plots/tradeoff.csv --latency-plot reports/plots/latency.csv "
-                "--out models/selected",
-}
+STAGES = ('ingest', 'augment', 'train', 'compress', 'evaluate')  # run as dvc.yaml runs them (tests/project.py stage_argv)
 # data set -> configuration -> params changes (section -> key -> value)
 CONFIGS = {
     "languages": {
@@ -103,9 +93,9 @@ def main() -> None:
             continue
         root = project(args.data, changes, source)
         wall = {}
-        for stage, argv in STAGES.items():
+        for stage in STAGES:
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "pipeline", stage, *argv.split()],
+            done = subprocess.run([sys.executable, "-m", "pipeline", *stage_argv(stage)],
                                   cwd=root, env=env, capture_output=True, text=True)
             wall[stage] = round(time.perf_counter() - start, 1)
             if done.returncode != 0 and stage != "evaluate":  # a refusal is a result

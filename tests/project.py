@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,3 +57,12 @@ def copy_repo(root: Path) -> Path:
     git(root, "add", "-A")
     git(root, "commit", "-qm", "copy")
     return root
+
+
+def stage_argv(stage: str) -> list[str]:
+    """`<stage> --flag value ...` as dvc.yaml's cmd runs it (`python -m pipeline ...`), for the
+    tests and benchmarks that run a stage without DVC: the same arguments, written once."""
+    python, flag, package, *argv = shlex.split(
+        yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"])
+    assert (python, flag, package, argv[0]) == ("python", "-m", "pipeline", stage)
+    return argv

@@ -29,6 +29,7 @@ from pipeline.card import onnx_predictor, read_card
 from pipeline.compress import count_macs_on, count_params, quantize_int8, structured_l1
 from pipeline.dataset import load_split, write_manifest
 from pipeline.params import AudioModelName, load_params
+from tests.project import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 16000
@@ -283,14 +284,12 @@ def test_augment_train_compress_on_generated_clips(tmp_path, params_writer, monk
     tensors = load_file(tmp_path / "data/augmented/train.safetensors")
     assert tensors["waveforms"].shape == (2 * 96, RATE) and tensors["labels"].shape == (192,)
 
-    run(tmp_path, "train", "--data", "data/ingested", "--augmented", "data/augmented", "--out",
-        "models/float", "--live", "reports/train", "--checkpoints", ".kiln/checkpoints/train")
+    run(tmp_path, *stage_argv("train"))
     card = read_card(tmp_path / "models/float")
     assert card.architecture == "conv1d" and card.recipe.audio.n_mels == AUDIO["n_mels"]
     assert card.preprocessing == preprocessing(card.recipe.audio)
 
-    run(tmp_path, "compress", "--model", "models/float", "--augmented", "data/augmented",
-        "--out", "models/compressed")
+    run(tmp_path, *stage_argv("compress"))
     report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
     assert report["macs"]["pruned.onnx"] < report["macs"]["float.onnx"]
     assert report["pruned_widths"]["body.0"] == [4, AUDIO["n_mels"]]  # half of 8, all bands in
@@ -302,12 +301,7 @@ def test_augment_train_compress_on_generated_clips(tmp_path, params_writer, monk
 
     # The gate's baselines for audio: the majority class and logistic regression on log-mel band
     # statistics, which can be served (its graph takes the waveform, as the models do).
-    done = run(tmp_path, "evaluate", "--model", "models/float", "--compressed",
-               "models/compressed", "--data", "data/ingested", "--metrics",
-               "reports/evaluation.json", "--latency", "reports/latency.json", "--details",
-               "reports/evaluation_details.json", "--confusion", "reports/plots/confusion.csv",
-               "--tradeoff", "reports/plots/tradeoff.csv", "--latency-plot",
-               "reports/plots/latency.csv", "--out", "models/selected")
+    done = run(tmp_path, *stage_argv("evaluate"))
     evaluation = json.loads((tmp_path / "reports/evaluation.json").read_text())
     assert evaluation["baseline_majority"]["accuracy"] == 0.25  # 8 test clips per class
     logreg = evaluation["baseline_logreg"]

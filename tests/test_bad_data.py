@@ -24,6 +24,7 @@ from PIL import Image
 import pipeline.__main__
 import pipeline.validate
 from pipeline.champion import Reference
+from tests.project import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("a", "b", "c")
@@ -68,10 +69,7 @@ def project(tmp_path, params_writer):
     return make
 
 
-VALIDATE = ["validate", "--data", "data/ingested", "--metrics", "reports/validation.json",
-            "--details", "reports/validation_details.json", "--docs", "reports/data_docs",
-            "--profile", "reports/data_profile.json", "--champion", "reports/champion.json",
-            "--export", "models/champion"]
+VALIDATE = stage_argv("validate")
 
 
 def cli(work: Path, *args: str) -> subprocess.CompletedProcess:

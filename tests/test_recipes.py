@@ -18,18 +18,11 @@ from PIL import Image, ImageDraw
 from pipeline.card import onnx_predictor, read_card, softmax
 from pipeline.modality import card_part
 from tests.languages import write_language_folder
+from tests.project import stage_argv
 from tests.test_bad_data import VALIDATE, cli
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["train", "--data", "data/ingested", "--augmented", "data/augmented", "--out",
-         "models/float", "--live", "reports/train", "--checkpoints", ".kiln/checkpoints/train"]
-COMPRESS = ["compress", "--model", "models/float", "--augmented", "data/augmented", "--out",
-            "models/compressed"]
-EVALUATE = ["evaluate", "--model", "models/float", "--compressed", "models/compressed",
-            "--data", "data/ingested", "--metrics", "reports/evaluation.json", "--latency",
-            "reports/latency.json", "--details", "reports/evaluation_details.json",
-            "--confusion", "reports/plots/confusion.csv", "--tradeoff", "reports/plots/tradeoff.csv",
-            "--latency-plot", "reports/plots/latency.csv", "--out", "models/selected"]
+TRAIN, COMPRESS, EVALUATE = (stage_argv(s) for s in ("train", "compress", "evaluate"))
 REAL = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
@@ -40,8 +33,7 @@ def run(work: Path, *args: str) -> str:
 
 
 def up_to_augment(work: Path) -> None:
-    for args in (["ingest", "--out", "data/ingested"], VALIDATE,
-                 ["augment", "--data", "data/ingested", "--out", "data/augmented"]):
+    for args in (stage_argv("ingest"), VALIDATE, stage_argv("augment")):
         run(work, *args)
 
 

@@ -869,16 +869,23 @@ def test_the_exported_bento_folder_serves_its_own_model_from_an_empty_store(pack
     assert not any((empty_home / "models").glob("*/*"))  # nothing came from a global store
 
 
-@pytest.mark.slow
-def test_a_bento_whose_model_file_is_corrupt_does_not_start_and_names_the_file(packaged, tmp_path):
+def copy_with_a_corrupt_model(folder: Path, copy: Path) -> Path:
+    """Copy `folder` (an exported Bento or a BentoML home) with one byte of its model.onnx
+    flipped; the flipped file's path."""
     import shutil
 
-    bento = tmp_path / "bento"
-    shutil.copytree(packaged["export"], bento)
-    (onnx,) = bento.glob("models/*/*/model.onnx")
+    shutil.copytree(folder, copy)
+    (onnx,) = copy.glob("models/*/*/model.onnx")
     data = bytearray(onnx.read_bytes())
     data[-100] ^= 0xFF
     onnx.write_bytes(bytes(data))
+    return onnx
+
+
+@pytest.mark.slow
+def test_a_bento_whose_model_file_is_corrupt_does_not_start_and_names_the_file(packaged, tmp_path):
+    bento = tmp_path / "bento"
+    copy_with_a_corrupt_model(packaged["export"], bento)
     with pytest.raises(StageError, match=r"model\.onnx: sha256 .* does not match"):
         with bento_server(str(bento), tmp_path / "home", tmp_path / "serve.log", ready_timeout_s=60):
             pass
@@ -920,14 +927,8 @@ def test_a_model_file_corrupt_in_the_store_stops_the_server_with_the_reason(pack
     `bentoml serve <tag>` reads): the server used to restart its workers forever (248 times
     in 90 s), its port open and /readyz never answering. Now `bentoml serve` itself exits
     non-zero, its log naming the file and the sha256 mismatch, and its ports are closed."""
-    import shutil
-
     home = tmp_path / "bentoml"
-    shutil.copytree(packaged["home"], home)
-    (onnx,) = home.glob("models/*/*/model.onnx")
-    data = bytearray(onnx.read_bytes())
-    data[-100] ^= 0xFF
-    onnx.write_bytes(bytes(data))
+    onnx = copy_with_a_corrupt_model(packaged["home"], home)
     done, *ports = serve_until_it_stops(packaged["report"]["champion"]["bento_tag"], home, tmp_path)
     model_tag = packaged["report"]["champion"]["model_tag"]
     assert_stopped_for(done, ports, f"model {model_tag} cannot be served: {onnx}: sha256 ")

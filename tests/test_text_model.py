@@ -26,6 +26,7 @@ from pipeline.params import TextAugmentParams, TextModelName, load_params
 from pipeline.text import export, tokens
 from pipeline.text import models as text_models
 from pipeline.text.augment import augment_ids, delete, mask, swap, write_augmented
+from tests.project import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("alpha", "bravo", "charlie", "delta")
@@ -223,8 +224,7 @@ def augment_in_process(project: Path, monkeypatch) -> None:
     augment_stage.main(["--data", "data/ingested", "--out", "data/augmented"])
 
 
-TRAIN = ("train", "--data", "data/ingested", "--augmented", "data/augmented", "--out",
-         "models/float", "--live", "reports/train", "--checkpoints", ".kiln/checkpoints/train")
+TRAIN = stage_argv("train")
 
 
 @pytest.mark.slow
@@ -250,8 +250,7 @@ def test_augment_train_compress_evaluate_on_generated_texts(tmp_path, params_wri
     assert (tmp_path / "models/float/tokenizer.json").read_bytes() == \
         (aug / "tokenizer.json").read_bytes()
 
-    done = run(tmp_path, "compress", "--model", "models/float", "--augmented", "data/augmented",
-               "--out", "models/compressed")
+    done = run(tmp_path, *stage_argv("compress"))
     report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
     assert report["heads"] == {"layers.0.attention": 2} and report["calibration_images"] > 0
     assert report["macs"]["pruned.onnx"] < report["macs"]["float.onnx"]
@@ -259,12 +258,7 @@ def test_augment_train_compress_evaluate_on_generated_texts(tmp_path, params_wri
     # int8's size: test_int8_is_smaller_... (on this 16-wide model QDQ nodes outweigh the saving)
     assert sizes["pruned.onnx"] < sizes["float.onnx"]
 
-    done = run(tmp_path, "evaluate", "--model", "models/float", "--compressed",
-               "models/compressed", "--data", "data/ingested", "--metrics",
-               "reports/evaluation.json", "--latency", "reports/latency.json", "--details",
-               "reports/evaluation_details.json", "--confusion", "reports/plots/confusion.csv",
-               "--tradeoff", "reports/plots/tradeoff.csv", "--latency-plot",
-               "reports/plots/latency.csv", "--out", "models/selected")
+    done = run(tmp_path, *stage_argv("evaluate"))
     metrics = json.loads((tmp_path / "reports/evaluation.json").read_text())
     baseline = metrics["baseline_tfidf_lr"]
     assert baseline["accuracy"] > 0.8  # the generated classes are easy for TF-IDF
@@ -318,8 +312,7 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
     assert model.hf.bert.encoder.layer[0].intermediate.dense.out_features == 18
     assert count_params(model) < n_params and len(widths) == 4  # query, key, value, FFN
     # The compress stage does the same to the trained checkpoint (its compress.json).
-    run(tmp_path, "compress", "--model", "models/float", "--augmented", "data/augmented",
-        "--out", "models/compressed")
+    run(tmp_path, *stage_argv("compress"))
     report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
     assert report["heads"] == {"hf.bert.encoder.layer.0.attention.self": 1}
     export.export_onnx(model, card.preprocessing, tmp_path / "pruned.onnx")
