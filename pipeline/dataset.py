@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,28 +41,62 @@ def write_manifest(folder: Path, rows: list[dict], classes: list[str]) -> None:
                                          encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class Items:
+    """One split of an ingested data set as stages read it: a known length and class list, the
+    labels, and the items in batches, in manifest order, read one file at a time. The folder
+    of files is this seam's one implementation; a consumer that iterates `batches` holds one
+    batch, not the split."""
+    folder: Path
+    split: str
+    rows: list[dict]                 # the split's manifest rows, in manifest order
+    classes: list[str]               # the data set's class names; a label is an index into them
+    read: Callable[[Path], object]   # one item's file -> the item (an array, a text)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def labels(self) -> np.ndarray:
+        """The split's int64 labels, in manifest order."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[r["label"]] for r in self.rows], dtype=np.int64)
+
+    def batches(self, size: int) -> Iterator[tuple[list, np.ndarray]]:
+        """(items, int64 labels) of at most `size` items each, in manifest order."""
+        labels = self.labels()
+        for start in range(0, len(self.rows), size):
+            rows = self.rows[start:start + size]
+            yield [self.read(self.folder / r["path"]) for r in rows], labels[start:start + size]
+
+
+def split_items(folder: Path, split: str, read: Callable[[Path], object], unit: str) -> Items:
+    """The items of one split of the ingested `folder`; a split without any is an error naming
+    the manifest and the `unit` ("images", "texts", "clips")."""
+    rows, classes = read_manifest(folder)
+    rows = [r for r in rows if r["split"] == split]
+    if not rows:
+        raise StageError(f"{folder / 'manifest.csv'}: no {unit} in split {split!r}")
+    return Items(Path(folder), split, rows, classes, read)
+
+
 def load_split(folder: Path, split: str, prep) -> tuple[np.ndarray, np.ndarray]:
     """Decode one split through `prep`'s load: an image Preprocessing's uint8 (N, C, S, S)
     pixels, an AudioPreprocessing's float32 (N, samples) waveforms; and int64 labels."""
-    rows, classes = read_manifest(folder)
-    index = {c: i for i, c in enumerate(classes)}
-    rows = [r for r in rows if r["split"] == split]
-    if not rows:
-        raise StageError(f"{folder / 'manifest.csv'}: no {prep.UNIT} in split {split!r}")
-    pixels = np.stack([prep.load(folder / r["path"]) for r in rows])
-    return pixels, np.array([index[r["label"]] for r in rows], dtype=np.int64)
+    items = split_items(folder, split, prep.load, prep.UNIT)
+    return np.stack([item for batch, _ in items.batches(len(items)) for item in batch]), \
+        items.labels()
+
+
+def read_text(path: Path) -> str:
+    """One ingested text, decoded as UTF-8 (validate has checked that it decodes)."""
+    return path.read_bytes().decode("utf-8")
 
 
 def load_texts(folder: Path, split: str) -> tuple[list[str], np.ndarray]:
-    """One split of an ingested text data set (data.modality text): the texts, decoded as UTF-8
-    (validate has checked they decode), and int64 labels."""
-    rows, classes = read_manifest(folder)
-    index = {c: i for i, c in enumerate(classes)}
-    rows = [r for r in rows if r["split"] == split]
-    if not rows:
-        raise StageError(f"{folder / 'manifest.csv'}: no texts in split {split!r}")
-    texts = [(folder / r["path"]).read_bytes().decode("utf-8") for r in rows]
-    return texts, np.array([index[r["label"]] for r in rows], dtype=np.int64)
+    """One split of an ingested text data set (data.modality text): the texts and int64
+    labels."""
+    items = split_items(folder, split, read_text, "texts")
+    return [text for batch, _ in items.batches(len(items)) for text in batch], items.labels()
 
 
 def data_hash(folder: Path) -> str:
