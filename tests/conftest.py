@@ -69,9 +69,9 @@ def prefect_harness(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def packaged(tmp_path_factory):
-    """The package stage run as dvc.yaml runs it on a tiny model (tests/test_service.py), into a
+    """The package stage run as dvc.yaml runs it on a tiny model (tests/tiny_bento.py), into a
     throwaway BentoML home; one per session: tests/test_service.py and tests/test_grpc.py share it."""
-    from tests.test_service import exported, run_package, write_ingested, write_tiny_model
+    from tests.tiny_bento import exported, run_package, write_ingested, write_tiny_model
 
     root = tmp_path_factory.mktemp("package")
     model_dir = root / "selected"

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from tests.bento_server import bento_server
-from tests.test_service import run_package
+from tests.tiny_bento import run_package
 
 
 def main(argv: list[str]) -> None:

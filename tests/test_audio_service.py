@@ -28,9 +28,8 @@ from pipeline.audio.decode import clip_length, fit
 from pipeline.audio.preprocess import AudioPreprocessing
 from pipeline.card import ModelCard, Recipe, Selection, ValScore, sha256_file, softmax, write_card
 from pipeline.params import load_params
-from tests.bento_server import bento_server
-from tests.test_service import (REPO, encode, fit_and_export, fuzz_finds_no_server_error,
-                                multipart, npy, run_package)
+from tests.bento_server import bento_server, fuzz_finds_no_server_error, multipart
+from tests.tiny_bento import REPO, encode, fit_and_export, npy, run_package
 
 PARAMS = load_params(REPO / "params.yaml")
 SERVE = PARAMS.serve

@@ -23,7 +23,7 @@ from open_inference.grpc.service import GRPCInferenceServiceStub
 
 from pipeline.params import load_params
 from pipeline.serving import free_port
-from tests.test_service import CLASSES, REPO, SIZE, class_images
+from tests.tiny_bento import CLASSES, REPO, SIZE, class_images
 
 pytestmark = pytest.mark.slow
 SERVE = load_params(REPO / "params.yaml").serve

@@ -29,7 +29,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from pipeline.sources import outside_imports
-from tests.test_service import write_ingested, write_tiny_model
+from tests.tiny_bento import write_ingested, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 HOLD_S = 15  # s of requests to the served Bento; ONNX Runtime 1.29-1.32 looked up ~9 s in

@@ -24,9 +24,8 @@ import pytest
 
 from pipeline.card import sha256_file
 from tests.bento_server import bento_server
-from tests.test_service import (CLASSES, REPO, class_images, encode, exported,
-                                local_probabilities, run_package, stage_env, write_ingested,
-                                write_tiny_model)
+from tests.tiny_bento import (CLASSES, REPO, class_images, encode, exported, local_probabilities,
+                              run_package, stage_env, write_ingested, write_tiny_model)
 
 pytestmark = pytest.mark.slow
 

@@ -103,7 +103,7 @@ def test_a_baseline_that_beats_every_variant_is_selected_packaged_and_served(
     selects the baseline, whose ONNX graph reads the texts themselves, and the package stage
     serves it over REST and gRPC (infra validation: every test text, the same answers as the
     evaluated graph)."""
-    from tests.test_service import run_package
+    from tests.tiny_bento import run_package
 
     work = text_project(tmp_path / "encoder", languages, params_writer, max_epochs=1)
     _, evaluation = through_evaluate(work)

@@ -24,9 +24,8 @@ from pipeline.card import (ModelCard, Recipe, Selection, ValScore, read_card, sh
                            write_card)
 from pipeline.params import load_params
 from pipeline.text import infra, tokens
-from tests.bento_server import bento_server
-from tests.test_service import (REPO, encode, fit_and_export, fuzz_finds_no_server_error, npy,
-                                run_package)
+from tests.bento_server import bento_server, fuzz_finds_no_server_error
+from tests.tiny_bento import REPO, encode, fit_and_export, npy, run_package
 
 SERVE = load_params(REPO / "params.yaml").serve
 # Per-class vocabularies: a text's words come from its class's list (plus shared filler).
