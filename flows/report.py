@@ -54,7 +54,7 @@ def drift_markdown(validation: dict) -> str:
     block's notes, if any."""
     drift = validation.get("drift", {"status": "skipped"})
     if drift["status"] == "skipped":
-        return "\nDrift: not checked (no champion with a data profile yet).\n"
+        return f"\nDrift: not checked: {drift.get('reason', 'no champion with a data profile')}.\n"
     rows = [f"| {feature} | {v['psi']:.3f} | {'n/a' if v['ks'] is None else format(v['ks'], '.3f')} |"
             for feature, v in drift["features"].items()]
     # what the modality shows beside PSI and KS (texts: the out-of-vocabulary shares)
@@ -79,7 +79,7 @@ def run_summary(evaluation: dict, package: dict, validation: dict, data_docs: st
         f"{champion['accuracy']:.4f}); "
         + ("this run's model serves." if package["challenger_serves"] else
            "this run's model did not replace it (the package stage's log above says why)."),
-        "  Drift: " + ("not checked (no champion of this task with a data profile)."
+        "  Drift: " + (f"not checked: {drift.get('reason', 'no champion with a data profile')}."
                        if drift["status"] == "skipped" else
                        f"{drift['status']} against {drift.get('champion')}."),
         f"  Reports: Data Docs {data_docs}; `dvc metrics show`; `dvc plots show` writes "

@@ -339,6 +339,8 @@ def main(argv: list[str]) -> None:
     m = result.metrics
     if champion.profile is not None:
         m["drift"]["champion"] = champion.model_tag
+    else:
+        m["drift"]["reason"] = champion.note  # the run summary says why
     for path, data in ((args.metrics, {k: m[k] for k in checks.SUMMARY}), (args.details, m)):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -361,6 +361,7 @@ def test_hidden_and_system_files_are_ignored(tmp_path, project):
     metrics = json.loads((work / "reports/validation.json").read_text())
     details = json.loads((work / "reports/validation_details.json").read_text())
     assert metrics["success"] and metrics["checks_failed"] == 0 and details["drift"]["status"] == "skipped"
+    assert details["drift"]["reason"] in validated.stdout  # what the run summary repeats
     assert set(details["problems"].values()) == {0}
     assert json.loads((work / "reports/data_profile.json").read_text())["images"] == 21  # train
 

@@ -408,3 +408,20 @@ def test_the_drift_summary_of_text_data_names_the_out_of_vocabulary_shares():
     assert "Out-of-vocabulary words: 21.8% of the new train split, 15.7% of the champion's own." \
         in drift_markdown(text)
     assert "Out-of-vocabulary" not in drift_markdown(VALIDATION)
+
+
+def test_drift_not_checked_says_why_in_the_summary_and_the_artifact():
+    """A clone with the champion record but not its Bento (no `dvc pull`): validate cannot
+    check drift and says why; the run summary and the flow's artifact repeat that reason
+    instead of a generic one."""
+    from flows.report import run_summary
+
+    why = ("champion kiln:abc named by reports/champion.json is neither in models/champion nor "
+           "in the BentoML store (`dvc pull` brings it)")
+    validation = {"success": True, "drift": {"status": "skipped", "reason": why}}
+    package = {"champion": {"bento_tag": "kiln:abc", "model_tag": "kiln-classifier:def",
+                            "accuracy": 0.98}, "challenger_serves": True}
+    summary = run_summary(EVALUATION, package, validation, "reports/data_docs/index.html",
+                          ["dvc.lock"], push=True)
+    assert f"  Drift: not checked: {why}." in summary
+    assert f"Drift: not checked: {why}." in drift_markdown(validation)
