@@ -42,7 +42,7 @@ repro: install
 
 # One pytest worker per CPU (pytest-xdist), each file on one worker: a file's tests build on its
 # module fixtures. Most slow tests wait on subprocesses and servers, so two workers on 2 cores
-# took 14 min where one took 21 (docs/benchmarks.md, Tests).
+# took 12-15 min where one took 21 (docs/benchmarks.md, Tests).
 PYTEST := $(BIN)/python -m pytest -ra -n auto --dist loadfile --durations=15
 
 test: install

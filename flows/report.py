@@ -49,12 +49,17 @@ def evaluation_markdown(evaluation: dict, latency: dict[str, dict], bento_tag: s
     return "\n".join(lines) + "\n"
 
 
+def not_checked(drift: dict) -> str:
+    """Why validate did not check drift (its details' reason; older runs wrote none)."""
+    return f"not checked: {drift.get('reason', 'no champion with a data profile')}"
+
+
 def drift_markdown(validation: dict) -> str:
     """Markdown for the `drift` block of validate's details: PSI and KS per feature, then the
     block's notes, if any."""
     drift = validation.get("drift", {"status": "skipped"})
     if drift["status"] == "skipped":
-        return f"\nDrift: not checked: {drift.get('reason', 'no champion with a data profile')}.\n"
+        return f"\nDrift: {not_checked(drift)}.\n"
     rows = [f"| {feature} | {v['psi']:.3f} | {'n/a' if v['ks'] is None else format(v['ks'], '.3f')} |"
             for feature, v in drift["features"].items()]
     # what the modality shows beside PSI and KS (texts: the out-of-vocabulary shares)
@@ -79,7 +84,7 @@ def run_summary(evaluation: dict, package: dict, validation: dict, data_docs: st
         f"{champion['accuracy']:.4f}); "
         + ("this run's model serves." if package["challenger_serves"] else
            "this run's model did not replace it (the package stage's log above says why)."),
-        "  Drift: " + (f"not checked: {drift.get('reason', 'no champion with a data profile')}."
+        "  Drift: " + (f"{not_checked(drift)}."
                        if drift["status"] == "skipped" else
                        f"{drift['status']} against {drift.get('champion')}."),
         f"  Reports: Data Docs {data_docs}; `dvc metrics show`; `dvc plots show` writes "

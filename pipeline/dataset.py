@@ -83,8 +83,8 @@ def load_split(folder: Path, split: str, prep) -> tuple[np.ndarray, np.ndarray]:
     """Decode one split through `prep`'s load: an image Preprocessing's uint8 (N, C, S, S)
     pixels, an AudioPreprocessing's float32 (N, samples) waveforms; and int64 labels."""
     items = split_items(folder, split, prep.load, prep.UNIT)
-    return np.stack([item for batch, _ in items.batches(len(items)) for item in batch]), \
-        items.labels()
+    arrays, labels = next(items.batches(len(items)))
+    return np.stack(arrays), labels
 
 
 def read_text(path: Path) -> str:
@@ -96,7 +96,7 @@ def load_texts(folder: Path, split: str) -> tuple[list[str], np.ndarray]:
     """One split of an ingested text data set (data.modality text): the texts and int64
     labels."""
     items = split_items(folder, split, read_text, "texts")
-    return [text for batch, _ in items.batches(len(items)) for text in batch], items.labels()
+    return next(items.batches(len(items)))
 
 
 def data_hash(folder: Path) -> str:
