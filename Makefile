@@ -52,7 +52,7 @@ test-fast: install
 	$(PYTEST) -m "not slow"
 
 # The champion the workspace names: the record the package stage writes (committed with
-# dvc.lock) and its exported Bento (pipeline/champion.py), imported into $(BENTOML_HOME) after
+# dvc.lock) and its exported Bento (pipeline/lifecycle/champion.py), imported into $(BENTOML_HOME) after
 # every file is checked against its manifest.
 POINTER := reports/champion.json
 EXPORT := models/champion
@@ -61,14 +61,14 @@ EXPORT := models/champion
 # KILN_GRPC_PORT in the environment) says otherwise; a port in use is refused before serving.
 serve: install
 	$(if $(GRPC_PORT),export KILN_GRPC_PORT=$(GRPC_PORT) && )\
-	bento=$$($(BIN)/python -m pipeline.champion bento --champion $(POINTER) --export $(EXPORT)) && \
-	$(BIN)/python -m pipeline.oip $$bento 127.0.0.1 && \
+	bento=$$($(BIN)/python -m pipeline.lifecycle.champion bento --champion $(POINTER) --export $(EXPORT)) && \
+	$(BIN)/python -m pipeline.serving.oip $$bento 127.0.0.1 && \
 	$(BIN)/bentoml serve $$bento --host 127.0.0.1 --port $(PORT)
 
 # The previous champion (model and Bento) serves again at the next `make serve`; dvc.lock records
 # the package stage's changed outputs when that stage was up to date.
 rollback: install
-	$(BIN)/python -m pipeline.champion rollback --champion $(POINTER) --export $(EXPORT) --stage package
+	$(BIN)/python -m pipeline.lifecycle.champion rollback --champion $(POINTER) --export $(EXPORT) --stage package
 
 # A local Prefect server with its UI on http://127.0.0.1:$(PREFECT_PORT) (flows/server.py; own
 # session, so Ctrl-C reaches only the serve process, which pauses the schedule first), then the

@@ -8,7 +8,7 @@
    call, synthesis, WAV writing, manifest), median and each run. Reported with the set: clips,
    voices per split, bytes on disk, clip durations. Then eSpeak NG alone: `say` of the 10 digits
    by the first 20 voices at 175 wpm, pitch 50 (200 clips), total wall time, one run.
-2. Decoding one 1 s clip to audio.sample_rate mono (pipeline/audio/decode.py decode, from the
+2. Decoding one 1 s clip to audio.sample_rate mono (pipeline/modalities/audio/decode.py decode, from the
    bytes, as the service gets an upload): median of --decode-runs, for 16-bit WAV at 16 kHz,
    22.05 kHz (the built-in set's), 44.1 kHz stereo and 96 kHz.
 3. Resamplers for one 1 s float32 mono clip to 16 kHz: libsoxr (`soxr.resample`, its "HQ"
@@ -39,8 +39,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.audio.decode import decode  # noqa: E402
-from pipeline.audio.sources import ingest_audio  # noqa: E402
+from pipeline.modalities.audio.decode import decode  # noqa: E402
+from pipeline.modalities.audio.sources import ingest_audio  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 
 
@@ -72,8 +72,8 @@ def synthesis(runs: int) -> None:
           f"{min(seconds):.2f}-{max(seconds):.2f} s (median {statistics.median(seconds):.2f})")
     print(f"  wall time median {statistics.median(walls):.2f} s of {runs} runs: "
           + ", ".join(f"{w:.2f}" for w in walls))
-    from pipeline.audio.espeak import synthesiser
-    from pipeline.audio.sources import DIGITS, VOLUME, voice_names
+    from pipeline.modalities.audio.espeak import synthesiser
+    from pipeline.modalities.audio.sources import DIGITS, VOLUME, voice_names
 
     speaker = synthesiser()
     start = time.perf_counter()

@@ -5,17 +5,17 @@ unseen voices.
     .venv/bin/python bench/audio_train_bench.py [--set audio.model=cnn2d ...] [--ingested DIR]
 
 Data: unless --ingested names an ingested audio folder (the ingest stage's output), the script
-makes the built-in set with the real params.yaml (pipeline/audio/sources.py ingest_audio) in a
+makes the built-in set with the real params.yaml (pipeline/modalities/audio/sources.py ingest_audio) in a
 temporary folder.
 
-Each stage runs as dvc.yaml runs it (`python -m pipeline <stage>`, a fresh process) in a
+Each stage runs as dvc.yaml runs it (`python -m pipeline.stages <stage>`, a fresh process) in a
 temporary project with the real params.yaml, data.modality audio, and --set changes. Reported:
 the wall time of each stage's process (import and start-up included; one run; the train stage's
 per-epoch lines are printed above), and for every ONNX variant (compress's float, pruned and
 int8, plus `int8_frontend`: float.onnx quantised with the front end too, calibrated on the same
 clips compress picks) its test accuracy (ONNX Runtime, 1 thread, the test split decoded by the
 card's preprocessing), file size, and latency of one 1 s clip (batch 1, 1 thread, median of 200
-runs after 3 warm-up runs: pipeline/evaluate.py's median_latency_ms). MACs and pruned
+runs after 3 warm-up runs: pipeline/stages/evaluate.py's median_latency_ms). MACs and pruned
 widths come from compress.json. The machine's load is printed with the result
 (`os.getloadavg`): on a shared 2-core machine it moves wall times.
 """
@@ -39,12 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.text_bench import apply_sets  # noqa: E402
-from pipeline.audio import export  # noqa: E402
-from pipeline.audio.sources import ingest_audio  # noqa: E402
-from pipeline.card import onnx_predictor, read_card  # noqa: E402
-from pipeline.compress import quantize_int8  # noqa: E402
-from pipeline.dataset import load_split  # noqa: E402
-from pipeline.evaluate import median_latency_ms  # noqa: E402
+from pipeline.modalities.audio import export  # noqa: E402
+from pipeline.modalities.audio.sources import ingest_audio  # noqa: E402
+from pipeline.core.card import onnx_predictor, read_card  # noqa: E402
+from pipeline.stages.compress import quantize_int8  # noqa: E402
+from pipeline.core.dataset import load_split  # noqa: E402
+from pipeline.stages.evaluate import median_latency_ms  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from tests.project import stage_argv  # noqa: E402
 
@@ -65,7 +65,7 @@ def frontend_int8(project: Path) -> Path:
     params = load_params(project / "params.yaml")
     x = load_file(project / "data/augmented/train.safetensors")["waveforms"].numpy()
     n_originals = export.calibration_originals(params, len(x))
-    rng = np.random.default_rng(params.train.seed)  # as pipeline/compress.py picks them
+    rng = np.random.default_rng(params.train.seed)  # as pipeline/stages/compress.py picks them
     pick = rng.choice(n_originals, size=min(params.compress.calibration_images, n_originals),
                       replace=False)
     everything = SimpleNamespace(INPUT=export.INPUT, int8_scope=lambda prepared, folder:
@@ -96,7 +96,7 @@ def main() -> None:
         walls = {}
         for stage in STAGES:
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "pipeline", *stage_argv(stage)],
+            done = subprocess.run([sys.executable, "-m", "pipeline.stages", *stage_argv(stage)],
                                   cwd=project, env={**os.environ, "PYTHONPATH": str(REPO)},
                                   capture_output=True, text=True, check=False)
             walls[stage] = time.perf_counter() - start

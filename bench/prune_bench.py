@@ -1,4 +1,4 @@
-"""Structured pruning before/after: this checkout's pipeline.compress against the compress.py of
+"""Structured pruning before/after: this checkout's pipeline.stages.compress against the compress.py of
 a git ref (the hand-written pruner), on digits with the real params.yaml.
 
     .venv/bin/python bench/prune_bench.py --model lenet5 --old-ref 613b636
@@ -26,22 +26,22 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import compress  # noqa: E402
-from pipeline.card import onnx_predictor  # noqa: E402
-from pipeline.image import models  # noqa: E402
-from pipeline.image.export import export_onnx  # noqa: E402
+from pipeline.stages import compress  # noqa: E402
+from pipeline.core.card import onnx_predictor  # noqa: E402
+from pipeline.modalities.image import models  # noqa: E402
+from pipeline.modalities.image.export import export_onnx  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch  # noqa: E402
+from pipeline.core.training import fit, make_optimizer, make_schedule, steps_per_epoch  # noqa: E402
 from tests.test_compress import digits  # noqa: E402
 
 
 # Modules that moved since the old refs this bench compares against (the modality seam): the
 # old compress.py imports them by their old names.
-MOVED = {"pipeline.preprocess": "pipeline.image.preprocess", "pipeline.warp": "pipeline.image.warp"}
+MOVED = {"pipeline.preprocess": "pipeline.modalities.image.preprocess", "pipeline.warp": "pipeline.modalities.image.warp"}
 
 
 def old_compress(ref: str, tmp: Path):
-    source = subprocess.run(["git", "show", f"{ref}:pipeline/compress.py"], cwd=REPO, check=True,
+    source = subprocess.run(["git", "show", f"{ref}:pipeline/stages/compress.py"], cwd=REPO, check=True,
                             capture_output=True, text=True).stdout
     path = tmp / "old_compress.py"
     path.write_text(source)

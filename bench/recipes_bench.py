@@ -8,7 +8,7 @@ baselines the gate measures them against.
     .venv/bin/python bench/recipes_bench.py audio       # the built-in spoken digits (1,200 clips)
     ... --config NAME                                   # only that configuration (repeatable)
 
-Each configuration runs the stages as dvc.yaml runs them (`python -m pipeline <stage>`, a fresh
+Each configuration runs the stages as dvc.yaml runs them (`python -m pipeline.stages <stage>`, a fresh
 process each) in a temporary project holding the real params.yaml with its changes
 (CONFIGS below; evaluate.latency_runs 5, as latency is not compared here; "all N epochs" sets
 train.patience to the budget: every epoch runs and the best is kept, where the recipe before
@@ -95,7 +95,7 @@ def main() -> None:
         wall = {}
         for stage in STAGES:
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "pipeline", *stage_argv(stage)],
+            done = subprocess.run([sys.executable, "-m", "pipeline.stages", *stage_argv(stage)],
                                   cwd=root, env=env, capture_output=True, text=True)
             wall[stage] = round(time.perf_counter() - start, 1)
             if done.returncode != 0 and stage != "evaluate":  # a refusal is a result

@@ -8,10 +8,10 @@ Servers (both on 127.0.0.1, started and stopped by this script):
          Runtime on the selected variant, with the Bento's own settings (params.yaml serve: HTTP
          workers, batch threads, access log), printed with the results.
   kiln gRPC  the same `bentoml serve` processes' gRPC port (Open Inference Protocol v2,
-         pipeline/oip.py): ModelInfer with one test image's raw uint8 pixels (the client sends
+         pipeline/serving/oip.py): ModelInfer with one test image's raw uint8 pixels (the client sends
          pixels, HTTP /classify gets the PNG file and decodes it).
   naive  FastAPI + uvicorn.run defaults (one process) running the float model in torch eager
-         mode, one image per request, decoded and preprocessed with the same pipeline.image.preprocess
+         mode, one image per request, decoded and preprocessed with the same pipeline.modalities.image.preprocess
          code. Both servers get uvloop and httptools (uvicorn uses them when installed).
 
 Client: one asyncio process speaking HTTP/1.1 itself over keep-alive connections: each request
@@ -39,7 +39,7 @@ Text mode (a text model's Bento, issue 12):
 
 The same client and method, no naive server: c clients post one test text each (cycling through
 the test split, as JSON {"text": ...}) to POST /classify_text, and the same texts as one-element
-BYTES ModelInfer requests (pipeline/text/infra.py infer_request) over gRPC, for c in (1, 32),
+BYTES ModelInfer requests (pipeline/modalities/text/infra.py infer_request) over gRPC, for c in (1, 32),
 servers interleaved; then one client posting 256 test texts per request to /classify_text_batch
 (texts/s). --tiny benchmarks a Bento of tests/test_text_service.py's tiny text model (embedding
 mean + linear, its generated texts as --data) built by the package stage into a throwaway
@@ -54,7 +54,7 @@ Audio mode (an audio model's Bento, issue 13):
 The same client and method, no naive server and no batch endpoint: c clients post one test clip
 each as its file (multipart "audio", cycling through the test split) to POST /classify_audio,
 which decodes, resamples and fits it, and the same clips decoded here (AudioPreprocessing.load)
-as one-clip FP32 ModelInfer requests (pipeline/audio/infra.py infer_request) over gRPC, for c in
+as one-clip FP32 ModelInfer requests (pipeline/modalities/audio/infra.py infer_request) over gRPC, for c in
 (1, 32), servers interleaved. --tiny benchmarks a Bento of tests/test_audio_service.py's tiny
 audio model (a strided Conv1d, log energy, a linear head) built by the package stage into a
 throwaway BentoML home, its test split 1 s tones written as eSpeak NG writes speech (22.05 kHz
@@ -98,9 +98,9 @@ def naive_app(model_dir: Path):
     from fastapi import FastAPI, UploadFile
     from PIL import Image
 
-    from pipeline import models
+    from pipeline.core import saved_model
 
-    model, card = models.load(model_dir)
+    model, card = saved_model.load(model_dir)
     prep = card.preprocessing
     app = FastAPI()
 
@@ -124,7 +124,7 @@ def naive_app(model_dir: Path):
 
 @contextmanager
 def naive_server(model_dir: Path, log: Path):
-    from pipeline.serving import free_port
+    from pipeline.lifecycle.local_server import free_port
 
     port = free_port()
     with open(log, "w") as out:
@@ -151,7 +151,7 @@ def naive_server(model_dir: Path, log: Path):
 @contextmanager
 def kiln_server(bento: str, log: Path):
     """Yields (HTTP URL, gRPC port)."""
-    from pipeline.serving import serving
+    from pipeline.lifecycle.local_server import serving
 
     with serving(bento, log, ready_timeout_s=60) as client:
         yield str(client.base_url).rstrip("/"), client.grpc_port
@@ -275,7 +275,7 @@ def median_of(runs: list[dict]) -> dict:
 
 def champion_bento(args) -> str:
     from pipeline import StageError
-    from pipeline.champion import Exports, bento_to_serve
+    from pipeline.lifecycle.champion import Exports, bento_to_serve
 
     try:
         return args.bento or bento_to_serve(args.champion, Exports(args.export))
@@ -346,9 +346,9 @@ def audio_bench(args) -> dict:
     import bentoml
     import soundfile
 
-    from pipeline.audio.infra import infer_request as audio_infer_request
-    from pipeline.card import read_card
-    from pipeline.dataset import read_manifest
+    from pipeline.modalities.audio.infra import infer_request as audio_infer_request
+    from pipeline.core.card import read_card
+    from pipeline.core.dataset import read_manifest
 
     bento = champion_bento(args)
     info = bentoml.bentos.get(bento).info
@@ -382,8 +382,8 @@ def text_bench(args) -> dict:
     and /classify_text_batch throughput."""
     import bentoml
 
-    from pipeline.dataset import load_texts
-    from pipeline.text.infra import infer_request as text_infer_request
+    from pipeline.core.dataset import load_texts
+    from pipeline.modalities.text.infra import infer_request as text_infer_request
 
     bento = champion_bento(args)
     texts, _ = load_texts(args.data, "test")
@@ -455,9 +455,9 @@ def main() -> None:
                     log_level="warning")
         return
 
-    from pipeline.card import read_card
-    from pipeline.dataset import load_split, read_manifest
-    from pipeline.image.infra import infer_request
+    from pipeline.core.card import read_card
+    from pipeline.core.dataset import load_split, read_manifest
+    from pipeline.modalities.image.infra import infer_request
 
     bento = champion_bento(args)
     rows = [r for r in read_manifest(args.data)[0] if r["split"] == "test"]

@@ -94,8 +94,8 @@ end
 
 def requests_files(folder: Path, data: Path, max_request_bytes: int) -> tuple[Path, Path]:
     """Write the request files; return (the mixed list, the valid-only list)."""
-    from pipeline.card import read_card
-    from pipeline.dataset import read_manifest
+    from pipeline.core.card import read_card
+    from pipeline.core.dataset import read_manifest
 
     rows = [r for r in read_manifest(data)[0] if r["split"] == "test"]
     valid = [multipart_post("/classify", "image", "x.png", (data / r["path"]).read_bytes(),
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    from pipeline.champion import Exports, bento_to_serve
+    from pipeline.lifecycle.champion import Exports, bento_to_serve
     from pipeline.params import load_params
 
     bentos = args.bento or [bento_to_serve(args.champion, Exports(args.export))]

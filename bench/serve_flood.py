@@ -4,7 +4,7 @@ in one ModelInfer, far over serve.max_batch_images, sent to a text model's Bento
     python bench/serve_flood.py [--bento TAG] [--repeats 5] [--out reports/serve_flood.json]
 
 Without --bento: tests/test_text_service.py's tiny text model, packaged into a throwaway BentoML
-home (serve_bench.py --tiny's Bento). The Bento is served by `bentoml serve` (pipeline.serving);
+home (serve_bench.py --tiny's Bento). The Bento is served by `bentoml serve` (pipeline.lifecycle.local_server);
 one gRPC channel, so one TCP connection and one worker, carries both the flood and the probes.
 Per run and per form of the texts ("raw": raw_input_contents, each element a 4-byte length, 8 MB;
 "typed": contents.bytes_contents, 4 MB): ModelInfer of the flood in a thread while the main

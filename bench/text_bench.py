@@ -9,7 +9,7 @@ lines of LANGUAGES, blank lines, repeats within a language and lines two languag
 out (compared lowercased, whitespace collapsed), up to text.per_class per language chosen with
 data.seed, split stratified by data.split with data.seed.
 
-Each stage runs as dvc.yaml runs it (`python -m pipeline <stage>`, a fresh process) in a
+Each stage runs as dvc.yaml runs it (`python -m pipeline.stages <stage>`, a fresh process) in a
 temporary project with the real params.yaml, data.modality text, and --set changes. Reported:
 the wall time of each stage's process (import and start-up included; one run; the stages'
 own lines, with per-epoch seconds, are printed above it), test accuracy and file size of every
@@ -37,7 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.dataset import write_manifest  # noqa: E402
+from pipeline.core.dataset import write_manifest  # noqa: E402
 from tests.project import stage_argv  # noqa: E402
 
 LANGUAGES = ("chinese", "dutch", "english", "italian", "japanese", "korean", "persian",
@@ -114,7 +114,7 @@ def main() -> None:
     wall = {}
     for stage in STAGES:
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "pipeline", *stage_argv(stage)],
+        done = subprocess.run([sys.executable, "-m", "pipeline.stages", *stage_argv(stage)],
                               cwd=project, env=env, capture_output=True, text=True)
         wall[stage] = round(time.perf_counter() - start, 2)
         print(done.stdout.strip(), flush=True)

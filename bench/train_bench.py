@@ -12,8 +12,8 @@ Method (all in one process, one run of this script, so both sides see the same m
   num_workers=0 because DataLoader workers are slower on 2 cores (shared/STACK.md). LeNet-5,
   Adam(train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors; on a GPU the model lives
   there and each batch is copied to it, as the original example does.
-- (b) Kiln's loop: pipeline.training.fit on the same uint8 images held on the device, warped afresh
-  each epoch by pipeline.image.models.epoch_warper (pipeline.image.warp.warp: one batched affine
+- (b) Kiln's loop: pipeline.core.training.fit on the same uint8 images held on the device, warped afresh
+  each epoch by pipeline.modalities.image.models.epoch_warper (pipeline.modalities.image.warp.warp: one batched affine
   grid_sample of the whole set, augment.chunk images per call: rotation, translation, zoom),
   with the train.* params the stage uses:
   channels_last, train.lr_schedule, train.label_smoothing (train.compile as in params.yaml).
@@ -28,7 +28,7 @@ Method (all in one process, one run of this script, so both sides see the same m
   changes hit all four. Reported: the median over runs.
 - Augmentation alone: uint8 (N, 1, S, S) train images in, float [0, 1] warped images out.
   Per-image: the Dataset's PIL rotate + pad + random crop in a Python loop. Batched:
-  pipeline.image.warp.warp on the whole set (one call). Images/s, median of --aug-reps repetitions.
+  pipeline.modalities.image.warp.warp on the whole set (one call). Images/s, median of --aug-reps repetitions.
 - The load average (os.getloadavg) is printed before and after: the machine is shared.
 """
 from __future__ import annotations
@@ -52,13 +52,13 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import training
-from pipeline.dataset import load_split
-from pipeline.image import models
-from pipeline.image.models import epoch_warper
-from pipeline.image.preprocess import Preprocessing
-from pipeline.image.warp import warp
-from pipeline.image.sources import ingest_images as ingest
+from pipeline.core import training
+from pipeline.core.dataset import load_split
+from pipeline.modalities.image import models
+from pipeline.modalities.image.models import epoch_warper
+from pipeline.modalities.image.preprocess import Preprocessing
+from pipeline.modalities.image.warp import warp
+from pipeline.modalities.image.sources import ingest_images as ingest
 from pipeline.params import Params, load_params
 from train_stage_bench import with_changes  # bench/, beside this file
 
@@ -130,14 +130,14 @@ def seed_style_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> t
 
 def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int,
              per_epoch_warp: bool = True) -> tuple[float, float]:
-    """(training images/s, test accuracy) of pipeline.training.fit with per-epoch device warps
+    """(training images/s, test accuracy) of pipeline.core.training.fit with per-epoch device warps
     (per_epoch_warp=False: none, the same images every epoch)."""
     t = p.train
     device = training.pick_device()
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     pixels = torch.from_numpy(splits["train"][0]).to(device)
     y = torch.from_numpy(splits["train"][1]).to(device)
-    x = training.to_input(pixels, prep, device).contiguous(memory_format=memory_format)
+    x = models.to_input(pixels, prep, device).contiguous(memory_format=memory_format)
     torch.manual_seed(seed)
     model = models.build(t.model, prep.channels, 10, prep.image_size).to(device)
     model = model.to(memory_format=memory_format)
@@ -174,7 +174,7 @@ def kiln_no_augmentation_run(p: Params, prep: Preprocessing, splits: dict,
 
 def test_accuracy(model: torch.nn.Module, prep: Preprocessing, splits: dict) -> float:
     pixels, labels = splits["test"]
-    x = training.to_input(pixels, prep, torch.device("cpu"))
+    x = models.to_input(pixels, prep, torch.device("cpu"))
     return training.score(model.cpu(), x, torch.from_numpy(labels), 512)[1]
 
 

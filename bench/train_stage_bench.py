@@ -3,9 +3,9 @@
 
 Method:
 - Once: params.yaml (with any --set section.key=value changes) is written into a temporary
-  folder, and the ingest and augment stages run there (`python -m pipeline ingest/augment`).
-- Each run is a fresh Python process, as `dvc repro` starts one, that imports pipeline.train
-  (torch, DVCLive) and then times `pipeline.train.main` with the dvc.yaml arguments, from call to
+  folder, and the ingest and augment stages run there (`python -m pipeline.stages ingest/augment`).
+- Each run is a fresh Python process, as `dvc repro` starts one, that imports pipeline.stages.train
+  (torch, DVCLive) and then times `pipeline.stages.train.main` with the dvc.yaml arguments, from call to
   return. That covers everything the stage does: reading the augmented tensors, moving them to the
   device (and so creating the CUDA context), building the model, every epoch with its validation
   pass, per-epoch checkpoint and DVCLive writes, and writing the model. Interpreter start and
@@ -44,8 +44,10 @@ def child() -> None:
 
     import torch
 
-    from pipeline import models, train, training
-    from pipeline.dataset import load_split
+    from pipeline.core import saved_model, training
+    from pipeline.modalities.image import models as image_models
+    from pipeline.stages import train
+    from pipeline.core.dataset import load_split
 
     if os.environ.get("KILN_BENCH_PREIMPORT"):
         import torch._dynamo  # noqa: F401 - imported lazily by the first optimizer step
@@ -60,9 +62,9 @@ def child() -> None:
     seconds = time.perf_counter() - start
     if profile:
         pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
-    model, card = models.load(Path("models/float"))
+    model, card = saved_model.load(Path("models/float"))
     pixels, labels = load_split(Path("data/ingested"), "test", card.preprocessing)
-    x = training.to_input(pixels, card.preprocessing, torch.device("cpu"))
+    x = image_models.to_input(pixels, card.preprocessing, torch.device("cpu"))
     accuracy = training.score(model.float().cpu(), x, torch.from_numpy(labels), 512)[1]
     print("RESULT " + json.dumps({"stage_s": seconds, "test_acc": accuracy,
                                   "device": str(training.pick_device())}), flush=True)
@@ -101,7 +103,7 @@ def main() -> None:
         (folder / "params.yaml").write_text(yaml.safe_dump(with_changes(REPO / "params.yaml", args.set), sort_keys=False))
         for stage in (["ingest", "--out", "data/ingested"],
                       ["augment", "--data", "data/ingested", "--out", "data/augmented"]):
-            subprocess.run([sys.executable, "-m", "pipeline", *stage], cwd=folder, env=env,
+            subprocess.run([sys.executable, "-m", "pipeline.stages", *stage], cwd=folder, env=env,
                            check=True, stdout=subprocess.DEVNULL)
         runs = []
         for run in range(args.runs):

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.dataset import SPLITS, read_manifest
+from pipeline.core.dataset import SPLITS, read_manifest
 from pipeline.params import load_params
-from pipeline.image.checks import image_table, pool_size
-from pipeline.validate import validate
+from pipeline.modalities.image.checks import image_table, pool_size
+from pipeline.stages.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
 SIDE = 32       # px

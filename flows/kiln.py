@@ -83,7 +83,7 @@ def stage_env(project_dir: Path) -> dict[str, str]:
                PYTHONUNBUFFERED="1")
     env.setdefault("BENTOML_HOME", str(project_dir / ".bentoml"))
     env.setdefault("PREFECT_HOME", str(project_dir / ".prefect"))
-    # dvc.yaml's commands say `python -m pipeline ...`: make that the interpreter running this
+    # dvc.yaml's commands say `python -m pipeline.stages ...`: make that the interpreter running this
     # flow, whose environment has the pipeline's packages, even when the venv is not activated.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env

@@ -20,15 +20,15 @@ class ParamsError(ValueError):
     """params.yaml does not match the schema; the message names the file and the key."""
 
 
-# Names in the registries (pipeline/image/models.py MODELS; pipeline/compress.py STRUCTURED_PRUNERS
+# Names in the registries (pipeline/modalities/image/models.py MODELS; pipeline/stages/compress.py STRUCTURED_PRUNERS
 # and PRUNERS), declared here so a misspelt name is refused before any stage runs, by code that
 # needs no torch. tests/test_stages.py checks they equal the registries.
 ModelName = Literal["lenet5", "resnet_small"]
-# data.modality: each names a package pipeline/<name>/ (pipeline/modality.py, the seam)
+# data.modality: each names a package pipeline/modalities/<name>/ (pipeline/core/modality.py, the seam)
 MODALITIES = ("image", "text", "audio")
 Modality = Literal[MODALITIES]
 TextModelName = Literal["text_encoder", "text_bag"]
-AudioModelName = Literal["conv1d", "cnn2d"]  # pipeline/audio/models.py AUDIO_MODELS
+AudioModelName = Literal["conv1d", "cnn2d"]  # pipeline/modalities/audio/models.py AUDIO_MODELS
 PruneMethod = Literal["structured_l1", "l1_unstructured", "l1_channels"]
 
 
@@ -281,7 +281,7 @@ def typed(value, kind, key: str):
     """`value` (parsed YAML or JSON) checked against the annotation `kind` and converted: a
     dataclass from a mapping, recursively. Unknown or missing keys and wrong types raise
     ParamsError naming `key`, the value's dotted path, with the nearest allowed name for a
-    misspelt one. Also reads model cards (pipeline/card.py)."""
+    misspelt one. Also reads model cards (pipeline/core/card.py)."""
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise ParamsError(f"{key}: expected a mapping, got {value!r}")
@@ -295,6 +295,8 @@ def typed(value, kind, key: str):
         if missing:
             raise ParamsError(f"{key}.{missing[0]}: missing key")
         return kind(**{name: typed(value[name], hints[name], f"{key}.{name}") for name in hints})
+    if kind is typing.Any:  # a model card's preprocessing: its modality's record reads it
+        return value
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):  # `X | None`, `int | list[int]`
         if value is None and type(None) in args:

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.serving import serving
+from pipeline.lifecycle.local_server import serving
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
 def bento_server(bento: str, bentoml_home: Path, log: Path, ready_timeout_s: float = 60):
-    """pipeline.serving.serving of `bento` (a tag or an exported Bento folder) with no --host
+    """pipeline.lifecycle.local_server.serving of `bento` (a tag or an exported Bento folder) with no --host
     (the Bento itself must pick loopback), on the given BentoML home; yields (httpx client, port)."""
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
     with serving(bento, log, ready_timeout_s, env=env, host=None) as client:

@@ -60,9 +60,9 @@ def copy_repo(root: Path) -> Path:
 
 
 def stage_argv(stage: str) -> list[str]:
-    """`<stage> --flag value ...` as dvc.yaml's cmd runs it (`python -m pipeline ...`), for the
+    """`<stage> --flag value ...` as dvc.yaml's cmd runs it (`python -m pipeline.stages ...`), for the
     tests and benchmarks that run a stage without DVC: the same arguments, written once."""
     python, flag, package, *argv = shlex.split(
         yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"])
-    assert (python, flag, package, argv[0]) == ("python", "-m", "pipeline", stage)
+    assert (python, flag, package, argv[0]) == ("python", "-m", "pipeline.stages", stage)
     return argv

@@ -1,9 +1,9 @@
-"""Audio data through the validate stage (data.modality audio, pipeline/audio/checks.py): the
+"""Audio data through the validate stage (data.modality audio, pipeline/modalities/audio/checks.py): the
 bad-audio matrix of issue 13, one test per kind, each stopping validate with the file named or
 passing with what it found reported; the built-in spoken digits and a user's folder through
 ingest and validate; drift against a champion's audio profile. Stages run as users run them,
-`python -m pipeline <stage>` in a project folder with the repo's params.yaml shrunk
-(tests/conftest.py), in-process through pipeline.__main__.main() (tests/test_bad_data.py's
+`python -m pipeline.stages <stage>` in a project folder with the repo's params.yaml shrunk
+(tests/conftest.py), in-process through pipeline.stages.__main__.main() (tests/test_bad_data.py's
 `stage` fixture: same code path, no champion).
 
 Recordings are generated here: tones, each file its own pitch, so none is a copy of another."""
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import soundfile
 
-import pipeline.validate
-from pipeline.audio import checks
-from pipeline.audio.decode import decode
-from pipeline.champion import Reference
-from pipeline.dataset import SPLITS, read_manifest
+import pipeline.stages.validate
+from pipeline.modalities.audio import checks
+from pipeline.modalities.audio.decode import decode
+from pipeline.lifecycle.champion import Reference
+from pipeline.core.dataset import SPLITS, read_manifest
 from pipeline.params import ParamsError, load_params
 from tests.test_bad_data import VALIDATE, ingest_and_validate, problems, stage  # noqa: F401 (fixture)
 
@@ -120,7 +120,7 @@ def spoil_wrong_extension(source: Path) -> str:
     """FLAC bytes named .wav. libsndfile could read them, but the service and other tools go by
     the extension, and a name that lies about its content is a bug in the export that made it:
     stops, saying to rename it. (A file whose extension is not an audio one at all, .wma or
-    .txt, is skipped by ingest and listed: pipeline/folders.py.)"""
+    .txt, is skipped by ingest and listed: pipeline/core/folders.py.)"""
     write(source / "test/low/export.wav", tone(310, 0.5), container="FLAC")
     return ("-- 1 break it: wrong extension: test/low/export.wav (holds FLAC audio, but its "
             "extension '.wav' says WAV: rename it)")
@@ -288,7 +288,7 @@ def champion_profile(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("champion")
     write_folder(root / "src", per_class=20)
     params = load_params(REPO / "params.yaml")
-    from pipeline.audio.sources import ingest_audio
+    from pipeline.modalities.audio.sources import ingest_audio
     a = params.audio
     ingest_audio(str(root / "src"), root / "ingested", params.data.split, params.data.seed,
                  params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
@@ -297,7 +297,7 @@ def champion_profile(tmp_path_factory) -> dict:
 
 def test_the_same_kind_of_audio_shows_no_drift(tmp_path, audio_project, stage, monkeypatch,
                                                champion_profile):
-    monkeypatch.setattr(pipeline.validate, "reference",
+    monkeypatch.setattr(pipeline.stages.validate, "reference",
                         lambda *_: Reference("champ:1", champion_profile, ""))
     work = audio_project(write_folder(tmp_path / "src", per_class=20, start=1000))
     code, out = ingest_and_validate(stage, work)
@@ -312,7 +312,7 @@ def test_the_same_kind_of_audio_shows_no_drift(tmp_path, audio_project, stage, m
 def test_louder_longer_brighter_audio_fails_on_drift(tmp_path, audio_project, stage, monkeypatch,
                                                      champion_profile):
     """Each changed statistic names itself: duration, loudness (dBFS) and spectral centroid."""
-    monkeypatch.setattr(pipeline.validate, "reference",
+    monkeypatch.setattr(pipeline.stages.validate, "reference",
                         lambda *_: Reference("champ:1", champion_profile, ""))
     work = audio_project(write_folder(tmp_path / "src", per_class=20, start=1000,
                                       seconds=(0.8, 1.2), amplitude=(0.7, 0.9), brighter=2.0))
@@ -325,7 +325,7 @@ def test_louder_longer_brighter_audio_fails_on_drift(tmp_path, audio_project, st
 
 
 def test_a_text_profile_is_no_reference_for_audio(tmp_path, audio_project, stage, monkeypatch):
-    monkeypatch.setattr(pipeline.validate, "reference", lambda *_: Reference(
+    monkeypatch.setattr(pipeline.stages.validate, "reference", lambda *_: Reference(
         "langs:1", {"version": 1, "modality": "text", "categorical": {"label": {}},
                     "quantiles": {}}, ""))
     code, out = ingest_and_validate(stage, audio_project(write_folder(tmp_path / "src")))

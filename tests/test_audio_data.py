@@ -1,5 +1,5 @@
 """Audio data in (data.modality audio): decoding every accepted container, rate, channel count
-and sample format to the model's mono rate (pipeline/audio/decode.py); each refused kind of the
+and sample format to the model's mono rate (pipeline/modalities/audio/decode.py); each refused kind of the
 bad-audio matrix with its message naming the file; what decoding reports instead of refusing
 (8-bit, stereo, 96 kHz, silence, clipping); the built-in spoken digits (voice-disjoint splits,
 byte-identical reruns, made with no network); a user's folder of class subfolders.
@@ -20,10 +20,10 @@ import pytest
 import soundfile
 
 from pipeline import StageError
-from pipeline.audio.decode import AudioError, clip_length, decode, fit
-from pipeline.audio.preprocess import AudioPreprocessing
-from pipeline.audio.sources import DIGITS, ingest_audio
-from pipeline.dataset import SPLITS, read_manifest
+from pipeline.modalities.audio.decode import AudioError, clip_length, decode, fit
+from pipeline.modalities.audio.preprocess import AudioPreprocessing
+from pipeline.modalities.audio.sources import DIGITS, ingest_audio
+from pipeline.core.dataset import SPLITS, read_manifest
 from pipeline.params import ParamsError, Split, load_params
 from tests.test_offline import closed_network, leaving, run_closed  # noqa: F401 (fixture)
 
@@ -231,7 +231,7 @@ def test_the_built_in_set_is_made_again_byte_for_byte_offline(built_in, closed_n
                                                               tmp_path):
     """A fresh process, in a network namespace with only loopback, writes the same files; a
     trace of its connect/sendto/sendmsg calls holds none that would leave."""
-    script = ("import sys; from pathlib import Path; from pipeline.audio.sources import "
+    script = ("import sys; from pathlib import Path; from pipeline.modalities.audio.sources import "
               "ingest_audio; from pipeline.params import Split; "
               f"ingest_audio('spoken_digits', Path(sys.argv[1]), {SPLIT!r}, {SEED}, 1 << 20, "
               f"**{BUILT_IN!r})")
@@ -323,8 +323,8 @@ def test_audio_params_out_of_range_are_refused(key, value, message, params_write
 
 
 def test_decode_imports_no_torch_nor_scipy():
-    """The service decodes with pipeline/audio/decode.py: it must stay light."""
-    code = ("import sys, pipeline.audio.decode; "
+    """The service decodes with pipeline/modalities/audio/decode.py: it must stay light."""
+    code = ("import sys, pipeline.modalities.audio.decode; "
             "print(sorted(m for m in ('torch', 'scipy', 'librosa') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, check=True)

@@ -20,14 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import StageError
-from pipeline.audio import export
-from pipeline.audio import models as audio_models
-from pipeline.audio.augment import augment_waves, preprocessing, write_augmented
-from pipeline.audio.logmel import LogMel, mask_bands, mel_filterbank
-from pipeline.audio.perturb import generator, perturb, resample
-from pipeline.card import onnx_predictor, read_card
-from pipeline.compress import count_macs_on, count_params, quantize_int8, structured_l1
-from pipeline.dataset import load_split, write_manifest
+from pipeline.modalities.audio import export
+from pipeline.modalities.audio import models as audio_models
+from pipeline.modalities.audio.augment import augment_waves, preprocessing, write_augmented
+from pipeline.modalities.audio.logmel import LogMel, mask_bands, mel_filterbank
+from pipeline.modalities.audio.perturb import generator, perturb, resample
+from pipeline.core.card import onnx_predictor, read_card
+from pipeline.stages.compress import count_macs_on, count_params, quantize_int8, structured_l1
+from pipeline.core.dataset import load_split, write_manifest
 from pipeline.params import AudioModelName, load_params
 from tests.project import stage_argv
 
@@ -252,7 +252,7 @@ def test_int8_keeps_the_front_end_float_and_answers_alone_as_in_a_batch(name, wa
 # --- the stages --------------------------------------------------------------------------------
 
 def run(project: Path, *argv: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=project,
+    done = subprocess.run([sys.executable, "-m", "pipeline.stages", *argv], cwd=project,
                           env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -272,7 +272,7 @@ def test_augment_writes_the_same_bytes_twice(tmp_path):
 
 @pytest.mark.slow
 def test_augment_train_compress_on_generated_clips(tmp_path, params_writer, monkeypatch):
-    from pipeline import augment as augment_stage
+    from pipeline.stages import augment as augment_stage
 
     write_clips(tmp_path / "data/ingested", seed=0)
     augment = {**dataclasses.asdict(params().audio.augment)}  # params_writer sets whole keys

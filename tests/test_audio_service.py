@@ -1,4 +1,4 @@
-"""Serving an audio model: `python -m pipeline package` on a tiny audio model (a strided Conv1d
+"""Serving an audio model: `python -m pipeline.stages package` on a tiny audio model (a strided Conv1d
 over the raw waveform, log energy, mean, linear, exported to ONNX with the contract's signature:
 `waveform` float32 [N, clip_samples] -> `logits` [N, K]), its infra validation through
 /classify_audio and gRPC, then the Bento under `bentoml serve`, checked as a client sees it:
@@ -22,11 +22,11 @@ import soundfile
 from open_inference.grpc import protocol as pb
 from open_inference.grpc.service import GRPCInferenceServiceStub
 
-from pipeline import oip
-from pipeline.audio import infra
-from pipeline.audio.decode import clip_length, fit
-from pipeline.audio.preprocess import AudioPreprocessing
-from pipeline.card import ModelCard, Recipe, Selection, ValScore, sha256_file, softmax, write_card
+from pipeline.serving import oip
+from pipeline.modalities.audio import infra
+from pipeline.modalities.audio.decode import clip_length, fit
+from pipeline.modalities.audio.preprocess import AudioPreprocessing
+from pipeline.core.card import ModelCard, Recipe, Selection, ValScore, sha256_file, softmax, write_card
 from pipeline.params import load_params
 from tests.bento_server import bento_server, fuzz_finds_no_server_error, multipart
 from tests.tiny_bento import REPO, encode, fit_and_export, npy, run_package

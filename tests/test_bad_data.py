@@ -3,7 +3,7 @@ ingest or validate with exit 1 and a message naming the kind and the offending f
 hidden/system files and odd class names go through. Each test builds its folder, writes a project
 params.yaml (the repo's, shrunk by conftest's params_writer, with data.source pointed at the
 folder) and runs the stage entry point:
-some as `python -m pipeline` subprocesses, the rest through pipeline.__main__.main() in-process
+some as `python -m pipeline.stages` subprocesses, the rest through pipeline.stages.__main__.main() in-process
 (same code path, minus ~3 s of imports each)."""
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipeline.__main__
-import pipeline.validate
-from pipeline.champion import Reference
+import pipeline.stages.__main__
+import pipeline.stages.validate
+from pipeline.lifecycle.champion import Reference
 from tests.project import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,23 +73,23 @@ VALIDATE = stage_argv("validate")
 
 
 def cli(work: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m pipeline <args>` in `work`, with an empty BentoML store of its own."""
+    """`python -m pipeline.stages <args>` in `work`, with an empty BentoML store of its own."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENTOML_HOME": str(work / ".bentoml")}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=work, env=env,
+    return subprocess.run([sys.executable, "-m", "pipeline.stages", *args], cwd=work, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
 def stage(monkeypatch, capsys):
-    """Run `python -m pipeline <args>` in-process in a project folder: (exit code, stdout+stderr).
+    """Run `python -m pipeline.stages <args>` in-process in a project folder: (exit code, stdout+stderr).
     There is no champion (first run), so the BentoML store is not consulted."""
-    monkeypatch.setattr(pipeline.validate, "reference",
+    monkeypatch.setattr(pipeline.stages.validate, "reference",
                         lambda *_: Reference(None, None, "no champion in this test"))
 
     def run(work: Path, *args: str) -> tuple[int, str]:
         monkeypatch.chdir(work)
-        monkeypatch.setattr(sys, "argv", ["python -m pipeline", *args])
-        code = pipeline.__main__.main()
+        monkeypatch.setattr(sys, "argv", ["python -m pipeline.stages", *args])
+        code = pipeline.stages.__main__.main()
         out = capsys.readouterr()
         return code, out.out + out.err
     return run

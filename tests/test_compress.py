@@ -10,17 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.compress import (PRUNERS, STRUCTURED_PRUNERS, count_macs, count_params,
+from pipeline.stages.compress import (PRUNERS, STRUCTURED_PRUNERS, count_macs, count_params,
                                prune_and_finetune, structured_l1)
-from pipeline.card import onnx_predictor
-from pipeline.dataset import load_split
-from pipeline.image.sources import ingest_images as ingest
+from pipeline.core.card import onnx_predictor
+from pipeline.core.dataset import load_split
+from pipeline.modalities.image.sources import ingest_images as ingest
 from pipeline.params import CompressParams, load_params
-from pipeline.image import models
-from pipeline.image.augment import augment_pixels
-from pipeline.image.export import export_onnx
-from pipeline.image.preprocess import Preprocessing
-from pipeline.training import fit, make_optimizer, make_schedule, steps_per_epoch
+from pipeline.modalities.image import models
+from pipeline.modalities.image.augment import augment_pixels
+from pipeline.modalities.image.export import export_onnx
+from pipeline.modalities.image.preprocess import Preprocessing
+from pipeline.core.training import fit, make_optimizer, make_schedule, steps_per_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 PREP = Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25])

@@ -1,4 +1,4 @@
-"""The data seam (pipeline/dataset.py Items): a split of an ingested folder read in batches, with
+"""The data seam (pipeline/core/dataset.py Items): a split of an ingested folder read in batches, with
 its length and class list known before any item is read, in manifest order."""
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import StageError
-from pipeline.dataset import load_texts, read_text, split_items, write_manifest
+from pipeline.core.dataset import load_texts, read_text, split_items, write_manifest
 
 CLASSES = ["zebra", "äpfel", "42"]  # not sorted, not ASCII, a digit name: a user's classes
 

@@ -178,7 +178,7 @@ def test_a_stage_error_is_its_own_error_lines_else_the_end_of_its_stderr():
     from flows.kiln import STDERR_TAIL_LINES, _stage_error_lines
 
     reported = ["Running stage 'train':", "kiln train: error: params.yaml: train.lr: must be > 0",
-                "ERROR: failed to reproduce 'train': failed to run: python -m pipeline train, exited with 1"]
+                "ERROR: failed to reproduce 'train': failed to run: python -m pipeline.stages train, exited with 1"]
     assert _stage_error_lines("train", reported) == ["kiln train: error: params.yaml: train.lr: must be > 0"]
     crashed = [f"  frame {i}" for i in range(40)] + ["ZeroDivisionError: division by zero",
                                                      "ERROR: failed to reproduce 'train'"]
@@ -355,7 +355,7 @@ def test_make_schedules_server_serves_a_ui_showing_flow_runs_offline(tmp_path):
 
     from flows.schedule import SERVER_WAIT_S, wait_for_api
     from flows.server import api_url
-    from pipeline.serving import free_port
+    from pipeline.lifecycle.local_server import free_port
     from tests.browser import need_chromium, offline_page
 
     need_chromium()
@@ -395,9 +395,9 @@ def test_make_schedules_server_serves_a_ui_showing_flow_runs_offline(tmp_path):
 def test_the_drift_summary_of_text_data_names_the_out_of_vocabulary_shares():
     """The text modality's drift metrics, as validate writes them to its details, carry the
     out-of-vocabulary shares as a note the run summary shows."""
-    from pipeline.drift import DriftReport
+    from pipeline.core.drift import DriftReport
     from pipeline.params import load_params
-    from pipeline.text.checks import TextDrift
+    from pipeline.modalities.text.checks import TextDrift
 
     report = DriftReport({"label": (0.0, None), "words": (0.004, 0.018)},
                          thresholds=load_params(REPO / "params.yaml").drift, classes_added=[],

@@ -1,9 +1,9 @@
 """The formats users have (issue 22): image folders of WebP, BMP, TIFF and GIF beside PNG and
 JPEG; MP3, M4A and AAC recordings; CSV and TSV files whose columns have other names. Each goes
-through ingest and validate as a user runs them (`python -m pipeline <stage>` in a project folder
+through ingest and validate as a user runs them (`python -m pipeline.stages <stage>` in a project folder
 with the repo's params.yaml shrunk, in-process: tests/test_bad_data.py's `stage` fixture), and
 what Kiln does not take is named with the reason, never skipped. The service's parsers of an
-upload (pipeline/<modality>/serving.py) are checked on the same files without a server: they
+upload (pipeline/modalities/<modality>/serving.py) are checked on the same files without a server: they
 decode as validate and training do. Every file is generated here (PIL, soundfile's libsndfile,
 PyAV's FFmpeg), none looks like the built-in sets."""
 from __future__ import annotations
@@ -21,11 +21,11 @@ import pytest
 import soundfile
 from PIL import Image
 
-from pipeline.audio import serving as audio_serving
-from pipeline.audio.decode import AudioError, clip_length, decode, truncation
-from pipeline.audio.preprocess import AudioPreprocessing
-from pipeline.image import serving as image_serving
-from pipeline.image.preprocess import Preprocessing
+from pipeline.modalities.audio import serving as audio_serving
+from pipeline.modalities.audio.decode import AudioError, clip_length, decode, truncation
+from pipeline.modalities.audio.preprocess import AudioPreprocessing
+from pipeline.modalities.image import serving as image_serving
+from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.params import ParamsError, load_params
 from tests.test_audio_checks import audio_project, details, tone  # noqa: F401 (fixture)
 from tests.test_bad_data import VALIDATE, problems, project, stage  # noqa: F401 (fixture)
@@ -185,7 +185,7 @@ def image_card() -> SimpleNamespace:
 
 @pytest.mark.parametrize("suffix,fmt,mode", WRITTEN, ids=[w[0][1:] for w in WRITTEN])
 def test_the_service_decodes_every_accepted_image_as_training_does(tmp_path, suffix, fmt, mode):
-    """pipeline/image/serving.py on an upload's bytes: the pixels the model is given are those
+    """pipeline/modalities/image/serving.py on an upload's bytes: the pixels the model is given are those
     training loads from the same file (Preprocessing.load)."""
     path = tmp_path / f"upload{suffix}"
     path.write_bytes(image_bytes(picture(5, mode), fmt))
@@ -349,7 +349,7 @@ def test_decoding_mp3_m4a_and_aac_sends_nothing(closed_network, tmp_path):
     for suffix, write in WRITERS.items():
         paths.append(tmp_path / f"clip{suffix}")
         paths[-1].write_bytes(write(tone(440, 0.5, rate=22050), 22050))
-    script = ("import sys; from pipeline.audio.decode import decode; "
+    script = ("import sys; from pipeline.modalities.audio.decode import decode; "
               "print([decode(p, 16000).format for p in sys.argv[1:]])")
     done = run_closed([sys.executable, "-c", script, *map(str, paths)], tmp_path / "trace",
                       timeout_s=120)

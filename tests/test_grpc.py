@@ -22,7 +22,7 @@ from open_inference.grpc import protocol as pb
 from open_inference.grpc.service import GRPCInferenceServiceStub
 
 from pipeline.params import load_params
-from pipeline.serving import free_port
+from pipeline.lifecycle.local_server import free_port
 from tests.tiny_bento import CLASSES, REPO, SIZE, class_images
 
 pytestmark = pytest.mark.slow
@@ -280,8 +280,8 @@ def test_grpc_binds_loopback_like_http_on_one_port_for_every_worker(grpc_server)
 
 def stopped_server_output(packaged, grpc_port: str) -> str:
     """`bentoml serve` of the packaged Bento with KILN_GRPC_PORT=grpc_port, which must stop by
-    itself within 60 s, exiting non-zero (pipeline/cannot_serve.py): its output."""
-    from pipeline.cannot_serve import EXIT_CODE
+    itself within 60 s, exiting non-zero (pipeline/serving/cannot_serve.py): its output."""
+    from pipeline.serving.cannot_serve import EXIT_CODE
 
     env = {**os.environ, "BENTOML_HOME": str(packaged["home"]), "KILN_GRPC_PORT": grpc_port}
     done = subprocess.run(
@@ -312,14 +312,14 @@ def test_a_kiln_grpc_port_that_is_not_a_port_stops_the_server_naming_it(packaged
 
 
 def test_make_serves_port_check_exits_non_zero_naming_a_port_in_use(packaged):
-    """`make serve` first runs `python -m pipeline.oip BENTO HOST`, so a port in use is refused
+    """`make serve` first runs `python -m pipeline.serving.oip BENTO HOST`, so a port in use is refused
     before anything starts: non-zero and the reason if the port is taken, silent and 0 if it is
     free."""
     bento = packaged["report"]["champion"]["bento_tag"]
 
     def check(grpc_port: int) -> subprocess.CompletedProcess:
         env = {**os.environ, "BENTOML_HOME": str(packaged["home"]), "KILN_GRPC_PORT": str(grpc_port)}
-        return subprocess.run([sys.executable, "-m", "pipeline.oip", bento, "127.0.0.1"], env=env,
+        return subprocess.run([sys.executable, "-m", "pipeline.serving.oip", bento, "127.0.0.1"], env=env,
                               capture_output=True, text=True, timeout=60, cwd=REPO)
 
     with socket.socket() as other:

@@ -1,6 +1,6 @@
 """Nothing leaves the machine, and the Bento's dependencies are exact.
 
-The package stage (a real `python -m pipeline package`: bentoml build, ONNX Runtime, the
+The package stage (a real `python -m pipeline.stages package`: bentoml build, ONNX Runtime, the
 infra-validation server) and then `bentoml serve` of the Bento it built, under requests for
 HOLD_S seconds (tests/offline_session.py), run in a network namespace with only loopback up
 (`unshare --net`) under `strace -f`, which logs every connect, sendto and sendmsg of every
@@ -28,7 +28,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from pipeline.sources import outside_imports
+from pipeline.core.import_closure import outside_imports
 from tests.tiny_bento import write_ingested, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_the_trace_names_every_address_that_would_leave(closed_network, tmp_path
 def test_a_bento_package_that_cannot_be_pinned_is_named(packages, message, tmp_path, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # before bentoml is imported
     from pipeline import StageError
-    from pipeline.package import pinned_packages
+    from pipeline.stages.package import pinned_packages
 
     with pytest.raises(StageError, match=re.escape(message)):
         pinned_packages(packages)
@@ -191,7 +191,7 @@ def test_the_bento_pins_its_whole_closure_to_the_installed_versions(closed_sessi
         assert str(requirement.specifier) == f"=={metadata.version(name)}", requirement
     # Complete: what the service imports, and everything each listed package requires here.
     providers = metadata.packages_distributions()
-    for module in sorted(outside_imports("pipeline.service") - set(sys.stdlib_module_names)):
+    for module in sorted(outside_imports("pipeline.serving.service") - set(sys.stdlib_module_names)):
         assert any(canonicalize_name(d) in pinned for d in providers[module]), module
     for name in pinned:
         for required in map(Requirement, metadata.requires(name) or []):

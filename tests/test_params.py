@@ -94,7 +94,7 @@ def test_background_takes_a_gray_level_or_rgb(tmp_path):
 def test_stage_cli_reports_bad_params(tmp_path, edit, message):
     import subprocess, sys
     write(tmp_path, edit)
-    done = subprocess.run([sys.executable, "-m", "pipeline", "ingest", "--out", "out"],
+    done = subprocess.run([sys.executable, "-m", "pipeline.stages", "ingest", "--out", "out"],
                           cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 1

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.sources import source_files
+from pipeline.core.import_closure import source_files
 from tests.bento_server import bento_server
 from tests.browser import offline_page
 from tests.project import copy_repo, dvc, git, project_env, ran_stages, run
@@ -60,7 +60,7 @@ def champion(project: Path) -> dict:
 
 def served_bento(project: Path) -> str:
     """The Bento `make serve` serves (its lookup, as the Makefile runs it)."""
-    return run(project, sys.executable, "-m", "pipeline.champion", "bento", "--champion",
+    return run(project, sys.executable, "-m", "pipeline.lifecycle.champion", "bento", "--champion",
                "reports/champion.json", "--export", "models/champion").stdout.strip()
 
 
@@ -166,14 +166,26 @@ def test_second_repro_is_a_noop(project):
     assert (project / "dvc.lock").read_text() == lock
 
 
+def test_another_modalitys_code_reruns_no_stage(project):
+    """An image run's stages depend on pipeline/modalities/image/ and no other modality's code
+    (dvc.yaml: pipeline/modalities/${data.modality}); Python's bytecode caches are no dep."""
+    others = ["pipeline/modalities/audio/decode.py", "pipeline/modalities/text/serving.py"]
+    for name in others:
+        with open(project / name, "a") as f:
+            f.write("# another modality's code changed\n")
+    assert list((project / "pipeline/modalities/image").glob("__pycache__/*.pyc"))
+    assert "Data and pipelines are up to date" in dvc(project, "status").stdout
+    git(project, "checkout", "--", *others)
+
+
 def test_a_changed_shared_module_reruns_exactly_its_stages_and_the_same_outputs(project):
-    """pipeline/progress.py (the long stages' progress lines; not in the Bento): a change reruns
+    """pipeline/core/progress.py (the long stages' progress lines; not in the Bento): a change reruns
     every stage that runs it and no other, and with a change that does not alter behaviour
     every output (bar the declared timing files) is the same as before: the champion is not
     promoted again."""
-    shared = "pipeline/progress.py"
-    runs_it = [s for s in STAGES if REPO / shared in source_files("pipeline.__main__",
-                                                                   f"pipeline.{s}")]
+    shared = "pipeline/core/progress.py"
+    runs_it = [s for s in STAGES if REPO / shared in source_files("pipeline.stages.__main__",
+                                                                   f"pipeline.stages.{s}")]
     assert runs_it == ["compress", "evaluate", "package"]
     before = lock_hashes(project)
     with open(project / shared, "a") as f:

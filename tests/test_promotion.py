@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline.card import sha256_file
+from pipeline.core.card import sha256_file
 from tests.bento_server import bento_server
 from tests.tiny_bento import (CLASSES, REPO, class_images, encode, exported, local_probabilities,
                               run_package, stage_env, write_ingested, write_tiny_model)
@@ -44,9 +44,9 @@ class Store:
         return run_package(model_dir, self.ingested, home or self.home, bentofile, self.root)
 
     def champion_command(self, *args: str, home: Path | None = None) -> subprocess.CompletedProcess:
-        """`python -m pipeline.champion <args> --champion <record> --export <exports>`, as the
+        """`python -m pipeline.lifecycle.champion <args> --champion <record> --export <exports>`, as the
         Makefile runs it."""
-        return subprocess.run([sys.executable, "-m", "pipeline.champion", *args, "--champion",
+        return subprocess.run([sys.executable, "-m", "pipeline.lifecycle.champion", *args, "--champion",
                                str(self.record), "--export", str(self.exports)], cwd=REPO,
                               env=stage_env(home or self.home), capture_output=True, text=True,
                               timeout=60)
@@ -95,7 +95,7 @@ def first(store):
 
 
 # The command lines of an infra-validation server: watchdog, arbiter and workers.
-SERVER = ("pipeline.serving", "bentoml serve kiln:", "_bentoml_impl.worker.service kiln:")
+SERVER = ("pipeline.lifecycle.local_server", "bentoml serve kiln:", "_bentoml_impl.worker.service kiln:")
 
 
 def kiln_processes(home: Path, *needles: str) -> list[psutil.Process]:
@@ -168,16 +168,16 @@ def test_an_identical_challenger_is_not_promoted_again(store, first):
 
 
 def broken_build_context(root: Path, replace: tuple[str, str]) -> Path:
-    """A copy of the Bento's sources with one edit to pipeline/service.py."""
+    """A copy of the Bento's sources with one edit to pipeline/serving/service.py."""
     import yaml
 
     bentofile = REPO / "bentofile.yaml"
     for name in ["bentofile.yaml", *yaml.safe_load(bentofile.read_text())["include"]]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / name, root / name)
-    service = (root / "pipeline/service.py").read_text()
+    service = (root / "pipeline/serving/service.py").read_text()
     assert replace[0] in service
-    (root / "pipeline/service.py").write_text(service.replace(*replace, 1))
+    (root / "pipeline/serving/service.py").write_text(service.replace(*replace, 1))
     return root / "bentofile.yaml"
 
 
@@ -264,7 +264,7 @@ def _flip_a_byte(path: Path) -> None:
 
 @pytest.mark.parametrize("damage, message", [
     ("flipped byte in model.onnx", r"model\.onnx: sha256 \w+ does not match"),
-    ("flipped byte in service.py", r"src/pipeline/service\.py: sha256 \w+ does not match"),
+    ("flipped byte in service.py", r"src/pipeline/serving/service\.py: sha256 \w+ does not match"),
     ("README links out of the folder", r"README\.md: a symbolic link \(to .*secret"),
     ("a file the manifest does not list", r"extra\.py: not listed in"),
     ("a manifest path out of the folder", r"\.sha256:\d+: not `<sha256>  <relative path>`"),
@@ -282,7 +282,7 @@ def test_a_damaged_or_crafted_export_is_refused_by_name_and_nothing_is_imported(
     if damage == "flipped byte in model.onnx":
         _flip_a_byte(next(folder.glob("models/*/*/model.onnx")))
     elif damage == "flipped byte in service.py":
-        _flip_a_byte(folder / "src/pipeline/service.py")
+        _flip_a_byte(folder / "src/pipeline/serving/service.py")
     elif damage == "README links out of the folder":
         (tmp_path / "secret.txt").write_text("not for the API page\n")
         (folder / "README.md").unlink()
@@ -292,7 +292,7 @@ def test_a_damaged_or_crafted_export_is_refused_by_name_and_nothing_is_imported(
     else:
         manifest.write_text(manifest.read_text() + f"{'0' * 64}  ../../secret.txt\n")
     empty = tmp_path / "empty-home"
-    done = subprocess.run([sys.executable, "-m", "pipeline.champion", "bento", "--champion",
+    done = subprocess.run([sys.executable, "-m", "pipeline.lifecycle.champion", "bento", "--champion",
                            str(workspace / "champion.json"), "--export", str(workspace / "champion")],
                           cwd=REPO, env=stage_env(empty), capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stdout == ""
@@ -372,7 +372,7 @@ def test_a_full_disk_names_the_cause_in_one_line_and_changes_nothing(store, firs
 def test_other_classes_start_their_own_line(store, first, tmp_path):
     """A model of another class list is the first champion of its own task: it is not scored
     against the digits-like line's champion, and that line is untouched."""
-    from pipeline.card import read_card, write_card
+    from pipeline.core.card import read_card, write_card
 
     line = store.line()
     other = tmp_path / "other"

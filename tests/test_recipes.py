@@ -1,6 +1,6 @@
 """Recipes that fit the user's data: a folder of a few hundred texts in six languages and a folder
 of a few hundred of the user's own JPEGs go through ingest, validate, augment, train, compress
-and evaluate as users run them (`python -m pipeline <stage>` in a project folder, the repo's
+and evaluate as users run them (`python -m pipeline.stages <stage>` in a project folder, the repo's
 params.yaml shrunk by tests/conftest.py), with the real training budget: training stops on the
 val split, and the gate measures the variants against the baselines evaluate fits (majority
 class, logistic regression, TF-IDF). A baseline that beats every variant is selected, packaged
@@ -15,8 +15,8 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from pipeline.card import onnx_predictor, read_card, softmax
-from pipeline.modality import card_part
+from pipeline.core.card import onnx_predictor, read_card, softmax
+from pipeline.core.modality import card_part
 from tests.languages import write_language_folder
 from tests.project import stage_argv
 from tests.test_bad_data import VALIDATE, cli

@@ -1,4 +1,4 @@
-"""Packaging and serving: `python -m pipeline package` on a real tiny ONNX model, then the built
+"""Packaging and serving: `python -m pipeline.stages package` on a real tiny ONNX model, then the built
 Bento served by `bentoml serve` on a free loopback port and checked over HTTP against ONNX Runtime
 run locally with the same preprocessing: every endpoint, bad and oversized input, readiness and
 Prometheus metrics."""
@@ -27,9 +27,9 @@ import yaml
 from PIL import Image
 
 from pipeline import StageError
-from pipeline.card import sha256_file
+from pipeline.core.card import sha256_file
 from pipeline.params import load_params
-from pipeline.serving import free_ports, serving
+from pipeline.lifecycle.local_server import free_ports, serving
 from tests.bento_server import bento_server, fuzz_finds_no_server_error, multipart
 from tests.browser import offline_page
 from tests.tiny_bento import (CLASSES, PREPROCESSING, SIZE, class_images, encode,
@@ -40,8 +40,8 @@ SERVE = load_params(REPO / "params.yaml").serve
 def test_package_refuses_a_missing_or_corrupt_model_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # before bentoml is imported
     monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
-    from pipeline.champion import Exports
-    from pipeline.package import package
+    from pipeline.lifecycle.champion import Exports
+    from pipeline.stages.package import package
 
     params = load_params(REPO / "params.yaml")
     model_dir = tmp_path / "selected"
@@ -68,7 +68,7 @@ def test_package_refuses_a_missing_or_corrupt_model_by_name(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
-    from pipeline.package import git_revision
+    from pipeline.stages.package import git_revision
 
     report = packaged["report"]
     model_tag, bento_tag = report["champion"]["model_tag"], report["champion"]["bento_tag"]
@@ -89,15 +89,15 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
     bento = packaged["home"] / "bentos" / name / version
     sources = sorted(p.relative_to(bento / "src").as_posix()
                      for p in (bento / "src").rglob("*") if p.is_file())
-    assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/api_docs.py",
-                       "pipeline/audio/__init__.py", "pipeline/audio/decode.py",
-                       "pipeline/audio/preprocess.py", "pipeline/audio/serving.py",
-                       "pipeline/cannot_serve.py", "pipeline/card.py", "pipeline/http_guard.py",
-                       "pipeline/image/__init__.py", "pipeline/image/preprocess.py",
-                       "pipeline/image/serving.py", "pipeline/modality.py", "pipeline/oip.py",
-                       "pipeline/params.py", "pipeline/rejections.py", "pipeline/service.py",
-                       "pipeline/text/__init__.py", "pipeline/text/serving.py",
-                       "pipeline/text/tokens.py"]
+    assert sources == ["bentofile.yaml", "pipeline/__init__.py", "pipeline/serving/api_docs.py",
+                       "pipeline/modalities/audio/__init__.py", "pipeline/modalities/audio/decode.py",
+                       "pipeline/modalities/audio/preprocess.py", "pipeline/modalities/audio/serving.py",
+                       "pipeline/serving/cannot_serve.py", "pipeline/core/card.py", "pipeline/serving/http_guard.py",
+                       "pipeline/modalities/image/__init__.py", "pipeline/modalities/image/preprocess.py",
+                       "pipeline/modalities/image/serving.py", "pipeline/core/modality.py", "pipeline/serving/oip.py",
+                       "pipeline/params.py", "pipeline/serving/rejections.py", "pipeline/serving/service.py",
+                       "pipeline/modalities/text/__init__.py", "pipeline/modalities/text/serving.py",
+                       "pipeline/modalities/text/preprocess.py"]
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for m in manifest["services"][0]["models"]] == [model_tag]
     # The Bento's arguments pin the model by full tag and carry params.yaml serve.
@@ -753,7 +753,7 @@ def assert_stopped_for(done: subprocess.CompletedProcess, ports: tuple[int, int]
                        reason: str) -> None:
     """The server exited with cannot_serve.EXIT_CODE, its log gives `reason` as why, its
     workers were not restarted over and over, and nothing listens on its ports."""
-    from pipeline.cannot_serve import EXIT_CODE
+    from pipeline.serving.cannot_serve import EXIT_CODE
 
     output = done.stdout + done.stderr
     assert done.returncode == EXIT_CODE, output[-3000:]
@@ -832,7 +832,7 @@ def test_a_model_that_cannot_load_or_fails_its_self_check_stops_the_server(packa
 
 
 def test_what_a_client_sent_is_escaped_cut_and_counted():
-    from pipeline.rejections import bounded
+    from pipeline.serving.rejections import bounded
 
     assert bounded("field 'image' missing; got 'file'", 100) == "field 'image' missing; got 'file'"
     assert bounded("a\nb\r\x1b[2Jc\u202ed\u2028e\x00", 100) == "a\\nb\\r\\x1b[2Jc\\u202ed\\u2028e\\x00"
@@ -845,7 +845,7 @@ def test_the_api_page_lists_the_served_endpoints_with_every_error_in_one_shape()
     """published() on a document shaped as BentoML's: the other modality's endpoint gone, each
     operation's errors in the one Error shape, the JSON field given its schema, the body
     required."""
-    from pipeline.api_docs import ENDPOINT_ERRORS, PROBE_ERRORS, published
+    from pipeline.serving.api_docs import ENDPOINT_ERRORS, PROBE_ERRORS, published
 
     bentoml_error = {"content": {"application/json": {"schema": {
         "$ref": "#/components/schemas/InvalidArgument"}}}}
@@ -922,7 +922,7 @@ def test_bentoml_builds_its_request_timeout_without_a_timer_left_per_request():
     from bentoml._internal.server.base_app import BaseAppFactory
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-    from pipeline.http_guard import cancel_request_timers
+    from pipeline.serving.http_guard import cancel_request_timers
 
     assert _context_kept_after_request(TimeoutMiddleware)  # BentoML's own: the leak is real
     cancel_request_timers()

@@ -11,24 +11,24 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import StageError
-from pipeline.card import CARD_FILE, ModelCard, Recipe, ValScore, onnx_predictor, read_card, to_dict
-from pipeline.compress import (
+from pipeline.core.card import CARD_FILE, ModelCard, Recipe, ValScore, onnx_predictor, read_card, to_dict
+from pipeline.stages.compress import (
     PRUNERS,
     STRUCTURED_PRUNERS,
     prune_and_finetune,
     quantize_int8,
     sparsity,
 )
-from pipeline.dataset import data_hash, load_split, read_manifest
-from pipeline.evaluate import gate, refusal
-from pipeline.image.sources import ingest_images
+from pipeline.core.dataset import data_hash, load_split, read_manifest
+from pipeline.stages.evaluate import gate, refusal
+from pipeline.modalities.image.sources import ingest_images
 from pipeline.params import (AugmentParams, CompressParams, GateParams, ModelName, PruneMethod,
                              Split, load_params)
-from pipeline.image import export, models
-from pipeline.image.augment import augment_pixels
-from pipeline.image.preprocess import Preprocessing
-from pipeline.image.warp import warp
-from pipeline.training import fit
+from pipeline.modalities.image import export, models
+from pipeline.modalities.image.augment import augment_pixels
+from pipeline.modalities.image.preprocess import Preprocessing
+from pipeline.modalities.image.warp import warp
+from pipeline.core.training import fit
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = Split(train=0.6, val=0.2, test=0.2)

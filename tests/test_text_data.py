@@ -3,7 +3,7 @@ the built-in language set ingest and validate; the bad-text matrix stops the run
 at ingest, where the input cannot be read as records) with exit 1 and the offending file named;
 drift against a champion's text profile. Stages run as users run them, `python -m pipeline
 <stage>` in a project folder with the repo's params.yaml shrunk (tests/conftest.py): one as a
-subprocess, the rest in-process through pipeline.__main__.main() (tests/test_bad_data.py's
+subprocess, the rest in-process through pipeline.stages.__main__.main() (tests/test_bad_data.py's
 `stage` fixture: same code path, no champion)."""
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline.validate
-from pipeline.champion import Reference
-from pipeline.dataset import read_manifest
+import pipeline.stages.validate
+from pipeline.lifecycle.champion import Reference
+from pipeline.core.dataset import read_manifest
 from pipeline.params import load_params
-from pipeline.text import checks
-from pipeline.text.sources import Columns, ingest_texts
-from pipeline.text.words import text_key
+from pipeline.modalities.text import checks
+from pipeline.modalities.text.sources import Columns, ingest_texts
+from pipeline.modalities.text.words import text_key
 from tests.test_bad_data import VALIDATE, cli, ingest_and_validate, problems, stage  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def manifest(work: Path) -> list[dict]:
 # --- sources that work -------------------------------------------------------------------------
 
 def test_a_folder_of_txt_files_through_the_cli(tmp_path, text_project):
-    """A user's <class>/<doc>.txt folder with desktop leftovers, through `python -m pipeline`:
+    """A user's <class>/<doc>.txt folder with desktop leftovers, through `python -m pipeline.stages`:
     the bytes arrive unchanged, validate passes and writes its reports."""
     source = write_folder(tmp_path / "src")
     (source / "billing/.DS_Store").write_bytes(b"\0\0\0\1Bud1")
@@ -311,7 +311,7 @@ def champion_profile(tmp_path_factory) -> dict:
 
 def test_the_same_kind_of_text_shows_no_drift(tmp_path, text_project, stage, monkeypatch,
                                               champion_profile):
-    monkeypatch.setattr(pipeline.validate, "reference",
+    monkeypatch.setattr(pipeline.stages.validate, "reference",
                         lambda *_: Reference("champ:1", champion_profile, ""))
     path = tmp_path / "new.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records(30, seed=2)))
@@ -327,7 +327,7 @@ def test_the_same_kind_of_text_shows_no_drift(tmp_path, text_project, stage, mon
 def test_other_lengths_labels_and_words_fail_on_drift(tmp_path, text_project, stage, monkeypatch,
                                                       champion_profile):
     """Longer texts, mostly one class, and half the words new: each drift check names itself."""
-    monkeypatch.setattr(pipeline.validate, "reference",
+    monkeypatch.setattr(pipeline.stages.validate, "reference",
                         lambda *_: Reference("champ:1", champion_profile, ""))
     rng = np.random.default_rng(3)
     shifted = [{"text": f"{document(rng, label, 20).strip()} " + " ".join(
@@ -346,7 +346,7 @@ def test_other_lengths_labels_and_words_fail_on_drift(tmp_path, text_project, st
 
 
 def test_an_image_profile_is_no_reference_for_texts(tmp_path, text_project, stage, monkeypatch):
-    monkeypatch.setattr(pipeline.validate, "reference", lambda *_: Reference(
+    monkeypatch.setattr(pipeline.stages.validate, "reference", lambda *_: Reference(
         "digits:1", {"version": 1, "categorical": {"label": {}}, "quantiles": {}}, ""))
     code, out = ingest_and_validate(stage, text_project(write_folder(tmp_path / "src")))
     assert code == 1 and "the champion of this task (package.model_name and class list) was " \

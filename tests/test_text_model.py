@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import StageError, models
-from pipeline.card import onnx_predictor, read_card
-from pipeline.compress import count_macs_on, count_params, quantize_int8, structured_l1
-from pipeline.dataset import load_texts, write_manifest
-from pipeline.modality import card_part
+from pipeline import StageError
+from pipeline.core import saved_model
+from pipeline.core.card import onnx_predictor, read_card
+from pipeline.stages.compress import count_macs_on, count_params, quantize_int8, structured_l1
+from pipeline.core.dataset import load_texts, write_manifest
+from pipeline.core.modality import card_part
 from pipeline.params import TextAugmentParams, TextModelName, load_params
-from pipeline.text import export, tokens
-from pipeline.text import models as text_models
-from pipeline.text.augment import augment_ids, delete, mask, swap, write_augmented
+from pipeline.modalities.text import export, preprocess as tokens
+from pipeline.modalities.text import models as text_models
+from pipeline.modalities.text.augment import augment_ids, delete, mask, swap, write_augmented
 from tests.project import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +210,7 @@ def test_int8_is_smaller_and_answers_a_text_alike_alone_or_in_a_batch(vocab, tmp
 # --- the stages --------------------------------------------------------------------------------
 
 def run(project: Path, *argv: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "pipeline", *argv], cwd=project,
+    done = subprocess.run([sys.executable, "-m", "pipeline.stages", *argv], cwd=project,
                           env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -218,7 +219,7 @@ def run(project: Path, *argv: str) -> subprocess.CompletedProcess:
 
 def augment_in_process(project: Path, monkeypatch) -> None:
     """The augment stage's main, in this process (it needs no fresh one; saves a start-up)."""
-    from pipeline import augment as augment_stage
+    from pipeline.stages import augment as augment_stage
 
     monkeypatch.chdir(project)
     augment_stage.main(["--data", "data/ingested", "--out", "data/augmented"])
@@ -295,7 +296,7 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
     assert (tmp_path / "data/augmented/tokenizer.json").exists()
     done = run(tmp_path, *TRAIN)
     assert "train: pretrained" in done.stdout
-    model, card = models.load(tmp_path / "models/float")
+    model, card = saved_model.load(tmp_path / "models/float")
     assert card.architecture == "pretrained" and len(card.classes) == 4
     assert model.hf.config.hidden_size == 32  # the checkpoint's, not text.dim
     ids = tokens.encode(tokens.load(tmp_path / "models/float", card.preprocessing),

@@ -1,4 +1,4 @@
-"""Serving a text model: `python -m pipeline package` on a tiny text model (a BPE
+"""Serving a text model: `python -m pipeline.stages package` on a tiny text model (a BPE
 tokenizer trained here, embedding mean + linear exported to ONNX with the contract's signature:
 `input_ids` int64 [N, L] -> `logits` [N, K]), its infra validation through the text endpoints
 and gRPC, then the Bento under `bentoml serve`, checked as a client sees it: answers equal ONNX
@@ -19,11 +19,11 @@ import pytest
 from open_inference.grpc import protocol as pb
 from open_inference.grpc.service import GRPCInferenceServiceStub
 
-from pipeline import oip
-from pipeline.card import (ModelCard, Recipe, Selection, ValScore, read_card, sha256_file, softmax,
+from pipeline.serving import oip
+from pipeline.core.card import (ModelCard, Recipe, Selection, ValScore, read_card, sha256_file, softmax,
                            write_card)
 from pipeline.params import load_params
-from pipeline.text import infra, tokens
+from pipeline.modalities.text import infra, preprocess as tokens
 from tests.bento_server import bento_server, fuzz_finds_no_server_error
 from tests.tiny_bento import REPO, encode, fit_and_export, npy, run_package
 
@@ -300,7 +300,7 @@ def test_the_api_page_gives_working_text_examples(text_server):
     ("\u2603", True), ("\U0001F600", True), ("\u200b" * 100_000 + "!", True),
 ])
 def test_a_visible_character_is_a_letter_number_punctuation_mark_or_symbol(text, visible):
-    from pipeline.text.serving import has_visible_character
+    from pipeline.modalities.text.serving import has_visible_character
 
     assert has_visible_character(text) is visible
 

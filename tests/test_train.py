@@ -1,4 +1,4 @@
-"""The train stage as the pipeline runs it: `python -m pipeline train` on the built-in digits,
+"""The train stage as the pipeline runs it: `python -m pipeline.stages train` on the built-in digits,
 with the real params.yaml shrunk (conftest's params_writer). Determinism, kill-and-resume from
 the per-epoch checkpoint, 2-process DistributedDataParallel (gloo) against one process,
 per-epoch augmentation."""
@@ -18,14 +18,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import augment as augment_stage
-from pipeline import models, train, training
-from pipeline.card import ModelCard, Recipe, ValScore, read_card, sha256_file
-from pipeline.dataset import load_split
-from pipeline.image import models as image_models
-from pipeline.image.models import epoch_warper
-from pipeline.image.preprocess import Preprocessing
-from pipeline.image.sources import ingest_images as ingest
+from pipeline.stages import augment as augment_stage
+from pipeline.core import saved_model, training
+from pipeline.stages import train
+from pipeline.core.card import ModelCard, Recipe, ValScore, read_card, sha256_file
+from pipeline.core.dataset import load_split
+from pipeline.modalities.image import models as image_models
+from pipeline.modalities.image.models import epoch_warper
+from pipeline.modalities.image.preprocess import Preprocessing
+from pipeline.modalities.image.sources import ingest_images as ingest
 from pipeline.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def env() -> dict[str, str]:
 
 
 def run_stage(project: Path, name: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "pipeline", "train", *stage_argv(name)],
+    done = subprocess.run([sys.executable, "-m", "pipeline.stages", "train", *stage_argv(name)],
                           cwd=project, env=env(), capture_output=True, text=True, timeout=300,
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -59,10 +60,10 @@ def outputs(project: Path, name: str) -> tuple[ValScore, dict[str, torch.Tensor]
 
 
 def accuracy_on_test_split(project: Path, name: str) -> float:
-    model, card = models.load(project / "models" / name)
+    model, card = saved_model.load(project / "models" / name)
     prep = card.preprocessing
     pixels, labels = load_split(project / "data/ingested", "test", prep)
-    x = training.to_input(pixels, prep, torch.device("cpu"))
+    x = image_models.to_input(pixels, prep, torch.device("cpu"))
     return training.score(model, x, torch.from_numpy(labels), 512)[1]
 
 
@@ -107,7 +108,7 @@ def test_same_seed_same_data_gives_identical_metrics(project, reference, monkeyp
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(project, reference):
     checkpoint = project / ".kiln/checkpoints/killed" / train.CHECKPOINT
-    child = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *stage_argv("killed")],
+    child = subprocess.Popen([sys.executable, "-m", "pipeline.stages", "train", *stage_argv("killed")],
                              cwd=project, env=env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
@@ -156,9 +157,9 @@ def test_training_stops_when_val_stops_improving_and_saves_the_best_epoch(projec
     assert best < len(curve) and curve[-1] > curve[best - 1]
     summary = json.loads((stops / "reports/stops/metrics.json").read_text())
     assert (summary["best_epoch"], summary["epochs_run"]) == (best, len(curve))
-    model, card = models.load(stops / "models/stops")
+    model, card = saved_model.load(stops / "models/stops")
     pixels, labels = load_split(stops / "data/ingested", "val", card.preprocessing)
-    x = training.to_input(pixels, card.preprocessing, torch.device("cpu"))
+    x = image_models.to_input(pixels, card.preprocessing, torch.device("cpu"))
     val_loss = training.score(model, x.contiguous(memory_format=torch.channels_last),
                               torch.from_numpy(labels), 128)[0]
     assert val_loss == pytest.approx(curve[best - 1], abs=1e-5) == card.val.loss

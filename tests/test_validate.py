@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-import pipeline.image.checks
+import pipeline.modalities.image.checks
 from pipeline import StageError
-from pipeline.drift import categorical_psi, continuous_scores
-from pipeline.dataset import read_manifest
-from pipeline.image.checks import add_flags, describe_image, image_table, profile
-from pipeline.image.sources import ingest_images
+from pipeline.core.drift import categorical_psi, continuous_scores
+from pipeline.core.dataset import read_manifest
+from pipeline.modalities.image.checks import add_flags, describe_image, image_table, profile
+from pipeline.modalities.image.sources import ingest_images
 from pipeline.params import load_params
-from pipeline.validate import validate
+from pipeline.stages.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = load_params(REPO / "params.yaml")
@@ -181,7 +181,7 @@ def test_refuses_to_overwrite_a_foreign_folder(ingested, tmp_path):
 def test_a_data_docs_page_loading_from_outside_is_named(tmp_path):
     """A GX release that links a CDN file vendor/ does not hold: the stage stops, naming the
     page and the URL, rather than write Data Docs that need the internet."""
-    from pipeline.data_docs import make_offline
+    from pipeline.core.data_docs import make_offline
 
     (tmp_path / "docs" / "static").mkdir(parents=True)
     (tmp_path / "docs" / "index.html").write_text(
@@ -193,7 +193,7 @@ def test_a_data_docs_page_loading_from_outside_is_named(tmp_path):
 def test_process_pool_gives_the_same_table(ingested, monkeypatch):
     rows, _ = read_manifest(ingested)
     serial = image_table(ingested, rows, workers=1, data_params=PARAMS.data)
-    monkeypatch.setattr(pipeline.image.checks, "CHUNK", 4)  # 30 files -> 8 chunks over 2 processes
+    monkeypatch.setattr(pipeline.modalities.image.checks, "CHUNK", 4)  # 30 files -> 8 chunks over 2 processes
     parallel = image_table(ingested, rows, workers=2, data_params=PARAMS.data)
     pd.testing.assert_frame_equal(serial, parallel)
     assert serial.content_hash.notna().all()

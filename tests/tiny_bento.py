@@ -14,8 +14,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from pipeline.card import ModelCard, Recipe, Selection, ValScore, sha256_file, write_card
-from pipeline.image.preprocess import Preprocessing
+from pipeline.core.card import ModelCard, Recipe, Selection, ValScore, sha256_file, write_card
+from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.params import load_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,7 +129,7 @@ def run_package(model_dir: Path, ingested: Path, home: Path,
     if not reference.exists():
         reference.write_text("{}")
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "package", "--model", str(model_dir),
+        [sys.executable, "-m", "pipeline.stages", "package", "--model", str(model_dir),
          "--bentofile", str(bentofile), "--data", str(ingested), "--reference", str(reference),
          "--champion", str(workspace / "champion.json"), "--export", str(workspace / "champion"),
          "--out", str(out)],

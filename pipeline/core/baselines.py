@@ -1,0 +1,130 @@
+"""The baselines evaluate's gate measures every variant against: simple models fitted on the train
+split and scored on the split the variants are scored on. Each modality's scoring part says
+which it has (pipeline/modalities/<modality>/scoring.py baselines, pipeline/core/modality.py Scoring).
+
+    baseline_majority  every item gets the train split's most frequent class (scikit-learn's
+                       DummyClassifier): what a model that learnt nothing scores
+    baseline_logreg    multinomial logistic regression (scikit-learn's LogisticRegression: L2,
+                       C=1, lbfgs) on fixed features of the model's own input (an image's
+                       normalised pixels; a clip's log-mel band means and deviations)
+    baseline_tfidf_lr  texts: TF-IDF word unigrams and the same logistic regression
+
+A learned baseline is fitted on at most evaluate.baseline_train_items train items, drawn with
+data.seed. A variant must reach the best baseline's accuracy plus gate.baseline_margin; a
+baseline that can be served (`export`: one ONNX graph of the input its serving part builds and a
+`logits` output) and is more accurate than every variant is a candidate of the gate itself.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.dummy import DummyClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+from pipeline.core.dataset import read_manifest
+
+# lbfgs' default 100 iterations stop short of convergence on a few thousand features
+LOGREG = {"max_iter": 1000}
+LOGREG_SETUP = "LogisticRegression(max_iter=1000), scikit-learn defaults"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    setup: str           # what it is, in words
+    accuracy: float      # on the scored split
+    macro_f1: float
+    val_loss: float      # on the val split: the card of a served baseline records them
+    val_accuracy: float
+    macs: int            # multiply-accumulates per item of its served graph (0: not servable)
+    params: int          # its weights
+    export: Callable[[Path], None] | None  # writes its ONNX graph; None: not servable
+    why_not_servable: str | None = None
+
+    def report(self) -> dict:
+        """What evaluate's --metrics and --details say about it."""
+        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "setup": self.setup,
+                "servable": self.export is not None,
+                **({"why_not_servable": self.why_not_servable} if self.why_not_servable else {})}
+
+
+def train_sample(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most `limit` of n train items, drawn with `seed`."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def split_labels(folder: Path, split: str) -> np.ndarray:
+    """int64 labels of one split of the ingested data, from its manifest alone."""
+    rows, classes = read_manifest(folder)
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[r["label"]] for r in rows if r["split"] == split], dtype=np.int64)
+
+
+def load_train_sample(folder: Path, prep, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """train_sample's items of the ingested train split, decoded through `prep`'s load (as
+    pipeline.core.dataset.load_split, only those: a big set's other files are not decoded), and
+    their int64 labels."""
+    rows, classes = read_manifest(folder)
+    index = {c: i for i, c in enumerate(classes)}
+    rows = [r for r in rows if r["split"] == "train"]
+    rows = [rows[i] for i in train_sample(len(rows), limit, seed)]
+    return (np.stack([prep.load(folder / r["path"]) for r in rows]),
+            np.array([index[r["label"]] for r in rows], dtype=np.int64))
+
+
+def probabilities(model, features, classes: int) -> np.ndarray:
+    """A fitted scikit-learn classifier's predict_proba over every class index (0 for a class
+    the train split lacks)."""
+    out = np.zeros((len(features), classes))
+    out[:, model.classes_] = model.predict_proba(features)
+    return out / out.sum(1, keepdims=True)  # float32 features: sums a hair off 1
+
+
+def scored(model, setup: str, scored_on: tuple, val: tuple, classes: int, macs: int,
+           params: int, export: Callable[[Path], None] | None,
+           why_not_servable: str | None = None) -> Baseline:
+    """A fitted scikit-learn classifier's Baseline on (features, labels) of the scored split and
+    of the val split."""
+    predicted = probabilities(model, scored_on[0], classes).argmax(1)
+    val_probabilities = probabilities(model, val[0], classes)
+    return Baseline(setup=setup,
+                    accuracy=round(float(accuracy_score(scored_on[1], predicted)), 5),
+                    macro_f1=round(float(f1_score(scored_on[1], predicted, average="macro")), 5),
+                    val_loss=float(log_loss(val[1], val_probabilities, labels=range(classes))),
+                    val_accuracy=float(accuracy_score(val[1], val_probabilities.argmax(1))),
+                    macs=macs, params=params, export=export, why_not_servable=why_not_servable)
+
+
+def majority(train_labels: np.ndarray, scored_on: np.ndarray, val: np.ndarray,
+             classes: int) -> Baseline:
+    """Every item gets the train split's most frequent class. Not served: it reads nothing."""
+    model = DummyClassifier(strategy="most_frequent").fit(np.zeros((len(train_labels), 1)),
+                                                          train_labels)
+    return scored(model, "DummyClassifier(strategy='most_frequent')",
+                  (np.zeros((len(scored_on), 1)), scored_on), (np.zeros((len(val), 1)), val),
+                  classes, macs=0, params=0, export=None,
+                  why_not_servable="it answers one class whatever it is sent")
+
+
+def logistic_regression(features: np.ndarray, labels: np.ndarray) -> LogisticRegression:
+    """LogisticRegression (LOGREG) fitted on float features (N, F)."""
+    return LogisticRegression(**LOGREG).fit(features, labels)
+
+
+def linear_logits(model: LogisticRegression, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(weight (classes, F), bias (classes,)) whose softmax(weight @ x + bias) is the fitted
+    model's predict_proba, over every class index: a binary model's one row is the second
+    class's logit over a first class at 0, and a class the train split lacks gets -1e9."""
+    coef, intercept = model.coef_, model.intercept_
+    if len(model.classes_) == 2:
+        coef = np.concatenate([np.zeros_like(coef), coef])
+        intercept = np.concatenate([np.zeros_like(intercept), intercept])
+    weight = np.zeros((classes, coef.shape[1]), np.float32)
+    bias = np.full(classes, -1e9, np.float32)
+    weight[model.classes_], bias[model.classes_] = coef, intercept
+    return weight, bias

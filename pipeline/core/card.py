@@ -1,0 +1,202 @@
+"""The model card: what travels with a model's weights, as one typed record (model.json), and the
+one ONNX Runtime session every reader of an ONNX model uses.
+
+train writes the card next to the float weights; compress next to the ONNX variants (same card,
+its own weights and the compress recipe); evaluate next to the selected variant (with the
+selection); package stores that card in the BentoML model, where the service reads it. Every
+reader checks each weights file against the sha256 the card records, so a corrupt or swapped
+file (a damaged DVC cache object restored by `dvc checkout`, say) is refused by name instead of
+being loaded.
+
+Imports no torch (onnxruntime only when a session is opened): the Bento's service reads cards
+too, and ships without torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline import StageError
+from pipeline.params import (AudioParams, AugmentParams, CompressParams, DataParams, ParamsError,
+                             ServeParams, TextParams, TrainParams, typed)
+from pipeline.core.modality import AnyPreprocessing, preprocessing
+
+CARD_FILE = "model.json"
+PREDICT_BATCH = 256  # images per ONNX Runtime call when scoring a whole split (bounded memory)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The params.yaml sections that made the weights, as they were when they were made."""
+    data: DataParams
+    augment: AugmentParams
+    train: TrainParams
+    compress: CompressParams | None  # set from the compress stage on
+    text: TextParams | None = None   # data.modality text only
+    audio: AudioParams | None = None  # data.modality audio only
+
+
+@dataclass(frozen=True)
+class ValScore:
+    """The float model on the val split after the training epoch whose weights were saved (the
+    best by train.monitor, pipeline/core/training.py EarlyStopping)."""
+    loss: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The variant evaluate's gate selected, measured on the test split."""
+    variant: str         # float_onnx | pruned_onnx | int8_onnx, or a servable baseline's name
+    accuracy: float
+    macro_f1: float
+    size_bytes: int
+    macs: int            # multiply-accumulates per image (pipeline/stages/compress.py counts them)
+    params: int
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    architecture: str              # a name in its modality's model registry, or the name of
+                                   # the servable baseline it is (pipeline/core/baselines.py)
+    classes: list[str]             # a label's index is its position here
+    # How an item becomes model input: the preprocess.RECORD of recipe.data.modality
+    # (pipeline/core/modality.py), read as a mapping first, then by that record's schema
+    preprocessing: AnyPreprocessing
+    data_hash: str                 # sha256 of the ingested data set (pipeline.core.dataset.data_hash)
+    recipe: Recipe
+    weights: dict[str, str]        # weights file next to the card -> sha256 hex of its bytes
+    val: ValScore
+    selection: Selection | None    # set by evaluate
+
+
+@dataclass(frozen=True)
+class BentoArgs:
+    """The Bento's build arguments (bentoml.use_arguments): the exact model it serves, by full
+    tag, and the serving settings it was infra-validated with (params.yaml serve)."""
+    model_tag: str
+    serve: ServeParams
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def to_dict(record) -> dict:
+    """A card (or any of these records) as plain JSON-able data; `typed` reads it back."""
+    return dataclasses.asdict(record)
+
+
+def read_card(folder: Path) -> ModelCard:
+    """folder/model.json as a ModelCard, with every weights file it lists checked (verify)."""
+    path = Path(folder) / CARD_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StageError(f"{path}: model card not found") from None
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: not valid JSON ({e})") from None
+    try:
+        card = typed(_upgrade(raw), ModelCard, "card")
+        record = preprocessing(card.recipe.data.modality)  # the modality's, by its own schema
+        card = dataclasses.replace(card, preprocessing=typed(card.preprocessing, record,
+                                                             "card.preprocessing"))
+    except ParamsError as e:
+        raise StageError(f"{path}: {e}".replace(": card.", ": ", 1)) from None
+    verify(folder, card)
+    return card
+
+
+def _upgrade(raw):
+    """A card written before data.background existed as one with background None: its model
+    was trained with alpha dropped (PIL's convert), and is served the same way. One written
+    before data.modality existed is an image model's, without a text (or audio) recipe; one
+    before train.cuda_graph was trained without CUDA graphs; one before early stopping trained
+    for its `epochs`, all of them (patience = epochs, which the card records as max_epochs), and
+    had the gate's floor of its modality in text.min_accuracy or audio.min_accuracy."""
+    try:
+        data = raw["recipe"]["data"]
+        data.setdefault("modality", "image")
+        if data["modality"] == "image":
+            for section in (raw["preprocessing"], data):
+                section.setdefault("background", None)
+        raw["recipe"].setdefault("text", None)
+        raw["recipe"].setdefault("audio", None)
+        raw["recipe"]["train"].setdefault("cuda_graph", False)  # cards before train.cuda_graph
+        for section in (raw["recipe"]["train"], raw["recipe"]["text"], raw["recipe"]["audio"]):
+            if section is not None and "epochs" in section:  # cards before early stopping
+                section["max_epochs"] = section.pop("epochs")
+                section.pop("min_accuracy", None)
+        train = raw["recipe"]["train"]
+        train.setdefault("patience", train["max_epochs"])
+        train.setdefault("monitor", "val_loss")
+    except (KeyError, TypeError, AttributeError):
+        pass  # not a card's shape: typed() names what is wrong
+    return raw
+
+
+def write_card(folder: Path, card: ModelCard) -> None:
+    (Path(folder) / CARD_FILE).write_text(json.dumps(to_dict(card), indent=1) + "\n",
+                                          encoding="utf-8")
+
+
+def verify(folder: Path, card: ModelCard) -> None:
+    """Raise StageError naming the first weights file that is missing or whose bytes differ from
+    the sha256 in the card."""
+    for name, expected in card.weights.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise StageError(f"{path}: weights file missing (listed in {path.parent / CARD_FILE})")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise StageError(f"{path}: sha256 {actual[:16]}... does not match "
+                             f"{expected[:16]}... recorded in {path.parent / CARD_FILE}: the "
+                             "file is corrupt or was replaced; restore it (`dvc checkout`, or "
+                             "rerun the stage that writes it)")
+
+
+def at_least(accuracy: float, floor: float) -> bool:
+    """accuracy >= floor, where both are sums of fractions: a float-rounding hair below counts."""
+    return accuracy >= floor - 1e-9
+
+
+def onnx_predictor(path: Path, threads: int) -> Callable:
+    """The model's one input (float32 `input` (N, C, S, S) of an image model, int64 `input_ids`
+    (N, L) of a text model) -> float32 logits (N, classes), by an ONNX Runtime CPU
+    session on `threads` intra-op threads that sleep when idle. Spinning threads (ORT's default)
+    burnt a second core between requests and cut single-image throughput by a fifth on 2 cores
+    (docs/benchmarks.md, Serving)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (model_input,) = session.get_inputs()
+    return lambda x: session.run(["logits"], {model_input.name: x})[0]
+
+
+def softmax(logits):
+    """Logits (N, K) -> float64 class probabilities (N, K): what the server answers, and what
+    the package stage checks it against."""
+    import numpy as np
+
+    logits = np.asarray(logits, np.float64)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def predict_in_batches(predict: Callable, x):
+    """predict(x) PREDICT_BATCH images at a time (bounded memory on a whole split)."""
+    import numpy as np
+
+    return np.concatenate([predict(x[i:i + PREDICT_BATCH]) for i in range(0, len(x), PREDICT_BATCH)])

@@ -1,0 +1,295 @@
+"""The modality seam: what differs between images, texts and audio, behind one interface per
+stage.
+
+data.modality in params.yaml names a modality, and a model card names its own
+(recipe.data.modality). A modality is a package pipeline/modalities/<name>/ holding one module per part
+below, each providing the functions its Protocol lists; the stages keep their steps and call
+`part(name, "<part>")` where the data differ. No stage branches on a modality's name, and none
+imports a modality's modules directly.
+
+    part      Protocol  called by                          provides
+    sources   Sources   ingest                             the source read into the ingested
+                                                           layout
+    checks    Checks    validate                           the per-item table, its checks, the
+                                                           data profile and drift, metrics
+    augment   Augment   augment                            the augmented train split and the
+                                                           preprocessing record
+    models    Models    train, compress, pipeline.core.saved_model   the model registry, the training
+                                                           recipe and tensors, a saved model
+                                                           rebuilt
+    export    Export    compress                           ONNX export, the MAC example, what
+                                                           int8 quantises
+    scoring   Scoring   evaluate, package                  a split as model input, the
+                                                           baselines the gate measures against
+    infra     Infra     package                            the served answers, gRPC requests
+    serving   Serving   service.py, oip.py                 its endpoints' input checks, the
+                                                           model input (light: no torch)
+
+    preprocess Preprocess every stage, the service            the preprocessing record (RECORD):
+                                                           how one item becomes model input,
+                                                           saved in every model card
+
+Adding a modality: write pipeline/modalities/<name>/ with these parts and their tests, add its
+name to pipeline/params.py MODALITIES (data.modality accepts those); if its items come to
+endpoints of their own, declare them in pipeline/serving/service.py. tests/test_modality.py checks that every registered modality provides
+every part's functions with the Protocol's parameters.
+
+`part` imports by name at run time, so pipeline/core/import_closure.py reads a `part(..., "<part>")` call as
+an import of pipeline/modalities/<name>/<part>.py of every registered modality: a stage's dvc.yaml deps and
+its checkpoint fingerprint cover the parts it can call, and no other modality code.
+"""
+from __future__ import annotations
+
+import importlib
+import shutil
+import typing
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
+
+from pipeline.params import MODALITIES
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+    from torch import nn
+
+    from pipeline.core.card import ModelCard
+    from pipeline.params import Params, TrainParams
+
+AnyPreprocessing = typing.Any  # an instance of a modality's preprocess.RECORD
+
+
+def part(modality: str, name: str) -> ModuleType:
+    """pipeline/modalities/<modality>/<name>.py: the part `name` of a registered modality."""
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r} (registered: {', '.join(MODALITIES)})")
+    return importlib.import_module(f"pipeline.modalities.{modality}.{name}")
+
+
+def preprocessing(modality: str) -> type:
+    """The preprocessing record of a registered modality: the class a model card's
+    `preprocessing` holds, with its UNIT ("images": what counts and messages call the items) and
+    MODEL_FILES (files a model folder holds beside the weights)."""
+    return part(modality, "preprocess").RECORD
+
+
+def card_part(card: ModelCard, name: str) -> ModuleType:
+    """The part `name` of a saved model's modality."""
+    return part(card.recipe.data.modality, name)
+
+
+def copy_model_files(card: ModelCard, source: Path, target: Path) -> None:
+    """Copy the files a model needs beside its weights (its preprocessing record's MODEL_FILES,
+    a text model's tokenizer.json) from one model folder to the next."""
+    for file in card.preprocessing.MODEL_FILES:
+        shutil.copyfile(Path(source) / file, Path(target) / file)
+
+
+# --- ingest and validate ---------------------------------------------------------------------
+
+# Names for the Protocols' annotations. This module imports no pandas nor pipeline/core/drift.py: the
+# service imports it, and pipeline/core/import_closure.py counts every import, also one for type checking.
+Table = typing.Any   # a pandas.DataFrame, one row per item
+Drift = typing.Any   # pipeline/core/drift.py's DriftReport, or an object with its table() and metrics()
+Expect = typing.Callable[..., dict]  # kind(key, fatal=True): an expectation's meta and severity
+Baseline = typing.Any  # pipeline/core/baselines.py's Baseline (scikit-learn: not for the service)
+
+
+class Preprocess(Protocol):
+    """pipeline/modalities/<modality>/preprocess.py: light (numpy, Pillow, tokenizers, soundfile;
+    no torch), as the service uses it."""
+
+    RECORD: type  # a frozen dataclass: a card's `preprocessing`, with UNIT and MODEL_FILES
+
+
+class Sources(Protocol):
+    """pipeline/modalities/<modality>/sources.py, called by the ingest stage."""
+
+
+    def source(self, params: Params) -> str:
+        """The source params names (data.source's value, ...), for the stage's summary line."""
+
+    def ingest(self, params: Params, out: Path) -> list[dict]:
+        """Write the items, manifest.csv and classes.json under `out`; return the manifest rows."""
+
+
+class Checks(Protocol):
+    """pipeline/modalities/<modality>/checks.py, called by the validate stage. Its table has the columns
+    path, source, label, split, file_problem, decode_error, content_hash, leak and duplicate,
+    which the stage's shared checks and offender words read, and what its own checks need. The
+    drift metrics' `notes`, if any, are sentences validate and the flow's run summary print."""
+
+    KINDS: dict[str, str]      # problem key -> words starting its error line: its own checks'
+                               # and the class checks' (empty_classes, short_class_splits)
+    SUMMARY: tuple[str, ...]   # the keys of validate's --metrics JSON
+    METRICS: tuple[str, ...]   # every key of validate's details JSON, in order
+
+    def examine(self, folder: Path, rows: list[dict], params: Params, reference: dict | None
+                ) -> tuple[Table, dict, Drift | None]:
+        """(Item table of `rows`, profile of its train split, drift from `reference` or None)."""
+
+    def suite(self, E: ModuleType, kind: Expect, params: Params, repeated, labels, splits
+              ) -> list:
+        """The table's GX expectations, the three shared manifest checks placed among them."""
+
+    def drift_suite(self, E: ModuleType, kind: Expect, params: Params) -> list:
+        """Expectations on the drift table beyond the shared PSI/KS ones."""
+
+    def class_minimum(self, params: Params) -> tuple[int, str]:
+        """(Items each class needs in each split, the params key that says so)."""
+
+    def offenders(self, column: str, result: dict, table: Table) -> list[str] | None:
+        """How the failed rows of a check on one of its own columns are named; None otherwise."""
+
+    def metrics(self, table: Table, params: Params) -> dict:
+        """The metrics the modality adds to the shared counts (keys of METRICS)."""
+
+    def lines(self, metrics: dict, params: Params) -> list[str]:
+        """Lines the stage prints after its summary (without the 'validate: ' prefix)."""
+
+
+# --- augment, train and compress -------------------------------------------------------------
+# The augmented training set (data/augmented/train.safetensors) holds int64 `labels` and one
+# tensor of the modality's inputs (e.g. uint8 `images`, int64 `tokens`), originals first: the
+# augment part writes it, the models part turns it into model input.
+
+
+class Augment(Protocol):
+    """pipeline/modalities/<modality>/augment.py, called by the augment stage."""
+
+    def write_augmented(self, data: Path, out: Path, params: Params) -> str:
+        """The ingested train split of `data` and its augmented copies into out/train.safetensors,
+        the preprocessing record (out/preprocessing.json) and its MODEL_FILES; the summary line."""
+
+
+class Models(Protocol):
+    """pipeline/modalities/<modality>/models.py: the model registry and the training side of a modality,
+    called by train, compress (fine-tuning) and pipeline.core.saved_model.load. Every model takes the
+    modality's one input tensor and returns logits (N, classes)."""
+
+    def recipe(self, params: Params) -> TrainParams:
+        """The training recipe: train.*, with the modality's own epochs, lr etc. over it."""
+
+    def torch_threads(self, params: Params) -> int | None:
+        """torch's intra-op threads for training and fine-tuning; None keeps torch's default."""
+
+    def create(self, params: Params, prep: AnyPreprocessing, classes: int) -> nn.Module:
+        """The model params name, untrained (or as its pretrained checkpoint has it)."""
+
+    def architecture(self, params: Params) -> str:
+        """The card's architecture for the model params name: a name rebuild() understands."""
+
+    def recipe_sections(self, params: Params) -> dict:
+        """The modality's own params sections the card's Recipe records, by Recipe field name."""
+
+    def train_inputs(self, tensors: dict[str, torch.Tensor], prep: AnyPreprocessing,
+                     device: torch.device) -> torch.Tensor:
+        """The augmented set's inputs (train.safetensors' tensors) as model input on `device`."""
+
+    def epoch_inputs(self, tensors: dict[str, torch.Tensor], prep: AnyPreprocessing,
+                     params: Params, device: torch.device, memory_format: torch.memory_format
+                     ) -> Callable[[int], torch.Tensor] | None:
+        """epoch -> that epoch's model input (per-epoch augmentation); None: train_inputs."""
+
+    def val_split(self, data: Path, augmented: Path, prep: AnyPreprocessing,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ingested val split as (model input, int64 labels) on `device`."""
+
+    def model_files(self, model: nn.Module) -> dict[str, bytes]:
+        """Files (name -> bytes) beside a trained model's weights, other than its MODEL_FILES."""
+
+    def rebuild(self, card: ModelCard, model_dir: Path) -> nn.Module:
+        """The architecture of the saved model in model_dir, with untrained weights."""
+
+
+class Export(Protocol):
+    """pipeline/modalities/<modality>/export.py, called by the compress stage."""
+
+    INPUT: str  # the ONNX graph's one input (its one output is "logits")
+
+    def export_onnx(self, model: nn.Module, prep: AnyPreprocessing, path: Path) -> None:
+        """`model` as one ONNX file at `path`: input INPUT with a dynamic batch, output logits."""
+
+    def mac_example(self, prep: AnyPreprocessing) -> tuple[torch.Tensor, str]:
+        """The one input MACs are counted on, and what it is in words ("one image")."""
+
+    def int8_scope(self, prepared: Path, folder: Path) -> tuple[Path, dict]:
+        """The graph static int8 quantises (from ORT's pre-processed `prepared`; new files go into
+        `folder`) and quantize_static's keyword arguments saying which ops."""
+
+    def calibration_originals(self, params: Params, n: int) -> int:
+        """How many of the n augmented training inputs are originals (they come first)."""
+
+
+# --- evaluate, package and serving -----------------------------------------------------------
+if TYPE_CHECKING:
+    from typing import Any
+
+    import httpx
+    import numpy as np
+    from open_inference.grpc import protocol as pb
+
+    from pipeline.params import ServeParams
+
+    Items = Any  # a split's or a request's items as read: uint8 pixels (N, C, S, S), texts
+
+
+class Scoring(Protocol):
+    """pipeline/modalities/<modality>/scoring.py: the evaluate and package stages score a split with it."""
+
+    def split_input(self, data: Path, split: str, model_dir: Path, card: ModelCard
+                    ) -> tuple[np.ndarray, np.ndarray, Items]:
+        """(model input, int64 labels (N,), the items as read) of one split of ingested `data`."""
+
+    def baselines(self, data: Path, items: Items, labels: np.ndarray, card: ModelCard,
+                  params: Params) -> dict[str, Baseline]:
+        """Name -> each baseline (pipeline/core/baselines.py) fitted on data's train split (at most
+        evaluate.baseline_train_items items, drawn with data.seed), scored on (items, labels),
+        with an `export` where it can be served with the card's preprocessing. split_input and
+        model_input read a split and a request for a card whose architecture is a servable
+        baseline's name."""
+
+
+class Infra(Protocol):
+    """pipeline/modalities/<modality>/infra.py: the package stage's infra validation of a served Bento."""
+
+
+    def served(self, client: httpx.Client, data: Path, rows: list[dict], items: Items,
+               max_batch: int) -> dict[str, tuple[np.ndarray, list[dict]]]:
+        """Endpoint -> (indices, answers) of the test items (manifest rows) through REST."""
+
+    def infer_request(self, model: str, version: str, items: Items) -> pb.ModelInferRequest:
+        """A client's gRPC ModelInfer request for a batch of items."""
+
+
+class Serving(Protocol):
+    """pipeline/modalities/<modality>/serving.py: what the service and gRPC do with a request's items.
+    Besides these, it holds the checks of its own REST endpoints, which pipeline/serving/service.py
+    declares and calls (an image model's image, images, array; a text model's text, texts),
+    each raising ValueError naming the field and the cause. Light: the Bento has no torch."""
+
+    TAKES: str  # what a request to another modality's endpoint is told: the endpoints it takes
+
+    def model_input(self, folder: Path, card: ModelCard) -> Callable[[Items], np.ndarray]:
+        """Checked items -> the model's input, by the card's preprocessing and folder's files."""
+
+    def example(self, card: ModelCard) -> Items:
+        """One valid item as a checked batch: the service's self-check before /readyz."""
+
+    def api_fields(self, card: ModelCard, serve: ServeParams) -> dict[str, dict]:
+        """JSON field of this modality's JSON endpoints -> its JSON schema on the API page
+        (/docs.json): every constraint OpenAPI can state (sizes, ranges) and an example that
+        the server answers with 200."""
+
+    def grpc_input(self, request: pb.ModelInferRequest, card: ModelCard,
+                   serve: ServeParams) -> Items:
+        """A ModelInfer request's input tensor as a checked batch."""
+
+    def grpc_metadata(self, card: ModelCard) -> tuple[str, list[str], list[list[int]]]:
+        """ModelMetadata's input tensor: its name, accepted datatypes and accepted shapes."""
+
+
+PARTS = {"preprocess": Preprocess, "sources": Sources, "checks": Checks, "augment": Augment, "models": Models,
+         "export": Export, "scoring": Scoring, "infra": Infra, "serving": Serving}

@@ -1,0 +1,240 @@
+"""The training core the train stage and compress's fine-tuning share: device tensors in, index
+slices as batches (no DataLoader in the hot loop), bf16 autocast on CUDA, fused optimizers, the
+one-cycle schedule, label smoothing and DDP-aware batching, the way the fast-training records
+(airbench, hlb-CIFAR10) do it; and early stopping on the val split (EarlyStopping), which keeps
+the best epoch's weights.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(name: str, parameters, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """Fused kernels (one call for all parameters; CPU and CUDA): Adam's step measured 3.5%
+    of LeNet-5's training throughput on 2 CPU cores (bench/train_bench.py method, 15 epochs)."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           fused=True)
+
+
+ONECYCLE_WARMUP = 0.3  # share of the steps one-cycle warms up over (OneCycleLR's pct_start)
+
+
+def make_schedule(name: str, optimizer: torch.optim.Optimizer, lr: float,
+                  total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """`constant`: none. `onecycle`: warm up to lr over 30% of the steps, then cosine down."""
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
+                                                   pct_start=ONECYCLE_WARMUP)
+    return None
+
+
+def warmup_epochs(name: str, epochs: int) -> int:
+    """Epochs until schedule `name` spanning `epochs` reaches its peak LR: early stopping waits
+    for them. Measured on 330 photos of 3 shapes (tests/test_recipes.py), one-cycle over 30
+    epochs: val loss rose from epoch 1 to 5 while the LR was still low, and fell from epoch 7 to
+    a val accuracy of 0.85; patience counted from epoch 1 had stopped the run at epoch 6 and
+    kept the untrained epoch 1."""
+    return math.ceil(ONECYCLE_WARMUP * epochs) if name == "onecycle" else 0
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int) -> int:
+    """Global batches per epoch; a tail batch smaller than world_size is skipped (see fit)."""
+    return sum(1 for i in range(0, n, batch_size) if min(batch_size, n - i) >= world_size)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of epoch `epoch`: a function of (seed, epoch) only, so resume replays it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside torch.compile and DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` on device tensors."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            logits = model(x[i:i + batch_size]).float()
+        loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i:i + batch_size]).sum().item()
+    return loss / len(x), correct / len(x)
+
+
+class LossAndHits(nn.Module):
+    """A training step's forward: (mean cross-entropy, correct predictions) of the batch
+    inputs[idx], y[idx], under bf16 autocast on CUDA. The batch is gathered inside, so a CUDA
+    graph of it (torch.cuda.make_graphed_callables) takes only the index as new input. Autocast's
+    weight-cast cache is off: graph capture refuses it, and a step casts each weight once anyway."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float,
+                 memory_format: torch.memory_format):
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+        self.memory_format = memory_format
+
+    def forward(self, inputs: torch.Tensor, idx: torch.Tensor,
+                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xb, yb = inputs[idx].contiguous(memory_format=self.memory_format), y[idx]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=xb.is_cuda, cache_enabled=False):
+            logits = self.model(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=self.label_smoothing)
+        return loss, (logits.argmax(1) == yb).sum()
+
+
+MONITORS = {"val_loss": -1, "val_acc": 1}  # train.monitor -> its better direction
+
+
+class EarlyStopping:
+    """train.patience and train.monitor: after each epoch, whether the val metric improved on
+    the best epoch so far (a copy of whose weights it keeps), and whether `patience` epochs have
+    passed without an improvement since the best epoch or the end of the LR warm-up
+    (`warmup` epochs, warmup_epochs), whichever is later: then training stops. Its state_dict
+    goes into the train stage's checkpoint, so a resumed run stops, and keeps, exactly what an
+    uninterrupted one does. Every rank of a DDP run scores the same val split with the same
+    weights, so every rank takes the same decision."""
+
+    def __init__(self, monitor: Literal["val_loss", "val_acc"], patience: int, warmup: int):
+        self.monitor, self.patience, self.warmup = monitor, patience, warmup
+        self.best_epoch = 0          # 0: no epoch scored yet
+        self.best_value: float | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.last_epoch = 0
+
+    def update(self, epoch: int, metrics: dict, model: nn.Module) -> bool:
+        """Record epoch `epoch`'s metrics (and `model`'s weights if they are the best so far);
+        True when it improved on the best epoch."""
+        value = metrics[self.monitor]
+        self.last_epoch = epoch
+        if self.best_value is not None and \
+                MONITORS[self.monitor] * (value - self.best_value) <= 0:
+            return False
+        self.best_epoch, self.best_value = epoch, value
+        self.best_weights = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+        return True
+
+    @property
+    def stop(self) -> bool:
+        """`patience` epochs since the best one, and since the warm-up's end."""
+        return self.best_epoch > 0 and \
+            self.last_epoch - max(self.best_epoch, self.warmup) >= self.patience
+
+    def restore_best(self, model: nn.Module) -> None:
+        """Load the best epoch's weights into `model`."""
+        if self.best_weights is not None:
+            unwrap(model).load_state_dict(self.best_weights)
+
+    def state_dict(self) -> dict:
+        return {"best_epoch": self.best_epoch, "best_value": self.best_value,
+                "best_weights": self.best_weights, "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_epoch, self.best_value = state["best_epoch"], state["best_value"]
+        self.best_weights, self.last_epoch = state["best_weights"], state["last_epoch"]
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None, label_smoothing: float,
+        seed: int, memory_format: torch.memory_format, cuda_graph: bool,
+        val: tuple[torch.Tensor, torch.Tensor] | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+        epoch_inputs: Callable[[int], torch.Tensor] | None = None,
+        start_epoch: int = 0, stopping: EarlyStopping | None = None) -> dict:
+    """Train in place on device tensors x (normalised) and y for epochs start_epoch+1..epochs;
+    return the last epoch's metrics ({} when there is none left to run).
+
+    With `stopping` (it needs `val`), each epoch's val metrics go to it before `on_epoch` sees
+    them (with "improved": whether it was the best epoch so far), training ends early once it
+    says stop, and the model is left with the best epoch's weights.
+
+    The recipe (optimizer, schedule, smoothing, memory format) is required: callers take it from
+    params.yaml. The hooks after it are optional: `val` is scored after every epoch and
+    `on_epoch(metrics)` called; `epoch_inputs(e)` replaces x for epoch e (per-epoch
+    augmentation); `start_epoch` resumes; `cuda_graph` (train.cuda_graph) replays each full
+    batch's forward and backward as CUDA graphs, on CUDA in one process (elsewhere, and for a
+    tail batch, the same step runs eagerly). `batch_size` is the global batch: under
+    torch.distributed each rank takes every world_size-th sample of it and DDP averages the
+    gradients.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    metrics: dict = {}
+    step = LossAndHits(model, label_smoothing, memory_format)
+    # Captured at the first full batch (shapes are fixed). A replay copies an input only where
+    # its storage differs from the capture's: y and x (no epoch_inputs) never, a new epoch's
+    # warped inputs once per step, the index always.
+    graphed: nn.Module | None = None
+    graphs = cuda_graph and x.is_cuda and world == 1
+    if stopping is not None and val is None:
+        raise ValueError("early stopping needs a val split")
+    for epoch in range(start_epoch + 1, epochs + 1):
+        if stopping is not None and stopping.stop:  # a resumed run that had already stopped
+            break
+        model.train()
+        start = time.perf_counter()
+        inputs = x if epoch_inputs is None else epoch_inputs(epoch)
+        perm = epoch_order(len(x), seed, epoch).to(x.device)
+        # Sums stay on the device: one sync per epoch instead of one per batch.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+        correct = torch.zeros((), dtype=torch.float64, device=x.device)
+        seen = 0
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) < world:  # a rank without a sample would leave DDP's all-reduce waiting
+                continue
+            idx = idx[rank::world]
+            if graphs and len(idx) == batch_size:
+                if graphed is None:
+                    graphed = torch.cuda.make_graphed_callables(
+                        LossAndHits(model, label_smoothing, memory_format),
+                        (inputs, idx.clone(), y))
+                loss, hits = graphed(inputs, idx, y)
+            else:
+                loss, hits = step(inputs, idx, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum.add_(loss.detach(), alpha=len(idx))
+            correct.add_(hits)
+            seen += len(idx)
+        totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64,
+                                                              device=x.device)])
+        if world > 1:
+            dist.all_reduce(totals)
+        loss_total, correct_total, seen_total = totals.tolist()
+        seconds = time.perf_counter() - start
+        metrics = {"epoch": epoch, "train_loss": loss_total / seen_total,
+                   "train_acc": correct_total / seen_total, "seconds": seconds,
+                   "images_per_s": seen_total / seconds}
+        if val is not None:
+            metrics["val_loss"], metrics["val_acc"] = score(unwrap(model), *val, batch_size)
+        if stopping is not None:
+            metrics["improved"] = stopping.update(epoch, metrics, model)
+        if on_epoch:
+            on_epoch(metrics)
+    if stopping is not None:
+        stopping.restore_best(model)
+    return metrics

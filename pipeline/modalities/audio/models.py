@@ -1,0 +1,188 @@
+"""The audio model registry (audio.model in params.yaml) and the audio side of training: the
+`models` part of the modality seam (pipeline/core/modality.py Models).
+
+Every model takes float32 waveforms (N, clip_samples) in [-1, 1] (AudioPreprocessing.load's
+output) and returns logits (N, classes). Inside, in this order:
+    frontend   the log-mel front end (pipeline/modalities/audio/logmel.py: a fixed-kernel Conv1d STFT, mel
+               filterbank, log; audio.n_fft, hop, n_mels) and a BatchNorm1d per mel band, which
+               learns the bands' mean and spread (no statistics pass over the data)
+    masks      SpecAugment in training mode only: audio.augment.freq_masks bands of up to
+               freq_mask_bins mel bands and time_masks of up to time_mask_frames frames set to
+               0 (the normalised mean), per clip; nothing in eval mode, so not in the ONNX graph
+    body       one of the registry's networks on the (N, n_mels, frames) features:
+    conv1d     the original idea's Conv1D network: 1-D convolutions over time with the mel bands
+               as input channels (kernel 5, then 3; width, width, 2 width, 2 width channels, max
+               pool 2 between), global average over time, a linear classifier
+    cnn2d      a small 2-D CNN on the log-mel image: four 3x3 conv blocks (width / 4, width / 2,
+               width, width channels, 2x2 max pool between), global average, a linear classifier
+
+With audio.augment.per_epoch, every training clip is perturbed afresh each epoch on the device
+(pipeline/modalities/audio/perturb.py), seeded by (train.seed, epoch), so a resumed run sees the same clips.
+The SpecAugment masks draw from torch's generator, as dropout does: a run resumed from a
+checkpoint masks differently from an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pipeline import StageError
+from pipeline.modalities.audio.logmel import LogMel, mask_bands
+from pipeline.modalities.audio.perturb import generator, perturb
+from pipeline.modalities.audio.preprocess import AudioPreprocessing
+from pipeline.core.card import ModelCard
+from pipeline.core.dataset import load_split
+from pipeline.params import AudioAugmentParams, AudioParams, Params, TrainParams
+
+
+class AudioClassifier(nn.Module):
+    """waveform (N, S) -> frontend -> (masks when training) -> body -> logits (N, classes)."""
+
+    def __init__(self, logmel: LogMel, n_mels: int, body: nn.Sequential, p: AudioAugmentParams):
+        super().__init__()
+        self.frontend = nn.Sequential(logmel, nn.BatchNorm1d(n_mels))
+        self.body = body
+        self.freq_masks, self.freq_mask_bins = p.freq_masks, p.freq_mask_bins
+        self.time_masks, self.time_mask_frames = p.time_masks, p.time_mask_frames
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        features = self.frontend(waveform)
+        if self.training:
+            features = mask_bands(features, 1, self.freq_masks, self.freq_mask_bins)
+            features = mask_bands(features, 2, self.time_masks, self.time_mask_frames)
+        return self.body(features)
+
+    def pruning_spec(self) -> tuple[list[nn.Module], dict[nn.Module, int]]:
+        """For Torch-Pruning: the front end keeps its mel bands (its kernels and filterbank are
+        buffers, no layer to prune; its BatchNorm is listed so no group reaches it) and the
+        classifier keeps the class count; every conv and hidden width may shrink."""
+        return [self.frontend[1], self.body[-1]], {}
+
+
+def _conv1d_block(cin: int, cout: int, kernel: int) -> list[nn.Module]:
+    return [nn.Conv1d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm1d(cout),
+            nn.ReLU()]
+
+
+def _conv2d_block(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class AsImage(nn.Module):
+    """(N, n_mels, frames) -> a one-channel image (N, 1, n_mels, frames). An ONNX Unsqueeze:
+    nn.Unflatten's Reshape of a computed shape stops ORT's symbolic shape inference, which
+    int8 quantisation runs first."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.unsqueeze(1)
+
+
+AUDIO_MODELS: dict[str, Callable[[int, int, int], nn.Sequential]] = {}
+
+
+def register(body: Callable[[int, int, int], nn.Sequential]
+             ) -> Callable[[int, int, int], nn.Sequential]:
+    AUDIO_MODELS[body.__name__] = body
+    return body
+
+
+@register
+def conv1d(n_mels: int, classes: int, width: int) -> nn.Sequential:
+    return nn.Sequential(
+        *_conv1d_block(n_mels, width, 5), nn.MaxPool1d(2),
+        *_conv1d_block(width, width, 3), nn.MaxPool1d(2),
+        *_conv1d_block(width, 2 * width, 3), nn.MaxPool1d(2),
+        *_conv1d_block(2 * width, 2 * width, 3),
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(2 * width, classes))
+
+
+@register
+def cnn2d(n_mels: int, classes: int, width: int) -> nn.Sequential:
+    quarter, half = max(1, width // 4), max(1, width // 2)
+    return nn.Sequential(
+        AsImage(),
+        *_conv2d_block(1, quarter), nn.MaxPool2d(2),
+        *_conv2d_block(quarter, half), nn.MaxPool2d(2),
+        *_conv2d_block(half, width), nn.MaxPool2d(2),
+        *_conv2d_block(width, width),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+
+def build(name: str, prep: AudioPreprocessing, classes: int, p: AudioParams) -> AudioClassifier:
+    if name not in AUDIO_MODELS:
+        raise StageError(f"audio.model: unknown model {name!r} "
+                         f"(registered: {', '.join(AUDIO_MODELS)})")
+    logmel = LogMel(prep.sample_rate, p.n_fft, p.hop, p.n_mels)
+    return AudioClassifier(logmel, p.n_mels, AUDIO_MODELS[name](p.n_mels, classes, p.width),
+                           p.augment)
+
+
+def epoch_perturber(waves: torch.Tensor, p: AudioParams, seed: int
+                    ) -> Callable[[int], torch.Tensor]:
+    """epoch -> every clip of `waves` (on the device) perturbed once, seeded by (seed, epoch)."""
+    def inputs(epoch: int) -> torch.Tensor:
+        return perturb(waves, p.augment, p.sample_rate,
+                       generator(seed * 1_000_003 + epoch, waves.device))
+
+    return inputs
+
+
+# --- the Models part ---------------------------------------------------------------------------
+
+def recipe(params: Params) -> TrainParams:
+    """train.* (optimizer, schedule, smoothing, seed, patience, monitor) with audio.max_epochs,
+    lr and batch_size; no channels_last or image warps (audio.augment.per_epoch is audio's own
+    per-epoch switch)."""
+    p = params.audio
+    return dataclasses.replace(params.train, max_epochs=p.max_epochs, lr=p.lr,
+                               batch_size=p.batch_size,
+                               channels_last=False, epoch_augment=False)
+
+
+def torch_threads(params: Params) -> int | None:
+    return params.audio.threads
+
+
+def create(params: Params, prep: AudioPreprocessing, classes: int) -> nn.Module:
+    return build(params.audio.model, prep, classes, params.audio)
+
+
+def architecture(params: Params) -> str:
+    return params.audio.model
+
+
+def recipe_sections(params: Params) -> dict:
+    return {"audio": params.audio}
+
+
+def train_inputs(tensors: dict[str, torch.Tensor], prep: AudioPreprocessing,
+                 device: torch.device) -> torch.Tensor:
+    return tensors["waveforms"].to(device)
+
+
+def epoch_inputs(tensors: dict[str, torch.Tensor], prep: AudioPreprocessing, params: Params,
+                 device: torch.device, memory_format: torch.memory_format
+                 ) -> Callable[[int], torch.Tensor] | None:
+    """audio.augment.per_epoch: every training clip perturbed afresh each epoch, on the device."""
+    if not params.audio.augment.per_epoch:
+        return None
+    return epoch_perturber(tensors["waveforms"].to(device), params.audio, params.train.seed)
+
+
+def val_split(data: Path, augmented: Path, prep: AudioPreprocessing,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    waves, labels = load_split(data, "val", prep)
+    return torch.from_numpy(waves).to(device), torch.from_numpy(labels).to(device)
+
+
+def model_files(model: nn.Module) -> dict[str, bytes]:
+    return {}
+
+
+def rebuild(card: ModelCard, model_dir: Path) -> nn.Module:
+    """From the card's audio section (front end sizes, width) and preprocessing."""
+    return build(card.architecture, card.preprocessing, len(card.classes), card.recipe.audio)

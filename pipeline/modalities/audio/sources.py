@@ -1,0 +1,171 @@
+"""The audio modality's `sources` part (pipeline/core/modality.py, called by the ingest stage): audio
+sources (audio.source) read into the ingested layout of pipeline/core/dataset.py:
+audio/<split>/<class>/<name>.<ext>, one recording per file, with manifest.csv and classes.json.
+
+    spoken_digits     built in: "zero" to "nine" synthesised offline by eSpeak NG
+                      (pipeline/modalities/audio/espeak.py), each of audio.voices voices saying every digit
+                      audio.takes times at a speed and pitch drawn from audio.speed_wpm and
+                      audio.pitch; 16-bit mono WAV at eSpeak's 22,050 Hz
+    <folder>          one subfolder per class of .wav/.flac/.ogg/.opus files, optionally
+                      pre-split into train/ val/ test/ (pipeline/core/folders.py: hidden and system
+                      files skipped, what cannot be taken refused by name)
+
+A folder's files are copied byte for byte; the validate stage decodes each
+(pipeline/modalities/audio/decode.py) and names those it cannot take. A folder that is not pre-split gets
+data.split, stratified and seeded like images.
+
+The built-in set is split by voice, not by clip: a voice (an accent and a variant, a speaker) is
+in one split only, so the test split measures digits said by voices the model never heard, and
+val is as unseen. The voices are a seeded draw from eSpeak NG's English accents times its voice
+variants; the same params give the same files, byte for byte.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import StageError
+from pipeline.modalities.audio.decode import AUDIO_SUFFIXES
+from pipeline.core.dataset import write_manifest
+from pipeline.core.folders import FileKind, copy_folder, stratified_split
+from pipeline.params import Params, Split
+
+AUDIO = FileKind(suffixes=AUDIO_SUFFIXES, one="an audio file", many="audio files",
+                 files="audio files", other="non-audio")
+SPOKEN_DIGITS = "spoken_digits"
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# eSpeak NG's English language voices (less en-shaw: `en` written in the Shavian alphabet).
+ACCENTS = ("en", "en-029", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp",
+           "en-us", "en-us-nyc")
+# Whispered variants have no voicing at all: another task than the voiced speech of the rest.
+UNVOICED = frozenset({"whisper", "whisperf"})
+# eSpeak NG's volume (0..200): at its default 100, 14 of the 1,200 default clips had samples at
+# int16 full scale (clipped, up to 0.23% of a clip's); at 75, one sample of one clip, and the
+# quietest clip's RMS is -39 dBFS (median -22).
+VOLUME = 75
+
+
+def source(params: Params) -> str:
+    """audio.source: where the recordings come from."""
+    return params.audio.source
+
+
+def ingest(params: Params, out: Path) -> list[dict]:
+    """Write the recordings of audio.source, manifest.csv and classes.json under `out`; return
+    the manifest rows."""
+    a = params.audio
+    return ingest_audio(a.source, out, params.data.split, params.data.seed,
+                        params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
+
+
+def ingest_audio(source: str, out: Path, split: Split, seed: int, max_file_bytes: int,
+                 voices: int, takes: int, speed_wpm: list[int], pitch: list[int]) -> list[dict]:
+    """Write the recordings, manifest.csv and classes.json under `out`; return the manifest
+    rows. voices, takes, speed_wpm and pitch shape the built-in set only."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = Path(source)
+    if source == SPOKEN_DIGITS:
+        rows, classes = write_spoken_digits(out, split, seed, voices, takes, speed_wpm, pitch)
+    elif path.is_dir():
+        rows, classes = copy_folder(path, out, "audio", split, seed, max_file_bytes, AUDIO,
+                                    "audio.source")
+    else:
+        raise StageError(f"audio.source {source}: not a folder (nor {SPOKEN_DIGITS!r})")
+    if not rows:
+        raise StageError(f"audio.source {source}: holds no audio files "
+                         f"({', '.join(sorted(AUDIO_SUFFIXES))})")
+    write_manifest(out, rows, classes)
+    return rows
+
+
+def voice_names(variants: list[str]) -> list[str]:
+    """Every English voice the built-in set may draw: accent+variant, in a fixed order."""
+    return [f"{accent}+{variant}" for accent in ACCENTS for variant in variants
+            if variant not in UNVOICED]
+
+
+def write_spoken_digits(out: Path, split: Split, seed: int, voices: int, takes: int,
+                        speed_wpm: list[int], pitch: list[int]) -> tuple[list[dict], list[str]]:
+    """audio/<split>/<digit>/<voice>-<take>.wav for each drawn voice, digit and take;
+    (manifest rows, classes). Synthesised by a fresh Python process: eSpeak NG's samples
+    depend on every utterance its process made before (measured: the same call twice in one
+    process gave 8,789 then 8,790 samples, and neither espeak_Terminate nor a new
+    espeak_Initialize resets it; the same calls in two fresh processes, the same bytes), so only
+    a fresh process makes the same files from the same params whatever its caller synthesised
+    before (a test session, a notebook). A subprocess, not a multiprocessing pool: a spawned
+    worker re-runs its caller's main script, which fails for a script without a __main__ guard
+    or read from stdin."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    import pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        exchange = Path(tmp) / "exchange.pickle"  # the arguments in, the outcome out
+        exchange.write_bytes(pickle.dumps((out, split, seed, voices, takes, speed_wpm, pitch)))
+        # the child imports this very module, wherever the caller's sys.path found it
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(pipeline.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, "-c", _FRESH, str(exchange)], env=env,
+                              stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"eSpeak NG synthesis failed in its process (exit "
+                               f"{done.returncode}):\n{done.stderr[-4000:]}")
+        outcome = pickle.loads(exchange.read_bytes())
+    if isinstance(outcome, StageError):
+        raise outcome
+    return outcome
+
+
+# What the fresh process runs: synthesise_digits on the pickled arguments; its result, or the
+# StageError that names what params ask for that cannot be, pickled back in their place.
+_FRESH = """
+import pickle, sys
+from pathlib import Path
+from pipeline import StageError
+from pipeline.modalities.audio.sources import synthesise_digits
+exchange = Path(sys.argv[1])
+try:
+    outcome = synthesise_digits(*pickle.loads(exchange.read_bytes()))
+except StageError as e:
+    outcome = e
+exchange.write_bytes(pickle.dumps(outcome))
+"""
+
+
+def synthesise_digits(out: Path, split: Split, seed: int, voices: int, takes: int,
+                      speed_wpm: list[int], pitch: list[int]) -> tuple[list[dict], list[str]]:
+    """write_spoken_digits' work, in the process it runs in (a fresh one: see there)."""
+    import soundfile
+
+    from pipeline.modalities.audio.espeak import synthesiser
+
+    speaker = synthesiser()
+    available = voice_names(speaker.variants())
+    if voices > len(available):
+        raise StageError(f"audio.voices {voices}: eSpeak NG has {len(available)} English voices")
+    rng = np.random.default_rng(seed)
+    chosen = [available[i] for i in sorted(rng.choice(len(available), voices, replace=False))]
+    # a seeded split of the voices, each a group of its own: the stratified split of one class
+    splits = stratified_split(["voice"] * len(chosen), split, seed)
+    missing = {"train", "val", "test"} - set(splits)
+    if missing:
+        raise StageError(f"audio.voices {voices}: too few voices for data.split: no voice in "
+                         f"{', '.join(sorted(missing))}")
+    rows = []
+    for voice, s in zip(chosen, splits):
+        for take in range(takes):
+            for digit in DIGITS:
+                wpm = int(rng.integers(speed_wpm[0], speed_wpm[1] + 1))
+                base = int(rng.integers(pitch[0], pitch[1] + 1))
+                samples = speaker.say(digit, voice, wpm, base, VOLUME, seed=len(rows) + seed)
+                rel = Path("audio", s, digit, f"{voice.replace(' ', '_')}-{take}.wav")
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                soundfile.write(out / rel, samples, speaker.sample_rate, subtype="PCM_16")
+                rows.append({"path": rel.as_posix(), "label": digit, "split": s,
+                             "source": f"eSpeak NG {voice} at {wpm} wpm, pitch {base}"})
+    return rows, list(DIGITS)

@@ -1,0 +1,362 @@
+"""The validate stage's image part (data.modality image): the images table, its Great
+Expectations checks, the data profile and drift features. pipeline/stages/validate.py runs them with the
+checks every modality shares (manifest, classes, PSI/KS drift) and reports failures the same way
+(GX report, Data Docs, one line per failed kind).
+
+    images   one row per manifest entry: path, source, label, split, file_problem (why the file
+             is not one usable picture in an accepted format, pipeline/modalities/image/preprocess.py
+             IMAGE_FORMATS: empty, truncated, corrupt, several frames, pixels that cannot be
+             converted, not an accepted image), format and mode (PIL's, as decoded), then of
+             the pixels converted to data.channels by
+             pipeline/modalities/image/preprocess.py as every later consumer converts them: height, width,
+             channels, pixel_min/max/mean/std, content_hash (sha256 of those pixels, so a copy
+             under another name or re-encoded losslessly collides), and flags derived from
+             those: blank, leak, duplicate, resize_factor
+
+Images of any mode PIL decodes (palette, gray or RGB with alpha, CMYK, 16-bit) are converted, not
+refused: the metrics count them per original mode (`converted`), and every decoded image per
+format (`formats`). An animated GIF, WebP or PNG, a multi-page TIFF and float pixels are refused
+by name (preprocess.refusal), as the server refuses them. Decoding and hashing run in a
+process pool over chunks of files: the parent holds one small dict per image, never pixels, so
+memory stays flat however large the data set.
+
+Drift features of the train split (pipeline/core/drift.py scores them):
+    label              class balance                       PSI
+    size, channels     image size ("HxW") and channels     PSI
+    pixel_mean         per-image brightness, 0..255        PSI and KS
+    pixel_std          per-image contrast, 0..255          PSI and KS
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
+from pipeline.modalities.image.preprocess import ACCEPTED, IMAGE_FORMATS, MODES, refusal, to_channels
+from pipeline.params import DataParams, Params
+
+# What --metrics holds (the rest of Validation.metrics goes to --details): the counts a person
+# compares across runs with `dvc metrics diff` / `dvc exp show`.
+SUMMARY = ("images", "classes", "splits", "undecodable", "converted", "duplicates",
+           "checks_passed", "checks_failed", "success")
+# Every key of Validation.metrics, in the order the details JSON holds them.
+METRICS = ("images", "classes", "splits", "undecodable", "duplicates", "formats", "converted",
+           "channels_model", "checks_passed", "checks_failed", "problems", "file_problems", "drift",
+           "success")
+CHUNK = 512  # files per pool task: large enough that task overhead (~0.1 ms) is noise
+PNG_MAGIC, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+GIF_END = b";"  # the trailer byte
+# The accepted formats as messages name them, in file_problem's kinds
+NAMES = ("PNG", "JPEG", "WebP", "BMP", "TIFF", "GIF")
+FILE_PROBLEMS = ("empty file", *(f"{how} {name}" for name in NAMES for how in ("truncated",
+                                                                                "corrupt")),
+                 "several frames", "unconvertible pixels", "not an accepted image",
+                 "unreadable file")  # what describe_image names
+COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "format", "mode",
+           "height", "width", "channels", "pixel_min", "pixel_max", "pixel_mean", "pixel_std",
+           "content_hash"]
+
+CATEGORICAL = ("label", "size", "channels")  # drift features scored by PSI
+CONTINUOUS = ("pixel_mean", "pixel_std")     # and by PSI and KS
+
+# Kinds of problem of the images table, and the class checks' words for images: the key (metrics
+# JSON `problems`) and the words that start its error line.
+KINDS = {
+    "image_count": "image count out of range",
+    "unreadable_files": "unreadable image file",
+    "wrong_size": "image size far from data.image_size",
+    "blank_images": "too many blank images",
+    "leaked_images": "same image in two splits (leakage)",
+    "duplicate_images": "duplicate images in a split",
+    "empty_classes": "class folder with no images",
+    "short_class_splits": "class short of images in a split",
+}
+
+
+def sniffed(data: bytes) -> str | None:
+    """The accepted format (as NAMES says it) that the first bytes of `data` announce, or None."""
+    if data.startswith(PNG_MAGIC):
+        return "PNG"
+    if data.startswith(JPEG_MAGIC):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[:2] == b"BM" and data[6:10] == bytes(4):  # reserved fields: zero
+        return "BMP"
+    if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # classic and BigTIFF
+        return "TIFF"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    return None
+
+
+def cut_short(name: str, data: bytes, error: Exception) -> bool:
+    """Whether a file of format `name` that did not decode ends before its own structure says
+    it does (an interrupted copy or download)."""
+    body = data.rstrip(b"\0\r\n ")  # some tools pad files; padding does not make them whole
+    if name == "PNG":
+        return not body.endswith(PNG_END)
+    if name == "JPEG":
+        return not body.endswith(JPEG_END)
+    if name == "GIF":
+        return not body.endswith(GIF_END)
+    if name == "WebP":  # the RIFF header's length of what follows it
+        return len(data) < 8 + int.from_bytes(data[4:8], "little")
+    if name == "BMP":  # the header's file length (0 where the writer left it unset)
+        return len(data) < int.from_bytes(data[2:6], "little")
+    # TIFF: its directories and strips may lie anywhere in the file; PIL says when it ran out
+    return "truncated" in str(error)
+
+
+def file_problem(data: bytes, error: Exception) -> tuple[str, str]:
+    """(kind, detail) of a file that did not decode as an accepted image, PIL's `error` in hand:
+    the kind for the message and the metrics, the detail saying what was found."""
+    if not data:
+        return "empty file", "0 bytes"
+    name = sniffed(data)
+    if name is None:
+        try:  # what it is, if another PIL plugin knows it: ICO, PPM, PSD, ... (never decoded)
+            with Image.open(io.BytesIO(data)) as other:
+                found = f"{other.format} image"
+        except Exception:  # noqa: BLE001 (PIL raises many types for bytes it does not know)
+            found = f"{len(data)} bytes starting {data[:12]!r}"
+        return "not an accepted image", f"{found}; accepted: {ACCEPTED}"
+    how = "truncated" if cut_short(name, data, error) else "corrupt"
+    return f"{how} {name}", f"{type(error).__name__}: {error}"
+
+
+def describe_image(path: Path, data_params: DataParams) -> dict:
+    """Format and mode as decoded, then size, channels, pixel statistics and content hash of one
+    file's pixels converted to data.channels (over data.background); or, when it is not one
+    usable picture in an accepted format, file_problem (the kind) and decode_error (the cause:
+    PIL's words, or what the file is)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return {"file_problem": "unreadable file", "decode_error": f"{type(e).__name__}: {e}"}
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            refused = refusal(image)
+            if refused:
+                return {"file_problem": refused[0], "decode_error": refused[1],
+                        "format": image.format, "mode": image.mode}
+            image.load()
+            fmt, mode = image.format, image.mode
+            try:
+                pixels = np.asarray(to_channels(image, data_params.channels,
+                                                data_params.background))
+            except (ValueError, OSError) as e:  # e.g. LAB, which PIL cannot convert to RGB
+                return {"file_problem": "unconvertible pixels", "format": fmt, "mode": mode,
+                        "decode_error": f"{mode} pixels: {e}"}
+    # PIL's decoders raise many types for a broken file (OSError, SyntaxError, ValueError,
+    # struct.error, DecompressionBombError, ...): any of them means "does not decode".
+    except Exception as e:  # noqa: BLE001
+        kind, detail = file_problem(data, e)
+        return {"file_problem": kind, "decode_error": detail}
+    digest = hashlib.sha256(f"{pixels.shape}{pixels.dtype.str}".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    low, high = pixels.min(), pixels.max()
+    return {
+        "file_problem": None, "decode_error": None, "format": fmt, "mode": mode,
+        "height": pixels.shape[0], "width": pixels.shape[1],
+        "channels": 1 if pixels.ndim == 2 else pixels.shape[2],
+        "pixel_min": float(low), "pixel_max": float(high),
+        "pixel_mean": float(pixels.mean()),
+        # a constant image has std 0 exactly; skip the float pass for it
+        "pixel_std": 0.0 if low == high else float(pixels.std()),
+        "content_hash": digest.hexdigest(),
+    }
+
+
+def _describe_chunk(paths: list[Path], data_params: DataParams) -> list[dict]:
+    return [describe_image(p, data_params) for p in paths]
+
+
+def pool_size(workers: int) -> int:
+    """validate.workers, 0 meaning one process per core this process may run on."""
+    return workers or len(os.sched_getaffinity(0))
+
+
+def image_table(folder: Path, rows: list[dict], workers: int, data_params: DataParams
+                ) -> pd.DataFrame:
+    """One row per manifest entry with its description, decoded by `workers` processes."""
+    paths = [folder / r["path"] for r in rows]
+    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    describe = functools.partial(_describe_chunk, data_params=data_params)
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+            described = [d for chunk in pool.map(describe, chunks) for d in chunk]
+    else:
+        described = describe(paths)
+    records = [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
+                "split": r["split"], **d} for r, d in zip(rows, described)]
+    table = pd.DataFrame.from_records(records, columns=COLUMNS)
+    # An empty manifest would leave object columns, which pandas treats as column labels.
+    return table.astype({"pixel_std": float, "height": float, "width": float})
+
+
+def add_flags(images: pd.DataFrame, image_size: int) -> pd.DataFrame:
+    """Columns the suites check that need more than one row or a param: blank, leak, duplicate,
+    resize_factor. Files that do not decode get False / NaN, and blank images are left out of
+    leak and duplicate (all-black images are identical by nature): each problem is reported once,
+    by its own check."""
+    decoded = images.content_hash.notna()
+    blank = decoded & (images.pixel_std == 0)
+    distinct = images[decoded & ~blank]
+    splits_per_hash = distinct.groupby("content_hash").split.nunique()
+    copies_in_split = distinct.groupby(["split", "content_hash"]).path.transform("size")
+    side = images[["height", "width"]]
+    factor = np.maximum(side.max(axis=1) / image_size, image_size / side.min(axis=1))
+    return images.assign(
+        blank=blank,
+        leak=images.content_hash.map(splits_per_hash).fillna(0).where(~blank, 0) > 1,
+        duplicate=(copies_in_split.reindex(images.index).fillna(0) > 1),
+        resize_factor=factor.round(3),
+    )
+
+
+
+def profile(images: pd.DataFrame) -> dict:
+    """Reference statistics (pipeline/core/drift.py's layout) of the decodable rows of an images
+    table."""
+    decoded = images[images.file_problem.isna()]
+    size = decoded.width.astype(int).astype(str) + "x" + decoded.height.astype(int).astype(str)
+    columns = {"label": decoded.label, "size": size,
+               "channels": decoded.channels.astype(int).astype(str)}
+    levels = np.linspace(0, 1, PROFILE_QUANTILES)
+    return {
+        "version": PROFILE_VERSION,
+        "images": len(decoded),
+        "categorical": {name: {str(k): int(v) for k, v in col.value_counts().sort_index().items()}
+                        for name, col in columns.items()},
+        "quantiles": {name: (np.quantile(decoded[name].to_numpy(float), levels,
+                                         method="inverted_cdf").round(4).tolist()
+                             if len(decoded) else [])
+                      for name in CONTINUOUS},
+    }
+
+
+def examine(folder: Path, rows: list[dict], params: Params, reference: dict | None
+            ) -> tuple[pd.DataFrame, dict, DriftReport | None]:
+    """The images table of the manifest `rows` (decoded by validate.workers processes, flags
+    included), the profile of its train split, and that split's drift from `reference`."""
+    images = add_flags(image_table(folder, rows, pool_size(params.validate.workers), params.data),
+                       params.data.image_size)
+    current = profile(images[images.split == "train"])
+    report = compare(reference, current, params.drift, CATEGORICAL, CONTINUOUS) \
+        if reference is not None else None
+    return images, current, report
+
+
+def suite(E, kind, params: Params, repeated, labels, splits) -> list:
+    """The expectations of the images table; `kind(key)` gives each its meta and severity;
+    `repeated`, `labels`, `splits`: the manifest's checks every modality has."""
+    data, rules = params.data, params.validate
+    if data.allow_resize:
+        size_rule = (f"Every image side is within {rules.max_resize_factor:g}x of data.image_size "
+                     f"{data.image_size} px, smaller or larger "
+                     "(params validate.max_resize_factor).")
+        max_factor = rules.max_resize_factor
+    else:
+        size_rule = (f"Every image is already {data.image_size}x{data.image_size} px "
+                     "(params data.allow_resize is false).")
+        max_factor = 1.0
+    return [
+        E.ExpectTableRowCountToBeBetween(
+            min_value=rules.min_images, max_value=rules.max_images, **kind("image_count"),
+            description=f"The data set holds {rules.min_images} to {rules.max_images} images "
+                        "(params validate.min_images, validate.max_images)."),
+        repeated,
+        E.ExpectColumnValuesToBeNull(
+            column="file_problem", **kind("unreadable_files"),
+            description=f"Every file is one complete picture ({ACCEPTED}) that decodes: not "
+                        "empty, not truncated, not corrupt, not animated nor multi-page, not "
+                        "float pixels, not another kind of file."),
+        labels,
+        splits,
+        E.ExpectColumnValuesToBeBetween(
+            column="resize_factor", min_value=1.0, max_value=max_factor,
+            **kind("wrong_size"), description=size_rule),
+        # mostly: GX passes while at least this share of rows is not blank.
+        E.ExpectColumnValuesToBeInSet(
+            column="blank", value_set=[False], mostly=1 - rules.max_blank_fraction,
+            **kind("blank_images"),
+            description=f"At most {rules.max_blank_fraction:.1%} of the images are blank (one "
+                        "value in every pixel) (params validate.max_blank_fraction)."),
+        E.ExpectColumnValuesToBeInSet(
+            column="leak", value_set=[False], **kind("leaked_images"),
+            description="No image's pixels appear in more than one split: a copy of a training "
+                        "image in val or test inflates the measured accuracy."),
+        E.ExpectColumnValuesToBeInSet(
+            column="duplicate", value_set=[False], **kind("duplicate_images"),
+            description="No two images of one split have the same pixels."),
+    ]
+
+
+def drift_suite(E, kind, params: Params) -> list:
+    """Drift expectations beyond the PSI/KS ones every modality has: none for images."""
+    return []
+
+
+def class_minimum(params: Params) -> tuple[int, str]:
+    """(images each class needs in each split, its params key)."""
+    return params.validate.min_images_per_class_per_split, "validate.min_images_per_class_per_split"
+
+
+def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | None:
+    """How the failed rows of an images-table check on `column` are named (GX's `result`), for
+    the columns only images have; None for the others."""
+    rows = result["unexpected_index_list"]
+    source = dict(zip(table.path, table.source))
+    if column == "resize_factor":
+        sizes = table.set_index("path")
+        return [f"{source[r['path']]} ({int(sizes.width[r['path']])}x"
+                f"{int(sizes.height[r['path']])} px)" for r in rows]
+    if column == "blank":
+        return [f"{result['unexpected_percent']:.1f}% blank"] + [source[r["path"]] for r in rows]
+    return None
+
+
+def metrics(table: pd.DataFrame, params: Params) -> dict:
+    """What validate's metrics hold for images besides the shared counts."""
+    decoded = table[table.file_problem.isna()]
+    channels = params.data.channels
+    return {
+        "images": len(table),
+        "undecodable": int(table.file_problem.notna().sum()),
+        "duplicates": int(decoded.content_hash.duplicated().sum()),
+        # PIL's format name -> decoded images in it (MPO: a camera JPEG read as its main picture)
+        "formats": {str(f): int(n) for f, n in decoded["format"].value_counts().sort_index()
+                    .items()},
+        # original mode -> images converted from it to data.channels (its PIL mode)
+        "converted": {str(m): int(n) for m, n in
+                      decoded["mode"][decoded["mode"] != MODES[channels]].value_counts()
+                      .sort_index().items()},
+        "channels_model": channels,
+        "file_problems": {p.replace(" ", "_").replace("/", "_"):
+                          int((table.file_problem == p).sum()) for p in FILE_PROBLEMS},
+    }
+
+
+def lines(metrics: dict, params: Params) -> list[str]:
+    """What validate prints besides its summary: the images decoded per format; how many were
+    converted, by mode."""
+    found = []
+    if metrics["formats"]:
+        found.append("decoded images by format: " + ", ".join(
+            f"{fmt} {n}" for fmt, n in metrics["formats"].items()))
+    if metrics["converted"]:
+        found.append(f"{sum(metrics['converted'].values())} images converted to "
+                     f"{MODES[params.data.channels]} (data.channels {params.data.channels}), by "
+                     "original mode: " + ", ".join(f"{mode} {n}" for mode, n in
+                                                   metrics["converted"].items()))
+    return found

@@ -1,0 +1,153 @@
+"""The image model registry (train.model in params.yaml) and the image side of training: the
+`models` part of the modality seam (pipeline/core/modality.py Models). Every model takes float32
+(N, channels, image_size, image_size) normalised pixels and returns logits (N, classes).
+
+    lenet5        LeCun et al. 1998
+    resnet_small  three residual stages, 16/32/64 channels wide
+
+With train.epoch_augment, training also warps every image afresh each epoch (epoch_warper).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import StageError
+from pipeline.core.card import ModelCard
+from pipeline.core.dataset import load_split
+from pipeline.modalities.image.preprocess import Preprocessing
+from pipeline.modalities.image.warp import warp
+from pipeline.params import AugmentParams, Params, TrainParams
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def to_input(pixels: torch.Tensor | np.ndarray, prep: Preprocessing,
+             device: torch.device) -> torch.Tensor:
+    """uint8 pixels -> normalised float32 model input on `device`, via the saved preprocessing."""
+    pixels = pixels.cpu().numpy() if isinstance(pixels, torch.Tensor) else pixels
+    return torch.from_numpy(prep.normalize(pixels)).to(device)
+
+
+def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    MODELS[builder.__name__] = builder
+    return builder
+
+
+@register
+def lenet5(channels: int, classes: int, image_size: int) -> nn.Module:
+    """LeCun et al. 1998: conv 6@5x5 -> pool -> conv 16@5x5 -> pool -> fc 120 -> 84 -> classes."""
+    side = ((image_size - 4) // 2 - 4) // 2  # 32 px in -> 5 px after two conv+pool
+    return nn.Sequential(
+        nn.Conv2d(channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * side * side, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, classes),
+    )
+
+
+class _Residual(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+@register
+def resnet_small(channels: int, classes: int, image_size: int) -> nn.Module:
+    """Three stages of one residual block each (16, 32, 64 wide), halving resolution between."""
+    def stage(cin: int, cout: int, downsample: bool) -> list[nn.Module]:
+        head = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        return head + ([nn.MaxPool2d(2)] if downsample else []) + [_Residual(cout)]
+
+    return nn.Sequential(
+        *stage(channels, 16, False), *stage(16, 32, True), *stage(32, 64, True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes),
+    )
+
+
+def build(name: str, channels: int, classes: int, image_size: int) -> nn.Module:
+    if name not in MODELS:
+        raise StageError(f"train.model: unknown model {name!r} (registered: {', '.join(MODELS)})")
+    return MODELS[name](channels=channels, classes=classes, image_size=image_size)
+
+
+def epoch_warper(pixels: torch.Tensor, prep: Preprocessing, p: AugmentParams, seed: int,
+                 memory_format: torch.memory_format) -> Callable[[int], torch.Tensor]:
+    """epoch -> that epoch's normalised inputs: every image of uint8 `pixels` (on the device)
+    warped once by pipeline.modalities.image.warp.warp, per-sample random, seeded by (seed, epoch)."""
+    scaled = pixels.float() / 255
+    mean = torch.tensor(prep.mean, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.tensor(prep.std, device=pixels.device).view(1, -1, 1, 1)
+
+    def inputs(epoch: int) -> torch.Tensor:
+        # warp draws from torch's global generator: fork it so training's RNG is untouched.
+        with torch.random.fork_rng(devices=[pixels.device] if pixels.is_cuda else []):
+            torch.manual_seed(seed * 1_000_003 + epoch)
+            warped = warp(scaled, p)
+        return ((warped - mean) / std).contiguous(memory_format=memory_format)
+
+    return inputs
+
+
+# --- the Models part ---------------------------------------------------------------------------
+
+def recipe(params: Params) -> TrainParams:
+    return params.train
+
+
+def torch_threads(params: Params) -> int | None:
+    return None  # torch's default: one per core
+
+
+def create(params: Params, prep: Preprocessing, classes: int) -> nn.Module:
+    return build(params.train.model, prep.channels, classes, prep.image_size)
+
+
+def architecture(params: Params) -> str:
+    return params.train.model
+
+
+def recipe_sections(params: Params) -> dict:
+    return {}  # data, augment and train, which every card records, are the whole image recipe
+
+
+def train_inputs(tensors: dict[str, torch.Tensor], prep: Preprocessing,
+                 device: torch.device) -> torch.Tensor:
+    return to_input(tensors["images"], prep, device)
+
+
+def epoch_inputs(tensors: dict[str, torch.Tensor], prep: Preprocessing, params: Params,
+                 device: torch.device, memory_format: torch.memory_format
+                 ) -> Callable[[int], torch.Tensor] | None:
+    """train.epoch_augment: every training image warped afresh each epoch, on the device."""
+    if not params.train.epoch_augment:
+        return None
+    return epoch_warper(tensors["images"].to(device), prep, params.augment, params.train.seed,
+                        memory_format)
+
+
+def val_split(data: Path, augmented: Path, prep: Preprocessing,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels, labels = load_split(data, "val", prep)
+    return to_input(pixels, prep, device), torch.from_numpy(labels).to(device)
+
+
+def model_files(model: nn.Module) -> dict[str, bytes]:
+    return {}
+
+
+def rebuild(card: ModelCard, model_dir: Path) -> nn.Module:
+    prep = card.preprocessing
+    return build(card.architecture, prep.channels, len(card.classes), prep.image_size)

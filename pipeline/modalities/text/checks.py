@@ -1,0 +1,259 @@
+"""The validate stage's text part (data.modality text): the texts table, its Great Expectations
+checks, the data profile and drift features. pipeline/stages/validate.py runs them with the checks every
+modality shares (manifest, classes, PSI/KS drift) and reports failures the same way (GX report,
+Data Docs, one line per failed kind).
+
+    texts    one row per manifest entry: path, source, label, split; file_problem (why the file
+             is not text: unreadable, binary (NUL bytes), not UTF-8) and decode_error (where);
+             then of the decoded text: empty (nothing but whitespace), words and chars (code
+             points), content_hash (pipeline/modalities/text/words.py text_key: NFKC, case-folded,
+             whitespace collapsed), and leak / duplicate derived from it
+
+Drift compares the new train split with the champion's profile: label shares (PSI), the words
+per text (PSI and KS, as quantiles like image statistics: pipeline/core/drift.py), and the share of
+the train split's words (occurrences) missing from the champion's vocabulary (the profile keeps
+its text.profile_words most frequent words): its rise over the champion's own share (its words
+beyond the stored vocabulary) against text.oov_warn / text.oov_fail. The drift metrics carry
+that share as a note, which validate and the flow's run summary print.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
+from pipeline.params import DriftParams, Params
+from pipeline.modalities.text.words import text_key, words
+
+COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "empty", "words",
+           "chars", "content_hash"]
+SUMMARY = ("texts", "classes", "splits", "undecodable", "empty", "duplicates", "checks_passed",
+           "checks_failed", "success")
+# Every key of validate's metrics for texts, in the order the details JSON holds them.
+METRICS = ("texts", "classes", "splits", "undecodable", "empty", "duplicates", "words",
+           "checks_passed", "checks_failed", "problems", "file_problems", "drift", "success")
+FILE_PROBLEMS = ("unreadable file", "binary data", "not UTF-8")
+# Kinds of problem of the texts table, and the class checks' words for texts.
+KINDS = {
+    "text_count": "text count out of range",
+    "unreadable_texts": "not a UTF-8 text file",
+    "empty_texts": "empty text",
+    "text_length": "text length out of bounds",
+    "leaked_texts": "same text in two splits (leakage)",
+    "duplicate_texts": "duplicate texts in a split",
+    "empty_classes": "class with no texts",
+    "short_class_splits": "class short of texts in a split",
+}
+
+
+def describe_text(path: Path) -> tuple[dict, list[str] | None]:
+    """(row fields, the text's words) of one ingested text file; words None when it is no text."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return {"file_problem": "unreadable file", "decode_error": f"{type(e).__name__}: {e}"}, None
+    nul = data.find(b"\0")
+    if nul >= 0:  # never in text; in binary files and UTF-16/32
+        return {"file_problem": "binary data",
+                "decode_error": f"NUL byte at offset {nul} of {len(data)} bytes"}, None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return {"file_problem": "not UTF-8",
+                "decode_error": f"byte {data[e.start]:#04x} at offset {e.start}: {e.reason}"}, None
+    found = words(text)
+    empty = not text.strip()
+    return {"file_problem": None, "decode_error": None, "empty": empty,
+            # empty texts are the empty check's finding, not the length bounds'
+            "words": None if empty else len(found), "chars": len(text),
+            "content_hash": None if empty else text_key(text)}, found
+
+
+def text_table(folder: Path, rows: list[dict]) -> tuple[pd.DataFrame, Counter]:
+    """One row per manifest entry, flags included; and the word occurrences of the train
+    split's texts (empty ones and files that are no text have none)."""
+    records, train_words = [], Counter()
+    for r in rows:
+        described, found = describe_text(folder / r["path"])
+        records.append({"path": r["path"], "source": r.get("source") or r["path"],
+                        "label": r["label"], "split": r["split"], **described})
+        if r["split"] == "train" and described.get("words"):
+            train_words.update(found)
+    texts = pd.DataFrame.from_records(records, columns=COLUMNS).astype(
+        {"words": float, "chars": float})
+    texts["empty"] = texts["empty"].fillna(False).astype(bool)
+    hashed = texts[texts.content_hash.notna()]
+    splits_per_hash = hashed.groupby("content_hash").split.nunique()
+    copies_in_split = hashed.groupby(["split", "content_hash"]).path.transform("size")
+    texts["leak"] = texts.content_hash.map(splits_per_hash).fillna(0) > 1
+    texts["duplicate"] = copies_in_split.reindex(texts.index).fillna(0) > 1
+    return texts, train_words
+
+
+def examine(folder: Path, rows: list[dict], params: Params, reference: dict | None
+            ) -> tuple[pd.DataFrame, dict, TextDrift | None]:
+    """The texts table of the manifest `rows` (flags included), the profile of its train split,
+    and that split's drift from `reference`."""
+    texts, train_words = text_table(folder, rows)
+    current = profile(texts, train_words, params.text.profile_words)
+    report = compare_texts(reference, current, train_words, params.drift) \
+        if reference is not None else None
+    return texts, current, report
+
+
+def suite(E, kind, params: Params, repeated, labels, splits) -> list:
+    """The expectations of the texts table; `kind(key)` gives each its meta and severity;
+    `repeated`, `labels`, `splits`: the manifest's checks every modality has."""
+    text = params.text
+    return [
+        E.ExpectTableRowCountToBeBetween(
+            min_value=text.min_texts, max_value=text.max_texts, **kind("text_count"),
+            description=f"The data set holds {text.min_texts} to {text.max_texts} texts "
+                        "(params text.min_texts, text.max_texts)."),
+        repeated,
+        E.ExpectColumnValuesToBeNull(
+            column="file_problem", **kind("unreadable_texts"),
+            description="Every file is text that decodes as UTF-8: readable, no binary data "
+                        "(NUL bytes), no bytes that are not UTF-8."),
+        E.ExpectColumnValuesToBeInSet(
+            column="empty", value_set=[False], **kind("empty_texts"),
+            description="No text is empty or only whitespace."),
+        labels,
+        splits,
+        E.ExpectColumnValuesToBeBetween(
+            column="words", min_value=text.min_words, max_value=text.max_words,
+            **kind("text_length"),
+            description=f"Every text has {text.min_words} to {text.max_words} words and "
+                        "punctuation marks (params text.min_words, text.max_words)."),
+        E.ExpectColumnValuesToBeInSet(
+            column="leak", value_set=[False], **kind("leaked_texts"),
+            description="No text appears in more than one split (compared in Unicode NFKC, "
+                        "case-folded, whitespace collapsed): a copy of a training text in val "
+                        "or test inflates the measured accuracy."),
+        E.ExpectColumnValuesToBeInSet(
+            column="duplicate", value_set=[False], **kind("duplicate_texts"),
+            description="No two texts of one split are the same text (compared as for leakage)."),
+    ]
+
+
+def class_minimum(params: Params) -> tuple[int, str]:
+    """(texts each class needs in each split, its params key)."""
+    return params.text.min_texts_per_class_per_split, "text.min_texts_per_class_per_split"
+
+
+def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | None:
+    """How the failed rows of a check on `column` are named (GX's `result`), for the columns
+    only texts have (texts table, drift); None for the others."""
+    rows = result["unexpected_index_list"]
+    source = dict(zip(table.path, table.source))
+    if column == "empty":
+        return [source[r["path"]] for r in rows]
+    if column == "words":
+        return [f"{source[r['path']]} ({int(r['words'])} words)" for r in rows]
+    if column == "oov_rise":
+        return [f"out-of-vocabulary share up {r[column]:.3f}" for r in rows]
+    return None
+
+
+def metrics(table: pd.DataFrame, params: Params) -> dict:
+    """What validate's metrics hold for texts besides the shared counts."""
+    decoded = table[table.file_problem.isna()]
+    return {
+        "texts": len(table),
+        "undecodable": int(table.file_problem.notna().sum()),
+        "empty": int(decoded["empty"].sum()),
+        "duplicates": int(decoded.content_hash.dropna().duplicated().sum()),
+        "file_problems": {p.replace(" ", "_").replace("-", "_"):
+                          int((table.file_problem == p).sum()) for p in FILE_PROBLEMS},
+        "words": {q: float(decoded.words.quantile(v)) if decoded.words.notna().any() else None
+                  for q, v in (("min", 0), ("median", 0.5), ("max", 1))},
+    }
+
+
+def lines(metrics: dict, params: Params) -> list[str]:
+    """What validate prints besides its summary: nothing more for texts."""
+    return []
+
+
+# ---- drift ---------------------------------------------------------------------------------
+
+def profile(texts: pd.DataFrame, counts: Counter, vocabulary_size: int) -> dict:
+    """Reference statistics of the train split's texts (pipeline/core/drift.py's layout, plus the
+    `vocabulary_size` most frequent of the words `counts` counts and their own out-of-vocabulary
+    rate)."""
+    train = (texts.split == "train") & texts.words.notna()
+    vocabulary = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+                  [:vocabulary_size]]
+    lengths = texts.words[train].to_numpy(float)
+    return {
+        "version": PROFILE_VERSION,
+        "modality": "text",
+        "texts": int(train.sum()),
+        "categorical": {"label": {str(k): int(v) for k, v in
+                                  texts.label[train].value_counts().sort_index().items()}},
+        "quantiles": {"words": np.quantile(lengths, np.linspace(0, 1, PROFILE_QUANTILES),
+                                           method="inverted_cdf").round(4).tolist()
+                      if len(lengths) else []},
+        "vocabulary": vocabulary,
+        "oov_rate": oov_rate(vocabulary, counts),
+    }
+
+
+def oov_rate(vocabulary: list[str], counts: Counter) -> float:
+    """Share of the word occurrences in `counts` whose word is not in `vocabulary`."""
+    total = sum(counts.values())
+    known = set(vocabulary)
+    return round(sum(n for w, n in counts.items() if w not in known) / total, 4) if total else 0.0
+
+
+@dataclass(frozen=True)
+class TextDrift:
+    """Drift of texts: the PSI/KS report of pipeline/core/drift.py and the out-of-vocabulary rate."""
+    report: DriftReport
+    oov_rate: float            # the new train split's words missing from the champion's vocabulary
+    reference_oov_rate: float  # the champion's own train split against its stored vocabulary
+
+    def table(self) -> pd.DataFrame:
+        rise = round(self.oov_rate - self.reference_oov_rate, 4)
+        rows = self.report.table().assign(oov_rise=np.nan)
+        return pd.concat([rows, pd.DataFrame([{"feature": "vocabulary", "psi": np.nan,
+                                               "ks": np.nan, "oov_rise": rise}])],
+                         ignore_index=True)
+
+    def metrics(self, warned: bool, failed: bool) -> dict:
+        """The PSI/KS report's metrics, the out-of-vocabulary rates, and the sentence on them
+        that validate and the run summary show (`notes`)."""
+        return {**self.report.metrics(warned, failed),
+                "oov": {"rate": self.oov_rate, "champion_rate": self.reference_oov_rate},
+                "notes": [f"Out-of-vocabulary words: {self.oov_rate:.1%} of the new train split, "
+                          f"{self.reference_oov_rate:.1%} of the champion's own."]}
+
+
+def compare_texts(reference: dict, current: dict, counts: Counter, thresholds: DriftParams
+                  ) -> TextDrift:
+    """Score the current train split (`current`, its profile, and `counts`, its words) against
+    the champion's profile `reference`."""
+    report = compare(reference, current, thresholds, categorical=("label",),
+                     continuous=("words",))
+    return TextDrift(report, oov_rate(reference["vocabulary"], counts), reference["oov_rate"])
+
+
+def drift_suite(E, kind, params: Params) -> list:
+    """Drift expectations beyond the PSI/KS ones every modality has: the out-of-vocabulary rise."""
+    text = params.text
+    return [
+        E.ExpectColumnValuesToBeBetween(
+            column="oov_rise", max_value=text.oov_fail, **kind("drift"),
+            description=f"The share of the train split's words missing from the champion's "
+                        f"vocabulary exceeds the champion's own by at most {text.oov_fail} "
+                        "(params text.oov_fail)."),
+        E.ExpectColumnValuesToBeBetween(
+            column="oov_rise", max_value=text.oov_warn, **kind("drift_warning", fatal=False),
+            description=f"The share of the train split's words missing from the champion's "
+                        f"vocabulary exceeds the champion's own by at most {text.oov_warn} "
+                        "(params text.oov_warn; a warning only)."),
+    ]
