@@ -54,6 +54,17 @@ def params_writer():
     return write_params
 
 
+@pytest.fixture
+def running():
+    """(workers, batch) -> the executor (pipeline/core/executor.py) maps with them, as a stage
+    started with params.yaml engine does; back to mapping in the test's process afterwards."""
+    from pipeline.core import executor
+    from pipeline.params import EngineParams
+
+    yield lambda workers, batch: executor.start(EngineParams(workers=workers, batch=batch))
+    executor.start(EngineParams(workers=1, batch=1))
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """A throwaway Prefect API and database; Prefect's home (memo store, storage) in a tmp dir."""

@@ -3,6 +3,7 @@ import importlib
 import sys
 
 from pipeline import StageError
+from pipeline.core import executor
 from pipeline.params import ParamsError, load_params
 
 STAGES = ("ingest", "validate", "augment", "train", "compress", "evaluate", "package")
@@ -14,7 +15,7 @@ def main() -> int:
         return 2
     stage = sys.argv[1]
     try:
-        load_params()  # the whole file, before the stage's imports (torch: seconds)
+        executor.start(load_params().engine)  # the whole file, before the stage's imports
         importlib.import_module(f"pipeline.stages.{stage}").main(sys.argv[2:])
     except (StageError, ParamsError) as e:
         print(f"kiln {stage}: error: {e}", file=sys.stderr)
