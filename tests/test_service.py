@@ -116,6 +116,34 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
 
 
 @pytest.mark.slow
+def test_package_infra_validation_goes_through_every_registered_protocol(server):
+    """The package stage's report line names the endpoints of every protocol the Bento serves
+    (pipeline/serving/protocols.py PROTOCOLS), in the registry's order, and no others: each
+    protocol's client, run against the served Bento on the same test images, names its
+    endpoints, and the stage printed exactly those. A protocol added to the registry is
+    infra-validated without a change to the stage (or to this test)."""
+    from pipeline.core.card import BentoArgs, read_card
+    from pipeline.core.dataset import read_manifest
+    from pipeline.core.modality import card_part
+    from pipeline.serving.protocols import PROTOCOLS, Bento, Split
+
+    model_dir = server["model_dir"]
+    data = model_dir.parent / "ingested"
+    card = read_card(model_dir)
+    _, _, items = card_part(card, "scoring").split_input(data, "test", model_dir, card)
+    split = Split(data=data, rows=[r for r in read_manifest(data)[0] if r["split"] == "test"],
+                  items=items)
+    bento = Bento(http=server["client"], grpc_port=server["client"].grpc_port,
+                  args=BentoArgs(model_tag=server["report"]["champion"]["model_tag"],
+                                 serve=load_params(REPO / "params.yaml").serve))
+    endpoints = {name: list(answers(bento, card, split)) for name, answers in PROTOCOLS.items()}
+    assert set(PROTOCOLS) >= {"rest", "grpc"} and all(endpoints.values()), endpoints
+    every = ", ".join(e for named in endpoints.values() for e in named)
+    assert f"infra validation ({len(split.rows)} test images through {every})" \
+        in server["stdout"], (endpoints, server["stdout"])
+
+
+@pytest.mark.slow
 def test_server_binds_loopback_by_default(server):
     """The Bento carries BENTOML_HOST=0.0.0.0 for its container image (bentofile `envs`): a
     local `bentoml serve` with no --host still listens on loopback only."""
