@@ -2,6 +2,7 @@
 says; and the one way tests get params: the real params.yaml, shrunk."""
 import copy
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,79 @@ def running():
 
     yield lambda workers, batch: executor.start(EngineParams(workers=workers, batch=batch))
     executor.start(EngineParams(workers=1, batch=1))
+
+
+@pytest.fixture
+def project(tmp_path, params_writer):
+    """(source, data=None, validate=None, ingest=None) -> a project folder: the repo's params.yaml
+    shrunk (conftest: validate.min_images 10), data.source = `source`, then `data`, `validate`
+    and `ingest`."""
+    def make(source: Path, data=None, validate=None, ingest=None) -> Path:
+        work = tmp_path / "project"
+        work.mkdir()
+        params_writer(work, {"data": {"source": str(source), **(data or {})},
+                             "validate": validate or {}, "ingest": ingest or {}})
+        return work
+    return make
+
+
+@pytest.fixture
+def text_project(tmp_path, params_writer):
+    """(source, text=None) -> a project folder whose params.yaml (the repo's, shrunk) reads text
+    from `source`: data.modality text, text.min_texts 10, then `text`."""
+    def make(source: Path | str, text=None, ingest=None) -> Path:
+        work = tmp_path / "project"
+        work.mkdir()
+        params_writer(work, {"data": {"modality": "text"}, "ingest": ingest or {},
+                             "text": {"source": str(source), "min_texts": 10, **(text or {})}})
+        return work
+    return make
+
+
+@pytest.fixture
+def audio_project(tmp_path, params_writer):
+    """(source, audio=None) -> a project folder whose params.yaml (the repo's, shrunk) reads
+    audio from `source`: data.modality audio, audio.min_clips 10, then `audio`."""
+    def make(source: Path | str, audio=None) -> Path:
+        work = tmp_path / "project"
+        work.mkdir(exist_ok=True)
+        params_writer(work, {"data": {"modality": "audio"},
+                             "audio": {"source": str(source), "min_clips": 10, **(audio or {})}})
+        return work
+    return make
+
+
+@pytest.fixture
+def stage(monkeypatch, capsys):
+    """Run `python -m pipeline.stages <args>` in-process in a project folder: (exit code, stdout+stderr).
+    There is no champion (first run), so the BentoML store is not consulted."""
+    import pipeline.stages.__main__
+    import pipeline.stages.validate
+    from pipeline.lifecycle.champion import Reference
+
+    monkeypatch.setattr(pipeline.stages.validate, "reference",
+                        lambda *_: Reference(None, None, "no champion in this test"))
+
+    def run(work: Path, *args: str) -> tuple[int, str]:
+        monkeypatch.chdir(work)
+        monkeypatch.setattr(sys, "argv", ["python -m pipeline.stages", *args])
+        code = pipeline.stages.__main__.main()
+        out = capsys.readouterr()
+        return code, out.out + out.err
+    return run
+
+
+@pytest.fixture(scope="module")
+def closed_network():
+    """Skip (fail under env CI) where a loopback-only namespace under strace cannot be had
+    (tests/closed_network.py)."""
+    from tests.closed_network import closed_network_missing
+
+    reason = closed_network_missing()
+    if reason and os.environ.get("CI"):
+        pytest.fail(f"no network namespace under strace: {reason}")
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

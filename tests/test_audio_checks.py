@@ -24,7 +24,7 @@ from pipeline.modalities.audio.decode import decode
 from pipeline.lifecycle.champion import Reference
 from pipeline.core.dataset import SPLITS, read_manifest
 from pipeline.params import ParamsError, load_params
-from tests.test_bad_data import VALIDATE, ingest_and_validate, problems, stage  # noqa: F401 (fixture)
+from tests.stage_runs import VALIDATE, details, ingest_and_validate, problems
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 16000  # Hz the generated clips are written at (params.yaml audio.sample_rate)
@@ -68,22 +68,6 @@ def write_folder(root: Path, per_class: int = 4, start: int = 0, seconds=(0.3, 0
     return root
 
 
-@pytest.fixture
-def audio_project(tmp_path, params_writer):
-    """(source, audio=None) -> a project folder whose params.yaml (the repo's, shrunk) reads
-    audio from `source`: data.modality audio, audio.min_clips 10, then `audio`."""
-    def make(source: Path | str, audio=None) -> Path:
-        work = tmp_path / "project"
-        work.mkdir(exist_ok=True)
-        params_writer(work, {"data": {"modality": "audio"},
-                             "audio": {"source": str(source), "min_clips": 10, **(audio or {})}})
-        return work
-    return make
-
-
-
-def details(work: Path) -> dict:
-    return json.loads((work / "reports/validation_details.json").read_text())
 
 
 # --- the bad-audio matrix: what stops validate, naming the file --------------------------------

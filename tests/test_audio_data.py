@@ -25,7 +25,7 @@ from pipeline.modalities.audio.preprocess import AudioPreprocessing
 from pipeline.modalities.audio.sources import DIGITS, ingest_audio
 from pipeline.core.dataset import SPLITS, read_manifest
 from pipeline.params import ParamsError, Split, load_params
-from tests.test_offline import closed_network, leaving, run_closed  # noqa: F401 (fixture)
+from tests.closed_network import leaving, run_closed
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 16000     # Hz the tests decode to (params.yaml audio.sample_rate)

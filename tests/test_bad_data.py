@@ -12,8 +12,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import unicodedata
 from pathlib import Path
 
@@ -21,10 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipeline.stages.__main__
-import pipeline.stages.validate
-from pipeline.lifecycle.champion import Reference
-from tests.project import stage_argv
+from tests.stage_runs import VALIDATE, cli, ingest_and_validate, problems
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("a", "b", "c")
@@ -53,56 +48,6 @@ def make_source(root: Path, classes=CLASSES, splits=("",)) -> Path:
                 seed += 1
                 (root / split / label / f"{i}.png").write_bytes(png_bytes(pixels(seed)))
     return root
-
-
-@pytest.fixture
-def project(tmp_path, params_writer):
-    """(source, data=None, validate=None, ingest=None) -> a project folder: the repo's params.yaml
-    shrunk (conftest: validate.min_images 10), data.source = `source`, then `data`, `validate`
-    and `ingest`."""
-    def make(source: Path, data=None, validate=None, ingest=None) -> Path:
-        work = tmp_path / "project"
-        work.mkdir()
-        params_writer(work, {"data": {"source": str(source), **(data or {})},
-                             "validate": validate or {}, "ingest": ingest or {}})
-        return work
-    return make
-
-
-VALIDATE = stage_argv("validate")
-
-
-def cli(work: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m pipeline.stages <args>` in `work`, with an empty BentoML store of its own."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "BENTOML_HOME": str(work / ".bentoml")}
-    return subprocess.run([sys.executable, "-m", "pipeline.stages", *args], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture
-def stage(monkeypatch, capsys):
-    """Run `python -m pipeline.stages <args>` in-process in a project folder: (exit code, stdout+stderr).
-    There is no champion (first run), so the BentoML store is not consulted."""
-    monkeypatch.setattr(pipeline.stages.validate, "reference",
-                        lambda *_: Reference(None, None, "no champion in this test"))
-
-    def run(work: Path, *args: str) -> tuple[int, str]:
-        monkeypatch.chdir(work)
-        monkeypatch.setattr(sys, "argv", ["python -m pipeline.stages", *args])
-        code = pipeline.stages.__main__.main()
-        out = capsys.readouterr()
-        return code, out.out + out.err
-    return run
-
-
-def ingest_and_validate(stage, work: Path) -> tuple[int, str]:
-    code, out = stage(work, "ingest", "--out", "data/ingested")
-    assert code == 0, out
-    return stage(work, *VALIDATE)
-
-
-def problems(work: Path) -> dict:
-    return json.loads((work / "reports/validation_details.json").read_text())["problems"]
 
 
 # --- files that are not usable images --------------------------------------------------------

@@ -13,7 +13,7 @@ from pipeline.core.dataset import load_split, load_texts, write_manifest
 from pipeline.core.executor import map_items
 from pipeline.modalities.image.preprocess import Preprocessing
 from tests.project import stage_argv
-from tests.test_bad_data import cli
+from tests.stage_runs import cli
 
 
 def test_items_come_back_in_order_with_any_number_of_workers(running):

@@ -27,10 +27,9 @@ from pipeline.modalities.audio.preprocess import AudioPreprocessing
 from pipeline.modalities.image import serving as image_serving
 from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.params import ParamsError, load_params
-from tests.test_audio_checks import audio_project, details, tone  # noqa: F401 (fixture)
-from tests.test_bad_data import VALIDATE, problems, project, stage  # noqa: F401 (fixture)
-from tests.test_offline import closed_network, leaving, run_closed  # noqa: F401 (fixture)
-from tests.test_text_data import manifest, text_project  # noqa: F401 (fixture)
+from tests.test_audio_checks import tone
+from tests.stage_runs import VALIDATE, details, manifest, problems
+from tests.closed_network import leaving, run_closed
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = load_params(REPO / "params.yaml")

@@ -19,7 +19,7 @@ from pipeline.core.card import onnx_predictor, read_card, softmax
 from pipeline.core.modality import card_part
 from tests.languages import write_language_folder
 from tests.project import stage_argv
-from tests.test_bad_data import VALIDATE, cli
+from tests.stage_runs import VALIDATE, cli
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, COMPRESS, EVALUATE = (stage_argv(s) for s in ("train", "compress", "evaluate"))

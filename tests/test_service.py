@@ -1008,7 +1008,7 @@ def test_the_bento_serves_from_a_clean_virtualenv_of_its_own_requirements(packag
     is downloaded. Its `bentoml serve` of the exported Bento, with an empty BentoML home and the
     Bento's own envs (BENTOML_HOST=0.0.0.0), listens on all interfaces and answers the test
     images as ONNX Runtime does here."""
-    from tests.test_offline import closed_network_missing, leaving, run_closed
+    from tests.closed_network import closed_network_missing, leaving, run_closed
     from tests.wheelhouse import WHEELHOUSE
 
     reason = closed_network_missing()

@@ -22,7 +22,7 @@ from pipeline.params import load_params
 from pipeline.modalities.text import checks
 from pipeline.modalities.text.sources import Columns, ingest_texts
 from pipeline.modalities.text.words import text_key
-from tests.test_bad_data import VALIDATE, cli, ingest_and_validate, problems, stage  # noqa: F401 (fixture)
+from tests.stage_runs import VALIDATE, cli, ingest_and_validate, manifest, problems
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("billing", "outage", "praise")
@@ -55,25 +55,6 @@ def records(n_per_class=PER_CLASS, seed=0, words=8) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [{"text": document(rng, label, words).strip(), "label": label}
             for label in CLASSES for _ in range(n_per_class)]
-
-
-@pytest.fixture
-def text_project(tmp_path, params_writer):
-    """(source, text=None) -> a project folder whose params.yaml (the repo's, shrunk) reads text
-    from `source`: data.modality text, text.min_texts 10, then `text`."""
-    def make(source: Path | str, text=None, ingest=None) -> Path:
-        work = tmp_path / "project"
-        work.mkdir()
-        params_writer(work, {"data": {"modality": "text"}, "ingest": ingest or {},
-                             "text": {"source": str(source), "min_texts": 10, **(text or {})}})
-        return work
-    return make
-
-
-
-def manifest(work: Path) -> list[dict]:
-    with open(work / "data/ingested/manifest.csv", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 # --- sources that work -------------------------------------------------------------------------
