@@ -1,4 +1,5 @@
-"""Typed view of params.yaml: unknown keys and wrong types are rejected with the key's name.
+"""Typed view of params.yaml: unknown keys, wrong types and names no registry holds are rejected
+with the key's name.
 
 Constructors elsewhere take required arguments; the only defaults are the values in params.yaml.
 """
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import re
 import types
 import typing
@@ -15,21 +17,18 @@ from typing import Literal
 
 import yaml
 
+from pipeline import StageError
+
 
 class ParamsError(ValueError):
     """params.yaml does not match the schema; the message names the file and the key."""
 
 
-# Names in the registries (pipeline/modalities/image/models.py MODELS; pipeline/stages/compress.py STRUCTURED_PRUNERS
-# and PRUNERS), declared here so a misspelt name is refused before any stage runs, by code that
-# needs no torch. tests/test_stages.py checks they equal the registries.
-ModelName = Literal["lenet5", "resnet_small"]
 # data.modality: each names a package pipeline/modalities/<name>/ (pipeline/core/modality.py, the seam)
 MODALITIES = ("image", "text", "audio")
 Modality = Literal[MODALITIES]
-TextModelName = Literal["text_encoder", "text_bag"]
-AudioModelName = Literal["conv1d", "cnn2d"]  # pipeline/modalities/audio/models.py AUDIO_MODELS
-PruneMethod = Literal["structured_l1", "l1_unstructured", "l1_channels"]
+# train.model, text.model, audio.model and compress.prune_method are `str` here: load_params checks
+# them against their registries (pipeline/core/registry.py), which live beside the torch code.
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ class TextParams:
     vocab_size: int
     max_tokens: int
     lowercase: bool
-    model: TextModelName
+    model: str  # pipeline/modalities/text/models.py MODELS
     pretrained: str | None
     dim: int
     layers: int
@@ -161,7 +160,7 @@ class AudioParams:
     clipped_samples: float
     max_clipped_share: float
     max_silent_share: float
-    model: AudioModelName
+    model: str  # pipeline/modalities/audio/models.py MODELS
     n_fft: int
     hop: int
     n_mels: int
@@ -175,7 +174,7 @@ class AudioParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    model: ModelName
+    model: str  # pipeline/modalities/image/models.py MODELS
     optimizer: Literal["adam", "sgd"]
     lr: float
     momentum: float
@@ -196,7 +195,7 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class CompressParams:
-    prune_method: PruneMethod
+    prune_method: str  # pipeline/core/pruning.py PRUNERS
     prune_amount: float
     finetune_epochs: int
     finetune_lr: float
@@ -495,6 +494,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         _check_ranges(params)
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}".replace(": params.", ": ", 1)) from None
+    # The registry names, from the registries: this imports their modules (torch, seconds). By
+    # name, so that this module's import closure, which the Bento ships to read model cards with
+    # typed(), holds neither them nor torch; pipeline/stages/__main__.py imports the check, so
+    # every stage's dvc.yaml deps list what it runs (pipeline/core/import_closure.py).
+    try:
+        importlib.import_module("pipeline.core.registry").check_names(params)
+    except StageError as e:
+        raise ParamsError(f"{path}: {e}") from None
     return params
 
 

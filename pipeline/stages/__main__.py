@@ -3,6 +3,10 @@ import importlib
 import sys
 
 from pipeline import StageError
+# load_params checks params.yaml's registry names with it, imported there by name (the Bento reads
+# cards with pipeline/params.py and has no torch): imported here too, so that every stage's deps
+# hold it and the registries' modules (pipeline/core/import_closure.py).
+from pipeline.core import registry  # noqa: F401 (load_params runs it)
 from pipeline.params import ParamsError, load_params
 
 STAGES = ("ingest", "validate", "augment", "train", "compress", "evaluate", "package")
@@ -14,7 +18,7 @@ def main() -> int:
         return 2
     stage = sys.argv[1]
     try:
-        load_params()  # the whole file, before the stage's imports (torch: seconds)
+        load_params()  # the whole file, registry names included, before the stage's imports
         importlib.import_module(f"pipeline.stages.{stage}").main(sys.argv[2:])
     except (StageError, ParamsError) as e:
         print(f"kiln {stage}: error: {e}", file=sys.stderr)
