@@ -5,7 +5,7 @@
 Method: the images are written once as an ingested folder (manifest.csv, classes.json, one PNG
 per image: smooth random blobs plus noise, all distinct). Then `validate()` runs end to end with
 the repo's params.yaml (decode + hash every file, the GX suites, Data Docs), alternating the
-baseline (validate.workers = 1: one process) with the default (validate.workers = 0: one process
+baseline (engine.workers = 1: one process) with the default (engine.workers = 0: one process
 per core), `--runs` times each; the median wall time of each is reported, with the decode/hash
 share measured separately (image_table alone) and the 1-minute load average before and after.
 """
@@ -27,7 +27,8 @@ from PIL import Image
 
 from pipeline.core.dataset import SPLITS, read_manifest
 from pipeline.params import load_params
-from pipeline.modalities.image.checks import image_table, pool_size
+from pipeline.core import executor
+from pipeline.modalities.image.checks import image_table
 from pipeline.stages.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,18 +83,18 @@ def main() -> None:
     print(f"data: {args.images} images in {data} ({time.perf_counter() - t:.1f} s to make or find)")
     load_before = os.getloadavg()[0]
     rows, _ = read_manifest(data)
-    settings = {"baseline workers=1": 1, f"workers=0 ({pool_size(0)} processes)": 0}
+    cores = len(os.sched_getaffinity(0))
+    settings = {"baseline workers=1": 1, f"workers=0 ({cores} processes)": 0}
     wall: dict[str, list[float]] = {name: [] for name in settings}
     decode: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(args.runs):
         for name, workers in settings.items():
-            rules = dataclasses.replace(params.validate, workers=workers)
+            executor.start(dataclasses.replace(params.engine, workers=workers))
             t = time.perf_counter()
-            image_table(data, rows, pool_size(workers), params.data)
+            image_table(data, rows, params.data)
             decode[name].append(time.perf_counter() - t)
             t = time.perf_counter()
-            result = validate(data, args.out / "docs",
-                              dataclasses.replace(params, validate=rules), reference=None)
+            result = validate(data, args.out / "docs", params, reference=None)
             wall[name].append(time.perf_counter() - t)
             assert result.success, result.failures
     print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "

@@ -62,7 +62,12 @@ class ValidateParams:
     min_images_per_class_per_split: int
     max_resize_factor: float
     max_blank_fraction: float
+
+
+@dataclass(frozen=True)
+class EngineParams:
     workers: int
+    batch: int
 
 
 @dataclass(frozen=True)
@@ -255,6 +260,7 @@ class Params:
     data: DataParams
     ingest: IngestParams
     validate: ValidateParams
+    engine: EngineParams
     drift: DriftParams
     augment: AugmentParams
     train: TrainParams
@@ -364,7 +370,8 @@ def _check_ranges(p: Params) -> None:
         ("validate.max_resize_factor", p.validate.max_resize_factor >= 1, "must be >= 1"),
         ("validate.max_blank_fraction", 0 <= p.validate.max_blank_fraction <= 1,
          "must be in [0, 1]"),
-        ("validate.workers", p.validate.workers >= 0, "must be >= 0 (0 = one per core)"),
+        ("engine.workers", p.engine.workers >= 0, "must be >= 0 (0 = one per core)"),
+        ("engine.batch", p.engine.batch >= 1, "must be >= 1 (items per task)"),
         ("drift.psi_bins", p.drift.psi_bins >= 2, "must be >= 2"),
         ("drift.psi_warn", 0 <= p.drift.psi_warn <= p.drift.psi_fail,
          "must satisfy 0 <= psi_warn <= psi_fail"),

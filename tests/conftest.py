@@ -48,10 +48,33 @@ def write_params(folder: Path, changes: dict | None = None) -> Path:
     return path
 
 
+# The longest test files (summed durations of a `make test`, docs/benchmarks.md Tests), started
+# first: pytest-xdist's loadfile hands out whole files in collection order, and a long file
+# started last kept one worker busy while the other stood idle.
+LONGEST_FIRST = ("test_pipeline.py", "test_recipes.py", "test_promotion.py", "test_service.py",
+                 "test_flows.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within
+
+
 @pytest.fixture(scope="session")
 def params_writer():
     """write_params, for tests and fixtures of any scope: (folder, changes) -> params.yaml path."""
     return write_params
+
+
+@pytest.fixture
+def running():
+    """(workers, batch) -> the executor (pipeline/core/executor.py) maps with them, as a stage
+    started with params.yaml engine does; back to mapping in the test's process afterwards."""
+    from pipeline.core import executor
+    from pipeline.params import EngineParams
+
+    yield lambda workers, batch: executor.start(EngineParams(workers=workers, batch=batch))
+    executor.start(EngineParams(workers=1, batch=1))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageOps
 
-import pipeline.modalities.image.checks
 from pipeline import StageError
 from pipeline.core.drift import categorical_psi, continuous_scores
 from pipeline.core.dataset import read_manifest
@@ -190,11 +189,11 @@ def test_a_data_docs_page_loading_from_outside_is_named(tmp_path):
         make_offline(tmp_path / "docs")
 
 
-def test_process_pool_gives_the_same_table(ingested, monkeypatch):
+def test_the_executor_gives_the_same_table(ingested, running):
     rows, _ = read_manifest(ingested)
-    serial = image_table(ingested, rows, workers=1, data_params=PARAMS.data)
-    monkeypatch.setattr(pipeline.modalities.image.checks, "CHUNK", 4)  # 30 files -> 8 chunks over 2 processes
-    parallel = image_table(ingested, rows, workers=2, data_params=PARAMS.data)
+    serial = image_table(ingested, rows, PARAMS.data)
+    running(workers=2, batch=4)  # 30 files -> 8 tasks over 2 processes
+    parallel = image_table(ingested, rows, PARAMS.data)
     pd.testing.assert_frame_equal(serial, parallel)
     assert serial.content_hash.notna().all()
 
@@ -212,7 +211,7 @@ def digits(tmp_path_factory) -> tuple[Path, dict]:
 
 def train_profile(folder: Path) -> dict:
     rows, _ = read_manifest(folder)
-    images = add_flags(image_table(folder, rows, workers=1, data_params=PARAMS.data),
+    images = add_flags(image_table(folder, rows, PARAMS.data),
                        PARAMS.data.image_size)
     return profile(images[images.split == "train"])
 

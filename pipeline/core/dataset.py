@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import StageError
+from pipeline.core.executor import map_items
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FIELDS = ["path", "label", "split", "source"]
@@ -44,14 +45,14 @@ def write_manifest(folder: Path, rows: list[dict], classes: list[str]) -> None:
 @dataclass(frozen=True)
 class Items:
     """One split of an ingested data set as stages read it: a known length and class list, the
-    labels, and the items in batches, in manifest order, read one file at a time. The folder
-    of files is this seam's one implementation; a consumer that iterates `batches` holds one
-    batch, not the split."""
+    labels, and the items in batches, in manifest order, read by the executor
+    (pipeline/core/executor.py: in parallel). The folder of files is this seam's one
+    implementation; a consumer that iterates `batches` holds one batch, not the split."""
     folder: Path
     split: str
     rows: list[dict]                 # the split's manifest rows, in manifest order
     classes: list[str]               # the data set's class names; a label is an index into them
-    read: Callable[[Path], object]   # one item's file -> the item (an array, a text)
+    read: Callable[[Path], object]   # one item's file -> the item (an array, a text); pickles
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -66,7 +67,8 @@ class Items:
         labels = self.labels()
         for start in range(0, len(self.rows), size):
             rows = self.rows[start:start + size]
-            yield [self.read(self.folder / r["path"]) for r in rows], labels[start:start + size]
+            items = map_items(self.read, [self.folder / r["path"] for r in rows])
+            yield items, labels[start:start + size]
 
 
 def split_items(folder: Path, split: str, read: Callable[[Path], object], unit: str) -> Items:

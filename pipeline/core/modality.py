@@ -21,7 +21,8 @@ imports a modality's modules directly.
                                                            int8 quantises
     scoring   Scoring   evaluate, package                  a split as model input, the
                                                            baselines the gate measures against
-    infra     Infra     package                            the served answers, gRPC requests
+    infra     Infra     package, through pipeline/         each served protocol's requests:
+                        serving/protocols.py               the REST answers, gRPC requests
     serving   Serving   service.py, oip.py                 its endpoints' input checks, the
                                                            model input (light: no torch)
 
@@ -257,7 +258,10 @@ class Scoring(Protocol):
 
 
 class Infra(Protocol):
-    """pipeline/modalities/<modality>/infra.py: the package stage's infra validation of a served Bento."""
+    """pipeline/modalities/<modality>/infra.py: the package stage's infra validation of a served Bento.
+    Each function makes one protocol's requests for the modality's items, and the protocol's
+    entry in pipeline/serving/protocols.py PROTOCOLS calls it; a new protocol whose requests
+    depend on the modality adds its function here and to every modality's infra part."""
 
 
     def served(self, client: httpx.Client, data: Path, rows: list[dict], items: Items,

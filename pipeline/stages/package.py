@@ -28,15 +28,16 @@ Bentos in --export: pipeline/lifecycle/champion.py).
    with; the build resolves nothing over the network. A full disk is one StageError naming it;
    a failed build leaves nothing in BentoML's build space.
 4. Infra validation: the new Bento runs under `bentoml serve` on a free loopback port
-   (pipeline/lifecycle/local_server.py: it dies with this stage); every test item goes through the model's
-   REST endpoints and, in batches of up to serve.max_batch_images (fewer where a request would
-   pass serve.max_request_bytes), to gRPC ModelInfer (the
-   Open Inference Protocol, pipeline/serving/oip.py), as the model's infra part says
+   (pipeline/lifecycle/local_server.py: it dies with this stage); every test item goes through
+   every protocol the Bento serves, as pipeline/serving/protocols.py PROTOCOLS lists them: the
+   model's REST endpoints and, in batches of up to serve.max_batch_images (fewer where a request
+   would pass serve.max_request_bytes), gRPC ModelInfer (the Open Inference Protocol,
+   pipeline/serving/oip.py), each request made as the model's infra part says
    (pipeline/modalities/<modality>/infra.py, pipeline/core/modality.py Infra: an image model's test images as
    their files to /classify and as .npy files to /classify_npy, raw pixels over gRPC; a text
    model's test texts to /classify_text and /classify_text_batch, BYTES over gRPC); the served
-   classes and probabilities must equal the ones computed here from the same split, over both
-   protocols. Any failure deletes the new Bento and model, leaves the champion in place and
+   classes and probabilities must equal the ones computed here from the same split, over every
+   protocol. Any failure deletes the new Bento and model, leaves the champion in place and
    fails the stage.
 5. Promotion: every Bento of the line is exported to --export with its manifest, then the
    record names the new champion (the commit point), keeping the previous one for rollback;
@@ -60,15 +61,12 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-import grpc
 import numpy as np
 import yaml
-from open_inference.grpc.service import GRPCInferenceServiceStub
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from pipeline import StageError
-from pipeline.serving import oip
 from pipeline.core.card import (CARD_FILE, BentoArgs, ModelCard, at_least, onnx_predictor,
                            predict_in_batches, read_card, softmax, to_dict)
 from pipeline.lifecycle.champion import (REFERENCE_FILE, Champion, Exports, Line, NotFound, Record, Task,
@@ -79,6 +77,7 @@ from pipeline.core.modality import card_part
 from pipeline.params import PackageParams, ServeParams, load_params
 from pipeline.core.progress import Progress
 from pipeline.lifecycle.local_server import serving
+from pipeline.serving.protocols import PROTOCOLS, Bento, Split
 
 
 def git_revision(folder: Path) -> str:
@@ -178,31 +177,24 @@ def _named(prefix: str):
         raise StageError(f"{prefix}{e}") from e
 
 
-def infra_validate(bento_tag: str, model_tag: str, model_dir: Path, card: ModelCard,
-                   data_dir: Path, ready_timeout_s: float, max_batch_images: int,
-                   max_request_bytes: int) -> dict:
+def infra_validate(bento_tag: str, args: BentoArgs, model_dir: Path, card: ModelCard,
+                   data_dir: Path, ready_timeout_s: float) -> dict:
     """Serve the Bento and check it answers every test item as model_dir's model does here,
-    over HTTP and gRPC (ModelInfer for model_tag, by name and version). Raises StageError naming
-    the first differences; returns what was checked: "tested" (in words) and the endpoints."""
-    infra = card_part(card, "infra")
+    through every protocol it serves (pipeline/serving/protocols.py PROTOCOLS; gRPC asks for
+    args.model_tag by name and version). Raises StageError naming the first differences; returns
+    what was checked: "tested" (in words) and the endpoints."""
     rows = [r for r in read_manifest(data_dir)[0] if r["split"] == "test"]
     expected, _, items = test_probabilities(model_dir, card, data_dir)
+    split = Split(data=data_dir, rows=rows, items=items)
+    served = {}
     with tempfile.TemporaryDirectory() as tmp, \
             _named("infra validation: "), serving(bento_tag, Path(tmp, "serve.log"),
                                                   ready_timeout_s) as client:
-        answers = infra.served(client, data_dir, rows, items, max_batch_images)
-        served = {endpoint: (indices, _served_probabilities(card, got))
-                  for endpoint, (indices, got) in answers.items()}
-        served["gRPC ModelInfer"] = (np.arange(len(rows)), _grpc_probabilities(
-            client.grpc_port, model_tag, items, infra.infer_request, max_batch_images,
-            max_request_bytes))
+        bento = Bento(http=client, grpc_port=client.grpc_port, args=args)
+        for answers in PROTOCOLS.values():
+            served.update(answers(bento, card, split))
     _compare(bento_tag, rows, expected, served)
     return {"tested": f"{len(rows)} test {card.preprocessing.UNIT}", "endpoints": list(served)}
-
-
-def _served_probabilities(card: ModelCard, answers: list[dict]) -> np.ndarray:
-    """REST answers (Prediction dicts) -> their probabilities (N, K) in the card's class order."""
-    return np.array([[p["probabilities"][c] for c in card.classes] for p in answers])
 
 
 def _compare(bento_tag: str, rows: list[dict], expected: np.ndarray,
@@ -220,31 +212,6 @@ def _compare(bento_tag: str, rows: list[dict], expected: np.ndarray,
                              f"evaluated model on {len(wrong)} of {len(want)} test items "
                              f"(got {len(got)} answers, probabilities up to {off:.2g} apart); "
                              f"first (file, expected, served): {wrong[:5]}")
-
-
-def _grpc_probabilities(port: int, model_tag: str, items, request_of, max_batch_images: int,
-                        max_request_bytes: int) -> np.ndarray:
-    """ModelInfer over loopback gRPC, max_batch_images items per request (fewer where the
-    request would pass the server's max_request_bytes: 240 one-second clips are 15 MB), each
-    made by request_of(model name, version, items) (the model's infra part)."""
-    name, version = model_tag.split(":")
-    served = []
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = GRPCInferenceServiceStub(channel)
-        start = 0
-        while start < len(items):
-            n = min(max_batch_images, len(items) - start)
-            request = request_of(name, version, items[start:start + n])
-            while request.ByteSize() > max_request_bytes and n > 1:
-                n //= 2
-                request = request_of(name, version, items[start:start + n])
-            start += n
-            try:
-                served.append(oip.probabilities_of(stub.ModelInfer(request, timeout=30)))
-            except grpc.RpcError as e:
-                raise StageError(f"gRPC ModelInfer on port {port} answered {e.code().name}: "
-                                 f"{e.details()}") from None
-    return np.concatenate(served).astype(np.float64)
 
 
 def _store_model(tag: str, model_dir: Path, card: ModelCard, task: Task, git: str,
@@ -378,9 +345,7 @@ def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: 
                            f"{os.environ['BENTOML_HOME']}"):
             _store_and_build(model_dir, card, task, bentofile, build_config, args, bento_tag,
                              reference, created)
-        return infra_validate(bento_tag, args.model_tag, model_dir, card, data_dir,
-                              ready_timeout_s, args.serve.max_batch_images,
-                              args.serve.max_request_bytes)
+        return infra_validate(bento_tag, args, model_dir, card, data_dir, ready_timeout_s)
     except BaseException:
         for delete, tag in reversed(created):
             with contextlib.suppress(NotFound):

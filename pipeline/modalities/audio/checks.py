@@ -34,6 +34,7 @@ Great Expectations and Data Docs, so a pool (images use one) would save little a
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from pathlib import Path
@@ -43,6 +44,7 @@ import pandas as pd
 
 from pipeline.modalities.audio.decode import ACCEPTED, AudioError, decode, truncation
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
+from pipeline.core.executor import map_items
 from pipeline.params import Params
 
 # What --metrics holds (the rest of Validation.metrics goes to --details): the counts a person
@@ -162,9 +164,10 @@ def clip_table(folder: Path, rows: list[dict], params: Params) -> pd.DataFrame:
     duplicate (silence of one length is the same samples by nature): each problem is reported
     once, by its own check."""
     audio = params.audio
+    described = map_items(functools.partial(describe_clip, sample_rate=audio.sample_rate),
+                          [folder / r["path"] for r in rows])
     records = [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
-                "split": r["split"], **describe_clip(folder / r["path"], audio.sample_rate)}
-               for r in rows]
+                "split": r["split"], **d} for r, d in zip(rows, described)]
     clips = pd.DataFrame.from_records(records, columns=COLUMNS).astype(
         {c: float for c in ("source_rate", "channels", "seconds", "clipped", "rms", "loudness",
                             "centroid")})

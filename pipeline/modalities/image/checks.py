@@ -16,8 +16,8 @@ checks every modality shares (manifest, classes, PSI/KS drift) and reports failu
 Images of any mode PIL decodes (palette, gray or RGB with alpha, CMYK, 16-bit) are converted, not
 refused: the metrics count them per original mode (`converted`), and every decoded image per
 format (`formats`). An animated GIF, WebP or PNG, a multi-page TIFF and float pixels are refused
-by name (preprocess.refusal), as the server refuses them. Decoding and hashing run in a
-process pool over chunks of files: the parent holds one small dict per image, never pixels, so
+by name (preprocess.refusal), as the server refuses them. Decoding and hashing run through
+the executor (pipeline/core/executor.py, in parallel): the parent holds one small dict per image, never pixels, so
 memory stays flat however large the data set.
 
 Drift features of the train split (pipeline/core/drift.py scores them):
@@ -31,8 +31,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +38,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
+from pipeline.core.executor import map_items
 from pipeline.modalities.image.preprocess import ACCEPTED, IMAGE_FORMATS, MODES, refusal, to_channels
 from pipeline.params import DataParams, Params
 
@@ -51,7 +50,6 @@ SUMMARY = ("images", "classes", "splits", "undecodable", "converted", "duplicate
 METRICS = ("images", "classes", "splits", "undecodable", "duplicates", "formats", "converted",
            "channels_model", "checks_passed", "checks_failed", "problems", "file_problems", "drift",
            "success")
-CHUNK = 512  # files per pool task: large enough that task overhead (~0.1 ms) is noise
 PNG_MAGIC, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 JPEG_MAGIC, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 GIF_END = b";"  # the trailer byte
@@ -177,26 +175,11 @@ def describe_image(path: Path, data_params: DataParams) -> dict:
     }
 
 
-def _describe_chunk(paths: list[Path], data_params: DataParams) -> list[dict]:
-    return [describe_image(p, data_params) for p in paths]
-
-
-def pool_size(workers: int) -> int:
-    """validate.workers, 0 meaning one process per core this process may run on."""
-    return workers or len(os.sched_getaffinity(0))
-
-
-def image_table(folder: Path, rows: list[dict], workers: int, data_params: DataParams
-                ) -> pd.DataFrame:
-    """One row per manifest entry with its description, decoded by `workers` processes."""
-    paths = [folder / r["path"] for r in rows]
-    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    describe = functools.partial(_describe_chunk, data_params=data_params)
-    if workers > 1 and len(chunks) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
-            described = [d for chunk in pool.map(describe, chunks) for d in chunk]
-    else:
-        described = describe(paths)
+def image_table(folder: Path, rows: list[dict], data_params: DataParams) -> pd.DataFrame:
+    """One row per manifest entry with its description (pipeline/core/executor.py: in
+    parallel)."""
+    described = map_items(functools.partial(describe_image, data_params=data_params),
+                          [folder / r["path"] for r in rows])
     records = [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
                 "split": r["split"], **d} for r, d in zip(rows, described)]
     table = pd.DataFrame.from_records(records, columns=COLUMNS)
@@ -247,9 +230,9 @@ def profile(images: pd.DataFrame) -> dict:
 
 def examine(folder: Path, rows: list[dict], params: Params, reference: dict | None
             ) -> tuple[pd.DataFrame, dict, DriftReport | None]:
-    """The images table of the manifest `rows` (decoded by validate.workers processes, flags
+    """The images table of the manifest `rows` (decoded in parallel, flags
     included), the profile of its train split, and that split's drift from `reference`."""
-    images = add_flags(image_table(folder, rows, pool_size(params.validate.workers), params.data),
+    images = add_flags(image_table(folder, rows, params.data),
                        params.data.image_size)
     current = profile(images[images.split == "train"])
     report = compare(reference, current, params.drift, CATEGORICAL, CONTINUOUS) \

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
+from pipeline.core.executor import map_items
 from pipeline.params import DriftParams, Params
 from pipeline.modalities.text.words import text_key, words
 
@@ -77,8 +78,8 @@ def text_table(folder: Path, rows: list[dict]) -> tuple[pd.DataFrame, Counter]:
     """One row per manifest entry, flags included; and the word occurrences of the train
     split's texts (empty ones and files that are no text have none)."""
     records, train_words = [], Counter()
-    for r in rows:
-        described, found = describe_text(folder / r["path"])
+    for r, (described, found) in zip(rows, map_items(describe_text,
+                                                     [folder / r["path"] for r in rows])):
         records.append({"path": r["path"], "source": r.get("source") or r["path"],
                         "label": r["label"], "split": r["split"], **described})
         if r["split"] == "train" and described.get("words"):
