@@ -5,9 +5,10 @@ Constructors elsewhere take required arguments; the only defaults are the values
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
-import importlib
+import functools
 import re
 import types
 import typing
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-
-from pipeline import StageError
 
 
 class ParamsError(ValueError):
@@ -28,7 +27,8 @@ class ParamsError(ValueError):
 MODALITIES = ("image", "text", "audio")
 Modality = Literal[MODALITIES]
 # train.model, text.model, audio.model and compress.prune_method are `str` here: load_params checks
-# them against their registries (pipeline/core/registry.py), which live beside the torch code.
+# them against their registries (pipeline/core/registry.py), which live beside the torch code, by
+# reading those files' source (declared_names), not importing them.
 
 
 @dataclass(frozen=True)
@@ -488,6 +488,48 @@ def _check_ranges(p: Params) -> None:
             raise ParamsError(f"{key}: {why}")
 
 
+def registry_files(modality: str) -> tuple[Path, ...]:
+    """The files whose registries hold the names params.yaml gives when data.modality is
+    `modality`: that modality's models (its model key) and the pruning methods
+    (compress.prune_method). Another modality's model key is not read, so not checked."""
+    package = Path(__file__).resolve().parent
+    return package / "modalities" / modality / "models.py", package / "core" / "pruning.py"
+
+
+def declared_names(file: Path) -> dict[str, list[str]]:
+    """The registries `file` fills, read from its source, not imported (no torch, no seconds):
+    {a registry's params key: its names in registration order}. A registry is a module-level
+    `NAME = Registry("<key>")` (annotated or not; pipeline/core/registry.py), a name a module-level
+    function or class decorated `@NAME.register`: its __name__, in the order the module runs
+    them. tests/test_registry.py checks these equal the imported registries', every one."""
+    tree = ast.parse(file.read_text(encoding="utf-8"), str(file))
+    keys = {}  # variable -> params key
+    for node in tree.body:
+        value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if (isinstance(value, ast.Call) and getattr(value.func, "id", None) == "Registry"
+                and value.args and isinstance(value.args[0], ast.Constant)):
+            keys.update((t.id, value.args[0].value) for t in targets if isinstance(t, ast.Name))
+    names: dict[str, list[str]] = {key: [] for key in keys.values()}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for decorator in node.decorator_list:
+                if (isinstance(decorator, ast.Attribute) and decorator.attr == "register"
+                        and isinstance(decorator.value, ast.Name) and decorator.value.id in keys):
+                    names[keys[decorator.value.id]].append(node.name)
+    return names
+
+
+def _check_names(p: Params) -> None:
+    """Every name `p` gives a registry is one it holds (the message as Registry.get's)."""
+    for file in registry_files(p.data.modality):
+        for key, names in declared_names(file).items():
+            name = functools.reduce(getattr, key.split("."), p)
+            if name not in names:
+                raise ParamsError(f"{key}: expected one of {names}, got {name!r}"
+                                  + did_you_mean(name, names))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
@@ -499,16 +541,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         params = typed(raw, Params, "params")
         _check_ranges(params)
+        # The registry names, read from the registering files' source: reading a file is not an
+        # import, so pipeline/core/import_closure.py does not count those files and they are no
+        # dvc.yaml dep of a stage that does not run them. Rightly: their names decide only
+        # whether params.yaml loads, never any output; a stage that uses a registry imports it.
+        _check_names(params)
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}".replace(": params.", ": ", 1)) from None
-    # The registry names, from the registries: this imports their modules (torch, seconds). By
-    # name, so that this module's import closure, which the Bento ships to read model cards with
-    # typed(), holds neither them nor torch; pipeline/stages/__main__.py imports the check, so
-    # every stage's dvc.yaml deps list what it runs (pipeline/core/import_closure.py).
-    try:
-        importlib.import_module("pipeline.core.registry").check_names(params)
-    except StageError as e:
-        raise ParamsError(f"{path}: {e}") from None
     return params
 
 

@@ -4,22 +4,19 @@
 registry's `register` decorator in the file that defines it; its name is the function's name.
 
 The names are checked against the registries, not a second list: pipeline/params.py load_params
-calls `check_names` once params.yaml has its types, so every stage and the flow refuse a
-misspelt name before anything runs. That imports the registries' modules (torch); the model card
-path (pipeline/params.py typed(), in the Bento, which has no torch) never does.
+reads them from the registering files' source (declared_names: the module-level
+`NAME = Registry("<key>")` and the functions or classes decorated `@NAME.register`), so every stage
+and the flow refuse a misspelt name before anything runs, without importing those files (torch,
+seconds) or making them deps of stages that do not run them. Register in that form only:
+tests/test_registry.py checks the names read from source equal every registry's.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from pipeline import StageError
-from pipeline.core.modality import part
 from pipeline.params import did_you_mean
-
-if TYPE_CHECKING:
-    from pipeline.params import Params
 
 T = TypeVar("T")
 
@@ -59,11 +56,3 @@ class Registry(Generic[T]):
     def __repr__(self) -> str:
         return f"Registry({self.key!r}: {', '.join(self._variants)})"
 
-
-def check_names(params: Params) -> None:
-    """Every name `params` gives a registry: data.modality's model and compress.prune_method
-    (another modality's model key is not read, so not checked). StageError from Registry.get."""
-    from pipeline.core import pruning
-
-    for registry in (part(params.data.modality, "models").MODELS, pruning.PRUNERS):
-        registry.get(functools.reduce(getattr, registry.key.split("."), params))

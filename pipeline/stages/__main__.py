@@ -4,10 +4,6 @@ import sys
 
 from pipeline import StageError
 from pipeline.core import executor
-# load_params checks params.yaml's registry names with it, imported there by name (the Bento reads
-# cards with pipeline/params.py and has no torch): imported here too, so that every stage's deps
-# hold it and the registries' modules (pipeline/core/import_closure.py).
-from pipeline.core import registry  # noqa: F401 (load_params runs it)
 from pipeline.params import ParamsError, load_params
 
 STAGES = ("ingest", "validate", "augment", "train", "compress", "evaluate", "package")
@@ -19,7 +15,8 @@ def main() -> int:
         return 2
     stage = sys.argv[1]
     try:
-        # the whole file, registry names included, before the stage's imports
+        # the whole file, registry names included (read, not imported: no torch), before the
+        # stage's imports
         executor.start(load_params().engine)
         importlib.import_module(f"pipeline.stages.{stage}").main(sys.argv[2:])
     except (StageError, ParamsError) as e:
