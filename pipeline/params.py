@@ -1,11 +1,14 @@
-"""Typed view of params.yaml: unknown keys and wrong types are rejected with the key's name.
+"""Typed view of params.yaml: unknown keys, wrong types and names no registry holds are rejected
+with the key's name.
 
 Constructors elsewhere take required arguments; the only defaults are the values in params.yaml.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -20,16 +23,12 @@ class ParamsError(ValueError):
     """params.yaml does not match the schema; the message names the file and the key."""
 
 
-# Names in the registries (pipeline/modalities/image/models.py MODELS; pipeline/stages/compress.py STRUCTURED_PRUNERS
-# and PRUNERS), declared here so a misspelt name is refused before any stage runs, by code that
-# needs no torch. tests/test_stages.py checks they equal the registries.
-ModelName = Literal["lenet5", "resnet_small"]
 # data.modality: each names a package pipeline/modalities/<name>/ (pipeline/core/modality.py, the seam)
 MODALITIES = ("image", "text", "audio")
 Modality = Literal[MODALITIES]
-TextModelName = Literal["text_encoder", "text_bag"]
-AudioModelName = Literal["conv1d", "cnn2d"]  # pipeline/modalities/audio/models.py AUDIO_MODELS
-PruneMethod = Literal["structured_l1", "l1_unstructured", "l1_channels"]
+# train.model, text.model, audio.model and compress.prune_method are `str` here: load_params checks
+# them against their registries (pipeline/core/registry.py), which live beside the torch code, by
+# reading those files' source (declared_names), not importing them.
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ class TextParams:
     vocab_size: int
     max_tokens: int
     lowercase: bool
-    model: TextModelName
+    model: str  # pipeline/modalities/text/models.py MODELS
     pretrained: str | None
     dim: int
     layers: int
@@ -166,7 +165,7 @@ class AudioParams:
     clipped_samples: float
     max_clipped_share: float
     max_silent_share: float
-    model: AudioModelName
+    model: str  # pipeline/modalities/audio/models.py MODELS
     n_fft: int
     hop: int
     n_mels: int
@@ -180,7 +179,7 @@ class AudioParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    model: ModelName
+    model: str  # pipeline/modalities/image/models.py MODELS
     optimizer: Literal["adam", "sgd"]
     lr: float
     momentum: float
@@ -201,7 +200,7 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class CompressParams:
-    prune_method: PruneMethod
+    prune_method: str  # pipeline/core/pruning.py PRUNERS
     prune_amount: float
     finetune_epochs: int
     finetune_lr: float
@@ -489,6 +488,48 @@ def _check_ranges(p: Params) -> None:
             raise ParamsError(f"{key}: {why}")
 
 
+def registry_files(modality: str) -> tuple[Path, ...]:
+    """The files whose registries hold the names params.yaml gives when data.modality is
+    `modality`: that modality's models (its model key) and the pruning methods
+    (compress.prune_method). Another modality's model key is not read, so not checked."""
+    package = Path(__file__).resolve().parent
+    return package / "modalities" / modality / "models.py", package / "core" / "pruning.py"
+
+
+def declared_names(file: Path) -> dict[str, list[str]]:
+    """The registries `file` fills, read from its source, not imported (no torch, no seconds):
+    {a registry's params key: its names in registration order}. A registry is a module-level
+    `NAME = Registry("<key>")` (annotated or not; pipeline/core/registry.py), a name a module-level
+    function or class decorated `@NAME.register`: its __name__, in the order the module runs
+    them. tests/test_registry.py checks these equal the imported registries', every one."""
+    tree = ast.parse(file.read_text(encoding="utf-8"), str(file))
+    keys = {}  # variable -> params key
+    for node in tree.body:
+        value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if (isinstance(value, ast.Call) and getattr(value.func, "id", None) == "Registry"
+                and value.args and isinstance(value.args[0], ast.Constant)):
+            keys.update((t.id, value.args[0].value) for t in targets if isinstance(t, ast.Name))
+    names: dict[str, list[str]] = {key: [] for key in keys.values()}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for decorator in node.decorator_list:
+                if (isinstance(decorator, ast.Attribute) and decorator.attr == "register"
+                        and isinstance(decorator.value, ast.Name) and decorator.value.id in keys):
+                    names[keys[decorator.value.id]].append(node.name)
+    return names
+
+
+def _check_names(p: Params) -> None:
+    """Every name `p` gives a registry is one it holds (the message as Registry.get's)."""
+    for file in registry_files(p.data.modality):
+        for key, names in declared_names(file).items():
+            name = functools.reduce(getattr, key.split("."), p)
+            if name not in names:
+                raise ParamsError(f"{key}: expected one of {names}, got {name!r}"
+                                  + did_you_mean(name, names))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
@@ -500,6 +541,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         params = typed(raw, Params, "params")
         _check_ranges(params)
+        # The registry names, read from the registering files' source: reading a file is not an
+        # import, so pipeline/core/import_closure.py does not count those files and they are no
+        # dvc.yaml dep of a stage that does not run them. Rightly: their names decide only
+        # whether params.yaml loads, never any output; a stage that uses a registry imports it.
+        _check_names(params)
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}".replace(": params.", ": ", 1)) from None
     return params

@@ -279,6 +279,22 @@ def test_bad_params_stop_the_run_before_any_stage(fake_project, capfd):
     assert runs(project) == []
 
 
+def test_a_misspelt_registry_name_stops_the_run_before_any_stage(fake_project, capfd):
+    """A name checked against its registry (pipeline/core/registry.py), not the schema: the
+    flow refuses it up front too, though compress is the only stage that uses it."""
+    from flows.kiln import main
+
+    project = fake_project()
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("prune_method: structured_l1",
+                                                 "prune_method: structured_l2", 1))
+    assert main(project) == 1
+    out, err = capfd.readouterr()
+    assert err.startswith(f"kiln: {params}: compress.prune_method: expected one of [")
+    assert err.endswith(", got 'structured_l2' (did you mean 'structured_l1'?)\n") and out == ""
+    assert runs(project) == []
+
+
 @pytest.mark.slow
 def test_a_failing_stage_fails_the_flow_with_its_error_once_and_stops_the_pipeline(
         prefect_harness, fake_project, capfd, monkeypatch):

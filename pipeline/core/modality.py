@@ -60,6 +60,8 @@ if TYPE_CHECKING:
     from pipeline.params import Params, TrainParams
 
 AnyPreprocessing = typing.Any  # an instance of a modality's preprocess.RECORD
+# A pipeline/core/registry.py Registry, named without importing it: the service imports this module.
+AnyRegistry = typing.Any
 
 
 def part(modality: str, name: str) -> ModuleType:
@@ -169,6 +171,8 @@ class Models(Protocol):
     """pipeline/modalities/<modality>/models.py: the model registry and the training side of a modality,
     called by train, compress (fine-tuning) and pipeline.core.saved_model.load. Every model takes the
     modality's one input tensor and returns logits (N, classes)."""
+
+    MODELS: AnyRegistry  # the model registry: its key (e.g. "train.model") names one of them
 
     def recipe(self, params: Params) -> TrainParams:
         """The training recipe: train.*, with the modality's own epochs, lr etc. over it."""

@@ -15,7 +15,9 @@ def main() -> int:
         return 2
     stage = sys.argv[1]
     try:
-        executor.start(load_params().engine)  # the whole file, before the stage's imports
+        # the whole file, registry names included (read, not imported: no torch), before the
+        # stage's imports
+        executor.start(load_params().engine)
         importlib.import_module(f"pipeline.stages.{stage}").main(sys.argv[2:])
     except (StageError, ParamsError) as e:
         print(f"kiln {stage}: error: {e}", file=sys.stderr)

@@ -9,14 +9,11 @@
                         params added to its recipe
     compress.json       MACs, parameters, layer widths, sparsity and file sizes per variant
 
-Two kinds of pruning method, each in its own registry:
-  STRUCTURED_PRUNERS really remove channels/units with Torch-Pruning: it traces the model's
-      dependency graph on one input batch, so layers tied together (a producer and its readers,
-      batch norms, a residual sum's inputs) shrink as one group. The model really has fewer MACs
-      and parameters, so the ONNX file is smaller and faster.
-  PRUNERS only zero weights (torch.nn.utils.prune masks): shapes stay, so the pruned file is as
-      large and as fast as the float one unless compressed on disk. compress.json says so
-      (macs and params unchanged) rather than claiming a saving.
+The pruning method is compress.prune_method's, from the registry pipeline/core/pruning.py PRUNERS:
+a structured one really removes channels/units (fewer MACs and parameters, a smaller and faster
+ONNX file); a mask one only zeros weights, so the pruned file is as large and as fast as the float
+one unless compressed on disk, and compress.json says so (macs and params unchanged) rather than
+claiming a saving.
 
 MACs are counted by `count_macs_on` on the modality's example input (one image; one text of
 text.max_tokens tokens): torch's FlopCounterMode, FLOPs / 2 (it counts 2 FLOPs per
@@ -41,94 +38,18 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch_pruning as tp
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import StageError
 from pipeline.core import saved_model
 from pipeline.core.card import sha256_file, write_card
+from pipeline.core.pruning import CONVS, PRUNERS, is_structured, prunable
 from pipeline.core.modality import Export, card_part, copy_model_files
 from pipeline.params import CompressParams, TrainParams, load_params
 from pipeline.core.progress import Progress
 from pipeline.core.training import fit, make_optimizer, make_schedule, pick_device, steps_per_epoch
-
-PRUNERS: dict[str, Callable[[nn.Module, float], None]] = {}
-# The convolutions pruning, widths and sparsity count: an audio Conv1D network's too.
-CONVS = (nn.Conv1d, nn.Conv2d)
-
-
-def register(pruner: Callable[[nn.Module, float], None]) -> Callable[[nn.Module, float], None]:
-    PRUNERS[pruner.__name__] = pruner
-    return pruner
-
-
-def _prunable(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (*CONVS, nn.Linear))]
-
-
-@register
-def l1_unstructured(model: nn.Module, amount: float) -> None:
-    """Zero the `amount` fraction of smallest-magnitude weights, ranked across all layers."""
-    prune.global_unstructured([(m, "weight") for m in _prunable(model)],
-                              pruning_method=prune.L1Unstructured, amount=amount)
-
-
-@register
-def l1_channels(model: nn.Module, amount: float) -> None:
-    """Zero the `amount` fraction of each conv layer's output channels with the smallest L1 norm."""
-    for m in _prunable(model):
-        if isinstance(m, CONVS):
-            prune.ln_structured(m, "weight", amount=amount, n=1, dim=0)
-
-
-# ---- structured pruning: layers rebuilt smaller ---------------------------------------------
-
-STRUCTURED_PRUNERS: dict[str, Callable[[nn.Module, float, torch.Tensor],
-                                       dict[str, tuple[int, int]]]] = {}
-
-
-def register_structured(pruner):
-    STRUCTURED_PRUNERS[pruner.__name__] = pruner
-    return pruner
-
-
-@register_structured
-def structured_l1(model: nn.Module, amount: float, example: torch.Tensor
-                  ) -> dict[str, tuple[int, int]]:
-    """Remove the `amount` fraction of channels (conv) and units (hidden linear) of every
-    dependency group, ranked by the group's L1 weight magnitude (Torch-Pruning traces the graph
-    on `example`, one input batch); the logits layer keeps its width. Channels tied by a residual
-    sum form one group and are removed together from every layer that writes or reads them.
-    A model with a `pruning_spec()` (the text models) names its own fixed-width layers and
-    its attention heads per q/k/v projection: the `amount` fraction of each attention's heads
-    is removed whole, by the L1 of the head's q/k/v rows and output columns, and the model's
-    `pruned(num_heads)` records the new head counts.
-    Returns {layer name: (output width before, after)} for the layers that shrank."""
-    kinds = (*CONVS, nn.Linear, nn.Embedding)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
-    before = {name: m.weight.shape[0 if not isinstance(m, nn.Embedding) else 1]
-              for name, m in layers.items()}
-    if hasattr(model, "pruning_spec"):
-        ignored, num_heads = model.pruning_spec()
-    else:
-        logits = [m for m in layers.values() if not isinstance(m, nn.Embedding)][-1]
-        ignored, num_heads = [logits], {}  # the logits layer's width is the class count
-    # The dependency graph is traced through autograd: no torch.no_grad() here.
-    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                  pruning_ratio=amount, ignored_layers=ignored,
-                                  root_module_types=list(kinds), num_heads=num_heads,
-                                  prune_num_heads=bool(num_heads), prune_head_dims=False,
-                                  head_pruning_ratio=amount)
-    pruner.step()
-    if num_heads:
-        model.pruned(pruner.num_heads)
-    after = {name: m.weight.shape[0 if not isinstance(m, nn.Embedding) else 1]
-             for name, m in layers.items()}
-    return {name: (before[name], after[name]) for name in layers if after[name] != before[name]}
-
 
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """Multiply-accumulates of one image (see the module doc): FlopCounterMode's FLOPs / 2."""
@@ -153,27 +74,22 @@ def count_params(model: nn.Module) -> int:
 
 
 def sparsity(model: nn.Module) -> float:
-    weights = [m.weight for m in _prunable(model)]
+    weights = [m.weight for m in prunable(model)]
     return sum((w == 0).sum().item() for w in weights) / sum(w.numel() for w in weights)
 
 
 def prune_and_finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: CompressParams,
                        recipe: TrainParams,
                        on_epoch: Callable[[dict], None] | None = None) -> nn.Module:
-    """Prune `model` in place by compress.prune_method (either registry), fine-tune it on the
-    device tensors x, y for compress.finetune_epochs at compress.finetune_lr with the training
-    recipe (train.optimizer, batch_size, seed, lr_schedule, label_smoothing, channels_last) and
-    return it in eval mode; `on_epoch(metrics)` after each fine-tuning epoch (training.fit).
-    Measured on digits (docs/benchmarks.md, Compression), structured_l1 at 0.5 with the recipe
-    and 8 epochs at lr 0.004: LeNet-5 0.9805 (float 0.9889), resnet_small 0.9944 (float 0.9944)."""
-    if p.prune_method in STRUCTURED_PRUNERS:
-        STRUCTURED_PRUNERS[p.prune_method](model, p.prune_amount, x[:1])
-    elif p.prune_method in PRUNERS:
-        PRUNERS[p.prune_method](model, p.prune_amount)
-    else:
-        raise StageError(f"compress.prune_method: unknown method {p.prune_method!r} "
-                         f"(registered: {', '.join([*STRUCTURED_PRUNERS, *PRUNERS])})")
-    # Masks (PRUNERS) stay applied during fine-tuning, so pruned weights remain zero.
+    """Prune `model` in place by compress.prune_method (pipeline/core/pruning.py PRUNERS),
+    fine-tune it on the device tensors x, y for compress.finetune_epochs at compress.finetune_lr
+    with the training recipe (train.optimizer, batch_size, seed, lr_schedule, label_smoothing,
+    channels_last) and return it in eval mode; `on_epoch(metrics)` after each fine-tuning epoch
+    (training.fit). Measured on digits (docs/benchmarks.md, Compression), structured_l1 at 0.5
+    with the recipe and 8 epochs at lr 0.004: LeNet-5 0.9805 (float 0.9889), resnet_small
+    0.9944 (float 0.9944)."""
+    PRUNERS.get(p.prune_method)(model, p.prune_amount, x[:1])
+    # A mask method's masks stay applied during fine-tuning, so pruned weights remain zero.
     if p.finetune_epochs:
         memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
         model = model.to(memory_format=memory_format)
@@ -185,7 +101,7 @@ def prune_and_finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: Co
             scheduler=make_schedule(recipe.lr_schedule, optimizer, p.finetune_lr, total_steps),
             label_smoothing=recipe.label_smoothing, seed=recipe.seed,
             memory_format=memory_format, cuda_graph=recipe.cuda_graph, on_epoch=on_epoch)
-    for m in _prunable(model):
+    for m in prunable(model):
         if prune.is_pruned(m):
             prune.remove(m, "weight")
     return model.eval()
@@ -291,7 +207,7 @@ def main(argv: list[str]) -> None:
     macs["int8.onnx"], n_params["int8.onnx"] = macs["float.onnx"], n_params["float.onnx"]
 
     report = {"prune_method": p.prune_method,
-              "prune_kind": "structured" if p.prune_method in STRUCTURED_PRUNERS else "mask",
+              "prune_kind": "structured" if is_structured(p.prune_method) else "mask",
               "sparsity": round(sparsity(pruned), 4),
               "macs": macs, "macs_of": mac_of, "params": n_params,
               "mac_reduction": round(macs["float.onnx"] / macs["pruned.onnx"], 3),

@@ -1,5 +1,5 @@
-"""The audio model registry (audio.model in params.yaml) and the audio side of training: the
-`models` part of the modality seam (pipeline/core/modality.py Models).
+"""The audio model registry MODELS (audio.model in params.yaml) and the audio side of training:
+the `models` part of the modality seam (pipeline/core/modality.py Models).
 
 Every model takes float32 waveforms (N, clip_samples) in [-1, 1] (AudioPreprocessing.load's
 output) and returns logits (N, classes). Inside, in this order:
@@ -30,12 +30,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline import StageError
 from pipeline.modalities.audio.logmel import LogMel, mask_bands
 from pipeline.modalities.audio.perturb import generator, perturb
 from pipeline.modalities.audio.preprocess import AudioPreprocessing
 from pipeline.core.card import ModelCard
 from pipeline.core.dataset import load_split
+from pipeline.core.registry import Registry
 from pipeline.params import AudioAugmentParams, AudioParams, Params, TrainParams
 
 
@@ -81,16 +81,10 @@ class AsImage(nn.Module):
         return features.unsqueeze(1)
 
 
-AUDIO_MODELS: dict[str, Callable[[int, int, int], nn.Sequential]] = {}
+MODELS: Registry[Callable[[int, int, int], nn.Sequential]] = Registry("audio.model")
 
 
-def register(body: Callable[[int, int, int], nn.Sequential]
-             ) -> Callable[[int, int, int], nn.Sequential]:
-    AUDIO_MODELS[body.__name__] = body
-    return body
-
-
-@register
+@MODELS.register
 def conv1d(n_mels: int, classes: int, width: int) -> nn.Sequential:
     return nn.Sequential(
         *_conv1d_block(n_mels, width, 5), nn.MaxPool1d(2),
@@ -100,7 +94,7 @@ def conv1d(n_mels: int, classes: int, width: int) -> nn.Sequential:
         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(2 * width, classes))
 
 
-@register
+@MODELS.register
 def cnn2d(n_mels: int, classes: int, width: int) -> nn.Sequential:
     quarter, half = max(1, width // 4), max(1, width // 2)
     return nn.Sequential(
@@ -113,11 +107,8 @@ def cnn2d(n_mels: int, classes: int, width: int) -> nn.Sequential:
 
 
 def build(name: str, prep: AudioPreprocessing, classes: int, p: AudioParams) -> AudioClassifier:
-    if name not in AUDIO_MODELS:
-        raise StageError(f"audio.model: unknown model {name!r} "
-                         f"(registered: {', '.join(AUDIO_MODELS)})")
     logmel = LogMel(prep.sample_rate, p.n_fft, p.hop, p.n_mels)
-    return AudioClassifier(logmel, p.n_mels, AUDIO_MODELS[name](p.n_mels, classes, p.width),
+    return AudioClassifier(logmel, p.n_mels, MODELS.get(name)(p.n_mels, classes, p.width),
                            p.augment)
 
 

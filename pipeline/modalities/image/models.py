@@ -1,6 +1,6 @@
-"""The image model registry (train.model in params.yaml) and the image side of training: the
-`models` part of the modality seam (pipeline/core/modality.py Models). Every model takes float32
-(N, channels, image_size, image_size) normalised pixels and returns logits (N, classes).
+"""The image model registry MODELS (train.model in params.yaml) and the image side of training:
+the `models` part of the modality seam (pipeline/core/modality.py Models). Every model takes
+float32 (N, channels, image_size, image_size) normalised pixels and returns logits (N, classes).
 
     lenet5        LeCun et al. 1998
     resnet_small  three residual stages, 16/32/64 channels wide
@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import StageError
 from pipeline.core.card import ModelCard
 from pipeline.core.dataset import load_split
+from pipeline.core.registry import Registry
 from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.modalities.image.warp import warp
 from pipeline.params import AugmentParams, Params, TrainParams
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("train.model")
 
 
 def to_input(pixels: torch.Tensor | np.ndarray, prep: Preprocessing,
@@ -33,12 +33,7 @@ def to_input(pixels: torch.Tensor | np.ndarray, prep: Preprocessing,
     return torch.from_numpy(prep.normalize(pixels)).to(device)
 
 
-def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    MODELS[builder.__name__] = builder
-    return builder
-
-
-@register
+@MODELS.register
 def lenet5(channels: int, classes: int, image_size: int) -> nn.Module:
     """LeCun et al. 1998: conv 6@5x5 -> pool -> conv 16@5x5 -> pool -> fc 120 -> 84 -> classes."""
     side = ((image_size - 4) // 2 - 4) // 2  # 32 px in -> 5 px after two conv+pool
@@ -64,7 +59,7 @@ class _Residual(nn.Module):
         return torch.relu(x + self.body(x))
 
 
-@register
+@MODELS.register
 def resnet_small(channels: int, classes: int, image_size: int) -> nn.Module:
     """Three stages of one residual block each (16, 32, 64 wide), halving resolution between."""
     def stage(cin: int, cout: int, downsample: bool) -> list[nn.Module]:
@@ -78,9 +73,7 @@ def resnet_small(channels: int, classes: int, image_size: int) -> nn.Module:
 
 
 def build(name: str, channels: int, classes: int, image_size: int) -> nn.Module:
-    if name not in MODELS:
-        raise StageError(f"train.model: unknown model {name!r} (registered: {', '.join(MODELS)})")
-    return MODELS[name](channels=channels, classes=classes, image_size=image_size)
+    return MODELS.get(name)(channels=channels, classes=classes, image_size=image_size)
 
 
 def epoch_warper(pixels: torch.Tensor, prep: Preprocessing, p: AugmentParams, seed: int,

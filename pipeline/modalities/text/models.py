@@ -1,5 +1,6 @@
-"""Text model registry (text.model in params.yaml), the text.pretrained wrapper, and the text side
-of training: the `models` part of the modality seam (pipeline/core/modality.py Models).
+"""The text model registry MODELS (text.model in params.yaml), the text.pretrained wrapper, and
+the text side of training: the `models` part of the modality seam (pipeline/core/modality.py
+Models).
 
 Every model takes one input, int64 `input_ids` (N, L) with 1 <= L <= max_tokens, padded with
 pad_id, masks the padding itself and returns float logits (N, classes): the ONNX signature of
@@ -8,7 +9,7 @@ the issue-12 contract.
     text_encoder  BERT-style: token + position embeddings, text.layers pre-LN transformer layers
                   (text.dim wide, text.heads heads, text.ffn FFN units), mean of the non-padding
                   positions, a linear classifier. Attention is plain nn.Linear q/k/v/out, so
-                  Torch-Pruning removes whole heads (pipeline/stages/compress.py passes `num_heads`)
+                  Torch-Pruning removes whole heads (pipeline/core/pruning.py passes `num_heads`)
                   and FFN units, and the graph exports to ONNX with dynamic N and L.
     text_bag      mean of the non-padding token embeddings (text.dim wide) and a linear layer:
                   the fast baseline.
@@ -29,6 +30,7 @@ from torch import nn
 
 from pipeline import StageError
 from pipeline.core.card import ModelCard
+from pipeline.core.registry import Registry
 from pipeline.params import Params, TextParams, TrainParams
 from pipeline.modalities.text.encoded import encoded_split
 from pipeline.modalities.text.preprocess import TextPreprocessing
@@ -133,21 +135,16 @@ class TextBag(nn.Module):
         return [self.classifier], {}
 
 
-TEXT_MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("text.model")
 
 
-def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    TEXT_MODELS[builder.__name__] = builder
-    return builder
-
-
-@register
+@MODELS.register
 def text_encoder(prep: TextPreprocessing, classes: int, p: TextParams) -> nn.Module:
     return TextEncoder(prep.vocab_size, prep.max_tokens, prep.pad_id, classes, p.dim, p.layers,
                        p.heads, p.ffn, p.dropout)
 
 
-@register
+@MODELS.register
 def text_bag(prep: TextPreprocessing, classes: int, p: TextParams) -> nn.Module:
     return TextBag(prep.vocab_size, prep.pad_id, classes, p.dim)
 
@@ -212,10 +209,7 @@ def build(name: str, prep: TextPreprocessing, classes: int, p: TextParams) -> nn
     """text.pretrained's checkpoint, else the registry's text.model (trained from scratch)."""
     if p.pretrained is not None:
         return load_pretrained(Path(p.pretrained), prep, classes)
-    if name not in TEXT_MODELS:
-        raise StageError(f"text.model: unknown model {name!r} "
-                         f"(registered: {', '.join(TEXT_MODELS)})")
-    return TEXT_MODELS[name](prep, classes, p)
+    return MODELS.get(name)(prep, classes, p)
 
 
 # --- the Models part ---------------------------------------------------------------------------
