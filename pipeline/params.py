@@ -2,6 +2,11 @@
 with the key's name.
 
 Constructors elsewhere take required arguments; the only defaults are the values in params.yaml.
+
+Not pydantic (2.14, installed): its strict mode refuses a mapping for a dataclass field
+(`dataclass_exact_type`) and its lax mode takes "10" and `true` for an int, and these sections,
+the model card, the champion record and the Bento's arguments are stdlib dataclasses (replace,
+asdict, read in the torch-free Bento too) that `typed` below reads with the key named.
 """
 from __future__ import annotations
 
