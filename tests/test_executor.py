@@ -5,15 +5,14 @@ same outputs."""
 from __future__ import annotations
 
 import functools
+
 import numpy as np
-import pytest
 import yaml
 
 from pipeline.core.dataset import load_split, load_texts, write_manifest
 from pipeline.core.executor import map_items
 from pipeline.modalities.image.preprocess import Preprocessing
 from tests.project import stage_argv
-from tests.stage_runs import cli
 
 
 def test_items_come_back_in_order_with_any_number_of_workers(running):
@@ -60,17 +59,28 @@ def test_split_readers_give_the_same_arrays_in_parallel(tmp_path, running):
     assert texts[5] == "text 5 of the odd class" and labels[5] == 1
 
 
-@pytest.mark.slow
-def test_validate_writes_the_same_outputs_with_one_or_two_workers(tmp_path, params_writer):
-    """The validate stage on the digits, as dvc.yaml runs it, with engine.workers 1 and 2."""
+def test_validate_writes_the_same_outputs_with_one_or_two_workers(tmp_path, params_writer,
+                                                                  stage, running):
+    """The validate stage on a user's folder of 90 random 20x20 images in 3 classes, as
+    dvc.yaml runs it, with engine.workers 1 and 2 (tasks of 8 images). The stage starts the
+    executor from its params.yaml; `running` resets it afterwards."""
+    from PIL import Image
+
+    rng, source = np.random.default_rng(7), tmp_path / "source"
+    for label in ("ash", "birch", "cedar"):
+        (source / label).mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(rng.integers(0, 256, (20, 20), np.uint8)).save(
+                source / label / f"{i}.png")
     outputs = {}
     for workers in (1, 2):
         work = tmp_path / f"w{workers}"
         work.mkdir()
-        params_writer(work, {"engine": {"workers": workers, "batch": 64}})
-        for stage in ("ingest", "validate"):
-            done = cli(work, *stage_argv(stage))
-            assert done.returncode == 0, done.stderr
+        params_writer(work, {"data": {"source": str(source)}, "validate": {"min_images": 10},
+                             "engine": {"workers": workers, "batch": 8}})
+        for name in ("ingest", "validate"):
+            code, out = stage(work, *stage_argv(name))
+            assert code == 0, out
         outputs[workers] = {name: (work / name).read_bytes() for name in (
             "reports/validation.json", "reports/validation_details.json",
             "reports/data_profile.json")}
