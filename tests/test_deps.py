@@ -27,7 +27,7 @@ MODALITY_DEP = "pipeline/modalities/${data.modality}"  # DVC fills in params.yam
 
 def stage_files(stage: str, modality: str) -> set[str]:
     """What `python -m pipeline.stages <stage>` runs for a `modality`; package also builds the
-    Bento from the service's sources (the served modality's: pipeline/stages/package.py)."""
+    Bento from the service's sources (the served modality's: pipeline/lifecycle/bento_build.py)."""
     modules = ["pipeline.stages.__main__", f"pipeline.stages.{stage}"]
     files = relative(source_files(*modules, modality=modality))
     if stage == "package":

@@ -90,7 +90,7 @@ def test_the_trace_names_every_address_that_would_leave(closed_network, tmp_path
 def test_a_bento_package_that_cannot_be_pinned_is_named(packages, message, tmp_path, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # before bentoml is imported
     from pipeline import StageError
-    from pipeline.stages.package import pinned_packages
+    from pipeline.lifecycle.bento_build import pinned_packages
 
     with pytest.raises(StageError, match=re.escape(message)):
         pinned_packages(packages)

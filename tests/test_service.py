@@ -68,7 +68,7 @@ def test_package_refuses_a_missing_or_corrupt_model_by_name(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
-    from pipeline.stages.package import git_revision
+    from pipeline.lifecycle.bento_build import git_revision
 
     report = packaged["report"]
     model_tag, bento_tag = report["champion"]["model_tag"], report["champion"]["bento_tag"]

@@ -5,7 +5,7 @@ a Bento into a clean virtualenv with no network, as a container image would from
     python -m tests.wheelhouse DIR
 
 The requirements are the package stage's: bentofile.yaml python.packages, bentoml and all they
-require, each `==` the version installed here (pipeline.stages.package.pinned_packages). `pip download
+require, each `==` the version installed here (pipeline.lifecycle.bento_build.pinned_packages). `pip download
 --no-deps --only-binary=:all:` fetches exactly those wheels, from pip's cache after the install
 that just put them into .venv. DIR/requirements.txt, written last, lists them.
 """
@@ -23,7 +23,7 @@ WHEELHOUSE = REPO / ".kiln" / "wheelhouse"
 
 def bento_requirements(bentofile: Path) -> list[str]:
     """What the package stage writes into a Bento's requirements.txt for `bentofile`."""
-    from pipeline.stages.package import read_bentofile
+    from pipeline.lifecycle.bento_build import read_bentofile
 
     config, _ = read_bentofile(bentofile, "image")  # the same packages for every modality
     return [*config["python"]["packages"], f"bentoml=={metadata.version('bentoml')}"]

@@ -1,6 +1,6 @@
 """The protocols a Kiln Bento serves, as clients: PROTOCOLS has one entry per protocol, and the
 package stage's infra validation sends the test split through every entry
-(pipeline/stages/package.py infra_validate), so adding a protocol to the service and to infra
+(pipeline/lifecycle/infra_validation.py infra_validate), so adding a protocol to the service and to infra
 validation touches this file (and, where its requests depend on the model's modality, the
 modalities' infra parts, pipeline/modalities/<modality>/infra.py), and no stage.
 

@@ -1,0 +1,79 @@
+"""Infra validation, for the package stage: the new Bento served on loopback for as long as
+the stage lives (pipeline/lifecycle/local_server.py), every test item sent through every protocol
+it serves (pipeline/serving/protocols.py PROTOCOLS), and the served classes and probabilities
+compared with the evaluated model's, computed here from the same split."""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import StageError
+from pipeline.core.card import BentoArgs, ModelCard, onnx_predictor, predict_in_batches, softmax
+from pipeline.core.dataset import read_manifest
+from pipeline.core.modality import card_part
+from pipeline.lifecycle.local_server import serving
+from pipeline.serving.protocols import PROTOCOLS, Bento, Split
+
+
+def test_probabilities(model_dir: Path, card: ModelCard,
+                       data_dir: Path) -> tuple[np.ndarray, np.ndarray, object]:
+    """The model's class probabilities for every test item, as the server computes them, the
+    labels and the items as read (the model's scoring part)."""
+    (weights,) = card.weights
+    predict = onnx_predictor(model_dir / weights, 1)
+    x, labels, items = card_part(card, "scoring").split_input(data_dir, "test", model_dir, card)
+    return softmax(predict_in_batches(predict, x)), labels, items
+
+
+def test_accuracy(model_dir: Path, card: ModelCard, data_dir: Path) -> float:
+    predicted, labels, _ = test_probabilities(model_dir, card, data_dir)
+    return float((predicted.argmax(1) == labels).mean())
+
+
+@contextlib.contextmanager
+def _named(prefix: str):
+    """Prefix the message of a StageError raised inside the block."""
+    try:
+        yield
+    except StageError as e:
+        raise StageError(f"{prefix}{e}") from e
+
+
+def infra_validate(bento_tag: str, args: BentoArgs, model_dir: Path, card: ModelCard,
+                   data_dir: Path, ready_timeout_s: float) -> dict:
+    """Serve the Bento and check it answers every test item as model_dir's model does here,
+    through every protocol it serves (pipeline/serving/protocols.py PROTOCOLS; gRPC asks for
+    args.model_tag by name and version). Raises StageError naming the first differences; returns
+    what was checked: "tested" (in words) and the endpoints."""
+    rows = [r for r in read_manifest(data_dir)[0] if r["split"] == "test"]
+    expected, _, items = test_probabilities(model_dir, card, data_dir)
+    split = Split(data=data_dir, rows=rows, items=items)
+    served = {}
+    with tempfile.TemporaryDirectory() as tmp, \
+            _named("infra validation: "), serving(bento_tag, Path(tmp, "serve.log"),
+                                                  ready_timeout_s) as client:
+        bento = Bento(http=client, grpc_port=client.grpc_port, args=args)
+        for answers in PROTOCOLS.values():
+            served.update(answers(bento, card, split))
+    _compare(bento_tag, rows, expected, served)
+    return {"tested": f"{len(rows)} test {card.preprocessing.UNIT}", "endpoints": list(served)}
+
+
+def _compare(bento_tag: str, rows: list[dict], expected: np.ndarray,
+             served: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Raise StageError naming the first endpoint whose answers for the test items at `indices`
+    differ from `expected` (the evaluated model's, rows in manifest order) in class or by more
+    than 1e-5 in probability."""
+    for endpoint, (indices, got) in served.items():
+        want = expected[indices]
+        wrong = [(rows[i]["path"], int(e), int(a)) for i, e, a in
+                 zip(indices, want.argmax(1), got.argmax(1)) if e != a]
+        off = float(np.abs(got - want).max()) if got.shape == want.shape else np.inf
+        if wrong or off > 1e-5:
+            raise StageError(f"infra validation: {endpoint} of {bento_tag} differs from the "
+                             f"evaluated model on {len(wrong)} of {len(want)} test items "
+                             f"(got {len(got)} answers, probabilities up to {off:.2g} apart); "
+                             f"first (file, expected, served): {wrong[:5]}")
