@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/audio_bench.py [--runs 3] [--decode-runs 200]
 
-1. Synthesis: `ingest_audio("spoken_digits", ...)` with the real params.yaml (audio.voices,
-   audio.takes, audio.speed_wpm, audio.pitch, data.split, data.seed) into a fresh temporary
+1. Synthesis: `ingest_audio("spoken_digits", ...)` with the real params.yaml (audio.ingest.voices,
+   audio.ingest.takes, audio.ingest.speed_wpm, audio.ingest.pitch, data.split, data.seed) into a fresh temporary
    folder, --runs times in this process; wall time of the whole call (eSpeak NG start on the first
    call, synthesis, WAV writing, manifest), median and each run. Reported with the set: clips,
    voices per split, bytes on disk, clip durations. Then eSpeak NG alone: `say` of the 10 digits
    by the first 20 voices at 175 wpm, pitch 50 (200 clips), total wall time, one run.
-2. Decoding one 1 s clip to audio.sample_rate mono (pipeline/modalities/audio/decode.py decode, from the
+2. Decoding one 1 s clip to audio.preprocess.sample_rate mono (pipeline/modalities/audio/decode.py decode, from the
    bytes, as the service gets an upload): median of --decode-runs, for 16-bit WAV at 16 kHz,
    22.05 kHz (the built-in set's), 44.1 kHz stereo and 96 kHz.
 3. Resamplers for one 1 s float32 mono clip to 16 kHz: libsoxr (`soxr.resample`, its "HQ"
@@ -141,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()}")
     synthesis(args.runs)
-    sample_rate = load_params(REPO / "params.yaml").audio.sample_rate
+    sample_rate = load_params(REPO / "params.yaml").audio.preprocess.sample_rate
     decoding(args.decode_runs, sample_rate)
     resamplers(args.decode_runs, sample_rate)
     for module in ("soxr", "scipy.signal"):

@@ -2,7 +2,7 @@
 splits): the augment, train and compress stages, then every variant scored on the test split's
 unseen voices.
 
-    .venv/bin/python bench/audio_train_bench.py [--set audio.model=cnn2d ...] [--ingested DIR]
+    .venv/bin/python bench/audio_train_bench.py [--set audio.train.model=cnn2d ...] [--ingested DIR]
 
 Data: unless --ingested names an ingested audio folder (the ingest stage's output), the script
 makes the built-in set with the real params.yaml (pipeline/modalities/audio/sources.py ingest_audio) in a
@@ -66,7 +66,7 @@ def frontend_int8(project: Path) -> Path:
     x = load_file(project / "data/augmented/train.safetensors")["waveforms"].numpy()
     n_originals = export.calibration_originals(params, len(x))
     rng = np.random.default_rng(params.train.seed)  # as pipeline/stages/compress.py picks them
-    pick = rng.choice(n_originals, size=min(params.compress.calibration_images, n_originals),
+    pick = rng.choice(n_originals, size=min(params.compress.calibration_items, n_originals),
                       replace=False)
     everything = SimpleNamespace(INPUT=export.INPUT, int8_scope=lambda prepared, folder:
                                  (prepared, {}))

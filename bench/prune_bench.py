@@ -62,19 +62,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, choices=sorted(models.MODELS))
     parser.add_argument("--old-ref", required=True, help="git ref holding the old compress.py")
-    parser.add_argument("--float-epochs", type=int, help="default: train.max_epochs")
+    parser.add_argument("--float-epochs", type=int, help="default: image.train.max_epochs")
     args = parser.parse_args()
     torch.set_num_threads(2)
     params = load_params(REPO / "params.yaml")
-    recipe = params.train
+    recipe = models.recipe(params)
     epochs = args.float_epochs or recipe.max_epochs
     tmp = Path(tempfile.mkdtemp())
     prep, x, y, test_x, test_labels = digits(params, tmp / "digits")
-    shape = (1, params.data.image_size, params.data.image_size)
+    shape = (1, params.image.preprocess.image_size, params.image.preprocess.image_size)
 
     memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
     torch.manual_seed(recipe.seed)
-    model = models.build(args.model, channels=1, classes=10, image_size=params.data.image_size)
+    model = models.build(args.model, channels=1, classes=10, image_size=params.image.preprocess.image_size)
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum,
                                recipe.weight_decay)

@@ -35,6 +35,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.conftest import merged  # noqa: E402
 from tests.languages import write_language_folder  # noqa: E402
 from tests.project import stage_argv  # noqa: E402
 
@@ -42,19 +43,19 @@ STAGES = ('ingest', 'augment', 'train', 'compress', 'evaluate')  # run as dvc.ya
 # data set -> configuration -> params changes (section -> key -> value)
 CONFIGS = {
     "languages": {
-        "text_encoder, all 4 epochs": {"text": {"max_epochs": 4}, "train": {"patience": 4}},
+        "text_encoder, all 4 epochs": {"text": {"train": {"max_epochs": 4}}, "train": {"patience": 4}},
         "text_encoder, early stopping": {},
-        "text_encoder, early stopping, budget 20": {"text": {"max_epochs": 20}},
-        "text_bag, early stopping": {"text": {"model": "text_bag"}},
+        "text_encoder, early stopping, budget 20": {"text": {"train": {"max_epochs": 20}}},
+        "text_bag, early stopping": {"text": {"train": {"model": "text_bag"}}},
     },
     "digits": {
         "lenet5, all 30 epochs": {"train": {"patience": 30}},
         "lenet5, early stopping": {},
     },
     "texts": {
-        "text_encoder, all 4 epochs": {"text": {"max_epochs": 4}, "train": {"patience": 4}},
+        "text_encoder, all 4 epochs": {"text": {"train": {"max_epochs": 4}}, "train": {"patience": 4}},
         "text_encoder, early stopping": {},
-        "text_encoder, early stopping, budget 20": {"text": {"max_epochs": 20}},
+        "text_encoder, early stopping, budget 20": {"text": {"train": {"max_epochs": 20}}},
     },
     "audio": {
         "conv1d, all 15 epochs": {"train": {"patience": 15}},
@@ -71,9 +72,8 @@ def project(data: str, changes: dict, source: Path | None) -> Path:
     if data == "audio":
         params["data"]["modality"] = "audio"
     if data == "languages":
-        params["text"]["source"] = str(source)
-    for section, values in changes.items():
-        params[section].update(values)
+        params["text"]["ingest"]["source"] = str(source)
+    params = merged(params, changes)
     root = Path(tempfile.mkdtemp(prefix="recipes_bench_"))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root

@@ -1,5 +1,5 @@
 """How long one hostile gRPC message holds a worker's event loop (issue 22): 2,000,000 empty texts
-in one ModelInfer, far over serve.max_batch_images, sent to a text model's Bento.
+in one ModelInfer, far over serve.max_batch_items, sent to a text model's Bento.
 
     python bench/serve_flood.py [--bento TAG] [--repeats 5] [--out reports/serve_flood.json]
 

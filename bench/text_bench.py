@@ -1,12 +1,12 @@
 """Text classification through the augment, train, compress and evaluate stages on language
 identification from chatterbot-corpus dialogs (inside the installed wheel, no download).
 
-    .venv/bin/python bench/text_bench.py [--set text.model=text_bag ...] [--ingested DIR]
+    .venv/bin/python bench/text_bench.py [--set text.train.model=text_bag ...] [--ingested DIR]
 
 Data: unless --ingested names an ingested text folder (the ingest stage's output), the script
 writes one in the contract's layout the way the built-in `languages` source does: the dialog
 lines of LANGUAGES, blank lines, repeats within a language and lines two languages share left
-out (compared lowercased, whitespace collapsed), up to text.per_class per language chosen with
+out (compared lowercased, whitespace collapsed), up to text.ingest.per_class per language chosen with
 data.seed, split stratified by data.split with data.seed.
 
 Each stage runs as dvc.yaml runs it (`python -m pipeline.stages <stage>`, a fresh process) in a

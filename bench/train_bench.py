@@ -3,18 +3,18 @@ augmentation against a per-image PIL loop. `python bench/train_bench.py [--runs 
 
 Method (all in one process, one run of this script, so both sides see the same machine load):
 - Data: the built-in digits, ingested with params.yaml's data.* (1259 train, 359 test images),
-  resized to data.image_size, uint8 in memory. Mean/std of the train split, as the augment stage.
+  resized to image.preprocess.image_size, uint8 in memory. Mean/std of the train split, as the augment stage.
 - (a) seed-style loop, as in the original idea: torch.utils.data.DataLoader(batch_size=
-  train.batch_size, shuffle=True, num_workers=0) over a Dataset whose __getitem__ makes a PIL
-  image, rotates it by a uniform angle in +-augment.rotation_deg (bilinear, black fill), pads it
-  by round(augment.translate x side) px and crops a random side x side window (the random crop),
+  image.train.batch_size, shuffle=True, num_workers=0) over a Dataset whose __getitem__ makes a PIL
+  image, rotates it by a uniform angle in +-image.augment.rotation_deg (bilinear, black fill), pads it
+  by round(image.augment.translate x side) px and crops a random side x side window (the random crop),
   then normalises it into a tensor. PIL, not torchvision: no CPU torchvision build exists here.
   num_workers=0 because DataLoader workers are slower on 2 cores (shared/STACK.md). LeNet-5,
-  Adam(train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors; on a GPU the model lives
+  Adam(image.train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors; on a GPU the model lives
   there and each batch is copied to it, as the original example does.
 - (b) Kiln's loop: pipeline.core.training.fit on the same uint8 images held on the device, warped afresh
   each epoch by pipeline.modalities.image.models.epoch_warper (pipeline.modalities.image.warp.warp: one batched affine
-  grid_sample of the whole set, augment.chunk images per call: rotation, translation, zoom),
+  grid_sample of the whole set, image.augment.chunk images per call: rotation, translation, zoom),
   with the train.* params the stage uses:
   channels_last, train.lr_schedule, train.label_smoothing (train.compile as in params.yaml).
   Same model, optimizer, lr, batch size, epochs and seed as (a).
@@ -64,11 +64,11 @@ from train_stage_bench import with_changes  # bench/, beside this file
 
 
 def load_digits(p: Params) -> tuple[Preprocessing, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    raw = Preprocessing(image_size=p.data.image_size, channels=p.data.channels,
-                        mean=[0.0] * p.data.channels, std=[1.0] * p.data.channels,
-                        background=p.data.background)
+    raw = Preprocessing(image_size=p.image.preprocess.image_size, channels=p.image.preprocess.channels,
+                        mean=[0.0] * p.image.preprocess.channels, std=[1.0] * p.image.preprocess.channels,
+                        background=p.image.preprocess.background)
     with tempfile.TemporaryDirectory() as tmp:
-        ingest(p.data.source, Path(tmp), p.data.split, p.data.seed, p.ingest.max_file_bytes)
+        ingest(p.image.ingest.source, Path(tmp), p.data.split, p.data.seed, p.ingest.max_file_bytes)
         splits = {s: load_split(Path(tmp), s, raw) for s in ("train", "test")}
     scaled = splits["train"][0].astype(np.float64) / 255
     prep = dataclasses.replace(raw, mean=scaled.mean(axis=(0, 2, 3)).tolist(),
@@ -107,15 +107,15 @@ def seed_style_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> t
     """(training images/s, test accuracy) of the DataLoader + per-sample PIL loop."""
     pixels, labels = splits["train"]
     torch.manual_seed(seed)
-    pad = round(p.augment.translate * prep.image_size)
+    pad = round(p.image.augment.translate * prep.image_size)
     loader = torch.utils.data.DataLoader(
-        SeedStyleDataset(pixels, labels, prep, p.augment.rotation_deg, pad, seed),
-        batch_size=p.train.batch_size, shuffle=True, num_workers=0)
+        SeedStyleDataset(pixels, labels, prep, p.image.augment.rotation_deg, pad, seed),
+        batch_size=p.image.train.batch_size, shuffle=True, num_workers=0)
     device = training.pick_device()
-    model = models.build(p.train.model, prep.channels, 10, prep.image_size).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=p.train.lr)
+    model = models.build(p.image.train.model, prep.channels, 10, prep.image_size).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=p.image.train.lr)
     start = time.perf_counter()
-    for _ in range(p.train.max_epochs):
+    for _ in range(p.image.train.max_epochs):
         model.train()
         for xb, yb in loader:
             loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
@@ -125,28 +125,28 @@ def seed_style_run(p: Params, prep: Preprocessing, splits: dict, seed: int) -> t
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return p.train.max_epochs * len(pixels) / seconds, test_accuracy(model, prep, splits)
+    return p.image.train.max_epochs * len(pixels) / seconds, test_accuracy(model, prep, splits)
 
 
 def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int,
              per_epoch_warp: bool = True) -> tuple[float, float]:
     """(training images/s, test accuracy) of pipeline.core.training.fit with per-epoch device warps
     (per_epoch_warp=False: none, the same images every epoch)."""
-    t = p.train
+    t = models.recipe(p)  # params.yaml train with image.train's budget, lr, batch size
     device = training.pick_device()
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     pixels = torch.from_numpy(splits["train"][0]).to(device)
     y = torch.from_numpy(splits["train"][1]).to(device)
     x = models.to_input(pixels, prep, device).contiguous(memory_format=memory_format)
     torch.manual_seed(seed)
-    model = models.build(t.model, prep.channels, 10, prep.image_size).to(device)
+    model = models.build(p.image.train.model, prep.channels, 10, prep.image_size).to(device)
     model = model.to(memory_format=memory_format)
     optimizer = training.make_optimizer(t.optimizer, model.parameters(), t.lr, t.momentum,
                                      t.weight_decay)
     scheduler = training.make_schedule(t.lr_schedule, optimizer, t.lr,
                                        t.max_epochs * training.steps_per_epoch(len(x), t.batch_size, 1))
     net = torch.compile(model) if t.compile else model
-    warps = epoch_warper(pixels, prep, p.augment, seed, memory_format) if per_epoch_warp else None
+    warps = epoch_warper(pixels, prep, p.image.augment, seed, memory_format) if per_epoch_warp else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -180,20 +180,20 @@ def test_accuracy(model: torch.nn.Module, prep: Preprocessing, splits: dict) -> 
 
 def augmentation_rates(p: Params, prep: Preprocessing, splits: dict, reps: int) -> dict:
     pixels = splits["train"][0]
-    pad = round(p.augment.translate * prep.image_size)
+    pad = round(p.image.augment.translate * prep.image_size)
     rng = random.Random(0)
     per_image, batched = [], []
     device = training.pick_device()
     on_device = torch.from_numpy(pixels).to(device)
-    warp(on_device[:8].float() / 255, p.augment)  # warm-up
+    warp(on_device[:8].float() / 255, p.image.augment)  # warm-up
     for _ in range(reps):
         start = time.perf_counter()
-        np.stack([pil_augment(image, p.augment.rotation_deg, pad, rng) for image in pixels])
+        np.stack([pil_augment(image, p.image.augment.rotation_deg, pad, rng) for image in pixels])
         per_image.append(len(pixels) / (time.perf_counter() - start))
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        warp(on_device.float() / 255, p.augment)
+        warp(on_device.float() / 255, p.image.augment)
         if device.type == "cuda":
             torch.cuda.synchronize()
         batched.append(len(pixels) / (time.perf_counter() - start))
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="training runs per loop (median)")
     parser.add_argument("--aug-reps", type=int, default=9, help="augmentation repetitions (median)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE",
                         help="change a params.yaml value for this benchmark")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, "
@@ -223,7 +223,7 @@ def main() -> None:
     device = training.pick_device()
     print(f"device {device}, torch threads {torch.get_num_threads()}, "
           f"{len(splits['train'][0])} train / {len(splits['test'][0])} test images, "
-          f"{p.train.max_epochs} epochs, batch {p.train.batch_size}, lr {p.train.lr}, "
+          f"{p.image.train.max_epochs} epochs, batch {p.image.train.batch_size}, lr {p.image.train.lr}, "
           f"changes {args.set}, load average {load_before}",
           flush=True)
 

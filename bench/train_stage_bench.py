@@ -1,5 +1,5 @@
 """Benchmark: wall time of the train stage and the test accuracy it reaches on the built-in data.
-`python bench/train_stage_bench.py [--runs 3] [--set train.batch_size=512 ...]`.
+`python bench/train_stage_bench.py [--runs 3] [--set image.train.batch_size=512 ...]`.
 
 Method:
 - Once: params.yaml (with any --set section.key=value changes) is written into a temporary
@@ -71,21 +71,24 @@ def child() -> None:
 
 
 def with_changes(path: Path, changes: list[str]) -> dict:
-    """params.yaml at `path` with each SECTION.KEY=VALUE change (a YAML value) applied."""
+    """params.yaml at `path` with each dotted KEY=VALUE change (a YAML value) applied."""
     params = yaml.safe_load(path.read_text())
     for change in changes:
         key, value = change.split("=", 1)
-        section, name = key.split(".", 1)
-        if name not in params[section]:
+        *sections, name = key.split(".")
+        section = params
+        for part in sections:
+            section = section.get(part, {})
+        if name not in section:
             raise SystemExit(f"--set {change}: params.yaml has no {key}")
-        params[section][name] = yaml.safe_load(value)
+        section[name] = yaml.safe_load(value)
     return params
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--preimport", action="store_true",
                         help="import torch._dynamo before the clock starts: torch imports it (and "

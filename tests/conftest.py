@@ -18,28 +18,36 @@ if (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 REPO = Path(__file__).resolve().parents[1]
-# section -> key -> value: what every test that runs stages changes in the real params.yaml, to
+# What every test that runs stages changes in the real params.yaml (nested as params.yaml is), to
 # stay fast (fewer epochs, copies and timing runs; the gate's drop allowed after a short training).
 # 8 epochs: LeNet-5 on the digits tests 0.969 (6 epochs: 0.958), clear of the gate's bar, the
 # logistic-regression baseline's 0.953.
 SHRINK = {
-    "validate": {"min_images": 10},
-    "augment": {"copies": 1},
-    "train": {"max_epochs": 8},
-    "compress": {"finetune_epochs": 1, "calibration_images": 64},
+    "validate": {"min_items": 10},
+    "image": {"augment": {"copies": 1}, "train": {"max_epochs": 8}},
+    "compress": {"finetune_epochs": 1, "calibration_items": 64},
     "evaluate": {"latency_runs": 5},
     "gate": {"max_accuracy_drop": 0.02},
     "serve": {"workers": 1},  # each server the stages start and the tests query: one worker's start
 }
 
 
+def merged(params: dict, changes: dict) -> dict:
+    """`params` with `changes` (nested as params.yaml) merged in: a mapping into a mapping key
+    by key, anything else replacing the value."""
+    out = dict(params)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def shrunk(changes: dict | None = None) -> dict:
-    """The real params.yaml with SHRINK, then `changes` (section -> key -> value), applied."""
+    """The real params.yaml with SHRINK, then `changes` (nested as params.yaml), merged in."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for layer in (SHRINK, changes or {}):
-        for section, values in layer.items():
-            params[section].update(copy.deepcopy(values))
-    return params
+    return merged(merged(params, SHRINK), changes or {})
 
 
 def write_params(folder: Path, changes: dict | None = None) -> Path:
@@ -78,44 +86,35 @@ def running():
     executor.start(EngineParams(workers=1, batch=1))
 
 
-@pytest.fixture
-def project(tmp_path, params_writer):
-    """(source, data=None, validate=None, ingest=None) -> a project folder: the repo's params.yaml
-    shrunk (conftest: validate.min_images 10), data.source = `source`, then `data`, `validate`
-    and `ingest`."""
-    def make(source: Path, data=None, validate=None, ingest=None) -> Path:
-        work = tmp_path / "project"
-        work.mkdir()
-        params_writer(work, {"data": {"source": str(source), **(data or {})},
-                             "validate": validate or {}, "ingest": ingest or {}})
-        return work
+def modality_project(folder: Path, modality: str):
+    """(source, own=None, **shared) -> `folder` with a params.yaml (the repo's, shrunk) that
+    reads `modality` from `source`: data.modality and <modality>.ingest.source set, then `own`
+    merged into the modality's section and `shared` (section -> its changes) into the rest."""
+    def make(source: Path | str, own: dict | None = None, **shared) -> Path:
+        folder.mkdir(exist_ok=True)
+        own = merged({"ingest": {"source": str(source)}}, own or {})
+        write_params(folder, {"data": {"modality": modality}, modality: own, **shared})
+        return folder
     return make
 
 
 @pytest.fixture
-def text_project(tmp_path, params_writer):
-    """(source, text=None) -> a project folder whose params.yaml (the repo's, shrunk) reads text
-    from `source`: data.modality text, text.min_texts 10, then `text`."""
-    def make(source: Path | str, text=None, ingest=None) -> Path:
-        work = tmp_path / "project"
-        work.mkdir()
-        params_writer(work, {"data": {"modality": "text"}, "ingest": ingest or {},
-                             "text": {"source": str(source), "min_texts": 10, **(text or {})}})
-        return work
-    return make
+def project(tmp_path):
+    """(source, image=None, **shared) -> a project folder reading images from `source`
+    (modality_project)."""
+    return modality_project(tmp_path / "project", "image")
 
 
 @pytest.fixture
-def audio_project(tmp_path, params_writer):
-    """(source, audio=None) -> a project folder whose params.yaml (the repo's, shrunk) reads
-    audio from `source`: data.modality audio, audio.min_clips 10, then `audio`."""
-    def make(source: Path | str, audio=None) -> Path:
-        work = tmp_path / "project"
-        work.mkdir(exist_ok=True)
-        params_writer(work, {"data": {"modality": "audio"},
-                             "audio": {"source": str(source), "min_clips": 10, **(audio or {})}})
-        return work
-    return make
+def text_project(tmp_path):
+    """(source, text=None, **shared) -> a project folder reading texts from `source`."""
+    return modality_project(tmp_path / "project", "text")
+
+
+@pytest.fixture
+def audio_project(tmp_path):
+    """(source, audio=None, **shared) -> a project folder reading clips from `source`."""
+    return modality_project(tmp_path / "project", "audio")
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ def texts(language: str, n: int, seed: int) -> list[str]:
 
 
 def write_language_folder(out: Path, per_class: int, seed: int) -> Path:
-    """out/<language>/<n>.txt: per_class texts of each language (a text.source folder)."""
+    """out/<language>/<n>.txt: per_class texts of each language (a text.ingest.source folder)."""
     for language in LANGUAGES:
         (out / language).mkdir(parents=True, exist_ok=True)
         for i, text in enumerate(texts(language, per_class, seed)):

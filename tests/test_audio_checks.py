@@ -27,7 +27,7 @@ from pipeline.params import ParamsError, load_params
 from tests.stage_runs import VALIDATE, details, ingest_and_validate, problems
 
 REPO = Path(__file__).resolve().parents[1]
-RATE = 16000  # Hz the generated clips are written at (params.yaml audio.sample_rate)
+RATE = 16000  # Hz the generated clips are written at (params.yaml audio.preprocess.sample_rate)
 CLASSES = {"high": 880.0, "low": 220.0}  # Hz of each class's tones
 # A low-discrepancy (Kronecker) sequence: pitch, duration and level of the n-th clip are the
 # fractional parts of n times these, so two stretches of it share one distribution closely.
@@ -113,11 +113,11 @@ def spoil_wrong_extension(source: Path) -> str:
 def spoil_silent(source: Path) -> str:
     """A recording of a muted microphone (noise at -80 dBFS): its label is learnt from nothing,
     and the service refuses silence (400), so such a clip could never be asked about. None is
-    allowed by default (audio.max_silent_share 0): stops, naming it and its RMS."""
+    allowed by default (audio.validate.max_silent_share 0): stops, naming it and its RMS."""
     noise = np.random.default_rng(0).normal(0, 1e-4, RATE // 2).astype(np.float32)
     write(source / "train/high/muted.wav", noise)
     return ("too many silent clips: At most 0.0% of the clips are silent (RMS under 0.001 of full "
-            "scale) (params audio.max_silent_share, audio.silent_rms). -- 1 break it: 4.0% "
+            "scale) (params audio.validate.max_silent_share, audio.preprocess.silent_rms). -- 1 break it: 4.0% "
             "silent; train/high/muted.wav (RMS 0.0001)")
 
 
@@ -163,7 +163,7 @@ def vary_stereo(source: Path) -> tuple[str, str]:
 
 
 def vary_96_khz(source: Path) -> tuple[str, str]:
-    """96 kHz (studio equipment): resampled to audio.sample_rate by soxr, as every clip is.
+    """96 kHz (studio equipment): resampled to audio.preprocess.sample_rate by soxr, as every clip is.
     Passes, counted by source rate."""
     write(source / "test/high/studio.wav", tone(900, 0.5, rate=96000), rate=96000)
     return "; 16000 Hz 24, 96000 Hz 1;", "source_rate"
@@ -171,11 +171,11 @@ def vary_96_khz(source: Path) -> tuple[str, str]:
 
 def vary_clipped(source: Path) -> tuple[str, str]:
     """A speaker too close to the microphone: a clipped recording is distorted but still says
-    its word, and a few are normal in recorded sets; more than audio.max_clipped_share (5%)
+    its word, and a few are normal in recorded sets; more than audio.validate.max_clipped_share (5%)
     points at the recording chain. One clip of 25 passes, named on its own line with its
     clipped share; the test then sets the share to 0 and validate stops, naming it."""
     write(source / "train/low/loud.wav", tone(350, 0.5, amplitude=1.2))
-    return ("1 clipped clip (over 0.10% of samples at full scale; audio.max_clipped_share 5% "
+    return ("1 clipped clip (over 0.10% of samples at full scale; audio.validate.max_clipped_share 5% "
             "allowed): train/low/loud.wav (36.88% of samples at full scale)"), "clipped"
 
 
@@ -198,8 +198,8 @@ def test_recordings_that_decode_pass_and_are_reported(tmp_path, audio_project, s
                                                      "max_clipped_share: 0.0"))
         code, out = stage(work, *VALIDATE)
         assert code == 1 and "too many clipped clips: At most 0.0% of the clips are clipped " \
-            "(over 0.10% of their samples at full scale) (params audio.max_clipped_share, " \
-            "audio.clipped_samples). -- 1 break it: 4.0% clipped; train/low/loud.wav (36.88% " \
+            "(over 0.10% of their samples at full scale) (params audio.validate.max_clipped_share, " \
+            "audio.validate.clipped_samples). -- 1 break it: 4.0% clipped; train/low/loud.wav (36.88% " \
             "of samples at full scale)" in out
     else:
         assert sum(found["recorded"][what].values()) == 25 and len(found["recorded"][what]) == 2
@@ -214,17 +214,17 @@ def test_a_recording_too_short_or_too_long_is_named(tmp_path, audio_project, sta
     code, out = ingest_and_validate(stage, audio_project(source))
     assert code == 1
     assert ("recording length out of bounds: Every recording lasts 0.1 to 1.5 s (params "
-            "audio.min_seconds, audio.max_seconds). -- 2 break it: train/high/click.wav "
+            "audio.validate.min_seconds, audio.validate.max_seconds). -- 2 break it: train/high/click.wav "
             "(0.02 s); val/low/take.wav (3.00 s)") in out
 
 
 # --- sources that work -------------------------------------------------------------------------
 
 def test_the_built_in_spoken_digits_through_ingest_and_validate(tmp_path, audio_project, stage):
-    """audio.source spoken_digits, shrunk to 6 voices saying each digit once: ingest reports the
+    """audio.ingest.source spoken_digits, shrunk to 6 voices saying each digit once: ingest reports the
     split, validate passes and reports eSpeak NG's 22,050 Hz 16-bit mono; the profile holds the
     drift features."""
-    work = audio_project("spoken_digits", {"voices": 6, "takes": 1})
+    work = audio_project("spoken_digits", {"ingest": {"voices": 6, "takes": 1}})
     code, out = stage(work, "ingest", "--out", "data/ingested")
     assert code == 0, out
     assert "ingest: 60 clips from spoken_digits: {'train': 40, 'val': 10, 'test': 10}" in out
@@ -273,7 +273,7 @@ def champion_profile(tmp_path_factory) -> dict:
     write_folder(root / "src", per_class=20)
     params = load_params(REPO / "params.yaml")
     from pipeline.modalities.audio.sources import ingest_audio
-    a = params.audio
+    a = params.audio.ingest
     ingest_audio(str(root / "src"), root / "ingested", params.data.split, params.data.seed,
                  params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
     return checks.examine(root / "ingested", read_manifest(root / "ingested")[0], params, None)[1]
@@ -349,13 +349,12 @@ def test_decoded_samples_hash_alike_across_containers(tmp_path):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"min_seconds": 2.0}, "audio.min_seconds: must satisfy 0 <= min_seconds <= max_seconds"),
-    ({"min_clips": 0}, "audio.min_clips: must satisfy 1 <= min_clips <= max_clips"),
-    ({"clipped_samples": 1.0}, "audio.clipped_samples: must be in [0, 1)"),
-    ({"max_silent_share": 1.5}, "audio.max_silent_share: must be in [0, 1]"),
-    ({"max_clipped_share": -0.1}, "audio.max_clipped_share: must be in [0, 1]"),
-    ({"max_seconds": "long"}, "audio.max_seconds: expected float, got str 'long'"),
+    ({"min_seconds": 2.0}, "audio.validate.min_seconds: must satisfy 0 <= min_seconds <= max_seconds"),
+    ({"clipped_samples": 1.0}, "audio.validate.clipped_samples: must be in [0, 1)"),
+    ({"max_silent_share": 1.5}, "audio.validate.max_silent_share: must be in [0, 1]"),
+    ({"max_clipped_share": -0.1}, "audio.validate.max_clipped_share: must be in [0, 1]"),
+    ({"max_seconds": "long"}, "audio.validate.max_seconds: expected float, got str 'long'"),
 ])
 def test_validate_params_out_of_range_are_refused(changes, message, params_writer, tmp_path):
     with pytest.raises(ParamsError, match=re.escape(message)):
-        load_params(params_writer(tmp_path, {"audio": changes}))
+        load_params(params_writer(tmp_path, {"audio": {"validate": changes}}))

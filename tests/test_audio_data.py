@@ -28,7 +28,7 @@ from pipeline.params import ParamsError, Split, load_params
 from tests.closed_network import leaving, run_closed
 
 REPO = Path(__file__).resolve().parents[1]
-RATE = 16000     # Hz the tests decode to (params.yaml audio.sample_rate)
+RATE = 16000     # Hz the tests decode to (params.yaml audio.preprocess.sample_rate)
 TONE_HZ = 440.0
 SPLIT = Split(train=0.7, val=0.1, test=0.2)
 
@@ -259,7 +259,7 @@ def test_another_seed_draws_other_voices(built_in, tmp_path):
 
 
 def test_too_few_voices_for_the_splits_is_refused(tmp_path):
-    with pytest.raises(StageError, match="audio.voices 2: too few voices for data.split: no "
+    with pytest.raises(StageError, match="audio.ingest.voices 2: too few voices for data.split: no "
                                          "voice in test, val"):
         ingest_audio("spoken_digits", tmp_path, SPLIT, 0, 1 << 20,
                      **{**BUILT_IN, "voices": 2})
@@ -306,20 +306,22 @@ def test_a_pre_split_user_folder_keeps_its_splits(tmp_path):
 
 
 def test_a_source_that_is_no_folder_is_named(tmp_path):
-    with pytest.raises(StageError, match="audio.source nowhere: not a folder "
+    with pytest.raises(StageError, match="audio.ingest.source nowhere: not a folder "
                                          r"\(nor 'spoken_digits'\)"):
         ingest_audio("nowhere", tmp_path, SPLIT, 0, 1 << 20, **BUILT_IN)
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("speed_wpm", [300, 200], "audio.speed_wpm: must be [min, max] with 80 <= min <= max <= 450"),
-    ("pitch", [10, 120], "audio.pitch: must be [min, max] with 0 <= min <= max <= 99"),
-    ("voices", 2, "audio.voices: must be >= 3"),
-    ("sample_rate", 16000.0, "audio.sample_rate: expected int, got float"),
+    ("ingest.speed_wpm", [300, 200],
+     "audio.ingest.speed_wpm: must be [min, max] with 80 <= min <= max <= 450"),
+    ("ingest.pitch", [10, 120], "audio.ingest.pitch: must be [min, max] with 0 <= min <= max <= 99"),
+    ("ingest.voices", 2, "audio.ingest.voices: must be >= 3"),
+    ("preprocess.sample_rate", 16000.0, "audio.preprocess.sample_rate: expected int, got float"),
 ])
 def test_audio_params_out_of_range_are_refused(key, value, message, params_writer, tmp_path):
     with pytest.raises(ParamsError, match=re.escape(message)):
-        load_params(params_writer(tmp_path, {"audio": {key: value}}))
+        sub, name = key.split(".")
+        load_params(params_writer(tmp_path, {"audio": {sub: {name: value}}}))
 
 
 def test_decode_imports_no_torch_nor_scipy():

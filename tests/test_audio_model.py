@@ -29,6 +29,7 @@ from pipeline.core.pruning import structured_l1
 from pipeline.stages.compress import count_macs_on, count_params, quantize_int8
 from pipeline.core.dataset import load_split, write_manifest
 from pipeline.params import load_params
+from tests.conftest import merged
 from tests.project import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,16 +37,18 @@ RATE = 16000
 CLASSES = {"low": 300.0, "mid": 700.0, "high": 1500.0, "top": 3000.0}  # class -> tone Hz
 SPLITS = {"train": 24, "val": 4, "test": 8}  # clips per class
 # Tiny models, few epochs: a training run takes a few seconds on 2 cores.
-AUDIO = {"n_mels": 16, "width": 8, "max_epochs": 4, "batch_size": 16, "lr": 0.01,
+AUDIO = {"train": {"n_mels": 16, "width": 8, "max_epochs": 4, "batch_size": 16, "lr": 0.01},
          "augment": {"copies": 1, "time_masks": 1, "freq_masks": 1, "freq_mask_bins": 2}}
 
 
 def params(**audio):
-    """The real params.yaml's audio section with AUDIO and `audio` changes (augment merged)."""
+    """The real params.yaml with AUDIO and then `audio` (subsection -> changes) over its audio
+    section."""
     p = load_params(REPO / "params.yaml")
-    changes = {**AUDIO, **audio}
-    augment = dataclasses.replace(p.audio.augment, **changes.pop("augment"))
-    return dataclasses.replace(p, audio=dataclasses.replace(p.audio, augment=augment, **changes))
+    changes = merged(AUDIO, audio)
+    section = dataclasses.replace(p.audio, **{
+        sub: dataclasses.replace(getattr(p.audio, sub), **values) for sub, values in changes.items()})
+    return dataclasses.replace(p, audio=section)
 
 
 def clip(hz: float, rng: np.random.Generator) -> np.ndarray:
@@ -85,7 +88,7 @@ def build(name: str) -> audio_models.AudioClassifier:
     zeros and ones: the exporter would share their constants between layers)."""
     p = params()
     torch.manual_seed(0)
-    model = audio_models.build(name, preprocessing(p.audio), len(CLASSES), p.audio)
+    model = audio_models.build(name, preprocessing(p.audio.preprocess), len(CLASSES), p.audio)
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             for tensor in (m.weight, m.bias, m.running_mean, m.running_var):
@@ -96,7 +99,7 @@ def build(name: str) -> audio_models.AudioClassifier:
 # --- the front end -----------------------------------------------------------------------------
 
 def test_front_end_is_torch_stft_and_exports_to_conv_matmul_log(waves, tmp_path):
-    p = params().audio
+    p = params().audio.train
     logmel = LogMel(RATE, p.n_fft, p.hop, p.n_mels).eval()
     reference = torch.stft(waves, p.n_fft, p.hop, window=torch.hann_window(p.n_fft),
                            center=True, pad_mode="constant", return_complex=True).abs().square()
@@ -112,7 +115,7 @@ def test_front_end_is_torch_stft_and_exports_to_conv_matmul_log(waves, tmp_path)
     assert bank.shape == (p.n_mels, p.n_fft // 2 + 1) and (bank >= 0).all()
     assert (bank.max(1) > 0.5).all() and (np.diff(bank.argmax(1)) >= 0).all()
     # The whole model's graph: the front end is plain ONNX ops, no DFT or STFT op.
-    export.export_onnx(build("conv1d"), preprocessing(params().audio), tmp_path / "m.onnx")
+    export.export_onnx(build("conv1d"), preprocessing(params().audio.preprocess), tmp_path / "m.onnx")
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     ops = {n.op_type for n in graph.node if n.name.startswith(export.FRONTEND)}
     assert {"Conv", "MatMul", "Log"} <= ops and not ops & {"DFT", "STFT", "MelWeightMatrix"}
@@ -170,7 +173,7 @@ def test_each_perturbation_does_what_its_range_says(waves):
 
 
 def test_per_epoch_inputs_depend_on_seed_and_epoch_only(waves):
-    p, prep = params(), preprocessing(params().audio)
+    p, prep = params(), preprocessing(params().audio.preprocess)
     tensors = {"waveforms": waves}
     inputs = audio_models.epoch_inputs(tensors, prep, p, torch.device("cpu"),
                                        torch.contiguous_format)
@@ -180,7 +183,7 @@ def test_per_epoch_inputs_depend_on_seed_and_epoch_only(waves):
     again = audio_models.epoch_inputs(tensors, prep, p, torch.device("cpu"),
                                       torch.contiguous_format)
     assert torch.equal(again(2), inputs(2))
-    off = params(augment={**AUDIO["augment"], "per_epoch": False})
+    off = params(augment={"per_epoch": False})
     assert audio_models.epoch_inputs(tensors, prep, off, torch.device("cpu"),
                                      torch.contiguous_format) is None
 
@@ -189,13 +192,13 @@ def test_per_epoch_inputs_depend_on_seed_and_epoch_only(waves):
 
 def test_unknown_audio_model_names_the_key():
     p = params()
-    with pytest.raises(StageError, match=r"audio.model: expected one of \['conv1d', 'cnn2d'\], got 'lstm'"):
-        audio_models.build("lstm", preprocessing(p.audio), 2, p.audio)
+    with pytest.raises(StageError, match=r"audio.train.model: expected one of \['conv1d', 'cnn2d'\], got 'lstm'"):
+        audio_models.build("lstm", preprocessing(p.audio.preprocess), 2, p.audio)
 
 
 @pytest.mark.parametrize("name", sorted(audio_models.MODELS))
 def test_pruning_shrinks_the_body_not_the_front_end_and_onnx_agrees(name, waves, tmp_path):
-    model, prep = build(name), preprocessing(params().audio)
+    model, prep = build(name), preprocessing(params().audio.preprocess)
     export.export_onnx(model, prep, tmp_path / "float.onnx")
     predict = onnx_predictor(tmp_path / "float.onnx", threads=1)
     for batch in (waves[:1], waves):
@@ -214,7 +217,7 @@ def test_pruning_shrinks_the_body_not_the_front_end_and_onnx_agrees(name, waves,
     assert set(widths) == set(convs) and all(after < before for before, after in widths.values())
     assert torch.equal(model.frontend[0].kernels, kernels)
     assert torch.equal(model.frontend[0].filterbank, bank)
-    assert model.frontend[1].num_features == params().audio.n_mels
+    assert model.frontend[1].num_features == params().audio.train.n_mels
     assert model.body[-1].out_features == len(CLASSES)
     assert count_params(model) < n_params and count_macs_on(model, example) < macs
     export.export_onnx(model, prep, tmp_path / "pruned.onnx")
@@ -226,7 +229,7 @@ def test_pruning_shrinks_the_body_not_the_front_end_and_onnx_agrees(name, waves,
 @pytest.mark.parametrize("name", sorted(audio_models.MODELS))
 def test_int8_keeps_the_front_end_float_and_answers_alone_as_in_a_batch(name, waves, tmp_path):
     """The server's promise: a clip's answer does not depend on the clips sent with it."""
-    model, prep = build(name), preprocessing(params().audio)
+    model, prep = build(name), preprocessing(params().audio.preprocess)
     export.export_onnx(model, prep, tmp_path / "float.onnx")
     calibration = waves.numpy()
     quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", calibration,
@@ -271,9 +274,10 @@ def test_augment_train_compress_on_generated_clips(tmp_path, params_writer, monk
     from pipeline.stages import augment as augment_stage
 
     write_clips(tmp_path / "data/ingested", seed=0)
-    augment = {**dataclasses.asdict(params().audio.augment)}  # params_writer sets whole keys
+    augment = {**dataclasses.asdict(params().audio.augment)}  # as params.yaml has it
     # 3 fine-tuning epochs: after 1, half of this 8-wide network's channels gone, 0.5 accuracy
-    params_writer(tmp_path, {"data": {"modality": "audio"}, "audio": {**AUDIO, "augment": augment},
+    params_writer(tmp_path, {"data": {"modality": "audio"},
+                             "audio": {"train": AUDIO["train"], "augment": augment},
                              "compress": {"finetune_epochs": 3}})
     monkeypatch.chdir(tmp_path)
     augment_stage.main(["--data", "data/ingested", "--out", "data/augmented"])
@@ -282,13 +286,13 @@ def test_augment_train_compress_on_generated_clips(tmp_path, params_writer, monk
 
     run(tmp_path, *stage_argv("train"))
     card = read_card(tmp_path / "models/float")
-    assert card.architecture == "conv1d" and card.recipe.audio.n_mels == AUDIO["n_mels"]
-    assert card.preprocessing == preprocessing(card.recipe.audio)
+    assert card.architecture == "conv1d" and card.recipe.section.train.n_mels == AUDIO["train"]["n_mels"]
+    assert card.preprocessing == preprocessing(card.recipe.section.preprocess)
 
     run(tmp_path, *stage_argv("compress"))
     report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
     assert report["macs"]["pruned.onnx"] < report["macs"]["float.onnx"]
-    assert report["pruned_widths"]["body.0"] == [4, AUDIO["n_mels"]]  # half of 8, all bands in
+    assert report["pruned_widths"]["body.0"] == [4, AUDIO["train"]["n_mels"]]  # half of 8, all bands in
     assert report["macs_of"] == "one clip of 1 s"
     x, y = load_split(tmp_path / "data/ingested", "test", card.preprocessing)
     for variant in ("float.onnx", "pruned.onnx", "int8.onnx"):

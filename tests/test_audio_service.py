@@ -27,15 +27,16 @@ from pipeline.modalities.audio import infra
 from pipeline.modalities.audio.decode import clip_length, fit
 from pipeline.modalities.audio.preprocess import AudioPreprocessing
 from pipeline.core.card import ModelCard, Recipe, Selection, ValScore, sha256_file, softmax, write_card
-from pipeline.params import load_params
+from pipeline.params import load_params, recipe_section
 from tests.bento_server import bento_server, fuzz_finds_no_server_error, multipart
 from tests.tiny_bento import REPO, encode, fit_and_export, npy, run_package
 
 PARAMS = load_params(REPO / "params.yaml")
 SERVE = PARAMS.serve
-PREP = AudioPreprocessing(sample_rate=PARAMS.audio.sample_rate,
-                          clip_samples=clip_length(PARAMS.audio.sample_rate,
-                                                   PARAMS.audio.clip_seconds))
+LIMITS = PARAMS.audio.serve  # the audio model's own
+PREP = AudioPreprocessing(sample_rate=PARAMS.audio.preprocess.sample_rate,
+                          clip_samples=clip_length(PARAMS.audio.preprocess.sample_rate,
+                                                   PARAMS.audio.preprocess.clip_seconds))
 TONES = {"low": 300.0, "mid": 1200.0, "high": 4000.0}  # Hz: each class is a tone
 CLASSES = list(TONES)
 # How the test split's files are written, in turn: (container, subtype, rate Hz, channels)
@@ -92,8 +93,8 @@ def write_tiny_audio_model(folder: Path, steps: int = 40, seed: int = 0) -> None
     data = dataclasses.replace(PARAMS.data, modality="audio")
     write_card(folder, ModelCard(
         architecture="tiny_audio", classes=CLASSES, preprocessing=PREP, data_hash="0" * 64,
-        recipe=Recipe(data=data, augment=PARAMS.augment, train=PARAMS.train,
-                      compress=PARAMS.compress, audio=PARAMS.audio),
+        recipe=Recipe(data=data, train=PARAMS.train, compress=PARAMS.compress,
+                      section=recipe_section(PARAMS, "audio")),
         weights={"model.onnx": sha256_file(folder / "model.onnx")},
         val=ValScore(loss=0.1, accuracy=1.0),
         selection=Selection(variant="float_onnx", accuracy=1.0, macro_f1=1.0, size_bytes=20000,
@@ -250,7 +251,7 @@ def bad_uploads() -> dict[str, tuple[str, bytes, str]]:
     """case -> (file name, bytes, what the 400 says)."""
     rng = np.random.default_rng(5)
     sound = tone(0, rng, 16000, 0.5)
-    too_long = SERVE.max_audio_seconds + 1
+    too_long = LIMITS.max_seconds + 1
     return {
         "an image": ("a.png", encode(np.zeros((8, 8), np.uint8), "PNG"), "audio: a .png file"),
         "PNG bytes named .wav": ("a.wav", encode(np.zeros((8, 8), np.uint8), "PNG"),
@@ -261,10 +262,10 @@ def bad_uploads() -> dict[str, tuple[str, bytes, str]]:
         "empty file": ("a.wav", b"", "audio: empty (0 bytes)"),
         "header only": ("a.wav", audio_file(sound[:0], 16000), "audio: holds no samples"),
         "too long": ("a.wav", audio_file(tone(1, rng, 8000, too_long), 8000),
-                     f"audio: {too_long:.2f} s long, over the {SERVE.max_audio_seconds:g} s allowed"),
+                     f"audio: {too_long:.2f} s long, over the {LIMITS.max_seconds:g} s allowed"),
         "silent": ("a.wav", audio_file(np.zeros(16000, np.float32), 16000),
-                   f"audio: silent (RMS 0, below the model's audio.silent_rms "
-                   f"{PARAMS.audio.silent_rms:g})"),
+                   f"audio: silent (RMS 0, below the model's audio.preprocess.silent_rms "
+                   f"{PARAMS.audio.preprocess.silent_rms:g})"),
         "silent where the model listens": (
             "a.flac", audio_file(np.concatenate([sound, np.zeros(48000, np.float32)]), 16000,
                                  container="FLAC"), "audio: silent"),
@@ -296,7 +297,7 @@ def test_a_recording_over_the_limit_is_refused_from_its_first_bytes(audio_server
             assert chunk, answer
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 400 "), answer
-    assert f"s long, over the {SERVE.max_audio_seconds:g} s allowed" in answer.decode(), answer
+    assert f"s long, over the {LIMITS.max_seconds:g} s allowed" in answer.decode(), answer
 
 
 @pytest.mark.slow
@@ -334,8 +335,8 @@ def clips(n: int, seed: int) -> np.ndarray:
     ({"values": clips(1, 0), "shape": [3, PREP.clip_samples], "raw": False},
      "contents.fp32_contents holds"),
     ({"values": clips(1, 0)[:0]}, "waveform: no clips"),
-    ({"values": clips(1, 0)[:, :4], "shape": [SERVE.max_batch_images + 1, PREP.clip_samples]},
-     f"{SERVE.max_batch_images + 1} clips; at most {SERVE.max_batch_images}"),
+    ({"values": clips(1, 0)[:, :4], "shape": [SERVE.max_batch_items + 1, PREP.clip_samples]},
+     f"{SERVE.max_batch_items + 1} clips; at most {SERVE.max_batch_items}"),
     ({"values": np.where(np.arange(PREP.clip_samples) == 7, np.nan, clips(2, 0)).astype(np.float32)},
      "waveform: holds non-finite values"),
     ({"values": np.where(np.arange(PREP.clip_samples) == 7, 1.5, clips(1, 0)).astype(np.float32)},

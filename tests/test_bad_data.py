@@ -1,7 +1,7 @@
 """The bad-data matrix: each kind of bad data, put into a user's image folder, stops the run at
 ingest or validate with exit 1 and a message naming the kind and the offending file or class;
 hidden/system files and odd class names go through. Each test builds its folder, writes a project
-params.yaml (the repo's, shrunk by conftest's params_writer, with data.source pointed at the
+params.yaml (the repo's, shrunk by conftest's params_writer, with image.ingest.source pointed at the
 folder) and runs the stage entry point:
 some as `python -m pipeline.stages` subprocesses, the rest through pipeline.stages.__main__.main() in-process
 (same code path, minus ~3 s of imports each)."""
@@ -24,7 +24,7 @@ from tests.stage_runs import VALIDATE, cli, ingest_and_validate, problems
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("a", "b", "c")
 PER_CLASS = 10   # with the repo's 0.7/0.1/0.2 split: 7 train, 1 val, 2 test per class
-SIDE = 32        # px, the repo's data.image_size
+SIDE = 32        # px, the repo's image.preprocess.image_size
 
 
 def pixels(seed: int, side: int = SIDE, channels: int = 1) -> np.ndarray:
@@ -223,7 +223,7 @@ def test_duplicate_within_a_split(tmp_path, project, stage):
 
 def test_images_of_other_modes_are_converted_and_counted(tmp_path, project, stage):
     """Palette, gray+alpha, RGBA, CMYK JPEG, 16-bit and RGB files in a grayscale data set
-    (data.channels 1) are converted, not refused; the report counts them per original mode."""
+    (image.preprocess.channels 1) are converted, not refused; the report counts them per original mode."""
     source = make_source(tmp_path / "src")
     alpha = Image.fromarray(pixels(81))
     Image.fromarray(pixels(80)).convert("P").save(source / "a/palette.png", transparency=3)
@@ -237,7 +237,7 @@ def test_images_of_other_modes_are_converted_and_counted(tmp_path, project, stag
     assert code == 0, out
     converted = {"CMYK": 1, "I;16": 1, "LA": 1, "P": 1, "RGB": 1, "RGBA": 1}
     assert json.loads((work / "reports/validation.json").read_text())["converted"] == converted
-    assert ("validate: 6 images converted to L (data.channels 1), by original mode: "
+    assert ("validate: 6 images converted to L (image.preprocess.channels 1), by original mode: "
             "CMYK 1, I;16 1, LA 1, P 1, RGB 1, RGBA 1") in out
 
 
@@ -245,9 +245,9 @@ def test_size_when_resizing_is_forbidden(tmp_path, project, stage):
     source = make_source(tmp_path / "src")
     Image.fromarray(pixels(8, side=64)[:48]).save(source / "c/big.png")   # 64 wide, 48 high
     Image.fromarray(pixels(9, side=33)).save(source / "a/near.png")       # one px off is off too
-    code, out = ingest_and_validate(stage, project(source, data={"allow_resize": False}))
+    code, out = ingest_and_validate(stage, project(source, {"validate": {"allow_resize": False}}))
     assert code == 1
-    assert "image size far from data.image_size: Every image is already 32x32 px" in out
+    assert "image size far from image.preprocess.image_size: Every image is already 32x32 px" in out
     assert "2 break it:" in out and "c/big.png (64x48 px)" in out and "a/near.png (33x33 px)" in out
 
 
@@ -255,9 +255,9 @@ def test_size_far_off_even_when_resizing_is_allowed(tmp_path, project, stage):
     source = make_source(tmp_path / "src")
     Image.fromarray(pixels(8, side=3)).save(source / "b/thumb.png")   # 32 / 3 > 8x
     Image.fromarray(pixels(9, side=64)).save(source / "b/fine.png")   # 2x: resized, fine
-    code, out = ingest_and_validate(stage, project(source, validate={"max_resize_factor": 8.0}))
+    code, out = ingest_and_validate(stage, project(source, {"validate": {"max_resize_factor": 8.0}}))
     assert code == 1
-    assert "within 8x of data.image_size 32 px" in out
+    assert "within 8x of image.preprocess.image_size 32 px" in out
     assert "1 break it: b/thumb.png (3x3 px)" in out and "fine.png" not in out
 
 
@@ -270,7 +270,7 @@ def test_blank_images_above_the_threshold(tmp_path, project, stage, blank, fails
         Image.fromarray(np.full((SIDE, SIDE), 255 * (i % 2), np.uint8)).save(source / "abc"[i] / "blank.png")
     for i in range(blank, 3):
         Image.fromarray(pixels(50 + i)).save(source / "abc"[i] / "blank.png")  # fill to 33
-    work = project(source, validate={"max_blank_fraction": 0.05})
+    work = project(source, {"validate": {"max_blank_fraction": 0.05}})
     code, out = ingest_and_validate(stage, work)
     assert code == (1 if fails else 0), out
     if fails:

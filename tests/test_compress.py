@@ -98,9 +98,10 @@ def test_every_registered_method_is_selectable_and_mask_pruning_saves_nothing(tm
     for method in PRUNERS:
         model = random_lenet(2)
         p = CompressParams(prune_method=method, prune_amount=0.5, finetune_epochs=1,
-                           finetune_lr=1e-3, calibration_images=8, int8_per_channel=True,
+                           finetune_lr=1e-3, calibration_items=8, int8_per_channel=True,
                            int8_reduce_range=True)
-        recipe = dataclasses.replace(load_params(REPO / "params.yaml").train, batch_size=16, seed=0)
+        recipe = dataclasses.replace(models.recipe(load_params(REPO / "params.yaml")),
+                                     batch_size=16, seed=0)
         pruned = prune_and_finetune(model, x, y, p, recipe)
         export_onnx(pruned, PREP, tmp_path / f"{method}.onnx")
         sizes[method] = (tmp_path / f"{method}.onnx").stat().st_size
@@ -119,10 +120,10 @@ def digits(params, folder: Path):
     normalized (tests here and bench/prune_bench.py)."""
     ingest("digits", folder, params.data.split, seed=params.data.seed,
            max_file_bytes=params.ingest.max_file_bytes)
-    prep = Preprocessing(image_size=params.data.image_size, channels=1, mean=[0.5], std=[0.25])
+    prep = Preprocessing(image_size=params.image.preprocess.image_size, channels=1, mean=[0.5], std=[0.25])
     train_pixels, train_labels = load_split(folder, "train", prep)
     test_pixels, test_labels = load_split(folder, "test", prep)
-    images, labels = augment_pixels(train_pixels, train_labels, params.augment, torch.device("cpu"))
+    images, labels = augment_pixels(train_pixels, train_labels, params.image.augment, torch.device("cpu"))
     return (prep, torch.from_numpy(prep.normalize(images.numpy())), labels,
             prep.normalize(test_pixels), test_labels)
 
@@ -130,17 +131,17 @@ def digits(params, folder: Path):
 @pytest.mark.slow
 def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     """The pipeline's recipe on the built-in digits (real params: augment, train, compress; the
-    float model trained for FLOAT_EPOCHS instead of train.max_epochs, to keep the test short):
+    float model trained for FLOAT_EPOCHS instead of image.train.max_epochs, to keep the test short):
     >= 2x fewer MACs and <= 1 point accuracy loss on the test split, measured through the
     exported ONNX files as evaluate does."""
     params = load_params(REPO / "params.yaml")
     assert is_structured(params.compress.prune_method)
     prep, x, y, test_x, test_labels = digits(params, tmp_path / "digits")
 
-    recipe = params.train
+    recipe = models.recipe(params)
     memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    model = models.build("lenet5", channels=1, classes=10, image_size=params.data.image_size)
+    model = models.build("lenet5", channels=1, classes=10, image_size=params.image.preprocess.image_size)
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum,
                                recipe.weight_decay)
@@ -155,7 +156,7 @@ def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     float_macs = count_macs(model, (1, 32, 32))
 
     torch.manual_seed(0)
-    pruned = prune_and_finetune(model, x, y, params.compress, params.train)
+    pruned = prune_and_finetune(model, x, y, params.compress, recipe)
     export_onnx(pruned, prep, tmp_path / "pruned.onnx")
     pruned_acc = (onnx_predictor(tmp_path / "pruned.onnx", 2)(test_x).argmax(1) == test_labels).mean()
 

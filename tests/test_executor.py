@@ -76,7 +76,7 @@ def test_validate_writes_the_same_outputs_with_one_or_two_workers(tmp_path, para
     for workers in (1, 2):
         work = tmp_path / f"w{workers}"
         work.mkdir()
-        params_writer(work, {"data": {"source": str(source)}, "validate": {"min_images": 10},
+        params_writer(work, {"image": {"ingest": {"source": str(source)}},
                              "engine": {"workers": workers, "batch": 8}})
         for name in ("ingest", "validate"):
             code, out = stage(work, *stage_argv(name))

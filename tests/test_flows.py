@@ -177,9 +177,9 @@ def test_evaluation_markdown_names_a_missing_metric():
 def test_a_stage_error_is_its_own_error_lines_else_the_end_of_its_stderr():
     from flows.kiln import STDERR_TAIL_LINES, _stage_error_lines
 
-    reported = ["Running stage 'train':", "kiln train: error: params.yaml: train.lr: must be > 0",
+    reported = ["Running stage 'train':", "kiln train: error: params.yaml: image.train.lr: must be > 0",
                 "ERROR: failed to reproduce 'train': failed to run: python -m pipeline.stages train, exited with 1"]
-    assert _stage_error_lines("train", reported) == ["kiln train: error: params.yaml: train.lr: must be > 0"]
+    assert _stage_error_lines("train", reported) == ["kiln train: error: params.yaml: image.train.lr: must be > 0"]
     crashed = [f"  frame {i}" for i in range(40)] + ["ZeroDivisionError: division by zero",
                                                      "ERROR: failed to reproduce 'train'"]
     assert _stage_error_lines("train", crashed) == crashed[-STDERR_TAIL_LINES:]

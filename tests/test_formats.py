@@ -26,6 +26,7 @@ from pipeline.modalities.audio.decode import AudioError, clip_length, decode, tr
 from pipeline.modalities.audio.preprocess import AudioPreprocessing
 from pipeline.modalities.image import serving as image_serving
 from pipeline.modalities.image.preprocess import Preprocessing
+from pipeline.core.card import BentoArgs
 from pipeline.params import ParamsError, load_params
 from tests.test_audio_checks import tone
 from tests.stage_runs import VALIDATE, details, manifest, problems
@@ -33,8 +34,14 @@ from tests.closed_network import leaving, run_closed
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = load_params(REPO / "params.yaml")
-SIDE = 32  # px, the repo's data.image_size
-RATE = 16000  # Hz, the repo's audio.sample_rate
+
+
+def bento_args(modality: str) -> BentoArgs:
+    """The arguments a Bento of a `modality` model is built with from params.yaml."""
+    return BentoArgs(model_tag="kiln-classifier:test", serve=PARAMS.serve,
+                     limits=getattr(PARAMS, modality).serve)
+SIDE = 32  # px, the repo's image.preprocess.image_size
+RATE = 16000  # Hz, the repo's audio.preprocess.sample_rate
 
 
 def ingest_and_validate(stage, work: Path) -> tuple[int, str]:
@@ -106,7 +113,7 @@ def test_a_folder_of_every_accepted_image_format_ingests_and_validates_every_fil
         "WEBP 7" in out
     metrics = json.loads((work / "reports/validation_details.json").read_text())
     assert metrics["undecodable"] == 0 and sum(metrics["formats"].values()) == 44
-    # converted to data.channels 1 (L), counted by the mode each was written in
+    # converted to image.preprocess.channels 1 (L), counted by the mode each was written in
     assert metrics["converted"] == {"I;16": 6, "P": 6, "RGB": 20}
 
 
@@ -189,7 +196,7 @@ def test_the_service_decodes_every_accepted_image_as_training_does(tmp_path, suf
     path = tmp_path / f"upload{suffix}"
     path.write_bytes(image_bytes(picture(5, mode), fmt))
     card = image_card()
-    opened = image_serving.image(path.read_bytes(), card, PARAMS.serve)
+    opened = image_serving.image(path.read_bytes(), card, bento_args("image"))
     served = image_serving.image_pixels(opened, card)
     assert served.shape == (1, 1, SIDE, SIDE)
     assert np.array_equal(served[0], card.preprocessing.load(path))
@@ -210,7 +217,7 @@ def test_the_service_refuses_what_validate_refuses_with_the_same_words():
     }
     for case, (data, message) in cases.items():
         with pytest.raises(ValueError) as refused:
-            image_serving.image(data, image_card(), PARAMS.serve)
+            image_serving.image(data, image_card(), bento_args("image"))
         assert str(refused.value).startswith(message), (case, str(refused.value))
 
 
@@ -302,9 +309,10 @@ def test_cut_or_unaccepted_recordings_are_named(tmp_path, audio_project, stage):
 
 
 def audio_card() -> SimpleNamespace:
-    """What the audio serving part reads of a card: preprocessing and audio.silent_rms."""
+    """What the audio serving part reads of a card: preprocessing and audio.preprocess.silent_rms."""
     return SimpleNamespace(preprocessing=AudioPreprocessing(
-        sample_rate=RATE, clip_samples=clip_length(RATE, 1.0)), recipe=PARAMS)
+        sample_rate=RATE, clip_samples=clip_length(RATE, 1.0)),
+        recipe=SimpleNamespace(section=PARAMS.audio))
 
 
 @pytest.mark.parametrize("suffix", WRITERS)
@@ -315,9 +323,9 @@ def test_the_service_decodes_every_recording_as_training_does(tmp_path, suffix):
     (tmp_path / f"clip{suffix}").write_bytes(data)
     card = audio_card()
     served = audio_serving.audio(SimpleNamespace(filename=f"upload{suffix}",
-                                                 file=io.BytesIO(data)), card, PARAMS.serve)
+                                                 file=io.BytesIO(data)), card, bento_args("audio"))
     assert np.array_equal(served[0], card.preprocessing.load(tmp_path / f"clip{suffix}"))
-    assert np.array_equal(served, audio_serving.audio(data, card, PARAMS.serve))  # no name
+    assert np.array_equal(served, audio_serving.audio(data, card, bento_args("audio")))  # no name
 
 
 def test_an_mp3_or_m4a_too_long_for_the_service_is_refused_before_it_is_decoded():
@@ -383,8 +391,8 @@ def test_a_tsv_with_its_own_column_names_and_splits_ingests_and_validates(
     path.write_text("id\tsubset\tcategory\tbody\n" + "".join(
         f"{n}\t{splits[n % 10]}\t{label}\t{text}\n" for n, (text, label) in enumerate(rows)),
         encoding="utf-8")
-    work = text_project(path, {"text_column": "body", "label_column": "category",
-                               "split_column": "subset"})
+    work = text_project(path, {"ingest": {"text_column": "body", "label_column": "category",
+                                          "split_column": "subset"}})
     code, out = ingest_and_validate(stage, work)
     assert code == 0, out
     assert "ingest: 20 texts from " in out and "{'train': 14, 'val': 2, 'test': 4}" in out
@@ -401,7 +409,7 @@ def test_a_csv_with_other_column_names_and_no_split_ingests_and_validates(
         writer = csv.writer(f)
         writer.writerow(["Message", "Intent", "Agent"])
         writer.writerows([text, label, "kim"] for text, label in tickets(seed=1))
-    work = text_project(path, {"text_column": "Message", "label_column": "Intent"})
+    work = text_project(path, {"ingest": {"text_column": "Message", "label_column": "Intent"}})
     code, out = ingest_and_validate(stage, work)
     assert code == 0, out
     assert "ingest: 20 texts from " in out and "{'train': 14, 'val': 2, 'test': 4}" in out
@@ -410,24 +418,24 @@ def test_a_csv_with_other_column_names_and_no_split_ingests_and_validates(
 
 @pytest.mark.parametrize("name,content,message", [
     ("a.csv", "Message,Agent\nhello,kim\n",
-     "line 1: the header names no `body` column (text.text_column); it has `Message`, `Agent`"),
+     "line 1: the header names no `body` column (text.ingest.text_column); it has `Message`, `Agent`"),
     ("a.tsv", "body\tAgent\nhello\tkim\n",
-     "line 1: the header names no `category` column (text.label_column); it has `body`, "
+     "line 1: the header names no `category` column (text.ingest.label_column); it has `body`, "
      "`Agent`"),
     ("a.jsonl", '{"body": "hello", "category": "x"}\n{"text": "hi", "category": "y"}\n',
-     "line 2: no `body` field (text.text_column; the record has `text`, `category`)"),
+     "line 2: no `body` field (text.ingest.text_column; the record has `text`, `category`)"),
     ("a.tsv", "body\tcategory\nhello\tx\textra\n", "line 2: 3 fields, the header has 2"),
 ])
 def test_a_missing_column_stops_ingest_naming_file_column_and_columns_found(
         tmp_path, text_project, stage, name, content, message):
     (tmp_path / name).write_text(content, encoding="utf-8")
-    work = text_project(tmp_path / name, {"text_column": "body", "label_column": "category"})
+    work = text_project(tmp_path / name, {"ingest": {"text_column": "body", "label_column": "category"}})
     code, out = stage(work, "ingest", "--out", "data/ingested")
     assert code == 1
-    assert f"kiln ingest: error: text.source {tmp_path / name}: {message}" in out, out
+    assert f"kiln ingest: error: text.ingest.source {tmp_path / name}: {message}" in out, out
 
 
 def test_two_params_naming_one_column_are_refused(params_writer, tmp_path):
-    with pytest.raises(ParamsError, match="text.text_column: text_column, label_column and "
+    with pytest.raises(ParamsError, match="text.ingest.text_column: text_column, label_column and "
                                           "split_column must name three different columns"):
-        load_params(params_writer(tmp_path, {"text": {"label_column": "text"}}))
+        load_params(params_writer(tmp_path, {"text": {"ingest": {"label_column": "text"}}}))

@@ -135,7 +135,7 @@ def test_bad_input_gets_invalid_argument_naming_the_cause(grpc_server):
     images, _ = class_images(2, seed=4)
     nan = images.astype(np.float32)
     nan[0, 0, 0] = np.nan
-    too_many = np.zeros((SERVE.max_batch_images + 1, SIZE, SIZE), np.uint8)
+    too_many = np.zeros((SERVE.max_batch_items + 1, SIZE, SIZE), np.uint8)
 
     def with_raw(request, data):
         del request.raw_input_contents[:]
@@ -165,7 +165,7 @@ def test_bad_input_gets_invalid_argument_naming_the_cause(grpc_server):
             f"shape [2, {SIZE}, {SIZE}] has 128 values; contents.fp32_contents holds 5"),
         "empty batch": (infer_request(model, np.zeros((0, SIZE, SIZE), np.uint8)), "empty batch"),
         "too many images": (infer_request(model, too_many),
-                            f"{len(too_many)} images; at most {SERVE.max_batch_images} images per request"),
+                            f"{len(too_many)} images; at most {SERVE.max_batch_items} images per request"),
         "NaN": (infer_request(model, nan, "FP32"), "pixel values must be finite and within 0..255"),
         "over 255": (infer_request(model, images.astype(np.float32) + 300, "FP32", raw=False),
                      "pixel values must be finite and within 0..255"),

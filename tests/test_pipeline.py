@@ -25,6 +25,7 @@ from PIL import Image
 
 from pipeline.core.import_closure import source_files
 from tests.bento_server import bento_server
+from tests.conftest import merged
 from tests.browser import offline_page
 from tests.project import copy_repo, dvc, git, project_env, ran_stages, run
 
@@ -38,11 +39,10 @@ EXP_SHOW = shlex.split(next(line.split("#")[0] for line in (REPO / "README.md").
 
 
 def edit_params(project: Path, changes: dict) -> None:
+    """`changes` (nested as params.yaml) merged into project's params.yaml."""
     path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in changes.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    path.write_text(yaml.safe_dump(merged(yaml.safe_load(path.read_text()), changes),
+                                   sort_keys=False))
 
 
 def lock_hashes(project: Path) -> dict[tuple[str, str], str]:
@@ -92,7 +92,7 @@ def test_repro_produces_every_artifact(project):
     assert evaluation["accuracy"][selected] >= max(baselines) + params["gate"]["baseline_margin"]
     card = json.loads((project / "models/selected/model.json").read_text())
     assert card["selection"]["variant"] == selected and card["classes"] == [str(d) for d in range(10)]
-    assert card["recipe"]["train"]["max_epochs"] == params["train"]["max_epochs"]
+    assert card["recipe"]["section"]["train"]["max_epochs"] == params["image"]["train"]["max_epochs"]
     assert json.loads((project / "reports/validation.json").read_text())["success"] is True
     assert (project / "reports/data_docs/index.html").exists()
     epochs = json.loads((project / "reports/train/metrics.json").read_text())["epochs_run"]
@@ -166,9 +166,10 @@ def test_second_repro_is_a_noop(project):
     assert (project / "dvc.lock").read_text() == lock
 
 
-def test_another_modalitys_code_reruns_no_stage(project):
+def test_another_modalitys_code_and_params_rerun_no_stage(project):
     """An image run's stages depend on pipeline/modalities/image/ and no other modality's code
-    (dvc.yaml: pipeline/modalities/${data.modality}); Python's bytecode caches are no dep."""
+    (dvc.yaml: pipeline/modalities/${data.modality}), nor on another modality's params section
+    (${data.modality}.train, ...); Python's bytecode caches are no dep."""
     others = ["pipeline/modalities/audio/decode.py", "pipeline/modalities/text/serving.py"]
     for name in others:
         with open(project / name, "a") as f:
@@ -178,7 +179,12 @@ def test_another_modalitys_code_reruns_no_stage(project):
     cache = project / "pipeline/modalities/image/__pycache__/checks.cpython-311.pyc"
     cache.parent.mkdir(exist_ok=True)
     cache.write_bytes(b"bytecode")
+    params = (project / "params.yaml").read_text()
+    edit_params(project, {"audio": {"train": {"max_epochs": 3}, "serve": {"max_seconds": 2.0}},
+                          "text": {"ingest": {"source": "elsewhere"},
+                                   "preprocess": {"vocab_size": 500}}})
     assert "Data and pipelines are up to date" in dvc(project, "status").stdout
+    (project / "params.yaml").write_text(params)
     git(project, "checkout", "--", *others)
     cache.unlink()
 
@@ -296,11 +302,11 @@ def test_a_pulled_clone_is_up_to_date_serves_the_champion_and_runs_experiments(p
     labels, probabilities = served()
     assert np.mean([label == p.parent.name for label, p in zip(labels, images)]) >= 0.9
 
-    epochs = yaml.safe_load((clone / "params.yaml").read_text())["train"]["max_epochs"]
+    epochs = yaml.safe_load((clone / "params.yaml").read_text())["image"]["train"]["max_epochs"]
     # --temp: the experiment in a temporary workspace of its own, as a queued one runs, without
     # the queue's worker start (18 s)
     done = dvc(clone, "exp", "run", "--temp", "-n", "longer", "-S",
-               f"train.max_epochs={epochs + 2}", "-S", "package.champion_tolerance=0.5")
+               f"image.train.max_epochs={epochs + 2}", "-S", "package.champion_tolerance=0.5")
     assert "promoted kiln:" in done.stdout  # inside the experiment's own workspace
     assert git(clone, "status", "--porcelain").stdout == ""  # the clone's workspace untouched
     assert champion(clone) == before
@@ -316,17 +322,17 @@ def test_a_pulled_clone_is_up_to_date_serves_the_champion_and_runs_experiments(p
     diff = json.loads(dvc(clone, "exp", "diff", "--json").stdout)
     accuracy = diff["metrics"]["reports/evaluation.json"]["accuracy.float_torch"]
     assert accuracy["old"] != accuracy["new"]
-    assert diff["params"]["params.yaml"]["train.max_epochs"] == {"old": epochs, "new": epochs + 2,
+    assert diff["params"]["params.yaml"]["image.train.max_epochs"] == {"old": epochs, "new": epochs + 2,
                                                                   "diff": 2}
     assert "accuracy.float_torch" in dvc(clone, "metrics", "diff").stdout
-    assert "train.max_epochs" in dvc(clone, "params", "diff").stdout
+    assert "image.train.max_epochs" in dvc(clone, "params", "diff").stdout
     plots = json.loads(dvc(clone, "plots", "diff", "--json").stdout)
     assert "reports/plots/confusion.csv" in json.dumps(plots)
     # The README's comparison, in a 200-column terminal: every column whole.
     shown = subprocess.run([sys.executable, "-m", "dvc", *EXP_SHOW[1:], "--no-pager"],
                            cwd=clone, env={**project_env(clone), "COLUMNS": "200"},
                            capture_output=True, text=True, check=True).stdout
-    assert "train.max_epochs" in shown and "accuracy.float_torch" in shown and "…" not in shown, shown
+    assert "image.train.max_epochs" in shown and "accuracy.float_torch" in shown and "…" not in shown, shown
 
 
 def test_a_killed_package_run_leaves_the_champion_serving_and_no_process(project, tmp_path):
@@ -434,18 +440,18 @@ def test_failed_runs_and_other_classes_leave_the_champion_serving(project, tmp_p
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.round(image * (255 / 16)).astype(np.uint8)).save(folder / f"{i}.png")
     try:
-        edit_params(project, {"data": {"source": str(inverted)}})
+        edit_params(project, {"image": {"ingest": {"source": str(inverted)}}})
         failed = dvc(project, "repro", check=False)
         assert failed.returncode != 0
         assert ran_stages(failed.stdout) == ["ingest", "validate"]
         assert "drift from the champion's data" in failed.stderr and "pixel_mean PSI" in failed.stderr
 
-        edit_params(project, {"data": {"source": str(broken)}})
+        edit_params(project, {"image": {"ingest": {"source": str(broken)}}})
         failed = dvc(project, "repro", check=False)
         assert failed.returncode != 0 and f"truncated PNG: 3/{damaged.name}" in failed.stderr
         assert "package" not in ran_stages(failed.stdout)
 
-        edit_params(project, {"data": {"source": str(shapes)}})
+        edit_params(project, {"image": {"ingest": {"source": str(shapes)}}})
         done = dvc(project, "repro", "validate")
         assert "drift not checked: no champion of task kiln-classifier-" in done.stdout
     finally:

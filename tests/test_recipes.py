@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.core.card import onnx_predictor, read_card, softmax
 from pipeline.core.modality import card_part
+from tests.conftest import merged
 from tests.languages import write_language_folder
 from tests.project import stage_argv
 from tests.stage_runs import VALIDATE, cli
@@ -53,11 +54,14 @@ def best_baseline(evaluation: dict) -> float:
 
 # The models' sizes shrunk for a test; patience is the real one. 120 texts per language, as the
 # user's folder of 720.
-TEXT = {"dim": 32, "layers": 1, "heads": 2, "ffn": 64, "max_tokens": 32, "vocab_size": 1000}
+TEXT = {"train": {"dim": 32, "layers": 1, "heads": 2, "ffn": 64},
+        "preprocess": {"max_tokens": 32, "vocab_size": 1000}}
 
 
-def text_params(languages: Path, **text) -> dict:
-    return {"data": {"modality": "text"}, "text": {"source": str(languages), **TEXT, **text}}
+def text_params(languages: Path, **train) -> dict:
+    """params.yaml changes for a text run on `languages` with `train` over text.train."""
+    return {"data": {"modality": "text"},
+            "text": merged(TEXT, {"ingest": {"source": str(languages)}, "train": train})}
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +74,11 @@ def languages(tmp_path_factory, params_writer) -> Path:
     return root
 
 
-def text_project(root: Path, languages: Path, params_writer, **text) -> Path:
-    """A project on the `languages` data with text.* changes that leave augment as it is."""
+def text_project(root: Path, languages: Path, params_writer, **train) -> Path:
+    """A project on the `languages` data with text.train changes (augment stays as it is)."""
     root.mkdir()
     (root / "data").symlink_to(languages / "data")
-    params_writer(root, text_params(languages / "folder", **text))
+    params_writer(root, text_params(languages / "folder", **train))
     return root
 
 
@@ -84,7 +88,7 @@ def test_six_languages_pass_the_gate_with_a_model_as_accurate_as_tf_idf(
     # The embedding bag at twice the encoder's budget (a tenth of its cost per epoch); at these
     # sizes its float model tested 0.9931 after 20 epochs, 1.0 after 40 (TF-IDF: 0.9931)
     work = text_project(tmp_path / "bag", languages, params_writer, model="text_bag",
-                        max_epochs=2 * REAL["text"]["max_epochs"])
+                        max_epochs=2 * REAL["text"]["train"]["max_epochs"])
     trained, evaluation = through_evaluate(work)
     assert "train: text_bag" in trained
     tfidf = evaluation["baseline_tfidf_lr"]["accuracy"]
@@ -172,8 +176,8 @@ def test_own_images_pass_the_default_gate_when_the_model_beats_the_baselines(
     work = tmp_path / "photos"
     work.mkdir()
     # the real training budget (conftest's SHRINK cuts it to 6 epochs for the digits)
-    params_writer(work, {"data": {"source": str(own_images)},
-                         "train": {"max_epochs": REAL["train"]["max_epochs"]}})
+    params_writer(work, {"image": {"ingest": {"source": str(own_images)},
+                                   "train": {"max_epochs": REAL["image"]["train"]["max_epochs"]}}})
     up_to_augment(work)
     _, evaluation = through_evaluate(work)
     selected = evaluation["selected"]
@@ -184,8 +188,8 @@ def test_own_images_pass_the_default_gate_when_the_model_beats_the_baselines(
     assert REAL["gate"]["min_accuracy"] is None  # the default gate: the baselines' bar alone
 
     # The same run with an absolute floor it cannot reach: refused, naming the key to change.
-    params_writer(work, {"data": {"source": str(own_images)},
-                         "train": {"max_epochs": REAL["train"]["max_epochs"]},
+    params_writer(work, {"image": {"ingest": {"source": str(own_images)},
+                                   "train": {"max_epochs": REAL["image"]["train"]["max_epochs"]}},
                          "gate": {"min_accuracy": 0.999}})
     done = cli(work, *EVALUATE)
     assert done.returncode == 1

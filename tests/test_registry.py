@@ -63,15 +63,16 @@ def test_params_yaml_names_are_checked_against_the_modality_in_use(tmp_path, mod
         raw = yaml.safe_load((REPO / "params.yaml").read_text())
         raw["data"]["modality"] = modality
         name = list(registry)[-1]
-        section, key = registry.key.split(".")
-        raw[section][key] = misspelt(name)
+        *sections, key = registry.key.split(".")
+        section = reduce(dict.__getitem__, sections, raw)
+        section[key] = misspelt(name)
         path = tmp_path / "params.yaml"
         path.write_text(yaml.safe_dump(raw))
         with pytest.raises(ParamsError) as e:
             load_params(path)
         assert str(e.value) == (f"{path}: {registry.key}: expected one of {list(registry)}, got "
                                 f"{misspelt(name)!r} (did you mean {name!r}?)")
-        raw[section][key] = name
+        section[key] = name
         path.write_text(yaml.safe_dump(raw))
         assert reduce(getattr, registry.key.split("."), load_params(path)) == name
 

@@ -37,6 +37,7 @@ from tests.tiny_bento import (CLASSES, PREPROCESSING, SIZE, class_images, encode
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE = load_params(REPO / "params.yaml").serve
+IMAGE_LIMITS = load_params(REPO / "params.yaml").image.serve  # the served model's own limits
 def test_package_refuses_a_missing_or_corrupt_model_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # before bentoml is imported
     monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
@@ -50,7 +51,7 @@ def test_package_refuses_a_missing_or_corrupt_model_by_name(tmp_path, monkeypatc
     def run():
         package(model_dir, REPO / "bentofile.yaml", tmp_path, tmp_path / "profile.json",
                 tmp_path / "champion.json", Exports(tmp_path / "champion"), params.package,
-                params.serve)
+                params.serve, {"image": params.image.serve})
 
     with pytest.raises(StageError, match=r"selected/model\.json: model card not found"):
         run()
@@ -94,15 +95,19 @@ def test_package_stores_labelled_model_and_lean_bento_pinned_to_it(packaged):
         "bentofile.yaml", "pipeline/__init__.py", "pipeline/params.py",
         "pipeline/core/__init__.py", "pipeline/core/card.py", "pipeline/core/modality.py",
         "pipeline/modalities/__init__.py", "pipeline/modalities/image/__init__.py",
-        "pipeline/modalities/image/preprocess.py", "pipeline/modalities/image/serving.py",
+        "pipeline/modalities/image/config.py", "pipeline/modalities/image/preprocess.py",
+        "pipeline/modalities/image/serving.py",
         *(f"pipeline/serving/{name}.py" for name in (
             "__init__", "api_docs", "cannot_serve", "http_guard", "oip", "rejections",
             "service"))])
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert [m["tag"] for m in manifest["services"][0]["models"]] == [model_tag]
-    # The Bento's arguments pin the model by full tag and carry params.yaml serve.
-    serve = load_params(REPO / "params.yaml").serve
-    assert manifest["args"] == {"model_tag": model_tag, "serve": dataclasses.asdict(serve)}
+    # The Bento's arguments pin the model by full tag and carry params.yaml serve and the image
+    # modality's own limits.
+    params = load_params(REPO / "params.yaml")
+    serve = params.serve
+    assert manifest["args"] == {"model_tag": model_tag, "serve": dataclasses.asdict(serve),
+                                "limits": dataclasses.asdict(params.image.serve)}
     config = manifest["services"][0]["config"]
     assert config["workers"] == (serve.workers or "cpu_count")
     assert config["logging"]["access"]["enabled"] is serve.access_log
@@ -135,7 +140,7 @@ def test_package_infra_validation_goes_through_every_registered_protocol(server)
                   items=items)
     bento = Bento(http=server["client"], grpc_port=server["client"].grpc_port,
                   args=BentoArgs(model_tag=server["report"]["champion"]["model_tag"],
-                                 serve=load_params(REPO / "params.yaml").serve))
+                                 serve=SERVE, limits=IMAGE_LIMITS))
     endpoints = {name: list(answers(bento, card, split)) for name, answers in PROTOCOLS.items()}
     assert set(PROTOCOLS) >= {"rest", "grpc"} and all(endpoints.values()), endpoints
     every = ", ".join(e for named in endpoints.values() for e in named)
@@ -171,8 +176,8 @@ def test_classify_matches_local_onnx(server, image_format):
 
 @pytest.mark.slow
 def test_an_image_decoded_off_the_event_loop_gets_the_same_answer(server):
-    """Over serve.inline_decode_pixels, /classify decodes in a worker thread."""
-    side = math.isqrt(load_params(REPO / "params.yaml").serve.inline_decode_pixels) + 1
+    """Over image.serve.inline_decode_pixels, /classify decodes in a worker thread."""
+    side = math.isqrt(IMAGE_LIMITS.inline_decode_pixels) + 1
     images, _ = class_images(3, seed=7)
     for image in images:
         big = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST))
@@ -329,14 +334,14 @@ def npy_header_only(shape: tuple[int, ...]) -> bytes:
 def bad_requests(serve) -> dict[str, tuple[str, bytes, str, int, str]]:
     """case -> (path, body, Content-Type, status, message): every input schemathesis or the
     issue found answered with 500, or that costs more than the serve limits allow."""
-    side = math.isqrt(serve.max_image_pixels) + 1
+    side = math.isqrt(IMAGE_LIMITS.max_image_pixels) + 1
     bomb = encode(np.zeros((side, side), np.uint8), "PNG")  # a few KB, > max_image_pixels
     # Over PIL's own limit too, where PIL warns on stderr: the log still gets one line.
     big_side = math.isqrt(Image.MAX_IMAGE_PIXELS) + 1
     big_bomb = encode(np.zeros((big_side, big_side), np.uint8), "PNG")  # ~90 KB
     npz = io.BytesIO()
     np.savez(npz, images=np.zeros((2, SIZE, SIZE), np.uint8))
-    too_many = np.zeros((serve.max_batch_images + 1, SIZE, SIZE), np.uint8)
+    too_many = np.zeros((serve.max_batch_items + 1, SIZE, SIZE), np.uint8)
     png = encode(np.zeros((SIZE, SIZE), np.uint8), "PNG")
     form = "multipart/form-data"
     return {
@@ -360,7 +365,7 @@ def bad_requests(serve) -> dict[str, tuple[str, bytes, str, int, str]]:
                                            415, "expected application/json, got multipart/form-data"),
         "decompression bomb": ("/classify", *multipart([("image", "x.png", bomb)]), 400,
                                f"{side}x{side} = {side * side} pixels, over the limit of "
-                               f"{serve.max_image_pixels} pixels"),
+                               f"{IMAGE_LIMITS.max_image_pixels} pixels"),
         "decompression bomb over PIL's limit": (
             "/classify", *multipart([("image", "x.png", big_bomb)]), 400,
             f"{big_side}x{big_side} = {big_side ** 2} pixels, over the limit"),
@@ -368,15 +373,15 @@ def bad_requests(serve) -> dict[str, tuple[str, bytes, str, int, str]]:
                  "a .npz archive; expected one .npy file"),
         ".npy header claiming 4e9 values": (
             "/classify_npy", *multipart([("array", "x.npy", npy_header_only((62_500_000, 8, 8)))]),
-            400, f"holds 4000000000 values; at most {serve.max_batch_images} images per request"),
+            400, f"holds 4000000000 values; at most {serve.max_batch_items} images per request"),
         ".npy shorter than its header": (
             "/classify_npy", *multipart([("array", "x.npy", npy_header_only((2, 8, 8)))]),
             400, "header says 128 values of 1 bytes; the file holds 64 bytes"),
         "too many images (.npy)": ("/classify_npy", *multipart([("array", "x.npy", npy(too_many))]),
-                                   400, f"at most {serve.max_batch_images} images per request"),
+                                   400, f"at most {serve.max_batch_items} images per request"),
         "too many images (JSON)": ("/classify_batch", json.dumps({"images": too_many.tolist()}).encode(),
                                    "application/json", 400,
-                                   f"at most {serve.max_batch_images} images per request"),
+                                   f"at most {serve.max_batch_items} images per request"),
     }
 
 
@@ -399,15 +404,15 @@ def test_an_upload_over_a_limit_is_refused_from_its_header_before_its_body_arriv
     back while the client still owes the rest (an 8 MB body read, spooled and copied before
     the check kept ~100-200 MB per worker under load: docs/benchmarks.md)."""
     serve = load_params(REPO / "params.yaml").serve
-    side = math.isqrt(serve.max_image_pixels) + 1
-    too_many = np.zeros((serve.max_batch_images * 8, SIZE, SIZE))  # float64: 1 MB at 8x8
+    side = math.isqrt(IMAGE_LIMITS.max_image_pixels) + 1
+    too_many = np.zeros((serve.max_batch_items * 8, SIZE, SIZE))  # float64: 1 MB at 8x8
     cases = {  # path -> (multipart body, message); the bomb's bytes after IEND pad it to 1 MB
         "/classify": (multipart([("image", "x.png", encode(np.zeros((side, side), np.uint8), "PNG")
                                   + bytes(2**20))]),
                       f"{side}x{side} = {side * side} pixels, over the limit of "
-                      f"{serve.max_image_pixels} pixels"),
+                      f"{IMAGE_LIMITS.max_image_pixels} pixels"),
         "/classify_npy": (multipart([("array", "x.npy", npy(too_many))]),
-                          f"holds {too_many.size} values; at most {serve.max_batch_images} images"),
+                          f"holds {too_many.size} values; at most {serve.max_batch_items} images"),
     }
     for path, ((body, content_type), message) in cases.items():
         with socket.create_connection(("127.0.0.1", server["port"]), timeout=10) as client:
@@ -492,7 +497,7 @@ def error_answers(client: httpx.Client) -> dict[str, tuple[str, str, httpx.Respo
         "400 (in the endpoint)": ("POST", "/classify_npy", {"files": {"array": ("x.npy", b"no")}}),
         "400 (another modality)": ("POST", "/classify_text", {"json": {"text": "hola"}}),
         "400 (too many images)": ("POST", "/classify_batch", {"json": {"images": np.zeros(
-            (serve.max_batch_images + 1, SIZE, SIZE), np.uint8).tolist()}}),
+            (serve.max_batch_items + 1, SIZE, SIZE), np.uint8).tolist()}}),
         "404": ("GET", "/no-such-endpoint", {}),
         "405": ("GET", "/classify", {}),
     }

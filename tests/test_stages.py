@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import StageError
-from pipeline.core.card import CARD_FILE, ModelCard, Recipe, ValScore, onnx_predictor, read_card, to_dict
+from pipeline.core.card import CARD_FILE, onnx_predictor, read_card
 from pipeline.core.pruning import PRUNERS, is_structured
 from pipeline.stages.compress import (
     prune_and_finetune,
@@ -20,7 +20,8 @@ from pipeline.stages.compress import (
 from pipeline.core.dataset import data_hash, load_split, read_manifest
 from pipeline.stages.evaluate import gate, refusal
 from pipeline.modalities.image.sources import ingest_images
-from pipeline.params import AugmentParams, CompressParams, GateParams, Split, load_params
+from pipeline.modalities.image.config import Augment as AugmentParams
+from pipeline.params import CompressParams, GateParams, Split, load_params
 from pipeline.modalities.image import export, models
 from pipeline.modalities.image.augment import augment_pixels
 from pipeline.modalities.image.preprocess import Preprocessing
@@ -138,22 +139,55 @@ def test_preprocessing_converts_every_mode_pil_reads(tmp_path):
             assert (np.abs(pixels.astype(int) - 200) <= 1).all(), (mode, pixels)
     rgb = dataclasses.replace(prep, channels=3, mean=[0] * 3, std=[1] * 3).load(files["RGBA"])
     assert rgb[:, 0, 0].tolist() == [10, 20, 30] and rgb[:, 0, 3].tolist() == [200] * 3
-    # a card from before data.background (None): alpha is dropped, as it was
+    # a card from before image.preprocess.background (None): alpha is dropped, as it was
     assert (dataclasses.replace(prep, background=None).load(files["LA"]) == 200).all()
 
 
-def test_a_card_from_before_data_background_still_reads(tmp_path):
-    """Its model was trained with alpha dropped; it reads with background None, served the same."""
-    params = load_params(REPO / "params.yaml")
-    card = ModelCard(architecture="lenet5", classes=["a", "b"], preprocessing=PREP,
-                     data_hash="0" * 64, recipe=Recipe(data=params.data, augment=params.augment,
-                                                       train=params.train, compress=None),
-                     weights={}, val=ValScore(loss=0.1, accuracy=0.9), selection=None)
-    old = to_dict(card)
-    del old["preprocessing"]["background"], old["recipe"]["data"]["background"]
+OLD_CARDS = REPO / "tests/cards"  # <modality>_before_sections.json: the cards of the tiny
+# models (tests/tiny_bento.py, test_text_service.py, test_audio_service.py) as Kiln wrote them at
+# 5259f8a, before params.yaml's modality sections
+
+
+def read_old_card(tmp_path: Path, modality: str, change=lambda card: None):
+    """The old card of `modality`, `change`d in place, read by read_card (weights: none, so
+    none are checked)."""
+    old = json.loads((OLD_CARDS / f"{modality}_before_sections.json").read_text())
+    old["weights"] = {}
+    change(old)
     (tmp_path / CARD_FILE).write_text(json.dumps(old))
-    read = read_card(tmp_path)
-    assert read.preprocessing.background is None and read.recipe.data.background is None
+    return old, read_card(tmp_path)
+
+
+@pytest.mark.parametrize("modality", ["image", "text", "audio"])
+def test_a_card_from_before_the_modality_sections_reads_as_today(tmp_path, modality):
+    """Champions packaged before the modality sections stay readable (rollback, comparison):
+    every value of the old recipe is where today's params.yaml keeps it."""
+    old, card = read_old_card(tmp_path, modality)
+    recipe = old["recipe"]
+    own = recipe.get(modality) or {}
+    assert card.recipe.data.split.test == recipe["data"]["split"]["test"]
+    assert card.recipe.train.label_smoothing == recipe["train"]["label_smoothing"]
+    assert card.recipe.compress.calibration_items == recipe["compress"]["calibration_images"]
+    section = dataclasses.asdict(card.recipe.section)
+    assert section["augment"] == (own or recipe)["augment"]
+    # image's keys were in data and train; text's and audio's in their own (which overrode
+    # train's budget, lr and batch size, and named the model)
+    where = {**recipe["data"], **recipe["train"], **own}
+    assert {(sub, key): value for sub in ("ingest", "preprocess", "train")
+            for key, value in section[sub].items()} == \
+        {(sub, key): where[key] for sub in ("ingest", "preprocess", "train")
+         for key in section[sub]}
+    assert section["train"]["max_epochs"] == {"image": 30, "text": 20, "audio": 15}[modality]
+
+
+def test_a_card_from_before_image_background_still_reads(tmp_path):
+    """Its model was trained with alpha dropped; it reads with background None, served the same."""
+    def before_background(card):
+        del card["preprocessing"]["background"], card["recipe"]["data"]["background"]
+
+    _, read = read_old_card(tmp_path, "image", before_background)
+    assert read.preprocessing.background is None
+    assert read.recipe.section.preprocess.background is None
 
 
 AUG = AugmentParams(copies=2, rotation_deg=15.0, translate=0.1, scale_min=0.9, scale_max=1.1,
@@ -209,7 +243,7 @@ def test_every_registered_model_builds_and_runs(name, channels):
 
 
 def test_unknown_model_names_the_key():
-    with pytest.raises(StageError, match=r"train.model: expected one of \['lenet5', 'resnet_small'\], got 'vgg'"):
+    with pytest.raises(StageError, match=r"image.train.model: expected one of \['lenet5', 'resnet_small'\], got 'vgg'"):
         models.build("vgg", channels=1, classes=2, image_size=32)
 
 
@@ -241,10 +275,10 @@ def test_fit_learns_and_is_deterministic():
 
 
 COMPRESS = CompressParams(prune_method="l1_unstructured", prune_amount=0.5, finetune_epochs=1,
-                          finetune_lr=1e-3, calibration_images=64, int8_per_channel=True,
+                          finetune_lr=1e-3, calibration_items=64, int8_per_channel=True,
                           int8_reduce_range=True)
 # The training recipe fine-tuning follows (params.yaml train), with a batch for tiny data.
-RECIPE = dataclasses.replace(load_params(REPO / "params.yaml").train, batch_size=32, seed=0)
+RECIPE = dataclasses.replace(models.recipe(load_params(REPO / "params.yaml")), batch_size=32, seed=0)
 
 
 @pytest.mark.parametrize("method", sorted(m for m in PRUNERS if not is_structured(m)))

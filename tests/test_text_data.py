@@ -126,9 +126,9 @@ def test_a_csv_file_split_by_data_split(tmp_path, text_project, stage):
 
 
 def test_the_built_in_language_set(tmp_path, text_project, stage):
-    """text.source languages, shrunk to 20 texts per language: ten languages, stratified, no
+    """text.ingest.source languages, shrunk to 20 texts per language: ten languages, stratified, no
     text in two languages, the same data on a rerun; it validates."""
-    work = text_project("languages", {"per_class": 20})
+    work = text_project("languages", {"ingest": {"per_class": 20}})
     code, out = stage(work, "ingest", "--out", "data/ingested")
     assert code == 0, out
     assert "ingest: 200 texts from languages: {'train': 140, 'val': 20, 'test': 40}" in out
@@ -195,14 +195,14 @@ def spoil_one_class(source: Path) -> str:
 def spoil_too_long(source: Path) -> str:
     (source / "train/billing/essay.txt").write_text("invoice " * 40)
     return ("text length out of bounds: Every text has 1 to 30 words and punctuation marks "
-            "(params text.min_words, text.max_words). -- 1 break it: "
+            "(params text.validate.min_words, text.validate.max_words). -- 1 break it: "
             "train/billing/essay.txt (40 words)")
 
 
 def spoil_class_missing_from_a_split(source: Path) -> str:
     shutil.rmtree(source / "val/outage")
     return "class short of texts in a split: Each class has at least 1 texts in each split " \
-           "(params text.min_texts_per_class_per_split). -- 1 break it: val/outage (0 texts)"
+           "(params validate.min_items_per_class_per_split). -- 1 break it: val/outage (0 texts)"
 
 
 @pytest.mark.parametrize("spoil", [spoil_empty, spoil_binary, spoil_not_utf8, spoil_duplicate,
@@ -211,7 +211,7 @@ def spoil_class_missing_from_a_split(source: Path) -> str:
 def test_bad_text_stops_validate_naming_the_file(tmp_path, text_project, stage, spoil):
     source = write_folder(tmp_path / "src", splits=("train", "val", "test"), per_class=4)
     expected = spoil(source)
-    work = text_project(source, {"max_words": 30})
+    work = text_project(source, {"validate": {"max_words": 30}})
     code, out = ingest_and_validate(stage, work)
     assert code == 1
     assert "kiln validate: error:" in out and "1 data checks failed" in out
@@ -238,7 +238,7 @@ def test_non_utf8_bytes_in_a_jsonl_line_reach_validate(tmp_path, text_project, s
     ("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": \n',
      "line 2: not valid JSON (Expecting value, column 24)"),
     ("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "tag": "x"}\n',
-     "line 2: no `label` field (text.label_column; the record has `text`, `tag`)"),
+     "line 2: no `label` field (text.ingest.label_column; the record has `text`, `tag`)"),
     ("bad.jsonl", '["a", "x"]\n', "line 1: expected a JSON object with `text` and `label`"),
     ("bad.jsonl", '{"text": 5, "label": "x"}\n', "line 1: `text` must be a string, got int 5"),
     ("bad.jsonl", '{"text": "a", "label": "x", "split": "dev"}\n',
@@ -248,7 +248,7 @@ def test_non_utf8_bytes_in_a_jsonl_line_reach_validate(tmp_path, text_project, s
     ("bad.jsonl", '{"text": "a", "label": "../etc"}\n',
      "line 1: label '../etc' cannot name a class folder"),
     ("bad.csv", "text,category\na,x\n",
-     "line 1: the header names no `label` column (text.label_column); it has `text`, "
+     "line 1: the header names no `label` column (text.ingest.label_column); it has `text`, "
      "`category`"),
     ("bad.csv", 'text,label\na,x\n"b\nc",y,extra\n', "line 3: 3 fields, the header has 2"),
     ("bad.csv", "text,label\na,x\nb,\n", "line 3: label '' cannot name a class folder (blank"),
@@ -260,7 +260,7 @@ def test_unreadable_records_stop_ingest_naming_the_line(tmp_path, text_project, 
     (tmp_path / name).write_text(content, encoding="utf-8")
     code, out = stage(text_project(tmp_path / name), "ingest", "--out", "data/ingested")
     assert code == 1
-    assert f"kiln ingest: error: text.source {tmp_path / name}: " in out and message in out
+    assert f"kiln ingest: error: text.ingest.source {tmp_path / name}: " in out and message in out
 
 
 def test_a_txt_file_over_the_size_limit_is_refused_by_name(tmp_path, text_project, stage):
@@ -283,7 +283,7 @@ def champion_profile(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("champion")
     (root / "champion.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(30, seed=1)))
     params = load_params(REPO / "params.yaml")
-    t = params.text
+    t = params.text.ingest
     ingest_texts(str(root / "champion.jsonl"), root / "ingested", params.data.split,
                  params.data.seed, params.ingest.max_file_bytes, t.per_class,
                  Columns(t.text_column, t.label_column, t.split_column))
@@ -321,7 +321,7 @@ def test_other_lengths_labels_and_words_fail_on_drift(tmp_path, text_project, st
     assert code == 1
     assert "drift from the champion's data" in out
     assert "label PSI" in out and "words PSI" in out and "words KS 1.000" in out
-    assert "out-of-vocabulary share up 0.4" in out and "(params text.oov_fail)" in out
+    assert "out-of-vocabulary share up 0.4" in out and "(params text.validate.oov_fail)" in out
     drift = json.loads((work / "reports/validation_details.json").read_text())["drift"]
     assert drift["status"] == "fail" and drift["oov"]["rate"] > 0.45
 

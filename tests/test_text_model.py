@@ -23,18 +23,21 @@ from pipeline.core.pruning import structured_l1
 from pipeline.stages.compress import count_macs_on, count_params, quantize_int8
 from pipeline.core.dataset import load_texts, write_manifest
 from pipeline.core.modality import card_part
-from pipeline.params import TextAugmentParams, load_params
+from pipeline.modalities.text.config import Augment as TextAugmentParams
+from pipeline.params import load_params
 from pipeline.modalities.text import export, preprocess as tokens
 from pipeline.modalities.text import models as text_models
 from pipeline.modalities.text.augment import augment_ids, delete, mask, swap, write_augmented
+from tests.conftest import merged
 from tests.project import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("alpha", "bravo", "charlie", "delta")
 SPLITS = {"train": 40, "val": 8, "test": 12}  # texts per class
 # Tiny models and few epochs: each training run takes a second or two on 2 cores.
-TEXT = {"vocab_size": 200, "max_tokens": 16, "dim": 16, "layers": 1, "heads": 4, "ffn": 32,
-        "max_epochs": 2, "batch_size": 32, "lr": 0.01,
+TEXT = {"preprocess": {"vocab_size": 200, "max_tokens": 16},
+        "train": {"dim": 16, "layers": 1, "heads": 4, "ffn": 32, "max_epochs": 2,
+                  "batch_size": 32, "lr": 0.01},
         "augment": {"copies": 1, "deletion": 0.1, "swap": 0.1, "mask": 0.1, "seed": 0}}
 
 
@@ -64,8 +67,8 @@ def vocab():
     """A tokenizer trained on generated texts and its preprocessing."""
     texts = [" ".join(f"{c}{i % 25} common{i % 7}" for i in range(n, n + 9))
              for c in CLASSES for n in range(30)]
-    tokenizer = tokens.train_tokenizer(texts, TEXT["vocab_size"], lowercase=True)
-    prep = tokens.TextPreprocessing(tokenizer_sha256="0" * 64, max_tokens=TEXT["max_tokens"],
+    tokenizer = tokens.train_tokenizer(texts, TEXT["preprocess"]["vocab_size"], lowercase=True)
+    prep = tokens.TextPreprocessing(tokenizer_sha256="0" * 64, max_tokens=TEXT["preprocess"]["max_tokens"],
                                     lowercase=True, pad_id=tokenizer.token_to_id("[PAD]"),
                                     mask_id=tokenizer.token_to_id("[MASK]"),
                                     vocab_size=tokenizer.get_vocab_size())
@@ -126,14 +129,15 @@ def test_each_operation_hits_its_rate_and_only_content():
 # --- models, ONNX, pruning, int8 ---------------------------------------------------------------
 
 def build(name: str, prep: tokens.TextPreprocessing) -> torch.nn.Module:
-    params = load_params(REPO / "params.yaml").text
-    p = dataclasses.replace(params, dim=32, layers=2, heads=4, ffn=64, dropout=0.0)
+    text = load_params(REPO / "params.yaml").text
+    train = dataclasses.replace(text.train, dim=32, layers=2, heads=4, ffn=64, dropout=0.0)
+    p = dataclasses.replace(text, train=train)
     torch.manual_seed(0)
     return text_models.build(name, prep, 5, p).eval()
 
 
 def test_unknown_text_model_names_the_key(vocab):
-    with pytest.raises(StageError, match=r"text.model: expected one of \['text_encoder', 'text_bag'\], got 'lstm'"):
+    with pytest.raises(StageError, match=r"text.train.model: expected one of \['text_encoder', 'text_bag'\], got 'lstm'"):
         text_models.build("lstm", vocab[1], 2, load_params(REPO / "params.yaml").text)
 
 
@@ -235,14 +239,14 @@ def test_augment_train_compress_evaluate_on_generated_texts(tmp_path, params_wri
     from safetensors.torch import load_file
     tensors = load_file(aug / "train.safetensors")
     assert tensors["tokens"].dtype == torch.int64 and len(tensors["tokens"]) == 2 * 160
-    assert tensors["tokens"].shape[1] <= TEXT["max_tokens"]
+    assert tensors["tokens"].shape[1] <= TEXT["preprocess"]["max_tokens"]
     prep = tokens.TextPreprocessing(**json.loads((aug / "preprocessing.json").read_text()))
     tokenizer = tokens.load(aug, prep)  # checks the sha256
-    assert tokenizer.get_vocab_size() <= TEXT["vocab_size"]
+    assert tokenizer.get_vocab_size() <= TEXT["preprocess"]["vocab_size"]
 
     run(tmp_path, *TRAIN)
     card = read_card(tmp_path / "models/float")
-    assert card.architecture == "text_encoder" and card.recipe.text.dim == TEXT["dim"]
+    assert card.architecture == "text_encoder" and card.recipe.section.train.dim == TEXT["train"]["dim"]
     assert card.preprocessing == prep
     assert (tmp_path / "models/float/tokenizer.json").read_bytes() == \
         (aug / "tokenizer.json").read_bytes()
@@ -287,14 +291,15 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
         num_labels=2)).save_pretrained(checkpoint)
     tokenizer.save(str(checkpoint / "tokenizer.json"))
     params_writer(tmp_path, {"data": {"modality": "text"},
-                             "text": {**TEXT, "pretrained": str(checkpoint), "max_epochs": 5}})
+                             "text": merged(TEXT, {"preprocess": {"pretrained": str(checkpoint)},
+                                                   "train": {"max_epochs": 5}})})
     augment_in_process(tmp_path, monkeypatch)
     assert (tmp_path / "data/augmented/tokenizer.json").exists()
     done = run(tmp_path, *TRAIN)
     assert "train: pretrained" in done.stdout
     model, card = saved_model.load(tmp_path / "models/float")
     assert card.architecture == "pretrained" and len(card.classes) == 4
-    assert model.hf.config.hidden_size == 32  # the checkpoint's, not text.dim
+    assert model.hf.config.hidden_size == 32  # the checkpoint's, not text.train.dim
     ids = tokens.encode(tokens.load(tmp_path / "models/float", card.preprocessing),
                         ["alpha1 alpha2 alpha3", "delta4"], card.preprocessing)
     with torch.no_grad():
@@ -325,7 +330,7 @@ def test_augment_writes_the_same_tokenizer_and_tokens_from_every_process(tmp_pat
     """`dvc repro`'s promise: the same texts and params give the same bytes, in a fresh process
     (a new hash seed) too. On these texts tokenizers 0.23's WordPiece trainer gave another
     vocabulary on every run, so every model after it changed."""
-    params_writer(tmp_path, {"data": {"modality": "text"}, "text": {"per_class": 150}})
+    params_writer(tmp_path, {"data": {"modality": "text"}, "text": {"ingest": {"per_class": 150}}})
     run(tmp_path, "ingest", "--out", "data/ingested")
     outputs = []
     for out in ("first", "second"):
@@ -336,14 +341,17 @@ def test_augment_writes_the_same_tokenizer_and_tokens_from_every_process(tmp_pat
 
 
 def test_augment_says_how_many_texts_are_cut_at_max_tokens(tmp_path):
-    """The model reads text.max_tokens tokens of a text: the stage's summary says how many
+    """The model reads text.preprocess.max_tokens tokens of a text: the stage's summary says how many
     training texts lose their end (every one of these has [CLS] and 3 to 14 words)."""
     data = write_texts(tmp_path / "ingested", seed=2)
     n = len(load_texts(data, "train")[0])
     params = load_params(REPO / "params.yaml")
-    long_enough = dataclasses.replace(params.text, vocab_size=200, max_tokens=64)
-    summary = write_augmented(data, tmp_path / "a", dataclasses.replace(params, text=long_enough))
-    assert "0 texts (0.0%) cut at text.max_tokens 64" in summary
-    short = dataclasses.replace(long_enough, max_tokens=2)
-    summary = write_augmented(data, tmp_path / "b", dataclasses.replace(params, text=short))
-    assert f"{n} texts (100.0%) cut at text.max_tokens 2" in summary
+    def with_preprocess(**values):
+        text = params.text
+        preprocess = dataclasses.replace(text.preprocess, **values)
+        return dataclasses.replace(params, text=dataclasses.replace(text, preprocess=preprocess))
+
+    summary = write_augmented(data, tmp_path / "a", with_preprocess(vocab_size=200, max_tokens=64))
+    assert "0 texts (0.0%) cut at text.preprocess.max_tokens 64" in summary
+    summary = write_augmented(data, tmp_path / "b", with_preprocess(vocab_size=200, max_tokens=2))
+    assert f"{n} texts (100.0%) cut at text.preprocess.max_tokens 2" in summary

@@ -22,12 +22,13 @@ from open_inference.grpc.service import GRPCInferenceServiceStub
 from pipeline.serving import oip
 from pipeline.core.card import (ModelCard, Recipe, Selection, ValScore, read_card, sha256_file, softmax,
                            write_card)
-from pipeline.params import load_params
+from pipeline.params import load_params, recipe_section
 from pipeline.modalities.text import infra, preprocess as tokens
 from tests.bento_server import bento_server, fuzz_finds_no_server_error
 from tests.tiny_bento import REPO, encode, fit_and_export, npy, run_package
 
 SERVE = load_params(REPO / "params.yaml").serve
+LIMITS = load_params(REPO / "params.yaml").text.serve  # the text model's own
 # Per-class vocabularies: a text's words come from its class's list (plus shared filler).
 WORDS = {"weather": "rain sun cloud wind storm snow forecast cold warm humid".split(),
          "sport": "goal match team score player coach league ball win referee".split(),
@@ -62,7 +63,7 @@ def write_tiny_text_model(folder: Path, steps: int = 60, seed: int = 0,
     folder.mkdir(parents=True)
     texts, labels = class_texts(150, seed=1)
     tokenizer = tokens.train_tokenizer(texts, vocab_size=200, lowercase=True)
-    prep = tokens.save(tokenizer, folder, max_tokens=params.text.max_tokens, lowercase=True)
+    prep = tokens.save(tokenizer, folder, max_tokens=params.text.preprocess.max_tokens, lowercase=True)
     t = params.text
     dim = t.dim if encoder else 8
 
@@ -95,8 +96,8 @@ def write_tiny_text_model(folder: Path, steps: int = 60, seed: int = 0,
     data = dataclasses.replace(params.data, modality="text")
     write_card(folder, ModelCard(
         architecture="text_encoder" if encoder else "text_bag", classes=CLASSES, preprocessing=prep, data_hash="0" * 64,
-        recipe=Recipe(data=data, augment=params.augment, train=params.train,
-                      compress=params.compress, text=params.text),
+        recipe=Recipe(data=data, train=params.train, compress=params.compress,
+                      section=recipe_section(params, "text")),
         weights={"model.onnx": sha256_file(folder / "model.onnx")},
         val=ValScore(loss=0.1, accuracy=1.0),
         selection=Selection(variant="float_onnx", accuracy=1.0, macro_f1=1.0, size_bytes=7000,
@@ -222,15 +223,15 @@ def test_a_batch_answers_as_its_texts_one_by_one(text_server):
     ("/classify_text", {"text": " \t\n "}, "text: whitespace only"),
     *[("/classify_text", {"text": text}, "text: no visible character")
       for text in INVISIBLE_TEXTS],
-    ("/classify_text", {"text": "é" * (SERVE.max_text_bytes // 2 + 1)},
-     f"text: {SERVE.max_text_bytes + 2} UTF-8 bytes, over the limit of {SERVE.max_text_bytes}"),
+    ("/classify_text", {"text": "é" * (LIMITS.max_text_bytes // 2 + 1)},
+     f"text: {LIMITS.max_text_bytes + 2} UTF-8 bytes, over the limit of {LIMITS.max_text_bytes}"),
     ("/classify_text", {"text": 5}, "Input should be a valid string"),
     ("/classify_text", {}, "Field required"),
     ("/classify_text_batch", {"texts": []}, "texts: no texts"),
     ("/classify_text_batch", {"texts": ["goal", "  "]}, "texts[1]: whitespace only"),
     ("/classify_text_batch", {"texts": ["goal", "\u200b\u2060"]}, "texts[1]: no visible character"),
-    ("/classify_text_batch", {"texts": ["goal"] * (SERVE.max_batch_images + 1)},
-     f"texts: {SERVE.max_batch_images + 1} texts; at most {SERVE.max_batch_images}"),
+    ("/classify_text_batch", {"texts": ["goal"] * (SERVE.max_batch_items + 1)},
+     f"texts: {SERVE.max_batch_items + 1} texts; at most {SERVE.max_batch_items}"),
     ("/classify_batch", {"images": [[[0]]]}, "images: this server serves a text model"),
 ])
 def test_bad_texts_and_image_input_get_400_naming_the_cause(text_server, path, body, message):
@@ -354,8 +355,8 @@ def test_grpc_bytes_infer_answers_as_rest_does(text_server):
     *[({"texts": [b"goal", text.encode()], "raw": raw}, "texts[1]: no visible character")
       for text in INVISIBLE_TEXTS for raw in (True, False)],
     ({"texts": [b"\xff\xfe rain"]}, "texts[0]: not valid UTF-8"),
-    ({"texts": [b"e" * (SERVE.max_text_bytes + 1)]}, "over the limit of"),
-    ({"texts": [b"goal"] * (SERVE.max_batch_images + 1)}, "at most"),
+    ({"texts": [b"e" * (LIMITS.max_text_bytes + 1)]}, "over the limit of"),
+    ({"texts": [b"goal"] * (SERVE.max_batch_items + 1)}, "at most"),
     ({"texts": [b"goal"], "datatype": "UINT8"}, "datatype 'UINT8' not accepted"),
     ({"texts": [b"goal"], "shape": [1, 1]}, "expected [N]"),
     ({"texts": [b"goal"], "shape": [2]}, "holds 1 elements"),
@@ -440,7 +441,7 @@ def test_two_million_empty_texts_are_refused_by_their_count_without_holding_the_
             time.sleep(0.01)
         flood.join()
     assert refused["status"] == (grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"texts: {n} texts; at most {SERVE.max_batch_images} texts per request")
+                                 f"texts: {n} texts; at most {SERVE.max_batch_items} texts per request")
     # s: 3.2-5.9 before; ~0.05 measured on a loaded 2-core machine, the message's transfer
     # and protobuf parse included
     assert max(latencies) < 1.0, latencies

@@ -27,13 +27,15 @@ from pipeline.modalities.image import models as image_models
 from pipeline.modalities.image.models import epoch_warper
 from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.modalities.image.sources import ingest_images as ingest
-from pipeline.params import load_params
+from pipeline.params import load_params, recipe_section
+from tests.conftest import merged
 
 REPO = Path(__file__).resolve().parents[1]
 # On top of conftest's SHRINK: the records' recipe (fresh on-device warps each epoch, no offline
 # copies), so resume and DDP are tested with the per-epoch augmentation's RNG in play. 8 epochs:
 # ~0.1 s each here.
-CHANGES = {"augment": {"copies": 0}, "train": {"max_epochs": 8, "epoch_augment": True}}
+CHANGES = {"image": {"augment": {"copies": 0}, "train": {"max_epochs": 8, "epoch_augment": True}}}
+EPOCHS = CHANGES["image"]["train"]["max_epochs"]
 
 
 def stage_argv(name: str) -> list[str]:
@@ -73,7 +75,7 @@ def project(tmp_path_factory, params_writer) -> Path:
     root = tmp_path_factory.mktemp("train")
     params_writer(root, CHANGES)
     p = load_params(root / "params.yaml")
-    ingest(p.data.source, root / "data/ingested", p.data.split, p.data.seed,
+    ingest(p.image.ingest.source, root / "data/ingested", p.data.split, p.data.seed,
            p.ingest.max_file_bytes)
     cwd = os.getcwd()
     os.chdir(root)
@@ -123,7 +125,7 @@ def test_killed_run_resumes_to_the_same_result(project, reference):
     finally:
         child.wait()
     killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 3 <= killed_at < CHANGES["train"]["max_epochs"]
+    assert 3 <= killed_at < EPOCHS
     assert not (project / "models/killed").exists()  # nothing DVC could take for an output
 
     done = run_stage(project, "killed")
@@ -134,7 +136,7 @@ def test_killed_run_resumes_to_the_same_result(project, reference):
     assert metrics == ref_metrics
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
     live = (project / "reports/killed/plots/metrics/val_acc.tsv").read_text().splitlines()
-    assert len(live) == 1 + CHANGES["train"]["max_epochs"]  # header + every epoch, resumed ones too
+    assert len(live) == 1 + EPOCHS  # header + every epoch, resumed ones too
     assert not checkpoint.exists()
 
 
@@ -145,8 +147,8 @@ def test_training_stops_when_val_stops_improving_and_saves_the_best_epoch(projec
     stops = project / "stops"
     stops.mkdir()
     (stops / "data").symlink_to(project / "data")
-    params_writer(stops, {**CHANGES, "train": {**CHANGES["train"], "max_epochs": 30,
-                                               "patience": 2}})
+    params_writer(stops, merged(CHANGES, {"image": {"train": {"max_epochs": 30}},
+                                          "train": {"patience": 2}}))
     done = run_stage(stops, "stops")
     curve = [float(line.split("\t")[1]) for line in
              (stops / "reports/stops/plots/metrics/val_loss.tsv").read_text().splitlines()[1:]]
@@ -225,7 +227,7 @@ def test_checkpoint_from_other_params_or_data_is_ignored(project, tmp_path, caps
     stamp = train.fingerprint(p, project / "data/ingested", project / "data/augmented", 1)
     assert stamp == train.fingerprint(p, project / "data/ingested", project / "data/augmented", 1)
     assert stamp != train.fingerprint(p, project / "data/ingested", project / "data/augmented", 2)
-    params_writer(tmp_path, {**CHANGES, "train": {**CHANGES["train"], "lr": 0.001}})
+    params_writer(tmp_path, merged(CHANGES, {"image": {"train": {"lr": 0.001}}}))
     other = load_params(tmp_path / "params.yaml")
     assert stamp != train.fingerprint(other, project / "data/ingested",
                                       project / "data/augmented", 1)
@@ -237,7 +239,7 @@ def test_two_gloo_processes_train_like_one(project, reference, params_writer):
     ddp = project / "ddp"
     ddp.mkdir()
     (ddp / "data").symlink_to(project / "data")
-    params_writer(ddp, {**CHANGES, "train": {**CHANGES["train"], "processes": 2}})
+    params_writer(ddp, merged(CHANGES, {"train": {"processes": 2}}))
     done = run_stage(ddp, "reference")
     assert "train: lenet5 on 2 x cpu" in done.stdout
     assert done.stdout.count("epoch   8/8") == 1  # only rank 0 reports
@@ -253,7 +255,7 @@ def test_epoch_warps_are_per_sample_and_replayable():
     pixels = torch.zeros(6, 1, 32, 32, dtype=torch.uint8)
     pixels[:, :, 8:24, 12:20] = 255
     prep = Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25])
-    p = load_params(REPO / "params.yaml").augment
+    p = load_params(REPO / "params.yaml").image.augment
     warps = epoch_warper(pixels, prep, p, seed=0, memory_format=torch.channels_last)
     before = torch.get_rng_state()
     first = warps(1)
@@ -279,8 +281,8 @@ def test_outputs_replace_the_old_folder_whole(tmp_path):
     card = ModelCard(architecture="lenet5", classes=["a", "b"],
                      preprocessing=Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25]),
                      data_hash="0" * 64,
-                     recipe=Recipe(data=params.data, augment=params.augment, train=params.train,
-                                   compress=None),
+                     recipe=Recipe(data=params.data, train=params.train, compress=None,
+                                   section=recipe_section(params)),
                      weights={}, val=ValScore(loss=0.1, accuracy=0.9), selection=None)
     train.write_outputs(out, {"w": torch.ones(2)}, card, {})
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]

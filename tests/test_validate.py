@@ -44,11 +44,13 @@ def ingested(tmp_path) -> Path:
 
 
 def run(folder: Path, docs: Path, reference=None, **overrides):
-    """validate with the repo's params, min_images shrunk to fit the tiny test sets and
+    """validate with the repo's params, min_items shrunk to fit the tiny test sets and
     allow_resize on (these images are 8x8)."""
-    rules = dataclasses.replace(PARAMS.validate, **{"min_images": 10, **overrides})
-    data = dataclasses.replace(PARAMS.data, allow_resize=True)
-    return validate(folder, docs, dataclasses.replace(PARAMS, data=data, validate=rules), reference)
+    rules = dataclasses.replace(PARAMS.validate, **{"min_items": 10, **overrides})
+    image = dataclasses.replace(PARAMS.image, validate=dataclasses.replace(
+        PARAMS.image.validate, allow_resize=True))
+    return validate(folder, docs, dataclasses.replace(PARAMS, image=image, validate=rules),
+                    reference)
 
 
 def rows_where(folder: Path, split: str, label: str) -> list[dict]:
@@ -121,14 +123,14 @@ def test_missing_class_in_split_fails_naming_it(ingested, tmp_path):
 
 
 def test_too_few_images_fails_naming_row_count(ingested, tmp_path):
-    result = run(ingested, tmp_path / "docs", min_images=100)
+    result = run(ingested, tmp_path / "docs", min_items=100)
     line = failure(result, "image count out of range")
     assert line.endswith("-- found 30") and "100 to" in line
     assert result.metrics["success"] is False and result.metrics["checks_failed"] == 1
 
 
 def test_too_few_images_per_class_per_split(ingested, tmp_path):
-    result = run(ingested, tmp_path / "docs", min_images_per_class_per_split=2)
+    result = run(ingested, tmp_path / "docs", min_items_per_class_per_split=2)
     line = failure(result, "class short of images in a split")
     # val holds 1 image per class; train (7) and test (2) are enough
     assert "3 break it: val/a (1 images); val/b (1 images); val/c (1 images)" in line
@@ -147,12 +149,12 @@ def test_content_hash_ignores_encoding(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "fast.png", compress_level=0)
     Image.fromarray(pixels).save(tmp_path / "small.png", compress_level=9)
     Image.fromarray(pixels).convert("P").save(tmp_path / "palette.png")
-    fast, small, palette = (describe_image(tmp_path / name, PARAMS.data)
+    fast, small, palette = (describe_image(tmp_path / name, PARAMS.image.preprocess)
                             for name in ("fast.png", "small.png", "palette.png"))
     assert (tmp_path / "fast.png").read_bytes() != (tmp_path / "small.png").read_bytes()
     assert fast["content_hash"] == small["content_hash"]
-    assert palette["mode"] == "P" and palette["channels"] == 1  # converted to data.channels
-    assert describe_image(tmp_path / "missing.png", PARAMS.data)["file_problem"] == "unreadable file"
+    assert palette["mode"] == "P" and palette["channels"] == 1  # converted to image.preprocess.channels
+    assert describe_image(tmp_path / "missing.png", PARAMS.image.preprocess)["file_problem"] == "unreadable file"
 
 
 def test_empty_manifest_fails_without_crashing(tmp_path):
@@ -191,9 +193,9 @@ def test_a_data_docs_page_loading_from_outside_is_named(tmp_path):
 
 def test_the_executor_gives_the_same_table(ingested, running):
     rows, _ = read_manifest(ingested)
-    serial = image_table(ingested, rows, PARAMS.data)
+    serial = image_table(ingested, rows, PARAMS.image.preprocess)
     running(workers=2, batch=4)  # 30 files -> 8 tasks over 2 processes
-    parallel = image_table(ingested, rows, PARAMS.data)
+    parallel = image_table(ingested, rows, PARAMS.image.preprocess)
     pd.testing.assert_frame_equal(serial, parallel)
     assert serial.content_hash.notna().all()
 
@@ -211,8 +213,8 @@ def digits(tmp_path_factory) -> tuple[Path, dict]:
 
 def train_profile(folder: Path) -> dict:
     rows, _ = read_manifest(folder)
-    images = add_flags(image_table(folder, rows, PARAMS.data),
-                       PARAMS.data.image_size)
+    images = add_flags(image_table(folder, rows, PARAMS.image.preprocess),
+                       PARAMS.image.preprocess.image_size)
     return profile(images[images.split == "train"])
 
 
@@ -245,7 +247,7 @@ def test_unshifted_data_shows_no_drift(digits, tmp_path):
     resplit = tmp_path / "resplit"
     ingest_images("digits", resplit, PARAMS.data.split, PARAMS.data.seed + 1,
                   PARAMS.ingest.max_file_bytes)
-    result = run(resplit, tmp_path / "docs", reference=reference, min_images=100)
+    result = run(resplit, tmp_path / "docs", reference=reference, min_items=100)
     assert result.success, result.failures
     assert result.warnings == [] and result.metrics["drift"]["status"] == "ok"
     for feature, score in result.metrics["drift"]["features"].items():
@@ -257,7 +259,7 @@ def test_unshifted_data_shows_no_drift(digits, tmp_path):
 def test_inverted_images_fail_on_drift(digits, tmp_path):
     folder, reference = digits
     inverted = shifted(folder, tmp_path, ImageOps.invert)
-    result = run(inverted, tmp_path / "docs", reference=reference, min_images=100)
+    result = run(inverted, tmp_path / "docs", reference=reference, min_items=100)
     assert not result.success and result.metrics["drift"]["status"] == "fail"
     line = failure(result, "drift from the champion's data")
     assert "pixel_mean PSI" in line and "params drift.psi_fail" in line
@@ -271,7 +273,7 @@ def test_brighter_images_fail_on_drift(digits, tmp_path):
     """+20 on every pixel of the train split (0..255, clipped)."""
     folder, reference = digits
     brighter = shifted(folder, tmp_path, lambda im: im.point(lambda v: min(255, v + 20)))
-    result = run(brighter, tmp_path / "docs", reference=reference, min_images=100)
+    result = run(brighter, tmp_path / "docs", reference=reference, min_items=100)
     assert not result.success and result.metrics["drift"]["status"] == "fail"
     assert "pixel_mean PSI" in failure(result, "drift from the champion's data")
 
@@ -291,7 +293,7 @@ def test_changed_class_balance_warns(digits, tmp_path):
     drift.psi_warn and drift.psi_fail."""
     folder, reference = digits
     result = run(rebalanced(folder, tmp_path, 2), tmp_path / "docs", reference=reference,
-                 min_images=100)
+                 min_items=100)
     assert result.success, result.failures
     assert result.metrics["drift"]["status"] == "warn"
     (warning,) = result.warnings
@@ -302,7 +304,7 @@ def test_changed_class_balance_fails_on_drift(digits, tmp_path):
     """Classes 0-4 at a fifth of their share: label PSI ~0.5."""
     folder, reference = digits
     result = run(rebalanced(folder, tmp_path, 5), tmp_path / "docs", reference=reference,
-                 min_images=100)
+                 min_items=100)
     assert not result.success
     assert "label PSI" in failure(result, "drift from the champion's data")
     assert result.metrics["drift"]["features"]["label"]["psi"] > PARAMS.drift.psi_fail

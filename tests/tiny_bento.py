@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.core.card import ModelCard, Recipe, Selection, ValScore, sha256_file, write_card
 from pipeline.modalities.image.preprocess import Preprocessing
-from pipeline.params import load_params
+from pipeline.params import load_params, recipe_section
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 8  # px, side of the tiny model's grayscale input
@@ -68,8 +68,8 @@ def write_tiny_model(folder: Path, steps: int = 150, seed: int = 0) -> None:
     params = load_params(REPO / "params.yaml")
     write_card(folder, ModelCard(
         architecture="tiny_cnn", classes=CLASSES, preprocessing=PREPROCESSING, data_hash="0" * 64,
-        recipe=Recipe(data=params.data, augment=params.augment, train=params.train,
-                      compress=params.compress),
+        recipe=Recipe(data=params.data, train=params.train, compress=params.compress,
+                      section=recipe_section(params, "image")),
         weights={"model.onnx": sha256_file(folder / "model.onnx")},
         val=ValScore(loss=0.1, accuracy=1.0),
         selection=Selection(variant="float_onnx", accuracy=1.0, macro_f1=1.0, size_bytes=7000,

@@ -16,14 +16,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pipeline import StageError
-from pipeline.params import (AudioParams, AugmentParams, CompressParams, DataParams, ParamsError,
-                             ServeParams, TextParams, TrainParams, typed)
-from pipeline.core.modality import AnyPreprocessing, preprocessing
+from pipeline.params import (CompressParams, DataParams, ParamsError, ServeParams, TrainParams,
+                             typed)
+from pipeline.core.modality import AnyPreprocessing, part, preprocessing
 
 CARD_FILE = "model.json"
 PREDICT_BATCH = 256  # images per ONNX Runtime call when scoring a whole split (bounded memory)
@@ -33,11 +34,11 @@ PREDICT_BATCH = 256  # images per ONNX Runtime call when scoring a whole split (
 class Recipe:
     """The params.yaml sections that made the weights, as they were when they were made."""
     data: DataParams
-    augment: AugmentParams
     train: TrainParams
     compress: CompressParams | None  # set from the compress stage on
-    text: TextParams | None = None   # data.modality text only
-    audio: AudioParams | None = None  # data.modality audio only
+    # The modality's own (data.modality's section, pipeline/modalities/<name>/config.py Recipe:
+    # ingest, preprocess, augment, train), read as a mapping first, then by that schema
+    section: Any
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,18 @@ class ModelCard:
 @dataclass(frozen=True)
 class BentoArgs:
     """The Bento's build arguments (bentoml.use_arguments): the exact model it serves, by full
-    tag, and the serving settings it was infra-validated with (params.yaml serve)."""
+    tag, and the serving settings it was infra-validated with: params.yaml serve and the
+    modality's own limits (its serve section, config.Serve: read as a mapping first, then by
+    that schema once the model's modality is known, read_limits)."""
     model_tag: str
     serve: ServeParams
+    limits: Any
+
+
+def read_limits(args: BentoArgs, modality: str) -> BentoArgs:
+    """`args` with its limits read by `modality`'s schema (ParamsError naming a bad key)."""
+    limits = typed(args.limits, part(modality, "config").Serve, "Bento arguments.limits")
+    return dataclasses.replace(args, limits=limits)
 
 
 def sha256_file(path: Path) -> str:
@@ -106,9 +116,13 @@ def read_card(folder: Path) -> ModelCard:
         raise StageError(f"{path}: not valid JSON ({e})") from None
     try:
         card = typed(_upgrade(raw), ModelCard, "card")
-        record = preprocessing(card.recipe.data.modality)  # the modality's, by its own schema
-        card = dataclasses.replace(card, preprocessing=typed(card.preprocessing, record,
-                                                             "card.preprocessing"))
+        modality = card.recipe.data.modality  # its preprocessing and section, by its schemas
+        section = typed(card.recipe.section, part(modality, "config").Recipe,
+                        "card.recipe.section")
+        card = dataclasses.replace(
+            card, preprocessing=typed(card.preprocessing, preprocessing(modality),
+                                      "card.preprocessing"),
+            recipe=dataclasses.replace(card.recipe, section=section))
     except ParamsError as e:
         raise StageError(f"{path}: {e}".replace(": card.", ": ", 1)) from None
     verify(folder, card)
@@ -121,26 +135,50 @@ def _upgrade(raw):
     before data.modality existed is an image model's, without a text (or audio) recipe; one
     before train.cuda_graph was trained without CUDA graphs; one before early stopping trained
     for its `epochs`, all of them (patience = epochs, which the card records as max_epochs), and
-    had the gate's floor of its modality in text.min_accuracy or audio.min_accuracy."""
+    had the gate's floor of its modality in text.min_accuracy or audio.min_accuracy. One written
+    before the modality sections of params.yaml is then moved to today's layout (_sectioned)."""
     try:
-        data = raw["recipe"]["data"]
+        recipe = raw["recipe"]
+        if "section" in recipe:
+            return raw
+        data = recipe["data"]
         data.setdefault("modality", "image")
         if data["modality"] == "image":
             for section in (raw["preprocessing"], data):
                 section.setdefault("background", None)
-        raw["recipe"].setdefault("text", None)
-        raw["recipe"].setdefault("audio", None)
-        raw["recipe"]["train"].setdefault("cuda_graph", False)  # cards before train.cuda_graph
-        for section in (raw["recipe"]["train"], raw["recipe"]["text"], raw["recipe"]["audio"]):
+        recipe.setdefault("text", None)
+        recipe.setdefault("audio", None)
+        recipe["train"].setdefault("cuda_graph", False)  # cards before train.cuda_graph
+        for section in (recipe["train"], recipe["text"], recipe["audio"]):
             if section is not None and "epochs" in section:  # cards before early stopping
                 section["max_epochs"] = section.pop("epochs")
                 section.pop("min_accuracy", None)
-        train = raw["recipe"]["train"]
+        train = recipe["train"]
         train.setdefault("patience", train["max_epochs"])
         train.setdefault("monitor", "val_loss")
+        raw["recipe"] = _sectioned(recipe)
     except (KeyError, TypeError, AttributeError):
         pass  # not a card's shape: typed() names what is wrong
     return raw
+
+
+def _sectioned(recipe: dict) -> dict:
+    """An old card's recipe (data, augment, train and the text or audio section holding every
+    key of its modality) in today's layout: the shared sections' keys, and each key of the
+    modality's config.Recipe taken from where it was (image: data, augment and train)."""
+    data, train, modality = recipe["data"], recipe["train"], recipe["data"]["modality"]
+    own = recipe.get(modality) or {}
+    flat = {**data, **train, **own}
+    hints = typing.get_type_hints(part(modality, "config").Recipe)
+    section = {name: {key: flat[key] for key in typing.get_type_hints(kind) if key in flat}
+               for name, kind in hints.items()}
+    section["augment"] = own["augment"] if "augment" in own else recipe["augment"]
+    compress = recipe["compress"]
+    if compress is not None and "calibration_images" in compress:
+        compress["calibration_items"] = compress.pop("calibration_images")
+    return {"data": {key: data[key] for key in typing.get_type_hints(DataParams) if key in data},
+            "train": {key: train[key] for key in typing.get_type_hints(TrainParams) if key in train},
+            "compress": compress, "section": section}
 
 
 def write_card(folder: Path, card: ModelCard) -> None:

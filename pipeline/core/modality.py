@@ -30,8 +30,14 @@ imports a modality's modules directly.
                                                            how one item becomes model input,
                                                            saved in every model card
 
-Adding a modality: write pipeline/modalities/<name>/ with these parts and their tests, add its
-name to pipeline/params.py MODALITIES (data.modality accepts those); if its items come to
+    config    (params)  pipeline/params.py                 its params.yaml section, typed
+                                                           (Section; Recipe: what a card
+                                                           records) and range-checked (checks);
+                                                           its train section holds model,
+                                                           max_epochs, lr and batch_size
+
+Adding a modality: write pipeline/modalities/<name>/ with these parts and their tests (a folder
+with a config.py is registered: data.modality accepts its name); if its items come to
 endpoints of their own, declare them in pipeline/serving/service.py. tests/test_modality.py checks that every registered modality provides
 every part's functions with the Protocol's parameters.
 
@@ -41,14 +47,15 @@ its checkpoint fingerprint cover the parts it can call, and no other modality co
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import shutil
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
-from pipeline.params import MODALITIES
+from pipeline.modalities import part
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -62,13 +69,6 @@ if TYPE_CHECKING:
 AnyPreprocessing = typing.Any  # an instance of a modality's preprocess.RECORD
 # A pipeline/core/registry.py Registry, named without importing it: the service imports this module.
 AnyRegistry = typing.Any
-
-
-def part(modality: str, name: str) -> ModuleType:
-    """pipeline/modalities/<modality>/<name>.py: the part `name` of a registered modality."""
-    if modality not in MODALITIES:
-        raise ValueError(f"unknown modality {modality!r} (registered: {', '.join(MODALITIES)})")
-    return importlib.import_module(f"pipeline.modalities.{modality}.{name}")
 
 
 def preprocessing(modality: str) -> type:
@@ -112,7 +112,7 @@ class Sources(Protocol):
 
 
     def source(self, params: Params) -> str:
-        """The source params names (data.source's value, ...), for the stage's summary line."""
+        """The source params names (image.ingest.source's value, ...), for the stage's summary line."""
 
     def ingest(self, params: Params, out: Path) -> list[dict]:
         """Write the items, manifest.csv and classes.json under `out`; return the manifest rows."""
@@ -140,9 +140,6 @@ class Checks(Protocol):
     def drift_suite(self, E: ModuleType, kind: Expect, params: Params) -> list:
         """Expectations on the drift table beyond the shared PSI/KS ones."""
 
-    def class_minimum(self, params: Params) -> tuple[int, str]:
-        """(Items each class needs in each split, the params key that says so)."""
-
     def offenders(self, column: str, result: dict, table: Table) -> list[str] | None:
         """How the failed rows of a check on one of its own columns are named; None otherwise."""
 
@@ -159,6 +156,33 @@ class Checks(Protocol):
 # augment part writes it, the models part turns it into model input.
 
 
+@dataclass(frozen=True)
+class FitRecipe:
+    """What training follows: params.yaml train (every modality's) and what the modality's
+    models part adds (its Models.recipe): the budget, peak lr and batch size of its own train
+    section, and whether its tensors take channels_last and CUDA graphs."""
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    patience: int
+    monitor: str
+    seed: int
+    lr_schedule: str
+    label_smoothing: float
+    compile: bool
+    processes: int
+    max_epochs: int
+    lr: float
+    batch_size: int
+    channels_last: bool
+    cuda_graph: bool
+
+
+def fit_recipe(train: TrainParams, **own) -> FitRecipe:
+    """params.yaml train with the modality's `own` fields (FitRecipe's last five)."""
+    return FitRecipe(**dataclasses.asdict(train), **own)
+
+
 class Augment(Protocol):
     """pipeline/modalities/<modality>/augment.py, called by the augment stage."""
 
@@ -172,10 +196,11 @@ class Models(Protocol):
     called by train, compress (fine-tuning) and pipeline.core.saved_model.load. Every model takes the
     modality's one input tensor and returns logits (N, classes)."""
 
-    MODELS: AnyRegistry  # the model registry: its key (e.g. "train.model") names one of them
+    MODELS: AnyRegistry  # the model registry: its key (e.g. "image.train.model") names one of them
 
-    def recipe(self, params: Params) -> TrainParams:
-        """The training recipe: train.*, with the modality's own epochs, lr etc. over it."""
+    def recipe(self, params: Params) -> FitRecipe:
+        """What training follows: pipeline/core/training.py fit_recipe of params.yaml train and
+        the modality's own max_epochs, lr, batch_size, channels_last and cuda_graph."""
 
     def torch_threads(self, params: Params) -> int | None:
         """torch's intra-op threads for training and fine-tuning; None keeps torch's default."""
@@ -185,9 +210,6 @@ class Models(Protocol):
 
     def architecture(self, params: Params) -> str:
         """The card's architecture for the model params name: a name rebuild() understands."""
-
-    def recipe_sections(self, params: Params) -> dict:
-        """The modality's own params sections the card's Recipe records, by Recipe field name."""
 
     def train_inputs(self, tensors: dict[str, torch.Tensor], prep: AnyPreprocessing,
                      device: torch.device) -> torch.Tensor:
@@ -236,7 +258,7 @@ if TYPE_CHECKING:
     import numpy as np
     from open_inference.grpc import protocol as pb
 
-    from pipeline.params import ServeParams
+    from pipeline.core.card import BentoArgs
 
     Items = Any  # a split's or a request's items as read: uint8 pixels (N, C, S, S), texts
 
@@ -286,13 +308,13 @@ class Serving(Protocol):
     def example(self, card: ModelCard) -> Items:
         """One valid item as a checked batch: the service's self-check before /readyz."""
 
-    def api_fields(self, card: ModelCard, serve: ServeParams) -> dict[str, dict]:
+    def api_fields(self, card: ModelCard, args: BentoArgs) -> dict[str, dict]:
         """JSON field of this modality's JSON endpoints -> its JSON schema on the API page
         (/docs.json): every constraint OpenAPI can state (sizes, ranges) and an example that
         the server answers with 200."""
 
     def grpc_input(self, request: pb.ModelInferRequest, card: ModelCard,
-                   serve: ServeParams) -> Items:
+                   args: BentoArgs) -> Items:
         """A ModelInfer request's input tensor as a checked batch."""
 
     def grpc_metadata(self, card: ModelCard) -> tuple[str, list[str], list[list[int]]]:

@@ -1,5 +1,5 @@
 """One kind of registry for every variant params.yaml picks by name: each modality's models
-(train.model, text.model, audio.model: the `models` part's MODELS) and the pruning methods
+(image.train.model, text.train.model, audio.train.model: the `models` part's MODELS) and the pruning methods
 (compress.prune_method: pipeline/core/pruning.py PRUNERS). A variant registers itself with the
 registry's `register` decorator in the file that defines it; its name is the function's name.
 
@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Name -> variant, for the params.yaml key `key` (e.g. "train.model") whose value names one.
+    """Name -> variant, for the params.yaml key `key` (e.g. "image.train.model") whose value names one.
     Iterates over the names in registration order."""
 
     def __init__(self, key: str) -> None:

@@ -172,7 +172,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
     The recipe (optimizer, schedule, smoothing, memory format) is required: callers take it from
     params.yaml. The hooks after it are optional: `val` is scored after every epoch and
     `on_epoch(metrics)` called; `epoch_inputs(e)` replaces x for epoch e (per-epoch
-    augmentation); `start_epoch` resumes; `cuda_graph` (train.cuda_graph) replays each full
+    augmentation); `start_epoch` resumes; `cuda_graph` (image.train.cuda_graph, audio.train.cuda_graph) replays each full
     batch's forward and backward as CUDA graphs, on CUDA in one process (elsewhere, and for a
     tail batch, the same step runs eagerly). `batch_size` is the global batch: under
     torch.distributed each rank takes every world_size-th sample of it and DDP averages the

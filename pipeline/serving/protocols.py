@@ -8,7 +8,7 @@ modalities' infra parts, pipeline/modalities/<modality>/infra.py), and no stage.
            image model's /classify and /classify_npy, a text model's /classify_text_batch and
            /classify_text, an audio model's /classify_audio)
     grpc   gRPC ModelInfer (the Open Inference Protocol, pipeline/serving/oip.py), the items in
-           batches of up to serve.max_batch_images, fewer where a request would pass
+           batches of up to serve.max_batch_items, fewer where a request would pass
            serve.max_request_bytes, each request made by the infra part's `infer_request`
 
 Each entry takes the served Bento (Bento), the model's card and the test split (Split) and
@@ -64,7 +64,7 @@ def rest(bento: Bento, card: ModelCard, split: Split) -> Answers:
     """The model's REST endpoints, as its infra part sends the items to them; each answer's
     probabilities in the card's class order."""
     answers = card_part(card, "infra").served(bento.http, split.data, split.rows, split.items,
-                                              bento.args.serve.max_batch_images)
+                                              bento.args.serve.max_batch_items)
     return {endpoint: (indices, np.array([[p["probabilities"][c] for c in card.classes]
                                           for p in got]))
             for endpoint, (indices, got) in answers.items()}
@@ -72,12 +72,12 @@ def rest(bento: Bento, card: ModelCard, split: Split) -> Answers:
 
 def grpc_model_infer(bento: Bento, card: ModelCard, split: Split) -> Answers:
     """ModelInfer over loopback gRPC for the Bento's model by name and version, up to
-    serve.max_batch_images items per request (fewer where the request would pass the server's
+    serve.max_batch_items items per request (fewer where the request would pass the server's
     serve.max_request_bytes: 240 one-second clips are 15 MB), each request made by the model's
     infra part (infer_request)."""
     request_of = card_part(card, "infra").infer_request
     name, version = bento.args.model_tag.split(":")
-    max_batch, max_bytes = bento.args.serve.max_batch_images, bento.args.serve.max_request_bytes
+    max_batch, max_bytes = bento.args.serve.max_batch_items, bento.args.serve.max_request_bytes
     items, served = split.items, []
     with grpc.insecure_channel(f"127.0.0.1:{bento.grpc_port}") as channel:
         stub = GRPCInferenceServiceStub(channel)

@@ -45,12 +45,12 @@ BentoML), tokenizers, soundfile, soxr, av (M4A/AAC uploads only) and the project
 Bad input gets a 4xx with a message naming the cause, never a 5xx, at a cost bounded by params
 before anything large is allocated: a body over serve.max_request_bytes gets 413 before it is
 read; a content type, multipart body or field an endpoint does not take gets 415/400 before
-BentoML parses it (pipeline/serving/http_guard.py); an image over serve.max_image_pixels gets 400 from its header,
-before decoding; a batch over serve.max_batch_images gets 400 (a .npy from its header, before
+BentoML parses it (pipeline/serving/http_guard.py); an image over image.serve.max_image_pixels gets 400 from its header,
+before decoding; a batch over serve.max_batch_items gets 400 (a .npy from its header, before
 its pixels are allocated); a text with no visible character (empty, whitespace, control or
-zero-width characters only), over serve.max_text_bytes UTF-8 bytes, or more than
-serve.max_batch_images texts, gets 400; an audio file of another
-format, empty, undecodable, silent or over serve.max_audio_seconds (from its header, before its
+zero-width characters only), over text.serve.max_text_bytes UTF-8 bytes, or more than
+serve.max_batch_items texts, gets 400; an audio file of another
+format, empty, undecodable, silent or over audio.serve.max_seconds (from its header, before its
 samples are decoded) gets 400; a body that is not UTF-8 JSON
 (or escapes an unpaired surrogate), 400 from pydantic's JSON parser. An upload whose first
 bytes show it over either limit is refused while its body is still arriving (InputGuard's
@@ -82,7 +82,7 @@ from pipeline import StageError
 from pipeline.serving import oip
 from pipeline.serving.api_docs import OfflineDocsPage, PublishedSpec
 from pipeline.serving.cannot_serve import exit_worker, stop_server_when_a_worker_cannot_serve
-from pipeline.core.card import BentoArgs, onnx_predictor, read_card, softmax
+from pipeline.core.card import BentoArgs, onnx_predictor, read_card, read_limits, softmax
 from pipeline.serving.http_guard import (ErrorAnswers, InputGuard, RequestSizeLimit, cancel_request_timers,
                                  log_rejections_once, time_out_connections)
 from pipeline.core.modality import card_part
@@ -125,27 +125,27 @@ def _image(upload) -> Image.Image:
     """/classify's "image": its header read and its size checked, not yet decoded (classify
     decides where to decode)."""
     served = _served("image", "image")
-    return served.serving.image(upload, served.card, SERVE)
+    return served.serving.image(upload, served.card, served.args)
 
 
 def _images(images: np.ndarray) -> object:
     served = _served("image", "images")
-    return served.serving.images(images, served.card, SERVE)
+    return served.serving.images(images, served.card, served.args)
 
 
 def _array(data: bytes) -> object:
     served = _served("image", "array")
-    return served.serving.array(data, served.card, SERVE)
+    return served.serving.array(data, served.card, served.args)
 
 
 def _text(text: str) -> str:
     served = _served("text", "text")
-    return served.serving.text(text, served.card, SERVE)
+    return served.serving.text(text, served.card, served.args)
 
 
 def _texts(texts: list[str]) -> object:
     served = _served("text", "texts")
-    return served.serving.texts(texts, served.card, SERVE)
+    return served.serving.texts(texts, served.card, served.args)
 
 
 def _upload(modality: str, field: str):
@@ -173,27 +173,27 @@ UPLOAD_SCHEMA = (WithJsonSchema({"type": "file", "format": "binary"}, mode="vali
 
 def _audio(upload) -> object:
     served = _served("audio", "audio")
-    return served.serving.audio(upload, served.card, SERVE)
+    return served.serving.audio(upload, served.card, served.args)
 
 
 def _image_head(head: bytes) -> str | None:
     """InputGuard's check of an upload's first bytes: why it is refused (a size over a limit
     its header shows, another modality's endpoint) or None."""
     served = bentoml.get_current_service()
-    return _refusal("image", "image") or served.serving.image_head(head, served.card, SERVE)
+    return _refusal("image", "image") or served.serving.image_head(head, served.card, served.args)
 
 
 def _array_head(head: bytes) -> str | None:
     """_image_head's check for /classify_npy."""
     served = bentoml.get_current_service()
-    return _refusal("image", "array") or served.serving.array_head(head, served.card, SERVE)
+    return _refusal("image", "array") or served.serving.array_head(head, served.card, served.args)
 
 
 def _audio_head(head: bytes) -> str | None:
     """_image_head's check for /classify_audio: a file whose first bytes hold more than
-    serve.max_audio_seconds."""
+    audio.serve.max_seconds."""
     served = bentoml.get_current_service()
-    return _refusal("audio", "audio") or served.serving.audio_head(head, served.card, SERVE)
+    return _refusal("audio", "audio") or served.serving.audio_head(head, served.card, served.args)
 
 
 # Endpoint -> the modality whose model it serves: the API page (/docs.json) lists the served
@@ -209,7 +209,7 @@ def _published() -> tuple[set[str], dict[str, dict]]:
     its modality's serving part)."""
     served = bentoml.get_current_service()
     return ({path for path, modality in MODALITY_OF_ENDPOINT.items()
-             if modality == served.modality}, served.serving.api_fields(served.card, SERVE))
+             if modality == served.modality}, served.serving.api_fields(served.card, served.args))
 
 
 def _invalid_argument(check, *args):
@@ -270,6 +270,8 @@ class Classifier:
         # The served model's modality checks each endpoint's input and turns a checked batch
         # into the model's input (a text model's tokenizer sha256-checked against the card).
         self.modality, self.serving = card.recipe.data.modality, card_part(card, "serving")
+        # params.yaml serve at packaging, with the modality's own limits by its schema
+        self.args = read_limits(ARGS, self.modality)
         self.model_input = self.serving.model_input(folder, card)
         # One image or text: a single-threaded session run inline (waking threads costs more
         # than the model); batches: serve.batch_threads threads.
@@ -300,7 +302,7 @@ class Classifier:
             name=name, version=version, server_version=bentoml.server_context.bento_version,
             classes=self.classes, ready=self.__is_ready__,
             input=self.serving.grpc_metadata(self.card),
-            batch=lambda request: self.serving.grpc_input(request, self.card, SERVE),
+            batch=lambda request: self.serving.grpc_input(request, self.card, self.args),
             probabilities=self._grpc_probabilities)
         try:
             self.grpc = await oip.start(model, oip.http_host(), oip.grpc_port(SERVE.grpc_port),
@@ -349,23 +351,23 @@ class Classifier:
         """Classify one uploaded image (multipart field "image"): PNG, JPEG, WebP, BMP, TIFF or
         GIF, one picture.
 
-        An image of up to serve.inline_decode_pixels is decoded and classified on the event
-        loop (cheaper than the hop to a thread); a larger one, up to serve.max_image_pixels, in
+        An image of up to image.serve.inline_decode_pixels is decoded and classified on the event
+        loop (cheaper than the hop to a thread); a larger one, up to image.serve.max_image_pixels, in
         a worker thread, one at a time per worker, so it never holds the loop and a worker
         holds at most one large decoded image."""
-        if image.width * image.height <= SERVE.inline_decode_pixels:
+        if image.width * image.height <= self.args.limits.inline_decode_pixels:
             return self._classify_image(image)
         if self.decode_slot is None:  # created on the event loop, as anyio requires
             self.decode_slot = anyio.CapacityLimiter(1)
         return await anyio.to_thread.run_sync(self._classify_image, image, limiter=self.decode_slot)
 
-    @bentoml.api(batchable=True, max_batch_size=SERVE.max_batch_images, max_latency_ms=5000)
+    @bentoml.api(batchable=True, max_batch_size=SERVE.max_batch_items, max_latency_ms=5000)
     def classify_batch(self, images: Annotated[
             np.ndarray, AfterValidator(_images),
             Field(description="pixel values 0..255, shape (N, S, S) or (N, C, S, S) at the "
                               "model's input size S (the example: one blank image)")]) -> list[Prediction]:
         """Classify pixel arrays, values 0..255, shape (N, S, S) (grayscale models) or
-        (N, C, S, S) at the model's input size, N <= serve.max_batch_images. Requests are
+        (N, C, S, S) at the model's input size, N <= serve.max_batch_items. Requests are
         batched together adaptively."""
         return self._predict(images, self.batch)
 
@@ -384,8 +386,8 @@ class Classifier:
             str, AfterValidator(_text),
             Field(description="the text to classify (text models): any UTF-8 text with a "
                               "visible character (a letter, digit, punctuation mark or symbol), "
-                              "at most serve.max_text_bytes bytes; the model reads its first "
-                              "text.max_tokens tokens")]) -> Prediction:
+                              "at most text.serve.max_text_bytes bytes; the model reads its first "
+                              "text.preprocess.max_tokens tokens")]) -> Prediction:
         """Classify one text (JSON {"text": "..."}), tokenized by the model's saved tokenizer
         and classified on the event loop: ~17 us to tokenize and ~0.1 ms through an encoder of
         params.yaml text's size (docs/benchmarks.md, Text serving), about what a hop to a
@@ -395,7 +397,7 @@ class Classifier:
     @bentoml.api
     def classify_text_batch(self, texts: Annotated[
             list[str], AfterValidator(_texts),
-            Field(description="texts to classify (text models): 1 to serve.max_batch_images "
+            Field(description="texts to classify (text models): 1 to serve.max_batch_items "
                               "of them, each as /classify_text's text")]) -> list[Prediction]:
         """Classify several texts (JSON {"texts": ["...", ...]}) in one model call, padded to
         the longest of them; one answer per text, in order."""
@@ -407,13 +409,13 @@ class Classifier:
             description="the recording to classify (audio models): a WAV, FLAC, Ogg "
                         "(Vorbis, Opus), MP3, M4A or AAC (ADTS) file, any sample rate and "
                         "channel count, at most "
-                        "serve.max_audio_seconds long; the model hears its centre "
-                        "audio.clip_seconds")]) -> Prediction:
+                        "audio.serve.max_seconds long; the model hears its centre "
+                        "audio.preprocess.clip_seconds")]) -> Prediction:
         """Classify one uploaded recording (multipart field "audio"): decoded, mixed to mono,
         resampled to the model's rate and fitted to its clip length as training did. Not on
         the event loop (BentoML runs it in a thread): decoding costs 0.13-1.95 ms per second of
         audio (16 kHz mono to 44.1 kHz stereo, docs/benchmarks.md, Audio), up to ~20 ms for
-        serve.max_audio_seconds, which other requests need not wait for."""
+        audio.serve.max_seconds, which other requests need not wait for."""
         clip = _invalid_argument(_audio, audio)
         return self._predict(clip, self.single)[0]
 

@@ -4,7 +4,7 @@
     pruned.onnx         the model pruned by `compress.prune_method`, fine-tuned with the
                         training recipe (pipeline/core/training.py), for ONNX Runtime
     int8.onnx           float.onnx statically quantised to int8 (QDQ), activation ranges
-                        calibrated on `compress.calibration_images` training images
+                        calibrated on `compress.calibration_items` training images
     model.json          the float model's card with these three files' sha256 and the compress
                         params added to its recipe
     compress.json       MACs, parameters, layer widths, sparsity and file sizes per variant
@@ -16,7 +16,7 @@ one unless compressed on disk, and compress.json says so (macs and params unchan
 claiming a saving.
 
 MACs are counted by `count_macs_on` on the modality's example input (one image; one text of
-text.max_tokens tokens): torch's FlopCounterMode, FLOPs / 2 (it counts 2 FLOPs per
+text.preprocess.max_tokens tokens): torch's FlopCounterMode, FLOPs / 2 (it counts 2 FLOPs per
 multiply-accumulate of conv and matmul); activations, pooling and batch norm are not counted (on
 LeNet-5 they are < 2 % of the conv/linear work).
 
@@ -46,8 +46,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.core import saved_model
 from pipeline.core.card import sha256_file, write_card
 from pipeline.core.pruning import CONVS, PRUNERS, is_structured, prunable
-from pipeline.core.modality import Export, card_part, copy_model_files
-from pipeline.params import CompressParams, TrainParams, load_params
+from pipeline.core.modality import Export, FitRecipe, card_part, copy_model_files
+from pipeline.params import CompressParams, load_params
 from pipeline.core.progress import Progress
 from pipeline.core.training import fit, make_optimizer, make_schedule, pick_device, steps_per_epoch
 
@@ -79,7 +79,7 @@ def sparsity(model: nn.Module) -> float:
 
 
 def prune_and_finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: CompressParams,
-                       recipe: TrainParams,
+                       recipe: FitRecipe,
                        on_epoch: Callable[[dict], None] | None = None) -> nn.Module:
     """Prune `model` in place by compress.prune_method (pipeline/core/pruning.py PRUNERS),
     fine-tune it on the device tensors x, y for compress.finetune_epochs at compress.finetune_lr
@@ -132,7 +132,7 @@ def quantize_int8(float_onnx: Path, out: Path, calibration: np.ndarray, per_chan
             quant_pre_process(str(float_onnx), str(prepared))
         except Exception as e:  # noqa: BLE001 - ORT raises a bare Exception for this
             # ORT's symbolic shape inference gives up on Hugging Face BERT graphs
-            # (text.pretrained); ONNX's own shape inference, which it also runs, is enough for
+            # (text.preprocess.pretrained); ONNX's own shape inference, which it also runs, is enough for
             # quantising MatMuls (it folds less: the kiln text_encoder's int8 file was 9% larger).
             if "symbolic shape inference" not in str(e):
                 raise
@@ -196,7 +196,7 @@ def main(argv: list[str]) -> None:
     # Calibrate on un-augmented originals: augment stores them first.
     rng = np.random.default_rng(params.train.seed)
     n_originals = export.calibration_originals(params, len(x))
-    pick = rng.choice(n_originals, size=min(p.calibration_images, n_originals), replace=False)
+    pick = rng.choice(n_originals, size=min(p.calibration_items, n_originals), replace=False)
     quantize_int8(args.out / "float.onnx", args.out / "int8.onnx", x[pick].cpu().numpy(),
                   p.int8_per_channel, p.int8_reduce_range, export)
     n_calibration = len(pick)

@@ -1,6 +1,6 @@
 """Stage 1: materialise the data set as files plus a manifest (pipeline/core/dataset.py has the
 layout). The modality's `sources` part (pipeline/<data.modality>/sources.py) reads its source
-(images from data.source, texts from text.source) into that layout; this stage runs it and
+(images from image.ingest.source, texts from text.ingest.source) into that layout; this stage runs it and
 reports the count per split. classes.json lists every class folder, also one without files, so
 the validate stage can name it; a manifest row's source is relative to the source folder.
 

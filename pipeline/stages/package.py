@@ -31,7 +31,7 @@ Bentos in --export: pipeline/lifecycle/champion.py).
    serve` on a free loopback port (pipeline/lifecycle/local_server.py: it dies with this stage);
    every test item goes through every protocol the Bento serves, as pipeline/serving/protocols.py
    PROTOCOLS lists them: the model's REST endpoints and, in batches of up to
-   serve.max_batch_images (fewer where a request would pass serve.max_request_bytes), gRPC
+   serve.max_batch_items (fewer where a request would pass serve.max_request_bytes), gRPC
    ModelInfer (the Open Inference Protocol, pipeline/serving/oip.py), each request made as the
    model's infra part says (pipeline/modalities/<modality>/infra.py, pipeline/core/modality.py
    Infra: an image model's test images as their files to /classify and as .npy files to
@@ -65,12 +65,14 @@ from pipeline.lifecycle.champion import (Champion, Exports, Line, NotFound, Reco
                                          clean_up_killed_run, end, no_space_left, read_record,
                                          remove_build_leftovers, write_record)
 from pipeline.lifecycle.infra_validation import infra_validate, test_accuracy
-from pipeline.params import PackageParams, ServeParams, load_params
+from pipeline.params import MODALITIES, PackageParams, ServeParams, load_params, section
 
 
 def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path,
-            record_path: Path, exports: Exports, p: PackageParams, serve: ServeParams) -> dict:
-    """Steps 0-6 of the module doc; returns the --out report."""
+            record_path: Path, exports: Exports, p: PackageParams, serve: ServeParams,
+            limits: dict) -> dict:
+    """Steps 0-6 of the module doc; returns the --out report. `limits`: modality -> its serve
+    section (config.Serve); the model's modality's is built into the Bento with `serve`."""
     progress = Progress("package")
     record = read_record(record_path)
     for tag in clean_up_killed_run(keep=record.tags()):
@@ -87,7 +89,7 @@ def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path,
     task = Task(model_name=p.model_name, classes=card.classes)
     model_tag = f"{p.model_name}:" + content_version(*(f.read_bytes() for f in (
         model_dir / weights, model_dir / CARD_FILE, reference)))
-    args = BentoArgs(model_tag=model_tag, serve=serve)
+    args = BentoArgs(model_tag=model_tag, serve=serve, limits=limits[card.recipe.data.modality])
     build_config, sources = read_bentofile(bentofile, card.recipe.data.modality)
     bento_tag = f"{build_config['name']}:" + content_version(
         json.dumps(to_dict(args), sort_keys=True).encode(),
@@ -210,7 +212,8 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     result = package(args.model, args.bentofile, args.data, args.reference, args.champion,
-                     Exports(args.export), params.package, params.serve)
+                     Exports(args.export), params.package, params.serve,
+                     {m: section(params, m).serve for m in MODALITIES})
     reason = result.pop("reason")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

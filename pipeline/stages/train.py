@@ -3,8 +3,8 @@
 
 What differs between modalities comes from data.modality's `models` part (pipeline/core/modality.py
 Models): the registry and the model params name (or, e.g., a local Hugging Face checkpoint), the
-recipe (train.*, or e.g. text.max_epochs, lr and batch_size over it), the training tensors and the
-val split on the device, the per-epoch inputs (e.g. with `train.epoch_augment` every image warped
+recipe (train.*, or e.g. text.train.max_epochs, lr and batch_size over it), the training tensors and the
+val split on the device, the per-epoch inputs (e.g. with `image.train.epoch_augment` every image warped
 afresh each epoch, in one batched grid_sample), and the files written beside the weights.
 - bf16 autocast on CUDA; channels_last and torch.compile from params; one-cycle LR schedule and
   label smoothing from params.
@@ -57,10 +57,10 @@ from pipeline import StageError
 from pipeline.core.card import ModelCard, Recipe, ValScore, sha256_file, write_card
 from pipeline.core.dataset import data_hash, read_manifest
 from pipeline.core.modality import part, preprocessing
-from pipeline.params import Params, as_dict, load_params
+from pipeline.params import Params, as_dict, load_params, recipe_section
 from pipeline.core.import_closure import source_files
-from pipeline.core.training import (EarlyStopping, fit, make_optimizer, make_schedule, steps_per_epoch,
-                               warmup_epochs)
+from pipeline.core.training import (EarlyStopping, fit, make_optimizer, make_schedule,
+                                    steps_per_epoch, warmup_epochs)
 
 CHECKPOINT = "last.pt"
 LIVE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")  # per epoch, to DVCLive
@@ -69,14 +69,12 @@ LIVE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")  # per epoch, 
 # --- checkpoints -------------------------------------------------------------------------------
 
 def fingerprint(params: Params, data: Path, augmented: Path, world_size: int) -> str:
-    """sha256 of what decides the training trajectory: train/augment/data params and the
-    modality's own sections (recipe_sections), the ingested and augmented data, every project
-    file this stage runs (of the modality in use) and the number of processes."""
-    sections = part(params.data.modality, "models").recipe_sections(params)
+    """sha256 of what decides the training trajectory: the data and train params, the
+    modality's recipe (what the card records of its section), the ingested and augmented data,
+    every project file this stage runs (of the modality in use) and the number of processes."""
     digest = hashlib.sha256(json.dumps(
-        {"train": as_dict(params.train), "augment": as_dict(params.augment),
-         "data": as_dict(params.data), **{k: as_dict(v) for k, v in sections.items()},
-         "world_size": world_size},
+        {"train": as_dict(params.train), "data": as_dict(params.data),
+         "section": as_dict(recipe_section(params)), "world_size": world_size},
         sort_keys=True).encode())
     digest.update(data_hash(data).encode())
     for path in (augmented / "train.safetensors", augmented / "preprocessing.json",
@@ -267,9 +265,8 @@ def main(argv: list[str]) -> None:
         files.update(trainer.model_files(model))
         card = ModelCard(architecture=trainer.architecture(params),
                          classes=classes, preprocessing=prep, data_hash=data_hash(args.data),
-                         recipe=Recipe(data=params.data, augment=params.augment,
-                                       train=params.train, compress=None,
-                                       **trainer.recipe_sections(params)),
+                         recipe=Recipe(data=params.data, train=params.train, compress=None,
+                                       section=recipe_section(params)),
                          weights={}, val=ValScore(loss=final["val_loss"], accuracy=final["val_acc"]),
                          selection=None)
         write_outputs(args.out, weights, card, files)

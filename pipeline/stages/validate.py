@@ -103,16 +103,16 @@ def _suites(checks: ModuleType, classes: list[str], params: Params, with_drift: 
     ]
     unit = preprocessing(params.data.modality).UNIT
     suites = {unit: checks.suite(E, kind, params, repeated, labels, splits),
-              **_class_suites(E, kind, unit, *checks.class_minimum(params))}
+              **_class_suites(E, kind, unit, params.validate.min_items_per_class_per_split)}
     if with_drift:
         suites["drift"] = _drift_suite(E, kind, params.drift) + \
             checks.drift_suite(E, kind, params)
     return suites
 
 
-def _class_suites(E, kind, unit: str, min_per_split: int, key: str) -> dict:
+def _class_suites(E, kind, unit: str, min_per_split: int) -> dict:
     """The classes and class_counts tables' expectations; `unit` (images, texts) is what they
-    count, `key` the params key of the per-split minimum."""
+    count."""
     one = unit[:-1]
     return {
         "classes": [
@@ -127,7 +127,7 @@ def _class_suites(E, kind, unit: str, min_per_split: int, key: str) -> dict:
             E.ExpectColumnValuesToBeBetween(
                 column=unit, min_value=min_per_split, **kind("short_class_splits"),
                 description=f"Each class has at least {min_per_split} {unit} in each split "
-                            f"(params {key})."),
+                            "(params validate.min_items_per_class_per_split)."),
         ],
     }
 

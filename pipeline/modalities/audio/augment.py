@@ -21,26 +21,28 @@ from pipeline.modalities.audio.decode import clip_length
 from pipeline.modalities.audio.perturb import generator, perturb
 from pipeline.modalities.audio.preprocess import AudioPreprocessing
 from pipeline.core.dataset import load_split
-from pipeline.params import AudioParams, Params
+from pipeline.modalities.audio.config import Preprocess, Recipe
+from pipeline.params import Params
 
 
-def preprocessing(p: AudioParams) -> AudioPreprocessing:
+def preprocessing(p: Preprocess) -> AudioPreprocessing:
     return AudioPreprocessing(sample_rate=p.sample_rate,
                               clip_samples=clip_length(p.sample_rate, p.clip_seconds))
 
 
-def augment_waves(waves: torch.Tensor, p: AudioParams) -> torch.Tensor:
-    """(N, S) clips -> (N * (1 + copies), S): the originals, then p.augment.copies perturbed
-    copies, the same for the same p.augment.seed."""
-    g = generator(p.augment.seed, waves.device)
-    copies = [perturb(waves, p.augment, p.sample_rate, g) for _ in range(p.augment.copies)]
+def augment_waves(waves: torch.Tensor, s: Recipe) -> torch.Tensor:
+    """(N, S) clips -> (N * (1 + copies), S): the originals, then s.augment.copies perturbed
+    copies, the same for the same s.augment.seed."""
+    g = generator(s.augment.seed, waves.device)
+    copies = [perturb(waves, s.augment, s.preprocess.sample_rate, g)
+              for _ in range(s.augment.copies)]
     return torch.cat([waves, *copies])
 
 
 def write_augmented(data: Path, out: Path, params: Params) -> str:
     """Decoded and augmented train split and the preprocessing record into `out`; a summary."""
     p = params.audio
-    prep = preprocessing(p)
+    prep = preprocessing(p.preprocess)
     waves, labels = load_split(data, "train", prep)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     all_waves = augment_waves(torch.from_numpy(waves).to(device), p).cpu()

@@ -7,10 +7,10 @@ Data Docs, one line per failed kind).
              cannot be taken: the kind) and decode_error (pipeline/modalities/audio/decode.py's AudioError,
              the cause); then of the recording as recorded: format ("WAV PCM_16"), source_rate
              (Hz), channels, seconds, clipped (share of its samples at full scale); and of its
-             samples decoded as every later consumer decodes them (mono at audio.sample_rate):
+             samples decoded as every later consumer decodes them (mono at audio.preprocess.sample_rate):
              rms, loudness (dBFS), centroid (spectral centroid, Hz), content_hash (sha256 of the
              samples, so a WAV and its FLAC copy collide); flags derived from those: silent
-             (rms under audio.silent_rms), clipping (clipped over audio.clipped_samples), leak,
+             (rms under audio.preprocess.silent_rms), clipping (clipped over audio.validate.clipped_samples), leak,
              duplicate
 
 What decode.py refuses (empty, corrupt or not audio, an extension that names another container,
@@ -18,7 +18,7 @@ no samples, non-finite samples), and a WAV, MP3 or M4A cut short (which it decod
 cut), stop the stage naming the file. What it decodes is taken and reported, not refused: 8-bit samples,
 several channels (mixed to mono), any rate (resampled); the metrics count the clips per format,
 source rate and channel count, and the stage prints them. Silent and clipped clips are bounded
-per data set (audio.max_silent_share, audio.max_clipped_share); clipped ones within the bound
+per data set (audio.validate.max_silent_share, audio.validate.max_clipped_share); clipped ones within the bound
 are named on a line of their own.
 
 Drift features of the train split (pipeline/core/drift.py scores them):
@@ -78,7 +78,7 @@ COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "
            "content_hash"]
 CATEGORICAL = ("label", "source_rate", "channels")  # drift features scored by PSI
 CONTINUOUS = ("seconds", "loudness", "centroid")    # and by PSI and KS
-SHOWN = 3  # clipped clips named on the stage's line when within audio.max_clipped_share
+SHOWN = 3  # clipped clips named on the stage's line when within audio.validate.max_clipped_share
 
 # Kinds of problem of the clips table, and the class checks' words for clips: the key (metrics
 # JSON `problems`) and the words that start its error line.
@@ -164,7 +164,7 @@ def clip_table(folder: Path, rows: list[dict], params: Params) -> pd.DataFrame:
     duplicate (silence of one length is the same samples by nature): each problem is reported
     once, by its own check."""
     audio = params.audio
-    described = map_items(functools.partial(describe_clip, sample_rate=audio.sample_rate),
+    described = map_items(functools.partial(describe_clip, sample_rate=audio.preprocess.sample_rate),
                           [folder / r["path"] for r in rows])
     records = [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
                 "split": r["split"], **d} for r, d in zip(rows, described)]
@@ -172,13 +172,13 @@ def clip_table(folder: Path, rows: list[dict], params: Params) -> pd.DataFrame:
         {c: float for c in ("source_rate", "channels", "seconds", "clipped", "rms", "loudness",
                             "centroid")})
     decoded = clips.file_problem.isna()
-    silent = decoded & (clips.rms < audio.silent_rms)
+    silent = decoded & (clips.rms < audio.preprocess.silent_rms)
     distinct = clips[decoded & ~silent]
     splits_per_hash = distinct.groupby("content_hash").split.nunique()
     copies_in_split = distinct.groupby(["split", "content_hash"]).path.transform("size")
     return clips.assign(
         silent=silent,
-        clipping=decoded & (clips.clipped > audio.clipped_samples),
+        clipping=decoded & (clips.clipped > audio.validate.clipped_samples),
         leak=clips.content_hash.map(splits_per_hash).fillna(0).where(~silent, 0) > 1,
         duplicate=copies_in_split.reindex(clips.index).fillna(0) > 1,
     )
@@ -198,12 +198,12 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
 def suite(E, kind, params: Params, repeated, labels, splits) -> list:
     """The expectations of the clips table; `kind(key)` gives each its meta and severity;
     `repeated`, `labels`, `splits`: the manifest's checks every modality has."""
-    audio = params.audio
+    audio, validate = params.audio, params.validate
     return [
         E.ExpectTableRowCountToBeBetween(
-            min_value=audio.min_clips, max_value=audio.max_clips, **kind("clip_count"),
-            description=f"The data set holds {audio.min_clips} to {audio.max_clips} clips "
-                        "(params audio.min_clips, audio.max_clips)."),
+            min_value=validate.min_items, max_value=validate.max_items, **kind("clip_count"),
+            description=f"The data set holds {validate.min_items} to {validate.max_items} clips "
+                        "(params validate.min_items, validate.max_items)."),
         repeated,
         E.ExpectColumnValuesToBeNull(
             column="file_problem", **kind("unreadable_clips"),
@@ -213,23 +213,23 @@ def suite(E, kind, params: Params, repeated, labels, splits) -> list:
         labels,
         splits,
         E.ExpectColumnValuesToBeBetween(
-            column="seconds", min_value=audio.min_seconds, max_value=audio.max_seconds,
+            column="seconds", min_value=audio.validate.min_seconds, max_value=audio.validate.max_seconds,
             **kind("clip_duration"),
-            description=f"Every recording lasts {audio.min_seconds:g} to {audio.max_seconds:g} s "
-                        "(params audio.min_seconds, audio.max_seconds)."),
+            description=f"Every recording lasts {audio.validate.min_seconds:g} to {audio.validate.max_seconds:g} s "
+                        "(params audio.validate.min_seconds, audio.validate.max_seconds)."),
         # mostly: GX passes while at least this share of rows is not silent (not clipped)
         E.ExpectColumnValuesToBeInSet(
-            column="silent", value_set=[False], mostly=1 - audio.max_silent_share,
+            column="silent", value_set=[False], mostly=1 - audio.validate.max_silent_share,
             **kind("silent_clips"),
-            description=f"At most {audio.max_silent_share:.1%} of the clips are silent (RMS "
-                        f"under {audio.silent_rms:g} of full scale) (params "
-                        "audio.max_silent_share, audio.silent_rms)."),
+            description=f"At most {audio.validate.max_silent_share:.1%} of the clips are silent (RMS "
+                        f"under {audio.preprocess.silent_rms:g} of full scale) (params "
+                        "audio.validate.max_silent_share, audio.preprocess.silent_rms)."),
         E.ExpectColumnValuesToBeInSet(
-            column="clipping", value_set=[False], mostly=1 - audio.max_clipped_share,
+            column="clipping", value_set=[False], mostly=1 - audio.validate.max_clipped_share,
             **kind("clipped_clips"),
-            description=f"At most {audio.max_clipped_share:.1%} of the clips are clipped (over "
-                        f"{audio.clipped_samples:.2%} of their samples at full scale) (params "
-                        "audio.max_clipped_share, audio.clipped_samples)."),
+            description=f"At most {audio.validate.max_clipped_share:.1%} of the clips are clipped (over "
+                        f"{audio.validate.clipped_samples:.2%} of their samples at full scale) (params "
+                        "audio.validate.max_clipped_share, audio.validate.clipped_samples)."),
         E.ExpectColumnValuesToBeInSet(
             column="leak", value_set=[False], **kind("leaked_clips"),
             description="No recording's decoded samples appear in more than one split: a copy "
@@ -243,11 +243,6 @@ def suite(E, kind, params: Params, repeated, labels, splits) -> list:
 def drift_suite(E, kind, params: Params) -> list:
     """Drift expectations beyond the PSI/KS ones every modality has: none for audio."""
     return []
-
-
-def class_minimum(params: Params) -> tuple[int, str]:
-    """(clips each class needs in each split, its params key)."""
-    return params.audio.min_clips_per_class_per_split, "audio.min_clips_per_class_per_split"
 
 
 def _clipped(source: str, share: float) -> str:
@@ -292,7 +287,7 @@ def metrics(table: pd.DataFrame, params: Params) -> dict:
                     for q, v in (("min", 0), ("median", 0.5), ("max", 1))},
         "clipped_clips": [_clipped(s, c) for s, c in
                           zip(clipped.source[:SHOWN], clipped.clipped[:SHOWN])],
-        "sample_rate": params.audio.sample_rate,
+        "sample_rate": params.audio.preprocess.sample_rate,
         "file_problems": {p.lower().replace(" ", "_").replace("-", "_"):
                           int((table.file_problem == p).sum())
                           for p in (*FILE_PROBLEMS, *sorted(set(TRUNCATED.values())))},
@@ -313,15 +308,15 @@ def lines(metrics: dict, params: Params) -> list[str]:
              f"{metrics['seconds']['min']:.2f} to {metrics['seconds']['max']:.2f} s long"]
     audio, n = params.audio, metrics["clipped"]
     if n:
-        found.append(f"{n} clipped clip{'s' if n > 1 else ''} (over {audio.clipped_samples:.2%} "
-                     f"of samples at full scale; audio.max_clipped_share "
-                     f"{audio.max_clipped_share:.0%} allowed): "
+        found.append(f"{n} clipped clip{'s' if n > 1 else ''} (over {audio.validate.clipped_samples:.2%} "
+                     f"of samples at full scale; audio.validate.max_clipped_share "
+                     f"{audio.validate.max_clipped_share:.0%} allowed): "
                      + "; ".join(metrics["clipped_clips"])
                      + (f" (+{n - SHOWN} more)" if n > SHOWN else ""))
     if metrics["silent"]:
         found.append(f"{metrics['silent']} silent clip{'s' if metrics['silent'] > 1 else ''} "
-                     f"(RMS under audio.silent_rms {audio.silent_rms:g}; "
-                     f"audio.max_silent_share {audio.max_silent_share:.0%} allowed)")
+                     f"(RMS under audio.preprocess.silent_rms {audio.preprocess.silent_rms:g}; "
+                     f"audio.validate.max_silent_share {audio.validate.max_silent_share:.0%} allowed)")
     return found
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # Added to the mel power before the log: with n_fft 400, a 1 kHz tone at -60 dBFS RMS
-# (audio.silent_rms) has a peak mel power of 0.02, 43 dB above the floor, so the floor shapes
+# (audio.preprocess.silent_rms) has a peak mel power of 0.02, 43 dB above the floor, so the floor shapes
 # digital silence (the centred padding: log(1e-6) = -13.8 instead of -inf), not speech.
 POWER_FLOOR = 1e-6
 

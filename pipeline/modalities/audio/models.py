@@ -1,10 +1,10 @@
-"""The audio model registry MODELS (audio.model in params.yaml) and the audio side of training:
+"""The audio model registry MODELS (audio.train.model in params.yaml) and the audio side of training:
 the `models` part of the modality seam (pipeline/core/modality.py Models).
 
 Every model takes float32 waveforms (N, clip_samples) in [-1, 1] (AudioPreprocessing.load's
 output) and returns logits (N, classes). Inside, in this order:
     frontend   the log-mel front end (pipeline/modalities/audio/logmel.py: a fixed-kernel Conv1d STFT, mel
-               filterbank, log; audio.n_fft, hop, n_mels) and a BatchNorm1d per mel band, which
+               filterbank, log; audio.train.n_fft, hop, n_mels) and a BatchNorm1d per mel band, which
                learns the bands' mean and spread (no statistics pass over the data)
     masks      SpecAugment in training mode only: audio.augment.freq_masks bands of up to
                freq_mask_bins mel bands and time_masks of up to time_mask_frames frames set to
@@ -23,7 +23,6 @@ checkpoint masks differently from an uninterrupted one.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -36,13 +35,15 @@ from pipeline.modalities.audio.preprocess import AudioPreprocessing
 from pipeline.core.card import ModelCard
 from pipeline.core.dataset import load_split
 from pipeline.core.registry import Registry
-from pipeline.params import AudioAugmentParams, AudioParams, Params, TrainParams
+from pipeline.core.modality import FitRecipe, fit_recipe
+from pipeline.modalities.audio.config import Augment, Recipe
+from pipeline.params import Params
 
 
 class AudioClassifier(nn.Module):
     """waveform (N, S) -> frontend -> (masks when training) -> body -> logits (N, classes)."""
 
-    def __init__(self, logmel: LogMel, n_mels: int, body: nn.Sequential, p: AudioAugmentParams):
+    def __init__(self, logmel: LogMel, n_mels: int, body: nn.Sequential, p: Augment):
         super().__init__()
         self.frontend = nn.Sequential(logmel, nn.BatchNorm1d(n_mels))
         self.body = body
@@ -81,7 +82,7 @@ class AsImage(nn.Module):
         return features.unsqueeze(1)
 
 
-MODELS: Registry[Callable[[int, int, int], nn.Sequential]] = Registry("audio.model")
+MODELS: Registry[Callable[[int, int, int], nn.Sequential]] = Registry("audio.train.model")
 
 
 @MODELS.register
@@ -106,17 +107,20 @@ def cnn2d(n_mels: int, classes: int, width: int) -> nn.Sequential:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
 
 
-def build(name: str, prep: AudioPreprocessing, classes: int, p: AudioParams) -> AudioClassifier:
-    logmel = LogMel(prep.sample_rate, p.n_fft, p.hop, p.n_mels)
-    return AudioClassifier(logmel, p.n_mels, MODELS.get(name)(p.n_mels, classes, p.width),
-                           p.augment)
+def build(name: str, prep: AudioPreprocessing, classes: int, s: Recipe) -> AudioClassifier:
+    """The model `name` with the front end and width of `s` (audio's params section, or the
+    recipe a card records) and its SpecAugment masks."""
+    t = s.train
+    logmel = LogMel(prep.sample_rate, t.n_fft, t.hop, t.n_mels)
+    return AudioClassifier(logmel, t.n_mels, MODELS.get(name)(t.n_mels, classes, t.width),
+                           s.augment)
 
 
-def epoch_perturber(waves: torch.Tensor, p: AudioParams, seed: int
+def epoch_perturber(waves: torch.Tensor, s: Recipe, seed: int
                     ) -> Callable[[int], torch.Tensor]:
     """epoch -> every clip of `waves` (on the device) perturbed once, seeded by (seed, epoch)."""
     def inputs(epoch: int) -> torch.Tensor:
-        return perturb(waves, p.augment, p.sample_rate,
+        return perturb(waves, s.augment, s.preprocess.sample_rate,
                        generator(seed * 1_000_003 + epoch, waves.device))
 
     return inputs
@@ -124,30 +128,24 @@ def epoch_perturber(waves: torch.Tensor, p: AudioParams, seed: int
 
 # --- the Models part ---------------------------------------------------------------------------
 
-def recipe(params: Params) -> TrainParams:
-    """train.* (optimizer, schedule, smoothing, seed, patience, monitor) with audio.max_epochs,
-    lr and batch_size; no channels_last or image warps (audio.augment.per_epoch is audio's own
-    per-epoch switch)."""
-    p = params.audio
-    return dataclasses.replace(params.train, max_epochs=p.max_epochs, lr=p.lr,
-                               batch_size=p.batch_size,
-                               channels_last=False, epoch_augment=False)
+def recipe(params: Params) -> FitRecipe:
+    """audio.train's budget, lr, batch size and CUDA graphs; no channels_last (waveforms are
+    (N, S); audio.augment.per_epoch is audio's own per-epoch draw)."""
+    own = params.audio.train
+    return fit_recipe(params.train, max_epochs=own.max_epochs, lr=own.lr,
+                      batch_size=own.batch_size, channels_last=False, cuda_graph=own.cuda_graph)
 
 
 def torch_threads(params: Params) -> int | None:
-    return params.audio.threads
+    return params.audio.train.threads
 
 
 def create(params: Params, prep: AudioPreprocessing, classes: int) -> nn.Module:
-    return build(params.audio.model, prep, classes, params.audio)
+    return build(params.audio.train.model, prep, classes, params.audio)
 
 
 def architecture(params: Params) -> str:
-    return params.audio.model
-
-
-def recipe_sections(params: Params) -> dict:
-    return {"audio": params.audio}
+    return params.audio.train.model
 
 
 def train_inputs(tensors: dict[str, torch.Tensor], prep: AudioPreprocessing,
@@ -176,4 +174,4 @@ def model_files(model: nn.Module) -> dict[str, bytes]:
 
 def rebuild(card: ModelCard, model_dir: Path) -> nn.Module:
     """From the card's audio section (front end sizes, width) and preprocessing."""
-    return build(card.architecture, card.preprocessing, len(card.classes), card.recipe.audio)
+    return build(card.architecture, card.preprocessing, len(card.classes), card.recipe.section)

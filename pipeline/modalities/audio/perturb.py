@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.params import AudioAugmentParams
+from pipeline.modalities.audio.config import Augment
 
 
 def uniform(span: list[float], n: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -42,7 +42,7 @@ def resample(waves: torch.Tensor, rate: torch.Tensor, shift: torch.Tensor) -> to
     return before + (after - before) * frac
 
 
-def perturb(waves: torch.Tensor, p: AudioAugmentParams, sample_rate: int,
+def perturb(waves: torch.Tensor, p: Augment, sample_rate: int,
             g: torch.Generator) -> torch.Tensor:
     """float32 (N, S) clips in [-1, 1] -> perturbed (N, S) in [-1, 1]; the draws come from `g`
     (on the clips' device), so the same generator state gives the same clips."""

@@ -18,8 +18,8 @@ from pipeline.modalities.audio import decode
 
 @dataclass(frozen=True)
 class AudioPreprocessing:
-    sample_rate: int   # Hz the model hears (audio.sample_rate)
-    clip_samples: int  # samples per model input: audio.clip_seconds x sample_rate
+    sample_rate: int   # Hz the model hears (audio.preprocess.sample_rate)
+    clip_samples: int  # samples per model input: audio.preprocess.clip_seconds x sample_rate
 
     UNIT = "clips"    # what the items are called in counts and messages (not a field)
     MODEL_FILES = ()  # files a model folder needs beside its weights (not a field)

@@ -9,9 +9,9 @@ The baselines evaluate's gate measures the variants against (pipeline/core/basel
 
     baseline_majority  the train split's most frequent class
     baseline_logreg    logistic regression on each log-mel band's mean and standard deviation
-                       over the clip (2 x audio.n_mels features, standardised on the train
+                       over the clip (2 x audio.train.n_mels features, standardised on the train
                        split), by the model's own front end (pipeline/modalities/audio/logmel.py, the
-                       card's audio.n_fft, hop and n_mels): a bag of frames, blind to order.
+                       card's audio.train.n_fft, hop and n_mels): a bag of frames, blind to order.
                        Served as one ONNX graph (front end, statistics, a linear layer with the
                        standardisation folded in) with the model's input `waveform`
 """
@@ -55,7 +55,7 @@ def band_statistics(card: ModelCard) -> nn.Module:
     class BandStatistics(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            a = card.recipe.audio
+            a = card.recipe.section.train
             self.logmel = LogMel(card.preprocessing.sample_rate, a.n_fft, a.hop, a.n_mels)
 
         def forward(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def baselines(data: Path, items: np.ndarray, labels: np.ndarray, card: ModelCard
             linear.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
         export_onnx(nn.Sequential(statistics, linear), card.preprocessing, path)
 
-    a = card.recipe.audio
+    a = card.recipe.section.train
     frames = 1 + card.preprocessing.clip_samples // a.hop
     bins = a.n_fft // 2 + 1
     frontend_macs = frames * (2 * bins * a.n_fft + a.n_mels * bins)  # STFT conv, mel MatMul

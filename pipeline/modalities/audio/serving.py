@@ -3,7 +3,7 @@ pipeline/serving/oip.py do with an audio model's requests.
 
 An upload to /classify_audio (a WAV, FLAC, Ogg, MP3, M4A or AAC file, any rate and channel
 count) is decoded by pipeline/modalities/audio/decode.py, the module training read its clips with, with
-serve.max_audio_seconds as its bound (a longer file is refused from its header, before its
+audio.serve.max_seconds as its bound (a longer file is refused from its header, before its
 samples are read; an ADTS stream, which has no length in a header, once decoding passes it),
 and fitted to the card's clip length (AudioPreprocessing): the model is served what it was trained on,
 never a second copy of it. The file's name only has to end in an accepted extension (or none);
@@ -15,9 +15,9 @@ gRPC ModelInfer takes that model input itself: FP32 `waveform` [N, clip_samples]
 card's sample rate, values in [-1, 1] (what AudioPreprocessing.load returns).
 
 Refused, with ValueError naming the field and the cause (HTTP 400, gRPC INVALID_ARGUMENT): a
-file of another format, empty, undecodable or over serve.max_audio_seconds; a waveform of
+file of another format, empty, undecodable or over audio.serve.max_seconds; a waveform of
 another datatype or shape, non-finite or outside [-1, 1]; and silence: a clip whose model input
-has an RMS below the card's audio.silent_rms (the key validate counts silent clips by), whether
+has an RMS below the card's audio.preprocess.silent_rms (the key validate counts silent clips by), whether
 it came as a file or a waveform, so both protocols refuse the same clips. Endpoints of another
 modality answer TAKES (pipeline/serving/service.py).
 
@@ -38,8 +38,7 @@ from pipeline.serving.oip import input_tensor, shape_of
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from pipeline.core.card import ModelCard
-    from pipeline.params import ServeParams
+    from pipeline.core.card import BentoArgs, ModelCard
 
 SERVES = "an audio model"
 # What a request to another modality's endpoint is told (after its field's name).
@@ -61,23 +60,23 @@ def example(card: ModelCard) -> np.ndarray:
     return (EXAMPLE_PEAK * np.sin(2 * np.pi * EXAMPLE_HZ * t)).astype(np.float32)[None]
 
 
-def api_fields(card: ModelCard, serve: ServeParams) -> dict[str, dict]:
+def api_fields(card: ModelCard, args: BentoArgs) -> dict[str, dict]:
     return {}  # /classify_audio takes a file: no JSON field
 
 
 def _refuse_silent(waveforms: np.ndarray, card: ModelCard, name) -> None:
     """ValueError naming (name(i)) the first clip whose RMS is below the card's
-    audio.silent_rms."""
-    threshold = card.recipe.audio.silent_rms
+    audio.preprocess.silent_rms."""
+    threshold = card.recipe.section.preprocess.silent_rms
     rms = np.sqrt(np.mean(np.square(waveforms, dtype=np.float64), axis=1))
     quiet = np.flatnonzero(rms < threshold)
     if quiet.size:
         i = int(quiet[0])
         raise ValueError(f"{name(i)}: silent (RMS {rms[i]:.2g}, below the model's "
-                         f"audio.silent_rms {threshold:g}); send a recording with sound")
+                         f"audio.preprocess.silent_rms {threshold:g}); send a recording with sound")
 
 
-def audio(upload, card: ModelCard, serve: ServeParams) -> np.ndarray:
+def audio(upload, card: ModelCard, args: BentoArgs) -> np.ndarray:
     """/classify_audio's "audio" (the uploaded file, or its bytes) -> float32 (1, clip_samples):
     decoded, mono, resampled, fitted, not silent. Raises ValueError starting "audio: "."""
     name = getattr(upload, "filename", None) or ""
@@ -89,7 +88,7 @@ def audio(upload, card: ModelCard, serve: ServeParams) -> np.ndarray:
     p = card.preprocessing
     try:
         decoded = decode.decode(data, p.sample_rate, name=None,
-                                max_seconds=serve.max_audio_seconds)
+                                max_seconds=args.limits.max_seconds)
     except decode.AudioError as e:  # its message starts "audio: " (name None)
         raise ValueError(str(e)) from None
     clip = decode.fit(decoded.samples, p.clip_samples)[None]
@@ -97,8 +96,8 @@ def audio(upload, card: ModelCard, serve: ServeParams) -> np.ndarray:
     return clip
 
 
-def audio_head(head: bytes, card: ModelCard, serve: ServeParams) -> str | None:
-    """Why an upload whose first bytes already hold more than serve.max_audio_seconds is
+def audio_head(head: bytes, card: ModelCard, args: BentoArgs) -> str | None:
+    """Why an upload whose first bytes already hold more than audio.serve.max_seconds is
     refused, or None (anything else is left to `audio`). libsndfile counts a WAV's frames up to
     the bytes present and a FLAC's from its header, never more than the file holds."""
     try:
@@ -106,8 +105,8 @@ def audio_head(head: bytes, card: ModelCard, serve: ServeParams) -> str | None:
             seconds = f.frames / f.samplerate if f.samplerate > 0 else 0.0
     except soundfile.SoundFileError:  # not audio libsndfile reads, or a damaged header
         return None
-    if seconds > serve.max_audio_seconds:
-        return (f"audio: at least {seconds:.2f} s long, over the {serve.max_audio_seconds:g} s "
+    if seconds > args.limits.max_seconds:
+        return (f"audio: at least {seconds:.2f} s long, over the {args.limits.max_seconds:g} s "
                 "allowed")
     return None
 
@@ -125,9 +124,9 @@ def waveforms(values: np.ndarray, card: ModelCard, name: str) -> np.ndarray:
     return values.astype(np.float32, copy=False)
 
 
-def grpc_input(request, card: ModelCard, serve: ServeParams) -> np.ndarray:
+def grpc_input(request, card: ModelCard, args: BentoArgs) -> np.ndarray:
     """The request's one input tensor "waveform" (FP32 [N, clip_samples], 1 <= N <=
-    serve.max_batch_images, raw little-endian bytes or contents.fp32_contents) as float32
+    serve.max_batch_items, raw little-endian bytes or contents.fp32_contents) as float32
     (N, clip_samples), its shape checked before its values are read, then `waveforms`."""
     p = card.preprocessing
     expected = f"[N, {p.clip_samples}] (N clips of {p.clip_samples} samples at {p.sample_rate} Hz)"
@@ -142,8 +141,8 @@ def grpc_input(request, card: ModelCard, serve: ServeParams) -> np.ndarray:
         raise ValueError(f"{GRPC_INPUT}: shape {shape}; expected {expected}")
     if shape[0] == 0:
         raise ValueError(f"{GRPC_INPUT}: no clips; expected {expected} with N >= 1")
-    if shape[0] > serve.max_batch_images:
-        raise ValueError(f"{GRPC_INPUT}: {shape[0]} clips; at most {serve.max_batch_images} "
+    if shape[0] > args.serve.max_batch_items:
+        raise ValueError(f"{GRPC_INPUT}: {shape[0]} clips; at most {args.serve.max_batch_items} "
                          "clips per request")
     count = shape[0] * shape[1]
     if raw is not None:

@@ -1,11 +1,11 @@
 """The audio modality's `sources` part (pipeline/core/modality.py, called by the ingest stage): audio
-sources (audio.source) read into the ingested layout of pipeline/core/dataset.py:
+sources (audio.ingest.source) read into the ingested layout of pipeline/core/dataset.py:
 audio/<split>/<class>/<name>.<ext>, one recording per file, with manifest.csv and classes.json.
 
     spoken_digits     built in: "zero" to "nine" synthesised offline by eSpeak NG
-                      (pipeline/modalities/audio/espeak.py), each of audio.voices voices saying every digit
-                      audio.takes times at a speed and pitch drawn from audio.speed_wpm and
-                      audio.pitch; 16-bit mono WAV at eSpeak's 22,050 Hz
+                      (pipeline/modalities/audio/espeak.py), each of audio.ingest.voices voices saying every digit
+                      audio.ingest.takes times at a speed and pitch drawn from audio.ingest.speed_wpm and
+                      audio.ingest.pitch; 16-bit mono WAV at eSpeak's 22,050 Hz
     <folder>          one subfolder per class of .wav/.flac/.ogg/.opus files, optionally
                       pre-split into train/ val/ test/ (pipeline/core/folders.py: hidden and system
                       files skipped, what cannot be taken refused by name)
@@ -48,14 +48,14 @@ VOLUME = 75
 
 
 def source(params: Params) -> str:
-    """audio.source: where the recordings come from."""
-    return params.audio.source
+    """audio.ingest.source: where the recordings come from."""
+    return params.audio.ingest.source
 
 
 def ingest(params: Params, out: Path) -> list[dict]:
-    """Write the recordings of audio.source, manifest.csv and classes.json under `out`; return
+    """Write the recordings of audio.ingest.source, manifest.csv and classes.json under `out`; return
     the manifest rows."""
-    a = params.audio
+    a = params.audio.ingest
     return ingest_audio(a.source, out, params.data.split, params.data.seed,
                         params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
 
@@ -70,11 +70,11 @@ def ingest_audio(source: str, out: Path, split: Split, seed: int, max_file_bytes
         rows, classes = write_spoken_digits(out, split, seed, voices, takes, speed_wpm, pitch)
     elif path.is_dir():
         rows, classes = copy_folder(path, out, "audio", split, seed, max_file_bytes, AUDIO,
-                                    "audio.source")
+                                    "audio.ingest.source")
     else:
-        raise StageError(f"audio.source {source}: not a folder (nor {SPOKEN_DIGITS!r})")
+        raise StageError(f"audio.ingest.source {source}: not a folder (nor {SPOKEN_DIGITS!r})")
     if not rows:
-        raise StageError(f"audio.source {source}: holds no audio files "
+        raise StageError(f"audio.ingest.source {source}: holds no audio files "
                          f"({', '.join(sorted(AUDIO_SUFFIXES))})")
     write_manifest(out, rows, classes)
     return rows
@@ -147,14 +147,14 @@ def synthesise_digits(out: Path, split: Split, seed: int, voices: int, takes: in
     speaker = synthesiser()
     available = voice_names(speaker.variants())
     if voices > len(available):
-        raise StageError(f"audio.voices {voices}: eSpeak NG has {len(available)} English voices")
+        raise StageError(f"audio.ingest.voices {voices}: eSpeak NG has {len(available)} English voices")
     rng = np.random.default_rng(seed)
     chosen = [available[i] for i in sorted(rng.choice(len(available), voices, replace=False))]
     # a seeded split of the voices, each a group of its own: the stratified split of one class
     splits = stratified_split(["voice"] * len(chosen), split, seed)
     missing = {"train", "val", "test"} - set(splits)
     if missing:
-        raise StageError(f"audio.voices {voices}: too few voices for data.split: no voice in "
+        raise StageError(f"audio.ingest.voices {voices}: too few voices for data.split: no voice in "
                          f"{', '.join(sorted(missing))}")
     rows = []
     for voice, s in zip(chosen, splits):

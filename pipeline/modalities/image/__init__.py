@@ -3,11 +3,11 @@
     preprocess.py  Preprocessing, the saved recipe from a decoded image to model input (numpy and
                    Pillow only: the service uses it)
     warp.py        batched random rotation, translation and zoom on the device (augment, train)
-    sources.py     the `sources` part: data.source (digits, a folder) read into the ingested layout
+    sources.py     the `sources` part: image.ingest.source (digits, a folder) read into the ingested layout
     checks.py      the `checks` part: the images table, its Great Expectations checks, the data
                    profile and drift features (validate)
     augment.py     the augmented train split (augment)
-    models.py      the model registry (train.model) and the image side of training, per-epoch
+    models.py      the model registry (image.train.model) and the image side of training, per-epoch
                    warps included (train, compress, pipeline.core.saved_model)
     export.py      ONNX export, the MAC example, what int8 quantises (compress)
     scoring.py     a split as model input, the baselines: majority class, logistic regression

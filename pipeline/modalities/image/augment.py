@@ -1,6 +1,6 @@
 """Image augmentation: the `augment` part of the modality seam (pipeline/core/modality.py Augment).
 
-Every training image is kept and augment.copies randomly warped versions are added by
+Every training image is kept and image.augment.copies randomly warped versions are added by
 pipeline.modalities.image.warp (rotation, translation and zoom, the "random crop", in one per-sample affine
 warp), on the GPU when there is one. Output, loadable without pickle:
     train.safetensors    images uint8 (N, C, S, S), labels int64 (N,)
@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 from pipeline.core.dataset import load_split
 from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.modalities.image.warp import warp
-from pipeline.params import AugmentParams, Params
+from pipeline.modalities.image.config import Augment
+from pipeline.params import Params
 
 
-def augment_pixels(pixels: np.ndarray, labels: np.ndarray, p: AugmentParams,
+def augment_pixels(pixels: np.ndarray, labels: np.ndarray, p: Augment,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Originals followed by p.copies warped copies, as uint8 on the CPU."""
     torch.manual_seed(p.seed)  # warp draws its parameters from torch's global generator
@@ -36,15 +37,16 @@ def augment_pixels(pixels: np.ndarray, labels: np.ndarray, p: AugmentParams,
 
 
 def write_augmented(data: Path, out: Path, params: Params) -> str:
-    raw = Preprocessing(image_size=params.data.image_size, channels=params.data.channels,
-                        mean=[0.0] * params.data.channels, std=[1.0] * params.data.channels,
-                        background=params.data.background)
+    own = params.image.preprocess
+    raw = Preprocessing(image_size=own.image_size, channels=own.channels,
+                        mean=[0.0] * own.channels, std=[1.0] * own.channels,
+                        background=own.background)
     pixels, labels = load_split(data, "train", raw)
     scaled = pixels.astype(np.float64) / 255
     prep = dataclasses.replace(raw, mean=scaled.mean(axis=(0, 2, 3)).round(6).tolist(),
                                std=scaled.std(axis=(0, 2, 3)).round(6).tolist())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, all_labels = augment_pixels(pixels, labels, params.augment, device)
+    images, all_labels = augment_pixels(pixels, labels, params.image.augment, device)
     out.mkdir(parents=True, exist_ok=True)
     save_file({"images": images.contiguous(), "labels": all_labels.contiguous()},
               out / "train.safetensors")

@@ -7,7 +7,7 @@ checks every modality shares (manifest, classes, PSI/KS drift) and reports failu
              is not one usable picture in an accepted format, pipeline/modalities/image/preprocess.py
              IMAGE_FORMATS: empty, truncated, corrupt, several frames, pixels that cannot be
              converted, not an accepted image), format and mode (PIL's, as decoded), then of
-             the pixels converted to data.channels by
+             the pixels converted to image.preprocess.channels by
              pipeline/modalities/image/preprocess.py as every later consumer converts them: height, width,
              channels, pixel_min/max/mean/std, content_hash (sha256 of those pixels, so a copy
              under another name or re-encoded losslessly collides), and flags derived from
@@ -40,7 +40,8 @@ from PIL import Image
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
 from pipeline.core.executor import map_items
 from pipeline.modalities.image.preprocess import ACCEPTED, IMAGE_FORMATS, MODES, refusal, to_channels
-from pipeline.params import DataParams, Params
+from pipeline.modalities.image.config import Preprocess
+from pipeline.params import Params
 
 # What --metrics holds (the rest of Validation.metrics goes to --details): the counts a person
 # compares across runs with `dvc metrics diff` / `dvc exp show`.
@@ -71,7 +72,7 @@ CONTINUOUS = ("pixel_mean", "pixel_std")     # and by PSI and KS
 KINDS = {
     "image_count": "image count out of range",
     "unreadable_files": "unreadable image file",
-    "wrong_size": "image size far from data.image_size",
+    "wrong_size": "image size far from image.preprocess.image_size",
     "blank_images": "too many blank images",
     "leaked_images": "same image in two splits (leakage)",
     "duplicate_images": "duplicate images in a split",
@@ -132,9 +133,9 @@ def file_problem(data: bytes, error: Exception) -> tuple[str, str]:
     return f"{how} {name}", f"{type(error).__name__}: {error}"
 
 
-def describe_image(path: Path, data_params: DataParams) -> dict:
+def describe_image(path: Path, prep: Preprocess) -> dict:
     """Format and mode as decoded, then size, channels, pixel statistics and content hash of one
-    file's pixels converted to data.channels (over data.background); or, when it is not one
+    file's pixels converted to image.preprocess.channels (over its background); or, when it is not one
     usable picture in an accepted format, file_problem (the kind) and decode_error (the cause:
     PIL's words, or what the file is)."""
     try:
@@ -150,8 +151,7 @@ def describe_image(path: Path, data_params: DataParams) -> dict:
             image.load()
             fmt, mode = image.format, image.mode
             try:
-                pixels = np.asarray(to_channels(image, data_params.channels,
-                                                data_params.background))
+                pixels = np.asarray(to_channels(image, prep.channels, prep.background))
             except (ValueError, OSError) as e:  # e.g. LAB, which PIL cannot convert to RGB
                 return {"file_problem": "unconvertible pixels", "format": fmt, "mode": mode,
                         "decode_error": f"{mode} pixels: {e}"}
@@ -175,10 +175,10 @@ def describe_image(path: Path, data_params: DataParams) -> dict:
     }
 
 
-def image_table(folder: Path, rows: list[dict], data_params: DataParams) -> pd.DataFrame:
+def image_table(folder: Path, rows: list[dict], prep: Preprocess) -> pd.DataFrame:
     """One row per manifest entry with its description (pipeline/core/executor.py: in
     parallel)."""
-    described = map_items(functools.partial(describe_image, data_params=data_params),
+    described = map_items(functools.partial(describe_image, prep=prep),
                           [folder / r["path"] for r in rows])
     records = [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
                 "split": r["split"], **d} for r, d in zip(rows, described)]
@@ -232,8 +232,8 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
             ) -> tuple[pd.DataFrame, dict, DriftReport | None]:
     """The images table of the manifest `rows` (decoded in parallel, flags
     included), the profile of its train split, and that split's drift from `reference`."""
-    images = add_flags(image_table(folder, rows, params.data),
-                       params.data.image_size)
+    prep = params.image.preprocess
+    images = add_flags(image_table(folder, rows, prep), prep.image_size)
     current = profile(images[images.split == "train"])
     report = compare(reference, current, params.drift, CATEGORICAL, CONTINUOUS) \
         if reference is not None else None
@@ -243,21 +243,21 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
 def suite(E, kind, params: Params, repeated, labels, splits) -> list:
     """The expectations of the images table; `kind(key)` gives each its meta and severity;
     `repeated`, `labels`, `splits`: the manifest's checks every modality has."""
-    data, rules = params.data, params.validate
-    if data.allow_resize:
-        size_rule = (f"Every image side is within {rules.max_resize_factor:g}x of data.image_size "
-                     f"{data.image_size} px, smaller or larger "
-                     "(params validate.max_resize_factor).")
+    size, rules, bounds = params.image.preprocess.image_size, params.image.validate, params.validate
+    if rules.allow_resize:
+        size_rule = (f"Every image side is within {rules.max_resize_factor:g}x of "
+                     f"image.preprocess.image_size {size} px, smaller or larger "
+                     "(params image.validate.max_resize_factor).")
         max_factor = rules.max_resize_factor
     else:
-        size_rule = (f"Every image is already {data.image_size}x{data.image_size} px "
-                     "(params data.allow_resize is false).")
+        size_rule = (f"Every image is already {size}x{size} px "
+                     "(params image.validate.allow_resize is false).")
         max_factor = 1.0
     return [
         E.ExpectTableRowCountToBeBetween(
-            min_value=rules.min_images, max_value=rules.max_images, **kind("image_count"),
-            description=f"The data set holds {rules.min_images} to {rules.max_images} images "
-                        "(params validate.min_images, validate.max_images)."),
+            min_value=bounds.min_items, max_value=bounds.max_items, **kind("image_count"),
+            description=f"The data set holds {bounds.min_items} to {bounds.max_items} images "
+                        "(params validate.min_items, validate.max_items)."),
         repeated,
         E.ExpectColumnValuesToBeNull(
             column="file_problem", **kind("unreadable_files"),
@@ -274,7 +274,7 @@ def suite(E, kind, params: Params, repeated, labels, splits) -> list:
             column="blank", value_set=[False], mostly=1 - rules.max_blank_fraction,
             **kind("blank_images"),
             description=f"At most {rules.max_blank_fraction:.1%} of the images are blank (one "
-                        "value in every pixel) (params validate.max_blank_fraction)."),
+                        "value in every pixel) (params image.validate.max_blank_fraction)."),
         E.ExpectColumnValuesToBeInSet(
             column="leak", value_set=[False], **kind("leaked_images"),
             description="No image's pixels appear in more than one split: a copy of a training "
@@ -290,9 +290,7 @@ def drift_suite(E, kind, params: Params) -> list:
     return []
 
 
-def class_minimum(params: Params) -> tuple[int, str]:
-    """(images each class needs in each split, its params key)."""
-    return params.validate.min_images_per_class_per_split, "validate.min_images_per_class_per_split"
+
 
 
 def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | None:
@@ -312,7 +310,7 @@ def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | Non
 def metrics(table: pd.DataFrame, params: Params) -> dict:
     """What validate's metrics hold for images besides the shared counts."""
     decoded = table[table.file_problem.isna()]
-    channels = params.data.channels
+    channels = params.image.preprocess.channels
     return {
         "images": len(table),
         "undecodable": int(table.file_problem.notna().sum()),
@@ -320,7 +318,7 @@ def metrics(table: pd.DataFrame, params: Params) -> dict:
         # PIL's format name -> decoded images in it (MPO: a camera JPEG read as its main picture)
         "formats": {str(f): int(n) for f, n in decoded["format"].value_counts().sort_index()
                     .items()},
-        # original mode -> images converted from it to data.channels (its PIL mode)
+        # original mode -> images converted from it to image.preprocess.channels (its PIL mode)
         "converted": {str(m): int(n) for m, n in
                       decoded["mode"][decoded["mode"] != MODES[channels]].value_counts()
                       .sort_index().items()},
@@ -339,7 +337,8 @@ def lines(metrics: dict, params: Params) -> list[str]:
             f"{fmt} {n}" for fmt, n in metrics["formats"].items()))
     if metrics["converted"]:
         found.append(f"{sum(metrics['converted'].values())} images converted to "
-                     f"{MODES[params.data.channels]} (data.channels {params.data.channels}), by "
+                     f"{MODES[metrics['channels_model']]} (image.preprocess.channels "
+                     f"{metrics['channels_model']}), by "
                      "original mode: " + ", ".join(f"{mode} {n}" for mode, n in
                                                    metrics["converted"].items()))
     return found

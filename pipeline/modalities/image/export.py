@@ -31,4 +31,4 @@ def int8_scope(prepared: Path, folder: Path) -> tuple[Path, dict]:
 
 
 def calibration_originals(params: Params, n: int) -> int:
-    return n // (params.augment.copies + 1)
+    return n // (params.image.augment.copies + 1)

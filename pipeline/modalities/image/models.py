@@ -1,11 +1,11 @@
-"""The image model registry MODELS (train.model in params.yaml) and the image side of training:
+"""The image model registry MODELS (image.train.model in params.yaml) and the image side of training:
 the `models` part of the modality seam (pipeline/core/modality.py Models). Every model takes
 float32 (N, channels, image_size, image_size) normalised pixels and returns logits (N, classes).
 
     lenet5        LeCun et al. 1998
     resnet_small  three residual stages, 16/32/64 channels wide
 
-With train.epoch_augment, training also warps every image afresh each epoch (epoch_warper).
+With image.train.epoch_augment, training also warps every image afresh each epoch (epoch_warper).
 """
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from pipeline.core.dataset import load_split
 from pipeline.core.registry import Registry
 from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.modalities.image.warp import warp
-from pipeline.params import AugmentParams, Params, TrainParams
+from pipeline.core.modality import FitRecipe, fit_recipe
+from pipeline.modalities.image.config import Augment
+from pipeline.params import Params
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("train.model")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("image.train.model")
 
 
 def to_input(pixels: torch.Tensor | np.ndarray, prep: Preprocessing,
@@ -76,7 +78,7 @@ def build(name: str, channels: int, classes: int, image_size: int) -> nn.Module:
     return MODELS.get(name)(channels=channels, classes=classes, image_size=image_size)
 
 
-def epoch_warper(pixels: torch.Tensor, prep: Preprocessing, p: AugmentParams, seed: int,
+def epoch_warper(pixels: torch.Tensor, prep: Preprocessing, p: Augment, seed: int,
                  memory_format: torch.memory_format) -> Callable[[int], torch.Tensor]:
     """epoch -> that epoch's normalised inputs: every image of uint8 `pixels` (on the device)
     warped once by pipeline.modalities.image.warp.warp, per-sample random, seeded by (seed, epoch)."""
@@ -96,8 +98,14 @@ def epoch_warper(pixels: torch.Tensor, prep: Preprocessing, p: AugmentParams, se
 
 # --- the Models part ---------------------------------------------------------------------------
 
-def recipe(params: Params) -> TrainParams:
-    return params.train
+
+
+
+def recipe(params: Params) -> FitRecipe:
+    own = params.image.train
+    return fit_recipe(params.train, max_epochs=own.max_epochs, lr=own.lr,
+                      batch_size=own.batch_size, channels_last=own.channels_last,
+                      cuda_graph=own.cuda_graph)
 
 
 def torch_threads(params: Params) -> int | None:
@@ -105,15 +113,14 @@ def torch_threads(params: Params) -> int | None:
 
 
 def create(params: Params, prep: Preprocessing, classes: int) -> nn.Module:
-    return build(params.train.model, prep.channels, classes, prep.image_size)
+    return build(params.image.train.model, prep.channels, classes, prep.image_size)
 
 
 def architecture(params: Params) -> str:
-    return params.train.model
+    return params.image.train.model
 
 
-def recipe_sections(params: Params) -> dict:
-    return {}  # data, augment and train, which every card records, are the whole image recipe
+
 
 
 def train_inputs(tensors: dict[str, torch.Tensor], prep: Preprocessing,
@@ -124,10 +131,10 @@ def train_inputs(tensors: dict[str, torch.Tensor], prep: Preprocessing,
 def epoch_inputs(tensors: dict[str, torch.Tensor], prep: Preprocessing, params: Params,
                  device: torch.device, memory_format: torch.memory_format
                  ) -> Callable[[int], torch.Tensor] | None:
-    """train.epoch_augment: every training image warped afresh each epoch, on the device."""
-    if not params.train.epoch_augment:
+    """image.train.epoch_augment: every training image warped afresh each epoch, on the device."""
+    if not params.image.train.epoch_augment:
         return None
-    return epoch_warper(tensors["images"].to(device), prep, params.augment, params.train.seed,
+    return epoch_warper(tensors["images"].to(device), prep, params.image.augment, params.train.seed,
                         memory_format)
 
 

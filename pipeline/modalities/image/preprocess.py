@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-MODES = {1: "L", 3: "RGB"}  # data.channels -> the PIL mode the model's pixels are in
+MODES = {1: "L", 3: "RGB"}  # image.preprocess.channels -> the PIL mode the model's pixels are in
 # What Kiln reads, by PIL's plugin names: ingest takes files named like one (IMAGE_SUFFIXES),
 # validate decodes them with these plugins only, the server decodes uploads with them. A camera
 # JPEG that carries more pictures after its main one (MPO: a preview, a depth map) opens through
@@ -49,7 +49,7 @@ def to_channels(image: Image.Image, channels: int, background: int | list[int] |
     16-bit gray is scaled to 8 bits (value >> 8, so the whole range maps, nothing is clipped);
     palette images are expanded (via RGBA when they have a transparent colour); alpha is
     composited over `background` (a gray level or [r, g, b], 0..255; None drops alpha, as cards
-    from before data.background did); CMYK and the rest go through PIL's own conversion.
+    from before image.preprocess.background did); CMYK and the rest go through PIL's own conversion.
     """
     target = MODES[channels]
     if image.mode == target:
@@ -72,8 +72,8 @@ class Preprocessing:
     channels: int         # 1 (grayscale) or 3 (RGB)
     mean: list[float]     # per channel, in [0, 1] pixel units
     std: list[float]
-    # data.background: what transparent pixels are composited on. None drops alpha, as Kiln did
-    # before data.background existed (pipeline/core/card.py reads such cards with None).
+    # image.preprocess.background: what transparent pixels are composited on. None drops alpha, as Kiln did
+    # before image.preprocess.background existed (pipeline/core/card.py reads such cards with None).
     background: int | list[int] | None = None
 
     UNIT = "images"   # what the items are called in counts and messages (not a field)

@@ -25,8 +25,7 @@ from pipeline.serving.oip import input_tensor, shape_of
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from pipeline.core.card import ModelCard
-    from pipeline.params import ServeParams
+    from pipeline.core.card import BentoArgs, ModelCard
 
 SERVES = "an image model"
 # What a request to another modality's endpoint is told (after its field's name).
@@ -53,8 +52,8 @@ def example(card: ModelCard) -> np.ndarray:
     return np.zeros((1, *_input_shape(card)), np.uint8)
 
 
-def api_fields(card: ModelCard, serve: ServeParams) -> dict[str, dict]:
-    """/classify_batch's "images": arrays of 1..serve.max_batch_images images of the model's
+def api_fields(card: ModelCard, args: BentoArgs) -> dict[str, dict]:
+    """/classify_batch's "images": arrays of 1..serve.max_batch_items images of the model's
     input shape (S x S rows of pixels, or C of those; either for a grayscale model), values
     0..255; the example: one blank image."""
     c, s, _ = _input_shape(card)
@@ -66,16 +65,16 @@ def api_fields(card: ModelCard, serve: ServeParams) -> dict[str, dict]:
     pixel = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 255}, {"type": "boolean"}]}
     image = exactly(s, exactly(s, pixel))
     shapes = [image, exactly(c, image)] if c == 1 else [exactly(c, image)]
-    batches = [{"type": "array", "minItems": 1, "maxItems": serve.max_batch_images,
+    batches = [{"type": "array", "minItems": 1, "maxItems": args.serve.max_batch_items,
                 "items": shape} for shape in shapes]
     example = np.zeros((1, s, s) if c == 1 else (1, c, s, s), np.uint8).tolist()
     return {"images": {**({"oneOf": batches} if len(batches) > 1 else batches[0]),
                        "example": example}}
 
 
-def image(upload, card: ModelCard, serve: ServeParams) -> Image.Image:
+def image(upload, card: ModelCard, args: BentoArgs) -> Image.Image:
     """Multipart upload -> a PIL image whose header has been read, whose size is within
-    serve.max_image_pixels and which is one picture Kiln takes (preprocess.refusal, as validate
+    image.serve.max_image_pixels and which is one picture Kiln takes (preprocess.refusal, as validate
     refuses), not yet decoded (the service decides where to decode)."""
     data = upload if isinstance(upload, bytes) else getattr(upload, "file", upload).read()
     try:
@@ -83,13 +82,13 @@ def image(upload, card: ModelCard, serve: ServeParams) -> Image.Image:
     except UnidentifiedImageError as e:
         raise ValueError(f"image: not a {ACCEPTED} file") from e
     # A header PIL recognises but cannot parse; DecompressionBombError only if
-    # serve.max_image_pixels is set above PIL's own limit (2 x Image.MAX_IMAGE_PIXELS).
+    # image.serve.max_image_pixels is set above PIL's own limit (2 x Image.MAX_IMAGE_PIXELS).
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"image: cannot read the image header ({e})") from e
     try:
         # over the limit first: reading past the header (is_animated seeks to a GIF's second
         # frame) is for images within it
-        problem = _pixels_over_limit(opened, serve) or _refused(opened)
+        problem = _pixels_over_limit(opened, args) or _refused(opened)
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # a damaged second frame or page
         problem = f"image: cannot read the {opened.format} file ({e})"
     if problem:
@@ -103,20 +102,20 @@ def _refused(image: Image.Image) -> str | None:
     return f"image: {refused[1]}" if refused else None
 
 
-def _pixels_over_limit(image: Image.Image, serve: ServeParams) -> str | None:
+def _pixels_over_limit(image: Image.Image, args: BentoArgs) -> str | None:
     width, height = image.size
-    if width * height > serve.max_image_pixels:
+    if width * height > args.limits.max_image_pixels:
         return (f"image: {width}x{height} = {width * height} pixels, over the limit of "
-                f"{serve.max_image_pixels} pixels")
+                f"{args.limits.max_image_pixels} pixels")
     return None
 
 
-def image_head(head: bytes, card: ModelCard, serve: ServeParams) -> str | None:
-    """Why an image whose header shows it over serve.max_image_pixels is refused, or None
+def image_head(head: bytes, card: ModelCard, args: BentoArgs) -> str | None:
+    """Why an image whose header shows it over image.serve.max_image_pixels is refused, or None
     (anything else is left to `image`)."""
     try:
         with Image.open(io.BytesIO(head), formats=IMAGE_FORMATS) as opened:
-            return _pixels_over_limit(opened, serve)
+            return _pixels_over_limit(opened, args)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
 
@@ -134,9 +133,9 @@ def image_pixels(image: Image.Image, card: ModelCard) -> np.ndarray:
         return card.preprocessing.pixels(image)[None]
 
 
-def _checked_shape(sent: tuple[int, ...], card: ModelCard, serve: ServeParams) -> tuple[int, ...]:
+def _checked_shape(sent: tuple[int, ...], card: ModelCard, args: BentoArgs) -> tuple[int, ...]:
     """A batch's shape, (N, S, S) (grayscale models) or (N, C, S, S) at the model's input
-    size with 1 <= N <= serve.max_batch_images, as (N, C, S, S); ValueError naming "images"
+    size with 1 <= N <= serve.max_batch_items, as (N, C, S, S); ValueError naming "images"
     otherwise. Checked before any pixel is read."""
     c, s, _ = _input_shape(card)
     expected = f"(N, {s}, {s}) or (N, {c}, {s}, {s})" if c == 1 else f"(N, {c}, {s}, {s})"
@@ -145,20 +144,20 @@ def _checked_shape(sent: tuple[int, ...], card: ModelCard, serve: ServeParams) -
         raise ValueError(f"images: expected shape {expected}, got {tuple(sent)}")
     if shape[0] == 0:
         raise ValueError(f"images: empty batch; expected shape {expected} with N >= 1")
-    if shape[0] > serve.max_batch_images:
-        raise ValueError(f"images: {shape[0]} images; at most {serve.max_batch_images} "
+    if shape[0] > args.serve.max_batch_items:
+        raise ValueError(f"images: {shape[0]} images; at most {args.serve.max_batch_items} "
                          f"images per request")
     return shape
 
 
-def images(images: np.ndarray, card: ModelCard, serve: ServeParams) -> np.ndarray:
+def images(images: np.ndarray, card: ModelCard, args: BentoArgs) -> np.ndarray:
     """Pixel values 0..255 of shape (N, S, S) (grayscale models) or (N, C, S, S) at the model's
-    input size, 1 <= N <= serve.max_batch_images -> float32 (N, C, S, S). Checked per request,
+    input size, 1 <= N <= serve.max_batch_items -> float32 (N, C, S, S). Checked per request,
     before adaptive batching concatenates requests (a wrong shape there would fail every
     request in the batch)."""
     if images.dtype.kind not in "buif":  # b: JSON true and false, pixels 1 and 0 (api_fields)
         raise ValueError(f"images: expected uint8 or float pixel values 0..255, got dtype {images.dtype}")
-    images = images.reshape(_checked_shape(images.shape, card, serve))
+    images = images.reshape(_checked_shape(images.shape, card, args))
     if not np.isfinite(images).all() or images.min() < 0 or images.max() > 255:
         raise ValueError("images: pixel values must be finite and within 0..255")
     return images.astype(np.float32, copy=False)
@@ -185,12 +184,12 @@ def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
 
 
 def _npy_values_over_limit(shape: tuple[int, ...], card: ModelCard,
-                           serve: ServeParams) -> str | None:
+                           args: BentoArgs) -> str | None:
     c, s, _ = _input_shape(card)
     count = _values(shape)
-    if count > serve.max_batch_images * c * s * s:
+    if count > args.serve.max_batch_items * c * s * s:
         return (f"array: shape {shape} holds {count} values; at most "
-                f"{serve.max_batch_images} images per request")
+                f"{args.serve.max_batch_items} images per request")
     return None
 
 
@@ -198,13 +197,13 @@ def _values(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape, dtype=object))  # Python ints: a hostile shape cannot overflow
 
 
-def array(data: bytes, card: ModelCard, serve: ServeParams) -> np.ndarray:
+def array(data: bytes, card: ModelCard, args: BentoArgs) -> np.ndarray:
     """A .npy file's bytes -> its pixels, checked as `images` checks them (the messages name
     "array"), without copying the file: its header is checked first (a numeric dtype and at
-    most serve.max_batch_images images' worth of values, all present in the file), so a header
+    most serve.max_batch_items images' worth of values, all present in the file), so a header
     claiming billions of values is refused before anything is allocated."""
     shape, fortran_order, dtype, offset = _npy_header(data)
-    problem = _npy_values_over_limit(shape, card, serve)
+    problem = _npy_values_over_limit(shape, card, args)
     if problem:
         raise ValueError(problem)
     count = _values(shape)
@@ -213,22 +212,22 @@ def array(data: bytes, card: ModelCard, serve: ServeParams) -> np.ndarray:
                          f"{dtype.itemsize} bytes; the file holds {len(data) - offset} bytes)")
     pixels = np.frombuffer(data, dtype, count, offset=offset)
     try:
-        return images(pixels.reshape(shape, order="F" if fortran_order else "C"), card, serve)
+        return images(pixels.reshape(shape, order="F" if fortran_order else "C"), card, args)
     except ValueError as e:
         raise ValueError(str(e).replace("images:", "array:", 1)) from e
 
 
-def array_head(head: bytes, card: ModelCard, serve: ServeParams) -> str | None:
-    """Why a .npy whose header shows it over serve.max_batch_images is refused, or None
+def array_head(head: bytes, card: ModelCard, args: BentoArgs) -> str | None:
+    """Why a .npy whose header shows it over serve.max_batch_items is refused, or None
     (anything else is left to `array`)."""
     try:
         shape = _npy_header(head)[0]
     except ValueError:
         return None
-    return _npy_values_over_limit(shape, card, serve)
+    return _npy_values_over_limit(shape, card, args)
 
 
-def grpc_input(request, card: ModelCard, serve: ServeParams) -> np.ndarray:
+def grpc_input(request, card: ModelCard, args: BentoArgs) -> np.ndarray:
     """The request's one input tensor "images" (UINT8 or FP32, raw little-endian bytes or typed
     contents) as float32 (N, C, S, S), checked as `images` checks HTTP's."""
     tensor, raw = input_tensor(request, GRPC_INPUT, SERVES)
@@ -243,7 +242,7 @@ def grpc_input(request, card: ModelCard, serve: ServeParams) -> np.ndarray:
     shape = list(tensor.shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"{GRPC_INPUT}: shape {shape} has a negative dimension")
-    _checked_shape(tuple(shape), card, serve)  # the batch size before any value is read
+    _checked_shape(tuple(shape), card, args)  # the batch size before any value is read
     count = _values(shape)
     if raw is not None:
         if len(raw) != count * raw_dtype.itemsize:
@@ -258,7 +257,7 @@ def grpc_input(request, card: ModelCard, serve: ServeParams) -> np.ndarray:
                              f"holds {len(values)} (a {tensor.datatype} tensor's values go "
                              f"in contents.{field} or raw_input_contents)")
         pixels = np.array(values, typed_dtype)
-    return images(pixels.reshape(shape), card, serve)
+    return images(pixels.reshape(shape), card, args)
 
 
 def grpc_metadata(card: ModelCard) -> tuple[str, list[str], list[list[int]]]:

@@ -1,5 +1,5 @@
 """The image modality's `sources` part (pipeline/core/modality.py, called by the ingest stage): image
-sources (data.source) read into the ingested layout of pipeline/core/dataset.py:
+sources (image.ingest.source) read into the ingested layout of pipeline/core/dataset.py:
 images/<split>/<class>/<name>, with manifest.csv and classes.json.
 
     digits     built in: scikit-learn's 8x8 handwritten digits (1797, no download), as PNG
@@ -30,14 +30,14 @@ IMAGES = FileKind(suffixes=IMAGE_SUFFIXES, one="an image", many="images", files=
 
 
 def source(params: Params) -> str:
-    """data.source: where the images come from."""
-    return params.data.source
+    """image.ingest.source: where the images come from."""
+    return params.image.ingest.source
 
 
 def ingest(params: Params, out: Path) -> list[dict]:
-    """Write the images of data.source, manifest.csv and classes.json under `out`; return the
+    """Write the images of image.ingest.source, manifest.csv and classes.json under `out`; return the
     manifest rows."""
-    return ingest_images(params.data.source, out, params.data.split, params.data.seed,
+    return ingest_images(params.image.ingest.source, out, params.data.split, params.data.seed,
                          params.ingest.max_file_bytes)
 
 
@@ -62,11 +62,11 @@ def ingest_images(source: str, out: Path, split: Split, seed: int, max_file_byte
     else:
         root = Path(source)
         if not root.is_dir():
-            raise StageError(f"data.source: {root} is not a folder (nor 'digits')")
+            raise StageError(f"image.ingest.source: {root} is not a folder (nor 'digits')")
         rows, classes = copy_folder(root, out, "images", split, seed, max_file_bytes, IMAGES,
-                                    "data.source")
+                                    "image.ingest.source")
     if not rows:
-        raise StageError(f"data.source: {source} holds no images "
+        raise StageError(f"image.ingest.source: {source} holds no images "
                          f"({' '.join(sorted(IMAGE_SUFFIXES))})")
     write_manifest(out, rows, classes)
     return rows

@@ -1,15 +1,15 @@
 """The random affine warp of augmentation: the augment stage's offline copies and the train
-stage's per-epoch warps (train.epoch_augment) both call it. One combined warp is faster than
+stage's per-epoch warps (image.train.epoch_augment) both call it. One combined warp is faster than
 chained ops (STACK.md)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.params import AugmentParams
+from pipeline.modalities.image.config import Augment
 
 
-def warp(images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+def warp(images: torch.Tensor, p: Augment) -> torch.Tensor:
     """One random affine warp per image of a float (N, C, S, S) batch in [0, 1]: rotation about
     the centre, zoom and shift (and a mirror for half of them when p.hflip), drawn per image from
     torch's generator and applied by one bilinear grid_sample (zeros outside).

@@ -9,8 +9,8 @@ least one token after [CLS].
 
 Output (data/augmented, the issue-12 contract):
     train.safetensors    tokens int64 (N, L), originals first, then the copies; labels int64 (N,)
-    tokenizer.json       BPE trained on the train split only (text.vocab_size), or the
-                         text.pretrained checkpoint's own tokenizer
+    tokenizer.json       BPE trained on the train split only (text.preprocess.vocab_size), or the
+                         text.preprocess.pretrained checkpoint's own tokenizer
     preprocessing.json   TextPreprocessing.to_dict()
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ from tokenizers import Tokenizer
 
 from pipeline import StageError
 from pipeline.core.dataset import load_texts
-from pipeline.params import Params, TextAugmentParams, TextParams
+from pipeline.modalities.text.config import Augment, Preprocess
+from pipeline.params import Params
 from pipeline.modalities.text import preprocess as tokens
 
 
@@ -65,7 +66,7 @@ def mask(ids: torch.Tensor, rate: float, pad_id: int, mask_id: int,
     return ids.masked_fill(chosen, mask_id)
 
 
-def augment_ids(ids: torch.Tensor, p: TextAugmentParams, pad_id: int,
+def augment_ids(ids: torch.Tensor, p: Augment, pad_id: int,
                 mask_id: int) -> torch.Tensor:
     """int64 (N, L) ids -> (N * (1 + p.copies), L): the originals, then p.copies augmented
     copies, the same for the same p.seed."""
@@ -78,13 +79,13 @@ def augment_ids(ids: torch.Tensor, p: TextAugmentParams, pad_id: int,
     return torch.cat(copies)
 
 
-def tokenizer_for(texts: list[str], p: TextParams) -> Tokenizer:
-    """The text.pretrained checkpoint's own tokenizer.json, else BPE trained on `texts`."""
+def tokenizer_for(texts: list[str], p: Preprocess) -> Tokenizer:
+    """The text.preprocess.pretrained checkpoint's own tokenizer.json, else BPE trained on `texts`."""
     if p.pretrained is None:
         return tokens.train_tokenizer(texts, p.vocab_size, p.lowercase)
     path = Path(p.pretrained) / tokens.TOKENIZER_FILE
     if not path.is_file():
-        raise StageError(f"text.pretrained: {path} not found (a Hugging Face checkpoint folder "
+        raise StageError(f"text.preprocess.pretrained: {path} not found (a Hugging Face checkpoint folder "
                          "with its tokenizer.json)")
     tokenizer = Tokenizer.from_file(str(path))
     # encode() cuts and pads itself; a checkpoint's own padding/truncation settings would differ.
@@ -95,21 +96,21 @@ def tokenizer_for(texts: list[str], p: TextParams) -> Tokenizer:
 
 def write_augmented(data: Path, out: Path, params: Params) -> str:
     """Tokenizer, encoded and augmented train split and preprocessing into `out`; a summary."""
-    p = params.text
+    p, augment = params.text.preprocess, params.text.augment
     texts, labels = load_texts(data, "train")
     out.mkdir(parents=True, exist_ok=True)
     prep = tokens.save(tokenizer_for(texts, p), out, p.max_tokens, p.lowercase)
     tokenizer = tokens.load(out, prep)
     ids = torch.from_numpy(tokens.encode(tokenizer, texts, prep))
-    # The model reads text.max_tokens tokens of a text; say how many texts lose their end.
+    # The model reads text.preprocess.max_tokens tokens of a text; say how many texts lose their end.
     lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
     cut = sum(n > p.max_tokens for n in lengths)
-    all_ids = augment_ids(ids, p.augment, prep.pad_id, prep.mask_id)
+    all_ids = augment_ids(ids, augment, prep.pad_id, prep.mask_id)
     save_file({"tokens": all_ids.contiguous(),
-               "labels": torch.from_numpy(labels).repeat(p.augment.copies + 1).contiguous()},
+               "labels": torch.from_numpy(labels).repeat(augment.copies + 1).contiguous()},
               out / "train.safetensors")
     (out / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=1) + "\n")
     return (f"{len(texts)} training texts -> {len(all_ids)}, {tuple(all_ids.shape)} token ids, "
             f"vocabulary {prep.vocab_size}; {cut} texts ({cut / len(texts):.1%}) cut at "
-            f"text.max_tokens {p.max_tokens} (longest {max(lengths)} tokens)")
+            f"text.preprocess.max_tokens {p.max_tokens} (longest {max(lengths)} tokens)")
 

@@ -12,8 +12,8 @@ Data Docs, one line per failed kind).
 Drift compares the new train split with the champion's profile: label shares (PSI), the words
 per text (PSI and KS, as quantiles like image statistics: pipeline/core/drift.py), and the share of
 the train split's words (occurrences) missing from the champion's vocabulary (the profile keeps
-its text.profile_words most frequent words): its rise over the champion's own share (its words
-beyond the stored vocabulary) against text.oov_warn / text.oov_fail. The drift metrics carry
+its text.validate.profile_words most frequent words): its rise over the champion's own share (its words
+beyond the stored vocabulary) against text.validate.oov_warn / text.validate.oov_fail. The drift metrics carry
 that share as a note, which validate and the flow's run summary print.
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
     """The texts table of the manifest `rows` (flags included), the profile of its train split,
     and that split's drift from `reference`."""
     texts, train_words = text_table(folder, rows)
-    current = profile(texts, train_words, params.text.profile_words)
+    current = profile(texts, train_words, params.text.validate.profile_words)
     report = compare_texts(reference, current, train_words, params.drift) \
         if reference is not None else None
     return texts, current, report
@@ -109,12 +109,12 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
 def suite(E, kind, params: Params, repeated, labels, splits) -> list:
     """The expectations of the texts table; `kind(key)` gives each its meta and severity;
     `repeated`, `labels`, `splits`: the manifest's checks every modality has."""
-    text = params.text
+    text, validate = params.text, params.validate
     return [
         E.ExpectTableRowCountToBeBetween(
-            min_value=text.min_texts, max_value=text.max_texts, **kind("text_count"),
-            description=f"The data set holds {text.min_texts} to {text.max_texts} texts "
-                        "(params text.min_texts, text.max_texts)."),
+            min_value=validate.min_items, max_value=validate.max_items, **kind("text_count"),
+            description=f"The data set holds {validate.min_items} to {validate.max_items} texts "
+                        "(params validate.min_items, validate.max_items)."),
         repeated,
         E.ExpectColumnValuesToBeNull(
             column="file_problem", **kind("unreadable_texts"),
@@ -126,10 +126,10 @@ def suite(E, kind, params: Params, repeated, labels, splits) -> list:
         labels,
         splits,
         E.ExpectColumnValuesToBeBetween(
-            column="words", min_value=text.min_words, max_value=text.max_words,
+            column="words", min_value=text.validate.min_words, max_value=text.validate.max_words,
             **kind("text_length"),
-            description=f"Every text has {text.min_words} to {text.max_words} words and "
-                        "punctuation marks (params text.min_words, text.max_words)."),
+            description=f"Every text has {text.validate.min_words} to {text.validate.max_words} words and "
+                        "punctuation marks (params text.validate.min_words, text.validate.max_words)."),
         E.ExpectColumnValuesToBeInSet(
             column="leak", value_set=[False], **kind("leaked_texts"),
             description="No text appears in more than one split (compared in Unicode NFKC, "
@@ -139,11 +139,6 @@ def suite(E, kind, params: Params, repeated, labels, splits) -> list:
             column="duplicate", value_set=[False], **kind("duplicate_texts"),
             description="No two texts of one split are the same text (compared as for leakage)."),
     ]
-
-
-def class_minimum(params: Params) -> tuple[int, str]:
-    """(texts each class needs in each split, its params key)."""
-    return params.text.min_texts_per_class_per_split, "text.min_texts_per_class_per_split"
 
 
 def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | None:
@@ -248,13 +243,13 @@ def drift_suite(E, kind, params: Params) -> list:
     text = params.text
     return [
         E.ExpectColumnValuesToBeBetween(
-            column="oov_rise", max_value=text.oov_fail, **kind("drift"),
+            column="oov_rise", max_value=text.validate.oov_fail, **kind("drift"),
             description=f"The share of the train split's words missing from the champion's "
-                        f"vocabulary exceeds the champion's own by at most {text.oov_fail} "
-                        "(params text.oov_fail)."),
+                        f"vocabulary exceeds the champion's own by at most {text.validate.oov_fail} "
+                        "(params text.validate.oov_fail)."),
         E.ExpectColumnValuesToBeBetween(
-            column="oov_rise", max_value=text.oov_warn, **kind("drift_warning", fatal=False),
+            column="oov_rise", max_value=text.validate.oov_warn, **kind("drift_warning", fatal=False),
             description=f"The share of the train split's words missing from the champion's "
-                        f"vocabulary exceeds the champion's own by at most {text.oov_warn} "
-                        "(params text.oov_warn; a warning only)."),
+                        f"vocabulary exceeds the champion's own by at most {text.validate.oov_warn} "
+                        "(params text.validate.oov_warn; a warning only)."),
     ]

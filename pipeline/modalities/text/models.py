@@ -1,4 +1,4 @@
-"""The text model registry MODELS (text.model in params.yaml), the text.pretrained wrapper, and
+"""The text model registry MODELS (text.train.model in params.yaml), the text.preprocess.pretrained wrapper, and
 the text side of training: the `models` part of the modality seam (pipeline/core/modality.py
 Models).
 
@@ -6,19 +6,18 @@ Every model takes one input, int64 `input_ids` (N, L) with 1 <= L <= max_tokens,
 pad_id, masks the padding itself and returns float logits (N, classes): the ONNX signature of
 the issue-12 contract.
 
-    text_encoder  BERT-style: token + position embeddings, text.layers pre-LN transformer layers
-                  (text.dim wide, text.heads heads, text.ffn FFN units), mean of the non-padding
+    text_encoder  BERT-style: token + position embeddings, text.train.layers pre-LN transformer layers
+                  (text.train.dim wide, text.train.heads heads, text.train.ffn FFN units), mean of the non-padding
                   positions, a linear classifier. Attention is plain nn.Linear q/k/v/out, so
                   Torch-Pruning removes whole heads (pipeline/core/pruning.py passes `num_heads`)
                   and FFN units, and the graph exports to ONNX with dynamic N and L.
-    text_bag      mean of the non-padding token embeddings (text.dim wide) and a linear layer:
+    text_bag      mean of the non-padding token embeddings (text.train.dim wide) and a linear layer:
                   the fast baseline.
-    pretrained    a local Hugging Face checkpoint (text.pretrained), loaded with transformers'
+    pretrained    a local Hugging Face checkpoint (text.preprocess.pretrained), loaded with transformers'
                   AutoModelForSequenceClassification; nothing is downloaded.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -31,11 +30,13 @@ from torch import nn
 from pipeline import StageError
 from pipeline.core.card import ModelCard
 from pipeline.core.registry import Registry
-from pipeline.params import Params, TextParams, TrainParams
+from pipeline.core.modality import FitRecipe, fit_recipe
+from pipeline.modalities.text.config import Recipe, Train
+from pipeline.params import Params
 from pipeline.modalities.text.encoded import encoded_split
 from pipeline.modalities.text.preprocess import TextPreprocessing
 
-PRETRAINED = "pretrained"  # the card's architecture for a text.pretrained model
+PRETRAINED = "pretrained"  # the card's architecture for a text.preprocess.pretrained model
 HF_CONFIG = "config.json"  # beside a pretrained model's weights: rebuilds it without the checkpoint
 
 
@@ -103,7 +104,7 @@ class TextEncoder(nn.Module):
     def pruning_spec(self) -> tuple[list[nn.Module], dict[nn.Module, int]]:
         """For Torch-Pruning: the layers whose outputs must keep their width (the residual
         stream is written by the embeddings, attention outputs and FFN outputs: ignoring them
-        leaves text.dim alone; the classifier's width is the class count), and the heads of
+        leaves text.train.dim alone; the classifier's width is the class count), and the heads of
         each q/k/v projection, so whole heads are removed from all three together."""
         ignored = [self.tokens, self.positions, self.classifier]
         heads: dict[nn.Module, int] = {}
@@ -135,17 +136,17 @@ class TextBag(nn.Module):
         return [self.classifier], {}
 
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("text.model")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("text.train.model")
 
 
 @MODELS.register
-def text_encoder(prep: TextPreprocessing, classes: int, p: TextParams) -> nn.Module:
+def text_encoder(prep: TextPreprocessing, classes: int, p: Train) -> nn.Module:
     return TextEncoder(prep.vocab_size, prep.max_tokens, prep.pad_id, classes, p.dim, p.layers,
                        p.heads, p.ffn, p.dropout)
 
 
 @MODELS.register
-def text_bag(prep: TextPreprocessing, classes: int, p: TextParams) -> nn.Module:
+def text_bag(prep: TextPreprocessing, classes: int, p: Train) -> nn.Module:
     return TextBag(prep.vocab_size, prep.pad_id, classes, p.dim)
 
 
@@ -200,44 +201,40 @@ def load_pretrained(folder: Path, prep: TextPreprocessing, classes: int) -> Pret
             str(folder), local_files_only=True, num_labels=classes, ignore_mismatched_sizes=True,
             attn_implementation="eager")  # plain ops: exports to ONNX, prunes like ours
     except (OSError, ValueError) as e:
-        raise StageError(f"text.pretrained: cannot load a Hugging Face checkpoint from {folder}: "
+        raise StageError(f"text.preprocess.pretrained: cannot load a Hugging Face checkpoint from {folder}: "
                          f"{e}") from None
     return Pretrained(hf, prep.pad_id)
 
 
-def build(name: str, prep: TextPreprocessing, classes: int, p: TextParams) -> nn.Module:
-    """text.pretrained's checkpoint, else the registry's text.model (trained from scratch)."""
-    if p.pretrained is not None:
-        return load_pretrained(Path(p.pretrained), prep, classes)
-    return MODELS.get(name)(prep, classes, p)
+def build(name: str, prep: TextPreprocessing, classes: int, s: Recipe) -> nn.Module:
+    """The text.preprocess.pretrained checkpoint of `s` (text's params section, or the recipe a
+    card records), else the registry's model `name` (trained from scratch) of s.train's sizes."""
+    if s.preprocess.pretrained is not None:
+        return load_pretrained(Path(s.preprocess.pretrained), prep, classes)
+    return MODELS.get(name)(prep, classes, s.train)
 
 
 # --- the Models part ---------------------------------------------------------------------------
 
-def recipe(params: Params) -> TrainParams:
-    """train.* (optimizer, schedule, smoothing, seed, patience, monitor) with text.max_epochs,
-    lr and batch_size; no channels_last or per-epoch warps (image-only: token ids are (N, L)); no
-    CUDA graphs (only measured with the image models: docs/benchmarks.md, GPU)."""
-    return dataclasses.replace(params.train, max_epochs=params.text.max_epochs, lr=params.text.lr,
-                               batch_size=params.text.batch_size, channels_last=False,
-                               epoch_augment=False, cuda_graph=False)
+def recipe(params: Params) -> FitRecipe:
+    """text.train's budget, lr and batch size; no channels_last (token ids are (N, L)) and no
+    CUDA graphs (only measured with the image and audio models: docs/benchmarks.md, GPU)."""
+    own = params.text.train
+    return fit_recipe(params.train, max_epochs=own.max_epochs, lr=own.lr,
+                      batch_size=own.batch_size, channels_last=False, cuda_graph=False)
 
 
 def torch_threads(params: Params) -> int | None:
-    return params.text.threads
+    return params.text.train.threads
 
 
 def create(params: Params, prep: TextPreprocessing, classes: int) -> nn.Module:
-    return build(params.text.model, prep, classes, params.text)
+    return build(params.text.train.model, prep, classes, params.text)
 
 
 def architecture(params: Params) -> str:
     """The registry name, or PRETRAINED."""
-    return PRETRAINED if params.text.pretrained is not None else params.text.model
-
-
-def recipe_sections(params: Params) -> dict:
-    return {"text": params.text}
+    return PRETRAINED if params.text.preprocess.pretrained is not None else params.text.train.model
 
 
 def train_inputs(tensors: dict[str, torch.Tensor], prep: TextPreprocessing,
@@ -269,7 +266,7 @@ def rebuild(card: ModelCard, model_dir: Path) -> nn.Module:
     checkpoint folder."""
     prep = card.preprocessing
     if card.architecture != PRETRAINED:
-        return build(card.architecture, prep, len(card.classes), card.recipe.text)
+        return build(card.architecture, prep, len(card.classes), card.recipe.section)
     _hf_offline()
     from transformers import AutoConfig, AutoModelForSequenceClassification
 

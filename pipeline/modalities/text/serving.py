@@ -1,6 +1,6 @@
 """The text modality's serving part (pipeline/core/modality.py Serving): what pipeline/serving/service.py and
 pipeline/serving/oip.py do with a text model's requests. A text is checked (a visible character, at
-most serve.max_text_bytes UTF-8 bytes), then tokenized by the model's saved tokenizer
+most text.serve.max_text_bytes UTF-8 bytes), then tokenized by the model's saved tokenizer
 (tokenizer.json, checked against the card's sha256, applied by pipeline/modalities/text/preprocess.py). A text
 is valid Unicode here: pydantic's JSON parser refuses a body that is not UTF-8 or escapes an
 unpaired surrogate (HTTP 400), gRPC's BYTES elements are decoded strictly. Endpoints of another
@@ -8,7 +8,7 @@ modality answer TAKES (pipeline/serving/service.py).
 
 Bad input raises ValueError naming the field and the cause (HTTP 400, gRPC INVALID_ARGUMENT).
 The number of texts is checked before any text is read (a gRPC BYTES tensor's elements are not
-split until its shape says at most serve.max_batch_images). Needs numpy and `tokenizers` only:
+split until its shape says at most serve.max_batch_items). Needs numpy and `tokenizers` only:
 the Bento has no torch.
 """
 from __future__ import annotations
@@ -24,8 +24,7 @@ from pipeline.modalities.text import preprocess as tokens
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from pipeline.core.card import ModelCard
-    from pipeline.params import ServeParams
+    from pipeline.core.card import BentoArgs, ModelCard
 
 SERVES = "a text model"
 # What a request to another modality's endpoint is told (after its field's name).
@@ -48,12 +47,12 @@ def example(card: ModelCard) -> list[str]:
     return [EXAMPLE_TEXT]
 
 
-def api_fields(card: ModelCard, serve: ServeParams) -> dict[str, dict]:
-    """"text": a string of 1..serve.max_text_bytes characters (OpenAPI counts characters, the
-    limit is UTF-8 bytes); "texts": 1..serve.max_batch_images of them."""
-    text = {"type": "string", "minLength": 1, "maxLength": serve.max_text_bytes}
+def api_fields(card: ModelCard, args: BentoArgs) -> dict[str, dict]:
+    """"text": a string of 1..text.serve.max_text_bytes characters (OpenAPI counts characters, the
+    limit is UTF-8 bytes); "texts": 1..serve.max_batch_items of them."""
+    text = {"type": "string", "minLength": 1, "maxLength": args.limits.max_text_bytes}
     return {"text": {**text, "example": EXAMPLE_TEXT},
-            "texts": {"type": "array", "minItems": 1, "maxItems": serve.max_batch_images,
+            "texts": {"type": "array", "minItems": 1, "maxItems": args.serve.max_batch_items,
                       "items": text, "example": [EXAMPLE_TEXT, EXAMPLE_TEXT.lower()]}}
 
 
@@ -108,26 +107,26 @@ def checked_text(text: str, name: str, max_text_bytes: int) -> str:
     return text
 
 
-def text(text: str, card: ModelCard, serve: ServeParams) -> str:
-    return checked_text(text, "text", serve.max_text_bytes)
+def text(text: str, card: ModelCard, args: BentoArgs) -> str:
+    return checked_text(text, "text", args.limits.max_text_bytes)
 
 
-def _count(count: int, serve: ServeParams) -> None:
-    """ValueError unless 1 <= count <= serve.max_batch_images (texts in one request)."""
+def _count(count: int, args: BentoArgs) -> None:
+    """ValueError unless 1 <= count <= serve.max_batch_items (texts in one request)."""
     if count == 0:
         raise ValueError("texts: no texts; send at least one")
-    if count > serve.max_batch_images:
-        raise ValueError(f"texts: {count} texts; at most {serve.max_batch_images} texts per "
+    if count > args.serve.max_batch_items:
+        raise ValueError(f"texts: {count} texts; at most {args.serve.max_batch_items} texts per "
                          "request")
 
 
-def texts(texts: list[str], card: ModelCard, serve: ServeParams) -> list[str]:
-    """1..serve.max_batch_images texts, each checked_text (named texts[i])."""
-    _count(len(texts), serve)
-    return [checked_text(t, f"texts[{i}]", serve.max_text_bytes) for i, t in enumerate(texts)]
+def texts(texts: list[str], card: ModelCard, args: BentoArgs) -> list[str]:
+    """1..serve.max_batch_items texts, each checked_text (named texts[i])."""
+    _count(len(texts), args)
+    return [checked_text(t, f"texts[{i}]", args.limits.max_text_bytes) for i, t in enumerate(texts)]
 
 
-def grpc_input(request, card: ModelCard, serve: ServeParams) -> list[str]:
+def grpc_input(request, card: ModelCard, args: BentoArgs) -> list[str]:
     """The request's one BYTES input tensor "texts" [N] as N texts, each decoded as UTF-8 and
     checked as `texts` checks HTTP's."""
     tensor, raw = input_tensor(request, GRPC_INPUT, SERVES, " (BYTES [N], UTF-8 texts)")
@@ -138,7 +137,7 @@ def grpc_input(request, card: ModelCard, serve: ServeParams) -> list[str]:
         raise ValueError(f"{GRPC_INPUT}: shape {shape_of(tensor)}; expected [N], one element per "
                          "text")
     count = tensor.shape[0]
-    _count(count, serve)  # before a single element is read
+    _count(count, args)  # before a single element is read
     if raw is not None:
         elements = _bytes_elements(raw, count)
     else:
@@ -154,7 +153,7 @@ def grpc_input(request, card: ModelCard, serve: ServeParams) -> list[str]:
         except UnicodeDecodeError as e:
             raise ValueError(f"{GRPC_INPUT}[{i}]: not valid UTF-8 ({e.reason} at byte "
                              f"{e.start})") from None
-    return texts(decoded, card, serve)
+    return texts(decoded, card, args)
 
 
 def _bytes_elements(data: bytes, expected: int) -> list[bytes]:

@@ -1,14 +1,14 @@
 """The text modality's `sources` part (pipeline/core/modality.py, called by the ingest stage): text
-sources (text.source) read into the ingested layout of pipeline/core/dataset.py:
+sources (text.ingest.source) read into the ingested layout of pipeline/core/dataset.py:
 texts/<split>/<class>/<name>.txt, one document per file, with manifest.csv and classes.json.
 
     languages         built in: language identification from the dialogs that ship inside the
-                      chatterbot-corpus wheel (no download), LANGUAGES, text.per_class each
+                      chatterbot-corpus wheel (no download), LANGUAGES, text.ingest.per_class each
     <folder>          one subfolder per class of .txt files, optionally pre-split into
                       train/ val/ test/ (scikit-learn's load_files layout; pipeline/core/folders.py:
                       hidden and system files skipped, what cannot be taken refused by name)
     <file>.jsonl      one JSON object per line with a text, a label and optionally a split
-                      field (named by text.text_column, text.label_column, text.split_column:
+                      field (named by text.ingest.text_column, text.ingest.label_column, text.ingest.split_column:
                       `text`, `label`, `split` by default; other fields ignored)
     <file>.csv        a header naming those columns (other columns ignored); RFC 4180: fields
                       holding commas, quotes or line breaks are quoted
@@ -55,26 +55,26 @@ RECORD_FILES = {".jsonl": None, ".csv": ",", ".tsv": "\t"}
 @dataclass(frozen=True)
 class Columns:
     """The field (JSON Lines) or header column (CSV, TSV) names of a records file's text, label
-    and optional split: text.text_column, text.label_column, text.split_column."""
+    and optional split: text.ingest.text_column, text.ingest.label_column, text.ingest.split_column."""
     text: str
     label: str
     split: str
 
     def key(self, name: str) -> str:
         """The params key that names column `name`, for messages."""
-        return {self.text: "text.text_column", self.label: "text.label_column",
-                self.split: "text.split_column"}[name]
+        return {self.text: "text.ingest.text_column", self.label: "text.ingest.label_column",
+                self.split: "text.ingest.split_column"}[name]
 
 
 def source(params: Params) -> str:
-    """text.source: where the texts come from."""
-    return params.text.source
+    """text.ingest.source: where the texts come from."""
+    return params.text.ingest.source
 
 
 def ingest(params: Params, out: Path) -> list[dict]:
-    """Write the texts of text.source, manifest.csv and classes.json under `out`; return the
+    """Write the texts of text.ingest.source, manifest.csv and classes.json under `out`; return the
     manifest rows."""
-    t = params.text
+    t = params.text.ingest
     return ingest_texts(t.source, out, params.data.split, params.data.seed,
                         params.ingest.max_file_bytes, t.per_class,
                         Columns(t.text_column, t.label_column, t.split_column))
@@ -90,18 +90,18 @@ def ingest_texts(source: str, out: Path, split: Split, seed: int, max_file_bytes
         records = built_in_languages(per_class, seed)
     elif path.is_dir():
         rows, classes = copy_folder(path, out, "texts", split, seed, max_file_bytes, TEXTS,
-                                    "text.source")
+                                    "text.ingest.source")
         records = None
     elif suffix in RECORD_FILES and path.is_file():
         records = read_jsonl(path, columns) if RECORD_FILES[suffix] is None else \
             read_delimited(path, columns, RECORD_FILES[suffix])
     else:
-        raise StageError(f"text.source {source}: not a folder, a .jsonl, .csv or .tsv file "
+        raise StageError(f"text.ingest.source {source}: not a folder, a .jsonl, .csv or .tsv file "
                          "(nor 'languages')")
     if records is not None:
         rows, classes = write_records(records, out, split, seed)
     if not rows:
-        raise StageError(f"text.source {source}: holds no texts")
+        raise StageError(f"text.ingest.source {source}: holds no texts")
     write_manifest(out, rows, classes)
     return rows
 
@@ -174,7 +174,7 @@ def _label(value, where: str, name: str) -> str:
 def _record(fields: dict, path: Path, line: int, columns: Columns) -> Record:
     """The record of one parsed line (`line` of the file at `path`); a missing or mistyped field
     fails the stage naming file, line, the field, its params key and the fields it has."""
-    where = f"text.source {path}: line {line}"
+    where = f"text.ingest.source {path}: line {line}"
     for name in (columns.text, columns.label):
         if fields.get(name) is None:
             has = ", ".join(f"`{k}`" for k in fields if fields[k] is not None) or "none"
@@ -202,7 +202,7 @@ def _same_split_rule(records: list[Record], path: Path, columns: Columns) -> lis
         first = records[0][2] is not None
         for r in records:
             if (r[2] is not None) != first:
-                raise StageError(f"text.source {path}: {r[3]} has {'no' if first else 'a'} "
+                raise StageError(f"text.ingest.source {path}: {r[3]} has {'no' if first else 'a'} "
                                  f"`{columns.split}` field, unlike {records[0][3]} (give every "
                                  "record a split, or none)")
     return records
@@ -218,10 +218,10 @@ def read_jsonl(path: Path, columns: Columns) -> list[Record]:
             try:
                 fields = json.loads(line)
             except json.JSONDecodeError as e:
-                raise StageError(f"text.source {path}: line {n}: not valid JSON ({e.msg}, column "
+                raise StageError(f"text.ingest.source {path}: line {n}: not valid JSON ({e.msg}, column "
                                  f"{e.pos + 1})") from None
             if not isinstance(fields, dict):
-                raise StageError(f"text.source {path}: line {n}: expected a JSON object with "
+                raise StageError(f"text.ingest.source {path}: line {n}: expected a JSON object with "
                                  f"`{columns.text}` and `{columns.label}`, got "
                                  f"{type(fields).__name__}")
             records.append(_record(fields, path, n, columns))
@@ -238,14 +238,14 @@ def read_delimited(path: Path, columns: Columns, delimiter: str) -> list[Record]
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
-        raise StageError(f"text.source {path}: empty (expected a header naming "
+        raise StageError(f"text.ingest.source {path}: empty (expected a header naming "
                          f"`{columns.text}`, `{columns.label}` and optionally "
                          f"`{columns.split}`)") from None
     except csv.Error as e:
-        raise StageError(f"text.source {path}: line 1: {e}") from None
+        raise StageError(f"text.ingest.source {path}: line 1: {e}") from None
     missing = [name for name in (columns.text, columns.label) if name not in header]
     if missing:
-        raise StageError(f"text.source {path}: line 1: the header names no `{missing[0]}` "
+        raise StageError(f"text.ingest.source {path}: line 1: the header names no `{missing[0]}` "
                          f"column ({columns.key(missing[0])}); it has "
                          + ", ".join(f"`{h}`" for h in header))
     records = []
@@ -256,11 +256,11 @@ def read_delimited(path: Path, columns: Columns, delimiter: str) -> list[Record]
         except StopIteration:
             break
         except csv.Error as e:
-            raise StageError(f"text.source {path}: line {start}: {e}") from None
+            raise StageError(f"text.ingest.source {path}: line {start}: {e}") from None
         if not values:
             continue
         if len(values) != len(header):
-            raise StageError(f"text.source {path}: line {start}: {len(values)} fields, the "
+            raise StageError(f"text.ingest.source {path}: line {start}: {len(values)} fields, the "
                              f"header has {len(header)}")
         fields = dict(zip(header, values))
         if fields.get(columns.split) == "":
