@@ -64,8 +64,15 @@ def test_stage_deps_are_exactly_the_project_files_it_runs(stage):
     assert sorted(code_deps - shared) == [], f"{stage}: it does not run these"
 
 
-def test_the_bento_includes_exactly_the_services_files():
-    assert sorted(BENTOFILE["include"]) == sorted(relative(source_files("pipeline.serving.service")))
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_the_bento_includes_exactly_the_services_files(modality):
+    """bentofile.yaml's include: the service's files every modality shares; the package stage
+    adds the served modality's own (pipeline/lifecycle/bento_build.py modality_sources)."""
+    from pipeline.lifecycle.bento_build import modality_sources
+
+    served = relative(source_files("pipeline.serving.service", modality=modality))
+    assert sorted(BENTOFILE["include"]) == sorted(f for f in served if not in_a_modality(f))
+    assert sorted(modality_sources(modality)) == sorted(f for f in served if in_a_modality(f))
 
 
 @pytest.mark.parametrize("stage", STAGES)

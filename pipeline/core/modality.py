@@ -38,8 +38,10 @@ imports a modality's modules directly.
 
 Adding a modality: write pipeline/modalities/<name>/ with these parts and their tests (a folder
 with a config.py is registered: data.modality accepts its name); if its items come to
-endpoints of their own, declare them in pipeline/serving/service.py. tests/test_modality.py checks that every registered modality provides
-every part's functions with the Protocol's parameters.
+endpoints of their own, declare them in pipeline/serving/service.py (without, gRPC ModelInfer
+serves them). tests/test_new_modality.py runs a toy modality, tests/modality_points/, so;
+tests/test_modality.py checks that every registered modality provides every part's functions
+with the Protocol's parameters.
 
 `part` imports by name at run time, so pipeline/core/import_closure.py reads a `part(..., "<part>")` call as
 an import of pipeline/modalities/<name>/<part>.py of every registered modality: a stage's dvc.yaml deps and

@@ -15,6 +15,7 @@ from packaging.utils import canonicalize_name
 
 from pipeline import StageError
 from pipeline.core.card import CARD_FILE, BentoArgs, ModelCard, to_dict
+from pipeline.core.import_closure import ROOT, source_files
 from pipeline.lifecycle.champion import REFERENCE_FILE, NotFound, Task, bentoml
 
 
@@ -68,15 +69,24 @@ def pinned_packages(names: list[str]) -> list[str]:
     return sorted(pins.values(), key=str.lower)
 
 
+def modality_sources(modality: str) -> list[str]:
+    """The files of pipeline/modalities/<modality>/ the service runs to serve a model of it (its
+    preprocessing, serving part, params section and what they import): read from the code, as
+    dvc.yaml's deps are (pipeline/core/import_closure.py), relative to the project."""
+    folder = ROOT / "pipeline" / "modalities" / modality
+    return [f.relative_to(ROOT).as_posix()
+            for f in source_files("pipeline.serving.service", modality=modality)
+            if folder in f.parents]
+
+
 def read_bentofile(bentofile: Path, modality: str) -> tuple[dict, list[Path]]:
     """bentofile.yaml as the build gets it (keyword arguments of bentoml.bentos.build, with
-    python.packages pinned: pinned_packages, and `include` without other modalities' code: the
-    service loads the served model's modality only), and the files that `include` lists with
-    bentofile.yaml itself: what the build copies into the Bento."""
+    python.packages pinned: pinned_packages, and `include`, the service's files every modality
+    shares, with the served modality's own: modality_sources; no other modality's code), and
+    the files `include` lists with bentofile.yaml itself: what the build copies into the
+    Bento."""
     config = yaml.safe_load(bentofile.read_text())
-    config["include"] = [name for name in config["include"] if not name.startswith(
-        "pipeline/modalities/") or name.count("/") == 2
-        or name.startswith(f"pipeline/modalities/{modality}/")]
+    config["include"] = [*config["include"], *modality_sources(modality)]
     config["python"] = {**config["python"],
                         "packages": pinned_packages(config["python"]["packages"])}
     root = bentofile.resolve().parent

@@ -1,0 +1,114 @@
+"""The toy modality's validate part: the points table, its Great Expectations checks, the data
+profile and drift features (pipeline/stages/validate.py adds the checks every modality has)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, compare
+from pipeline.core.executor import map_items
+from pipeline.modalities.points.preprocess import parse
+from pipeline.params import Params
+
+COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "largest",
+           "content_hash"]
+SUMMARY = ("points", "classes", "splits", "undecodable", "checks_passed", "checks_failed",
+           "success")
+METRICS = ("points", "classes", "splits", "undecodable", "checks_passed", "checks_failed",
+           "problems", "drift", "success")
+KINDS = {
+    "point_count": "point count out of range",
+    "unreadable_points": "not a point",
+    "large_values": "coordinate out of bounds",
+    "leaked_points": "same point in two splits (leakage)",
+    "duplicate_points": "duplicate points in a split",
+    "empty_classes": "class with no points",
+    "short_class_splits": "class short of points in a split",
+}
+CATEGORICAL, CONTINUOUS = ("label",), ("largest",)
+
+
+def describe_point(path: Path, features: int) -> dict:
+    try:
+        point = parse(path.read_text(encoding="utf-8"), features)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return {"file_problem": "not a point", "decode_error": f"{type(e).__name__}: {e}"}
+    if not np.isfinite(point).all():
+        return {"file_problem": "not a point", "decode_error": "a value is not finite"}
+    return {"file_problem": None, "decode_error": None, "largest": float(np.abs(point).max()),
+            "content_hash": point.tobytes().hex()}
+
+
+def examine(folder: Path, rows: list[dict], params: Params, reference: dict | None):
+    described = map_items(functools.partial(describe_point,
+                                            features=params.points.ingest.features),
+                          [folder / r["path"] for r in rows])
+    table = pd.DataFrame.from_records(
+        [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
+          "split": r["split"], **d} for r, d in zip(rows, described)], columns=COLUMNS)
+    table = table.astype({"largest": float})
+    hashed = table[table.content_hash.notna()]
+    splits_per_hash = hashed.groupby("content_hash").split.nunique()
+    copies_in_split = hashed.groupby(["split", "content_hash"]).path.transform("size")
+    table["leak"] = table.content_hash.map(splits_per_hash).fillna(0) > 1
+    table["duplicate"] = copies_in_split.reindex(table.index).fillna(0) > 1
+    current = profile(table[table.split == "train"])
+    report = compare(reference, current, params.drift, CATEGORICAL, CONTINUOUS) \
+        if reference is not None else None
+    return table, current, report
+
+
+def profile(table: pd.DataFrame) -> dict:
+    decoded = table[table.file_problem.isna()]
+    return {"version": PROFILE_VERSION, "modality": "points", "points": len(decoded),
+            "categorical": {"label": {str(k): int(v) for k, v in
+                                      decoded.label.value_counts().sort_index().items()}},
+            "quantiles": {"largest": np.quantile(
+                decoded.largest.to_numpy(float), np.linspace(0, 1, PROFILE_QUANTILES),
+                method="inverted_cdf").round(4).tolist() if len(decoded) else []}}
+
+
+def suite(E, kind, params: Params, repeated, labels, splits) -> list:
+    bounds, max_abs = params.validate, params.points.validate.max_abs
+    return [
+        E.ExpectTableRowCountToBeBetween(
+            min_value=bounds.min_items, max_value=bounds.max_items, **kind("point_count"),
+            description=f"The data set holds {bounds.min_items} to {bounds.max_items} points "
+                        "(params validate.min_items, validate.max_items)."),
+        repeated,
+        E.ExpectColumnValuesToBeNull(
+            column="file_problem", **kind("unreadable_points"),
+            description=f"Every file is one line of {params.points.ingest.features} finite "
+                        "numbers."),
+        labels,
+        splits,
+        E.ExpectColumnValuesToBeBetween(
+            column="largest", max_value=max_abs, **kind("large_values"),
+            description=f"No coordinate is larger in magnitude than {max_abs:g} "
+                        "(params points.validate.max_abs)."),
+        E.ExpectColumnValuesToBeInSet(
+            column="leak", value_set=[False], **kind("leaked_points"),
+            description="No point appears in more than one split."),
+        E.ExpectColumnValuesToBeInSet(
+            column="duplicate", value_set=[False], **kind("duplicate_points"),
+            description="No two points of one split are the same point."),
+    ]
+
+
+def drift_suite(E, kind, params: Params) -> list:
+    return []
+
+
+def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | None:
+    return None
+
+
+def metrics(table: pd.DataFrame, params: Params) -> dict:
+    return {"points": len(table), "undecodable": int(table.file_problem.notna().sum())}
+
+
+def lines(metrics: dict, params: Params) -> list[str]:
+    return []
