@@ -135,9 +135,10 @@ class Checks(Protocol):
                 ) -> tuple[Table, dict, Drift | None]:
         """(Item table of `rows`, profile of its train split, drift from `reference` or None)."""
 
-    def suite(self, E: ModuleType, kind: Expect, params: Params, repeated, labels, splits
+    def suite(self, E: ModuleType, kind: Expect, params: Params, count, repeated, labels, splits
               ) -> list:
-        """The table's GX expectations, the three shared manifest checks placed among them."""
+        """The table's GX expectations, the four shared ones (row count, manifest checks) placed
+        among them."""
 
     def drift_suite(self, E: ModuleType, kind: Expect, params: Params) -> list:
         """Expectations on the drift table beyond the shared PSI/KS ones."""

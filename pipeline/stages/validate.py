@@ -84,13 +84,19 @@ def _suites(checks: ModuleType, classes: list[str], params: Params, with_drift: 
     from great_expectations.expectations.metadata_types import FailureSeverity
 
     E = gx.expectations
-    kinds = {**KINDS, **checks.KINDS}
+    unit, bounds = preprocessing(params.data.modality).UNIT, params.validate
+    count_key = f"{unit[:-1]}_count"  # image_count, text_count, ...
+    kinds = {**KINDS, count_key: f"{unit[:-1]} count out of range", **checks.KINDS}
 
     def kind(key: str, fatal: bool = True) -> dict:
         return {"meta": {"key": key, "kind": kinds[key], "fatal": fatal},
                 "severity": FailureSeverity.CRITICAL if fatal else FailureSeverity.WARNING}
 
-    repeated, labels, splits = [
+    count, repeated, labels, splits = [
+        E.ExpectTableRowCountToBeBetween(
+            min_value=bounds.min_items, max_value=bounds.max_items, **kind(count_key),
+            description=f"The data set holds {bounds.min_items} to {bounds.max_items} {unit} "
+                        "(params validate.min_items, validate.max_items)."),
         E.ExpectColumnValuesToBeUnique(
             column="path", **kind("repeated_rows"),
             description="Each manifest row names a different file."),
@@ -101,8 +107,7 @@ def _suites(checks: ModuleType, classes: list[str], params: Params, with_drift: 
             column="split", value_set=list(SPLITS), **kind("unknown_splits"),
             description="Every split is train, val or test."),
     ]
-    unit = preprocessing(params.data.modality).UNIT
-    suites = {unit: checks.suite(E, kind, params, repeated, labels, splits),
+    suites = {unit: checks.suite(E, kind, params, count, repeated, labels, splits),
               **_class_suites(E, kind, unit, params.validate.min_items_per_class_per_split)}
     if with_drift:
         suites["drift"] = _drift_suite(E, kind, params.drift) + \

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, compare
 from pipeline.core.executor import map_items
 from pipeline.modalities.points.preprocess import parse
@@ -20,7 +21,6 @@ SUMMARY = ("points", "classes", "splits", "undecodable", "checks_passed", "check
 METRICS = ("points", "classes", "splits", "undecodable", "checks_passed", "checks_failed",
            "problems", "drift", "success")
 KINDS = {
-    "point_count": "point count out of range",
     "unreadable_points": "not a point",
     "large_values": "coordinate out of bounds",
     "leaked_points": "same point in two splits (leakage)",
@@ -50,11 +50,7 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
         [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
           "split": r["split"], **d} for r, d in zip(rows, described)], columns=COLUMNS)
     table = table.astype({"largest": float})
-    hashed = table[table.content_hash.notna()]
-    splits_per_hash = hashed.groupby("content_hash").split.nunique()
-    copies_in_split = hashed.groupby(["split", "content_hash"]).path.transform("size")
-    table["leak"] = table.content_hash.map(splits_per_hash).fillna(0) > 1
-    table["duplicate"] = copies_in_split.reindex(table.index).fillna(0) > 1
+    table["leak"], table["duplicate"] = copies(table, table.content_hash.notna())
     current = profile(table[table.split == "train"])
     report = compare(reference, current, params.drift, CATEGORICAL, CONTINUOUS) \
         if reference is not None else None
@@ -71,13 +67,10 @@ def profile(table: pd.DataFrame) -> dict:
                 method="inverted_cdf").round(4).tolist() if len(decoded) else []}}
 
 
-def suite(E, kind, params: Params, repeated, labels, splits) -> list:
-    bounds, max_abs = params.validate, params.points.validate.max_abs
+def suite(E, kind, params: Params, count, repeated, labels, splits) -> list:
+    max_abs = params.points.validate.max_abs
     return [
-        E.ExpectTableRowCountToBeBetween(
-            min_value=bounds.min_items, max_value=bounds.max_items, **kind("point_count"),
-            description=f"The data set holds {bounds.min_items} to {bounds.max_items} points "
-                        "(params validate.min_items, validate.max_items)."),
+        count,
         repeated,
         E.ExpectColumnValuesToBeNull(
             column="file_problem", **kind("unreadable_points"),

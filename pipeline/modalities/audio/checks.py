@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.modalities.audio.decode import ACCEPTED, AudioError, decode, truncation
+from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
 from pipeline.core.executor import map_items
 from pipeline.params import Params
@@ -83,7 +84,6 @@ SHOWN = 3  # clipped clips named on the stage's line when within audio.validate.
 # Kinds of problem of the clips table, and the class checks' words for clips: the key (metrics
 # JSON `problems`) and the words that start its error line.
 KINDS = {
-    "clip_count": "clip count out of range",
     "unreadable_clips": "unusable audio file",
     "clip_duration": "recording length out of bounds",
     "silent_clips": "too many silent clips",
@@ -173,14 +173,11 @@ def clip_table(folder: Path, rows: list[dict], params: Params) -> pd.DataFrame:
                             "centroid")})
     decoded = clips.file_problem.isna()
     silent = decoded & (clips.rms < audio.preprocess.silent_rms)
-    distinct = clips[decoded & ~silent]
-    splits_per_hash = distinct.groupby("content_hash").split.nunique()
-    copies_in_split = distinct.groupby(["split", "content_hash"]).path.transform("size")
+    leak, duplicate = copies(clips, decoded & ~silent)
     return clips.assign(
         silent=silent,
         clipping=decoded & (clips.clipped > audio.validate.clipped_samples),
-        leak=clips.content_hash.map(splits_per_hash).fillna(0).where(~silent, 0) > 1,
-        duplicate=copies_in_split.reindex(clips.index).fillna(0) > 1,
+        leak=leak, duplicate=duplicate,
     )
 
 
@@ -195,15 +192,12 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
     return clips, current, report
 
 
-def suite(E, kind, params: Params, repeated, labels, splits) -> list:
+def suite(E, kind, params: Params, count, repeated, labels, splits) -> list:
     """The expectations of the clips table; `kind(key)` gives each its meta and severity;
-    `repeated`, `labels`, `splits`: the manifest's checks every modality has."""
-    audio, validate = params.audio, params.validate
+    `count`, `repeated`, `labels`, `splits`: the checks every modality has."""
+    audio = params.audio
     return [
-        E.ExpectTableRowCountToBeBetween(
-            min_value=validate.min_items, max_value=validate.max_items, **kind("clip_count"),
-            description=f"The data set holds {validate.min_items} to {validate.max_items} clips "
-                        "(params validate.min_items, validate.max_items)."),
+        count,
         repeated,
         E.ExpectColumnValuesToBeNull(
             column="file_problem", **kind("unreadable_clips"),

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
 from pipeline.core.executor import map_items
 from pipeline.modalities.image.preprocess import ACCEPTED, IMAGE_FORMATS, MODES, refusal, to_channels
@@ -70,7 +71,6 @@ CONTINUOUS = ("pixel_mean", "pixel_std")     # and by PSI and KS
 # Kinds of problem of the images table, and the class checks' words for images: the key (metrics
 # JSON `problems`) and the words that start its error line.
 KINDS = {
-    "image_count": "image count out of range",
     "unreadable_files": "unreadable image file",
     "wrong_size": "image size far from image.preprocess.image_size",
     "blank_images": "too many blank images",
@@ -194,17 +194,11 @@ def add_flags(images: pd.DataFrame, image_size: int) -> pd.DataFrame:
     by its own check."""
     decoded = images.content_hash.notna()
     blank = decoded & (images.pixel_std == 0)
-    distinct = images[decoded & ~blank]
-    splits_per_hash = distinct.groupby("content_hash").split.nunique()
-    copies_in_split = distinct.groupby(["split", "content_hash"]).path.transform("size")
+    leak, duplicate = copies(images, decoded & ~blank)
     side = images[["height", "width"]]
     factor = np.maximum(side.max(axis=1) / image_size, image_size / side.min(axis=1))
-    return images.assign(
-        blank=blank,
-        leak=images.content_hash.map(splits_per_hash).fillna(0).where(~blank, 0) > 1,
-        duplicate=(copies_in_split.reindex(images.index).fillna(0) > 1),
-        resize_factor=factor.round(3),
-    )
+    return images.assign(blank=blank, leak=leak, duplicate=duplicate,
+                         resize_factor=factor.round(3))
 
 
 
@@ -240,10 +234,10 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
     return images, current, report
 
 
-def suite(E, kind, params: Params, repeated, labels, splits) -> list:
+def suite(E, kind, params: Params, count, repeated, labels, splits) -> list:
     """The expectations of the images table; `kind(key)` gives each its meta and severity;
-    `repeated`, `labels`, `splits`: the manifest's checks every modality has."""
-    size, rules, bounds = params.image.preprocess.image_size, params.image.validate, params.validate
+    `count`, `repeated`, `labels`, `splits`: the checks every modality has."""
+    size, rules = params.image.preprocess.image_size, params.image.validate
     if rules.allow_resize:
         size_rule = (f"Every image side is within {rules.max_resize_factor:g}x of "
                      f"image.preprocess.image_size {size} px, smaller or larger "
@@ -254,10 +248,7 @@ def suite(E, kind, params: Params, repeated, labels, splits) -> list:
                      "(params image.validate.allow_resize is false).")
         max_factor = 1.0
     return [
-        E.ExpectTableRowCountToBeBetween(
-            min_value=bounds.min_items, max_value=bounds.max_items, **kind("image_count"),
-            description=f"The data set holds {bounds.min_items} to {bounds.max_items} images "
-                        "(params validate.min_items, validate.max_items)."),
+        count,
         repeated,
         E.ExpectColumnValuesToBeNull(
             column="file_problem", **kind("unreadable_files"),

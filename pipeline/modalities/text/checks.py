@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
 from pipeline.core.executor import map_items
 from pipeline.params import DriftParams, Params
@@ -40,7 +41,6 @@ METRICS = ("texts", "classes", "splits", "undecodable", "empty", "duplicates", "
 FILE_PROBLEMS = ("unreadable file", "binary data", "not UTF-8")
 # Kinds of problem of the texts table, and the class checks' words for texts.
 KINDS = {
-    "text_count": "text count out of range",
     "unreadable_texts": "not a UTF-8 text file",
     "empty_texts": "empty text",
     "text_length": "text length out of bounds",
@@ -87,11 +87,7 @@ def text_table(folder: Path, rows: list[dict]) -> tuple[pd.DataFrame, Counter]:
     texts = pd.DataFrame.from_records(records, columns=COLUMNS).astype(
         {"words": float, "chars": float})
     texts["empty"] = texts["empty"].fillna(False).astype(bool)
-    hashed = texts[texts.content_hash.notna()]
-    splits_per_hash = hashed.groupby("content_hash").split.nunique()
-    copies_in_split = hashed.groupby(["split", "content_hash"]).path.transform("size")
-    texts["leak"] = texts.content_hash.map(splits_per_hash).fillna(0) > 1
-    texts["duplicate"] = copies_in_split.reindex(texts.index).fillna(0) > 1
+    texts["leak"], texts["duplicate"] = copies(texts, texts.content_hash.notna())
     return texts, train_words
 
 
@@ -106,15 +102,12 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
     return texts, current, report
 
 
-def suite(E, kind, params: Params, repeated, labels, splits) -> list:
+def suite(E, kind, params: Params, count, repeated, labels, splits) -> list:
     """The expectations of the texts table; `kind(key)` gives each its meta and severity;
-    `repeated`, `labels`, `splits`: the manifest's checks every modality has."""
-    text, validate = params.text, params.validate
+    `count`, `repeated`, `labels`, `splits`: the checks every modality has."""
+    text = params.text
     return [
-        E.ExpectTableRowCountToBeBetween(
-            min_value=validate.min_items, max_value=validate.max_items, **kind("text_count"),
-            description=f"The data set holds {validate.min_items} to {validate.max_items} texts "
-                        "(params validate.min_items, validate.max_items)."),
+        count,
         repeated,
         E.ExpectColumnValuesToBeNull(
             column="file_problem", **kind("unreadable_texts"),
