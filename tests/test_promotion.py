@@ -168,11 +168,16 @@ def test_an_identical_challenger_is_not_promoted_again(store, first):
 
 
 def broken_build_context(root: Path, replace: tuple[str, str]) -> Path:
-    """A copy of the Bento's sources with one edit to pipeline/serving/service.py."""
+    """A copy of the Bento's sources (every modality's) with one edit to
+    pipeline/serving/service.py."""
     import yaml
 
+    from pipeline.lifecycle.bento_build import modality_sources
+    from pipeline.params import MODALITIES
+
     bentofile = REPO / "bentofile.yaml"
-    for name in ["bentofile.yaml", *yaml.safe_load(bentofile.read_text())["include"]]:
+    for name in ["bentofile.yaml", *yaml.safe_load(bentofile.read_text())["include"],
+                 *(f for m in MODALITIES for f in modality_sources(m))]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / name, root / name)
     service = (root / "pipeline/serving/service.py").read_text()

@@ -170,11 +170,14 @@ def write_record(path: Path, record: Record) -> None:
 # ---- the exported Bentos and their manifests -----------------------------------------------
 
 def tree_sha256(folder: Path) -> dict[str, str]:
-    """Relative POSIX path -> sha256 of every file under `folder`. Raises StageError naming a
+    """Relative POSIX path -> sha256 of every file under `folder` but Python's bytecode caches
+    (__pycache__: serving a Bento writes them into it where bytecode caching is on, and
+    .dvcignore keeps them out of DVC, so a pulled clone has none). Raises StageError naming a
     symbolic link or anything else that is not a regular file or a folder: an exported Bento
     holds regular files only (a link could pull in a file from outside it)."""
     files = {}
     for top, folders, names in os.walk(folder):
+        folders[:] = [f for f in folders if f != "__pycache__"]
         for name in folders + names:
             path = Path(top, name)
             mode = path.lstat().st_mode
