@@ -20,7 +20,7 @@ from pipeline.stages.compress import (
 from pipeline.core.dataset import data_hash, load_split, read_manifest
 from pipeline.stages.evaluate import gate, refusal
 from pipeline.modalities.image.sources import ingest_images
-from pipeline.modalities.image.config import Augment as AugmentParams
+from pipeline.modalities.image.config import Augment as ImageAugment
 from pipeline.params import CompressParams, GateParams, Split, load_params
 from pipeline.modalities.image import export, models
 from pipeline.modalities.image.augment import augment_pixels
@@ -190,14 +190,14 @@ def test_a_card_from_before_image_background_still_reads(tmp_path):
     assert read.recipe.section.preprocess.background is None
 
 
-AUG = AugmentParams(copies=2, rotation_deg=15.0, translate=0.1, scale_min=0.9, scale_max=1.1,
+AUG = ImageAugment(copies=2, rotation_deg=15.0, translate=0.1, scale_min=0.9, scale_max=1.1,
                     hflip=False, seed=0, chunk=3)
 
 
 def test_warp_geometry_and_chunking():
     images = torch.rand(10, 2, 12, 20, generator=torch.Generator().manual_seed(0))
     def params(rotation_deg, translate, scale_min, scale_max, hflip, chunk):
-        return AugmentParams(copies=1, rotation_deg=rotation_deg, translate=translate,
+        return ImageAugment(copies=1, rotation_deg=rotation_deg, translate=translate,
                              scale_min=scale_min, scale_max=scale_max, hflip=hflip, seed=0,
                              chunk=chunk)
 
@@ -231,7 +231,7 @@ def test_augment_is_seeded_and_random_per_sample():
     warped = images[8:].reshape(16, -1).float()
     assert not torch.equal(warped[0], warped[1])  # per-sample parameters, not one per batch
     assert (warped != torch.from_numpy(pixels).reshape(8, -1).float().repeat(2, 1)).any(1).all()
-    other, _ = augment_pixels(pixels, labels, AugmentParams(**{**AUG.__dict__, "seed": 1}), torch.device("cpu"))
+    other, _ = augment_pixels(pixels, labels, ImageAugment(**{**AUG.__dict__, "seed": 1}), torch.device("cpu"))
     assert not torch.equal(images, other)
 
 

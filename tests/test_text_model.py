@@ -23,7 +23,7 @@ from pipeline.core.pruning import structured_l1
 from pipeline.stages.compress import count_macs_on, count_params, quantize_int8
 from pipeline.core.dataset import load_texts, write_manifest
 from pipeline.core.modality import card_part
-from pipeline.modalities.text.config import Augment as TextAugmentParams
+from pipeline.modalities.text.config import Augment as TextAugment
 from pipeline.params import load_params
 from pipeline.modalities.text import export, preprocess as tokens
 from pipeline.modalities.text import models as text_models
@@ -89,11 +89,11 @@ def padded_ids(n: int, length: int, seed: int) -> torch.Tensor:
 
 def test_augmentation_is_seeded_and_keeps_cls_and_padding():
     ids = padded_ids(400, 24, seed=0)
-    p = TextAugmentParams(copies=2, deletion=0.1, swap=0.1, mask=0.1, seed=3)
+    p = TextAugment(copies=2, deletion=0.1, swap=0.1, mask=0.1, seed=3)
     out = augment_ids(ids, p, pad_id=0, mask_id=4)
     assert out.shape == (1200, 24) and out.dtype == torch.int64
     assert torch.equal(out, augment_ids(ids, p, pad_id=0, mask_id=4))
-    assert not torch.equal(out, augment_ids(ids, TextAugmentParams(2, 0.1, 0.1, 0.1, 4), 0, 4))
+    assert not torch.equal(out, augment_ids(ids, TextAugment(2, 0.1, 0.1, 0.1, 4), 0, 4))
     assert torch.equal(out[:400], ids)  # originals first
     copy1, copy2 = out[400:800], out[800:]
     assert not torch.equal(copy1, copy2)
