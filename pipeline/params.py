@@ -302,7 +302,11 @@ def _check_ranges(p: Params) -> None:
         ("serve.header_timeout_s", p.serve.header_timeout_s > 0, "must be > 0 (s)"),
         ("serve.max_error_chars", p.serve.max_error_chars >= 80, "must be >= 80 (characters)"),
     ]
-    for m in MODALITIES:  # each modality's own ranges, keys under its section
+    for m in MODALITIES:  # each modality's budget (config.Budget), then its own ranges
+        own = section(p, m).train
+        checks += [(f"{m}.train.max_epochs", own.max_epochs >= 1, "must be >= 1"),
+                   (f"{m}.train.lr", own.lr > 0, "must be > 0"),
+                   (f"{m}.train.batch_size", own.batch_size >= 1, "must be >= 1")]
         checks += [(f"{m}.{key}", ok, why)
                    for key, ok, why in part(m, "config").checks(section(p, m))]
     for key, ok, why in checks:

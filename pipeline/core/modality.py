@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from pipeline.core.card import ModelCard
+    from pipeline.modalities import Budget
     from pipeline.params import Params, TrainParams
 
 AnyPreprocessing = typing.Any  # an instance of a modality's preprocess.RECORD
@@ -181,9 +182,13 @@ class FitRecipe:
     cuda_graph: bool
 
 
-def fit_recipe(train: TrainParams, **own) -> FitRecipe:
-    """params.yaml train with the modality's `own` fields (FitRecipe's last five)."""
-    return FitRecipe(**dataclasses.asdict(train), **own)
+def fit_recipe(train: TrainParams, own: Budget, channels_last: bool, cuda_graph: bool
+               ) -> FitRecipe:
+    """params.yaml train with the modality's train section's budget (`own`) and whether its
+    tensors take channels_last and CUDA graphs."""
+    return FitRecipe(**dataclasses.asdict(train), max_epochs=own.max_epochs, lr=own.lr,
+                     batch_size=own.batch_size, channels_last=channels_last,
+                     cuda_graph=cuda_graph)
 
 
 class Augment(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +18,17 @@ def part(modality: str, name: str) -> ModuleType:
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r} (registered: {', '.join(MODALITIES)})")
     return importlib.import_module(f"pipeline.modalities.{modality}.{name}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every modality's train section holds first (its config.Train subclasses it): the
+    model (a name in its models part's registry), the training budget, peak lr and batch size,
+    which pipeline/core/modality.py fit_recipe joins with params.yaml train."""
+    model: str
+    max_epochs: int
+    lr: float
+    batch_size: int
 
 
 def sections(module: str, ingest: type, preprocess: type, validate: type, augment: type,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.modalities import sections
+from pipeline.modalities import Budget, sections
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,8 @@ class Augment:
 
 
 @dataclass(frozen=True)
-class Train:
-    model: str  # models.py MODELS
+class Train(Budget):  # model: models.py MODELS
     hidden: int
-    max_epochs: int
-    lr: float
-    batch_size: int
 
 
 @dataclass(frozen=True)
@@ -56,8 +52,5 @@ def checks(s: Section) -> list[tuple[str, bool, str]]:
         ("augment.copies", s.augment.copies >= 0, "must be >= 0"),
         ("augment.noise", s.augment.noise >= 0, "must be >= 0"),
         ("train.hidden", s.train.hidden >= 1, "must be >= 1"),
-        ("train.max_epochs", s.train.max_epochs >= 1, "must be >= 1"),
-        ("train.lr", s.train.lr > 0, "must be > 0"),
-        ("train.batch_size", s.train.batch_size >= 1, "must be >= 1"),
         ("serve.max_abs", s.serve.max_abs > 0, "must be > 0"),
     ]

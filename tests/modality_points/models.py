@@ -25,8 +25,7 @@ def mlp(features: int, classes: int, hidden: int) -> nn.Module:
 
 def recipe(params: Params) -> FitRecipe:
     own = params.points.train
-    return fit_recipe(params.train, max_epochs=own.max_epochs, lr=own.lr,
-                      batch_size=own.batch_size, channels_last=False, cuda_graph=False)
+    return fit_recipe(params.train, own, channels_last=False, cuda_graph=False)
 
 
 def torch_threads(params: Params) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.modalities import sections
+from pipeline.modalities import Budget, sections
 
 
 @dataclass(frozen=True)
@@ -48,15 +48,11 @@ class Augment:
 
 
 @dataclass(frozen=True)
-class Train:
-    model: str  # pipeline/modalities/audio/models.py MODELS
+class Train(Budget):  # model: pipeline/modalities/audio/models.py MODELS
     n_fft: int
     hop: int
     n_mels: int
     width: int
-    max_epochs: int
-    lr: float
-    batch_size: int
     threads: int
     cuda_graph: bool
 
@@ -109,9 +105,6 @@ def checks(s: Section) -> list[tuple[str, bool, str]]:
         ("train.n_mels", 1 <= t.n_mels <= t.n_fft // 2 + 1,
          "must be in [1, audio.train.n_fft / 2 + 1] (a mel band per FFT bin at most)"),
         ("train.width", t.width >= 1, "must be >= 1"),
-        ("train.max_epochs", t.max_epochs >= 1, "must be >= 1"),
-        ("train.lr", t.lr > 0, "must be > 0"),
-        ("train.batch_size", t.batch_size >= 1, "must be >= 1"),
         ("train.threads", t.threads >= 1, "must be >= 1"),
         ("serve.max_seconds", s.serve.max_seconds > 0, "must be > 0 (s)"),
     ]

@@ -132,8 +132,7 @@ def recipe(params: Params) -> FitRecipe:
     """audio.train's budget, lr, batch size and CUDA graphs; no channels_last (waveforms are
     (N, S); audio.augment.per_epoch is audio's own per-epoch draw)."""
     own = params.audio.train
-    return fit_recipe(params.train, max_epochs=own.max_epochs, lr=own.lr,
-                      batch_size=own.batch_size, channels_last=False, cuda_graph=own.cuda_graph)
+    return fit_recipe(params.train, own, channels_last=False, cuda_graph=own.cuda_graph)
 
 
 def torch_threads(params: Params) -> int | None:

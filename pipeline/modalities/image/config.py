@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.modalities import sections
+from pipeline.modalities import Budget, sections
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,7 @@ class Augment:
 
 
 @dataclass(frozen=True)
-class Train:
-    model: str  # pipeline/modalities/image/models.py MODELS
-    max_epochs: int
-    lr: float
-    batch_size: int
+class Train(Budget):  # model: pipeline/modalities/image/models.py MODELS
     epoch_augment: bool
     channels_last: bool
     cuda_graph: bool
@@ -80,9 +76,6 @@ def checks(s: Section) -> list[tuple[str, bool, str]]:
         ("augment.chunk", a.chunk >= 1, "must be >= 1"),
         ("augment.scale_min", 0 < a.scale_min <= a.scale_max,
          "must satisfy 0 < scale_min <= scale_max"),
-        ("train.max_epochs", s.train.max_epochs >= 1, "must be >= 1"),
-        ("train.batch_size", s.train.batch_size >= 1, "must be >= 1"),
-        ("train.lr", s.train.lr > 0, "must be > 0"),
         ("serve.max_image_pixels", s.serve.max_image_pixels >= 1, "must be >= 1"),
         ("serve.inline_decode_pixels",
          0 <= s.serve.inline_decode_pixels <= s.serve.max_image_pixels,

@@ -103,8 +103,7 @@ def epoch_warper(pixels: torch.Tensor, prep: Preprocessing, p: Augment, seed: in
 
 def recipe(params: Params) -> FitRecipe:
     own = params.image.train
-    return fit_recipe(params.train, max_epochs=own.max_epochs, lr=own.lr,
-                      batch_size=own.batch_size, channels_last=own.channels_last,
+    return fit_recipe(params.train, own, channels_last=own.channels_last,
                       cuda_graph=own.cuda_graph)
 
 

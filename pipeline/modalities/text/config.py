@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.modalities import sections
+from pipeline.modalities import Budget, sections
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,12 @@ class Augment:
 
 
 @dataclass(frozen=True)
-class Train:
-    model: str  # pipeline/modalities/text/models.py MODELS
+class Train(Budget):  # model: pipeline/modalities/text/models.py MODELS
     dim: int
     layers: int
     heads: int
     ffn: int
     dropout: float
-    max_epochs: int
-    lr: float
-    batch_size: int
     threads: int
 
 
@@ -87,9 +83,6 @@ def checks(s: Section) -> list[tuple[str, bool, str]]:
         ("train.heads", t.heads >= 1 and t.dim % t.heads == 0,
          "must be >= 1 and divide text.train.dim"),
         ("train.dropout", 0 <= t.dropout < 1, "must be in [0, 1)"),
-        ("train.max_epochs", t.max_epochs >= 1, "must be >= 1"),
-        ("train.batch_size", t.batch_size >= 1, "must be >= 1"),
         ("train.threads", t.threads >= 1, "must be >= 1"),
-        ("train.lr", t.lr > 0, "must be > 0"),
         ("serve.max_text_bytes", s.serve.max_text_bytes >= 1, "must be >= 1"),
     ]

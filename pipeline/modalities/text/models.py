@@ -220,8 +220,7 @@ def recipe(params: Params) -> FitRecipe:
     """text.train's budget, lr and batch size; no channels_last (token ids are (N, L)) and no
     CUDA graphs (only measured with the image and audio models: docs/benchmarks.md, GPU)."""
     own = params.text.train
-    return fit_recipe(params.train, max_epochs=own.max_epochs, lr=own.lr,
-                      batch_size=own.batch_size, channels_last=False, cuda_graph=False)
+    return fit_recipe(params.train, own, channels_last=False, cuda_graph=False)
 
 
 def torch_threads(params: Params) -> int | None:
