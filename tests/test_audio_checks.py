@@ -127,10 +127,10 @@ def spoil_leaked(source: Path) -> str:
     Stops, naming both copies."""
     samples, rate = soundfile.read(source / "train/high/2.wav", dtype="float32")
     write(source / "test/high/again.flac", samples, rate, container="FLAC")
-    return ("same recording in two splits (leakage): No recording's decoded samples appear in "
-            "more than one split: a copy of a training clip in val or test inflates the "
-            "measured accuracy. -- 2 break it: train/high/2.wav (train) = test/high/again.flac "
-            "(test)")
+    return ("same clip in two splits (leakage): No clip appears in more than one split "
+            "(compared by their decoded samples): a copy of a training clip in val or test "
+            "inflates the measured accuracy. -- 2 break it: train/high/2.wav (train) = "
+            "test/high/again.flac (test)")
 
 
 @pytest.mark.parametrize("spoil", [spoil_corrupt, spoil_truncated, spoil_zero_length,

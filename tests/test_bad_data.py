@@ -172,7 +172,7 @@ def test_class_folder_with_no_images(tmp_path, project, stage):
     work = project(source)
     code, out = ingest_and_validate(stage, work)
     assert code == 1
-    assert "class folder with no images:" in out and "1 break it: class 'd' (0 images)" in out
+    assert "class with no images:" in out and "1 break it: class 'd' (0 images)" in out
     # the empty class is reported once, not again as missing from every split
     assert "class short of images in a split" not in out
     assert problems(work)["empty_classes"] == 1

@@ -172,8 +172,8 @@ def spoil_duplicate(source: Path) -> str:
     """The same text with other case and spacing is the same text."""
     text = (source / "train/outage/3.txt").read_text()
     (source / "train/outage/3 copy.txt").write_text("  " + text.upper().replace(" ", "   "))
-    return ("duplicate texts in a split: No two texts of one split are the same text (compared "
-            "as for leakage). -- 2 break it: "
+    return ("duplicate texts in a split: No two texts of one split are the same (compared in "
+            "Unicode NFKC, case-folded, whitespace collapsed). -- 2 break it: "
             "train/outage/3 copy.txt (train) = train/outage/3.txt (train)")
 
 

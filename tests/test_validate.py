@@ -144,6 +144,28 @@ def test_unknown_label_fails_naming_file(ingested, tmp_path):
     assert f"{rows[0]['source']} (label=zebra)" in failure(result, "unknown label")
 
 
+def test_a_new_check_is_one_registry_entry(ingested, tmp_path, monkeypatch):
+    """A check added the way a modality's checks.py adds its own (one decorated function) runs,
+    names its offenders, counts them under its key and stops the stage like any other."""
+    from pipeline.core.checks import Checks, showing
+    from pipeline.modalities.image import checks
+
+    mine = Checks()
+    for check in checks.CHECKS:
+        mine._checks.append(check)
+
+    @mine.check("too_dark", "too dark an image", name=showing("mean {pixel_mean:.0f}"))
+    def bright_enough(E, d):
+        return E.ExpectColumnValuesToBeBetween(column="pixel_mean", min_value=200,
+                                               description="Every image is bright.")
+
+    monkeypatch.setattr(checks, "CHECKS", mine)
+    result = run(ingested, tmp_path / "docs")
+    assert not result.success and result.metrics["problems"]["too_dark"] == 30
+    line = failure(result, "too dark an image")
+    assert "Every image is bright. -- 30 break it: " in line and "(mean 1" in line
+
+
 def test_content_hash_ignores_encoding(tmp_path):
     pixels = np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "fast.png", compress_level=0)

@@ -99,7 +99,6 @@ def copy_model_files(card: ModelCard, source: Path, target: Path) -> None:
 # service imports it, and pipeline/core/import_closure.py counts every import, also one for type checking.
 Table = typing.Any   # a pandas.DataFrame, one row per item
 Drift = typing.Any   # pipeline/core/drift.py's DriftReport, or an object with its table() and metrics()
-Expect = typing.Callable[..., dict]  # kind(key, fatal=True): an expectation's meta and severity
 Baseline = typing.Any  # pipeline/core/baselines.py's Baseline (scikit-learn: not for the service)
 
 
@@ -127,25 +126,14 @@ class Checks(Protocol):
     which the stage's shared checks and offender words read, and what its own checks need. The
     drift metrics' `notes`, if any, are sentences validate and the flow's run summary print."""
 
-    KINDS: dict[str, str]      # problem key -> words starting its error line: its own checks'
-                               # and the class checks' (empty_classes, short_class_splits)
+    SAME: str                  # what makes two items the same (content_hash), in words
+    CHECKS: typing.Iterable    # its own checks (pipeline/core/checks.py Checks)
     SUMMARY: tuple[str, ...]   # the keys of validate's --metrics JSON
     METRICS: tuple[str, ...]   # every key of validate's details JSON, in order
 
     def examine(self, folder: Path, rows: list[dict], params: Params, reference: dict | None
                 ) -> tuple[Table, dict, Drift | None]:
         """(Item table of `rows`, profile of its train split, drift from `reference` or None)."""
-
-    def suite(self, E: ModuleType, kind: Expect, params: Params, count, repeated, labels, splits
-              ) -> list:
-        """The table's GX expectations, the four shared ones (row count, manifest checks) placed
-        among them."""
-
-    def drift_suite(self, E: ModuleType, kind: Expect, params: Params) -> list:
-        """Expectations on the drift table beyond the shared PSI/KS ones."""
-
-    def offenders(self, column: str, result: dict, table: Table) -> list[str] | None:
-        """How the failed rows of a check on one of its own columns are named; None otherwise."""
 
     def metrics(self, table: Table, params: Params) -> dict:
         """The metrics the modality adds to the shared counts (keys of METRICS)."""

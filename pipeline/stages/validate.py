@@ -11,9 +11,10 @@ Tables validated, all in an in-memory (ephemeral) GX context:
     drift          one row per feature compared with the reference of the task's champion
                    (pipeline/core/drift.py, pipeline/lifecycle/champion.py): same model name and class list
 
-The part gives the item table, its expectations, the data profile and drift features, the
-metrics it adds, how its offenders are named and what more to print; this stage adds the checks
-every modality shares (manifest rows, labels, splits, classes, PSI/KS drift) and the reporting.
+The checks are registry entries (pipeline/core/checks.py): those every modality shares (row
+count, manifest rows, labels, splits, leaks, duplicates, classes, PSI/KS drift) and the part's
+CHECKS. The part gives the item table, its checks, the data profile and drift features, the
+metrics it adds and what more to print; this stage runs the checks and reports.
 
 Each expectation carries a `kind` (meta): the problem in plain words, which starts its line in
 the error message, and a key under `problems` in the details JSON (offender counts, 0 when
@@ -36,22 +37,13 @@ import pandas as pd
 
 from pipeline import StageError
 from pipeline.lifecycle.champion import Exports, Task, reference
+from pipeline.core.checks import CHECKS, Check, Data
 from pipeline.core.dataset import SPLITS, data_hash, read_manifest
 from pipeline.core.modality import part, preprocessing
-from pipeline.params import DriftParams, Params, load_params
+from pipeline.params import Params, load_params
 
 DOCS_SITE = "kiln"
 SHOWN = 3  # offenders named per failed kind; the count covers the rest
-# Kinds of problem every modality checks: the key (metrics JSON `problems`) and the words that
-# start its error line. The part's KINDS add its own (and the class checks' words for its unit).
-KINDS = {
-    "repeated_rows": "manifest lists a file twice",
-    "unknown_labels": "unknown label",
-    "unknown_splits": "unknown split",
-    "single_class": "single class",
-    "drift": "drift from the champion's data",
-    "drift_warning": "drift warning",
-}
 
 
 @dataclass(frozen=True)
@@ -78,127 +70,28 @@ def class_tables(table: pd.DataFrame, classes: list[str], unit: str
     return class_table, counts.rename(unit).reset_index()
 
 
-def _suites(checks: ModuleType, classes: list[str], params: Params, with_drift: bool) -> dict:
-    """The expectations of each table; meta.kind names the problem a failure means."""
-    import great_expectations as gx
-    from great_expectations.expectations.metadata_types import FailureSeverity
-
-    E = gx.expectations
-    unit, bounds = preprocessing(params.data.modality).UNIT, params.validate
-    count_key = f"{unit[:-1]}_count"  # image_count, text_count, ...
-    kinds = {**KINDS, count_key: f"{unit[:-1]} count out of range", **checks.KINDS}
-
-    def kind(key: str, fatal: bool = True) -> dict:
-        return {"meta": {"key": key, "kind": kinds[key], "fatal": fatal},
-                "severity": FailureSeverity.CRITICAL if fatal else FailureSeverity.WARNING}
-
-    count, repeated, labels, splits = [
-        E.ExpectTableRowCountToBeBetween(
-            min_value=bounds.min_items, max_value=bounds.max_items, **kind(count_key),
-            description=f"The data set holds {bounds.min_items} to {bounds.max_items} {unit} "
-                        "(params validate.min_items, validate.max_items)."),
-        E.ExpectColumnValuesToBeUnique(
-            column="path", **kind("repeated_rows"),
-            description="Each manifest row names a different file."),
-        E.ExpectColumnValuesToBeInSet(
-            column="label", value_set=classes, **kind("unknown_labels"),
-            description="Every label is a class of classes.json."),
-        E.ExpectColumnValuesToBeInSet(
-            column="split", value_set=list(SPLITS), **kind("unknown_splits"),
-            description="Every split is train, val or test."),
-    ]
-    suites = {unit: checks.suite(E, kind, params, count, repeated, labels, splits),
-              **_class_suites(E, kind, unit, params.validate.min_items_per_class_per_split)}
-    if with_drift:
-        suites["drift"] = _drift_suite(E, kind, params.drift) + \
-            checks.drift_suite(E, kind, params)
-    return suites
+def registered(checks: ModuleType, data: Data) -> dict[str, Check]:
+    """Every check of a run, the shared ones (pipeline/core/checks.py) first, by its key."""
+    every = {}
+    for check in (*CHECKS, *checks.CHECKS):
+        key = check.key.format(unit=data.unit, one=data.one)
+        if key in every:
+            raise ValueError(f"check key {key!r} is registered twice")
+        every[key] = check
+    return every
 
 
-def _class_suites(E, kind, unit: str, min_per_split: int) -> dict:
-    """The classes and class_counts tables' expectations; `unit` (images, texts) is what they
-    count."""
-    one = unit[:-1]
-    return {
-        "classes": [
-            E.ExpectTableRowCountToBeBetween(
-                min_value=2, **kind("single_class"),
-                description="The data set has at least two classes: a classifier needs two."),
-            E.ExpectColumnValuesToBeBetween(
-                column=unit, min_value=1, **kind("empty_classes"),
-                description=f"Every class of classes.json has at least one {one}."),
-        ],
-        "class_counts": [
-            E.ExpectColumnValuesToBeBetween(
-                column=unit, min_value=min_per_split, **kind("short_class_splits"),
-                description=f"Each class has at least {min_per_split} {unit} in each split "
-                            "(params validate.min_items_per_class_per_split)."),
-        ],
-    }
-
-
-def _drift_suite(E, kind, drift: DriftParams) -> list:
-    return [
-        E.ExpectColumnValuesToBeBetween(
-            column="psi", max_value=drift.psi_fail, **kind("drift"),
-            description=f"Population stability index below {drift.psi_fail} "
-                        "(params drift.psi_fail)."),
-        E.ExpectColumnValuesToBeBetween(
-            column="ks", max_value=drift.ks_fail, **kind("drift"),
-            description=f"Kolmogorov-Smirnov distance below {drift.ks_fail} "
-                        "(params drift.ks_fail)."),
-        E.ExpectColumnValuesToBeBetween(
-            column="psi", max_value=drift.psi_warn,
-            **kind("drift_warning", fatal=False),
-            description=f"Population stability index below {drift.psi_warn} "
-                        "(params drift.psi_warn; a warning only)."),
-        E.ExpectColumnValuesToBeBetween(
-            column="ks", max_value=drift.ks_warn, **kind("drift_warning", fatal=False),
-            description=f"Kolmogorov-Smirnov distance below {drift.ks_warn} "
-                        "(params drift.ks_warn; a warning only)."),
-    ]
-
-
-def _offenders(result, table: pd.DataFrame, checks: ModuleType) -> tuple[int | None, list[str]]:
-    """(count, descriptions) of what broke one failed expectation; no count for table checks.
-    Columns only one modality has are named by its part (`checks.offenders`)."""
-    kind = result.expectation_config.type
-    column = result.expectation_config.kwargs.get("column")
+def _offenders(result, table: pd.DataFrame, check: Check) -> tuple[int | None, list[str]]:
+    """(count, descriptions) of what broke one failed expectation; no count for table checks."""
     res = result.result
-    if kind == "expect_table_row_count_to_be_between":
-        return None, [f"found {res['observed_value']}"]
-    rows = res["unexpected_index_list"]
-    own = checks.offenders(column, res, table)
-    if own is not None:
-        return len(rows), own
-    source = dict(zip(table.path, table.source))
-    if column in ("leak", "duplicate"):
-        hashes = table.set_index("path").content_hash
-        offenders = table[table.content_hash.isin({hashes[r["path"]] for r in rows})]
-        offenders = offenders.sort_values(["split", "source"], key=lambda c: c.map(
-            SPLITS.index) if c.name == "split" else c)  # train first: the copy's origin
-        groups = offenders.groupby("content_hash", sort=False).apply(
-            lambda g: " = ".join(f"{s} ({split})" for s, split in zip(g.source, g.split)),
-            include_groups=False)
-        return len(rows), list(groups)
-    if column == "file_problem":
-        errors = table.set_index("path").decode_error
-        return len(rows), [f"{r['file_problem']}: {source[r['path']]} ({errors[r['path']]})"
-                           for r in rows]
-    key = result.expectation_config.meta["key"]
-    if key == "short_class_splits":  # class_counts: its count column is named for the unit
-        return len(rows), [f"{r['split']}/{r['label']} ({r[column]} {column})" for r in rows]
-    if key == "empty_classes":
-        return len(rows), [f"class {r['label']!r} ({r[column]} {column})" for r in rows]
-    if column in ("psi", "ks"):
-        return len(rows), [f"{r['feature']} {column.upper()} {r[column]:.3f}" for r in rows]
-    return len(rows), [f"{source.get(r['path'], r['path'])} ({column}={r[column]})" for r in rows]
+    count = len(res["unexpected_index_list"]) if "unexpected_index_list" in res else None
+    return count, check.name(res, table, result.expectation_config.kwargs.get("column"))
 
 
-def failure_line(result, table: pd.DataFrame, checks: ModuleType) -> str:
+def failure_line(result, table: pd.DataFrame, check: Check) -> str:
     """'<kind>: <rule> -- <n> break it: a; b; c (+k more)'."""
     config = result.expectation_config
-    n, offenders = _offenders(result, table, checks)
+    n, offenders = _offenders(result, table, check)
     counted = f"{n} break it: " if n is not None else ""
     line = f"{config.meta['kind']}: {config.description} -- {counted}{'; '.join(offenders[:SHOWN])}"
     return line + (f" (+{len(offenders) - SHOWN} more)" if len(offenders) > SHOWN else "")
@@ -213,12 +106,12 @@ def _clear_docs(docs: Path) -> None:
         shutil.rmtree(docs)
 
 
-def _problem_counts(results, table: pd.DataFrame, checks: ModuleType) -> dict[str, int]:
+def _problem_counts(results, table: pd.DataFrame, checks: dict[str, Check]) -> dict[str, int]:
     """Offenders per kind, 0 for a passed check (a table-level failure counts 1)."""
     counts: dict[str, int] = {}
     for r in results:
         key = r.expectation_config.meta["key"]
-        n = 0 if r.success else (_offenders(r, table, checks)[0] or 1)
+        n = 0 if r.success else (_offenders(r, table, checks[key])[0] or 1)
         counts[key] = max(counts.get(key, 0), n)
     return counts
 
@@ -250,6 +143,8 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
     table, current, report = checks.examine(folder, rows, params, reference)
     unit = preprocessing(modality).UNIT
     class_table, class_counts = class_tables(table, classes, unit)
+    data = Data(params, unit, classes, checks.SAME)
+    by_key = registered(checks, data)
 
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -262,13 +157,16 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
     context.add_data_docs_site(site_name=DOCS_SITE, site_config=data_docs.site_config(docs))
     run_id = data_docs.run_id(data_hash(folder))
     source = context.data_sources.add_pandas("kiln")
-    tables = {unit: (table, ["path"]), "classes": (class_table, ["label"]),
-              "class_counts": (class_counts, ["split", "label"])}
+    # table -> (the GX asset and suite's name, its rows, the columns that name a failed row)
+    tables = {"items": (unit, table, ["path"]), "classes": ("classes", class_table, ["label"]),
+              "class_counts": ("class_counts", class_counts, ["split", "label"])}
     if report is not None:
-        tables["drift"] = (report.table(), ["feature"])
+        tables["drift"] = ("drift", report.table(), ["feature"])
     results = []
-    for name, expectations in _suites(checks, classes, params, report is not None).items():
-        frame, keys = tables[name]
+    E = gx.expectations
+    for table_name, (name, frame, keys) in tables.items():
+        expectations = [e for check in by_key.values() if check.table == table_name
+                        for e in check.expectations(E, data)]
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
         suite = context.suites.add(gx.ExpectationSuite(name=name))
         for expectation in expectations:
@@ -285,7 +183,7 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
 
     fatal = [r for r in results if r.expectation_config.meta["fatal"]]
     failed = [r for r in fatal if not r.success]
-    drift_failed = any(r.expectation_config.meta["key"] == "drift" for r in failed)
+    drift_failed = any(by_key[r.expectation_config.meta["key"]].table == "drift" for r in failed)
     # A failed drift check already names the feature; its warning would say it twice.
     warned = [] if drift_failed else \
         [r for r in results if not r.expectation_config.meta["fatal"] and not r.success]
@@ -294,23 +192,23 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
         "splits": {s: int((table.split == s).sum()) for s in SPLITS},
         "checks_passed": len(fatal) - len(failed),
         "checks_failed": len(failed),
-        "problems": _problem_counts(fatal, table, checks),
+        "problems": _problem_counts(fatal, table, by_key),
         "drift": report.metrics(warned=bool(warned), failed=drift_failed)
         if report is not None else {"status": "skipped"},
         "success": not failed,
     }
     every = {**checks.metrics(table, params), **shared}
     return Validation(success=not failed, metrics={key: every[key] for key in checks.METRICS},
-                      failures=_lines(failed, table, checks),
-                      warnings=_lines(warned, table, checks), table=table, profile=current)
+                      failures=_lines(failed, table, by_key),
+                      warnings=_lines(warned, table, by_key), table=table, profile=current)
 
 
-def _lines(results, table: pd.DataFrame, checks: ModuleType) -> list[str]:
+def _lines(results, table: pd.DataFrame, checks: dict[str, Check]) -> list[str]:
     """Failure lines grouped by kind (drift's PSI and KS lines sit together), suite order."""
     lines: dict[str, list[str]] = {}
     for r in results:
-        lines.setdefault(r.expectation_config.meta["kind"], []).append(
-            failure_line(r, table, checks))
+        meta = r.expectation_config.meta
+        lines.setdefault(meta["kind"], []).append(failure_line(r, table, checks[meta["key"]]))
     return [line for group in lines.values() for line in group]
 
 

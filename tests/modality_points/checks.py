@@ -1,5 +1,5 @@
 """The toy modality's validate part: the points table, its Great Expectations checks, the data
-profile and drift features (pipeline/stages/validate.py adds the checks every modality has)."""
+profile and drift features (pipeline/core/checks.py has the checks every modality has)."""
 from __future__ import annotations
 
 import functools
@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.core.checks import Checks, Data, file_problems
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, compare
 from pipeline.core.executor import map_items
@@ -20,14 +21,8 @@ SUMMARY = ("points", "classes", "splits", "undecodable", "checks_passed", "check
            "success")
 METRICS = ("points", "classes", "splits", "undecodable", "checks_passed", "checks_failed",
            "problems", "drift", "success")
-KINDS = {
-    "unreadable_points": "not a point",
-    "large_values": "coordinate out of bounds",
-    "leaked_points": "same point in two splits (leakage)",
-    "duplicate_points": "duplicate points in a split",
-    "empty_classes": "class with no points",
-    "short_class_splits": "class short of points in a split",
-}
+SAME = "compared by their coordinates"
+CHECKS = Checks()
 CATEGORICAL, CONTINUOUS = ("label",), ("largest",)
 
 
@@ -67,36 +62,20 @@ def profile(table: pd.DataFrame) -> dict:
                 method="inverted_cdf").round(4).tolist() if len(decoded) else []}}
 
 
-def suite(E, kind, params: Params, count, repeated, labels, splits) -> list:
-    max_abs = params.points.validate.max_abs
-    return [
-        count,
-        repeated,
-        E.ExpectColumnValuesToBeNull(
-            column="file_problem", **kind("unreadable_points"),
-            description=f"Every file is one line of {params.points.ingest.features} finite "
-                        "numbers."),
-        labels,
-        splits,
-        E.ExpectColumnValuesToBeBetween(
-            column="largest", max_value=max_abs, **kind("large_values"),
-            description=f"No coordinate is larger in magnitude than {max_abs:g} "
-                        "(params points.validate.max_abs)."),
-        E.ExpectColumnValuesToBeInSet(
-            column="leak", value_set=[False], **kind("leaked_points"),
-            description="No point appears in more than one split."),
-        E.ExpectColumnValuesToBeInSet(
-            column="duplicate", value_set=[False], **kind("duplicate_points"),
-            description="No two points of one split are the same point."),
-    ]
+@CHECKS.check("unreadable_points", "not a point", name=file_problems)
+def decodes(E, d: Data):
+    return E.ExpectColumnValuesToBeNull(
+        column="file_problem",
+        description=f"Every file is one line of {d.params.points.ingest.features} finite numbers.")
 
 
-def drift_suite(E, kind, params: Params) -> list:
-    return []
-
-
-def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | None:
-    return None
+@CHECKS.check("large_values", "coordinate out of bounds")
+def bounded(E, d: Data):
+    max_abs = d.params.points.validate.max_abs
+    return E.ExpectColumnValuesToBeBetween(
+        column="largest", max_value=max_abs,
+        description=f"No coordinate is larger in magnitude than {max_abs:g} "
+                    "(params points.validate.max_abs).")
 
 
 def metrics(table: pd.DataFrame, params: Params) -> dict:

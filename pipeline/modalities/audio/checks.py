@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.modalities.audio.decode import ACCEPTED, AudioError, decode, truncation
+from pipeline.core.checks import Checks, Data, file_problems, showing
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
 from pipeline.core.executor import map_items
@@ -81,18 +82,8 @@ CATEGORICAL = ("label", "source_rate", "channels")  # drift features scored by P
 CONTINUOUS = ("seconds", "loudness", "centroid")    # and by PSI and KS
 SHOWN = 3  # clipped clips named on the stage's line when within audio.validate.max_clipped_share
 
-# Kinds of problem of the clips table, and the class checks' words for clips: the key (metrics
-# JSON `problems`) and the words that start its error line.
-KINDS = {
-    "unreadable_clips": "unusable audio file",
-    "clip_duration": "recording length out of bounds",
-    "silent_clips": "too many silent clips",
-    "clipped_clips": "too many clipped clips",
-    "leaked_clips": "same recording in two splits (leakage)",
-    "duplicate_clips": "duplicate recordings in a split",
-    "empty_classes": "class folder with no clips",
-    "short_class_splits": "class short of clips in a split",
-}
+SAME = "compared by their decoded samples"  # as content_hash is
+CHECKS = Checks()  # the clips table's own checks (pipeline/core/checks.py has the shared ones)
 
 
 def file_problem(cause: str) -> str:
@@ -192,71 +183,59 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
     return clips, current, report
 
 
-def suite(E, kind, params: Params, count, repeated, labels, splits) -> list:
-    """The expectations of the clips table; `kind(key)` gives each its meta and severity;
-    `count`, `repeated`, `labels`, `splits`: the checks every modality has."""
-    audio = params.audio
-    return [
-        count,
-        repeated,
-        E.ExpectColumnValuesToBeNull(
-            column="file_problem", **kind("unreadable_clips"),
-            description=f"Every file is {ACCEPTED} audio that decodes: not empty, not "
-                        "corrupt nor cut short, in the container its extension names, with "
-                        "finite samples."),
-        labels,
-        splits,
-        E.ExpectColumnValuesToBeBetween(
-            column="seconds", min_value=audio.validate.min_seconds, max_value=audio.validate.max_seconds,
-            **kind("clip_duration"),
-            description=f"Every recording lasts {audio.validate.min_seconds:g} to {audio.validate.max_seconds:g} s "
-                        "(params audio.validate.min_seconds, audio.validate.max_seconds)."),
-        # mostly: GX passes while at least this share of rows is not silent (not clipped)
-        E.ExpectColumnValuesToBeInSet(
-            column="silent", value_set=[False], mostly=1 - audio.validate.max_silent_share,
-            **kind("silent_clips"),
-            description=f"At most {audio.validate.max_silent_share:.1%} of the clips are silent (RMS "
-                        f"under {audio.preprocess.silent_rms:g} of full scale) (params "
-                        "audio.validate.max_silent_share, audio.preprocess.silent_rms)."),
-        E.ExpectColumnValuesToBeInSet(
-            column="clipping", value_set=[False], mostly=1 - audio.validate.max_clipped_share,
-            **kind("clipped_clips"),
-            description=f"At most {audio.validate.max_clipped_share:.1%} of the clips are clipped (over "
-                        f"{audio.validate.clipped_samples:.2%} of their samples at full scale) (params "
-                        "audio.validate.max_clipped_share, audio.validate.clipped_samples)."),
-        E.ExpectColumnValuesToBeInSet(
-            column="leak", value_set=[False], **kind("leaked_clips"),
-            description="No recording's decoded samples appear in more than one split: a copy "
-                        "of a training clip in val or test inflates the measured accuracy."),
-        E.ExpectColumnValuesToBeInSet(
-            column="duplicate", value_set=[False], **kind("duplicate_clips"),
-            description="No two clips of one split have the same decoded samples."),
-    ]
-
-
-def drift_suite(E, kind, params: Params) -> list:
-    """Drift expectations beyond the PSI/KS ones every modality has: none for audio."""
-    return []
-
-
 def _clipped(source: str, share: float) -> str:
     return f"{source} ({share:.2%} of samples at full scale)"
 
 
-def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | None:
-    """How the failed rows of a clips-table check on `column` are named (GX's `result`), for
-    the columns only clips have; None for the others."""
-    rows = result["unexpected_index_list"]
+@CHECKS.check("unreadable_clips", "unusable audio file", name=file_problems)
+def decodes(E, d: Data):
+    return E.ExpectColumnValuesToBeNull(
+        column="file_problem",
+        description=f"Every file is {ACCEPTED} audio that decodes: not empty, not corrupt nor "
+                    "cut short, in the container its extension names, with finite samples.")
+
+
+@CHECKS.check("clip_duration", "recording length out of bounds", name=showing("{seconds:.2f} s"))
+def duration(E, d: Data):
+    rules = d.params.audio.validate
+    return E.ExpectColumnValuesToBeBetween(
+        column="seconds", min_value=rules.min_seconds, max_value=rules.max_seconds,
+        description=f"Every recording lasts {rules.min_seconds:g} to {rules.max_seconds:g} s "
+                    "(params audio.validate.min_seconds, audio.validate.max_seconds).")
+
+
+def _silent(res: dict, table: pd.DataFrame, column: str | None) -> list[str]:
     by_path = table.set_index("path")
-    if column == "seconds":
-        return [f"{by_path.source[r['path']]} ({r['seconds']:.2f} s)" for r in rows]
-    if column == "silent":
-        return [f"{result['unexpected_percent']:.1f}% silent"] + [
-            f"{by_path.source[r['path']]} (RMS {by_path.rms[r['path']]:.2g})" for r in rows]
-    if column == "clipping":
-        return [f"{result['unexpected_percent']:.1f}% clipped"] + [
-            _clipped(by_path.source[r["path"]], by_path.clipped[r["path"]]) for r in rows]
-    return None
+    return [f"{res['unexpected_percent']:.1f}% silent"] + [
+        f"{by_path.source[r['path']]} (RMS {by_path.rms[r['path']]:.2g})"
+        for r in res["unexpected_index_list"]]
+
+
+# mostly: GX passes while at least this share of rows is not silent (not clipped)
+@CHECKS.check("silent_clips", "too many silent clips", name=_silent)
+def not_silent(E, d: Data):
+    share, rms = d.params.audio.validate.max_silent_share, d.params.audio.preprocess.silent_rms
+    return E.ExpectColumnValuesToBeInSet(
+        column="silent", value_set=[False], mostly=1 - share,
+        description=f"At most {share:.1%} of the clips are silent (RMS under {rms:g} of full "
+                    "scale) (params audio.validate.max_silent_share, audio.preprocess.silent_rms).")
+
+
+def _clipped_named(res: dict, table: pd.DataFrame, column: str | None) -> list[str]:
+    by_path = table.set_index("path")
+    return [f"{res['unexpected_percent']:.1f}% clipped"] + [
+        _clipped(by_path.source[r["path"]], by_path.clipped[r["path"]])
+        for r in res["unexpected_index_list"]]
+
+
+@CHECKS.check("clipped_clips", "too many clipped clips", name=_clipped_named)
+def not_clipped(E, d: Data):
+    rules = d.params.audio.validate
+    return E.ExpectColumnValuesToBeInSet(
+        column="clipping", value_set=[False], mostly=1 - rules.max_clipped_share,
+        description=f"At most {rules.max_clipped_share:.1%} of the clips are clipped (over "
+                    f"{rules.clipped_samples:.2%} of their samples at full scale) (params "
+                    "audio.validate.max_clipped_share, audio.validate.clipped_samples).")
 
 
 def _counts(column: pd.Series) -> dict[str, int]:

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline.core.checks import Checks, Data, file_problems
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
 from pipeline.core.executor import map_items
@@ -68,17 +69,8 @@ COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "
 CATEGORICAL = ("label", "size", "channels")  # drift features scored by PSI
 CONTINUOUS = ("pixel_mean", "pixel_std")     # and by PSI and KS
 
-# Kinds of problem of the images table, and the class checks' words for images: the key (metrics
-# JSON `problems`) and the words that start its error line.
-KINDS = {
-    "unreadable_files": "unreadable image file",
-    "wrong_size": "image size far from image.preprocess.image_size",
-    "blank_images": "too many blank images",
-    "leaked_images": "same image in two splits (leakage)",
-    "duplicate_images": "duplicate images in a split",
-    "empty_classes": "class folder with no images",
-    "short_class_splits": "class short of images in a split",
-}
+SAME = "compared by their pixels in image.preprocess.channels"  # as content_hash is
+CHECKS = Checks()  # the images table's own checks (pipeline/core/checks.py has the shared ones)
 
 
 def sniffed(data: bytes) -> str | None:
@@ -234,10 +226,24 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
     return images, current, report
 
 
-def suite(E, kind, params: Params, count, repeated, labels, splits) -> list:
-    """The expectations of the images table; `kind(key)` gives each its meta and severity;
-    `count`, `repeated`, `labels`, `splits`: the checks every modality has."""
-    size, rules = params.image.preprocess.image_size, params.image.validate
+@CHECKS.check("unreadable_files", "unreadable image file", name=file_problems)
+def decodes(E, d: Data):
+    return E.ExpectColumnValuesToBeNull(
+        column="file_problem",
+        description=f"Every file is one complete picture ({ACCEPTED}) that decodes: not "
+                    "empty, not truncated, not corrupt, not animated nor multi-page, not "
+                    "float pixels, not another kind of file.")
+
+
+def _sizes(res: dict, table: pd.DataFrame, column: str | None) -> list[str]:
+    sizes = table.set_index("path")
+    return [f"{sizes.source[r['path']]} ({int(sizes.width[r['path']])}x"
+            f"{int(sizes.height[r['path']])} px)" for r in res["unexpected_index_list"]]
+
+
+@CHECKS.check("wrong_size", "image size far from image.preprocess.image_size", name=_sizes)
+def size(E, d: Data):
+    size, rules = d.params.image.preprocess.image_size, d.params.image.validate
     if rules.allow_resize:
         size_rule = (f"Every image side is within {rules.max_resize_factor:g}x of "
                      f"image.preprocess.image_size {size} px, smaller or larger "
@@ -247,55 +253,24 @@ def suite(E, kind, params: Params, count, repeated, labels, splits) -> list:
         size_rule = (f"Every image is already {size}x{size} px "
                      "(params image.validate.allow_resize is false).")
         max_factor = 1.0
-    return [
-        count,
-        repeated,
-        E.ExpectColumnValuesToBeNull(
-            column="file_problem", **kind("unreadable_files"),
-            description=f"Every file is one complete picture ({ACCEPTED}) that decodes: not "
-                        "empty, not truncated, not corrupt, not animated nor multi-page, not "
-                        "float pixels, not another kind of file."),
-        labels,
-        splits,
-        E.ExpectColumnValuesToBeBetween(
-            column="resize_factor", min_value=1.0, max_value=max_factor,
-            **kind("wrong_size"), description=size_rule),
-        # mostly: GX passes while at least this share of rows is not blank.
-        E.ExpectColumnValuesToBeInSet(
-            column="blank", value_set=[False], mostly=1 - rules.max_blank_fraction,
-            **kind("blank_images"),
-            description=f"At most {rules.max_blank_fraction:.1%} of the images are blank (one "
-                        "value in every pixel) (params image.validate.max_blank_fraction)."),
-        E.ExpectColumnValuesToBeInSet(
-            column="leak", value_set=[False], **kind("leaked_images"),
-            description="No image's pixels appear in more than one split: a copy of a training "
-                        "image in val or test inflates the measured accuracy."),
-        E.ExpectColumnValuesToBeInSet(
-            column="duplicate", value_set=[False], **kind("duplicate_images"),
-            description="No two images of one split have the same pixels."),
-    ]
+    return E.ExpectColumnValuesToBeBetween(column="resize_factor", min_value=1.0,
+                                           max_value=max_factor, description=size_rule)
 
 
-def drift_suite(E, kind, params: Params) -> list:
-    """Drift expectations beyond the PSI/KS ones every modality has: none for images."""
-    return []
-
-
-
-
-
-def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | None:
-    """How the failed rows of an images-table check on `column` are named (GX's `result`), for
-    the columns only images have; None for the others."""
-    rows = result["unexpected_index_list"]
+def _blank(res: dict, table: pd.DataFrame, column: str | None) -> list[str]:
     source = dict(zip(table.path, table.source))
-    if column == "resize_factor":
-        sizes = table.set_index("path")
-        return [f"{source[r['path']]} ({int(sizes.width[r['path']])}x"
-                f"{int(sizes.height[r['path']])} px)" for r in rows]
-    if column == "blank":
-        return [f"{result['unexpected_percent']:.1f}% blank"] + [source[r["path"]] for r in rows]
-    return None
+    return [f"{res['unexpected_percent']:.1f}% blank"] + [
+        source[r["path"]] for r in res["unexpected_index_list"]]
+
+
+@CHECKS.check("blank_images", "too many blank images", name=_blank)
+def not_blank(E, d: Data):
+    share = d.params.image.validate.max_blank_fraction
+    # mostly: GX passes while at least this share of rows is not blank.
+    return E.ExpectColumnValuesToBeInSet(
+        column="blank", value_set=[False], mostly=1 - share,
+        description=f"At most {share:.1%} of the images are blank (one value in every pixel) "
+                    "(params image.validate.max_blank_fraction).")
 
 
 def metrics(table: pd.DataFrame, params: Params) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.core.checks import Checks, Data, file_problems, showing
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
 from pipeline.core.executor import map_items
@@ -39,16 +40,8 @@ SUMMARY = ("texts", "classes", "splits", "undecodable", "empty", "duplicates", "
 METRICS = ("texts", "classes", "splits", "undecodable", "empty", "duplicates", "words",
            "checks_passed", "checks_failed", "problems", "file_problems", "drift", "success")
 FILE_PROBLEMS = ("unreadable file", "binary data", "not UTF-8")
-# Kinds of problem of the texts table, and the class checks' words for texts.
-KINDS = {
-    "unreadable_texts": "not a UTF-8 text file",
-    "empty_texts": "empty text",
-    "text_length": "text length out of bounds",
-    "leaked_texts": "same text in two splits (leakage)",
-    "duplicate_texts": "duplicate texts in a split",
-    "empty_classes": "class with no texts",
-    "short_class_splits": "class short of texts in a split",
-}
+SAME = "compared in Unicode NFKC, case-folded, whitespace collapsed"  # as content_hash is
+CHECKS = Checks()  # the texts table's own checks (pipeline/core/checks.py has the shared ones)
 
 
 def describe_text(path: Path) -> tuple[dict, list[str] | None]:
@@ -102,50 +95,32 @@ def examine(folder: Path, rows: list[dict], params: Params, reference: dict | No
     return texts, current, report
 
 
-def suite(E, kind, params: Params, count, repeated, labels, splits) -> list:
-    """The expectations of the texts table; `kind(key)` gives each its meta and severity;
-    `count`, `repeated`, `labels`, `splits`: the checks every modality has."""
-    text = params.text
-    return [
-        count,
-        repeated,
-        E.ExpectColumnValuesToBeNull(
-            column="file_problem", **kind("unreadable_texts"),
-            description="Every file is text that decodes as UTF-8: readable, no binary data "
-                        "(NUL bytes), no bytes that are not UTF-8."),
-        E.ExpectColumnValuesToBeInSet(
-            column="empty", value_set=[False], **kind("empty_texts"),
-            description="No text is empty or only whitespace."),
-        labels,
-        splits,
-        E.ExpectColumnValuesToBeBetween(
-            column="words", min_value=text.validate.min_words, max_value=text.validate.max_words,
-            **kind("text_length"),
-            description=f"Every text has {text.validate.min_words} to {text.validate.max_words} words and "
-                        "punctuation marks (params text.validate.min_words, text.validate.max_words)."),
-        E.ExpectColumnValuesToBeInSet(
-            column="leak", value_set=[False], **kind("leaked_texts"),
-            description="No text appears in more than one split (compared in Unicode NFKC, "
-                        "case-folded, whitespace collapsed): a copy of a training text in val "
-                        "or test inflates the measured accuracy."),
-        E.ExpectColumnValuesToBeInSet(
-            column="duplicate", value_set=[False], **kind("duplicate_texts"),
-            description="No two texts of one split are the same text (compared as for leakage)."),
-    ]
+@CHECKS.check("unreadable_texts", "not a UTF-8 text file", name=file_problems)
+def decodes(E, d: Data):
+    return E.ExpectColumnValuesToBeNull(
+        column="file_problem",
+        description="Every file is text that decodes as UTF-8: readable, no binary data "
+                    "(NUL bytes), no bytes that are not UTF-8.")
 
 
-def offenders(column: str, result: dict, table: pd.DataFrame) -> list[str] | None:
-    """How the failed rows of a check on `column` are named (GX's `result`), for the columns
-    only texts have (texts table, drift); None for the others."""
-    rows = result["unexpected_index_list"]
+def _sources(res: dict, table: pd.DataFrame, column: str | None) -> list[str]:
     source = dict(zip(table.path, table.source))
-    if column == "empty":
-        return [source[r["path"]] for r in rows]
-    if column == "words":
-        return [f"{source[r['path']]} ({int(r['words'])} words)" for r in rows]
-    if column == "oov_rise":
-        return [f"out-of-vocabulary share up {r[column]:.3f}" for r in rows]
-    return None
+    return [source[r["path"]] for r in res["unexpected_index_list"]]
+
+
+@CHECKS.check("empty_texts", "empty text", name=_sources)
+def not_empty(E, d: Data):
+    return E.ExpectColumnValuesToBeInSet(column="empty", value_set=[False],
+                                         description="No text is empty or only whitespace.")
+
+
+@CHECKS.check("text_length", "text length out of bounds", name=showing("{words:.0f} words"))
+def length(E, d: Data):
+    rules = d.params.text.validate
+    return E.ExpectColumnValuesToBeBetween(
+        column="words", min_value=rules.min_words, max_value=rules.max_words,
+        description=f"Every text has {rules.min_words} to {rules.max_words} words and "
+                    "punctuation marks (params text.validate.min_words, text.validate.max_words).")
 
 
 def metrics(table: pd.DataFrame, params: Params) -> dict:
@@ -231,18 +206,28 @@ def compare_texts(reference: dict, current: dict, counts: Counter, thresholds: D
     return TextDrift(report, oov_rate(reference["vocabulary"], counts), reference["oov_rate"])
 
 
-def drift_suite(E, kind, params: Params) -> list:
-    """Drift expectations beyond the PSI/KS ones every modality has: the out-of-vocabulary rise."""
-    text = params.text
-    return [
-        E.ExpectColumnValuesToBeBetween(
-            column="oov_rise", max_value=text.validate.oov_fail, **kind("drift"),
-            description=f"The share of the train split's words missing from the champion's "
-                        f"vocabulary exceeds the champion's own by at most {text.validate.oov_fail} "
-                        "(params text.validate.oov_fail)."),
-        E.ExpectColumnValuesToBeBetween(
-            column="oov_rise", max_value=text.validate.oov_warn, **kind("drift_warning", fatal=False),
-            description=f"The share of the train split's words missing from the champion's "
-                        f"vocabulary exceeds the champion's own by at most {text.validate.oov_warn} "
-                        "(params text.validate.oov_warn; a warning only)."),
-    ]
+def _oov(res: dict, table: pd.DataFrame, column: str | None) -> list[str]:
+    return [f"out-of-vocabulary share up {r[column]:.3f}" for r in res["unexpected_index_list"]]
+
+
+def _oov_rule(bound: float, key: str) -> str:
+    return (f"The share of the train split's words missing from the champion's vocabulary "
+            f"exceeds the champion's own by at most {bound} (params {key}")
+
+
+@CHECKS.check("vocabulary_drift", "drift from the champion's vocabulary", table="drift",
+              name=_oov)
+def vocabulary(E, d: Data):
+    bound = d.params.text.validate.oov_fail
+    return E.ExpectColumnValuesToBeBetween(
+        column="oov_rise", max_value=bound,
+        description=_oov_rule(bound, "text.validate.oov_fail") + ").")
+
+
+@CHECKS.check("vocabulary_drift_warning", "vocabulary drift warning", table="drift",
+              fatal=False, name=_oov)
+def vocabulary_warning(E, d: Data):
+    bound = d.params.text.validate.oov_warn
+    return E.ExpectColumnValuesToBeBetween(
+        column="oov_rise", max_value=bound,
+        description=_oov_rule(bound, "text.validate.oov_warn") + "; a warning only).")
