@@ -60,8 +60,8 @@ def write_params(folder: Path, changes: dict | None = None) -> Path:
 # The longest test files (summed durations of a `make test`, docs/benchmarks.md Tests), started
 # first: pytest-xdist's loadfile hands out whole files in collection order, and a long file
 # started last kept one worker busy while the other stood idle.
-LONGEST_FIRST = ("test_pipeline.py", "test_recipes.py", "test_promotion.py", "test_service.py",
-                 "test_flows.py")
+LONGEST_FIRST = ("test_pipeline.py", "test_modalities.py", "test_recipes.py", "test_promotion.py",
+                 "test_service.py", "test_flows.py")
 
 
 def pytest_collection_modifyitems(items):

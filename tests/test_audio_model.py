@@ -5,10 +5,6 @@ augment -> train -> compress stages on generated clips."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +12,6 @@ import onnx
 import pytest
 import soundfile
 import torch
-from safetensors.torch import load_file
 
 from pipeline import StageError
 from pipeline.modalities.audio import export
@@ -24,13 +19,12 @@ from pipeline.modalities.audio import models as audio_models
 from pipeline.modalities.audio.augment import augment_waves, preprocessing, write_augmented
 from pipeline.modalities.audio.logmel import LogMel, mask_bands, mel_filterbank
 from pipeline.modalities.audio.perturb import generator, perturb, resample
-from pipeline.core.card import onnx_predictor, read_card
+from pipeline.core.card import onnx_predictor
 from pipeline.core.pruning import structured_l1
 from pipeline.stages.compress import count_macs_on, count_params, quantize_int8
-from pipeline.core.dataset import load_split, write_manifest
+from pipeline.core.dataset import write_manifest
 from pipeline.params import load_params
 from tests.conftest import merged
-from tests.project import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 16000
@@ -250,14 +244,6 @@ def test_int8_keeps_the_front_end_float_and_answers_alone_as_in_a_batch(name, wa
 
 # --- the stages --------------------------------------------------------------------------------
 
-def run(project: Path, *argv: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "pipeline.stages", *argv], cwd=project,
-                          env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done
-
-
 def test_augment_writes_the_same_bytes_twice(tmp_path):
     data = write_clips(tmp_path / "ingested", seed=1)
     outputs = []
@@ -269,47 +255,3 @@ def test_augment_writes_the_same_bytes_twice(tmp_path):
     assert summary.startswith("96 training clips -> 192 (1 perturbed copies each)")
 
 
-@pytest.mark.slow
-def test_augment_train_compress_on_generated_clips(tmp_path, params_writer, monkeypatch):
-    from pipeline.stages import augment as augment_stage
-
-    write_clips(tmp_path / "data/ingested", seed=0)
-    augment = {**dataclasses.asdict(params().audio.augment)}  # as params.yaml has it
-    # 3 fine-tuning epochs: after 1, half of this 8-wide network's channels gone, 0.5 accuracy
-    params_writer(tmp_path, {"data": {"modality": "audio"},
-                             "audio": {"train": AUDIO["train"], "augment": augment},
-                             "compress": {"finetune_epochs": 3}})
-    monkeypatch.chdir(tmp_path)
-    augment_stage.main(["--data", "data/ingested", "--out", "data/augmented"])
-    tensors = load_file(tmp_path / "data/augmented/train.safetensors")
-    assert tensors["waveforms"].shape == (2 * 96, RATE) and tensors["labels"].shape == (192,)
-
-    run(tmp_path, *stage_argv("train"))
-    card = read_card(tmp_path / "models/float")
-    assert card.architecture == "conv1d" and card.recipe.section.train.n_mels == AUDIO["train"]["n_mels"]
-    assert card.preprocessing == preprocessing(card.recipe.section.preprocess)
-
-    run(tmp_path, *stage_argv("compress"))
-    report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
-    assert report["macs"]["pruned.onnx"] < report["macs"]["float.onnx"]
-    assert report["pruned_widths"]["body.0"] == [4, AUDIO["train"]["n_mels"]]  # half of 8, all bands in
-    assert report["macs_of"] == "one clip of 1 s"
-    x, y = load_split(tmp_path / "data/ingested", "test", card.preprocessing)
-    for variant in ("float.onnx", "pruned.onnx", "int8.onnx"):
-        logits = onnx_predictor(tmp_path / "models/compressed" / variant, 1)(x)
-        assert (logits.argmax(1) == y).mean() > 0.5, variant  # chance: 0.25
-
-    # The gate's baselines for audio: the majority class and logistic regression on log-mel band
-    # statistics, which can be served (its graph takes the waveform, as the models do).
-    done = run(tmp_path, *stage_argv("evaluate"))
-    evaluation = json.loads((tmp_path / "reports/evaluation.json").read_text())
-    assert evaluation["baseline_majority"]["accuracy"] == 0.25  # 8 test clips per class
-    logreg = evaluation["baseline_logreg"]
-    assert logreg["servable"] and logreg["accuracy"] > 0.9  # tones apart in frequency
-    assert evaluation["accuracy"]["baseline_logreg"] == pytest.approx(logreg["accuracy"])
-    selected = read_card(tmp_path / "models/selected")
-    assert selected.selection.variant == evaluation["selected"]
-    assert f"selected {evaluation['selected']}" in done.stdout
-    logits = onnx_predictor(tmp_path / "models/selected/model.onnx", 1)(x)
-    assert (logits.argmax(1) == y).mean() == pytest.approx(
-        evaluation["accuracy"][evaluation["selected"]])

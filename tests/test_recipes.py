@@ -1,19 +1,17 @@
-"""Recipes that fit the user's data: a folder of a few hundred texts in six languages and a folder
-of a few hundred of the user's own JPEGs go through ingest, validate, augment, train, compress
-and evaluate as users run them (`python -m pipeline.stages <stage>` in a project folder, the repo's
+"""Recipes that fit the user's data: a folder of a few hundred texts in six languages goes through
+ingest, validate, augment, train, compress and evaluate as users run them (`python -m pipeline.stages <stage>` in a project folder, the repo's
 params.yaml shrunk by tests/conftest.py), with the real training budget: training stops on the
 val split, and the gate measures the variants against the baselines evaluate fits (majority
 class, logistic regression, TF-IDF). A baseline that beats every variant is selected, packaged
-and served (REST and gRPC, through the package stage's infra validation)."""
+and served (REST and gRPC, through the package stage's infra validation). A folder of the
+user's own photos: tests/test_modalities.py."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image, ImageDraw
 
 from pipeline.core.card import onnx_predictor, read_card, softmax
 from pipeline.core.modality import card_part
@@ -129,69 +127,3 @@ def test_a_baseline_that_beats_every_variant_is_selected_packaged_and_served(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "infra validation passed" in done.stdout and "gRPC ModelInfer" in done.stdout
     assert report["challenger_serves"]
-
-
-# --- the user's own images --------------------------------------------------------------------
-
-SHAPES = ("ring", "bar", "wedge")
-
-
-def draw(shape: str, rng: np.random.Generator) -> Image.Image:
-    """A photo-like JPEG subject: one shape of a random colour, size and place on a noisy
-    background of another colour, in a random frame size."""
-    side = int(rng.integers(48, 97))
-    background = rng.integers(0, 256, 3)
-    noise = rng.normal(0, 12, (side, side, 3))
-    image = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
-    ink = tuple(int(c) for c in (255 - background + rng.integers(-40, 41, 3)) % 256)
-    size = side * rng.uniform(0.35, 0.6)
-    cx, cy = rng.uniform(size / 2 + 2, side - size / 2 - 2, 2)
-    box = [cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2]
-    pen = ImageDraw.Draw(image)
-    if shape == "ring":
-        pen.ellipse(box, outline=ink, width=max(2, int(size / 8)))
-    elif shape == "bar":
-        width = size / 5
-        pen.rectangle([cx - width, box[1], cx + width, box[3]], fill=ink)
-    else:
-        pen.polygon([(box[0], box[3]), (box[2], box[3]), (cx, box[1])], fill=ink)
-    return image
-
-
-@pytest.fixture(scope="module")
-def own_images(tmp_path_factory) -> Path:
-    """110 JPEGs per class, 330 in all: the size of the folder the digits' 0.97 floor refused."""
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for shape in SHAPES:
-        (root / shape).mkdir()
-        for i in range(110):
-            draw(shape, rng).save(root / shape / f"IMG_{i:04d}.jpg", quality=90)
-    return root
-
-
-@pytest.mark.slow
-def test_own_images_pass_the_default_gate_when_the_model_beats_the_baselines(
-        tmp_path, own_images, params_writer):
-    work = tmp_path / "photos"
-    work.mkdir()
-    # the real training budget (conftest's SHRINK cuts it to 6 epochs for the digits)
-    params_writer(work, {"image": {"ingest": {"source": str(own_images)},
-                                   "train": {"max_epochs": REAL["image"]["train"]["max_epochs"]}}})
-    up_to_augment(work)
-    _, evaluation = through_evaluate(work)
-    selected = evaluation["selected"]
-    assert evaluation["baseline_majority"]["accuracy"] < 0.5
-    assert evaluation["accuracy"][selected] >= best_baseline(evaluation) + \
-        REAL["gate"]["baseline_margin"]
-    assert evaluation["accuracy"][selected] > best_baseline(evaluation) + 0.2  # a clear win
-    assert REAL["gate"]["min_accuracy"] is None  # the default gate: the baselines' bar alone
-
-    # The same run with an absolute floor it cannot reach: refused, naming the key to change.
-    params_writer(work, {"image": {"ingest": {"source": str(own_images)},
-                                   "train": {"max_epochs": REAL["image"]["train"]["max_epochs"]}},
-                         "gate": {"min_accuracy": 0.999}})
-    done = cli(work, *EVALUATE)
-    assert done.returncode == 1
-    assert "kiln evaluate: error: gate: no variant is eligible" in done.stderr
-    assert "= gate.min_accuracy 0.999 (params.yaml gate.min_accuracy)" in done.stderr

@@ -18,11 +18,10 @@ import torch
 
 from pipeline import StageError
 from pipeline.core import saved_model
-from pipeline.core.card import onnx_predictor, read_card
+from pipeline.core.card import onnx_predictor
 from pipeline.core.pruning import structured_l1
 from pipeline.stages.compress import count_macs_on, count_params, quantize_int8
 from pipeline.core.dataset import load_texts, write_manifest
-from pipeline.core.modality import card_part
 from pipeline.modalities.text.config import Augment as TextAugment
 from pipeline.params import load_params
 from pipeline.modalities.text import export, preprocess as tokens
@@ -226,53 +225,6 @@ def augment_in_process(project: Path, monkeypatch) -> None:
 
 
 TRAIN = stage_argv("train")
-
-
-@pytest.mark.slow
-def test_augment_train_compress_evaluate_on_generated_texts(tmp_path, params_writer,
-                                                           monkeypatch):
-    write_texts(tmp_path / "data/ingested", seed=0)
-    params_writer(tmp_path, {"data": {"modality": "text"}, "text": TEXT,
-                             "gate": {"max_accuracy_drop": 0.2}})
-    augment_in_process(tmp_path, monkeypatch)
-    aug = tmp_path / "data/augmented"
-    from safetensors.torch import load_file
-    tensors = load_file(aug / "train.safetensors")
-    assert tensors["tokens"].dtype == torch.int64 and len(tensors["tokens"]) == 2 * 160
-    assert tensors["tokens"].shape[1] <= TEXT["preprocess"]["max_tokens"]
-    prep = tokens.TextPreprocessing(**json.loads((aug / "preprocessing.json").read_text()))
-    tokenizer = tokens.load(aug, prep)  # checks the sha256
-    assert tokenizer.get_vocab_size() <= TEXT["preprocess"]["vocab_size"]
-
-    run(tmp_path, *TRAIN)
-    card = read_card(tmp_path / "models/float")
-    assert card.architecture == "text_encoder" and card.recipe.section.train.dim == TEXT["train"]["dim"]
-    assert card.preprocessing == prep
-    assert (tmp_path / "models/float/tokenizer.json").read_bytes() == \
-        (aug / "tokenizer.json").read_bytes()
-
-    done = run(tmp_path, *stage_argv("compress"))
-    report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
-    assert report["heads"] == {"layers.0.attention": 2} and report["calibration_images"] > 0
-    assert report["macs"]["pruned.onnx"] < report["macs"]["float.onnx"]
-    sizes = report["size_bytes"]
-    # int8's size: test_int8_is_smaller_... (on this 16-wide model QDQ nodes outweigh the saving)
-    assert sizes["pruned.onnx"] < sizes["float.onnx"]
-
-    done = run(tmp_path, *stage_argv("evaluate"))
-    metrics = json.loads((tmp_path / "reports/evaluation.json").read_text())
-    baseline = metrics["baseline_tfidf_lr"]
-    assert baseline["accuracy"] > 0.8  # the generated classes are easy for TF-IDF
-    assert "baseline_tfidf_lr" in done.stdout
-    selected = tmp_path / "models/selected"
-    card = read_card(selected)
-    assert card.selection.variant == metrics["selected"]
-    # The served file answers texts of any length, as the service feeds it (the card's serving
-    # part: token ids, or the texts themselves for a selected TF-IDF baseline).
-    predict = onnx_predictor(selected / "model.onnx", 1)
-    texts = [(tmp_path / "data/ingested/texts/test/alpha/0.txt").read_text(), "alpha1 alpha2"]
-    logits = predict(card_part(card, "serving").model_input(selected, card)(texts))
-    assert logits.shape == (2, 4)
 
 
 @pytest.mark.slow
