@@ -42,8 +42,10 @@ repro: install
 
 # One pytest worker per CPU (pytest-xdist), each file on one worker: a file's tests build on its
 # module fixtures. Most slow tests wait on subprocesses and servers, so two workers on 2 cores
-# took 12-15 min where one took 21 (docs/benchmarks.md, Tests).
-PYTEST := $(BIN)/python -m pytest -ra -n auto --dist loadfile --durations=15
+# took 12-15 min where one took 21 (docs/benchmarks.md, Tests). --no-loadscope-reorder: files in
+# collection order, the longest first (tests/conftest.py LONGEST_FIRST), not xdist's most tests
+# first, which started a 4-test file of 3 minutes last.
+PYTEST := $(BIN)/python -m pytest -ra -n auto --dist loadfile --no-loadscope-reorder --durations=15
 
 test: install
 	$(PYTEST)

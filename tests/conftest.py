@@ -26,7 +26,7 @@ SHRINK = {
     "validate": {"min_items": 10},
     "image": {"augment": {"copies": 1}, "train": {"max_epochs": 8}},
     "compress": {"finetune_epochs": 1, "calibration_items": 64},
-    "evaluate": {"latency_runs": 5},
+    "evaluate": {"latency_runs": 5, "latency_batch_sizes": [1, 32]},
     "gate": {"max_accuracy_drop": 0.02},
     "serve": {"workers": 1},  # each server the stages start and the tests query: one worker's start
 }

@@ -45,3 +45,22 @@ def test_an_empty_split_names_the_manifest(tmp_path):
     folder = texts_folder(tmp_path, {"train": 6, "test": 3})
     with pytest.raises(StageError, match=r"manifest\.csv: no texts in split 'val'"):
         split_items(folder, "val", read_text, "texts")
+
+
+def text_length(path: Path) -> np.ndarray:
+    return np.array([len(read_text(path))], np.int64)
+
+
+def test_array_items_stack_per_batch_and_outputs_keep_manifest_order(tmp_path):
+    """The stream evaluate and package score: array items (pixels, waveforms) come as one array
+    per batch, and a function of every batch (a model's logits) comes back one row per item in
+    manifest order, however the split is cut."""
+    folder = texts_folder(tmp_path, {"train": 5, "val": 2, "test": 23})
+    items = split_items(folder, "test", text_length, "texts")
+    first, labels = next(items.batches(10))
+    assert isinstance(first, np.ndarray) and first.shape == (10, 1) and len(labels) == 10
+    whole = items.batch_outputs(len(items), lambda batch: batch * 2)
+    for size in (1, 7, 23):
+        assert items.batch_outputs(size, lambda batch: batch * 2).tolist() == whole.tolist()
+    texts = load_texts(folder, "test")[0]
+    assert whole[:, 0].tolist() == [2 * len(t) for t in texts]

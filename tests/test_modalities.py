@@ -25,7 +25,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from pipeline.core.card import onnx_predictor, read_card
-from pipeline.core.dataset import read_manifest
+from pipeline.core.dataset import load_split, read_manifest
 from pipeline.core.modality import card_part
 from pipeline.modalities import MODALITIES
 from pipeline.serving import oip
@@ -138,8 +138,8 @@ def test_the_seven_stages_run_package_and_are_up_to_date(reproduced, tmp_path):
     if modality in MODALITIES:  # the toy's code is in its project only: served_points
         predict = onnx_predictor(root / "models/selected/model.onnx", 1)
         card = read_card(root / "models/selected")
-        x, y = card_part(card, "scoring").split_input(root / "data/ingested", "test",
-                                                        root / "models/selected", card)[:2]
+        items, y = load_split(root / "data/ingested", "test", card.preprocessing)
+        x = card_part(card, "serving").model_input(root / "models/selected", card)(items)
         assert (predict(x).argmax(1) == y).mean() == pytest.approx(
             evaluation["accuracy"][selected], abs=1e-5)  # evaluate rounds
     {"image": beats_the_baselines, "text": tokens_and_heads, "audio": waveforms_and_channels,

@@ -30,6 +30,15 @@ def test_every_modality_provides_every_part(modality, name):
             f"pipeline/modalities/{modality}/{name}.py {function}: parameters are not {wanted}"
 
 
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_every_preprocessing_record_reads_an_ingested_item(modality):
+    """split_of (pipeline/core/dataset.py) reads a split through the card's record: its load."""
+    record = part(modality, "preprocess").RECORD
+    assert isinstance(record.UNIT, str) and isinstance(record.MODEL_FILES, tuple)
+    assert callable(getattr(record, "load", None)), \
+        f"pipeline/modalities/{modality}/preprocess.py RECORD: no load(path)"
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_stages_call_the_seam_not_a_modality(stage):
     """No stage imports a modality's package directly or compares with a modality's name."""

@@ -129,16 +129,14 @@ def test_package_infra_validation_goes_through_every_registered_protocol(server)
     endpoints, and the stage printed exactly those. A protocol added to the registry is
     infra-validated without a change to the stage (or to this test)."""
     from pipeline.core.card import BentoArgs, read_card
-    from pipeline.core.dataset import read_manifest
-    from pipeline.core.modality import card_part
+    from pipeline.core.dataset import split_of
     from pipeline.serving.protocols import PROTOCOLS, Bento, Split
 
     model_dir = server["model_dir"]
     data = model_dir.parent / "ingested"
     card = read_card(model_dir)
-    _, _, items = card_part(card, "scoring").split_input(data, "test", model_dir, card)
-    split = Split(data=data, rows=[r for r in read_manifest(data)[0] if r["split"] == "test"],
-                  items=items)
+    test = split_of(data, "test", card.preprocessing)
+    split = Split(data=data, rows=test.rows, items=next(test.batches(len(test)))[0])
     bento = Bento(http=server["client"], grpc_port=server["client"].grpc_port,
                   args=BentoArgs(model_tag=server["report"]["champion"]["model_tag"],
                                  serve=SERVE, limits=IMAGE_LIMITS))

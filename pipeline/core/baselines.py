@@ -25,7 +25,8 @@ from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
-from pipeline.core.dataset import read_manifest
+from pipeline.core.card import PREDICT_BATCH
+from pipeline.core.dataset import Items, read_manifest
 
 # lbfgs' default 100 iterations stop short of convergence on a few thousand features
 LOGREG = {"max_iter": 1000}
@@ -85,28 +86,39 @@ def probabilities(model, features, classes: int) -> np.ndarray:
     return out / out.sum(1, keepdims=True)  # float32 features: sums a hair off 1
 
 
-def scored(model, setup: str, scored_on: tuple, val: tuple, classes: int, macs: int,
+def streamed(model, test: Items, features: Callable, classes: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (N, classes), labels) of a fitted classifier on the split `test`, its
+    features computed a batch of items at a time (PREDICT_BATCH)."""
+    return (test.batch_outputs(PREDICT_BATCH,
+                               lambda items: probabilities(model, features(items), classes)),
+            test.labels())
+
+
+def scored(model, setup: str, test: tuple, val: tuple, classes: int, macs: int,
            params: int, export: Callable[[Path], None] | None,
            why_not_servable: str | None = None) -> Baseline:
-    """A fitted scikit-learn classifier's Baseline on (features, labels) of the scored split and
-    of the val split."""
-    predicted = probabilities(model, scored_on[0], classes).argmax(1)
+    """A fitted scikit-learn classifier's Baseline on `test` ((probabilities, labels) of the
+    scored split: `streamed`) and `val` ((features, labels) of the val split)."""
+    predicted = test[0].argmax(1)
     val_probabilities = probabilities(model, val[0], classes)
     return Baseline(setup=setup,
-                    accuracy=round(float(accuracy_score(scored_on[1], predicted)), 5),
-                    macro_f1=round(float(f1_score(scored_on[1], predicted, average="macro")), 5),
+                    accuracy=round(float(accuracy_score(test[1], predicted)), 5),
+                    macro_f1=round(float(f1_score(test[1], predicted, average="macro")), 5),
                     val_loss=float(log_loss(val[1], val_probabilities, labels=range(classes))),
                     val_accuracy=float(accuracy_score(val[1], val_probabilities.argmax(1))),
                     macs=macs, params=params, export=export, why_not_servable=why_not_servable)
 
 
-def majority(train_labels: np.ndarray, scored_on: np.ndarray, val: np.ndarray,
+def majority(train_labels: np.ndarray, test: np.ndarray, val: np.ndarray,
              classes: int) -> Baseline:
-    """Every item gets the train split's most frequent class. Not served: it reads nothing."""
+    """Every item gets the train split's most frequent class; `test`, `val`: the labels of the
+    scored and the val split (nothing is decoded). Not served: it reads nothing."""
     model = DummyClassifier(strategy="most_frequent").fit(np.zeros((len(train_labels), 1)),
                                                           train_labels)
     return scored(model, "DummyClassifier(strategy='most_frequent')",
-                  (np.zeros((len(scored_on), 1)), scored_on), (np.zeros((len(val), 1)), val),
+                  (probabilities(model, np.zeros((len(test), 1)), classes), test),
+                  (np.zeros((len(val), 1)), val),
                   classes, macs=0, params=0, export=None,
                   why_not_servable="it answers one class whatever it is sent")
 

@@ -27,7 +27,7 @@ from pipeline.params import (CompressParams, DataParams, ParamsError, ServeParam
 from pipeline.core.modality import AnyPreprocessing, part, preprocessing
 
 CARD_FILE = "model.json"
-PREDICT_BATCH = 256  # images per ONNX Runtime call when scoring a whole split (bounded memory)
+PREDICT_BATCH = 256  # items per batch when a split is scored (bounded memory)
 
 
 @dataclass(frozen=True)
@@ -231,10 +231,3 @@ def softmax(logits):
     logits = np.asarray(logits, np.float64)
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     return exp / exp.sum(axis=1, keepdims=True)
-
-
-def predict_in_batches(predict: Callable, x):
-    """predict(x) PREDICT_BATCH images at a time (bounded memory on a whole split)."""
-    import numpy as np
-
-    return np.concatenate([predict(x[i:i + PREDICT_BATCH]) for i in range(0, len(x), PREDICT_BATCH)])

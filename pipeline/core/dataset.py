@@ -62,13 +62,21 @@ class Items:
         index = {c: i for i, c in enumerate(self.classes)}
         return np.array([index[r["label"]] for r in self.rows], dtype=np.int64)
 
-    def batches(self, size: int) -> Iterator[tuple[list, np.ndarray]]:
-        """(items, int64 labels) of at most `size` items each, in manifest order."""
+    def batches(self, size: int) -> Iterator[tuple[list | np.ndarray, np.ndarray]]:
+        """(items, int64 labels) of at most `size` items each, in manifest order; array items
+        (pixels, waveforms) stacked into one array, others (texts) a list."""
         labels = self.labels()
         for start in range(0, len(self.rows), size):
             rows = self.rows[start:start + size]
             items = map_items(self.read, [self.folder / r["path"] for r in rows])
+            if isinstance(items[0], np.ndarray):
+                items = np.stack(items)
             yield items, labels[start:start + size]
+
+    def batch_outputs(self, size: int, fn: Callable) -> np.ndarray:
+        """fn(items) of every batch, concatenated: one output row per item (logits, features),
+        holding one batch of items at a time."""
+        return np.concatenate([fn(items) for items, _ in self.batches(size)])
 
 
 def split_items(folder: Path, split: str, read: Callable[[Path], object], unit: str) -> Items:
@@ -81,12 +89,19 @@ def split_items(folder: Path, split: str, read: Callable[[Path], object], unit: 
     return Items(Path(folder), split, rows, classes, read)
 
 
+def split_of(folder: Path, split: str, prep) -> Items:
+    """One split as a model with the preprocessing record `prep` reads it (prep.load: an image
+    Preprocessing's uint8 (C, S, S) pixels, an AudioPreprocessing's float32 waveform, a
+    TextPreprocessing's text), the stream evaluate and package score."""
+    return split_items(folder, split, prep.load, prep.UNIT)
+
+
 def load_split(folder: Path, split: str, prep) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one split through `prep`'s load: an image Preprocessing's uint8 (N, C, S, S)
-    pixels, an AudioPreprocessing's float32 (N, samples) waveforms; and int64 labels."""
-    items = split_items(folder, split, prep.load, prep.UNIT)
-    arrays, labels = next(items.batches(len(items)))
-    return np.stack(arrays), labels
+    """Decode one whole split through `prep`'s load: an image Preprocessing's uint8 (N, C, S,
+    S) pixels, an AudioPreprocessing's float32 (N, samples) waveforms; and int64 labels. For
+    the training side, which holds its split in memory (on the device) until it streams."""
+    items = split_of(folder, split, prep)
+    return next(items.batches(len(items)))
 
 
 def read_text(path: Path) -> str:
@@ -95,7 +110,7 @@ def read_text(path: Path) -> str:
 
 
 def load_texts(folder: Path, split: str) -> tuple[list[str], np.ndarray]:
-    """One split of an ingested text data set (data.modality text): the texts and int64
+    """One whole split of an ingested text data set (data.modality text): the texts and int64
     labels."""
     items = split_items(folder, split, read_text, "texts")
     return next(items.batches(len(items)))

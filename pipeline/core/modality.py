@@ -10,8 +10,9 @@ imports a modality's modules directly.
     part      Protocol  called by                          provides
     sources   Sources   ingest                             the source read into the ingested
                                                            layout
-    checks    Checks    validate                           the per-item table, its checks, the
-                                                           data profile and drift, metrics
+    checks    Checks    validate                           the per-item table, its own checks
+                                                           (pipeline/core/checks.py registry),
+                                                           the data profile and drift, metrics
     augment   Augment   augment                            the augmented train split and the
                                                            preprocessing record
     models    Models    train, compress, pipeline.core.saved_model   the model registry, the training
@@ -19,16 +20,19 @@ imports a modality's modules directly.
                                                            rebuilt
     export    Export    compress                           ONNX export, the MAC example, what
                                                            int8 quantises
-    scoring   Scoring   evaluate, package                  a split as model input, the
-                                                           baselines the gate measures against
+    scoring   Scoring   evaluate                           the baselines the gate measures
+                                                           against, scored on the test stream
     infra     Infra     package, through pipeline/         each served protocol's requests:
                         serving/protocols.py               the REST answers, gRPC requests
-    serving   Serving   service.py, oip.py                 its endpoints' input checks, the
-                                                           model input (light: no torch)
+    serving   Serving   service.py, oip.py, evaluate,      its endpoints' input checks, the
+                        package                            model input of a batch of items
+                                                           (light: no torch)
 
     preprocess Preprocess every stage, the service            the preprocessing record (RECORD):
                                                            how one item becomes model input,
-                                                           saved in every model card
+                                                           saved in every model card; its
+                                                           load(path) reads an ingested item
+                                                           (pipeline/core/dataset.py split_of)
 
     config    (params)  pipeline/params.py                 its params.yaml section, typed
                                                            (Section; Recipe: what a card
@@ -39,7 +43,8 @@ imports a modality's modules directly.
 Adding a modality: write pipeline/modalities/<name>/ with these parts and their tests (a folder
 with a config.py is registered: data.modality accepts its name); if its items come to
 endpoints of their own, declare them in pipeline/serving/service.py (without, gRPC ModelInfer
-serves them). tests/test_new_modality.py runs a toy modality, tests/modality_points/, so;
+serves them). tests/test_modalities.py runs the seven stages for every modality and a toy,
+tests/modality_points/, added so;
 tests/test_modality.py checks that every registered modality provides every part's functions
 with the Protocol's parameters.
 
@@ -106,7 +111,8 @@ class Preprocess(Protocol):
     """pipeline/modalities/<modality>/preprocess.py: light (numpy, Pillow, tokenizers, soundfile;
     no torch), as the service uses it."""
 
-    RECORD: type  # a frozen dataclass: a card's `preprocessing`, with UNIT and MODEL_FILES
+    RECORD: type  # a frozen dataclass: a card's `preprocessing`, with UNIT, MODEL_FILES and
+                  # load(path): one ingested item as the model reads it
 
 
 class Sources(Protocol):
@@ -257,22 +263,22 @@ if TYPE_CHECKING:
     from pipeline.core.card import BentoArgs
 
     Items = Any  # a split's or a request's items as read: uint8 pixels (N, C, S, S), texts
+    SplitItems = Any  # a split as a stream of batches: pipeline/core/dataset.py Items
 
 
 class Scoring(Protocol):
-    """pipeline/modalities/<modality>/scoring.py: the evaluate and package stages score a split with it."""
+    """pipeline/modalities/<modality>/scoring.py: the baselines evaluate's gate measures a model
+    against. The split itself is the stream of pipeline/core/dataset.py split_of (the items as
+    the card's preprocessing reads them), turned into model input by the serving part's
+    model_input, as the server does."""
 
-    def split_input(self, data: Path, split: str, model_dir: Path, card: ModelCard
-                    ) -> tuple[np.ndarray, np.ndarray, Items]:
-        """(model input, int64 labels (N,), the items as read) of one split of ingested `data`."""
-
-    def baselines(self, data: Path, items: Items, labels: np.ndarray, card: ModelCard,
-                  params: Params) -> dict[str, Baseline]:
+    def baselines(self, data: Path, test: SplitItems, card: ModelCard, params: Params
+                  ) -> dict[str, Baseline]:
         """Name -> each baseline (pipeline/core/baselines.py) fitted on data's train split (at most
-        evaluate.baseline_train_items items, drawn with data.seed), scored on (items, labels),
-        with an `export` where it can be served with the card's preprocessing. split_input and
-        model_input read a split and a request for a card whose architecture is a servable
-        baseline's name."""
+        evaluate.baseline_train_items items, drawn with data.seed), scored on the split `test`
+        (a batch at a time: baselines.streamed), with an `export` where it can be served with
+        the card's preprocessing (the serving part's model_input reads a request for a card
+        whose architecture is a servable baseline's name)."""
 
 
 class Infra(Protocol):

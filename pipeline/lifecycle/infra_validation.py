@@ -11,21 +11,24 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import StageError
-from pipeline.core.card import BentoArgs, ModelCard, onnx_predictor, predict_in_batches, softmax
-from pipeline.core.dataset import read_manifest
+from pipeline.core.card import PREDICT_BATCH, BentoArgs, ModelCard, onnx_predictor, softmax
+from pipeline.core.dataset import Items, split_of
 from pipeline.core.modality import card_part
 from pipeline.lifecycle.local_server import serving
 from pipeline.serving.protocols import PROTOCOLS, Bento, Split
 
 
 def test_probabilities(model_dir: Path, card: ModelCard,
-                       data_dir: Path) -> tuple[np.ndarray, np.ndarray, object]:
-    """The model's class probabilities for every test item, as the server computes them, the
-    labels and the items as read (the model's scoring part)."""
+                       data_dir: Path) -> tuple[np.ndarray, np.ndarray, Items]:
+    """The model's class probabilities for every test item, as the server computes them (the
+    serving part's model_input, ONNX Runtime), a batch of items at a time; the labels; and the
+    split (pipeline/core/dataset.py split_of)."""
     (weights,) = card.weights
     predict = onnx_predictor(model_dir / weights, 1)
-    x, labels, items = card_part(card, "scoring").split_input(data_dir, "test", model_dir, card)
-    return softmax(predict_in_batches(predict, x)), labels, items
+    model_input = card_part(card, "serving").model_input(model_dir, card)
+    test = split_of(data_dir, "test", card.preprocessing)
+    logits = test.batch_outputs(PREDICT_BATCH, lambda items: predict(model_input(items)))
+    return softmax(logits), test.labels(), test
 
 
 def test_accuracy(model_dir: Path, card: ModelCard, data_dir: Path) -> float:
@@ -48,9 +51,9 @@ def infra_validate(bento_tag: str, args: BentoArgs, model_dir: Path, card: Model
     through every protocol it serves (pipeline/serving/protocols.py PROTOCOLS; gRPC asks for
     args.model_tag by name and version). Raises StageError naming the first differences; returns
     what was checked: "tested" (in words) and the endpoints."""
-    rows = [r for r in read_manifest(data_dir)[0] if r["split"] == "test"]
-    expected, _, items = test_probabilities(model_dir, card, data_dir)
-    split = Split(data=data_dir, rows=rows, items=items)
+    expected, _, test = test_probabilities(model_dir, card, data_dir)
+    rows = test.rows
+    split = Split(data=data_dir, rows=rows, items=next(test.batches(len(test)))[0])
     served = {}
     with tempfile.TemporaryDirectory() as tmp, \
             _named("infra validation: "), serving(bento_tag, Path(tmp, "serve.log"),

@@ -50,8 +50,8 @@ class Bento:
 
 @dataclass(frozen=True)
 class Split:
-    """The test items sent: the ingested folder, the split's manifest rows and the items as read
-    (the model's scoring part, split_input), in the same order."""
+    """The test items sent: the ingested folder, the split's manifest rows and the items as the
+    card's preprocessing reads them (pipeline/core/dataset.py split_of), in the same order."""
     data: Path
     rows: list[dict]
     items: object

@@ -27,12 +27,15 @@ Written, each to the path given on the command line (dvc.yaml names them):
     --tradeoff   variant, accuracy, size_kb, macs: DVC's accuracy-vs-size and -vs-MACs plots
     --latency-plot  variant, accuracy and latencies: DVC's accuracy-vs-latency plot (timing)
 
-What differs per modality is the model's scoring part (pipeline/modalities/<modality>/scoring.py,
-pipeline/core/modality.py Scoring): how the test split becomes model input (a text model's own
-tokenizer, say) and the baselines --metrics and --details report beside the variants (every
-modality's majority class and a logistic regression: on an image's pixels, a clip's log-mel
-statistics, a text's TF-IDF word unigrams). The files a model needs beside its weights (a text
-model's tokenizer.json) go to --out with the selected variant.
+The test split is read once, as a stream of batches (pipeline/core/dataset.py split_of: the items
+as the card's preprocessing reads them), and each batch goes through every variant: a variant's
+input is what the model's serving part makes of the items (model_input, as the server does: a
+text model's own tokenizer, say), so no more than a batch of items is held. What else differs
+per modality is the scoring part (pipeline/modalities/<modality>/scoring.py,
+pipeline/core/modality.py Scoring): the baselines --metrics and --details report beside the
+variants (every modality's majority class and a logistic regression: on an image's pixels, a
+clip's log-mel statistics, a text's TF-IDF word unigrams). The files a model needs beside its
+weights (a text model's tokenizer.json) go to --out with the selected variant.
 """
 from __future__ import annotations
 
@@ -55,8 +58,9 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 from pipeline import StageError
 from pipeline.core import saved_model
 from pipeline.core.baselines import Baseline
-from pipeline.core.card import (ModelCard, Selection, ValScore, at_least, onnx_predictor,
-                           predict_in_batches, read_card, sha256_file, write_card)
+from pipeline.core.card import (PREDICT_BATCH, ModelCard, Selection, ValScore, at_least,
+                                onnx_predictor, read_card, sha256_file, write_card)
+from pipeline.core.dataset import Items, split_of
 from pipeline.core.modality import card_part, copy_model_files
 from pipeline.params import EvaluateParams, GateParams, Params, load_params
 from pipeline.core.progress import Progress
@@ -70,7 +74,7 @@ class Variant:
     file: Path
     servable: bool       # the server runs ONNX Runtime, so only ONNX files can be served
     predict: Predict
-    x: np.ndarray        # the test split as its input
+    model_input: Callable  # a batch of items -> its input (the serving part's model_input)
     macs: int            # per item (compress.json's count, or the baseline's)
     params: int
     card: ModelCard      # the card it is selected with
@@ -90,13 +94,18 @@ SELECTED_FILE = "model.onnx"  # the selected variant's name in --out, which pack
 ONNX_VARIANTS = {"float_onnx": "float.onnx", "pruned_onnx": "pruned.onnx", "int8_onnx": "int8.onnx"}
 
 
-def load_variants(float_dir: Path, compressed_dir: Path, x: np.ndarray, threads: int
-                  ) -> list[Variant]:
+def model_input(folder: Path, card: ModelCard) -> Callable:
+    """Items -> the input of the model in `folder`, as its serving part makes it."""
+    return card_part(card, "serving").model_input(folder, card)
+
+
+def load_variants(float_dir: Path, compressed_dir: Path, threads: int) -> list[Variant]:
     """The float torch model and the compressed ONNX files, every file checked against its
-    card, each scored on x (the test split as model input)."""
+    card."""
     torch.set_num_threads(threads)
     model, float_card = saved_model.load(float_dir)
     card = read_card(compressed_dir)
+    x = model_input(compressed_dir, card)
     (weights,) = float_card.weights
     counts = json.loads((compressed_dir / "compress.json").read_text())
     if "macs" not in counts or "params" not in counts:
@@ -112,12 +121,10 @@ def load_variants(float_dir: Path, compressed_dir: Path, x: np.ndarray, threads:
 
 
 def baseline_variants(baselines: dict[str, Baseline], card: ModelCard, compressed_dir: Path,
-                      data: Path, folder: Path, threads: int) -> list[Variant]:
+                      folder: Path, threads: int) -> list[Variant]:
     """The servable baselines as variants: each exported into folder/<name>/ as model.onnx with
     the files the model's preprocessing names and its card (architecture: the baseline's name,
-    which the scoring and serving parts read), scored on the test split as its scoring part
-    reads it for that card (a text baseline reads the texts themselves)."""
-    scoring = card_part(card, "scoring")
+    which the serving part reads: a text baseline's input is the texts themselves)."""
     variants = []
     for name, b in baselines.items():
         if b.export is None:
@@ -130,10 +137,9 @@ def baseline_variants(baselines: dict[str, Baseline], card: ModelCard, compresse
                                      weights={SELECTED_FILE: sha256_file(out / SELECTED_FILE)},
                                      val=ValScore(loss=b.val_loss, accuracy=b.val_accuracy))
         write_card(out, b_card)
-        x = scoring.split_input(data, "test", out, b_card)[0]
         variants.append(Variant(name, out / SELECTED_FILE, True,
-                                onnx_predictor(out / SELECTED_FILE, threads), x, b.macs, b.params,
-                                b_card))
+                                onnx_predictor(out / SELECTED_FILE, threads),
+                                model_input(out, b_card), b.macs, b.params, b_card))
     return variants
 
 
@@ -150,11 +156,21 @@ def median_latency_ms(predict: Predict, x: np.ndarray, batch_size: int, runs: in
     return statistics.median(times) * 1e3
 
 
-def measure(variant: Variant, y: np.ndarray, classes: list[str],
+def test_logits(variants: list[Variant], test: Items) -> dict[str, np.ndarray]:
+    """Each variant's logits (N, classes) on the test split, read once: every batch of items
+    through every variant."""
+    logits: dict[str, list] = {v.name: [] for v in variants}
+    for items, _ in test.batches(PREDICT_BATCH):
+        for v in variants:
+            logits[v.name].append(v.predict(v.model_input(items)))
+    return {name: np.concatenate(parts) for name, parts in logits.items()}
+
+
+def measure(variant: Variant, logits: np.ndarray, y: np.ndarray, sample, classes: list[str],
             p: EvaluateParams) -> tuple[dict, dict, dict, np.ndarray]:
-    """(metrics, latency, per-class detail, predictions) of one variant on its test input."""
-    x = variant.x
-    predicted = predict_in_batches(variant.predict, x).argmax(1)
+    """(metrics, latency, per-class detail, predictions) of one variant from its test logits;
+    latency timed on `sample` (the first batch of test items) as its input."""
+    predicted = logits.argmax(1)
     precision, recall, _, _ = precision_recall_fscore_support(
         y, predicted, labels=range(len(classes)), zero_division=0)
     metrics = {
@@ -164,6 +180,7 @@ def measure(variant: Variant, y: np.ndarray, classes: list[str],
         "macs": variant.macs,
         "params": variant.params,
     }
+    x = variant.model_input(sample)
     latency = {f"latency_ms_b{b}": round(median_latency_ms(variant.predict, x, b, p.latency_runs), 4)
                for b in p.latency_batch_sizes}
     per_class = {c: {"precision": round(float(pr), 4), "recall": round(float(rc), 4)}
@@ -269,20 +286,23 @@ def main(argv: list[str]) -> None:
 
 def evaluate(args: argparse.Namespace, params: Params, scratch: Path) -> None:
     card = read_card(args.compressed)
-    scoring = card_part(card, "scoring")
-    x, y, items = scoring.split_input(args.data, "test", args.compressed, card)
+    test = split_of(args.data, "test", card.preprocessing)
+    y = test.labels()
     progress = Progress("evaluate")
-    fitted = scoring.baselines(args.data, items, y, card, params)
+    fitted = card_part(card, "scoring").baselines(args.data, test, card, params)
     baseline = {name: b.report() for name, b in fitted.items()}
     progress("baselines fitted: " + ", ".join(f"{n} {b.accuracy:.4f}" for n, b in fitted.items()))
     threads = params.evaluate.threads
-    variants = load_variants(args.model, args.compressed, x, threads) + \
-        baseline_variants(fitted, card, args.compressed, args.data, scratch, threads)
+    variants = load_variants(args.model, args.compressed, threads) + \
+        baseline_variants(fitted, card, args.compressed, scratch, threads)
+    logits = test_logits(variants, test)
+    progress(f"{len(test)} test {card.preprocessing.UNIT} through {len(variants)} variants")
+    sample = next(test.batches(max(params.evaluate.latency_batch_sizes)))[0]
     latency_keys = [f"latency_ms_b{b}" for b in params.evaluate.latency_batch_sizes]
     results, latency, per_class, predictions = {}, {}, {}, {}
     for i, v in enumerate(variants, 1):
         results[v.name], latency[v.name], per_class[v.name], predictions[v.name] = measure(
-            v, y, card.classes, params.evaluate)
+            v, logits[v.name], y, sample, card.classes, params.evaluate)
         progress(f"variant {i}/{len(variants)} {v.name}: accuracy "
                  f"{results[v.name]['accuracy']:.4f}, latency timed")
     g = params.gate

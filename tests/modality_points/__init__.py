@@ -12,7 +12,7 @@ serve them. It is not one of Kiln's modalities: nothing here is shipped.
     augment     jittered copies of the training points
     models      an MLP in a registry
     export      ONNX: float32 `input` (N, features)
-    scoring     the split as model input; the majority and logistic-regression baselines
+    scoring     the majority and logistic-regression baselines
     infra       no REST endpoint of its own; gRPC ModelInfer requests of FP32 points
     serving     gRPC's input checked (shape, finite, within serve.max_abs); REST says to use gRPC
 """

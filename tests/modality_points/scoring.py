@@ -1,23 +1,17 @@
-"""The toy modality's scoring part: a split as model input, and the baselines (the majority
-class; logistic regression on the standardised points, servable as one linear ONNX graph)."""
+"""The toy modality's scoring part: the baselines (the majority class; logistic regression on
+the standardised points, servable as one linear ONNX graph)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
-                                     logistic_regression, majority, scored, split_labels)
+                                     logistic_regression, majority, scored, split_labels,
+                                     streamed)
 from pipeline.core.dataset import load_split
 
 
-def split_input(data: Path, split: str, model_dir: Path, card) -> tuple:
-    points, labels = load_split(data, split, card.preprocessing)
-    return card.preprocessing.normalize(points), labels, points
-
-
-def baselines(data: Path, items: np.ndarray, labels: np.ndarray, card, params
-              ) -> dict[str, Baseline]:
+def baselines(data: Path, test, card, params) -> dict[str, Baseline]:
     prep, classes = card.preprocessing, len(card.classes)
     train, train_labels = load_train_sample(data, prep, params.evaluate.baseline_train_items,
                                             params.data.seed)
@@ -37,9 +31,10 @@ def baselines(data: Path, items: np.ndarray, labels: np.ndarray, card, params
             linear.bias.copy_(torch.from_numpy(bias))
         export_onnx(linear, prep, path)
 
-    return {"baseline_majority": majority(split_labels(data, "train"), labels, val_labels,
+    return {"baseline_majority": majority(split_labels(data, "train"), test.labels(), val_labels,
                                           classes),
             "baseline_logreg": scored(
-                model, f"{LOGREG_SETUP} on the standardised points", (prep.normalize(items), labels),
+                model, f"{LOGREG_SETUP} on the standardised points",
+                streamed(model, test, prep.normalize, classes),
                 (prep.normalize(val), val_labels), classes, macs=weight.size,
                 params=weight.size + bias.size, export=export)}

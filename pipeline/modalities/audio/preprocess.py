@@ -29,7 +29,7 @@ class AudioPreprocessing:
 
     def load(self, source: Path | bytes, name: str | None = None) -> np.ndarray:
         """An audio file (path or bytes) -> float32 (clip_samples,): decoded, fitted.
-        pipeline.core.dataset.load_split stacks a split's clips with it."""
+        pipeline.core.dataset split_of reads a split's clips with it."""
         samples = decode.decode(source, self.sample_rate, name).samples
         return decode.fit(samples, self.clip_samples)
 

@@ -1,7 +1,7 @@
 """The audio modality's scoring part (pipeline/core/modality.py Scoring), for evaluate and package.
 
 A split of the ingested clips is decoded through the card's AudioPreprocessing (pipeline.core.dataset
-load_split: mono, the card's rate, fitted to its clip length), the waveforms the model and the
+split_of: mono, the card's rate, fitted to its clip length), the waveforms the model and the
 service's gRPC input take (the log-mel front end is inside the model). They are also the items
 the package stage sends over gRPC (pipeline/modalities/audio/infra.py).
 
@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
-                                logistic_regression, majority, scored, split_labels)
-from pipeline.core.dataset import load_split
+                                     logistic_regression, majority, scored, split_labels,
+                                     streamed)
+from pipeline.core.dataset import Items, load_split
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,15 +34,6 @@ if TYPE_CHECKING:
     from pipeline.params import Params
 
 FEATURE_BATCH = 256  # clips per front-end call while computing features (bounded memory)
-
-
-def split_input(data: Path, split: str, model_dir: Path, card: ModelCard
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(float32 waveforms (N, clip_samples), int64 labels, the same waveforms) of one split, by
-    the card's preprocessing (an audio model, and its baseline, needs no file beside its
-    weights)."""
-    waveforms, labels = load_split(data, split, card.preprocessing)
-    return waveforms, labels, waveforms
 
 
 def band_statistics(card: ModelCard) -> nn.Module:
@@ -65,10 +57,9 @@ def band_statistics(card: ModelCard) -> nn.Module:
     return BandStatistics().eval()
 
 
-def baselines(data: Path, items: np.ndarray, labels: np.ndarray, card: ModelCard,
-              params: Params) -> dict[str, Baseline]:
+def baselines(data: Path, test: Items, card: ModelCard, params: Params) -> dict[str, Baseline]:
     """The majority class and logistic regression on log-mel band statistics, fitted on data's
-    train split, scored on `items` (waveforms) and `labels`."""
+    train split, scored on `test` (waveforms)."""
     import torch
     from torch import nn
 
@@ -103,12 +94,12 @@ def baselines(data: Path, items: np.ndarray, labels: np.ndarray, card: ModelCard
     frames = 1 + card.preprocessing.clip_samples // a.hop
     bins = a.n_fft // 2 + 1
     frontend_macs = frames * (2 * bins * a.n_fft + a.n_mels * bins)  # STFT conv, mel MatMul
-    return {"baseline_majority": majority(split_labels(data, "train"), labels, val_labels,
+    return {"baseline_majority": majority(split_labels(data, "train"), test.labels(), val_labels,
                                           classes),
             "baseline_logreg": scored(
                 model, f"{LOGREG_SETUP} on log-mel band means and deviations "
                 f"({weight.shape[1]} features, standardised; {len(train_labels)} train clips)",
-                ((features(items) - mean) / std, labels),
+                streamed(model, test, lambda waves: (features(waves) - mean) / std, classes),
                 ((features(val_waves) - mean) / std, val_labels), classes,
                 macs=frontend_macs + weight.size, params=weight.size + bias.size,
                 export=export)}

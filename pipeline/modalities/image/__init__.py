@@ -10,8 +10,8 @@
     models.py      the model registry (image.train.model) and the image side of training, per-epoch
                    warps included (train, compress, pipeline.core.saved_model)
     export.py      ONNX export, the MAC example, what int8 quantises (compress)
-    scoring.py     a split as model input, the baselines: majority class, logistic regression
-                   on the pixels, servable (evaluate, package)
+    scoring.py     the baselines: majority class, logistic regression on the pixels,
+                   servable (evaluate)
     infra.py       /classify and /classify_npy answers for infra validation, gRPC pixel requests
                    (package)
     serving.py     each endpoint's input checked, pixels as model input (the service, gRPC;

@@ -1,6 +1,6 @@
-"""The image modality's scoring part (pipeline/core/modality.py Scoring): a split of the ingested
-images as model input, for evaluate and package, and the baselines evaluate's gate measures the
-variants against (pipeline/core/baselines.py):
+"""The image modality's scoring part (pipeline/core/modality.py Scoring): the baselines evaluate's
+gate measures the variants against (pipeline/core/baselines.py), scored on the test split's
+stream of pixels (pipeline/core/dataset.py split_of):
 
     baseline_majority  the train split's most frequent class
     baseline_logreg    logistic regression on the normalised pixels, the model's own input
@@ -16,27 +16,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
-                                logistic_regression, majority, scored, split_labels)
-from pipeline.core.dataset import load_split
+                                     logistic_regression, majority, scored, split_labels,
+                                     streamed)
+from pipeline.core.dataset import Items, load_split
 
 if TYPE_CHECKING:
     from pipeline.core.card import ModelCard
     from pipeline.params import Params
 
 
-def split_input(data: Path, split: str, model_dir: Path, card: ModelCard
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(float32 model input (N, C, S, S), int64 labels, uint8 pixels (N, C, S, S)) of one split,
-    by the card's preprocessing (an image model, and its baseline, needs no file beside its
-    weights)."""
-    pixels, labels = load_split(data, split, card.preprocessing)
-    return card.preprocessing.normalize(pixels), labels, pixels
-
-
-def baselines(data: Path, items: np.ndarray, labels: np.ndarray, card: ModelCard,
-              params: Params) -> dict[str, Baseline]:
+def baselines(data: Path, test: Items, card: ModelCard, params: Params) -> dict[str, Baseline]:
     """The majority class and logistic regression on the normalised pixels, fitted on data's
-    train split, scored on `items` (uint8 pixels) and `labels`."""
+    train split, scored on `test` (uint8 pixels)."""
     prep, classes = card.preprocessing, len(card.classes)
     train_pixels, train_labels = load_train_sample(data, prep, params.evaluate.baseline_train_items,
                                                    params.data.seed)
@@ -60,10 +51,10 @@ def baselines(data: Path, items: np.ndarray, labels: np.ndarray, card: ModelCard
             linear.bias.copy_(torch.from_numpy(bias))
         export_onnx(nn.Sequential(nn.Flatten(), linear), prep, path)
 
-    return {"baseline_majority": majority(split_labels(data, "train"), labels, val_labels,
+    return {"baseline_majority": majority(split_labels(data, "train"), test.labels(), val_labels,
                                           classes),
             "baseline_logreg": scored(
                 model, f"{LOGREG_SETUP} on the normalised pixels ({weight.shape[1]} features, "
-                f"{len(train_labels)} train images)", (features(items), labels),
+                f"{len(train_labels)} train images)", streamed(model, test, features, classes),
                 (features(val_pixels), val_labels), classes, macs=weight.size,
                 params=weight.size + bias.size, export=export)}

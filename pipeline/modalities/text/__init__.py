@@ -8,13 +8,12 @@
     checks.py   the `checks` part: the texts table, its Great Expectations checks, the data
                 profile and drift features (validate)
     augment.py  tokenizer training and token-id augmentation (augment)
-    encoded.py  a split of the ingested texts as input_ids (train; evaluate and package through
-                scoring.py)
+    encoded.py  a whole split of the ingested texts as input_ids (train's val split)
     models.py   the text model registry, the local Hugging Face checkpoint wrapper and the text
                 side of training (train, compress, pipeline.core.saved_model)
     export.py   ONNX export, what int8 quantises, the MAC example (compress)
-    scoring.py  a split as model input, the baselines: majority class, TF-IDF + logistic
-                regression, servable as an ONNX graph that reads texts (evaluate, package)
+    scoring.py  the baselines: majority class, TF-IDF + logistic regression, servable as an
+                ONNX graph that reads texts (evaluate)
     infra.py    the text endpoints' answers for infra validation, gRPC BYTES requests (package)
     serving.py  each endpoint's input checked, texts as input_ids (the service, gRPC; light)
 

@@ -50,6 +50,12 @@ class TextPreprocessing:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @staticmethod
+    def load(path: Path) -> str:
+        """One ingested text as the model reads it: decoded as UTF-8 (validate has checked that
+        it decodes)."""
+        return Path(path).read_bytes().decode("utf-8")
+
 
 def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool) -> Tokenizer:
     """A byte-pair-encoding tokenizer (BERT's normaliser and pre-tokenizer) trained on `texts`

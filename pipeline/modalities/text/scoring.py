@@ -1,8 +1,9 @@
-"""The text modality's scoring part (pipeline/core/modality.py Scoring), for evaluate and package.
+"""The text modality's scoring part (pipeline/core/modality.py Scoring), for evaluate.
 
-A split of the ingested texts is encoded by the model folder's own tokenizer (tokenizer.json
-beside the weights, pipeline/modalities/text/encoded.py) into int64 input_ids, padded to the split's
-longest text (evaluate's latency batches are test texts at that length).
+Evaluate and package read a split as texts (pipeline/core/dataset.py split_of) and encode each
+batch as the service does (serving.py model_input: the model folder's own tokenizer.json into
+int64 input_ids, padded to the batch's longest text; evaluate's latency batches are its first
+batch's texts at that length).
 
 The baselines evaluate's gate measures the variants against (pipeline/core/baselines.py):
 
@@ -29,15 +30,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-from pipeline.core.baselines import LOGREG, Baseline, majority, scored, train_sample
-from pipeline.core.dataset import load_texts
-from pipeline.modalities.text import preprocess as tokens
-from pipeline.modalities.text.encoded import encoded_split
+from pipeline.core.baselines import LOGREG, Baseline, majority, scored, streamed, train_sample
+from pipeline.core.dataset import Items, load_texts
 
 if TYPE_CHECKING:
     from pipeline.core.card import ModelCard
@@ -48,20 +46,9 @@ TOKENS = r"[\pL\pN_][\pL\pN_]+"  # scikit-learn's (?u)\b\w\w+\b in RE2 (see abov
 LOCALE = "C.UTF-8"
 
 
-def split_input(data: Path, split: str, model_dir: Path, card: ModelCard
-                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(int64 input_ids (N, L), int64 labels (N,), the texts) of one split; for the served
-    TF-IDF baseline (tokens.RAW_TEXT_MODEL) the texts themselves, a string tensor (N, 1)."""
-    if card.architecture == tokens.RAW_TEXT_MODEL:
-        texts, labels = load_texts(data, split)
-        return tokens.raw_texts(texts), labels, texts
-    return encoded_split(data, split, model_dir, card.preprocessing)
-
-
-def baselines(data: Path, items: list[str], labels: np.ndarray, card: ModelCard,
-              params: Params) -> dict[str, Baseline]:
-    """The majority class and TF-IDF + LR, fitted on data's train split, scored on (items,
-    labels)."""
+def baselines(data: Path, test: Items, card: ModelCard, params: Params) -> dict[str, Baseline]:
+    """The majority class and TF-IDF + LR, fitted on data's train split, scored on `test`
+    (texts)."""
     classes = len(card.classes)
     train_texts, train_labels = load_texts(data, "train")
     val_texts, val_labels = load_texts(data, "val")
@@ -70,11 +57,11 @@ def baselines(data: Path, items: list[str], labels: np.ndarray, card: ModelCard,
     model.fit([train_texts[i] for i in pick], train_labels[pick])
     vocabulary = len(model[0].vocabulary_)
     missing = sorted(set(range(classes)) - set(model.classes_.tolist()))
-    return {"baseline_majority": majority(train_labels, labels, val_labels, classes),
+    return {"baseline_majority": majority(train_labels, test.labels(), val_labels, classes),
             "baseline_tfidf_lr": scored(
                 model, SETUP + (f" ({len(pick)} train texts)" if len(pick) < len(train_labels)
                                 else ""),
-                (items, labels), (val_texts, val_labels), classes,
+                streamed(model, test, list, classes), (val_texts, val_labels), classes,
                 macs=vocabulary * classes, params=vocabulary * (classes + 1) + classes,
                 export=None if missing else
                 lambda path: path.write_bytes(tfidf_onnx(model, classes)),
