@@ -31,10 +31,9 @@ from pipeline.modalities import MODALITIES
 from pipeline.serving import oip
 from pipeline.stages.__main__ import STAGES
 from tests.bento_server import bento_server
-from tests.conftest import write_params
+from tests.conftest import merged, write_params
 from tests.languages import write_language_folder
-from tests.project import copy_repo, dvc, ran_stages, run, stage_argv
-from tests.stage_runs import cli
+from tests.project import copy_repo, dvc, ran_stages, run
 
 TOY = Path(__file__).resolve().parent / "modality_points"
 REAL = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
@@ -77,10 +76,12 @@ def photos(root: Path) -> tuple[Path, dict]:
 
 
 def languages(root: Path) -> tuple[Path, dict]:
-    """Texts in six languages, 30 each (tests/languages.py), a 16-wide encoder of 4 heads."""
+    """Texts in six languages, 60 each (tests/languages.py), a 16-wide encoder of 4 heads
+    trained one epoch: too short to tell the languages apart, so TF-IDF + LR is served."""
     from tests.test_text_model import TEXT
 
-    return write_language_folder(root, per_class=30, seed=3), TEXT
+    return write_language_folder(root, per_class=60, seed=3), merged(
+        TEXT, {"train": {"max_epochs": 1}})
 
 
 def tones(root: Path) -> tuple[Path, dict]:
@@ -147,21 +148,13 @@ def test_the_seven_stages_run_package_and_are_up_to_date(reproduced, tmp_path):
 
 
 def beats_the_baselines(root: Path, out: str, tmp_path: Path) -> None:
-    """The user's photos pass the default gate (the baselines' bar alone) by a clear margin;
-    with an absolute floor it cannot reach, evaluate refuses naming the key to change."""
+    """The user's photos pass the default gate (the baselines' bar alone) by a clear margin."""
     evaluation = json.loads((root / "reports/evaluation.json").read_text())
     selected = evaluation["selected"]
     best = max(v["accuracy"] for k, v in evaluation.items() if k.startswith("baseline_"))
     assert evaluation["baseline_majority"]["accuracy"] < 0.5
     assert evaluation["accuracy"][selected] > best + 0.2  # a clear win
-    assert REAL["gate"]["min_accuracy"] is None
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["gate"]["min_accuracy"] = 0.999
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    done = cli(root, *stage_argv("evaluate"))
-    assert done.returncode == 1
-    assert "kiln evaluate: error: gate: no variant is eligible" in done.stderr
-    assert "= gate.min_accuracy 0.999 (params.yaml gate.min_accuracy)" in done.stderr
+    assert REAL["gate"]["min_accuracy"] is None  # the default gate: the baselines' bar alone
 
 
 def train_items(root: Path) -> int:
@@ -170,7 +163,9 @@ def train_items(root: Path) -> int:
 
 def tokens_and_heads(root: Path, out: str, tmp_path: Path) -> None:
     """A text run: augment's tokens and tokenizer are what train records and compress prunes
-    attention heads."""
+    attention heads; one epoch of the encoder cannot tell six languages apart, TF-IDF + LR can:
+    the gate selects the baseline, whose ONNX graph reads the texts themselves (non-ASCII
+    scripts too), and the package stage served it (infra validation: REST and gRPC)."""
     from safetensors.torch import load_file
     from tests.test_text_model import TEXT
     from pipeline.modalities.text import preprocess as tokens
@@ -191,7 +186,19 @@ def tokens_and_heads(root: Path, out: str, tmp_path: Path) -> None:
     assert report["macs"]["pruned.onnx"] < report["macs"]["float.onnx"]
     assert report["size_bytes"]["pruned.onnx"] < report["size_bytes"]["float.onnx"]
     evaluation = json.loads((root / "reports/evaluation.json").read_text())
-    assert evaluation["baseline_tfidf_lr"]["accuracy"] > 0.9  # languages: easy for TF-IDF
+    assert evaluation["selected"] == "baseline_tfidf_lr"
+    assert evaluation["accuracy"]["baseline_tfidf_lr"] == \
+        evaluation["baseline_tfidf_lr"]["accuracy"]  # the served graph scores as scikit-learn
+    assert evaluation["accuracy"]["baseline_tfidf_lr"] > max(
+        v for k, v in evaluation["accuracy"].items() if k != "baseline_tfidf_lr")
+    selected = root / "models/selected"
+    card = read_card(selected)
+    assert card.architecture == "baseline_tfidf_lr"
+    model_input = card_part(card, "serving").model_input(selected, card)
+    texts = ["Рыв лаквывдок radio рык бавбав", "Taši čižaj žijšajti šivaj"]
+    probabilities = onnx_predictor(selected / "model.onnx", 1)(model_input(texts))
+    assert [card.classes[i] for i in probabilities.argmax(1)] == ["bralov", "tavasi"]
+    assert "gRPC ModelInfer" in out and "/classify_text" in out
 
 
 def waveforms_and_channels(root: Path, out: str, tmp_path: Path) -> None:

@@ -261,6 +261,7 @@ def test_gate_failure_stops_before_package(project):
         done = dvc(project, "repro", check=False)
         assert done.returncode != 0
         assert "kiln evaluate: error: gate: no variant is eligible" in done.stderr + done.stdout
+        assert "= gate.min_accuracy 1 (params.yaml gate.min_accuracy)" in done.stderr  # the key
         assert "package" not in ran_stages(done.stdout)
         assert (project / "reports/package.json").read_text() == package_json
     finally:

@@ -2,9 +2,8 @@
 ingest, validate, augment, train, compress and evaluate as users run them (`python -m pipeline.stages <stage>` in a project folder, the repo's
 params.yaml shrunk by tests/conftest.py), with the real training budget: training stops on the
 val split, and the gate measures the variants against the baselines evaluate fits (majority
-class, logistic regression, TF-IDF). A baseline that beats every variant is selected, packaged
-and served (REST and gRPC, through the package stage's infra validation). A folder of the
-user's own photos: tests/test_modalities.py."""
+class, logistic regression, TF-IDF). A folder of the user's own photos, and a baseline that beats
+every variant selected, packaged and served: tests/test_modalities.py."""
 from __future__ import annotations
 
 import json
@@ -13,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.core.card import onnx_predictor, read_card, softmax
-from pipeline.core.modality import card_part
+from pipeline.core.card import read_card
 from tests.conftest import merged
 from tests.languages import write_language_folder
 from tests.project import stage_argv
@@ -42,10 +40,6 @@ def through_evaluate(work: Path) -> tuple[str, dict]:
     run(work, *COMPRESS)
     run(work, *EVALUATE)
     return trained, json.loads((work / "reports/evaluation.json").read_text())
-
-
-def best_baseline(evaluation: dict) -> float:
-    return max(v["accuracy"] for k, v in evaluation.items() if k.startswith("baseline_"))
 
 
 # --- six languages ----------------------------------------------------------------------------
@@ -96,34 +90,3 @@ def test_six_languages_pass_the_gate_with_a_model_as_accurate_as_tf_idf(
     assert evaluation["accuracy"][selected] >= tfidf
     card = read_card(work / "models/selected")
     assert card.selection.variant == selected and card.architecture == "text_bag"
-
-
-@pytest.mark.slow
-def test_a_baseline_that_beats_every_variant_is_selected_packaged_and_served(
-        tmp_path, languages, params_writer):
-    """One epoch of the encoder cannot tell six languages apart; TF-IDF + LR can: the gate
-    selects the baseline, whose ONNX graph reads the texts themselves, and the package stage
-    serves it over REST and gRPC (infra validation: every test text, the same answers as the
-    evaluated graph)."""
-    from tests.tiny_bento import run_package
-
-    work = text_project(tmp_path / "encoder", languages, params_writer, max_epochs=1)
-    _, evaluation = through_evaluate(work)
-    assert evaluation["selected"] == "baseline_tfidf_lr"
-    assert evaluation["accuracy"]["baseline_tfidf_lr"] == \
-        evaluation["baseline_tfidf_lr"]["accuracy"]  # the served graph scores as scikit-learn
-    assert evaluation["accuracy"]["baseline_tfidf_lr"] > max(
-        v for k, v in evaluation["accuracy"].items() if k != "baseline_tfidf_lr")
-    selected = work / "models/selected"
-    card = read_card(selected)
-    assert card.architecture == "baseline_tfidf_lr"
-    # What the service runs (the serving part's model input, ONNX Runtime): non-ASCII scripts too
-    model_input = card_part(card, "serving").model_input(selected, card)
-    texts = ["Рыв лаквывдок radio рык бавбав", "Taši čižaj žijšajti šivaj"]
-    probabilities = softmax(onnx_predictor(selected / "model.onnx", 1)(model_input(texts)))
-    assert [card.classes[i] for i in probabilities.argmax(1)] == ["bralov", "tavasi"]
-
-    done, report = run_package(selected, work / "data/ingested", tmp_path / "bentoml")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "infra validation passed" in done.stdout and "gRPC ModelInfer" in done.stdout
-    assert report["challenger_serves"]
