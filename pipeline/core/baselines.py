@@ -128,6 +128,19 @@ def logistic_regression(features: np.ndarray, labels: np.ndarray) -> LogisticReg
     return LogisticRegression(**LOGREG).fit(features, labels)
 
 
+def linear_layer(weight: np.ndarray, bias: np.ndarray):
+    """A torch nn.Linear holding `weight` (classes, F) and `bias` (classes,) as float32: a
+    fitted linear baseline as a layer of the graph its modality exports."""
+    import torch
+    from torch import nn
+
+    linear = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(np.asarray(weight, np.float32)))
+        linear.bias.copy_(torch.from_numpy(np.asarray(bias, np.float32)))
+    return linear
+
+
 def linear_logits(model: LogisticRegression, classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(weight (classes, F), bias (classes,)) whose softmax(weight @ x + bias) is the fitted
     model's predict_proba, over every class index: a binary model's one row is the second

@@ -6,34 +6,34 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import StageError
 from pipeline.core.card import PREDICT_BATCH, BentoArgs, ModelCard, onnx_predictor, softmax
-from pipeline.core.dataset import Items, split_of
+from pipeline.core.dataset import split_of
 from pipeline.core.modality import card_part
 from pipeline.lifecycle.local_server import serving
 from pipeline.serving.protocols import PROTOCOLS, Bento, Split
 
 
-def test_probabilities(model_dir: Path, card: ModelCard,
-                       data_dir: Path) -> tuple[np.ndarray, np.ndarray, Items]:
-    """The model's class probabilities for every test item, as the server computes them (the
-    serving part's model_input, ONNX Runtime), a batch of items at a time; the labels; and the
-    split (pipeline/core/dataset.py split_of)."""
+def probabilities(model_dir: Path, card: ModelCard, batches: Iterable) -> np.ndarray:
+    """The model's class probabilities for the items of `batches`, as the server computes them
+    (the serving part's model_input, ONNX Runtime)."""
     (weights,) = card.weights
     predict = onnx_predictor(model_dir / weights, 1)
     model_input = card_part(card, "serving").model_input(model_dir, card)
-    test = split_of(data_dir, "test", card.preprocessing)
-    logits = test.batch_outputs(PREDICT_BATCH, lambda items: predict(model_input(items)))
-    return softmax(logits), test.labels(), test
+    return softmax(np.concatenate([predict(model_input(items)) for items in batches]))
 
 
 def test_accuracy(model_dir: Path, card: ModelCard, data_dir: Path) -> float:
-    predicted, labels, _ = test_probabilities(model_dir, card, data_dir)
-    return float((predicted.argmax(1) == labels).mean())
+    """The model's accuracy on the test split, read a batch at a time."""
+    test = split_of(data_dir, "test", card.preprocessing)
+    predicted = probabilities(model_dir, card, (items for items, _ in
+                                                test.batches(PREDICT_BATCH)))
+    return float((predicted.argmax(1) == test.labels()).mean())
 
 
 @contextlib.contextmanager
@@ -51,9 +51,11 @@ def infra_validate(bento_tag: str, args: BentoArgs, model_dir: Path, card: Model
     through every protocol it serves (pipeline/serving/protocols.py PROTOCOLS; gRPC asks for
     args.model_tag by name and version). Raises StageError naming the first differences; returns
     what was checked: "tested" (in words) and the endpoints."""
-    expected, _, test = test_probabilities(model_dir, card, data_dir)
-    rows = test.rows
-    split = Split(data=data_dir, rows=rows, items=next(test.batches(len(test)))[0])
+    test = split_of(data_dir, "test", card.preprocessing)
+    rows, items = test.rows, next(test.batches(len(test)))[0]  # held: they are all sent
+    expected = probabilities(model_dir, card, (items[i:i + PREDICT_BATCH]
+                                               for i in range(0, len(items), PREDICT_BATCH)))
+    split = Split(data=data_dir, rows=rows, items=items)
     served = {}
     with tempfile.TemporaryDirectory() as tmp, \
             _named("infra validation: "), serving(bento_tag, Path(tmp, "serve.log"),

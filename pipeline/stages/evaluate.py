@@ -156,14 +156,16 @@ def median_latency_ms(predict: Predict, x: np.ndarray, batch_size: int, runs: in
     return statistics.median(times) * 1e3
 
 
-def test_logits(variants: list[Variant], test: Items) -> dict[str, np.ndarray]:
+def test_logits(variants: list[Variant], test: Items) -> tuple[dict[str, np.ndarray], object]:
     """Each variant's logits (N, classes) on the test split, read once: every batch of items
-    through every variant."""
+    through every variant; and the first batch's items (latency is timed on them)."""
     logits: dict[str, list] = {v.name: [] for v in variants}
+    first = None
     for items, _ in test.batches(PREDICT_BATCH):
+        first = items if first is None else first
         for v in variants:
             logits[v.name].append(v.predict(v.model_input(items)))
-    return {name: np.concatenate(parts) for name, parts in logits.items()}
+    return {name: np.concatenate(parts) for name, parts in logits.items()}, first
 
 
 def measure(variant: Variant, logits: np.ndarray, y: np.ndarray, sample, classes: list[str],
@@ -295,9 +297,8 @@ def evaluate(args: argparse.Namespace, params: Params, scratch: Path) -> None:
     threads = params.evaluate.threads
     variants = load_variants(args.model, args.compressed, threads) + \
         baseline_variants(fitted, card, args.compressed, scratch, threads)
-    logits = test_logits(variants, test)
+    logits, sample = test_logits(variants, test)
     progress(f"{len(test)} test {card.preprocessing.UNIT} through {len(variants)} variants")
-    sample = next(test.batches(max(params.evaluate.latency_batch_sizes)))[0]
     latency_keys = [f"latency_ms_b{b}" for b in params.evaluate.latency_batch_sizes]
     results, latency, per_class, predictions = {}, {}, {}, {}
     for i, v in enumerate(variants, 1):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 
 from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
-                                     logistic_regression, majority, scored, split_labels,
-                                     streamed)
+                                     linear_layer, logistic_regression, majority, scored,
+                                     split_labels, streamed)
 from pipeline.core.dataset import load_split
 
 
@@ -20,16 +20,9 @@ def baselines(data: Path, test, card, params) -> dict[str, Baseline]:
     weight, bias = linear_logits(model, classes)
 
     def export(path: Path) -> None:
-        import torch
-        from torch import nn
-
         from pipeline.modalities.points.export import export_onnx
 
-        linear = nn.Linear(weight.shape[1], classes)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(weight))
-            linear.bias.copy_(torch.from_numpy(bias))
-        export_onnx(linear, prep, path)
+        export_onnx(linear_layer(weight, bias), prep, path)
 
     return {"baseline_majority": majority(split_labels(data, "train"), test.labels(), val_labels,
                                           classes),

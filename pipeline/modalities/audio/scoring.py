@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
-                                     logistic_regression, majority, scored, split_labels,
-                                     streamed)
+                                     linear_layer, logistic_regression, majority, scored,
+                                     split_labels, streamed)
 from pipeline.core.dataset import Items, load_split
 
 if TYPE_CHECKING:
@@ -84,11 +84,8 @@ def baselines(data: Path, test: Items, card: ModelCard, params: Params) -> dict[
     weight, bias = weight / std, bias - (weight / std) @ mean
 
     def export(path: Path) -> None:
-        linear = nn.Linear(weight.shape[1], classes)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
-            linear.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
-        export_onnx(nn.Sequential(statistics, linear), card.preprocessing, path)
+        export_onnx(nn.Sequential(statistics, linear_layer(weight, bias)), card.preprocessing,
+                    path)
 
     a = card.recipe.section.train
     frames = 1 + card.preprocessing.clip_samples // a.hop

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
-                                     logistic_regression, majority, scored, split_labels,
-                                     streamed)
+                                     linear_layer, logistic_regression, majority, scored,
+                                     split_labels, streamed)
 from pipeline.core.dataset import Items, load_split
 
 if TYPE_CHECKING:
@@ -40,16 +40,11 @@ def baselines(data: Path, test: Items, card: ModelCard, params: Params) -> dict[
     weight, bias = linear_logits(model, classes)
 
     def export(path: Path) -> None:
-        import torch
         from torch import nn
 
         from pipeline.modalities.image.export import export_onnx
 
-        linear = nn.Linear(weight.shape[1], classes)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(weight))
-            linear.bias.copy_(torch.from_numpy(bias))
-        export_onnx(nn.Sequential(nn.Flatten(), linear), prep, path)
+        export_onnx(nn.Sequential(nn.Flatten(), linear_layer(weight, bias)), prep, path)
 
     return {"baseline_majority": majority(split_labels(data, "train"), test.labels(), val_labels,
                                           classes),
