@@ -3,11 +3,14 @@
     .venv/bin/python bench/audio_bench.py [--runs 3] [--decode-runs 200]
 
 1. Synthesis: `ingest_audio("spoken_digits", ...)` with the real params.yaml (audio.ingest.voices,
-   audio.ingest.takes, audio.ingest.speed_wpm, audio.ingest.pitch, data.split, data.seed) into a fresh temporary
-   folder, --runs times in this process; wall time of the whole call (eSpeak NG start on the first
-   call, synthesis, WAV writing, manifest), median and each run. Reported with the set: clips,
-   voices per split, bytes on disk, clip durations. Then eSpeak NG alone: `say` of the 10 digits
-   by the first 20 voices at 175 wpm, pitch 50 (200 clips), total wall time, one run.
+   audio.ingest.takes, audio.ingest.speed_wpm, audio.ingest.pitch, data.split, data.seed) into the
+   shards of a fresh temporary folder (a ShardWriter with ingest.shard_items and
+   ingest.row_group_bytes, as the ingest stage opens it), --runs times in this process; wall time
+   of the whole ingest (eSpeak NG start on the first call, synthesis, WAV encoding, shards and
+   manifest), median and each run. Reported with the set: clips, voices per split, bytes of WAV
+   and of the shard files, clip durations (each clip's bytes decoded from the shards). Then
+   eSpeak NG alone: `say` of the 10 digits by the first 20 voices at 175 wpm, pitch 50 (200
+   clips), total wall time, one run.
 2. Decoding one 1 s clip to audio.preprocess.sample_rate mono (pipeline/modalities/audio/decode.py decode, from the
    bytes, as the service gets an upload): median of --decode-runs, for 16-bit WAV at 16 kHz,
    22.05 kHz (the built-in set's), 44.1 kHz stereo and 96 kHz.
@@ -39,6 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.core.dataset import SPLITS, ShardWriter, item_batches  # noqa: E402
 from pipeline.modalities.audio.decode import decode  # noqa: E402
 from pipeline.modalities.audio.sources import ingest_audio  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
@@ -55,20 +59,28 @@ def median_ms(fn, runs: int) -> float:
 
 def synthesis(runs: int) -> None:
     p = load_params(REPO / "params.yaml")
-    a = p.audio
+    a = p.audio.ingest
     walls = []
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            rows = ingest_audio("spoken_digits", Path(tmp), p.data.split, p.data.seed,
-                                p.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
+            with ShardWriter(Path(tmp), p.ingest.shard_items, p.ingest.row_group_bytes) as out:
+                out.close(ingest_audio("spoken_digits", out, p.data.split, p.data.seed,
+                                       p.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm,
+                                       a.pitch))
             walls.append(time.perf_counter() - start)
-            size = sum(f.stat().st_size for f in Path(tmp).rglob("*.wav"))
-            seconds = [decode(Path(tmp) / r["path"], a.sample_rate).seconds for r in rows]
+            stored = sum(f.stat().st_size for f in Path(tmp).rglob("*.parquet"))
+            rows, size, seconds = [], 0, []
+            for batch, data in item_batches(Path(tmp), SPLITS, 256):
+                rows += batch
+                size += sum(len(d) for d in data)
+                seconds += [decode(d, p.audio.preprocess.sample_rate, r["id"]).seconds
+                            for r, d in zip(batch, data)]
     voices = {s: len({r["source"].split()[2] for r in rows if r["split"] == s})
               for s in ("train", "val", "test")}
     print(f"synthesis: {len(rows)} clips ({a.voices} voices x 10 digits x {a.takes} takes; "
-          f"voices per split {voices}), {size / 1e6:.1f} MB of 16-bit 22.05 kHz WAV, clips "
+          f"voices per split {voices}), {size / 1e6:.1f} MB of 16-bit 22.05 kHz WAV "
+          f"({stored / 1e6:.1f} MB of shard files), clips "
           f"{min(seconds):.2f}-{max(seconds):.2f} s (median {statistics.median(seconds):.2f})")
     print(f"  wall time median {statistics.median(walls):.2f} s of {runs} runs: "
           + ", ".join(f"{w:.2f}" for w in walls))

@@ -5,8 +5,9 @@ unseen voices.
     .venv/bin/python bench/audio_train_bench.py [--set audio.train.model=cnn2d ...] [--ingested DIR]
 
 Data: unless --ingested names an ingested audio folder (the ingest stage's output), the script
-makes the built-in set with the real params.yaml (pipeline/modalities/audio/sources.py ingest_audio) in a
-temporary folder.
+makes the built-in set with the real params.yaml (pipeline/modalities/audio/sources.py ingest_audio) as
+the shards and manifest of a temporary folder (a ShardWriter with ingest.shard_items and
+ingest.row_group_bytes, as the ingest stage opens it).
 
 Each stage runs as dvc.yaml runs it (`python -m pipeline.stages <stage>`, a fresh process) in a
 temporary project with the real params.yaml, data.modality audio, and --set changes. Reported:
@@ -43,7 +44,7 @@ from pipeline.modalities.audio import export  # noqa: E402
 from pipeline.modalities.audio.sources import ingest_audio  # noqa: E402
 from pipeline.core.card import onnx_predictor, read_card  # noqa: E402
 from pipeline.stages.compress import quantize_int8  # noqa: E402
-from pipeline.core.dataset import load_split  # noqa: E402
+from pipeline.core.dataset import ShardWriter, load_split  # noqa: E402
 from pipeline.stages.evaluate import median_latency_ms  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from tests.project import stage_argv  # noqa: E402
@@ -90,9 +91,11 @@ def main() -> None:
         if args.ingested:
             shutil.copytree(args.ingested, data)
         else:
-            a = params.audio
-            ingest_audio(a.source, data, params.data.split, params.data.seed,
-                         params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
+            a = params.audio.ingest
+            with ShardWriter(data, params.ingest.shard_items, params.ingest.row_group_bytes) as out:
+                out.close(ingest_audio(a.source, out, params.data.split, params.data.seed,
+                                       params.ingest.max_file_bytes, a.voices, a.takes,
+                                       a.speed_wpm, a.pitch))
         walls = {}
         for stage in STAGES:
             start = time.perf_counter()

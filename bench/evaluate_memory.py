@@ -6,16 +6,24 @@ a base commit: does evaluate hold the test split, or one batch of it?
 Method: the workspace's trained digits models (models/float, models/compressed: run `dvc repro`
 first) and an ingested folder whose train and val splits are the workspace's
 (data/ingested) and whose test split is N generated digits: the built-in test digits, each
-shifted by up to 1 px and with Gaussian noise (sd 8), written as distinct PNGs with their labels.
-Each side runs `python -m pipeline.stages evaluate` with dvc.yaml's arguments and the
-workspace's params.yaml in a folder of its own (its code: this checkout, or BASE checked out
-with `git worktree`), under `/usr/bin/time -f "%M %e"` (peak RSS of the stage process, wall
-seconds); runs alternate between the sides and the median of `--runs` is printed per N.
-Evaluate's latency timing is included (params.yaml evaluate: latency_runs x batch sizes).
+shifted by up to 1 px and with Gaussian noise (sd 8), encoded as distinct PNGs with their labels.
+The folder is written as each side's code reads it: Parquet shards and manifest.json
+(pipeline/core/dataset.py write_items, with params.yaml's ingest.shard_items and
+ingest.row_group_bytes, as the ingest stage writes them), or, for a BASE from before the shards
+(its pipeline/core/dataset.py has no ShardWriter), the same items as one file each with
+manifest.csv and classes.json. Each side runs `python -m pipeline.stages evaluate` with
+dvc.yaml's arguments and the workspace's params.yaml (for BASE, less the keys its own
+params.yaml lacks: its code refuses unknown keys) in a folder of its own (its code: this
+checkout, or BASE checked out with `git worktree`), under `/usr/bin/time -f "%M %e"` (peak RSS of
+the stage process, wall seconds); runs alternate between the sides and the median of `--runs` is
+printed per N. Evaluate's latency timing is included (params.yaml evaluate: latency_runs x batch
+sizes).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import shutil
@@ -25,12 +33,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.core.dataset import read_manifest, write_manifest  # noqa: E402
+from pipeline.core.dataset import SPLITS, item_batches, read_manifest, write_items  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
 
 ARGS = ["evaluate", "--model", "models/float", "--compressed", "models/compressed",
         "--data", "data/ingested", "--metrics", "r/evaluation.json", "--latency",
@@ -38,33 +48,68 @@ ARGS = ["evaluate", "--model", "models/float", "--compressed", "models/compresse
         "--tradeoff", "r/tradeoff.csv", "--latency-plot", "r/latency.csv", "--out", "selected"]
 
 
-def ingested(out: Path, tests: int) -> Path:
-    """data/ingested's train and val rows and files, and `tests` generated test digits."""
-    rows, classes = read_manifest(REPO / "data/ingested")
-    kept = [r for r in rows if r["split"] != "test"]
-    for r in kept:
-        (out / r["path"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(REPO / "data/ingested" / r["path"], out / r["path"])
-    originals = [r for r in rows if r["split"] == "test"]
+def items(tests: int):
+    """data/ingested's train and val items (row, bytes), then `tests` generated test digits."""
+    originals = []
+    for rows, data in item_batches(REPO / "data/ingested", SPLITS, 1024):
+        for r, d in zip(rows, data):
+            if r["split"] == "test":
+                originals.append((r, d))
+            else:
+                yield r, d
     rng = np.random.default_rng(0)
     for i in range(tests):
-        r = originals[i % len(originals)]
-        pixels = np.asarray(Image.open(REPO / "data/ingested" / r["path"]), np.float32)
+        r, d = originals[i % len(originals)]
+        pixels = np.asarray(Image.open(io.BytesIO(d)), np.float32)
         dy, dx = rng.integers(-1, 2, 2)
         pixels = np.roll(pixels, (dy, dx), (0, 1)) + rng.normal(0, 8, pixels.shape)
-        path = f"images/test/{r['label']}/gen{i:06d}.png"
-        (out / path).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(out / path)
-        kept.append({"path": path, "label": r["label"], "split": "test", "source": path})
-    write_manifest(out, kept, classes)
+        png = io.BytesIO()
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(png, format="PNG")
+        item_id = f"images/test/{r['label']}/gen{i:06d}.png"
+        yield {"id": item_id, "label": r["label"], "split": "test", "source": item_id}, png.getvalue()
+
+
+def sharded(code: Path) -> bool:
+    """Whether `code` reads an ingested folder as shards (else as files + manifest.csv)."""
+    return "class ShardWriter" in (code / "pipeline/core/dataset.py").read_text()
+
+
+def ingested(out: Path, tests: int, shards: bool) -> Path:
+    """data/ingested's train and val items and `tests` generated test digits as an ingested
+    folder: shards, or (not shards) one file per item with manifest.csv and classes.json."""
+    classes = read_manifest(REPO / "data/ingested")[1]
+    if shards:
+        ingest = load_params(REPO / "params.yaml").ingest
+        write_items(out, items(tests), classes, ingest.shard_items, ingest.row_group_bytes)
+        return out
+    rows = []
+    for row, data in items(tests):
+        (out / row["id"]).parent.mkdir(parents=True, exist_ok=True)
+        (out / row["id"]).write_bytes(data)
+        rows.append({"path": row["id"], "label": row["label"], "split": row["split"],
+                     "source": row["source"]})
+    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "source"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "classes.json").write_text(json.dumps(classes, indent=1, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
     return out
+
+
+def known(params: dict, allowed: dict) -> dict:
+    """`params` less the keys `allowed` (a params.yaml) lacks, section by section."""
+    return {k: known(v, allowed[k]) if isinstance(v, dict) and isinstance(allowed[k], dict)
+            else v for k, v in params.items() if k in allowed}
 
 
 def side(folder: Path, code: Path, data: Path) -> Path:
     """A folder to run evaluate in: the workspace's params.yaml and models, `data` as
-    data/ingested; `code` on PYTHONPATH."""
+    data/ingested; `code` on PYTHONPATH (the params.yaml keys its own params.yaml lacks dropped)."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(REPO / "params.yaml", folder / "params.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    own = yaml.safe_load((code / "params.yaml").read_text())
+    (folder / "params.yaml").write_text(yaml.safe_dump(known(params, own), sort_keys=False))
     for name in ("models/float", "models/compressed"):
         if not (folder / name).exists():
             shutil.copytree(REPO / name, folder / name)
@@ -104,11 +149,15 @@ def main() -> None:
     print("| test items | this checkout: peak RSS (MB), wall (s) | base: peak RSS (MB), wall (s) |")
     print("| ---: | --- | --- |")
     for n in args.tests:
-        data = args.out / f"data_{n}"
-        if not (data / "manifest.csv").exists():
-            ingested(data, n)
-        sides = {"this": (side(args.out / f"this_{n}", REPO, data), REPO),
-                 "base": (side(args.out / f"base_{n}", base, data), base)}
+        data = {}
+        for code in (REPO, base):
+            shards = sharded(code)
+            folder = args.out / (f"data_{n}" if shards else f"data_{n}_files")
+            if not (folder / ("manifest.json" if shards else "manifest.csv")).exists():
+                ingested(folder, n, shards)
+            data[code] = folder
+        sides = {"this": (side(args.out / f"this_{n}", REPO, data[REPO]), REPO),
+                 "base": (side(args.out / f"base_{n}", base, data[base]), base)}
         measured = {name: [] for name in sides}
         for _ in range(args.runs):
             for name, (folder, code) in sides.items():

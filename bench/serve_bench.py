@@ -314,6 +314,15 @@ def tiny_audio_bento(root: Path) -> tuple[str, Path]:
     return report["champion"]["bento_tag"], root / "ingested"
 
 
+def split_files(data: Path, split: str) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of each item of one split of the ingested folder `data`, in shard
+    order: the files as they came, what a client uploads."""
+    from pipeline.core.dataset import item_batches
+
+    return [(Path(r["id"]).name, d) for rows, items in item_batches(data, [split], 1024)
+            for r, d in zip(rows, items)]
+
+
 def single_runs(bento: str, payloads: dict[str, tuple[str | None, list[bytes]]], args,
                 batch: list[bytes] | None = None) -> dict[tuple, list[dict]]:
     """(name, c) -> runs of each payload set (path None: gRPC) for c in CONCURRENCY, servers
@@ -348,27 +357,26 @@ def audio_bench(args) -> dict:
 
     from pipeline.modalities.audio.infra import infer_request as audio_infer_request
     from pipeline.core.card import read_card
-    from pipeline.core.dataset import read_manifest
 
     bento = champion_bento(args)
     info = bentoml.bentos.get(bento).info
     model, version = info.args["model_tag"].split(":")
     prep = read_card(Path(bentoml.models.get(info.args["model_tag"]).path)).preprocessing
-    files = [args.data / r["path"] for r in read_manifest(args.data)[0] if r["split"] == "test"]
+    files = split_files(args.data, "test")  # (file name, bytes as ingested) per clip
     payloads = {
-        "kiln_audio": ("/classify_audio", [multipart_post("/classify_audio", "audio", f.name,
-                                                          f.read_bytes(),
-                                                          "application/octet-stream")
-                                           for f in files]),
+        "kiln_audio": ("/classify_audio", [multipart_post("/classify_audio", "audio", name,
+                                                          data, "application/octet-stream")
+                                           for name, data in files]),
         "kiln_audio_grpc": (None, [audio_infer_request(model, version,
-                                                       prep.load(f)[None]).SerializeToString()
-                                   for f in files])}
-    seconds = [soundfile.info(str(f)).duration for f in files]
+                                                       prep.load(data, name)[None]
+                                                       ).SerializeToString()
+                                   for name, data in files])}
+    seconds = [soundfile.info(io.BytesIO(data)).duration for _, data in files]
     results: dict = {"load_before": load_average(), "bento": bento,
                      "bento_config": info.services[0].config, "duration_s": args.duration,
                      "repeats": args.repeats, "test_clips": len(files),
                      "mean_clip_s": round(float(np.mean(seconds)), 3),
-                     "mean_file_bytes": round(float(np.mean([f.stat().st_size for f in files]))),
+                     "mean_file_bytes": round(float(np.mean([len(data) for _, data in files]))),
                      "single": {}}
     for (name, c), rs in single_runs(bento, payloads, args).items():
         results["single"][f"{name}_c{c}"] = median_of(rs)
@@ -456,13 +464,13 @@ def main() -> None:
         return
 
     from pipeline.core.card import read_card
-    from pipeline.core.dataset import load_split, read_manifest
+    from pipeline.core.dataset import load_split
     from pipeline.modalities.image.infra import infer_request
 
     bento = champion_bento(args)
-    rows = [r for r in read_manifest(args.data)[0] if r["split"] == "test"]
-    singles = [multipart_post("/classify", "image", "x.png", (args.data / r["path"]).read_bytes(),
-                              "image/png") for r in rows]
+    files = split_files(args.data, "test")
+    singles = [multipart_post("/classify", "image", "x.png", data, "image/png")
+               for _, data in files]
     pixels, _ = load_split(args.data, "test", read_card(args.float_model).preprocessing)
     batch = np.resize(pixels, (BATCH, *pixels.shape[1:]))
     buffer = io.BytesIO()
@@ -482,7 +490,7 @@ def main() -> None:
                     for i in range(len(pixels))]
     results: dict = {"load_before": load_average(), "bento": bento, "bento_config": config,
                      "duration_s": args.duration,
-                     "repeats": args.repeats, "test_images": len(rows), "single": {}, "batch": {}}
+                     "repeats": args.repeats, "test_images": len(files), "single": {}, "batch": {}}
     runs: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp, \
             kiln_server(bento, Path(tmp, "kiln.log")) as (kiln_url, grpc_port), \

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("BENTOML_HOME", str(REPO / ".bentoml"))
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
-from serve_bench import kiln_server, multipart_post  # noqa: E402  (bench/ is the script's folder)
+from serve_bench import kiln_server, multipart_post, split_files  # noqa: E402  (bench/ is the script's folder)
 
 MIX = 100            # requests in the cycle: MIX - 2 valid, one PNG bomb, one big .npy
 BOMB_SIDE = 13000    # px, of the RGBA PNG bomb (the size the issue measured)
@@ -95,11 +95,9 @@ end
 def requests_files(folder: Path, data: Path, max_request_bytes: int) -> tuple[Path, Path]:
     """Write the request files; return (the mixed list, the valid-only list)."""
     from pipeline.core.card import read_card
-    from pipeline.core.dataset import read_manifest
 
-    rows = [r for r in read_manifest(data)[0] if r["split"] == "test"]
-    valid = [multipart_post("/classify", "image", "x.png", (data / r["path"]).read_bytes(),
-                            "image/png") for r in rows[: MIX - 2]]
+    valid = [multipart_post("/classify", "image", "x.png", png, "image/png")
+             for _, png in split_files(data, "test")[: MIX - 2]]
     buffer = io.BytesIO()
     Image.new("RGBA", (BOMB_SIDE, BOMB_SIDE)).save(buffer, format="PNG")
     bomb = multipart_post("/classify", "image", "bomb.png", buffer.getvalue(), "image/png")
@@ -155,7 +153,7 @@ def bench(bento: str, folder: Path, mixed: Path, valid: Path, clients: int, dura
     script = folder / "load.lua"
     script.write_text(WRK_LUA)
     results = []
-    with kiln_server(bento, folder / f"{bento.replace(':', '-')}.log") as url:
+    with kiln_server(bento, folder / f"{bento.replace(':', '-')}.log") as (url, _):
         procs = workers(int(url.rsplit(":", 1)[1]))
         wrk(url, script, valid, clients, 3, folder / "warmup.json")
         before = rss_mb(procs)

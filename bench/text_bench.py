@@ -4,7 +4,8 @@ identification from chatterbot-corpus dialogs (inside the installed wheel, no do
     .venv/bin/python bench/text_bench.py [--set text.train.model=text_bag ...] [--ingested DIR]
 
 Data: unless --ingested names an ingested text folder (the ingest stage's output), the script
-writes one in the contract's layout the way the built-in `languages` source does: the dialog
+writes one (shards and manifest, pipeline/core/dataset.py write_items; each text an item with
+the id texts/<split>/<language>/<n>.txt) the way the built-in `languages` source does: the dialog
 lines of LANGUAGES, blank lines, repeats within a language and lines two languages share left
 out (compared lowercased, whitespace collapsed), up to text.ingest.per_class per language chosen with
 data.seed, split stratified by data.split with data.seed.
@@ -37,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.core.dataset import write_manifest  # noqa: E402
+from pipeline.core.dataset import read_manifest, write_items  # noqa: E402
 from tests.project import stage_argv  # noqa: E402
 
 LANGUAGES = ("chinese", "dutch", "english", "italian", "japanese", "korean", "persian",
@@ -63,7 +64,7 @@ def write_languages(out: Path, per_class: int, split: dict, seed: int) -> int:
         for k in found:
             count[k] = count.get(k, 0) + 1
     rng = random.Random(seed)
-    rows = []
+    items = []
     for language in LANGUAGES:
         own = sorted(t for k, t in lines[language].items() if count[k] == 1)
         rng.shuffle(own)
@@ -71,13 +72,11 @@ def write_languages(out: Path, per_class: int, split: dict, seed: int) -> int:
         n_train, n_val = round(len(own) * split["train"]), round(len(own) * split["val"])
         for n, text in enumerate(own):
             part = "train" if n < n_train else "val" if n < n_train + n_val else "test"
-            path = Path("texts", part, language, f"{n}.txt")
-            (out / path).parent.mkdir(parents=True, exist_ok=True)
-            (out / path).write_text(text, encoding="utf-8")
-            rows.append({"path": path.as_posix(), "label": language, "split": part,
-                         "source": f"chatterbot-corpus {language}"})
-    write_manifest(out, rows, list(LANGUAGES))
-    return len(rows)
+            items.append(({"id": f"texts/{part}/{language}/{n}.txt", "label": language,
+                           "split": part, "source": f"chatterbot-corpus {language}"},
+                          text.encode("utf-8")))
+    write_items(out, items, list(LANGUAGES))
+    return len(items)
 
 
 def apply_sets(params: dict, sets: list[str]) -> None:
@@ -104,9 +103,9 @@ def main() -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if args.ingested:
         shutil.copytree(args.ingested, project / "data/ingested")
-        n = sum(1 for _ in (project / "data/ingested/texts").rglob("*.txt"))
+        n = len(read_manifest(project / "data/ingested")[0])
     else:
-        n = write_languages(project / "data/ingested", params["text"]["per_class"],
+        n = write_languages(project / "data/ingested", params["text"]["ingest"]["per_class"],
                             params["data"]["split"], params["data"]["seed"])
     print(f"{n} texts, {project}", flush=True)
 
@@ -123,7 +122,8 @@ def main() -> None:
 
     metrics = json.loads((project / "reports/evaluation.json").read_text())
     compress = json.loads((project / "models/compressed/compress.json").read_text())
-    result = {"texts": n, "params": {k: params["text"][k] for k in
+    text = {**params["text"]["train"], **params["text"]["preprocess"]}
+    result = {"texts": n, "params": {k: text[k] for k in
                                      ("model", "dim", "layers", "heads", "ffn", "max_epochs",
                                       "batch_size", "vocab_size", "max_tokens")},
               "sets": args.set, "stage_wall_s": wall, "accuracy": metrics["accuracy"],

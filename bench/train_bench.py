@@ -2,8 +2,9 @@
 augmentation against a per-image PIL loop. `python bench/train_bench.py [--runs 3]`.
 
 Method (all in one process, one run of this script, so both sides see the same machine load):
-- Data: the built-in digits, ingested with params.yaml's data.* (1259 train, 359 test images),
-  resized to image.preprocess.image_size, uint8 in memory. Mean/std of the train split, as the augment stage.
+- Data: the built-in digits, ingested with params.yaml's data.* (1259 train, 359 test images)
+  into the shards of a temporary folder (as the ingest stage writes them), decoded and resized
+  to image.preprocess.image_size, uint8 in memory. Mean/std of the train split, as the augment stage.
 - (a) seed-style loop, as in the original idea: torch.utils.data.DataLoader(batch_size=
   image.train.batch_size, shuffle=True, num_workers=0) over a Dataset whose __getitem__ makes a PIL
   image, rotates it by a uniform angle in +-image.augment.rotation_deg (bilinear, black fill), pads it
@@ -53,7 +54,7 @@ from PIL import Image, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core import training
-from pipeline.core.dataset import load_split
+from pipeline.core.dataset import ShardWriter, load_split
 from pipeline.modalities.image import models
 from pipeline.modalities.image.models import epoch_warper
 from pipeline.modalities.image.preprocess import Preprocessing
@@ -68,7 +69,9 @@ def load_digits(p: Params) -> tuple[Preprocessing, dict[str, tuple[np.ndarray, n
                         mean=[0.0] * p.image.preprocess.channels, std=[1.0] * p.image.preprocess.channels,
                         background=p.image.preprocess.background)
     with tempfile.TemporaryDirectory() as tmp:
-        ingest(p.image.ingest.source, Path(tmp), p.data.split, p.data.seed, p.ingest.max_file_bytes)
+        with ShardWriter(Path(tmp), p.ingest.shard_items, p.ingest.row_group_bytes) as out:
+            out.close(ingest(p.image.ingest.source, out, p.data.split, p.data.seed,
+                             p.ingest.max_file_bytes))
         splits = {s: load_split(Path(tmp), s, raw) for s in ("train", "test")}
     scaled = splits["train"][0].astype(np.float64) / 255
     prep = dataclasses.replace(raw, mean=scaled.mean(axis=(0, 2, 3)).tolist(),

@@ -2,21 +2,23 @@
 
     python bench/validate_bench.py [--images 60000] [--runs 3] [--out /tmp/kiln_validate_bench]
 
-Method: the images are written once as an ingested folder (manifest.csv, classes.json, one PNG
-per image: smooth random blobs plus noise, all distinct). Then `validate()` runs end to end with
-the repo's params.yaml (decode + hash every file, the GX suites, Data Docs), alternating the
-baseline (engine.workers = 1: one process) with the default (engine.workers = 0: one process
-per core), `--runs` times each; the median wall time of each is reported, with the decode/hash
-share measured separately (image_table alone) and the 1-minute load average before and after.
+Method: the images are written once as an ingested folder (pipeline/core/dataset.py: Parquet
+shards cut at ingest.shard_items and ingest.row_group_bytes, as the ingest stage writes them, and
+manifest.json; one PNG per item: smooth random blobs plus noise, all distinct). Then `validate()`
+runs end to end with the repo's params.yaml (read, decode + hash every item, the GX suites, Data
+Docs), alternating the baseline (engine.workers = 1: one process) with the default
+(engine.workers = 0: one process per core), `--runs` times each; the median wall time of each is
+reported, with the decode/hash share measured separately (image_table alone, reading the shards
+included) and the 1-minute load average before and after.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
+import io
 import os
 import resource
+import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.core.dataset import SPLITS, read_manifest
-from pipeline.params import load_params
+from pipeline.core.dataset import SPLITS, read_manifest, write_items
+from pipeline.params import Params, load_params
 from pipeline.core import executor
 from pipeline.modalities.image.checks import image_table
 from pipeline.stages.validate import validate
@@ -36,9 +38,9 @@ SIDE = 32       # px
 CLASSES = 10
 
 
-def _write_chunk(args: tuple[Path, int, int]) -> list[dict]:
-    root, start, stop = args
-    rows = []
+def _make_chunk(args: tuple[int, int]) -> list[tuple[dict, bytes]]:
+    start, stop = args
+    items = []
     for i in range(start, stop):
         rng = np.random.default_rng(i)
         label = str(i % CLASSES)
@@ -46,28 +48,25 @@ def _write_chunk(args: tuple[Path, int, int]) -> list[dict]:
         split = SPLITS[0 if j < 7 else 1 if j < 8 else 2]
         coarse = rng.integers(0, 256, (8, 8)).astype(np.float32)
         image = np.kron(coarse, np.ones((4, 4), np.float32)) + rng.normal(0, 12, (SIDE, SIDE))
-        rel = f"images/{split}/{label}/{i:05d}.png"
-        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / rel)
-        rows.append({"path": rel, "label": label, "split": split, "source": rel})
-    return rows
+        item_id = f"images/{split}/{label}/{i:05d}.png"
+        png = io.BytesIO()
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(png, format="PNG")
+        items.append(({"id": item_id, "label": label, "split": split, "source": item_id},
+                      png.getvalue()))
+    return items
 
 
-def generate(root: Path, n: int) -> None:
+def generate(root: Path, n: int, params: Params) -> None:
     """An ingested folder of n images, skipped when it already holds them."""
-    if (root / "manifest.csv").exists() and len(read_manifest(root)[0]) == n:
+    if (root / "manifest.json").exists() and len(read_manifest(root)[0]) == n:
         return
-    for split in SPLITS:
-        for label in range(CLASSES):
-            (root / "images" / split / str(label)).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root / "shards", ignore_errors=True)  # what an earlier run left
     step = 2000
     with ProcessPoolExecutor() as pool:
-        parts = pool.map(_write_chunk, [(root, s, min(s + step, n)) for s in range(0, n, step)])
-        rows = [r for part in parts for r in part]
-    with open(root / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "source"])
-        writer.writeheader()
-        writer.writerows(rows)
-    (root / "classes.json").write_text(json.dumps([str(c) for c in range(CLASSES)]) + "\n")
+        parts = pool.map(_make_chunk, [(s, min(s + step, n)) for s in range(0, n, step)])
+        items = (item for part in parts for item in part)
+        write_items(root, items, [str(c) for c in range(CLASSES)], params.ingest.shard_items,
+                    params.ingest.row_group_bytes)
 
 
 def main() -> None:
@@ -79,7 +78,7 @@ def main() -> None:
     params = load_params(REPO / "params.yaml")
     data = args.out / "ingested"
     t = time.perf_counter()
-    generate(data, args.images)
+    generate(data, args.images, params)
     print(f"data: {args.images} images in {data} ({time.perf_counter() - t:.1f} s to make or find)")
     load_before = os.getloadavg()[0]
     rows, _ = read_manifest(data)
@@ -91,7 +90,7 @@ def main() -> None:
         for name, workers in settings.items():
             executor.start(dataclasses.replace(params.engine, workers=workers))
             t = time.perf_counter()
-            image_table(data, rows, params.data)
+            image_table(data, rows, params.image.preprocess)
             decode[name].append(time.perf_counter() - t)
             t = time.perf_counter()
             result = validate(data, args.out / "docs", params, reference=None)

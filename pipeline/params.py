@@ -57,6 +57,8 @@ class DataParams:
 @dataclass(frozen=True)
 class IngestParams:
     max_file_bytes: int
+    shard_items: int
+    row_group_bytes: int
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class PackageParams:
     model_name: str
     champion_tolerance: float
     ready_timeout_s: float
+    infra_items: int
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,9 @@ def _check_ranges(p: Params) -> None:
         ("data.split", min(p.data.split.train, p.data.split.val, p.data.split.test) > 0,
          "every fraction must be > 0"),
         ("ingest.max_file_bytes", p.ingest.max_file_bytes >= 1, "must be >= 1"),
+        ("package.infra_items", p.package.infra_items >= 1, "must be >= 1"),
+        ("ingest.shard_items", p.ingest.shard_items >= 1, "must be >= 1"),
+        ("ingest.row_group_bytes", p.ingest.row_group_bytes >= 1, "must be >= 1"),
         ("validate.min_items", 1 <= p.validate.min_items <= p.validate.max_items,
          "must satisfy 1 <= min_items <= max_items"),
         ("validate.min_items_per_class_per_split", p.validate.min_items_per_class_per_split >= 0,

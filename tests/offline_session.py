@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from tests.bento_server import bento_server
+from tests.ingested import items_of
 from tests.tiny_bento import run_package
 
 
@@ -40,12 +41,11 @@ def main(argv: list[str]) -> None:
                                   "report": report})
         if report is None:
             continue
-        text = next(data.glob("texts/test/*/*.txt"), None)  # a text model's data
-        if text is not None:
-            request = ("/classify_text", {"json": {"text": text.read_text()}})
+        row, item = items_of(data, "test")[0]
+        if row["id"].startswith("texts/"):  # a text model's data
+            request = ("/classify_text", {"json": {"text": item.decode()}})
         else:
-            image = next(data.glob("images/test/*/*.png"))
-            request = ("/classify", {"files": {"image": (image.name, image.read_bytes())}})
+            request = ("/classify", {"files": {"image": (Path(row["id"]).name, item)}})
         served.append((report["champion"]["bento_tag"], request))
     statuses: Counter = Counter()
     with contextlib.ExitStack() as stack:

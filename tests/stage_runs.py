@@ -3,13 +3,13 @@
 `stage` fixture (tests/conftest.py: the same entry point, minus ~3 s of imports a call)."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.core.dataset import read_manifest
 from tests.project import REPO, stage_argv
 
 VALIDATE = stage_argv("validate")
@@ -37,5 +37,5 @@ def details(work: Path) -> dict:
 
 
 def manifest(work: Path) -> list[dict]:
-    with open(work / "data/ingested/manifest.csv", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    """The ingested items' rows: id, label, split, source."""
+    return read_manifest(work / "data/ingested")[0]

@@ -22,7 +22,7 @@ import pipeline.stages.validate
 from pipeline.modalities.audio import checks
 from pipeline.modalities.audio.decode import decode
 from pipeline.lifecycle.champion import Reference
-from pipeline.core.dataset import SPLITS, read_manifest
+from pipeline.core.dataset import SPLITS, ShardWriter, read_manifest
 from pipeline.params import ParamsError, load_params
 from tests.stage_runs import VALIDATE, details, ingest_and_validate, problems
 
@@ -243,7 +243,9 @@ def test_the_built_in_spoken_digits_through_ingest_and_validate(tmp_path, audio_
 
 
 def test_each_refusal_of_decode_has_its_kind(tmp_path):
-    """file_problem's kinds match decode.py's messages (tests/test_audio_data.py REFUSED)."""
+    """file_problem's kinds match decode.py's messages (tests/test_audio_data.py REFUSED). A
+    file that cannot be read stops ingest, before validate sees bytes (tests/test_audio_data.py
+    test_an_unreadable_recording_stops_ingest_naming_it)."""
     from tests.test_audio_data import REFUSED
     kinds = {"corrupt": "corrupt or not audio", "not audio": "corrupt or not audio",
              "zero-length": "empty file", "no samples": "no samples",
@@ -252,15 +254,11 @@ def test_each_refusal_of_decode_has_its_kind(tmp_path):
     for kind, name, data, _ in REFUSED:
         if name is None:
             continue
-        (tmp_path / name).write_bytes(data)
-        described = checks.describe_clip(tmp_path / name, RATE)
+        described = checks.describe_clip((name, data), RATE)
         assert described["file_problem"] == kinds[kind], (kind, described)
-        assert not described["decode_error"].startswith(str(tmp_path))
-    write(tmp_path / "aiff.wav", tone(300, 0.2), container="AIFF")
-    assert checks.describe_clip(tmp_path / "aiff.wav", RATE)["file_problem"] == \
-        "unaccepted format"
-    assert checks.describe_clip(tmp_path / "missing.wav", RATE)["file_problem"] == \
-        "unreadable file"
+        assert not described["decode_error"].startswith(name)
+    aiff = write(tmp_path / "aiff.wav", tone(300, 0.2), container="AIFF")
+    assert checks.describe_clip(("aiff.wav", aiff), RATE)["file_problem"] == "unaccepted format"
 
 
 # --- drift against the champion's profile -------------------------------------------------------
@@ -274,8 +272,10 @@ def champion_profile(tmp_path_factory) -> dict:
     params = load_params(REPO / "params.yaml")
     from pipeline.modalities.audio.sources import ingest_audio
     a = params.audio.ingest
-    ingest_audio(str(root / "src"), root / "ingested", params.data.split, params.data.seed,
-                 params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
+    with ShardWriter(root / "ingested", 1 << 30, 1 << 26) as out:
+        out.close(ingest_audio(str(root / "src"), out, params.data.split, params.data.seed,
+                               params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm,
+                               a.pitch))
     return checks.examine(root / "ingested", read_manifest(root / "ingested")[0], params, None)[1]
 
 
@@ -325,11 +325,12 @@ def test_streamed_and_padded_wavs_are_not_truncated(tmp_path):
     (tmp_path / "streamed.wav").write_bytes(data[:at] + b"\xff" * 4 + data[at + 4:])
     (tmp_path / "tagged.wav").write_bytes(data + b"LIST\x04\x00\x00\x00INFO")
     (tmp_path / "cut.wav").write_bytes(data[:-100])
-    assert [checks.wav_truncation(tmp_path / n) for n in
+    assert [checks.wav_truncation((tmp_path / n).read_bytes()) for n in
             ("whole.wav", "streamed.wav", "tagged.wav")] == [None, None, None]
-    assert checks.wav_truncation(tmp_path / "cut.wav") == \
+    assert checks.wav_truncation((tmp_path / "cut.wav").read_bytes()) == \
         "its header promises 16000 bytes of samples, 15900 follow"
-    assert checks.describe_clip(tmp_path / "streamed.wav", RATE)["seconds"] == 0.5
+    assert checks.describe_clip(("streamed.wav", (tmp_path / "streamed.wav").read_bytes()),
+                                RATE)["seconds"] == 0.5
 
 
 def test_decoded_samples_hash_alike_across_containers(tmp_path):
@@ -341,7 +342,7 @@ def test_decoded_samples_hash_alike_across_containers(tmp_path):
     changed = samples.copy()
     changed[100] += 1
     write(tmp_path / "b.wav", changed)
-    hashes = [checks.describe_clip(tmp_path / n, RATE)["content_hash"]
+    hashes = [checks.describe_clip((n, (tmp_path / n).read_bytes()), RATE)["content_hash"]
               for n in ("a.wav", "a.flac", "b.wav")]
     assert hashes[0] == hashes[1] != hashes[2]
     assert decode(tmp_path / "a.wav", RATE).samples.tobytes() == \

@@ -23,9 +23,10 @@ from pipeline import StageError
 from pipeline.modalities.audio.decode import AudioError, clip_length, decode, fit
 from pipeline.modalities.audio.preprocess import AudioPreprocessing
 from pipeline.modalities.audio.sources import DIGITS, ingest_audio
-from pipeline.core.dataset import SPLITS, read_manifest
+from pipeline.core.dataset import SPLITS, ShardWriter, read_manifest
 from pipeline.params import ParamsError, Split, load_params
 from tests.closed_network import leaving, run_closed
+from tests.ingested import items_of
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 16000     # Hz the tests decode to (params.yaml audio.preprocess.sample_rate)
@@ -188,8 +189,16 @@ NOISY = {"Alicia", "Demonic", "f2", "f3", "f5", "sandro", "victor"}
 SEED = 11
 
 
+def ingest(source: str, out: Path, seed: int, **shape) -> list[dict]:
+    """ingest_audio of `source` into the shards of `out` (BUILT_IN with `shape` over it); the
+    ingested rows."""
+    with ShardWriter(out, 1 << 30, 1 << 26) as writer:
+        writer.close(ingest_audio(source, writer, SPLIT, seed, 1 << 20, **{**BUILT_IN, **shape}))
+    return read_manifest(out)[0]
+
+
 def spoken_digits(out: Path, seed: int = SEED) -> list[dict]:
-    return ingest_audio("spoken_digits", out, SPLIT, seed, 1 << 20, **BUILT_IN)
+    return ingest("spoken_digits", out, seed)
 
 
 def voice(row: dict) -> str:
@@ -219,22 +228,24 @@ def test_the_built_in_set_says_every_digit_in_every_split_with_unseen_voices(bui
     assert {v.split("+")[1] for s in SPLITS for v in voices[s]} & NOISY  # see the rerun test
     for s in SPLITS:
         assert {r["label"] for r in rows if r["split"] == s} == set(DIGITS)
-    for row in rows:
-        decoded = decode(built_in / row["path"], RATE)
+    for row, data in items_of(built_in):
+        decoded = decode(data, RATE, row["id"])
         assert (decoded.source_rate, decoded.channels, decoded.subtype) == (22050, 1, "PCM_16")
         assert 0.2 < decoded.seconds < 1.0, row
         assert decoded.rms > 0.02 and decoded.clipped == 0, row
-        assert row["path"] == f"audio/{row['split']}/{row['label']}/{Path(row['path']).name}"
+        assert row["id"] == f"audio/{row['split']}/{row['label']}/{Path(row['id']).name}"
 
 
 def test_the_built_in_set_is_made_again_byte_for_byte_offline(built_in, closed_network,
                                                               tmp_path):
-    """A fresh process, in a network namespace with only loopback, writes the same files; a
-    trace of its connect/sendto/sendmsg calls holds none that would leave."""
+    """A fresh process, in a network namespace with only loopback, writes the same shards and
+    manifest; a trace of its connect/sendto/sendmsg calls holds none that would leave."""
     script = ("import sys; from pathlib import Path; from pipeline.modalities.audio.sources import "
-              "ingest_audio; from pipeline.params import Split; "
-              f"ingest_audio('spoken_digits', Path(sys.argv[1]), {SPLIT!r}, {SEED}, 1 << 20, "
-              f"**{BUILT_IN!r})")
+              "ingest_audio; from pipeline.core.dataset import ShardWriter; "
+              "from pipeline.params import Split\n"
+              "with ShardWriter(Path(sys.argv[1]), 1 << 30, 1 << 26) as w:\n"
+              f"    w.close(ingest_audio('spoken_digits', w, {SPLIT!r}, {SEED}, 1 << 20, "
+              f"**{BUILT_IN!r}))")
     # Unseeded, eSpeak NG's noise follows the clock's whole second at its start (processes in
     # the same second agree, measured): start this one in a later second than the fixture's.
     time.sleep(1.05 - time.time() % 1)
@@ -261,8 +272,7 @@ def test_another_seed_draws_other_voices(built_in, tmp_path):
 def test_too_few_voices_for_the_splits_is_refused(tmp_path):
     with pytest.raises(StageError, match="audio.ingest.voices 2: too few voices for data.split: no "
                                          "voice in test, val"):
-        ingest_audio("spoken_digits", tmp_path, SPLIT, 0, 1 << 20,
-                     **{**BUILT_IN, "voices": 2})
+        ingest("spoken_digits", tmp_path, 0, voices=2)
 
 
 # --- a user's folder ---------------------------------------------------------------------------
@@ -284,14 +294,13 @@ def test_a_user_folder_is_copied_with_a_stratified_split(tmp_path, capsys):
     source = write_folder(tmp_path / "source")
     (source / "low" / ".DS_Store").write_bytes(b"\0")
     (source / "low" / "notes.txt").write_text("not audio")
-    rows = ingest_audio(str(source), tmp_path / "out", SPLIT, 0, 1 << 20, **BUILT_IN)
+    rows = ingest(str(source), tmp_path / "out", 0)
     _, classes = read_manifest(tmp_path / "out")
     assert classes == ["high", "low"] and len(rows) == 10
     assert "skipped 2 hidden, system or non-audio entries" in capsys.readouterr().out
-    for row in rows:
-        assert (tmp_path / "out" / row["path"]).read_bytes() == \
-            (source / row["source"]).read_bytes()
-        assert AudioPreprocessing(RATE, RATE).load(tmp_path / "out" / row["path"]).shape == (RATE,)
+    for row, data in items_of(tmp_path / "out"):
+        assert data == (source / row["source"]).read_bytes()
+        assert AudioPreprocessing(RATE, RATE).load(data, row["id"]).shape == (RATE,)
     for label in classes:  # 5 per class: round(1.0) to test, max(1, round(0.5)) to val
         assert sorted(r["split"] for r in rows if r["label"] == label) == \
             ["test", "train", "train", "train", "val"]
@@ -299,7 +308,7 @@ def test_a_user_folder_is_copied_with_a_stratified_split(tmp_path, capsys):
 
 def test_a_pre_split_user_folder_keeps_its_splits(tmp_path):
     source = write_folder(tmp_path / "source", splits=SPLITS, per_class=2)
-    rows = ingest_audio(str(source), tmp_path / "out", SPLIT, 0, 1 << 20, **BUILT_IN)
+    rows = ingest(str(source), tmp_path / "out", 0)
     assert {(r["split"], r["label"]): 2 for r in rows} == \
         {(s, c): 2 for s in SPLITS for c in ("high", "low")}
     assert all(r["source"].startswith(r["split"] + "/") for r in rows)
@@ -308,7 +317,7 @@ def test_a_pre_split_user_folder_keeps_its_splits(tmp_path):
 def test_a_source_that_is_no_folder_is_named(tmp_path):
     with pytest.raises(StageError, match="audio.ingest.source nowhere: not a folder "
                                          r"\(nor 'spoken_digits'\)"):
-        ingest_audio("nowhere", tmp_path, SPLIT, 0, 1 << 20, **BUILT_IN)
+        ingest("nowhere", tmp_path, 0)
 
 
 @pytest.mark.parametrize("key,value,message", [

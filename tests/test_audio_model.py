@@ -5,6 +5,7 @@ augment -> train -> compress stages on generated clips."""
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from pipeline.modalities.audio.perturb import generator, perturb, resample
 from pipeline.core.card import onnx_predictor
 from pipeline.core.pruning import structured_l1
 from pipeline.stages.compress import count_macs_on, count_params, quantize_int8
-from pipeline.core.dataset import write_manifest
+from pipeline.core.dataset import write_items
 from pipeline.params import load_params
 from tests.conftest import merged
 
@@ -56,18 +57,17 @@ def clip(hz: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_clips(folder: Path, seed: int) -> Path:
-    """An ingested audio data set (the contract's layout): audio/<split>/<class>/<n>.wav."""
+    """An ingested audio data set (the contract's shards), items audio/<split>/<class>/<n>.wav."""
     rng = np.random.default_rng(seed)
-    rows = []
+    items = []
     for split, per_class in SPLITS.items():
         for label, hz in CLASSES.items():
             for n in range(per_class):
-                path = Path("audio", split, label, f"{n}.wav")
-                (folder / path).parent.mkdir(parents=True, exist_ok=True)
-                soundfile.write(folder / path, clip(hz, rng), RATE, subtype="PCM_16")
-                rows.append({"path": path.as_posix(), "label": label, "split": split,
-                             "source": f"generated {seed}"})
-    write_manifest(folder, rows, list(CLASSES))
+                wav = io.BytesIO()
+                soundfile.write(wav, clip(hz, rng), RATE, subtype="PCM_16", format="WAV")
+                items.append(({"id": f"audio/{split}/{label}/{n}.wav", "label": label,
+                               "split": split, "source": f"generated {seed}"}, wav.getvalue()))
+    write_items(folder, items, list(CLASSES))
     return folder
 
 

@@ -7,7 +7,6 @@ count), gRPC's FP32 waveform answers as REST does, and bad recordings, bad wavef
 other modalities' endpoints get 400 / INVALID_ARGUMENT naming the cause."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import json
@@ -22,6 +21,7 @@ import soundfile
 from open_inference.grpc import protocol as pb
 from open_inference.grpc.service import GRPCInferenceServiceStub
 
+from pipeline.core.dataset import write_items
 from pipeline.serving import oip
 from pipeline.modalities.audio import infra
 from pipeline.modalities.audio.decode import clip_length, fit
@@ -102,27 +102,21 @@ def write_tiny_audio_model(folder: Path, steps: int = 40, seed: int = 0) -> None
 
 
 def write_ingested_clips(folder: Path, n: int, seed: int, formats=FORMATS,
-                         seconds: tuple[float, float] = (0.4, 1.0)) -> list[Path]:
+                         seconds: tuple[float, float] = (0.4, 1.0)) -> list[tuple[dict, bytes]]:
     """An ingested audio folder as the ingest stage writes it (the data contract), with a test
-    split of n tones, each written in the next of `formats`; returns the files in manifest
-    order."""
+    split of n tones, each written in the next of `formats`; returns the items (row, file
+    bytes) in manifest order."""
     rng = np.random.default_rng(seed)
-    rows, files = [], []
+    items = []
     for i in range(n):
         label = i % len(CLASSES)
         container, subtype, rate, channels = formats[i % len(formats)]
-        path = f"audio/test/{CLASSES[label]}/{i:04d}{SUFFIX[container]}"
-        (folder / path).parent.mkdir(parents=True, exist_ok=True)
-        (folder / path).write_bytes(audio_file(tone(label, rng, rate, rng.uniform(*seconds)),
-                                               rate, channels, container, subtype))
-        rows.append({"path": path, "label": CLASSES[label], "split": "test", "source": path})
-        files.append(folder / path)
-    with open(folder / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "source"])
-        writer.writeheader()
-        writer.writerows(rows)
-    (folder / "classes.json").write_text(json.dumps(CLASSES))
-    return files
+        items.append(({"id": f"audio/test/{CLASSES[label]}/{i:04d}{SUFFIX[container]}",
+                       "label": CLASSES[label], "split": "test"},
+                      audio_file(tone(label, rng, rate, rng.uniform(*seconds)), rate, channels,
+                                 container, subtype)))
+    write_items(folder, items, CLASSES)
+    return items
 
 
 def local_probabilities(model_dir: Path, waveforms: np.ndarray) -> np.ndarray:
@@ -141,7 +135,9 @@ def audio_server(tmp_path_factory):
     under `bentoml serve` on free loopback ports, with a gRPC channel to it."""
     root = tmp_path_factory.mktemp("audio_package")
     write_tiny_audio_model(root / "selected")
-    files = write_ingested_clips(root / "ingested", 15, seed=7)
+    # the test split's files as a client uploads them: (name, bytes, label)
+    files = [(Path(row["id"]).name, data, row["label"])
+             for row, data in write_ingested_clips(root / "ingested", 15, seed=7)]
     done, report = run_package(root / "selected", root / "ingested", root / "bentoml")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     with bento_server(report["champion"]["bento_tag"], root / "bentoml", root / "serve.log") as (
@@ -177,7 +173,7 @@ def test_classify_audio_answers_as_onnx_runtime_on_the_same_decoded_clips(audio_
     rng = np.random.default_rng(3)
     long_one = audio_file(tone(2, rng, 22050, 3.0), 22050)
     phone = aac_file(tone(0, rng, 44100, 0.8), 44100)
-    uploads = [(f.name, f.read_bytes()) for f in files] + [("long.wav", long_one),
+    uploads = [(name, data) for name, data, _ in files] + [("long.wav", long_one),
                                                            ("memo.m4a", phone)]
     expected = local_probabilities(audio_server["model_dir"],
                                    np.stack([PREP.load(data, name) for name, data in uploads]))
@@ -188,7 +184,7 @@ def test_classify_audio_answers_as_onnx_runtime_on_the_same_decoded_clips(audio_
         answers.append(response.json())
     np.testing.assert_allclose(served_probabilities(answers), expected, atol=1e-6)
     assert [a["index"] for a in answers] == expected.argmax(1).tolist()
-    assert [a["label"] for a in answers] == [f.parent.name for f in files] + ["high", "low"]
+    assert [a["label"] for a in answers] == [label for *_, label in files] + ["high", "low"]
 
 
 @pytest.mark.slow
@@ -196,9 +192,10 @@ def test_an_upload_s_long_file_name_never_reaches_the_filesystem(audio_server):
     """245-byte file names (BentoML's file input wrote each upload to a file named after it:
     HTTP 500, File name too long): a recording is classified as under a short name, and
     /classify_npy gives its answer for an audio model."""
-    client, (first, *_) = audio_server["client"], audio_server["files"]
-    long_name = "n" * (245 - len(first.suffix)) + first.suffix
-    short, long = (post_audio(client, name, first.read_bytes()) for name in (first.name, long_name))
+    client, ((first, data, _), *_) = audio_server["client"], audio_server["files"]
+    suffix = Path(first).suffix
+    long_name = "n" * (245 - len(suffix)) + suffix
+    short, long = (post_audio(client, name, data) for name in (first, long_name))
     assert long.status_code == 200, long.text
     assert long.json() == short.json()
     response = client.post("/classify_npy", files={"array": ("n" * 241 + ".npy", b"\x93NUMPY")})
@@ -233,14 +230,15 @@ def test_grpc_waveforms_answer_as_rest_does(audio_server):
     """The test files decoded here, as one FP32 batch (raw bytes and typed contents) and one by
     one as the package stage and bench/serve_bench.py send them."""
     stub, model, client, files = (audio_server[k] for k in ("stub", "model", "client", "files"))
-    rest = served_probabilities([post_audio(client, f.name, f.read_bytes()).json() for f in files])
-    waveforms = np.stack([PREP.load(f) for f in files])
+    rest = served_probabilities([post_audio(client, name, data).json()
+                                 for name, data, _ in files])
+    waveforms = np.stack([PREP.load(data, name) for name, data, _ in files])
     for raw in (True, False):
         response = stub.ModelInfer(waveform_request(model, waveforms, raw=raw), timeout=10)
         outputs = {o.name: o for o in response.outputs}
         np.testing.assert_allclose(oip.probabilities_of(response), rest, atol=1e-6)
         assert [b.decode() for b in outputs["label"].contents.bytes_contents] == [
-            f.parent.name for f in files]
+            label for *_, label in files]
         assert list(outputs["index"].contents.int64_contents) == rest.argmax(1).tolist()
     name, version = audio_server["report"]["champion"]["model_tag"].split(":")
     one = stub.ModelInfer(infra.infer_request(name, version, waveforms[:1]), timeout=10)

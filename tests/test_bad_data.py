@@ -7,7 +7,6 @@ some as `python -m pipeline.stages` subprocesses, the rest through pipeline.stag
 (same code path, minus ~3 s of imports each)."""
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -19,7 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.stage_runs import VALIDATE, cli, ingest_and_validate, problems
+from pipeline.core.dataset import read_manifest
+from tests.ingested import items_of
+from tests.stage_runs import VALIDATE, cli, ingest_and_validate, manifest, problems
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("a", "b", "c")
@@ -149,7 +150,8 @@ def test_only_regular_files_inside_the_folder_within_the_size_limit_are_taken(tm
     huge = (source / "c/huge.png").stat().st_size
     assert f"c/huge.png ({huge} bytes, over ingest.max_file_bytes 4096)" in out
     assert "linked.png" not in out
-    assert not (tmp_path / "project/data/ingested/manifest.csv").exists()
+    assert not (tmp_path / "project/data/ingested/manifest.json").exists()
+    assert not (tmp_path / "project/data/ingested/shards").exists()
 
 
 def test_a_link_inside_the_folder_is_followed(tmp_path, project, stage):
@@ -158,9 +160,8 @@ def test_a_link_inside_the_folder_is_followed(tmp_path, project, stage):
     work = project(source)
     code, out = stage(work, "ingest", "--out", "data/ingested")
     assert code == 0, out
-    (row,) = [r for r in csv.DictReader(open(work / "data/ingested/manifest.csv")) if r["source"] == "c/10.png"]
-    assert (work / "data/ingested" / row["path"]).read_bytes() == (source / "a/0.png").read_bytes()
-    assert not (work / "data/ingested" / row["path"]).is_symlink()
+    (data,) = [d for r, d in items_of(work / "data/ingested") if r["source"] == "c/10.png"]
+    assert data == (source / "a/0.png").read_bytes()  # the target's bytes, not a link
 
 
 # --- classes -----------------------------------------------------------------------------------
@@ -275,7 +276,8 @@ def test_blank_images_above_the_threshold(tmp_path, project, stage, blank, fails
     assert code == (1 if fails else 0), out
     if fails:
         assert "too many blank images: At most 5.0% of the images are blank" in out
-        assert "3 break it: 9.1% blank; a/blank.png; b/blank.png" in out
+        # offenders in read order, split by split: b/blank.png is not in train
+        assert "3 break it: 9.1% blank; a/blank.png; c/blank.png (+1 more)" in out
         assert "duplicate" not in out and "leakage" not in out
     assert problems(work)["blank_images"] == (3 if fails else 0)
 
@@ -302,7 +304,7 @@ def test_hidden_and_system_files_are_ignored(tmp_path, project):
     assert validated.returncode == 0, validated.stderr
     assert "drift not checked: no champion of task kiln-classifier-" in validated.stdout
     assert "in reports/champion.json yet" in validated.stdout
-    assert json.loads((work / "data/ingested/classes.json").read_text()) == list(CLASSES)
+    assert read_manifest(work / "data/ingested")[1] == list(CLASSES)
     metrics = json.loads((work / "reports/validation.json").read_text())
     details = json.loads((work / "reports/validation_details.json").read_text())
     assert metrics["success"] and metrics["checks_failed"] == 0 and details["drift"]["status"] == "skipped"
@@ -323,11 +325,10 @@ def test_odd_class_names_are_handled(tmp_path, project, stage):
     work = project(source)
     code, out = ingest_and_validate(stage, work)
     assert code == 0, out
-    classes = json.loads((work / "data/ingested/classes.json").read_text(encoding="utf-8"))
-    assert classes == sorted(names)
+    assert read_manifest(work / "data/ingested")[1] == sorted(names)
     metrics = json.loads((work / "reports/validation.json").read_text())
     assert metrics["classes"] == 3 and metrics["splits"] == {"train": 30, "val": 30, "test": 30}
-    assert (work / "data/ingested/images/val/café/0.png").is_file()
+    assert "images/val/café/0.png" in {r["id"] for r in manifest(work)}
 
 
 def test_two_folders_for_one_class_fail_at_ingest(tmp_path, project, stage):

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.core.pruning import PRUNERS, is_structured, structured_l1
 from pipeline.stages.compress import count_macs, count_params, prune_and_finetune
 from pipeline.core.card import onnx_predictor
-from pipeline.core.dataset import load_split
+from pipeline.core.dataset import ShardWriter, load_split
 from pipeline.modalities.image.sources import ingest_images as ingest
 from pipeline.params import CompressParams, load_params
 from pipeline.modalities.image import models
@@ -118,8 +118,9 @@ def digits(params, folder: Path):
     """The built-in digits ingested into `folder` and preprocessed as the pipeline does (real
     params), the train split augmented: (preprocessing, x, y, test x, test labels); x and test x
     normalized (tests here and bench/prune_bench.py)."""
-    ingest("digits", folder, params.data.split, seed=params.data.seed,
-           max_file_bytes=params.ingest.max_file_bytes)
+    with ShardWriter(folder, params.ingest.shard_items, params.ingest.row_group_bytes) as out:
+        out.close(ingest("digits", out, params.data.split, seed=params.data.seed,
+                         max_file_bytes=params.ingest.max_file_bytes))
     prep = Preprocessing(image_size=params.image.preprocess.image_size, channels=1, mean=[0.5], std=[0.25])
     train_pixels, train_labels = load_split(folder, "train", prep)
     test_pixels, test_labels = load_split(folder, "test", prep)

@@ -9,9 +9,10 @@ import functools
 import numpy as np
 import yaml
 
-from pipeline.core.dataset import load_split, load_texts, write_manifest
+from pipeline.core.dataset import load_split, load_texts
 from pipeline.core.executor import map_items
 from pipeline.modalities.image.preprocess import Preprocessing
+from tests.ingested import pack
 from tests.project import stage_argv
 
 
@@ -48,13 +49,13 @@ def test_split_readers_give_the_same_arrays_in_parallel(tmp_path, running):
         text.write_text(f"text {i} of the {label} class")
         rows.append({"path": path, "label": label, "split": "train", "source": path})
     prep = Preprocessing(image_size=12, channels=1, mean=[0.5], std=[0.25], background=0)
-    write_manifest(tmp_path, rows, ["even", "odd"])
+    pack(tmp_path, rows, ["even", "odd"])
     serial = load_split(tmp_path, "train", prep)
     running(2, 3)
     parallel = load_split(tmp_path, "train", prep)
     assert np.array_equal(serial[0], parallel[0]) and np.array_equal(serial[1], parallel[1])
-    write_manifest(tmp_path, [{**r, "path": r["path"].replace("images", "texts")
-                               .replace(".png", ".txt")} for r in rows], ["even", "odd"])
+    pack(tmp_path, [{**r, "path": r["path"].replace("images", "texts").replace(".png", ".txt")}
+                    for r in rows], ["even", "odd"])
     texts, labels = load_texts(tmp_path, "train")
     assert texts[5] == "text 5 of the odd class" and labels[5] == 1
 

@@ -27,9 +27,11 @@ from pipeline.modalities.audio.preprocess import AudioPreprocessing
 from pipeline.modalities.image import serving as image_serving
 from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.core.card import BentoArgs
+from pipeline.core.dataset import read_manifest
 from pipeline.params import ParamsError, load_params
+from tests.ingested import items_of
 from tests.test_audio_checks import tone
-from tests.stage_runs import VALIDATE, details, manifest, problems
+from tests.stage_runs import VALIDATE, details, problems
 from tests.closed_network import leaving, run_closed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -396,9 +398,9 @@ def test_a_tsv_with_its_own_column_names_and_splits_ingests_and_validates(
     code, out = ingest_and_validate(stage, work)
     assert code == 0, out
     assert "ingest: 20 texts from " in out and "{'train': 14, 'val': 2, 'test': 4}" in out
-    ingested = manifest(work)
-    assert [r["source"] for r in ingested[:2]] == ["tickets.tsv:line 2", "tickets.tsv:line 3"]
-    assert (work / "data/ingested" / ingested[0]["path"]).read_text(encoding="utf-8") == rows[0][0]
+    ingested = items_of(work / "data/ingested")
+    assert [r["source"] for r, _ in ingested[:2]] == ["tickets.tsv:line 2", "tickets.tsv:line 3"]
+    assert ingested[0][1].decode("utf-8") == rows[0][0]
     assert rows[0][0].startswith('"')
 
 
@@ -413,7 +415,7 @@ def test_a_csv_with_other_column_names_and_no_split_ingests_and_validates(
     code, out = ingest_and_validate(stage, work)
     assert code == 0, out
     assert "ingest: 20 texts from " in out and "{'train': 14, 'val': 2, 'test': 4}" in out
-    assert json.loads((work / "data/ingested/classes.json").read_text()) == ["bug", "refund"]
+    assert read_manifest(work / "data/ingested")[1] == ["bug", "refund"]
 
 
 @pytest.mark.parametrize("name,content,message", [

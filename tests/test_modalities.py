@@ -28,6 +28,7 @@ from pipeline.core.card import onnx_predictor, read_card
 from pipeline.core.dataset import load_split, read_manifest
 from pipeline.core.modality import card_part
 from pipeline.modalities import MODALITIES
+from tests.ingested import items_of
 from pipeline.serving import oip
 from pipeline.stages.__main__ import STAGES
 from tests.bento_server import bento_server
@@ -237,8 +238,9 @@ def served_points(root: Path, out: str, tmp_path: Path) -> None:
     from open_inference.grpc import protocol as pb
     from open_inference.grpc.service import GRPCInferenceServiceStub
 
-    test = sorted((root / "data/ingested/points/test/east").glob("*.txt"))[:2]
-    points = np.array([np.array(p.read_text().split(), np.float32) for p in test])
+    test = [data for row, data in items_of(root / "data/ingested", "test")
+            if row["label"] == "east"][:2]
+    points = np.array([np.array(p.decode().split(), np.float32) for p in test])
     with bento_server(bento, root / ".bentoml", tmp_path / "serve.log") as (client, _):
         refused = client.post("/classify_text", json={"text": "hello"})
         assert refused.status_code == 400 and "send points to gRPC ModelInfer" in refused.text

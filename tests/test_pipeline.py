@@ -8,7 +8,7 @@ drift check) that leave the champion serving.
 The tests build on each other, in file order."""
 from __future__ import annotations
 
-import csv
+import io
 import json
 import os
 import re
@@ -26,6 +26,7 @@ from PIL import Image
 from pipeline.core.import_closure import source_files
 from tests.bento_server import bento_server
 from tests.conftest import merged
+from tests.ingested import items_of
 from tests.browser import offline_page
 from tests.project import copy_repo, dvc, git, project_env, ran_stages, run
 
@@ -214,16 +215,15 @@ def test_served_accuracy_equals_evaluated(project, tmp_path):
     """Every test image, uploaded as its PNG file, through the champion's Bento."""
     evaluation = json.loads((project / "reports/evaluation.json").read_text())
     bento_tag = served_bento(project)
-    with open(project / "data/ingested/manifest.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    rows = items_of(project / "data/ingested", "test")
     with bento_server(bento_tag, project / ".bentoml", tmp_path / "serve.log") as (client, _):
         correct = 0
-        for row in rows:
-            with open(project / "data/ingested" / row["path"], "rb") as image:
-                response = client.post("/classify", files={"image": ("digit.png", image, "image/png")})
+        for row, image in rows:
+            response = client.post("/classify", files={"image": ("digit.png", image, "image/png")})
             assert response.status_code == 200, response.text
             correct += response.json()["label"] == row["label"]
     served = correct / len(rows)
+    assert len(rows) == 359
     assert served == pytest.approx(evaluation["accuracy"][evaluation["selected"]], abs=1e-5)
 
 
@@ -291,17 +291,18 @@ def test_a_pulled_clone_is_up_to_date_serves_the_champion_and_runs_experiments(p
 
     before = champion(clone)
     assert served_bento(clone) == before["bento_tag"]  # imported into an empty store
-    images = sorted((clone / "data/ingested/images/test").glob("*/*.png"))[:20]
+    test = items_of(clone / "data/ingested", "test")[:20]
+    images = [png for _, png in test]
 
     def served() -> tuple[list[str], np.ndarray]:
         with bento_server(served_bento(clone), clone / ".bentoml", tmp_path / "serve.log") as (client, _):
-            answers = [client.post("/classify", files={"image": ("x.png", p.read_bytes())}).json()
-                       for p in images]
+            answers = [client.post("/classify", files={"image": ("x.png", png)}).json()
+                       for png in images]
         return ([a["label"] for a in answers],
                 np.array([[a["probabilities"][str(d)] for d in range(10)] for a in answers]))
 
     labels, probabilities = served()
-    assert np.mean([label == p.parent.name for label, p in zip(labels, images)]) >= 0.9
+    assert np.mean([label == row["label"] for label, (row, _) in zip(labels, test)]) >= 0.9
 
     epochs = yaml.safe_load((clone / "params.yaml").read_text())["image"]["train"]["max_epochs"]
     # --temp: the experiment in a temporary workspace of its own, as a queued one runs, without
@@ -362,7 +363,7 @@ def test_a_killed_package_run_leaves_the_champion_serving_and_no_process(project
         assert (project / "reports/champion.json").read_bytes() == record
         assert served_bento(project) == before["bento_tag"]
         with bento_server(before["bento_tag"], home, tmp_path / "serve.log") as (client, _):
-            png = next((project / "data/ingested/images/test").glob("*/*.png")).read_bytes()
+            png = items_of(project / "data/ingested", "test")[0][1]
             assert client.post("/classify", files={"image": ("x.png", png)}).status_code == 200
     finally:
         git(project, "checkout", "params.yaml")
@@ -409,7 +410,7 @@ def test_failed_runs_and_other_classes_leave_the_champion_serving(project, tmp_p
     from sklearn.datasets import load_digits
 
     bento_tag = served_bento(project)
-    probe = [p.read_bytes() for p in sorted((project / "data/ingested/images/test").rglob("*.png"))[:20]]
+    probe = [png for _, png in items_of(project / "data/ingested", "test")[:20]]
 
     def predictions(log: Path) -> list[dict]:
         with bento_server(bento_tag, project / ".bentoml", log) as (client, _):
@@ -423,9 +424,10 @@ def test_failed_runs_and_other_classes_leave_the_champion_serving(project, tmp_p
         folder = tmp_path / name
         for label in range(10):
             (folder / str(label)).mkdir(parents=True)
-            for png in sorted((project / "data/ingested/images").glob(f"*/{label}/*.png"))[:40]:
-                with Image.open(png) as image:
-                    change(image).save(folder / str(label) / png.name)
+            for row, png in [(r, b) for r, b in items_of(project / "data/ingested")
+                             if r["label"] == str(label)][:40]:
+                with Image.open(io.BytesIO(png)) as image:
+                    change(image).save(folder / str(label) / Path(row["id"]).name)
         return folder
 
     before = predictions(tmp_path / "serve_before.log")

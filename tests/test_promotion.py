@@ -23,7 +23,9 @@ import psutil
 import pytest
 
 from pipeline.core.card import sha256_file
+from pipeline.core.dataset import write_items
 from tests.bento_server import bento_server
+from tests.ingested import items_of
 from tests.tiny_bento import (CLASSES, REPO, class_images, encode, exported, local_probabilities,
                               run_package, stage_env, write_ingested, write_tiny_model)
 
@@ -386,12 +388,9 @@ def test_other_classes_start_their_own_line(store, first, tmp_path):
     renamed = ["circle", "square", "triangle"]
     write_card(other, card.__class__(**{**card.__dict__, "classes": renamed}))
     ingested = tmp_path / "ingested"
-    shutil.copytree(store.ingested, ingested)
-    (ingested / "classes.json").write_text(json.dumps(renamed))
-    manifest = (ingested / "manifest.csv").read_text()
-    for old, new in zip(CLASSES, renamed):
-        manifest = manifest.replace(f",{old},", f",{new},")
-    (ingested / "manifest.csv").write_text(manifest)
+    new_name = dict(zip(CLASSES, renamed))
+    write_items(ingested, [({**row, "label": new_name[row["label"]]}, data)
+                           for row, data in items_of(store.ingested)], renamed)
 
     done, report = run_package(other, ingested, store.home, workspace=store.root)
     assert done.returncode == 0, done.stderr

@@ -51,7 +51,7 @@ def test_package_refuses_a_missing_or_corrupt_model_by_name(tmp_path, monkeypatc
     def run():
         package(model_dir, REPO / "bentofile.yaml", tmp_path, tmp_path / "profile.json",
                 tmp_path / "champion.json", Exports(tmp_path / "champion"), params.package,
-                params.serve, {"image": params.image.serve})
+                params.serve, {"image": params.image.serve}, params.data.seed)
 
     with pytest.raises(StageError, match=r"selected/model\.json: model card not found"):
         run()
@@ -136,7 +136,8 @@ def test_package_infra_validation_goes_through_every_registered_protocol(server)
     data = model_dir.parent / "ingested"
     card = read_card(model_dir)
     test = split_of(data, "test", card.preprocessing)
-    split = Split(data=data, rows=test.rows, items=next(test.batches(len(test)))[0])
+    rows, files, items = test.take(np.arange(len(test)))
+    split = Split(rows=rows, files=files, items=items)
     bento = Bento(http=server["client"], grpc_port=server["client"].grpc_port,
                   args=BentoArgs(model_tag=server["report"]["champion"]["model_tag"],
                                  serve=SERVE, limits=IMAGE_LIMITS))

@@ -1,6 +1,7 @@
 """Per-stage unit tests on tiny data: ingest, preprocessing, augment, models, train, compress, gate."""
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from pipeline.stages.compress import (
     quantize_int8,
     sparsity,
 )
-from pipeline.core.dataset import data_hash, load_split, read_manifest
+from pipeline.core.dataset import ShardWriter, data_hash, load_split, read_manifest
 from pipeline.stages.evaluate import gate, refusal
 from pipeline.modalities.image.sources import ingest_images
 from pipeline.modalities.image.config import Augment as ImageAugment
@@ -27,6 +28,7 @@ from pipeline.modalities.image.augment import augment_pixels
 from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.modalities.image.warp import warp
 from pipeline.core.training import fit
+from tests.ingested import items_of
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = Split(train=0.6, val=0.2, test=0.2)
@@ -51,9 +53,57 @@ def image_folder(root: Path, classes=("cat", "dog"), per_class=10, presplit=Fals
     return root
 
 
+def ingest(source: str, out: Path, seed: int) -> list[dict]:
+    """ingest_images of `source` into the shards of `out`; the ingested rows."""
+    with ShardWriter(out, 1 << 30, 1 << 26) as writer:
+        writer.close(ingest_images(source, writer, SPLIT, seed=seed,
+                                   max_file_bytes=MAX_FILE_BYTES))
+    return read_manifest(out)[0]
+
+
+def warped(n: int, out: Path) -> dict[str, bytes]:
+    """The built-in warped_digits source of n items (params.yaml's split and seed) ingested into
+    `out` in shards of about 40 items: every file's bytes by name."""
+    from pipeline.modalities.image.warped import warped_digits
+
+    with ShardWriter(out, 40, 1 << 26) as writer:
+        for item in warped_digits(n, SPLIT, 0):
+            writer.add(*item)
+        writer.close([str(d) for d in range(10)])
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_warped_digits_are_the_same_items_whatever_their_number(tmp_path):
+    """The generated large set: item i is the same PNG whatever N, so 1% more items leave every
+    shard but each split's last untouched; a test item warps a test digit of the built-in split
+    only (no digit is warped into two splits); every class is in every split."""
+    small, grown = warped(600, tmp_path / "a"), warped(606, tmp_path / "b")
+    assert warped(600, tmp_path / "again") == small
+    shards = [k for k in small if k.endswith(".parquet")]
+    assert len(shards) >= 12
+    changed = [k for k in shards if grown.get(k) != small[k]]
+    assert len(changed) <= 3, changed  # at most the last shard of each split
+    rows = read_manifest(tmp_path / "b")[0]
+    assert {r["id"] for r in read_manifest(tmp_path / "a")[0]} < {r["id"] for r in rows}
+    digits = {r["split"]: set() for r in rows}
+    for r in rows:
+        digits[r["split"]].add(int(re.search(r"sklearn digits\[(\d+)\]", r["source"])[1]))
+    assert not digits["test"] & digits["train"] and not digits["val"] & digits["train"]
+    built_in = {r["source"]: r["split"] for r in ingest("digits", tmp_path / "digits", seed=0)}
+    assert all(built_in[f"sklearn digits[{d}]"] == split
+               for split, ds in digits.items() for d in ds)
+    counts = {(r["split"], r["label"]) for r in rows}
+    assert len(counts) == 30
+    shares = {s: sum(r["split"] == s for r in rows) / len(rows) for s in digits}
+    assert abs(shares["train"] - SPLIT.train) < 0.06 and abs(shares["test"] - SPLIT.test) < 0.05
+    load = Preprocessing(image_size=32, channels=1, mean=[0.0], std=[1.0], background=0).load
+    pixels = np.stack([load(d) for _, d in items_of(tmp_path / "b", "test")[:50]])
+    assert pixels.shape == (50, 1, 32, 32) and len({p.tobytes() for p in pixels}) == 50
+
+
 def test_ingest_digits_is_stratified_and_seeded(tmp_path):
-    rows = ingest_images("digits", tmp_path / "a", SPLIT, seed=1, max_file_bytes=MAX_FILE_BYTES)
-    again = ingest_images("digits", tmp_path / "b", SPLIT, seed=1, max_file_bytes=MAX_FILE_BYTES)
+    rows = ingest("digits", tmp_path / "a", seed=1)
+    again = ingest("digits", tmp_path / "b", seed=1)
     assert len(rows) == 1797 and rows == again
     for split in ("train", "val", "test"):
         assert {r["label"] for r in rows if r["split"] == split} == {str(d) for d in range(10)}
@@ -62,13 +112,11 @@ def test_ingest_digits_is_stratified_and_seeded(tmp_path):
     _, classes = read_manifest(tmp_path / "a")
     assert classes == [str(d) for d in range(10)]
     assert data_hash(tmp_path / "a") == data_hash(tmp_path / "b")
-    assert ingest_images("digits", tmp_path / "c", SPLIT, seed=2,
-                         max_file_bytes=MAX_FILE_BYTES) != rows
+    assert ingest("digits", tmp_path / "c", seed=2) != rows
 
 
 def test_ingest_user_folder(tmp_path):
-    rows = ingest_images(str(image_folder(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0,
-                         max_file_bytes=MAX_FILE_BYTES)
+    rows = ingest(str(image_folder(tmp_path / "src")), tmp_path / "out", seed=0)
     assert len(rows) == 20  # .DS_Store ignored
     assert {r["split"] for r in rows} == {"train", "val", "test"}
     pixels, labels = load_split(tmp_path / "out", "train", PREP)
@@ -77,10 +125,29 @@ def test_ingest_user_folder(tmp_path):
 
 
 def test_ingest_presplit_folder_keeps_its_split(tmp_path):
-    rows = ingest_images(str(image_folder(tmp_path / "src", per_class=3, presplit=True)),
-                         tmp_path / "out", SPLIT, seed=0, max_file_bytes=MAX_FILE_BYTES)
+    rows = ingest(str(image_folder(tmp_path / "src", per_class=3, presplit=True)),
+                  tmp_path / "out", seed=0)
     assert sorted(r["split"] for r in rows).count("val") == 6
-    assert all(r["path"].startswith(f"images/{r['split']}/") for r in rows)
+    assert all(r["id"].startswith(f"images/{r['split']}/") for r in rows)
+
+
+def test_an_unreadable_image_stops_ingest_naming_it(tmp_path, monkeypatch):
+    """A file the stage may not read (no permission; these tests run as root, who may read
+    anything, so the read is made to fail) stops ingest, named with the cause: validate only
+    sees the bytes ingest stored."""
+    source = image_folder(tmp_path / "src", per_class=3)
+    locked, read_bytes = source / "dog" / "dog1.png", Path.read_bytes
+
+    def refusing(path: Path) -> bytes:
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refusing)
+    with pytest.raises(StageError, match=re.escape(
+            f"image.ingest.source {source}: 1 image files cannot be read: "
+            "dog/dog1.png (Permission denied)")):
+        ingest(str(source), tmp_path / "out", seed=0)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -91,8 +158,7 @@ def test_ingest_presplit_folder_keeps_its_split(tmp_path):
 ])
 def test_ingest_rejects_bad_folders(tmp_path, make, message):
     with pytest.raises(StageError, match=message):
-        ingest_images(str(make(tmp_path / "src")), tmp_path / "out", SPLIT, seed=0,
-                      max_file_bytes=MAX_FILE_BYTES)
+        ingest(str(make(tmp_path / "src")), tmp_path / "out", seed=0)
 
 
 def test_preprocessing_converts_resizes_and_normalizes():
@@ -172,7 +238,7 @@ def test_a_card_from_before_the_modality_sections_reads_as_today(tmp_path, modal
     assert section["augment"] == (own or recipe)["augment"]
     # image's keys were in data and train; text's and audio's in their own (which overrode
     # train's budget, lr and batch size, and named the model)
-    where = {**recipe["data"], **recipe["train"], **own}
+    where = {**recipe["data"], **recipe["train"], **own, "warped_items": None}  # not recorded
     assert {(sub, key): value for sub in ("ingest", "preprocess", "train")
             for key, value in section[sub].items()} == \
         {(sub, key): where[key] for sub in ("ingest", "preprocess", "train")

@@ -17,11 +17,12 @@ import pytest
 
 import pipeline.stages.validate
 from pipeline.lifecycle.champion import Reference
-from pipeline.core.dataset import read_manifest
+from pipeline.core.dataset import ShardWriter, read_manifest
 from pipeline.params import load_params
 from pipeline.modalities.text import checks
 from pipeline.modalities.text.sources import Columns, ingest_texts
 from pipeline.modalities.text.words import text_key
+from tests.ingested import items_of
 from tests.stage_runs import VALIDATE, cli, ingest_and_validate, manifest, problems
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,11 @@ def write_folder(root: Path, classes=CLASSES, splits=("",), per_class=PER_CLASS,
     return root
 
 
+def stored(work: Path) -> dict[str, bytes]:
+    """The bytes of every ingested text of the project `work`, by id."""
+    return {row["id"]: data for row, data in items_of(work / "data/ingested")}
+
+
 def records(n_per_class=PER_CLASS, seed=0, words=8) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [{"text": document(rng, label, words).strip(), "label": label}
@@ -72,10 +78,10 @@ def test_a_folder_of_txt_files_through_the_cli(tmp_path, text_project):
     assert "skipped 2 hidden, system or non-.txt entries (.DS_Store, notes.md)" in ingested.stdout
     rows = manifest(work)
     assert {r["split"] for r in rows} == {"train", "val", "test"}
+    texts = stored(work)
     for r in rows:
-        assert r["path"] == f"texts/{r['split']}/{r['label']}/{Path(r['source']).name}"
-        copied = work / "data/ingested" / r["path"]
-        assert copied.read_bytes() == (source / r["source"]).read_bytes()
+        assert r["id"] == f"texts/{r['split']}/{r['label']}/{Path(r['source']).name}"
+        assert texts[r["id"]] == (source / r["source"]).read_bytes()
     validated = cli(work, *VALIDATE)
     assert validated.returncode == 0, validated.stderr
     assert "validate: 30 texts, 3 classes, {'train': 21, 'val': 3, 'test': 6}" in validated.stdout
@@ -97,11 +103,11 @@ def test_a_jsonl_file_with_its_own_splits(tmp_path, text_project, stage):
     work = text_project(path)
     code, out = ingest_and_validate(stage, work)
     assert code == 0, out
-    ingested = manifest(work)
-    assert [r["split"] for r in ingested] == [r["split"] for r in rows]
-    assert ingested[4]["source"] == "tickets.jsonl:line 5"
-    fifth = work / "data/ingested" / ingested[4]["path"]
-    assert fifth.read_text(encoding="utf-8") == rows[4]["text"]
+    ingested = {r["source"]: r for r in manifest(work)}  # stored split by split
+    assert {line: r["split"] for line, r in ingested.items()} == \
+        {f"tickets.jsonl:line {i + 1}": r["split"] for i, r in enumerate(rows)}
+    fifth = stored(work)[ingested["tickets.jsonl:line 5"]["id"]]
+    assert fifth.decode("utf-8") == rows[4]["text"]
     assert json.loads((work / "reports/validation.json").read_text())["splits"] == \
         {"train": 18, "val": 6, "test": 6}
 
@@ -118,11 +124,12 @@ def test_a_csv_file_split_by_data_split(tmp_path, text_project, stage):
     work = text_project(path)
     code, out = ingest_and_validate(stage, work)
     assert code == 0, out
-    ingested = manifest(work)
+    # in record order (an id's name is its record's position; rows are stored split by split)
+    ingested = sorted(manifest(work), key=lambda r: Path(r["id"]).name)
     assert [r["source"] for r in ingested[:3]] == ["tickets.csv:line 2", "tickets.csv:line 4",
                                                    "tickets.csv:line 5"]
-    assert (work / "data/ingested" / ingested[0]["path"]).read_bytes() == rows[0]["text"].encode()
-    assert json.loads((work / "data/ingested/classes.json").read_text()) == list(CLASSES)
+    assert stored(work)[ingested[0]["id"]] == rows[0]["text"].encode()
+    assert read_manifest(work / "data/ingested")[1] == list(CLASSES)
 
 
 def test_the_built_in_language_set(tmp_path, text_project, stage):
@@ -133,20 +140,22 @@ def test_the_built_in_language_set(tmp_path, text_project, stage):
     assert code == 0, out
     assert "ingest: 200 texts from languages: {'train': 140, 'val': 20, 'test': 40}" in out
     rows = manifest(work)
-    texts = {r["path"]: (work / "data/ingested" / r["path"]).read_text(encoding="utf-8")
-             for r in rows}
+    texts = {i: data.decode("utf-8") for i, data in stored(work).items()}
     languages = {}
     for r in rows:
-        languages.setdefault(text_key(texts[r["path"]]), set()).add(r["label"])
+        languages.setdefault(text_key(texts[r["id"]]), set()).add(r["label"])
     assert len(languages) == 200 and all(len(ls) == 1 for ls in languages.values())
-    assert json.loads((work / "data/ingested/classes.json").read_text()) == [
+    assert read_manifest(work / "data/ingested")[1] == [
         "chinese", "dutch", "english", "italian", "japanese", "korean", "persian", "portuguese",
         "spanish", "ukrainian"]
     assert rows[0]["source"].startswith("chatterbot-corpus chinese/")
     shutil.copytree(work / "data/ingested", tmp_path / "first")
     assert stage(work, "ingest", "--out", "data/ingested")[0] == 0
-    again = (work / "data/ingested/manifest.csv").read_bytes()
-    assert again == (tmp_path / "first/manifest.csv").read_bytes()
+    files = {p.relative_to(tmp_path / "first"): p.read_bytes()  # manifest.json and shards
+             for p in sorted((tmp_path / "first").rglob("*")) if p.is_file()}
+    assert Path("manifest.json") in files and files == {
+        p.relative_to(work / "data/ingested"): p.read_bytes()
+        for p in sorted((work / "data/ingested").rglob("*")) if p.is_file()}
     code, out = stage(work, *VALIDATE)
     assert code == 0, out
 
@@ -226,7 +235,7 @@ def test_non_utf8_bytes_in_a_jsonl_line_reach_validate(tmp_path, text_project, s
     work = text_project(path)
     code, out = ingest_and_validate(stage, work)
     (row,) = [r for r in manifest(work) if r["source"] == "mixed.jsonl:line 8"]
-    assert (work / "data/ingested" / row["path"]).read_bytes() == b"caf\xe9 au lait"
+    assert stored(work)[row["id"]] == b"caf\xe9 au lait"
     assert code == 1
     assert "not UTF-8: mixed.jsonl:line 8 (byte 0xe9 at offset 3: invalid continuation byte)" in out
     assert problems(work)["unreadable_texts"] == 1
@@ -284,9 +293,10 @@ def champion_profile(tmp_path_factory) -> dict:
     (root / "champion.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(30, seed=1)))
     params = load_params(REPO / "params.yaml")
     t = params.text.ingest
-    ingest_texts(str(root / "champion.jsonl"), root / "ingested", params.data.split,
-                 params.data.seed, params.ingest.max_file_bytes, t.per_class,
-                 Columns(t.text_column, t.label_column, t.split_column))
+    with ShardWriter(root / "ingested", 1 << 30, 1 << 26) as out:
+        out.close(ingest_texts(str(root / "champion.jsonl"), out, params.data.split,
+                               params.data.seed, params.ingest.max_file_bytes, t.per_class,
+                               Columns(t.text_column, t.label_column, t.split_column)))
     return checks.examine(root / "ingested", read_manifest(root / "ingested")[0], params, None)[1]
 
 

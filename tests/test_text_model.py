@@ -21,7 +21,7 @@ from pipeline.core import saved_model
 from pipeline.core.card import onnx_predictor
 from pipeline.core.pruning import structured_l1
 from pipeline.stages.compress import count_macs_on, count_params, quantize_int8
-from pipeline.core.dataset import load_texts, write_manifest
+from pipeline.core.dataset import load_texts, write_items
 from pipeline.modalities.text.config import Augment as TextAugment
 from pipeline.params import load_params
 from pipeline.modalities.text import export, preprocess as tokens
@@ -41,23 +41,21 @@ TEXT = {"preprocess": {"vocab_size": 200, "max_tokens": 16},
 
 
 def write_texts(folder: Path, seed: int) -> Path:
-    """An ingested text data set (the contract's layout): texts/<split>/<class>/<n>.txt, each
-    3-14 words drawn from its class's 25 words (80%) and 25 shared words (20%)."""
+    """An ingested text data set (the contract's shards), items texts/<split>/<class>/<n>.txt,
+    each 3-14 words drawn from its class's 25 words (80%) and 25 shared words (20%)."""
     rng = random.Random(seed)
     shared = [f"common{i}" for i in range(25)]
-    rows = []
+    items = []
     for split, per_class in SPLITS.items():
         for label in CLASSES:
             own = [f"{label}{i}" for i in range(25)]
             for n in range(per_class):
                 words = [rng.choice(own if rng.random() < 0.8 else shared)
                          for _ in range(rng.randint(3, 14))]
-                path = Path("texts", split, label, f"{n}.txt")
-                (folder / path).parent.mkdir(parents=True, exist_ok=True)
-                (folder / path).write_text(" ".join(words), encoding="utf-8")
-                rows.append({"path": path.as_posix(), "label": label, "split": split,
-                             "source": f"generated {seed}"})
-    write_manifest(folder, rows, list(CLASSES))
+                items.append(({"id": f"texts/{split}/{label}/{n}.txt", "label": label,
+                               "split": split, "source": f"generated {seed}"},
+                              " ".join(words).encode("utf-8")))
+    write_items(folder, items, list(CLASSES))
     return folder
 
 
@@ -233,7 +231,7 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
     from transformers import BertConfig, BertForSequenceClassification
 
     write_texts(tmp_path / "data/ingested", seed=1)
-    texts = [p.read_text() for p in (tmp_path / "data/ingested/texts/train").rglob("*.txt")]
+    texts = load_texts(tmp_path / "data/ingested", "train")[0]
     tokenizer = tokens.train_tokenizer(texts, 150, lowercase=True)
     checkpoint = tmp_path / "tiny-bert"
     torch.manual_seed(0)

@@ -6,7 +6,6 @@ Runtime's on the same tokens, a batch equals its singles, bad texts and the imag
 400 naming the cause, gRPC's BYTES input answers as REST does."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import time
@@ -19,6 +18,7 @@ import pytest
 from open_inference.grpc import protocol as pb
 from open_inference.grpc.service import GRPCInferenceServiceStub
 
+from pipeline.core.dataset import write_items
 from pipeline.serving import oip
 from pipeline.core.card import (ModelCard, Recipe, Selection, ValScore, read_card, sha256_file, softmax,
                            write_card)
@@ -108,17 +108,9 @@ def write_ingested_texts(folder: Path, n: int, seed: int) -> list[str]:
     """An ingested text folder as the ingest stage writes it (the data contract), with a test
     split of n class_texts; returns the texts in manifest order."""
     texts, labels = class_texts(n, seed)
-    rows = []
-    for i, (text, label) in enumerate(zip(texts, labels)):
-        path = f"texts/test/{CLASSES[label]}/{i:04d}.txt"
-        (folder / path).parent.mkdir(parents=True, exist_ok=True)
-        (folder / path).write_text(text, encoding="utf-8")
-        rows.append({"path": path, "label": CLASSES[label], "split": "test", "source": path})
-    with open(folder / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "source"])
-        writer.writeheader()
-        writer.writerows(rows)
-    (folder / "classes.json").write_text(json.dumps(CLASSES))
+    write_items(folder, (({"id": f"texts/test/{CLASSES[label]}/{i:04d}.txt",
+                           "label": CLASSES[label], "split": "test"}, text.encode("utf-8"))
+                         for i, (text, label) in enumerate(zip(texts, labels))), CLASSES)
     return texts
 
 

@@ -22,7 +22,7 @@ from pipeline.stages import augment as augment_stage
 from pipeline.core import saved_model, training
 from pipeline.stages import train
 from pipeline.core.card import ModelCard, Recipe, ValScore, read_card, sha256_file
-from pipeline.core.dataset import load_split
+from pipeline.core.dataset import ShardWriter, load_split
 from pipeline.modalities.image import models as image_models
 from pipeline.modalities.image.models import epoch_warper
 from pipeline.modalities.image.preprocess import Preprocessing
@@ -75,8 +75,10 @@ def project(tmp_path_factory, params_writer) -> Path:
     root = tmp_path_factory.mktemp("train")
     params_writer(root, CHANGES)
     p = load_params(root / "params.yaml")
-    ingest(p.image.ingest.source, root / "data/ingested", p.data.split, p.data.seed,
-           p.ingest.max_file_bytes)
+    with ShardWriter(root / "data/ingested", p.ingest.shard_items,
+                     p.ingest.row_group_bytes) as out:
+        out.close(ingest(p.image.ingest.source, out, p.data.split, p.data.seed,
+                         p.ingest.max_file_bytes))
     cwd = os.getcwd()
     os.chdir(root)
     try:

@@ -1,7 +1,7 @@
 """validate passes a clean ingested set and names the files behind each failed expectation;
 decoding in a process pool gives the same table; drift against a reference profile."""
-import csv
 import dataclasses
+import io
 import shutil
 from pathlib import Path
 
@@ -12,11 +12,12 @@ from PIL import Image, ImageOps
 
 from pipeline import StageError
 from pipeline.core.drift import categorical_psi, continuous_scores
-from pipeline.core.dataset import read_manifest
+from pipeline.core.dataset import ShardWriter, read_manifest, write_items
 from pipeline.modalities.image.checks import add_flags, describe_image, image_table, profile
 from pipeline.modalities.image.sources import ingest_images
 from pipeline.params import load_params
 from pipeline.stages.validate import validate
+from tests.ingested import items_of, rewrite
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = load_params(REPO / "params.yaml")
@@ -35,12 +36,17 @@ def make_source(root: Path, per_class: int = PER_CLASS) -> Path:
     return root
 
 
+def ingest(source: str, out: Path, seed: int = PARAMS.data.seed) -> Path:
+    """ingest_images of `source` into the shards of `out`, with the repo's params."""
+    with ShardWriter(out, 1 << 30, 1 << 26) as writer:
+        writer.close(ingest_images(source, writer, PARAMS.data.split, seed,
+                                   PARAMS.ingest.max_file_bytes))
+    return out
+
+
 @pytest.fixture
 def ingested(tmp_path) -> Path:
-    out = tmp_path / "ingested"
-    ingest_images(str(make_source(tmp_path / "source")), out, PARAMS.data.split,
-                  PARAMS.data.seed, PARAMS.ingest.max_file_bytes)
-    return out
+    return ingest(str(make_source(tmp_path / "source")), tmp_path / "ingested")
 
 
 def run(folder: Path, docs: Path, reference=None, **overrides):
@@ -58,11 +64,9 @@ def rows_where(folder: Path, split: str, label: str) -> list[dict]:
     return [r for r in rows if r["split"] == split and r["label"] == label]
 
 
-def write_manifest(folder: Path, rows: list[dict]) -> None:
-    with open(folder / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def replace_bytes(folder: Path, changes: dict[str, bytes]) -> None:
+    """The ingested items whose ids `changes` names hold its bytes instead."""
+    rewrite(folder, [(row, changes.get(row["id"], data)) for row, data in items_of(folder)])
 
 
 def failure(result, kind: str) -> str:
@@ -92,7 +96,7 @@ def test_clean_set_passes_and_writes_docs(ingested, tmp_path):
 
 def test_corrupt_file_fails_naming_it(ingested, tmp_path):
     bad = rows_where(ingested, "train", "b")[0]
-    (ingested / bad["path"]).write_bytes(b"not a png")
+    replace_bytes(ingested, {bad["id"]: b"not a png"})
     result = run(ingested, tmp_path / "docs")
     assert not result.success
     line = failure(result, "unreadable image file")
@@ -106,7 +110,8 @@ def test_corrupt_file_fails_naming_it(ingested, tmp_path):
 def test_duplicate_across_splits_fails_naming_both(ingested, tmp_path):
     train = rows_where(ingested, "train", "c")[0]
     test = rows_where(ingested, "test", "c")[0]
-    shutil.copyfile(ingested / train["path"], ingested / test["path"])
+    (data,) = [d for r, d in items_of(ingested, "train") if r["id"] == train["id"]]
+    replace_bytes(ingested, {test["id"]: data})
     result = run(ingested, tmp_path / "docs")
     line = failure(result, "same image in two splits (leakage)")
     assert f"2 break it: {train['source']} (train) = {test['source']} (test)" in line
@@ -114,8 +119,8 @@ def test_duplicate_across_splits_fails_naming_both(ingested, tmp_path):
 
 
 def test_missing_class_in_split_fails_naming_it(ingested, tmp_path):
-    rows, _ = read_manifest(ingested)
-    write_manifest(ingested, [r for r in rows if not (r["split"] == "val" and r["label"] == "b")])
+    rewrite(ingested, [(r, d) for r, d in items_of(ingested)
+                       if not (r["split"] == "val" and r["label"] == "b")])
     result = run(ingested, tmp_path / "docs")
     line = failure(result, "class short of images in a split")
     assert "1 break it: val/b (0 images)" in line
@@ -137,9 +142,10 @@ def test_too_few_images_per_class_per_split(ingested, tmp_path):
 
 
 def test_unknown_label_fails_naming_file(ingested, tmp_path):
+    items = items_of(ingested)
+    items[0][0]["label"] = "zebra"
+    rewrite(ingested, items)
     rows, _ = read_manifest(ingested)
-    rows[0]["label"] = "zebra"
-    write_manifest(ingested, rows)
     result = run(ingested, tmp_path / "docs")
     assert f"{rows[0]['source']} (label=zebra)" in failure(result, "unknown label")
 
@@ -171,24 +177,23 @@ def test_content_hash_ignores_encoding(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "fast.png", compress_level=0)
     Image.fromarray(pixels).save(tmp_path / "small.png", compress_level=9)
     Image.fromarray(pixels).convert("P").save(tmp_path / "palette.png")
-    fast, small, palette = (describe_image(tmp_path / name, PARAMS.image.preprocess)
+    fast, small, palette = (describe_image((tmp_path / name).read_bytes(), PARAMS.image.preprocess)
                             for name in ("fast.png", "small.png", "palette.png"))
     assert (tmp_path / "fast.png").read_bytes() != (tmp_path / "small.png").read_bytes()
     assert fast["content_hash"] == small["content_hash"]
     assert palette["mode"] == "P" and palette["channels"] == 1  # converted to image.preprocess.channels
-    assert describe_image(tmp_path / "missing.png", PARAMS.image.preprocess)["file_problem"] == "unreadable file"
 
 
 def test_empty_manifest_fails_without_crashing(tmp_path):
-    (tmp_path / "manifest.csv").write_text("path,label,split\n")
-    (tmp_path / "classes.json").write_text('["a"]')
+    write_items(tmp_path, [], ["a"])
     result = run(tmp_path, tmp_path / "docs")
     assert "found 0" in failure(result, "image count out of range")
     assert result.metrics["images"] == 0
 
 
 def test_missing_manifest_names_it(tmp_path):
-    with pytest.raises(StageError, match="manifest.csv: not found"):
+    with pytest.raises(StageError,
+                       match=r"manifest\.json: not found \(run the ingest stage first\)"):
         run(tmp_path, tmp_path / "docs")
 
 
@@ -227,9 +232,7 @@ def test_the_executor_gives_the_same_table(ingested, running):
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> tuple[Path, dict]:
     """The digits ingested with the repo's params, and the profile of their train split."""
-    folder = tmp_path_factory.mktemp("digits") / "ingested"
-    ingest_images("digits", folder, PARAMS.data.split, PARAMS.data.seed,
-                  PARAMS.ingest.max_file_bytes)
+    folder = ingest("digits", tmp_path_factory.mktemp("digits") / "ingested")
     return folder, train_profile(folder)
 
 
@@ -244,15 +247,14 @@ def shifted(digits_folder: Path, tmp_path: Path, change) -> Path:
     """A copy of the ingested digits with `change(PIL image) -> PIL image` on every train image."""
     folder = tmp_path / "shifted"
     shutil.copytree(digits_folder, folder)
-    for row in rows_where_split(folder, "train"):
-        with Image.open(folder / row["path"]) as image:
-            changed = change(image)
-        changed.save(folder / row["path"])
+    changes = {}
+    for row, data in items_of(folder, "train"):
+        with Image.open(io.BytesIO(data)) as image:
+            png = io.BytesIO()
+            change(image).save(png, format="PNG")
+        changes[row["id"]] = png.getvalue()
+    replace_bytes(folder, changes)
     return folder
-
-
-def rows_where_split(folder: Path, split: str) -> list[dict]:
-    return [r for r in read_manifest(folder)[0] if r["split"] == split]
 
 
 def test_profile_scores_are_zero_on_itself_and_one_when_disjoint():
@@ -266,9 +268,7 @@ def test_profile_scores_are_zero_on_itself_and_one_when_disjoint():
 def test_unshifted_data_shows_no_drift(digits, tmp_path):
     """Another seeded split of the same digits: a different sample, the same population."""
     folder, reference = digits
-    resplit = tmp_path / "resplit"
-    ingest_images("digits", resplit, PARAMS.data.split, PARAMS.data.seed + 1,
-                  PARAMS.ingest.max_file_bytes)
+    resplit = ingest("digits", tmp_path / "resplit", PARAMS.data.seed + 1)
     result = run(resplit, tmp_path / "docs", reference=reference, min_items=100)
     assert result.success, result.failures
     assert result.warnings == [] and result.metrics["drift"]["status"] == "ok"
@@ -304,8 +304,7 @@ def rebalanced(folder: Path, tmp_path: Path, keep_one_in: int) -> Path:
     """A copy whose train split keeps 1 in `keep_one_in` images of classes 0-4."""
     changed = tmp_path / "balance"
     shutil.copytree(folder, changed)
-    rows, _ = read_manifest(changed)
-    write_manifest(changed, [r for i, r in enumerate(rows) if not (
+    rewrite(changed, [(r, d) for i, (r, d) in enumerate(items_of(changed)) if not (
         r["split"] == "train" and r["label"] in "01234" and i % keep_one_in)])
     return changed
 

@@ -2,7 +2,6 @@
 dvc.yaml runs it: what the serving, promotion and offline tests build their Bentos from."""
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -15,6 +14,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from pipeline.core.card import ModelCard, Recipe, Selection, ValScore, sha256_file, write_card
+from pipeline.core.dataset import write_items
 from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.params import load_params, recipe_section
 
@@ -79,17 +79,9 @@ def write_tiny_model(folder: Path, steps: int = 150, seed: int = 0) -> None:
 def write_ingested(folder: Path, n: int, seed: int) -> None:
     """An ingested folder as the ingest stage writes it, with a test split of n class_images."""
     images, labels = class_images(n, seed)
-    rows = []
-    for i, (image, label) in enumerate(zip(images, labels)):
-        path = f"images/test/{CLASSES[label]}/{i:04d}.png"
-        (folder / path).parent.mkdir(parents=True, exist_ok=True)
-        (folder / path).write_bytes(encode(image, "PNG"))
-        rows.append({"path": path, "label": CLASSES[label], "split": "test"})
-    with open(folder / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    (folder / "classes.json").write_text(json.dumps(CLASSES))
+    write_items(folder, (({"id": f"images/test/{CLASSES[label]}/{i:04d}.png",
+                           "label": CLASSES[label], "split": "test"}, encode(image, "PNG"))
+                         for i, (image, label) in enumerate(zip(images, labels))), CLASSES)
 
 
 def npy(array: np.ndarray) -> bytes:

@@ -26,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 from pipeline.core.card import PREDICT_BATCH
-from pipeline.core.dataset import Items, read_manifest
+from pipeline.core.dataset import Items, read_manifest, sample, split_of
 
 # lbfgs' default 100 iterations stop short of convergence on a few thousand features
 LOGREG = {"max_iter": 1000}
@@ -52,30 +52,20 @@ class Baseline:
                 **({"why_not_servable": self.why_not_servable} if self.why_not_servable else {})}
 
 
-def train_sample(n: int, limit: int, seed: int) -> np.ndarray:
-    """Sorted indices of at most `limit` of n train items, drawn with `seed`."""
-    if n <= limit:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
-
-
 def split_labels(folder: Path, split: str) -> np.ndarray:
-    """int64 labels of one split of the ingested data, from its manifest alone."""
+    """int64 labels of one split of the ingested data, from its rows alone."""
     rows, classes = read_manifest(folder)
     index = {c: i for i, c in enumerate(classes)}
     return np.array([index[r["label"]] for r in rows if r["split"] == split], dtype=np.int64)
 
 
 def load_train_sample(folder: Path, prep, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """train_sample's items of the ingested train split, decoded through `prep`'s load (as
-    pipeline.core.dataset.load_split, only those: a big set's other files are not decoded), and
-    their int64 labels."""
-    rows, classes = read_manifest(folder)
-    index = {c: i for i, c in enumerate(classes)}
-    rows = [r for r in rows if r["split"] == "train"]
-    rows = [rows[i] for i in train_sample(len(rows), limit, seed)]
-    return (np.stack([prep.load(folder / r["path"]) for r in rows]),
-            np.array([index[r["label"]] for r in rows], dtype=np.int64))
+    """A sample (pipeline/core/dataset.py sample: at most `limit`, drawn with `seed`) of the
+    ingested train split, decoded through `prep`'s load (only those: a big set's other items are
+    not decoded), and their int64 labels."""
+    train = split_of(folder, "train", prep)
+    chosen = sample(len(train), limit, seed)
+    return train.take(chosen)[2], train.labels()[chosen]
 
 
 def probabilities(model, features, classes: int) -> np.ndarray:

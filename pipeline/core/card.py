@@ -136,10 +136,14 @@ def _upgrade(raw):
     before train.cuda_graph was trained without CUDA graphs; one before early stopping trained
     for its `epochs`, all of them (patience = epochs, which the card records as max_epochs), and
     had the gate's floor of its modality in text.min_accuracy or audio.min_accuracy. One written
-    before the modality sections of params.yaml is then moved to today's layout (_sectioned)."""
+    before the modality sections of params.yaml is then moved to today's layout (_sectioned).
+    An image card from before the warped_digits source records no image.ingest.warped_items
+    (None): its source was another."""
     try:
         recipe = raw["recipe"]
         if "section" in recipe:
+            if recipe["data"]["modality"] == "image":
+                recipe["section"]["ingest"].setdefault("warped_items", None)
             return raw
         data = recipe["data"]
         data.setdefault("modality", "image")
@@ -157,6 +161,8 @@ def _upgrade(raw):
         train.setdefault("patience", train["max_epochs"])
         train.setdefault("monitor", "val_loss")
         raw["recipe"] = _sectioned(recipe)
+        if data["modality"] == "image":
+            raw["recipe"]["section"]["ingest"].setdefault("warped_items", None)
     except (KeyError, TypeError, AttributeError):
         pass  # not a card's shape: typed() names what is wrong
     return raw

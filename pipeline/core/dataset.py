@@ -1,98 +1,266 @@
-"""The ingested data set as every stage reads it: manifest, class list, splits, data hash.
+"""The ingested data set as every stage reads it: items in Parquet shards, a manifest, splits.
 
 The ingest stage writes a folder of
-    images/<split>/<class>/<file>   the images (PNG/JPEG), or with data.modality text
-    texts/<split>/<class>/<file>    one document per file, the bytes as they came (UTF-8 expected)
-    manifest.csv                    path (relative to the folder), label, split, and source: the
-                                    file it came from, for error messages
-    classes.json                    the class names; a label's index is its position here
+    shards/<split>/part-00000.parquet  one row per item: id, label, split, source, sha256, bytes
+    manifest.json                      the class names (a label's index is its position there)
+                                       and, per split, its shard files and item count
+
+An item's `id` is its path in the data set (images/<split>/<class>/<name>: unique, and what a
+message names when the source is not a file), `source` where it came from (the file relative to
+the source folder, "sklearn digits[12]"), `bytes` the file as it came (a PNG, a UTF-8 text, a WAV)
+and `sha256` their digest. Rows keep the order the source gave them (class folders and files
+sorted), each split on its own, so a stage reads one split without touching the others.
+
+A shard ends after an item whose id hashes to a cut (about every ingest.shard_items items, at
+least half that many, at most twice): boundaries move with the items, not with their count, so
+items added to a source change only the shards they land in (and the files after them keep
+their bytes: `dvc push` sends what is new). Row groups hold at most ingest.row_group_bytes of
+items, the most a reader holds at once. The same items give the same bytes.
+
+Stages read a split as Items: its rows (no bytes) and its items decoded in batches, one batch
+held at a time, through the executor (pipeline/core/executor.py: in parallel).
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import StageError
-from pipeline.core.executor import map_items
+from pipeline.core.executor import map_items, span
 
 SPLITS = ("train", "val", "test")
-MANIFEST_FIELDS = ["path", "label", "split", "source"]
+MANIFEST = "manifest.json"
+ROW_FIELDS = ("id", "label", "split", "source")  # a row without its bytes, as stages see it
+SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("split", pa.string()),
+                    ("source", pa.string()), ("sha256", pa.string()), ("bytes", pa.binary())])
+# Fixed writer options: the same rows give the same file bytes (pyarrow writes no timestamp).
+WRITER = {"compression": "zstd", "write_statistics": ["id", "label", "split"],
+          "store_schema": False}
+
+
+def shard_cut(item_id: str, held: int, shard_items: int) -> bool:
+    """Whether a shard holding `held` items ends after the item `item_id`: at twice shard_items,
+    and from half of it on where the id's hash says so (on average every shard_items / 2)."""
+    if held >= 2 * shard_items:
+        return True
+    draw = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "little")
+    return held >= max(1, shard_items // 2) and draw % shard_items < 2
+
+
+@dataclass
+class _Shards:
+    """One split's shard files as they are written."""
+    folder: Path
+    rows: list[dict] = field(default_factory=list)  # the open row group's rows
+    held: int = 0          # items in the open shard
+    buffered: int = 0      # bytes in the open row group
+    writer: pq.ParquetWriter | None = None
+    files: list[str] = field(default_factory=list)
+    items: int = 0
+
+
+class ShardWriter:
+    """Items added one at a time (id, label, split, source, bytes) into out/shards/<split>/,
+    holding at most one row group per split; close() writes manifest.json. Used as a context
+    manager by the sources parts (pipeline/modalities/<modality>/sources.py)."""
+
+    def __init__(self, out: Path, shard_items: int, row_group_bytes: int):
+        self.out, self.shard_items, self.row_group_bytes = Path(out), shard_items, row_group_bytes
+        self.splits = {s: _Shards(self.out / "shards" / s) for s in SPLITS}
+        self.ids: set[str] = set()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for shards in self.splits.values():  # a failed ingest leaves no open file behind
+            if shards.writer is not None:
+                shards.writer.close()
+
+    def add(self, item_id: str, label: str, split: str, source: str, data: bytes) -> None:
+        if item_id in self.ids:
+            raise StageError(f"{source}: a second item with the id {item_id!r}")
+        if split not in self.splits:
+            raise StageError(f"{source}: split {split!r} is not one of {', '.join(SPLITS)}")
+        self.ids.add(item_id)
+        shards = self.splits[split]
+        shards.rows.append({"id": item_id, "label": label, "split": split, "source": source,
+                            "sha256": hashlib.sha256(data).hexdigest(), "bytes": data})
+        shards.held, shards.buffered, shards.items = (shards.held + 1, shards.buffered + len(data),
+                                                      shards.items + 1)
+        if shard_cut(item_id, shards.held, self.shard_items):
+            self._flush(shards, end=True)
+        elif shards.buffered >= self.row_group_bytes:
+            self._flush(shards, end=False)
+
+    def _flush(self, shards: _Shards, end: bool) -> None:
+        if shards.rows:
+            if shards.writer is None:
+                shards.folder.mkdir(parents=True, exist_ok=True)
+                name = f"part-{len(shards.files):05d}.parquet"
+                shards.files.append(name)
+                shards.writer = pq.ParquetWriter(shards.folder / name, SCHEMA, **WRITER)
+            shards.writer.write_table(pa.Table.from_pylist(shards.rows, SCHEMA),
+                                      row_group_size=len(shards.rows))
+            shards.rows, shards.buffered = [], 0
+        if end and shards.writer is not None:
+            shards.writer.close()
+            shards.writer, shards.held = None, 0
+
+    def close(self, classes: list[str]) -> dict[str, int]:
+        """Finish every split's last shard and write manifest.json; the item count per split."""
+        for shards in self.splits.values():
+            self._flush(shards, end=True)
+        manifest = {"classes": classes,
+                    "splits": {s: {"items": sh.items, "shards": sh.files}
+                               for s, sh in self.splits.items()}}
+        (self.out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+        return {s: sh.items for s, sh in self.splits.items()}
+
+
+def write_items(out: Path, items: Iterable[tuple[dict, bytes]], classes: list[str],
+                shard_items: int = 1 << 30, row_group_bytes: int = 1 << 26) -> dict[str, int]:
+    """A data set of (row, bytes) items (row: id, label, split, source) written at once: for
+    code that builds one from items it holds (tests, benchmarks). One shard per split unless
+    told otherwise (the ingest stage passes params.yaml's sizes)."""
+    with ShardWriter(out, shard_items, row_group_bytes) as writer:
+        for row, data in items:
+            writer.add(row["id"], row["label"], row["split"], row.get("source") or row["id"], data)
+        return writer.close(classes)
+
+
+def read_json_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found (run the ingest stage first)") from None
+
+
+def shard_files(folder: Path, split: str) -> list[Path]:
+    """The shard files of one split, in order."""
+    manifest = read_json_manifest(folder)
+    return [Path(folder, "shards", split, name) for name in manifest["splits"][split]["shards"]]
+
+
+def _columns(folder: Path, splits: Iterable[str], columns: list[str], size: int
+             ) -> Iterator[pa.RecordBatch]:
+    for split in splits:
+        for path in shard_files(folder, split):
+            yield from pq.ParquetFile(path).iter_batches(batch_size=size, columns=columns)
 
 
 def read_manifest(folder: Path) -> tuple[list[dict], list[str]]:
-    """The rows of folder/manifest.csv and the class names of folder/classes.json."""
-    with open(folder / "manifest.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    classes = json.loads((folder / "classes.json").read_text(encoding="utf-8"))
+    """Every item's row (id, label, split, source; no bytes), split by split in shard order, and
+    the class names."""
+    classes = read_json_manifest(folder)["classes"]
+    rows = [row for batch in _columns(folder, SPLITS, list(ROW_FIELDS), 1 << 16)
+            for row in batch.to_pylist()]
     return rows, classes
 
 
-def write_manifest(folder: Path, rows: list[dict], classes: list[str]) -> None:
-    with open(folder / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (folder / "classes.json").write_text(json.dumps(classes, indent=1, ensure_ascii=False) + "\n",
-                                         encoding="utf-8")
+def item_batches(folder: Path, splits: Iterable[str], size: int
+                 ) -> Iterator[tuple[list[dict], list[bytes]]]:
+    """(rows, bytes) of at most `size` items each, split by split in shard order: what a pass
+    over the items holds at once."""
+    rows, data = [], []
+    for batch in _columns(folder, splits, [*ROW_FIELDS, "bytes"], size):
+        table = batch.to_pydict()
+        data.extend(table.pop("bytes"))
+        rows.extend(dict(zip(table, values)) for values in zip(*table.values()))
+        while len(rows) >= size:
+            yield rows[:size], data[:size]
+            rows, data = rows[size:], data[size:]
+    if rows:
+        yield rows, data
+
+
+def describe_items(folder: Path, fn: Callable, named: bool = False) -> list:
+    """fn(bytes) of every item (named: fn((id, bytes))), split by split in shard order
+    (read_manifest's order), in parallel through the executor, holding one round of the
+    executor's items at a time."""
+    return [out for rows, data in item_batches(folder, SPLITS, span())
+            for out in map_items(fn, list(zip((r["id"] for r in rows), data)) if named else data)]
 
 
 @dataclass(frozen=True)
 class Items:
     """One split of an ingested data set as stages read it: a known length and class list, the
-    labels, and the items in batches, in manifest order, read by the executor
-    (pipeline/core/executor.py: in parallel). The folder of files is this seam's one
-    implementation; a consumer that iterates `batches` holds one batch, not the split."""
+    labels, and the items in batches, in shard order, decoded by the executor
+    (pipeline/core/executor.py: in parallel). A consumer that iterates `batches` holds one batch,
+    not the split."""
     folder: Path
     split: str
-    rows: list[dict]                 # the split's manifest rows, in manifest order
-    classes: list[str]               # the data set's class names; a label is an index into them
-    read: Callable[[Path], object]   # one item's file -> the item (an array, a text); pickles
+    rows: list[dict]                  # the split's rows (no bytes), in shard order
+    classes: list[str]                # the data set's class names; a label is an index into them
+    read: Callable[[bytes], object]   # one item's bytes -> the item (an array, a text); pickles
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def labels(self) -> np.ndarray:
-        """The split's int64 labels, in manifest order."""
+        """The split's int64 labels, in shard order."""
         index = {c: i for i, c in enumerate(self.classes)}
         return np.array([index[r["label"]] for r in self.rows], dtype=np.int64)
 
     def batches(self, size: int) -> Iterator[tuple[list | np.ndarray, np.ndarray]]:
-        """(items, int64 labels) of at most `size` items each, in manifest order; array items
+        """(items, int64 labels) of at most `size` items each, in shard order; array items
         (pixels, waveforms) stacked into one array, others (texts) a list."""
-        labels = self.labels()
-        for start in range(0, len(self.rows), size):
-            rows = self.rows[start:start + size]
-            items = map_items(self.read, [self.folder / r["path"] for r in rows])
+        labels, start = self.labels(), 0
+        for _, data in item_batches(self.folder, [self.split], size):
+            items = map_items(self.read, data)
             if isinstance(items[0], np.ndarray):
                 items = np.stack(items)
-            yield items, labels[start:start + size]
+            yield items, labels[start:start + len(data)]
+            start += len(data)
 
     def batch_outputs(self, size: int, fn: Callable) -> np.ndarray:
         """fn(items) of every batch, concatenated: one output row per item (logits, features),
         holding one batch of items at a time."""
         return np.concatenate([fn(items) for items, _ in self.batches(size)])
 
+    def take(self, indices: np.ndarray) -> tuple[list[dict], list[bytes], list | np.ndarray]:
+        """The rows, stored bytes (each file as it came: what a client sends) and decoded items
+        of the items at sorted `indices`, read shard by shard."""
+        wanted, found, start = set(indices.tolist()), [], 0
+        for _, data in item_batches(self.folder, [self.split], span()):
+            found.extend(d for i, d in enumerate(data, start) if i in wanted)
+            start += len(data)
+        items = map_items(self.read, found)
+        if items and isinstance(items[0], np.ndarray):
+            items = np.stack(items)
+        return [self.rows[i] for i in indices], found, items
 
-def split_items(folder: Path, split: str, read: Callable[[Path], object], unit: str) -> Items:
+
+def sample(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most `limit` of n items, drawn with `seed`; all n when n <= limit."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def split_items(folder: Path, split: str, read: Callable[[bytes], object], unit: str) -> Items:
     """The items of one split of the ingested `folder`; a split without any is an error naming
     the manifest and the `unit` ("images", "texts", "clips")."""
     rows, classes = read_manifest(folder)
     rows = [r for r in rows if r["split"] == split]
     if not rows:
-        raise StageError(f"{folder / 'manifest.csv'}: no {unit} in split {split!r}")
+        raise StageError(f"{Path(folder) / MANIFEST}: no {unit} in split {split!r}")
     return Items(Path(folder), split, rows, classes, read)
 
 
 def split_of(folder: Path, split: str, prep) -> Items:
-    """One split as a model with the preprocessing record `prep` reads it (prep.load: an image
-    Preprocessing's uint8 (C, S, S) pixels, an AudioPreprocessing's float32 waveform, a
-    TextPreprocessing's text), the stream evaluate and package score."""
+    """One split as a model with the preprocessing record `prep` reads it (prep.load of an
+    item's bytes: an image Preprocessing's uint8 (C, S, S) pixels, an AudioPreprocessing's
+    float32 waveform, a TextPreprocessing's text), the stream evaluate and package score."""
     return split_items(folder, split, prep.load, prep.UNIT)
 
 
@@ -104,9 +272,9 @@ def load_split(folder: Path, split: str, prep) -> tuple[np.ndarray, np.ndarray]:
     return next(items.batches(len(items)))
 
 
-def read_text(path: Path) -> str:
+def read_text(data: bytes) -> str:
     """One ingested text, decoded as UTF-8 (validate has checked that it decodes)."""
-    return path.read_bytes().decode("utf-8")
+    return data.decode("utf-8")
 
 
 def load_texts(folder: Path, split: str) -> tuple[list[str], np.ndarray]:
@@ -117,8 +285,46 @@ def load_texts(folder: Path, split: str) -> tuple[list[str], np.ndarray]:
 
 
 def data_hash(folder: Path) -> str:
-    """sha256 over the manifest and every image it lists, in manifest order."""
-    digest = hashlib.sha256((folder / "manifest.csv").read_bytes())
-    for row in read_manifest(folder)[0]:
-        digest.update((folder / row["path"]).read_bytes())
+    """sha256 over the manifest and every shard file, split by split in order."""
+    digest = hashlib.sha256((Path(folder) / MANIFEST).read_bytes())
+    for split in SPLITS:
+        for path in shard_files(folder, split):
+            digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def extract(folder: Path, split: str, out: Path, limit: int | None = None) -> int:
+    """Write the first `limit` items (all: None) of one split as files out/<id>, their bytes as
+    ingested (a PNG, a text, a WAV: what a client sends); the number written."""
+    written = 0
+    for rows, data in item_batches(folder, [split], 1024):
+        for row, item in zip(rows, data):
+            if limit is not None and written >= limit:
+                return written
+            path = Path(out, row["id"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(item)
+            written += 1
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.core.dataset",
+        description="Write a split's items of an ingested data set as files, named by their id")
+    parser.add_argument("data", type=Path, help="the ingested folder (data/ingested)")
+    parser.add_argument("split", choices=SPLITS)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--limit", type=int, default=None, help="at most this many items")
+    args = parser.parse_args(argv)
+    try:
+        written = extract(args.data, args.split, args.out, args.limit)
+    except StageError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{written} {args.split} items written under {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ run torch's (or ONNX Runtime's) thread pools can hang in them, a fresh server ha
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import multiprocessing
 import os
@@ -32,6 +33,13 @@ def start(engine: EngineParams) -> None:
     global _workers, _batch
     _workers = engine.workers or len(os.sched_getaffinity(0))
     _batch = engine.batch
+    _pool.cache_clear()  # a pool started before had the old size
+
+
+def span() -> int:
+    """Items one round of map_items keeps every worker busy with: what a streaming pass reads
+    at a time (pipeline/core/dataset.py)."""
+    return _workers * _batch
 
 
 def map_items(fn: Callable, items: Sequence) -> list:
@@ -41,9 +49,17 @@ def map_items(fn: Callable, items: Sequence) -> list:
     tasks = [items[i:i + _batch] for i in range(0, len(items), _batch)]
     if _workers <= 1 or len(tasks) <= 1:
         return [fn(item) for item in items]
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=min(_workers, len(tasks)), mp_context=context) as pool:
-        return [r for done in pool.map(functools.partial(_apply, fn), tasks) for r in done]
+    return [r for done in _pool().map(functools.partial(_apply, fn), tasks) for r in done]
+
+
+@functools.cache
+def _pool() -> ProcessPoolExecutor:
+    """The process's one pool, started at its first parallel map and kept for the next (a
+    streaming pass maps round after round; a pool costs ~0.3 s to start), shut down at exit."""
+    pool = ProcessPoolExecutor(max_workers=_workers,
+                               mp_context=multiprocessing.get_context("forkserver"))
+    atexit.register(pool.shutdown)
+    return pool
 
 
 def _apply(fn: Callable, items: Sequence) -> list:

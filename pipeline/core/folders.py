@@ -1,6 +1,6 @@
 """A source folder of class subfolders, as the ingest stage reads it for every modality: listing
 (hidden and system entries skipped), refusals (what is named like a data file but cannot be
-taken), class names, the seeded stratified split, and copying the files into the ingested layout.
+taken), class names, the seeded stratified split, and adding the files to the ingested shards.
 
 A source folder may hold what desktops and sync tools leave behind: hidden files (`.DS_Store`,
 `._x.png` resource forks), `Thumbs.db`, `desktop.ini`, `__MACOSX/`. Those are skipped and counted,
@@ -15,7 +15,6 @@ copied from macOS (NFD names) and one typed on Linux name the same class.
 """
 from __future__ import annotations
 
-import shutil
 import stat
 import unicodedata
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import StageError
-from pipeline.core.dataset import SPLITS
+from pipeline.core.dataset import SPLITS, ShardWriter
 from pipeline.params import Split
 
 # Written by file managers, sync and archive tools; never data. Hidden names (leading dot) too.
@@ -172,27 +171,25 @@ def scan_folder(root: Path, split: Split, seed: int, max_file_bytes: int, kind: 
     return rows, sorted(labels.values()), listing
 
 
-def copy_folder(root: Path, out: Path, top: str, split: Split, seed: int, max_file_bytes: int,
-                kind: FileKind, key: str) -> tuple[list[dict], list[str]]:
-    """Copy the data files of the source folder `root` (params `key`) to
-    out/<top>/<split>/<class>/<name>: (manifest rows, class names). Refused and unreadable files
-    fail the stage, all named."""
+def copy_folder(root: Path, out: ShardWriter, top: str, split: Split, seed: int,
+                max_file_bytes: int, kind: FileKind, key: str) -> list[str]:
+    """Add the data files of the source folder `root` (params `key`) to the shards `out`, each
+    with the id <top>/<split>/<class>/<name> and its path relative to `root` as its source; the
+    class names. Refused and unreadable files fail the stage, all named."""
     found, classes, listing = scan_folder(root, split, seed, max_file_bytes, kind)
     if listing.refused:
         raise StageError(f"{key} {root}: refused {len(listing.refused)} entries named like "
                          f"{kind.many} (only regular files inside the folder, up to "
                          "ingest.max_file_bytes, are taken): " + "; ".join(listing.refused))
-    rows, unreadable = [], []
+    unreadable = []
     for src, label, s in found:
-        rel = Path(top, s, label, src.name)
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
-            shutil.copyfile(src, out / rel)
+            data = src.read_bytes()
         except OSError as e:  # no permission, an I/O error
             unreadable.append(f"{src.relative_to(root)} ({e.strerror or e})")
             continue
-        rows.append({"path": rel.as_posix(), "label": label, "split": s,
-                     "source": src.relative_to(root).as_posix()})
+        out.add(Path(top, s, label, src.name).as_posix(), label, s,
+                src.relative_to(root).as_posix(), data)
     if unreadable:
         raise StageError(f"{key} {root}: {len(unreadable)} {kind.files} cannot be read: "
                          + "; ".join(unreadable))
@@ -200,4 +197,4 @@ def copy_folder(root: Path, out: Path, top: str, split: Split, seed: int, max_fi
         names = sorted({p.name for p in listing.skipped})
         print(f"ingest: skipped {len(listing.skipped)} hidden, system or {kind.other} entries "
               f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
-    return rows, classes
+    return classes

@@ -31,7 +31,7 @@ imports a modality's modules directly.
     preprocess Preprocess every stage, the service            the preprocessing record (RECORD):
                                                            how one item becomes model input,
                                                            saved in every model card; its
-                                                           load(path) reads an ingested item
+                                                           load(bytes) reads an ingested item
                                                            (pipeline/core/dataset.py split_of)
 
     config    (params)  pipeline/params.py                 its params.yaml section, typed
@@ -105,6 +105,7 @@ def copy_model_files(card: ModelCard, source: Path, target: Path) -> None:
 Table = typing.Any   # a pandas.DataFrame, one row per item
 Drift = typing.Any   # pipeline/core/drift.py's DriftReport, or an object with its table() and metrics()
 Baseline = typing.Any  # pipeline/core/baselines.py's Baseline (scikit-learn: not for the service)
+ShardWriter = typing.Any  # pipeline/core/dataset.py's ShardWriter (pyarrow: not for the service)
 
 
 class Preprocess(Protocol):
@@ -122,8 +123,9 @@ class Sources(Protocol):
     def source(self, params: Params) -> str:
         """The source params names (image.ingest.source's value, ...), for the stage's summary line."""
 
-    def ingest(self, params: Params, out: Path) -> list[dict]:
-        """Write the items, manifest.csv and classes.json under `out`; return the manifest rows."""
+    def ingest(self, params: Params, out: ShardWriter) -> list[str]:
+        """Add every item of the source to `out` (pipeline/core/dataset.py ShardWriter.add: id,
+        label, split, source, bytes); return the class names (also of classes without items)."""
 
 
 class Checks(Protocol):
@@ -288,9 +290,10 @@ class Infra(Protocol):
     depend on the modality adds its function here and to every modality's infra part."""
 
 
-    def served(self, client: httpx.Client, data: Path, rows: list[dict], items: Items,
+    def served(self, client: httpx.Client, files: list[bytes], rows: list[dict], items: Items,
                max_batch: int) -> dict[str, tuple[np.ndarray, list[dict]]]:
-        """Endpoint -> (indices, answers) of the test items (manifest rows) through REST."""
+        """Endpoint -> (indices, answers) of the test items sent (their files as ingested, their
+        rows: id, label, split, source; the items decoded) through REST."""
 
     def infer_request(self, model: str, version: str, items: Items) -> pb.ModelInferRequest:
         """A client's gRPC ModelInfer request for a batch of items."""

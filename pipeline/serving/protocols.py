@@ -26,7 +26,6 @@ service's import closure: tests/test_deps.py) leaves it out, and with it the inf
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -50,10 +49,11 @@ class Bento:
 
 @dataclass(frozen=True)
 class Split:
-    """The test items sent: the ingested folder, the split's manifest rows and the items as the
-    card's preprocessing reads them (pipeline/core/dataset.py split_of), in the same order."""
-    data: Path
+    """The test items sent: their rows (id, label, split, source), their files (the bytes as
+    ingested) and the items as the card's preprocessing reads them (pipeline/core/dataset.py
+    split_of), in the same order."""
     rows: list[dict]
+    files: list[bytes]
     items: object
 
 
@@ -63,7 +63,7 @@ Answers = dict[str, tuple[np.ndarray, np.ndarray]]  # endpoint -> (indices, prob
 def rest(bento: Bento, card: ModelCard, split: Split) -> Answers:
     """The model's REST endpoints, as its infra part sends the items to them; each answer's
     probabilities in the card's class order."""
-    answers = card_part(card, "infra").served(bento.http, split.data, split.rows, split.items,
+    answers = card_part(card, "infra").served(bento.http, split.files, split.rows, split.items,
                                               bento.args.serve.max_batch_items)
     return {endpoint: (indices, np.array([[p["probabilities"][c] for c in card.classes]
                                           for p in got]))

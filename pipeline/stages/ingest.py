@@ -1,17 +1,19 @@
-"""Stage 1: materialise the data set as files plus a manifest (pipeline/core/dataset.py has the
-layout). The modality's `sources` part (pipeline/<data.modality>/sources.py) reads its source
-(images from image.ingest.source, texts from text.ingest.source) into that layout; this stage runs it and
-reports the count per split. classes.json lists every class folder, also one without files, so
-the validate stage can name it; a manifest row's source is relative to the source folder.
+"""Stage 1: the data set as Parquet shards plus a manifest (pipeline/core/dataset.py has the
+layout). The modality's `sources` part (pipeline/<data.modality>/sources.py) adds the items of its
+source (images from image.ingest.source, texts from text.ingest.source) one at a time; this stage
+opens the shards, runs it and reports the count per split. The manifest lists every class
+folder, also one without files, so the validate stage can name it; an item's source is its path
+relative to the source folder.
 
 What a source folder may hold, what is skipped and what is refused: pipeline/core/folders.py.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
-from pipeline.core.dataset import SPLITS
+from pipeline.core.dataset import ShardWriter
 from pipeline.core.modality import part, preprocessing
 from pipeline.params import load_params
 
@@ -22,6 +24,8 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     sources = part(params.data.modality, "sources")
-    rows = sources.ingest(params, args.out)
-    counts = {s: sum(r["split"] == s for r in rows) for s in SPLITS}
-    print(f"ingest: {len(rows)} {preprocessing(params.data.modality).UNIT} from {sources.source(params)}: {counts}")
+    shutil.rmtree(args.out / "shards", ignore_errors=True)  # what an earlier run left
+    with ShardWriter(args.out, params.ingest.shard_items, params.ingest.row_group_bytes) as out:
+        counts = out.close(sources.ingest(params, out))
+    unit = preprocessing(params.data.modality).UNIT
+    print(f"ingest: {sum(counts.values())} {unit} from {sources.source(params)}: {counts}")

@@ -70,9 +70,10 @@ from pipeline.params import MODALITIES, PackageParams, ServeParams, load_params,
 
 def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path,
             record_path: Path, exports: Exports, p: PackageParams, serve: ServeParams,
-            limits: dict) -> dict:
+            limits: dict, seed: int) -> dict:
     """Steps 0-6 of the module doc; returns the --out report. `limits`: modality -> its serve
-    section (config.Serve); the model's modality's is built into the Bento with `serve`."""
+    section (config.Serve); the model's modality's is built into the Bento with `serve`.
+    `seed` (data.seed) draws the test items infra validation sends."""
     progress = Progress("package")
     record = read_record(record_path)
     for tag in clean_up_killed_run(keep=record.tags()):
@@ -104,7 +105,7 @@ def package(model_dir: Path, bentofile: Path, data_dir: Path, reference: Path,
         progress(f"challenger test accuracy {challenger.accuracy:.4f}; storing {model_tag}, "
                  f"building {bento_tag} and serving it for infra validation")
         checked = build_and_validate(model_dir, card, task, bentofile, build_config, args,
-                                     bento_tag, reference, data_dir, p.ready_timeout_s)
+                                     bento_tag, reference, data_dir, p, seed)
         tested = f"{checked['tested']} through {', '.join(checked['endpoints'])}"
         progress(f"infra validation passed: {tested}")
         return tested
@@ -167,7 +168,7 @@ def finish(record: Record, line: Line, challenger: Champion, record_path: Path,
 
 def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: Path,
                        build_config: dict, args: BentoArgs, bento_tag: str, reference: Path,
-                       data_dir: Path, ready_timeout_s: float) -> dict:
+                       data_dir: Path, p: PackageParams, seed: int) -> dict:
     """Store the model and build its Bento from build_config (read_bentofile; each unless the
     store has it already), then infra-validate; on any failure delete what this run created.
     The journal names both tags first."""
@@ -178,7 +179,8 @@ def build_and_validate(model_dir: Path, card: ModelCard, task: Task, bentofile: 
                            f"{os.environ['BENTOML_HOME']}"):
             store_and_build(model_dir, card, task, bentofile, build_config, args, bento_tag,
                              reference, created)
-        return infra_validate(bento_tag, args, model_dir, card, data_dir, ready_timeout_s)
+        return infra_validate(bento_tag, args, model_dir, card, data_dir, p.ready_timeout_s,
+                              p.infra_items, seed)
     except BaseException:
         for delete, tag in reversed(created):
             with contextlib.suppress(NotFound):
@@ -213,7 +215,7 @@ def main(argv: list[str]) -> None:
     params = load_params()
     result = package(args.model, args.bentofile, args.data, args.reference, args.champion,
                      Exports(args.export), params.package, params.serve,
-                     {m: section(params, m).serve for m in MODALITIES})
+                     {m: section(params, m).serve for m in MODALITIES}, params.data.seed)
     reason = result.pop("reason")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

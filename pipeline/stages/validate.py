@@ -38,7 +38,7 @@ import pandas as pd
 from pipeline import StageError
 from pipeline.lifecycle.champion import Exports, Task, reference
 from pipeline.core.checks import CHECKS, Check, Data
-from pipeline.core.dataset import SPLITS, data_hash, read_manifest
+from pipeline.core.dataset import MANIFEST, SPLITS, data_hash, read_manifest
 from pipeline.core.modality import part, preprocessing
 from pipeline.params import Params, load_params
 
@@ -125,15 +125,9 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
     """
     modality = params.data.modality
     checks = part(modality, "checks")
-    try:
-        rows, classes = read_manifest(folder)
-    except FileNotFoundError as e:
-        raise StageError(f"{e.filename}: not found (run the ingest stage first)") from None
-    if rows and not {"path", "label", "split"} <= set(rows[0]):
-        raise StageError(f"{folder / 'manifest.csv'}: needs columns path, label, split; "
-                         f"has {', '.join(rows[0])}")
+    rows, classes = read_manifest(folder)  # names a missing manifest
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise StageError(f"{folder / 'classes.json'}: expected a list of class names")
+        raise StageError(f"{folder / MANIFEST}: expected a list of class names under 'classes'")
     # Image profiles name no modality: they predate data.modality.
     trained_on = None if reference is None else reference.get("modality", "image")
     if trained_on not in (None, modality):
@@ -232,8 +226,8 @@ def main(argv: list[str]) -> None:
     checks = part(p.data.modality, "checks")
     try:
         classes = read_manifest(args.data)[1]
-    except FileNotFoundError:
-        classes = []  # validate() below names the missing file
+    except StageError:
+        classes = []  # validate() below names the missing manifest
     task = Task(model_name=p.package.model_name, classes=classes)
     champion = reference(args.champion, Exports(args.export), task)
     if champion.profile is None:

@@ -11,7 +11,7 @@ import pandas as pd
 from pipeline.core.checks import Checks, Data, file_problems
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, compare
-from pipeline.core.executor import map_items
+from pipeline.core.dataset import describe_items
 from pipeline.modalities.points.preprocess import parse
 from pipeline.params import Params
 
@@ -26,10 +26,10 @@ CHECKS = Checks()
 CATEGORICAL, CONTINUOUS = ("label",), ("largest",)
 
 
-def describe_point(path: Path, features: int) -> dict:
+def describe_point(data: bytes, features: int) -> dict:
     try:
-        point = parse(path.read_text(encoding="utf-8"), features)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        point = parse(data.decode("utf-8"), features)
+    except (UnicodeDecodeError, ValueError) as e:
         return {"file_problem": "not a point", "decode_error": f"{type(e).__name__}: {e}"}
     if not np.isfinite(point).all():
         return {"file_problem": "not a point", "decode_error": "a value is not finite"}
@@ -38,11 +38,10 @@ def describe_point(path: Path, features: int) -> dict:
 
 
 def examine(folder: Path, rows: list[dict], params: Params, reference: dict | None):
-    described = map_items(functools.partial(describe_point,
-                                            features=params.points.ingest.features),
-                          [folder / r["path"] for r in rows])
+    described = describe_items(folder, functools.partial(
+        describe_point, features=params.points.ingest.features))
     table = pd.DataFrame.from_records(
-        [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
+        [{"path": r["id"], "source": r["source"], "label": r["label"],
           "split": r["split"], **d} for r, d in zip(rows, described)], columns=COLUMNS)
     table = table.astype({"largest": float})
     table["leak"], table["duplicate"] = copies(table, table.content_hash.notna())

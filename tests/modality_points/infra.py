@@ -8,7 +8,7 @@ from open_inference.grpc import protocol as pb
 from pipeline.modalities.points.serving import GRPC_INPUT
 
 
-def served(client, data, rows, items, max_batch) -> dict:
+def served(client, files, rows, items, max_batch) -> dict:
     return {}
 
 

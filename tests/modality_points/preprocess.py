@@ -20,9 +20,11 @@ class PointsPreprocessing:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def load(self, path: Path) -> np.ndarray:
-        """One ingested point file -> float32 (features,); ValueError when it is no point."""
-        return parse(Path(path).read_text(encoding="utf-8"), self.features)
+    def load(self, source: Path | bytes) -> np.ndarray:
+        """One point file (path or bytes: an ingested item) -> float32 (features,); ValueError
+        when it is no point."""
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        return parse(data.decode("utf-8"), self.features)
 
     def normalize(self, points: np.ndarray) -> np.ndarray:
         return ((np.asarray(points, np.float32) - np.float32(self.mean))

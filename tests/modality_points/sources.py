@@ -1,14 +1,13 @@
 """The toy modality's ingest: "blobs", per_class points of each of 3 classes, Gaussian around
-centres drawn with data.seed, split by data.split; points/<split>/<class>/<n>.txt, one point a
-file."""
+centres drawn with data.seed, split by data.split; one point an item, with the id
+points/<split>/<class>/<n>.txt."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
 from pipeline import StageError
-from pipeline.core.dataset import write_manifest
+from pipeline.core.dataset import ShardWriter
 from pipeline.params import Params
 
 CLASSES = ("east", "north", "west")
@@ -18,7 +17,7 @@ def source(params: Params) -> str:
     return params.points.ingest.source
 
 
-def ingest(params: Params, out: Path) -> list[dict]:
+def ingest(params: Params, out: ShardWriter) -> list[str]:
     own = params.points.ingest
     if own.source != "blobs":
         raise StageError(f"points.ingest.source: {own.source!r}; the toy modality generates its "
@@ -27,14 +26,9 @@ def ingest(params: Params, out: Path) -> list[dict]:
     centres = rng.normal(0, 2.5, (len(CLASSES), own.features))
     n_train = round(own.per_class * params.data.split.train)
     n_val = round(own.per_class * params.data.split.val)
-    rows = []
     for label, centre in zip(CLASSES, centres):
         for i, point in enumerate(centre + rng.normal(0, 1, (own.per_class, own.features))):
             split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-            path = Path("points", split, label, f"{i}.txt")
-            (out / path).parent.mkdir(parents=True, exist_ok=True)
-            (out / path).write_text(" ".join(f"{v:.6f}" for v in point) + "\n")
-            rows.append({"path": path.as_posix(), "label": label, "split": split,
-                         "source": f"blobs/{label}/{i}"})
-    write_manifest(out, rows, list(CLASSES))
-    return rows
+            out.add(f"points/{split}/{label}/{i}.txt", label, split, f"blobs/{label}/{i}",
+                    (" ".join(f"{v:.6f}" for v in point) + "\n").encode())
+    return list(CLASSES)

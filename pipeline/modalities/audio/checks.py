@@ -46,7 +46,7 @@ from pipeline.modalities.audio.decode import ACCEPTED, AudioError, decode, trunc
 from pipeline.core.checks import Checks, Data, file_problems, showing
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
-from pipeline.core.executor import map_items
+from pipeline.core.dataset import describe_items
 from pipeline.params import Params
 
 # What --metrics holds (the rest of Validation.metrics goes to --details): the counts a person
@@ -61,7 +61,6 @@ METRICS = ("clips", "classes", "splits", "undecodable", "silent", "clipped", "du
 # say it (the first found wins; anything else it refuses, "cannot be decoded" or a corrupt
 # header, is "corrupt or not audio"). tests/test_audio_checks.py holds each refusal to its kind.
 FILE_PROBLEMS = {
-    "unreadable file": "cannot be read",
     "empty file": "empty (0 bytes)",
     "wrong extension": "extension '",
     "unaccepted format": "audio is not accepted",
@@ -105,37 +104,36 @@ def spectral_centroid(samples: np.ndarray, sample_rate: int) -> float:
     return float(magnitude @ np.fft.rfftfreq(n, 1 / sample_rate) / total)
 
 
-def wav_truncation(path: Path) -> str | None:
+def wav_truncation(data: bytes) -> str | None:
     """Why a RIFF WAV file is cut short: its data chunk's header promises more bytes than follow
     it (an interrupted copy or download); None when whole, or not a RIFF WAV. libsndfile decodes
     such a file up to its end without an error, so decode.py takes it."""
-    with open(path, "rb") as f:
-        riff, _, wave = struct.unpack("<4sI4s", f.read(12).ljust(12, b"\0"))
-        if (riff, wave) != (b"RIFF", b"WAVE"):
+    riff, _, wave = struct.unpack("<4sI4s", data[:12].ljust(12, b"\0"))
+    if (riff, wave) != (b"RIFF", b"WAVE"):
+        return None
+    size, offset = len(data), 12
+    while offset + 8 <= size:  # chunk by chunk: id, length, bytes (padded to even)
+        chunk, length = struct.unpack("<4sI", data[offset:offset + 8])
+        if chunk == b"data":
+            held = size - offset - 8
+            if held < length < STREAMED:
+                return f"its header promises {length} bytes of samples, {held} follow"
             return None
-        size, offset = path.stat().st_size, 12
-        while offset + 8 <= size:  # chunk by chunk: id, length, bytes (padded to even)
-            f.seek(offset)
-            chunk, length = struct.unpack("<4sI", f.read(8))
-            if chunk == b"data":
-                held = size - offset - 8
-                if held < length < STREAMED:
-                    return f"its header promises {length} bytes of samples, {held} follow"
-                return None
-            offset += 8 + length + (length & 1)
+        offset += 8 + length + (length & 1)
     return None
 
 
-def describe_clip(path: Path, sample_rate: int) -> dict:
-    """How one file was recorded, and its samples decoded to mono at `sample_rate` described;
+def describe_clip(item: tuple[str, bytes], sample_rate: int) -> dict:
+    """How one file ((id, bytes): its id's extension must agree with its bytes) was recorded, and its samples decoded to mono at `sample_rate` described;
     or, when decode.py refuses it or it is a WAV, MP3 or M4A cut short, file_problem (the kind) and
     decode_error (the cause)."""
+    name, data = item
     try:
-        decoded = decode(path, sample_rate)
+        decoded = decode(data, sample_rate, name)
     except AudioError as e:
-        cause = str(e).removeprefix(f"{path}: ")
+        cause = str(e).removeprefix(f"{name}: ")
         return {"file_problem": file_problem(cause), "decode_error": cause}
-    cut = wav_truncation(path) if decoded.format in ("WAV", "WAVEX") else truncation(decoded)
+    cut = wav_truncation(data) if decoded.format in ("WAV", "WAVEX") else truncation(decoded)
     if cut:
         return {"file_problem": TRUNCATED[decoded.format], "decode_error": cut}
     samples = decoded.samples
@@ -155,9 +153,9 @@ def clip_table(folder: Path, rows: list[dict], params: Params) -> pd.DataFrame:
     duplicate (silence of one length is the same samples by nature): each problem is reported
     once, by its own check."""
     audio = params.audio
-    described = map_items(functools.partial(describe_clip, sample_rate=audio.preprocess.sample_rate),
-                          [folder / r["path"] for r in rows])
-    records = [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
+    described = describe_items(folder, functools.partial(
+        describe_clip, sample_rate=audio.preprocess.sample_rate), named=True)
+    records = [{"path": r["id"], "source": r["source"], "label": r["label"],
                 "split": r["split"], **d} for r, d in zip(rows, described)]
     clips = pd.DataFrame.from_records(records, columns=COLUMNS).astype(
         {c: float for c in ("source_rate", "channels", "seconds", "clipped", "rms", "loudness",

@@ -13,18 +13,17 @@ from pipeline import StageError
 from pipeline.modalities.audio.serving import GRPC_INPUT
 
 
-def served(client: httpx.Client, data: Path, rows: list[dict], items: np.ndarray,
+def served(client: httpx.Client, files: list[bytes], rows: list[dict], items: np.ndarray,
            max_batch: int) -> dict[str, tuple[np.ndarray, list[dict]]]:
-    """Every test clip (manifest `rows`) posted as its file to /classify_audio: endpoint ->
-    (indices of the clips, answers). Raises StageError naming the file the endpoint did not
-    answer 200 for."""
+    """Every test clip sent posted as its file to /classify_audio: endpoint -> (indices of the
+    clips, answers). Raises StageError naming the clip's source the endpoint did not answer 200
+    for."""
     answers = []
-    for row in rows:
-        path = data / row["path"]
-        response = client.post("/classify_audio", files={"audio": (path.name, path.read_bytes())})
+    for row, data in zip(rows, files):
+        response = client.post("/classify_audio", files={"audio": (Path(row["id"]).name, data)})
         if response.status_code != 200:
-            raise StageError(f"/classify_audio answered {response.status_code} for {path}: "
-                             f"{response.text[:300]}")
+            raise StageError(f"/classify_audio answered {response.status_code} for "
+                             f"{row['source']}: {response.text[:300]}")
         answers.append(response.json())
     return {"/classify_audio": (np.arange(len(rows)), answers)}
 

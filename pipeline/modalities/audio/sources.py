@@ -1,6 +1,6 @@
 """The audio modality's `sources` part (pipeline/core/modality.py, called by the ingest stage): audio
 sources (audio.ingest.source) read into the ingested layout of pipeline/core/dataset.py:
-audio/<split>/<class>/<name>.<ext>, one recording per file, with manifest.csv and classes.json.
+one recording per item, with the id audio/<split>/<class>/<name>.<ext>.
 
     spoken_digits     built in: "zero" to "nine" synthesised offline by eSpeak NG
                       (pipeline/modalities/audio/espeak.py), each of audio.ingest.voices voices saying every digit
@@ -10,7 +10,7 @@ audio/<split>/<class>/<name>.<ext>, one recording per file, with manifest.csv an
                       pre-split into train/ val/ test/ (pipeline/core/folders.py: hidden and system
                       files skipped, what cannot be taken refused by name)
 
-A folder's files are copied byte for byte; the validate stage decodes each
+A folder's files are stored byte for byte; the validate stage decodes each
 (pipeline/modalities/audio/decode.py) and names those it cannot take. A folder that is not pre-split gets
 data.split, stratified and seeded like images.
 
@@ -21,6 +21,7 @@ variants; the same params give the same files, byte for byte.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from pipeline import StageError
 from pipeline.modalities.audio.decode import AUDIO_SUFFIXES
-from pipeline.core.dataset import write_manifest
+from pipeline.core.dataset import ShardWriter
 from pipeline.core.folders import FileKind, copy_folder, stratified_split
 from pipeline.params import Params, Split
 
@@ -52,32 +53,31 @@ def source(params: Params) -> str:
     return params.audio.ingest.source
 
 
-def ingest(params: Params, out: Path) -> list[dict]:
-    """Write the recordings of audio.ingest.source, manifest.csv and classes.json under `out`; return
-    the manifest rows."""
+def ingest(params: Params, out: ShardWriter) -> list[str]:
+    """Add the recordings of audio.ingest.source to the shards `out`; return the class names."""
     a = params.audio.ingest
     return ingest_audio(a.source, out, params.data.split, params.data.seed,
                         params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
 
 
-def ingest_audio(source: str, out: Path, split: Split, seed: int, max_file_bytes: int,
-                 voices: int, takes: int, speed_wpm: list[int], pitch: list[int]) -> list[dict]:
-    """Write the recordings, manifest.csv and classes.json under `out`; return the manifest
-    rows. voices, takes, speed_wpm and pitch shape the built-in set only."""
-    out.mkdir(parents=True, exist_ok=True)
+def ingest_audio(source: str, out: ShardWriter, split: Split, seed: int, max_file_bytes: int,
+                 voices: int, takes: int, speed_wpm: list[int], pitch: list[int]) -> list[str]:
+    """Add the recordings to the shards `out`; return the class names. voices, takes, speed_wpm
+    and pitch shape the built-in set only."""
     path = Path(source)
     if source == SPOKEN_DIGITS:
-        rows, classes = write_spoken_digits(out, split, seed, voices, takes, speed_wpm, pitch)
+        for item in write_spoken_digits(split, seed, voices, takes, speed_wpm, pitch):
+            out.add(*item)
+        classes = list(DIGITS)
     elif path.is_dir():
-        rows, classes = copy_folder(path, out, "audio", split, seed, max_file_bytes, AUDIO,
-                                    "audio.ingest.source")
+        classes = copy_folder(path, out, "audio", split, seed, max_file_bytes, AUDIO,
+                              "audio.ingest.source")
     else:
         raise StageError(f"audio.ingest.source {source}: not a folder (nor {SPOKEN_DIGITS!r})")
-    if not rows:
+    if not out.ids:
         raise StageError(f"audio.ingest.source {source}: holds no audio files "
                          f"({', '.join(sorted(AUDIO_SUFFIXES))})")
-    write_manifest(out, rows, classes)
-    return rows
+    return classes
 
 
 def voice_names(variants: list[str]) -> list[str]:
@@ -86,10 +86,10 @@ def voice_names(variants: list[str]) -> list[str]:
             if variant not in UNVOICED]
 
 
-def write_spoken_digits(out: Path, split: Split, seed: int, voices: int, takes: int,
-                        speed_wpm: list[int], pitch: list[int]) -> tuple[list[dict], list[str]]:
-    """audio/<split>/<digit>/<voice>-<take>.wav for each drawn voice, digit and take;
-    (manifest rows, classes). Synthesised by a fresh Python process: eSpeak NG's samples
+def write_spoken_digits(split: Split, seed: int, voices: int, takes: int,
+                        speed_wpm: list[int], pitch: list[int]) -> list[tuple]:
+    """The item audio/<split>/<digit>/<voice>-<take>.wav for each drawn voice, digit and take:
+    (id, label, split, source, WAV bytes) each. Synthesised by a fresh Python process: eSpeak NG's samples
     depend on every utterance its process made before (measured: the same call twice in one
     process gave 8,789 then 8,790 samples, and neither espeak_Terminate nor a new
     espeak_Initialize resets it; the same calls in two fresh processes, the same bytes), so only
@@ -106,7 +106,7 @@ def write_spoken_digits(out: Path, split: Split, seed: int, voices: int, takes: 
 
     with tempfile.TemporaryDirectory() as tmp:
         exchange = Path(tmp) / "exchange.pickle"  # the arguments in, the outcome out
-        exchange.write_bytes(pickle.dumps((out, split, seed, voices, takes, speed_wpm, pitch)))
+        exchange.write_bytes(pickle.dumps((split, seed, voices, takes, speed_wpm, pitch)))
         # the child imports this very module, wherever the caller's sys.path found it
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(Path(pipeline.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
@@ -137,8 +137,8 @@ exchange.write_bytes(pickle.dumps(outcome))
 """
 
 
-def synthesise_digits(out: Path, split: Split, seed: int, voices: int, takes: int,
-                      speed_wpm: list[int], pitch: list[int]) -> tuple[list[dict], list[str]]:
+def synthesise_digits(split: Split, seed: int, voices: int, takes: int,
+                      speed_wpm: list[int], pitch: list[int]) -> list[tuple]:
     """write_spoken_digits' work, in the process it runs in (a fresh one: see there)."""
     import soundfile
 
@@ -163,9 +163,8 @@ def synthesise_digits(out: Path, split: Split, seed: int, voices: int, takes: in
                 wpm = int(rng.integers(speed_wpm[0], speed_wpm[1] + 1))
                 base = int(rng.integers(pitch[0], pitch[1] + 1))
                 samples = speaker.say(digit, voice, wpm, base, VOLUME, seed=len(rows) + seed)
-                rel = Path("audio", s, digit, f"{voice.replace(' ', '_')}-{take}.wav")
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                soundfile.write(out / rel, samples, speaker.sample_rate, subtype="PCM_16")
-                rows.append({"path": rel.as_posix(), "label": digit, "split": s,
-                             "source": f"eSpeak NG {voice} at {wpm} wpm, pitch {base}"})
-    return rows, list(DIGITS)
+                wav = io.BytesIO()
+                soundfile.write(wav, samples, speaker.sample_rate, subtype="PCM_16", format="WAV")
+                rows.append((f"audio/{s}/{digit}/{voice.replace(' ', '_')}-{take}.wav", digit, s,
+                             f"eSpeak NG {voice} at {wpm} wpm, pitch {base}", wav.getvalue()))
+    return rows

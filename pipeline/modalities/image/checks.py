@@ -40,7 +40,7 @@ from PIL import Image
 from pipeline.core.checks import Checks, Data, file_problems
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
-from pipeline.core.executor import map_items
+from pipeline.core.dataset import describe_items
 from pipeline.modalities.image.preprocess import ACCEPTED, IMAGE_FORMATS, MODES, refusal, to_channels
 from pipeline.modalities.image.config import Preprocess
 from pipeline.params import Params
@@ -60,8 +60,8 @@ GIF_END = b";"  # the trailer byte
 NAMES = ("PNG", "JPEG", "WebP", "BMP", "TIFF", "GIF")
 FILE_PROBLEMS = ("empty file", *(f"{how} {name}" for name in NAMES for how in ("truncated",
                                                                                 "corrupt")),
-                 "several frames", "unconvertible pixels", "not an accepted image",
-                 "unreadable file")  # what describe_image names
+                 "several frames", "unconvertible pixels", "not an accepted image")
+# (what describe_image names; an ingested item's bytes are in the shards: none is unreadable)
 COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "format", "mode",
            "height", "width", "channels", "pixel_min", "pixel_max", "pixel_mean", "pixel_std",
            "content_hash"]
@@ -125,15 +125,11 @@ def file_problem(data: bytes, error: Exception) -> tuple[str, str]:
     return f"{how} {name}", f"{type(error).__name__}: {error}"
 
 
-def describe_image(path: Path, prep: Preprocess) -> dict:
+def describe_image(data: bytes, prep: Preprocess) -> dict:
     """Format and mode as decoded, then size, channels, pixel statistics and content hash of one
     file's pixels converted to image.preprocess.channels (over its background); or, when it is not one
     usable picture in an accepted format, file_problem (the kind) and decode_error (the cause:
     PIL's words, or what the file is)."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return {"file_problem": "unreadable file", "decode_error": f"{type(e).__name__}: {e}"}
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             refused = refusal(image)
@@ -168,11 +164,10 @@ def describe_image(path: Path, prep: Preprocess) -> dict:
 
 
 def image_table(folder: Path, rows: list[dict], prep: Preprocess) -> pd.DataFrame:
-    """One row per manifest entry with its description (pipeline/core/executor.py: in
-    parallel)."""
-    described = map_items(functools.partial(describe_image, prep=prep),
-                          [folder / r["path"] for r in rows])
-    records = [{"path": r["path"], "source": r.get("source") or r["path"], "label": r["label"],
+    """One row per item (`rows`: every item's, in read_manifest's order) with its description
+    (pipeline/core/executor.py: in parallel)."""
+    described = describe_items(folder, functools.partial(describe_image, prep=prep))
+    records = [{"path": r["id"], "source": r["source"], "label": r["label"],
                 "split": r["split"], **d} for r, d in zip(rows, described)]
     table = pd.DataFrame.from_records(records, columns=COLUMNS)
     # An empty manifest would leave object columns, which pandas treats as column labels.

@@ -11,6 +11,7 @@ from pipeline.modalities import Budget, sections
 @dataclass(frozen=True)
 class Ingest:
     source: str
+    warped_items: int | None  # None only in cards from before the warped_digits source
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ def checks(s: Section) -> list[tuple[str, bool, str]]:
     """(key under `image.`, holds, why not) for each range params.yaml must keep."""
     a = s.augment
     return [
+        ("ingest.warped_items", (s.ingest.warped_items or 0) >= 1, "must be >= 1"),
         ("preprocess.image_size", s.preprocess.image_size >= 8, "must be >= 8"),
         ("preprocess.background", _is_background(s.preprocess.background),
          "must be a gray level 0..255 or [r, g, b] of 0..255"),

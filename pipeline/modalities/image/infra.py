@@ -15,18 +15,17 @@ from pipeline.modalities.image.serving import DATATYPES, GRPC_INPUT
 
 
 
-def served(client: httpx.Client, data: Path, rows: list[dict], items: np.ndarray,
+def served(client: httpx.Client, files: list[bytes], rows: list[dict], items: np.ndarray,
            max_batch: int) -> dict[str, tuple[np.ndarray, list[dict]]]:
-    """Every test image (manifest `rows`, uint8 pixels `items`) posted as its file to /classify,
+    """Every test image sent (its file, its row, its uint8 pixels) posted as its file to /classify,
     and all as .npy files of up to max_batch images to /classify_npy: endpoint -> (indices of
     the images, answers). Raises StageError naming an endpoint that did not answer 200."""
     single = []
-    for row in rows:
-        response = client.post("/classify", files={
-            "image": (Path(row["path"]).name, (data / row["path"]).read_bytes())})
+    for row, data in zip(rows, files):
+        response = client.post("/classify", files={"image": (Path(row["id"]).name, data)})
         if response.status_code != 200:
             raise StageError(f"/classify answered {response.status_code} "
-                             f"for {data / row['path']}: {response.text[:300]}")
+                             f"for {row['source']}: {response.text[:300]}")
         single.append(response.json())
     batched = []
     for start in range(0, len(items), max_batch):

@@ -6,6 +6,7 @@ Needs only numpy and Pillow.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,8 +95,10 @@ class Preprocessing:
         array = np.asarray(image, dtype=np.uint8)
         return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
-    def load(self, path: str | Path) -> np.ndarray:
-        with Image.open(path, formats=IMAGE_FORMATS) as image:
+    def load(self, source: str | Path | bytes) -> np.ndarray:
+        """An image file (path or bytes: an ingested item) -> uint8 (channels, size, size)."""
+        file = io.BytesIO(source) if isinstance(source, bytes) else source
+        with Image.open(file, formats=IMAGE_FORMATS) as image:
             return self.pixels(image)
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:

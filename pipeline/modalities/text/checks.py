@@ -28,7 +28,7 @@ import pandas as pd
 from pipeline.core.checks import Checks, Data, file_problems, showing
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
-from pipeline.core.executor import map_items
+from pipeline.core.dataset import describe_items
 from pipeline.params import DriftParams, Params
 from pipeline.modalities.text.words import text_key, words
 
@@ -39,17 +39,13 @@ SUMMARY = ("texts", "classes", "splits", "undecodable", "empty", "duplicates", "
 # Every key of validate's metrics for texts, in the order the details JSON holds them.
 METRICS = ("texts", "classes", "splits", "undecodable", "empty", "duplicates", "words",
            "checks_passed", "checks_failed", "problems", "file_problems", "drift", "success")
-FILE_PROBLEMS = ("unreadable file", "binary data", "not UTF-8")
+FILE_PROBLEMS = ("binary data", "not UTF-8")
 SAME = "compared in Unicode NFKC, case-folded, whitespace collapsed"  # as content_hash is
 CHECKS = Checks()  # the texts table's own checks (pipeline/core/checks.py has the shared ones)
 
 
-def describe_text(path: Path) -> tuple[dict, list[str] | None]:
-    """(row fields, the text's words) of one ingested text file; words None when it is no text."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return {"file_problem": "unreadable file", "decode_error": f"{type(e).__name__}: {e}"}, None
+def describe_text(data: bytes) -> tuple[dict, list[str] | None]:
+    """(row fields, the text's words) of one ingested text; words None when it is no text."""
     nul = data.find(b"\0")
     if nul >= 0:  # never in text; in binary files and UTF-16/32
         return {"file_problem": "binary data",
@@ -71,9 +67,8 @@ def text_table(folder: Path, rows: list[dict]) -> tuple[pd.DataFrame, Counter]:
     """One row per manifest entry, flags included; and the word occurrences of the train
     split's texts (empty ones and files that are no text have none)."""
     records, train_words = [], Counter()
-    for r, (described, found) in zip(rows, map_items(describe_text,
-                                                     [folder / r["path"] for r in rows])):
-        records.append({"path": r["path"], "source": r.get("source") or r["path"],
+    for r, (described, found) in zip(rows, describe_items(folder, describe_text)):
+        records.append({"path": r["id"], "source": r["source"],
                         "label": r["label"], "split": r["split"], **described})
         if r["split"] == "train" and described.get("words"):
             train_words.update(found)

@@ -3,7 +3,6 @@ test text one by one to /classify_text, in batches to /classify_text_batch, and 
 gRPC ModelInfer."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -14,7 +13,7 @@ from pipeline.modalities.text.serving import GRPC_INPUT
 
 
 
-def served(client: httpx.Client, data: Path, rows: list[dict], items: list[str],
+def served(client: httpx.Client, files: list[bytes], rows: list[dict], items: list[str],
            max_batch: int) -> dict[str, tuple[np.ndarray, list[dict]]]:
     """Every text through /classify_text_batch, max_batch per request, and one by one through
     /classify_text (~1-3 ms each: the image path posts every test image too): endpoint ->

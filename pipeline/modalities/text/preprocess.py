@@ -51,10 +51,10 @@ class TextPreprocessing:
         return asdict(self)
 
     @staticmethod
-    def load(path: Path) -> str:
-        """One ingested text as the model reads it: decoded as UTF-8 (validate has checked that
-        it decodes)."""
-        return Path(path).read_bytes().decode("utf-8")
+    def load(source: Path | bytes) -> str:
+        """One text file (path or bytes: an ingested item) as the model reads it: decoded as
+        UTF-8 (validate has checked that an ingested one decodes)."""
+        return (source if isinstance(source, bytes) else Path(source).read_bytes()).decode("utf-8")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool) -> Tokenizer:

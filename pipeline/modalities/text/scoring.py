@@ -34,8 +34,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-from pipeline.core.baselines import LOGREG, Baseline, majority, scored, streamed, train_sample
-from pipeline.core.dataset import Items, load_texts
+from pipeline.core.baselines import LOGREG, Baseline, majority, scored, streamed
+from pipeline.core.dataset import Items, load_texts, sample
 
 if TYPE_CHECKING:
     from pipeline.core.card import ModelCard
@@ -52,7 +52,7 @@ def baselines(data: Path, test: Items, card: ModelCard, params: Params) -> dict[
     classes = len(card.classes)
     train_texts, train_labels = load_texts(data, "train")
     val_texts, val_labels = load_texts(data, "val")
-    pick = train_sample(len(train_labels), params.evaluate.baseline_train_items, params.data.seed)
+    pick = sample(len(train_labels), params.evaluate.baseline_train_items, params.data.seed)
     model = make_pipeline(TfidfVectorizer(), LogisticRegression(**LOGREG))
     model.fit([train_texts[i] for i in pick], train_labels[pick])
     vocabulary = len(model[0].vocabulary_)

@@ -1,6 +1,6 @@
 """The text modality's `sources` part (pipeline/core/modality.py, called by the ingest stage): text
 sources (text.ingest.source) read into the ingested layout of pipeline/core/dataset.py:
-texts/<split>/<class>/<name>.txt, one document per file, with manifest.csv and classes.json.
+one document per item, with the id texts/<split>/<class>/<name>.txt.
 
     languages         built in: language identification from the dialogs that ship inside the
                       chatterbot-corpus wheel (no download), LANGUAGES, text.ingest.per_class each
@@ -16,7 +16,7 @@ texts/<split>/<class>/<name>.txt, one document per file, with manifest.csv and c
                       one record per line, a quote is text (a text holding a tab or a line break
                       needs .csv or .jsonl)
 
-Files are copied byte for byte; a .jsonl/.csv/.tsv text is written as its UTF-8 bytes, and bytes
+Files are stored byte for byte; a .jsonl/.csv/.tsv text is stored as its UTF-8 bytes, and bytes
 that are not UTF-8 are carried through unchanged (surrogateescape), so the validate stage, which
 decodes every text, names the line they came from. A record that does not parse, or lacks a
 field, fails here, naming the file and line; a header without the text or label column fails
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import StageError
-from pipeline.core.dataset import SPLITS, write_manifest
+from pipeline.core.dataset import SPLITS, ShardWriter
 from pipeline.core.folders import FileKind, copy_folder, stratified_split
 from pipeline.params import Params, Split
 from pipeline.modalities.text.words import text_key
@@ -71,59 +71,49 @@ def source(params: Params) -> str:
     return params.text.ingest.source
 
 
-def ingest(params: Params, out: Path) -> list[dict]:
-    """Write the texts of text.ingest.source, manifest.csv and classes.json under `out`; return the
-    manifest rows."""
+def ingest(params: Params, out: ShardWriter) -> list[str]:
+    """Add the texts of text.ingest.source to the shards `out`; return the class names."""
     t = params.text.ingest
     return ingest_texts(t.source, out, params.data.split, params.data.seed,
                         params.ingest.max_file_bytes, t.per_class,
                         Columns(t.text_column, t.label_column, t.split_column))
 
 
-def ingest_texts(source: str, out: Path, split: Split, seed: int, max_file_bytes: int,
-                 per_class: int, columns: Columns) -> list[dict]:
-    """Write the texts, manifest.csv and classes.json under `out`; return the manifest rows."""
-    out.mkdir(parents=True, exist_ok=True)
+def ingest_texts(source: str, out: ShardWriter, split: Split, seed: int, max_file_bytes: int,
+                 per_class: int, columns: Columns) -> list[str]:
+    """Add the texts to the shards `out`; return the class names."""
     path = Path(source)
     suffix = path.suffix.lower()
     if source == "languages":
-        records = built_in_languages(per_class, seed)
+        classes = write_records(built_in_languages(per_class, seed), out, split, seed)
     elif path.is_dir():
-        rows, classes = copy_folder(path, out, "texts", split, seed, max_file_bytes, TEXTS,
-                                    "text.ingest.source")
-        records = None
+        classes = copy_folder(path, out, "texts", split, seed, max_file_bytes, TEXTS,
+                              "text.ingest.source")
     elif suffix in RECORD_FILES and path.is_file():
         records = read_jsonl(path, columns) if RECORD_FILES[suffix] is None else \
             read_delimited(path, columns, RECORD_FILES[suffix])
+        classes = write_records(records, out, split, seed)
     else:
         raise StageError(f"text.ingest.source {source}: not a folder, a .jsonl, .csv or .tsv file "
                          "(nor 'languages')")
-    if records is not None:
-        rows, classes = write_records(records, out, split, seed)
-    if not rows:
+    if not out.ids:
         raise StageError(f"text.ingest.source {source}: holds no texts")
-    write_manifest(out, rows, classes)
-    return rows
+    return classes
 
 
 # A record: (text bytes, label, split or None, source: where it came from, for messages).
 Record = tuple[bytes, str, str | None, str]
 
 
-def write_records(records: list[Record], out: Path, split: Split, seed: int
-                  ) -> tuple[list[dict], list[str]]:
-    """texts/<split>/<label>/<n>.txt for each record, n its position; (manifest rows, classes)."""
+def write_records(records: list[Record], out: ShardWriter, split: Split, seed: int) -> list[str]:
+    """Each record as the item texts/<split>/<label>/<n>.txt, n its position; the class names."""
     given = [r[2] for r in records]
     splits = given if records and given[0] is not None else \
         stratified_split([r[1] for r in records], split, seed)
-    rows = []
     width = len(str(len(records)))
     for n, ((data, label, _, source), s) in enumerate(zip(records, splits)):
-        rel = Path("texts", s, label, f"{n:0{width}d}.txt")
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_bytes(data)
-        rows.append({"path": rel.as_posix(), "label": label, "split": s, "source": source})
-    return rows, sorted({r[1] for r in records})
+        out.add(f"texts/{s}/{label}/{n:0{width}d}.txt", label, s, source, data)
+    return sorted({r[1] for r in records})
 
 
 def built_in_languages(per_class: int, seed: int) -> list[Record]:
