@@ -72,6 +72,7 @@ class ValidateParams:
 class EngineParams:
     workers: int
     batch: int
+    checkpoint_s: float
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,7 @@ def _check_ranges(p: Params) -> None:
          "must be >= 0"),
         ("engine.workers", p.engine.workers >= 0, "must be >= 0 (0 = one per core)"),
         ("engine.batch", p.engine.batch >= 1, "must be >= 1 (items per task)"),
+        ("engine.checkpoint_s", p.engine.checkpoint_s >= 0, "must be >= 0 (0 = every step)"),
         ("drift.psi_bins", p.drift.psi_bins >= 2, "must be >= 2"),
         ("drift.psi_warn", 0 <= p.drift.psi_warn <= p.drift.psi_fail,
          "must satisfy 0 <= psi_warn <= psi_fail"),

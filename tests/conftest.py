@@ -79,11 +79,15 @@ def params_writer():
 def running():
     """(workers, batch) -> the executor (pipeline/core/executor.py) maps with them, as a stage
     started with params.yaml engine does; back to mapping in the test's process afterwards."""
-    from pipeline.core import executor
-    from pipeline.params import EngineParams
+    import dataclasses
 
-    yield lambda workers, batch: executor.start(EngineParams(workers=workers, batch=batch))
-    executor.start(EngineParams(workers=1, batch=1))
+    from pipeline.core import executor
+    from pipeline.params import load_params
+
+    engine = load_params(REPO / "params.yaml").engine
+    yield lambda workers, batch: executor.start(dataclasses.replace(engine, workers=workers,
+                                                                    batch=batch))
+    executor.start(dataclasses.replace(engine, workers=1, batch=1))
 
 
 def modality_project(folder: Path, modality: str):

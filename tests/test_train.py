@@ -34,7 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 # On top of conftest's SHRINK: the records' recipe (fresh on-device warps each epoch, no offline
 # copies), so resume and DDP are tested with the per-epoch augmentation's RNG in play. 8 epochs:
 # ~0.1 s each here.
-CHANGES = {"image": {"augment": {"copies": 0}, "train": {"max_epochs": 8, "epoch_augment": True}}}
+# A checkpoint after every step (engine.checkpoint_s 0), so a kill lands within an epoch.
+CHANGES = {"image": {"augment": {"copies": 0}, "train": {"max_epochs": 8, "epoch_augment": True}},
+           "engine": {"checkpoint_s": 0}}
 EPOCHS = CHANGES["image"]["train"]["max_epochs"]
 
 
@@ -112,28 +114,36 @@ def test_same_seed_same_data_gives_identical_metrics(project, reference):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(project, reference):
+    """SIGKILL within an epoch (after epoch 2, some steps into the next), then the stage again:
+    it resumes at that step and ends with the reference run's weights, bit for bit."""
     checkpoint = project / ".kiln/checkpoints/killed" / train.CHECKPOINT
     child = subprocess.Popen([sys.executable, "-m", "pipeline.stages", "train", *stage_argv("killed")],
                              cwd=project, env=env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
+
+    def written() -> dict:
+        return torch.load(checkpoint, weights_only=True)["resume"]
+
     try:
         deadline = time.monotonic() + 120
-        while not checkpoint.exists():  # epoch 1's checkpoint: ~0.1 s into training
+        while not checkpoint.exists():  # the first step's checkpoint: ~0.1 s into training
             assert child.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.01)
-        while torch.load(checkpoint, weights_only=True)["epoch"] < 3:
+        while not (written()["epochs"] >= 2 and written()["step"] >= 3):
             assert child.poll() is None, "the run finished before it could be killed"
-            time.sleep(0.01)
+            time.sleep(0.005)
         child.send_signal(signal.SIGKILL)
     finally:
         child.wait()
-    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 3 <= killed_at < EPOCHS
+    killed_at = written()
+    assert 2 <= killed_at["epochs"] < EPOCHS and killed_at["step"] >= 1
     assert not (project / "models/killed").exists()  # nothing DVC could take for an output
 
     done = run_stage(project, "killed")
-    assert f"train: resuming after epoch {killed_at}" in done.stdout
-    assert f"epoch {killed_at:3d}/" not in done.stdout  # finished epochs were not rerun
+    epochs, step = killed_at["epochs"], killed_at["step"]
+    assert f"train: resuming after epoch {epochs}, step {step} of epoch {epochs + 1}" \
+        in done.stdout
+    assert f"epoch {epochs:3d}/" not in done.stdout  # finished epochs were not rerun
     metrics, weights = outputs(project, "killed")
     ref_metrics, ref_weights = outputs(project, reference)
     assert metrics == ref_metrics
@@ -217,6 +227,62 @@ def test_a_resumed_fit_stops_and_keeps_what_an_uninterrupted_one_does():
     assert (resumed[3].best_epoch, resumed[3].last_epoch) == (whole[3].best_epoch,
                                                               whole[3].last_epoch)
     assert all(torch.equal(resumed[0].state_dict()[k], v) for k, v in whole[0].state_dict().items())
+
+
+def test_a_fit_stopped_after_any_step_resumes_to_the_same_weights():
+    """Killed after any step of any epoch and resumed from what the train stage's checkpoint
+    holds at that step (model, optimizer, one-cycle schedule, torch's RNG state, the epoch's
+    running sums), fit ends with the weights, bit for bit, and the epoch metrics of a run never
+    stopped. The model has dropout, so torch's RNG is in play (a text encoder's dropout, audio's
+    SpecAugment masks); 60 items in batches of 16: a short last batch too."""
+    x = torch.from_numpy(np.random.default_rng(2).normal(0, 1, (60, 12)).astype(np.float32))
+    y = torch.from_numpy(np.random.default_rng(3).integers(0, 3, 60))
+    epochs, steps = 3, 4
+
+    def start() -> tuple:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(),
+                                    torch.nn.Dropout(0.3), torch.nn.Linear(32, 3))
+        optimizer = training.make_optimizer("adam", model.parameters(), 1e-2, 0.9, 0.0)
+        return model, optimizer, training.make_schedule("onecycle", optimizer, 1e-2,
+                                                        epochs * steps)
+
+    def fit(parts: tuple, history: list, **resumed) -> None:
+        model, optimizer, schedule = parts
+        training.fit(model, x, y, epochs=epochs, batch_size=16, optimizer=optimizer,
+                     scheduler=schedule, label_smoothing=0.1, seed=0,
+                     memory_format=torch.contiguous_format, cuda_graph=False,
+                     on_epoch=lambda m: history.append((m["train_loss"], m["train_acc"])),
+                     **resumed)
+
+    whole, whole_history = start(), []
+    fit(whole, whole_history)
+
+    class Killed(Exception):
+        pass
+
+    for epoch in range(epochs):
+        for step in range(1, steps + 1):
+            saved, history = {}, []
+
+            def kill(where: training.Resume) -> None:
+                if (where.epochs, where.step) == (epoch, step):
+                    saved.update(state=where.state(), rng=torch.get_rng_state(),
+                                 parts=[copy.deepcopy(p.state_dict()) for p in first])
+                    raise Killed
+
+            first = start()
+            with pytest.raises(Killed):
+                fit(first, history, on_step=kill)
+            resumed = start()
+            for part, state in zip(resumed, saved["parts"]):
+                part.load_state_dict(state)
+            torch.set_rng_state(saved["rng"])
+            state = saved["state"]
+            fit(resumed, history, start_epoch=state["epochs"], resume=training.Resume(**state))
+            assert history == whole_history, (epoch, step)
+            assert all(torch.equal(resumed[0].state_dict()[k], v)
+                       for k, v in whole[0].state_dict().items()), (epoch, step)
 
 
 def test_checkpoint_from_other_params_or_data_is_ignored(project, tmp_path, capsys, params_writer):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -103,6 +104,22 @@ class LossAndHits(nn.Module):
         return loss, (logits.argmax(1) == yb).sum()
 
 
+@dataclass
+class Resume:
+    """Where a run stands within an epoch: `epochs` done, `step` batches of the next one done,
+    and that epoch's running sums (loss x items and correct, tensors or floats; items seen)."""
+    epochs: int
+    step: int
+    loss_sum: torch.Tensor | float
+    correct: torch.Tensor | float
+    seen: int
+
+    def state(self) -> dict:
+        """For a checkpoint: plain numbers."""
+        return {"epochs": self.epochs, "step": self.step, "loss_sum": float(self.loss_sum),
+                "correct": float(self.correct), "seen": self.seen}
+
+
 MONITORS = {"val_loss": -1, "val_acc": 1}  # train.monitor -> its better direction
 
 
@@ -161,7 +178,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
         val: tuple[torch.Tensor, torch.Tensor] | None = None,
         on_epoch: Callable[[dict], None] | None = None,
         epoch_inputs: Callable[[int], torch.Tensor] | None = None,
-        start_epoch: int = 0, stopping: EarlyStopping | None = None) -> dict:
+        start_epoch: int = 0, stopping: EarlyStopping | None = None,
+        resume: Resume | None = None, on_step: Callable[[Resume], None] | None = None) -> dict:
     """Train in place on device tensors x (normalised) and y for epochs start_epoch+1..epochs;
     return the last epoch's metrics ({} when there is none left to run).
 
@@ -172,7 +190,11 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
     The recipe (optimizer, schedule, smoothing, memory format) is required: callers take it from
     params.yaml. The hooks after it are optional: `val` is scored after every epoch and
     `on_epoch(metrics)` called; `epoch_inputs(e)` replaces x for epoch e (per-epoch
-    augmentation); `start_epoch` resumes; `cuda_graph` (image.train.cuda_graph, audio.train.cuda_graph) replays each full
+    augmentation); `start_epoch` resumes after that many epochs, `resume` within the next one
+    (its first resume.step steps are skipped, their sums restored: with the model, optimizer,
+    schedule and torch's RNG state of that step restored by the caller, the run goes on as if
+    never stopped); `on_step(Resume)` is called after every step, for the caller's checkpoints;
+    `cuda_graph` (image.train.cuda_graph, audio.train.cuda_graph) replays each full
     batch's forward and backward as CUDA graphs, on CUDA in one process (elsewhere, and for a
     tail batch, the same step runs eagerly). `batch_size` is the global batch: under
     torch.distributed each rank takes every world_size-th sample of it and DDP averages the
@@ -198,10 +220,17 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
         # Sums stay on the device: one sync per epoch instead of one per batch.
         loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
         correct = torch.zeros((), dtype=torch.float64, device=x.device)
-        seen = 0
-        for i in range(0, len(x), batch_size):
+        seen, skip = 0, 0
+        if resume is not None and epoch == start_epoch + 1:
+            skip = resume.step
+            loss_sum.fill_(resume.loss_sum)
+            correct.fill_(resume.correct)
+            seen = resume.seen
+        for b, i in enumerate(range(0, len(x), batch_size)):
             idx = perm[i:i + batch_size]
             if len(idx) < world:  # a rank without a sample would leave DDP's all-reduce waiting
+                continue
+            if b < skip:  # done before the resumed checkpoint
                 continue
             idx = idx[rank::world]
             if graphs and len(idx) == batch_size:
@@ -220,6 +249,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
             loss_sum.add_(loss.detach(), alpha=len(idx))
             correct.add_(hits)
             seen += len(idx)
+            if on_step is not None:
+                on_step(Resume(epoch - 1, b + 1, loss_sum, correct, seen))
         totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64,
                                                               device=x.device)])
         if world > 1:

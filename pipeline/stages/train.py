@@ -18,14 +18,18 @@ afresh each epoch, in one batched grid_sample), and the files written beside the
   itself under torchrun when `train.processes` > 1. Every rank walks the same global batch order
   and takes every world_size-th sample of each global batch, so the optimisation is that of one
   process with the same batch size. Only rank 0 logs and writes.
-- A checkpoint per finished epoch, written atomically into --checkpoints: a folder outside DVC's
-  outs, because DVC deletes a stage's outs before it runs the stage. The checkpoint carries a
-  fingerprint of the params, data, code (every project file the stage runs, as
-  pipeline/core/import_closure.py finds them) and world size that made it; a rerun with the same
-  fingerprint resumes after the last finished epoch, any other checkpoint is ignored. Epoch e's
-  batch order and warps depend only on (seed, e), and the checkpoint holds the early stopping's
-  state (the best epoch and its weights), so a resumed run ends exactly where an uninterrupted
-  one does. The checkpoint is deleted once the outputs are in place.
+- A checkpoint after every finished epoch and every engine.checkpoint_s seconds within one,
+  written atomically into --checkpoints: a folder outside DVC's outs, because DVC deletes a
+  stage's outs before it runs the stage. The checkpoint carries a fingerprint of the params,
+  data, code (every project file the stage runs, as pipeline/core/import_closure.py finds them)
+  and world size that made it; a rerun with the same fingerprint resumes where it was written
+  (after an epoch, or after a step within one: the steps before it are skipped), any other
+  checkpoint is ignored. Epoch e's batch order and warps depend only on (seed, e), and the
+  checkpoint holds the optimizer, schedule, torch's RNG state (dropout, SpecAugment masks), the
+  epoch's running sums and the early stopping's state (the best epoch and its weights), so a
+  resumed run ends with the weights, bit for bit on the CPU, of one never stopped (on more than
+  one process, rank 0's RNG state is the one kept). The checkpoint is deleted once the outputs
+  are in place.
 - Outputs are written to a temporary sibling folder and renamed into place, so a killed stage
   never leaves a half-written model:
     model.safetensors   weights
@@ -45,6 +49,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -59,7 +64,7 @@ from pipeline.core.dataset import data_hash, read_manifest
 from pipeline.core.modality import part, preprocessing
 from pipeline.params import Params, as_dict, load_params, recipe_section
 from pipeline.core.import_closure import source_files
-from pipeline.core.training import (EarlyStopping, fit, make_optimizer, make_schedule,
+from pipeline.core.training import (EarlyStopping, Resume, fit, make_optimizer, make_schedule,
                                     steps_per_epoch, warmup_epochs)
 
 CHECKPOINT = "last.pt"
@@ -203,6 +208,7 @@ def main(argv: list[str]) -> None:
     stamp = fingerprint(params, args.data, args.augmented, world)
     checkpoint = read_checkpoint(args.checkpoints, stamp)
     history: list[dict] = []
+    resume = None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -210,8 +216,13 @@ def main(argv: list[str]) -> None:
             scheduler.load_state_dict(checkpoint["scheduler"])
         stopping.load_state_dict(checkpoint["stopping"])
         history = checkpoint["history"]
+        torch.set_rng_state(checkpoint["rng"])  # dropout, SpecAugment: as they were
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
+        resume = Resume(**checkpoint["resume"]) if checkpoint["resume"]["step"] else None
         if rank == 0:
-            print(f"train: resuming after epoch {checkpoint['epoch']} from "
+            within = f", step {resume.step} of epoch {resume.epochs + 1}" if resume else ""
+            print(f"train: resuming after epoch {checkpoint['epoch']}{within} from "
                   f"{args.checkpoints / CHECKPOINT}", flush=True)
 
     net: nn.Module = DistributedDataParallel(model) if world > 1 else model
@@ -233,16 +244,31 @@ def main(argv: list[str]) -> None:
             log(m)
         run_seconds: list[float] = []
 
+        last_written = time.monotonic()
+
+        def checkpoint_now(where: Resume) -> None:
+            """The whole state after a step (within an epoch) or an epoch (step 0)."""
+            nonlocal last_written
+            state = {"fingerprint": stamp, "epoch": where.epochs, "resume": where.state(),
+                     "history": history, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "stopping": stopping.state_dict(), "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda"
+                     else None}
+            write_checkpoint(args.checkpoints, state)
+            last_written = time.monotonic()
+
+        def on_step(where: Resume) -> None:
+            if rank == 0 and time.monotonic() - last_written >= params.engine.checkpoint_s:
+                checkpoint_now(where)
+
         def on_epoch(m: dict) -> None:
             history.append(m)
             if rank != 0:
                 return
             log(m)
-            state = {"fingerprint": stamp, "epoch": m["epoch"], "history": history,
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "stopping": stopping.state_dict()}
-            write_checkpoint(args.checkpoints, state)
+            checkpoint_now(Resume(m["epoch"], 0, 0.0, 0.0, 0))
             run_seconds.append(m["seconds"])
             eta = (p.max_epochs - m["epoch"]) * sum(run_seconds) / len(run_seconds)
             print(progress_line(m, p.max_epochs, eta, prep.UNIT), flush=True)
@@ -251,7 +277,7 @@ def main(argv: list[str]) -> None:
             scheduler=scheduler, label_smoothing=p.label_smoothing, seed=p.seed,
             memory_format=memory_format, val=val, on_epoch=on_epoch,
             epoch_inputs=epoch_inputs, start_epoch=len(history), cuda_graph=p.cuda_graph,
-            stopping=stopping)
+            stopping=stopping, resume=resume, on_step=on_step)
         if rank == 0:  # DVCLive's summary (metrics.json): the saved model's epoch, not the last
             best = history[stopping.best_epoch - 1]
             live.summary.update({key: best[key] for key in LIVE_METRICS})

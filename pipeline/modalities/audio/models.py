@@ -18,8 +18,8 @@ output) and returns logits (N, classes). Inside, in this order:
 
 With audio.augment.per_epoch, every training clip is perturbed afresh each epoch on the device
 (pipeline/modalities/audio/perturb.py), seeded by (train.seed, epoch), so a resumed run sees the same clips.
-The SpecAugment masks draw from torch's generator, as dropout does: a run resumed from a
-checkpoint masks differently from an uninterrupted one.
+The SpecAugment masks draw from torch's generator, as dropout does: the train stage's
+checkpoint keeps its state, so a resumed run masks as an uninterrupted one.
 """
 from __future__ import annotations
 
