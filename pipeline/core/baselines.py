@@ -26,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 from pipeline.core.card import PREDICT_BATCH
-from pipeline.core.dataset import Items, read_manifest, sample, split_of
+from pipeline.core.dataset import Items, sample, split_of
 
 # lbfgs' default 100 iterations stop short of convergence on a few thousand features
 LOGREG = {"max_iter": 1000}
@@ -50,13 +50,6 @@ class Baseline:
         return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "setup": self.setup,
                 "servable": self.export is not None,
                 **({"why_not_servable": self.why_not_servable} if self.why_not_servable else {})}
-
-
-def split_labels(folder: Path, split: str) -> np.ndarray:
-    """int64 labels of one split of the ingested data, from its rows alone."""
-    rows, classes = read_manifest(folder)
-    index = {c: i for i, c in enumerate(classes)}
-    return np.array([index[r["label"]] for r in rows if r["split"] == split], dtype=np.int64)
 
 
 def load_train_sample(folder: Path, prep, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

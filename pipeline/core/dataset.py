@@ -193,33 +193,32 @@ def describe_items(folder: Path, fn: Callable, named: bool = False) -> list:
 
 @dataclass(frozen=True)
 class Items:
-    """One split of an ingested data set as stages read it: a known length and class list, the
-    labels, and the items in batches, in shard order, decoded by the executor
-    (pipeline/core/executor.py: in parallel). A consumer that iterates `batches` holds one batch,
-    not the split."""
+    """One split of an ingested data set as stages read it: a known length, class list and
+    labels (the shards' label column alone: 8 bytes an item), and the items in batches, in
+    shard order, decoded by the executor (pipeline/core/executor.py: in parallel). A consumer
+    that iterates `batches` holds one batch, not the split."""
     folder: Path
     split: str
-    rows: list[dict]                  # the split's rows (no bytes), in shard order
     classes: list[str]                # the data set's class names; a label is an index into them
     read: Callable[[bytes], object]   # one item's bytes -> the item (an array, a text); pickles
+    label_index: np.ndarray           # int64 label of every item, in shard order
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.label_index)
 
     def labels(self) -> np.ndarray:
         """The split's int64 labels, in shard order."""
-        index = {c: i for i, c in enumerate(self.classes)}
-        return np.array([index[r["label"]] for r in self.rows], dtype=np.int64)
+        return self.label_index
 
     def batches(self, size: int) -> Iterator[tuple[list | np.ndarray, np.ndarray]]:
         """(items, int64 labels) of at most `size` items each, in shard order; array items
         (pixels, waveforms) stacked into one array, others (texts) a list."""
-        labels, start = self.labels(), 0
+        start = 0
         for _, data in item_batches(self.folder, [self.split], size):
             items = map_items(self.read, data)
             if isinstance(items[0], np.ndarray):
                 items = np.stack(items)
-            yield items, labels[start:start + len(data)]
+            yield items, self.label_index[start:start + len(data)]
             start += len(data)
 
     def batch_outputs(self, size: int, fn: Callable) -> np.ndarray:
@@ -228,16 +227,19 @@ class Items:
         return np.concatenate([fn(items) for items, _ in self.batches(size)])
 
     def take(self, indices: np.ndarray) -> tuple[list[dict], list[bytes], list | np.ndarray]:
-        """The rows, stored bytes (each file as it came: what a client sends) and decoded items
-        of the items at sorted `indices`, read shard by shard."""
-        wanted, found, start = set(indices.tolist()), [], 0
-        for _, data in item_batches(self.folder, [self.split], span()):
-            found.extend(d for i, d in enumerate(data, start) if i in wanted)
+        """The rows (id, label, split, source), stored bytes (each file as it came: what a
+        client sends) and decoded items of the items at sorted `indices`, read shard by shard."""
+        wanted, rows, found, start = set(indices.tolist()), [], [], 0
+        for batch_rows, data in item_batches(self.folder, [self.split], span()):
+            for i in range(start, start + len(data)):
+                if i in wanted:
+                    rows.append(batch_rows[i - start])
+                    found.append(data[i - start])
             start += len(data)
         items = map_items(self.read, found)
         if items and isinstance(items[0], np.ndarray):
             items = np.stack(items)
-        return [self.rows[i] for i in indices], found, items
+        return rows, found, items
 
 
 def sample(n: int, limit: int, seed: int) -> np.ndarray:
@@ -247,14 +249,25 @@ def sample(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
+def classes_of(folder: Path) -> list[str]:
+    """The data set's class names (manifest.json alone)."""
+    return read_json_manifest(folder)["classes"]
+
+
+def split_labels(folder: Path, split: str) -> np.ndarray:
+    """int64 labels of one split, in shard order: its shards' label column alone."""
+    index = {c: i for i, c in enumerate(classes_of(folder))}
+    return np.array([index[label] for batch in _columns(folder, [split], ["label"], 1 << 16)
+                     for label in batch.column(0).to_pylist()], dtype=np.int64)
+
+
 def split_items(folder: Path, split: str, read: Callable[[bytes], object], unit: str) -> Items:
     """The items of one split of the ingested `folder`; a split without any is an error naming
     the manifest and the `unit` ("images", "texts", "clips")."""
-    rows, classes = read_manifest(folder)
-    rows = [r for r in rows if r["split"] == split]
-    if not rows:
+    labels = split_labels(folder, split)
+    if not len(labels):
         raise StageError(f"{Path(folder) / MANIFEST}: no {unit} in split {split!r}")
-    return Items(Path(folder), split, rows, classes, read)
+    return Items(Path(folder), split, classes_of(folder), read, labels)
 
 
 def split_of(folder: Path, split: str, prep) -> Items:

@@ -60,7 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import StageError
 from pipeline.core.card import ModelCard, Recipe, ValScore, sha256_file, write_card
-from pipeline.core.dataset import data_hash, read_manifest
+from pipeline.core.dataset import classes_of, data_hash
 from pipeline.core.modality import part, preprocessing
 from pipeline.params import Params, as_dict, load_params, recipe_section
 from pipeline.core.import_closure import source_files
@@ -191,7 +191,7 @@ def main(argv: list[str]) -> None:
 
     tensors = load_file(args.augmented / "train.safetensors")
     y = tensors["labels"].to(device)
-    classes = read_manifest(args.data)[1]
+    classes = classes_of(args.data)
     prep = preprocessing(params.data.modality)(
         **json.loads((args.augmented / "preprocessing.json").read_text()))
     x = trainer.train_inputs(tensors, prep, device).contiguous(memory_format=memory_format)

@@ -38,7 +38,7 @@ import pandas as pd
 from pipeline import StageError
 from pipeline.lifecycle.champion import Exports, Task, reference
 from pipeline.core.checks import CHECKS, Check, Data
-from pipeline.core.dataset import MANIFEST, SPLITS, data_hash, read_manifest
+from pipeline.core.dataset import MANIFEST, SPLITS, classes_of, data_hash, read_manifest
 from pipeline.core.modality import part, preprocessing
 from pipeline.params import Params, load_params
 
@@ -225,7 +225,7 @@ def main(argv: list[str]) -> None:
     p = load_params()
     checks = part(p.data.modality, "checks")
     try:
-        classes = read_manifest(args.data)[1]
+        classes = classes_of(args.data)
     except StageError:
         classes = []  # validate() below names the missing manifest
     task = Task(model_name=p.package.model_name, classes=classes)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
                                      linear_layer, logistic_regression, majority, scored,
-                                     split_labels, streamed)
-from pipeline.core.dataset import load_split
+                                     streamed)
+from pipeline.core.dataset import load_split, split_labels
 
 
 def baselines(data: Path, test, card, params) -> dict[str, Baseline]:

@@ -24,8 +24,8 @@ import numpy as np
 
 from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
                                      linear_layer, logistic_regression, majority, scored,
-                                     split_labels, streamed)
-from pipeline.core.dataset import Items, load_split
+                                     streamed)
+from pipeline.core.dataset import Items, load_split, split_labels
 
 if TYPE_CHECKING:
     from torch import nn
