@@ -105,7 +105,7 @@ def write_ingested_clips(folder: Path, n: int, seed: int, formats=FORMATS,
                          seconds: tuple[float, float] = (0.4, 1.0)) -> list[tuple[dict, bytes]]:
     """An ingested audio folder as the ingest stage writes it (the data contract), with a test
     split of n tones, each written in the next of `formats`; returns the items (row, file
-    bytes) in manifest order."""
+    bytes) in shard order."""
     rng = np.random.default_rng(seed)
     items = []
     for i in range(n):

@@ -128,8 +128,8 @@ def test_row_groups_hold_at_most_row_group_bytes(tmp_path):
     assert all(groups.row_group(g).num_rows == 10 for g in range(groups.num_row_groups))
 
 
-def test_a_second_item_with_an_id_is_refused(tmp_path):
+def test_an_item_in_no_split_is_refused_naming_its_source(tmp_path):
     with ShardWriter(tmp_path, 10, 1000) as writer:
         writer.add("x/1", "a", "train", "one.txt", b"1")
-        with pytest.raises(StageError, match=r"two\.txt: a second item with the id 'x/1'"):
-            writer.add("x/1", "a", "test", "two.txt", b"2")
+        with pytest.raises(StageError, match=r"two\.txt: split 'dev' is not one of train, val, test"):
+            writer.add("x/2", "a", "dev", "two.txt", b"2")

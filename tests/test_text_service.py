@@ -106,7 +106,7 @@ def write_tiny_text_model(folder: Path, steps: int = 60, seed: int = 0,
 
 def write_ingested_texts(folder: Path, n: int, seed: int) -> list[str]:
     """An ingested text folder as the ingest stage writes it (the data contract), with a test
-    split of n class_texts; returns the texts in manifest order."""
+    split of n class_texts; returns the texts in shard order."""
     texts, labels = class_texts(n, seed)
     write_items(folder, (({"id": f"texts/test/{CLASSES[label]}/{i:04d}.txt",
                            "label": CLASSES[label], "split": "test"}, text.encode("utf-8"))

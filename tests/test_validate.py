@@ -150,6 +150,17 @@ def test_unknown_label_fails_naming_file(ingested, tmp_path):
     assert f"{rows[0]['source']} (label=zebra)" in failure(result, "unknown label")
 
 
+def test_an_id_given_twice_fails_naming_both_sources(ingested, tmp_path):
+    """Ingest does not keep every id (a million would cost ~100 MB): an id a source gives twice
+    is validate's to name."""
+    items = items_of(ingested)
+    items[1] = ({**items[1][0], "id": items[0][0]["id"]}, items[1][1])
+    rewrite(ingested, items)
+    result = run(ingested, tmp_path / "docs")
+    words = failure(result, "an item id given twice")
+    assert items[0][0]["source"] in words and items[1][0]["source"] in words, words
+
+
 def test_a_new_check_is_one_registry_entry(ingested, tmp_path, monkeypatch):
     """A check added the way a modality's checks.py adds its own (one decorated function) runs,
     names its offenders, counts them under its key and stops the stage like any other."""

@@ -7,7 +7,7 @@ the class list:
     key      the problem's key in the details JSON `problems` (offender counts, 0 when clean)
     words    the words that start its error line ("{unit}"/"{one}": the modality's UNIT, e.g.
              images / image)
-    table    the table it checks: items (one row per manifest entry, the modality's checks part
+    table    the table it checks: items (one row per ingested item, the modality's checks part
              describes them), classes, class_counts, drift (one row per feature)
     fatal    False: a failure is a warning, reported and not fatal
     name     (GX result dict, items table, column) -> the offenders' names; by default each
@@ -51,7 +51,7 @@ class Data:
     """What a check checks: the data set of `params`' modality."""
     params: Params
     unit: str             # what the modality calls its items (preprocessing's UNIT): images
-    classes: list[str]    # classes.json
+    classes: list[str]    # manifest.json's class list
     same: str             # what makes two items the same (the checks part's SAME), in words
 
     @property
@@ -123,16 +123,16 @@ def row_count(E, d: Data):
                     "(params validate.min_items, validate.max_items).")
 
 
-@CHECKS.check("repeated_rows", "manifest lists a file twice")
+@CHECKS.check("repeated_rows", "an item id given twice")
 def manifest_rows(E, d: Data):
     return E.ExpectColumnValuesToBeUnique(column="path",
-                                          description="Each manifest row names a different file.")
+                                          description="Each item has an id of its own.")
 
 
 @CHECKS.check("unknown_labels", "unknown label")
 def labels(E, d: Data):
     return E.ExpectColumnValuesToBeInSet(column="label", value_set=d.classes,
-                                         description="Every label is a class of classes.json.")
+                                         description="Every label is a class of the data set's class list.")
 
 
 @CHECKS.check("unknown_splits", "unknown split")
@@ -196,7 +196,7 @@ def _classes_named(res: dict, table: pd.DataFrame, column: str | None) -> list[s
 def no_empty_class(E, d: Data):
     return E.ExpectColumnValuesToBeBetween(
         column=d.unit, min_value=1,
-        description=f"Every class of classes.json has at least one {d.one}.")
+        description=f"Every class of the data set's class list has at least one {d.one}.")
 
 
 def _class_splits_named(res: dict, table: pd.DataFrame, column: str | None) -> list[str]:

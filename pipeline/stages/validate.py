@@ -1,12 +1,12 @@
 """Stage 2: describe every ingested item and check the data set with Great Expectations suites.
 
 Tables validated, all in an in-memory (ephemeral) GX context:
-    <unit>         one row per manifest entry, from the modality's `checks` part
+    <unit>         one row per ingested item, from the modality's `checks` part
                    (pipeline/<data.modality>/checks.py, named for its unit: `images`, `texts`):
                    path, source, label, split, file_problem (why the file is unusable: the kind)
                    and decode_error (in detail), content_hash with the flags leak and duplicate,
                    and what the modality measures besides
-    classes        one row per class of classes.json: <unit> (all splits)
+    classes        one row per class of manifest.json: <unit> (all splits)
     class_counts   one row per (split, class) of every class that has items: <unit> (0 included)
     drift          one row per feature compared with the reference of the task's champion
                    (pipeline/core/drift.py, pipeline/lifecycle/champion.py): same model name and class list
@@ -208,7 +208,7 @@ def _lines(results, table: pd.DataFrame, checks: dict[str, Check]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.stages validate")
-    parser.add_argument("--data", type=Path, required=True, help="ingested folder (manifest.csv)")
+    parser.add_argument("--data", type=Path, required=True, help="ingested folder (manifest.json and shards)")
     parser.add_argument("--metrics", type=Path, required=True,
                         help="metrics JSON to write: the counts a person compares across runs")
     parser.add_argument("--details", type=Path, required=True,

@@ -3,7 +3,7 @@ checks, the data profile and drift features. pipeline/stages/validate.py runs th
 modality shares (manifest, classes, PSI/KS drift) and reports failures the same way (GX report,
 Data Docs, one line per failed kind).
 
-    clips    one row per manifest entry: path, source, label, split; file_problem (why the file
+    clips    one row per ingested item: path, source, label, split; file_problem (why the file
              cannot be taken: the kind) and decode_error (pipeline/modalities/audio/decode.py's AudioError,
              the cause); then of the recording as recorded: format ("WAV PCM_16"), source_rate
              (Hz), channels, seconds, clipped (share of its samples at full scale); and of its
@@ -149,7 +149,7 @@ def describe_clip(item: tuple[str, bytes], sample_rate: int) -> dict:
 
 
 def clip_table(folder: Path, rows: list[dict], params: Params) -> pd.DataFrame:
-    """One row per manifest entry, described and flagged. Silent clips are left out of leak and
+    """One row per ingested item, described and flagged. Silent clips are left out of leak and
     duplicate (silence of one length is the same samples by nature): each problem is reported
     once, by its own check."""
     audio = params.audio

@@ -74,7 +74,7 @@ def ingest_audio(source: str, out: ShardWriter, split: Split, seed: int, max_fil
                               "audio.ingest.source")
     else:
         raise StageError(f"audio.ingest.source {source}: not a folder (nor {SPOKEN_DIGITS!r})")
-    if not out.ids:
+    if not out.items:
         raise StageError(f"audio.ingest.source {source}: holds no audio files "
                          f"({', '.join(sorted(AUDIO_SUFFIXES))})")
     return classes

@@ -3,7 +3,7 @@ Expectations checks, the data profile and drift features. pipeline/stages/valida
 checks every modality shares (manifest, classes, PSI/KS drift) and reports failures the same way
 (GX report, Data Docs, one line per failed kind).
 
-    images   one row per manifest entry: path, source, label, split, file_problem (why the file
+    images   one row per ingested item: path, source, label, split, file_problem (why the file
              is not one usable picture in an accepted format, pipeline/modalities/image/preprocess.py
              IMAGE_FORMATS: empty, truncated, corrupt, several frames, pixels that cannot be
              converted, not an accepted image), format and mode (PIL's, as decoded), then of

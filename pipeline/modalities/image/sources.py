@@ -70,7 +70,7 @@ def ingest_images(source: str, out: ShardWriter, split: Split, seed: int, max_fi
             raise StageError(f"image.ingest.source: {root} is not a folder (nor 'digits')")
         classes = copy_folder(root, out, "images", split, seed, max_file_bytes, IMAGES,
                               "image.ingest.source")
-    if not out.ids:
+    if not out.items:
         raise StageError(f"image.ingest.source: {source} holds no images "
                          f"({' '.join(sorted(IMAGE_SUFFIXES))})")
     return classes

@@ -3,7 +3,7 @@ checks, the data profile and drift features. pipeline/stages/validate.py runs th
 modality shares (manifest, classes, PSI/KS drift) and reports failures the same way (GX report,
 Data Docs, one line per failed kind).
 
-    texts    one row per manifest entry: path, source, label, split; file_problem (why the file
+    texts    one row per ingested item: path, source, label, split; file_problem (why the file
              is not text: unreadable, binary (NUL bytes), not UTF-8) and decode_error (where);
              then of the decoded text: empty (nothing but whitespace), words and chars (code
              points), content_hash (pipeline/modalities/text/words.py text_key: NFKC, case-folded,
@@ -64,7 +64,7 @@ def describe_text(data: bytes) -> tuple[dict, list[str] | None]:
 
 
 def text_table(folder: Path, rows: list[dict]) -> tuple[pd.DataFrame, Counter]:
-    """One row per manifest entry, flags included; and the word occurrences of the train
+    """One row per ingested item, flags included; and the word occurrences of the train
     split's texts (empty ones and files that are no text have none)."""
     records, train_words = [], Counter()
     for r, (described, found) in zip(rows, describe_items(folder, describe_text)):

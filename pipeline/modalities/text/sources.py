@@ -96,7 +96,7 @@ def ingest_texts(source: str, out: ShardWriter, split: Split, seed: int, max_fil
     else:
         raise StageError(f"text.ingest.source {source}: not a folder, a .jsonl, .csv or .tsv file "
                          "(nor 'languages')")
-    if not out.ids:
+    if not out.items:
         raise StageError(f"text.ingest.source {source}: holds no texts")
     return classes
 
