@@ -13,7 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from pipeline.core.dataset import ShardWriter
+from pipeline.core.dataset import MANIFEST, ShardWriter
 from pipeline.core.modality import part, preprocessing
 from pipeline.params import load_params
 
@@ -24,7 +24,8 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     sources = part(params.data.modality, "sources")
-    shutil.rmtree(args.out / "shards", ignore_errors=True)  # what an earlier run left
+    shutil.rmtree(args.out / "shards", ignore_errors=True)  # what an earlier run left: a
+    (args.out / MANIFEST).unlink(missing_ok=True)           # failed run leaves no manifest
     with ShardWriter(args.out, params.ingest.shard_items, params.ingest.row_group_bytes) as out:
         counts = out.close(sources.ingest(params, out))
     unit = preprocessing(params.data.modality).UNIT
