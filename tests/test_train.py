@@ -34,9 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 # On top of conftest's SHRINK: the records' recipe (fresh on-device warps each epoch, no offline
 # copies), so resume and DDP are tested with the per-epoch augmentation's RNG in play. 8 epochs:
 # ~0.1 s each here.
-# A checkpoint after every step (engine.checkpoint_s 0), so a kill lands within an epoch.
-CHANGES = {"image": {"augment": {"copies": 0}, "train": {"max_epochs": 8, "epoch_augment": True}},
-           "engine": {"checkpoint_s": 0}}
+CHANGES = {"image": {"augment": {"copies": 0}, "train": {"max_epochs": 8, "epoch_augment": True}}}
 EPOCHS = CHANGES["image"]["train"]["max_epochs"]
 
 
@@ -113,12 +111,18 @@ def test_same_seed_same_data_gives_identical_metrics(project, reference):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_result(project, reference):
+def test_killed_run_resumes_to_the_same_result(project, reference, params_writer):
     """SIGKILL within an epoch (after epoch 2, some steps into the next), then the stage again:
-    it resumes at that step and ends with the reference run's weights, bit for bit."""
-    checkpoint = project / ".kiln/checkpoints/killed" / train.CHECKPOINT
+    it resumes at that step and ends with the reference run's weights, bit for bit. Its
+    project checkpoints after every step (engine.checkpoint_s 0: no output depends on it), so
+    the kill lands within an epoch."""
+    killed = project / "killed"
+    killed.mkdir()
+    (killed / "data").symlink_to(project / "data")
+    params_writer(killed, merged(CHANGES, {"engine": {"checkpoint_s": 0}}))
+    checkpoint = killed / ".kiln/checkpoints/killed" / train.CHECKPOINT
     child = subprocess.Popen([sys.executable, "-m", "pipeline.stages", "train", *stage_argv("killed")],
-                             cwd=project, env=env(), stdout=subprocess.DEVNULL,
+                             cwd=killed, env=env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
 
     def written() -> dict:
@@ -137,18 +141,18 @@ def test_killed_run_resumes_to_the_same_result(project, reference):
         child.wait()
     killed_at = written()
     assert 2 <= killed_at["epochs"] < EPOCHS and killed_at["step"] >= 1
-    assert not (project / "models/killed").exists()  # nothing DVC could take for an output
+    assert not (killed / "models/killed").exists()  # nothing DVC could take for an output
 
-    done = run_stage(project, "killed")
+    done = run_stage(killed, "killed")
     epochs, step = killed_at["epochs"], killed_at["step"]
     assert f"train: resuming after epoch {epochs}, step {step} of epoch {epochs + 1}" \
         in done.stdout
     assert f"epoch {epochs:3d}/" not in done.stdout  # finished epochs were not rerun
-    metrics, weights = outputs(project, "killed")
+    metrics, weights = outputs(killed, "killed")
     ref_metrics, ref_weights = outputs(project, reference)
     assert metrics == ref_metrics
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
-    live = (project / "reports/killed/plots/metrics/val_acc.tsv").read_text().splitlines()
+    live = (killed / "reports/killed/plots/metrics/val_acc.tsv").read_text().splitlines()
     assert len(live) == 1 + EPOCHS  # header + every epoch, resumed ones too
     assert not checkpoint.exists()
 
