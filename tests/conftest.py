@@ -57,14 +57,11 @@ def write_params(folder: Path, changes: dict | None = None) -> Path:
     return path
 
 
-# The test files of 20 s or more, longest first (summed durations of a fresh clone's `make test`
-# at 0c4fdef, docs/benchmarks.md Tests), started first: pytest-xdist's loadfile hands out whole
-# files in collection order, and a long file started last kept one worker busy while the other
-# stood idle.
-LONGEST_FIRST = ("test_pipeline.py", "test_modalities.py", "test_promotion.py", "test_service.py",
-                 "test_flows.py", "test_offline.py", "test_text_model.py", "test_train.py",
-                 "test_text_service.py", "test_bad_data.py", "test_text_data.py",
-                 "test_recipes.py", "test_audio_service.py")
+# The longest test files (summed durations of a `make test`, docs/benchmarks.md Tests), started
+# first: pytest-xdist's loadfile hands out whole files in collection order, and a long file
+# started last kept one worker busy while the other stood idle.
+LONGEST_FIRST = ("test_pipeline.py", "test_modalities.py", "test_recipes.py", "test_promotion.py",
+                 "test_service.py", "test_flows.py")
 
 
 def pytest_collection_modifyitems(items):
