@@ -297,13 +297,14 @@ def test_checkpoint_from_other_params_or_data_is_ignored(project, tmp_path, caps
     assert train.read_checkpoint(folder, "b") is None
     assert "made from other params, data or code" in capsys.readouterr().out
     p = load_params(project / "params.yaml")
-    stamp = train.fingerprint(p, project / "data/ingested", project / "data/augmented", 1)
-    assert stamp == train.fingerprint(p, project / "data/ingested", project / "data/augmented", 1)
-    assert stamp != train.fingerprint(p, project / "data/ingested", project / "data/augmented", 2)
+    data = train.data_hash(project / "data/ingested")
+    stamp = train.fingerprint(p, data, project / "data/augmented", 1)
+    assert stamp == train.fingerprint(p, data, project / "data/augmented", 1)
+    assert stamp != train.fingerprint(p, data, project / "data/augmented", 2)
+    assert stamp != train.fingerprint(p, "0" * 64, project / "data/augmented", 1)  # other data
     params_writer(tmp_path, merged(CHANGES, {"image": {"train": {"lr": 0.001}}}))
     other = load_params(tmp_path / "params.yaml")
-    assert stamp != train.fingerprint(other, project / "data/ingested",
-                                      project / "data/augmented", 1)
+    assert stamp != train.fingerprint(other, data, project / "data/augmented", 1)
 
 
 @pytest.mark.slow

@@ -74,8 +74,13 @@ class ShardWriter:
     def __init__(self, out: Path, shard_items: int, row_group_bytes: int):
         self.out, self.shard_items, self.row_group_bytes = Path(out), shard_items, row_group_bytes
         self.splits = {s: _Shards(self.out / "shards" / s) for s in SPLITS}
-        self.items = 0  # added so far (ids are not kept: validate's repeated-rows check names
-                        # an id given twice, and a million ids would cost ~100 MB here)
+        # Ids are not kept: validate's repeated-rows check names an id given twice, and a
+        # million ids would cost ~100 MB here.
+
+    @property
+    def items(self) -> int:
+        """Items added so far."""
+        return sum(shards.items for shards in self.splits.values())
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -88,7 +93,6 @@ class ShardWriter:
     def add(self, item_id: str, label: str, split: str, source: str, data: bytes) -> None:
         if split not in self.splits:
             raise StageError(f"{source}: split {split!r} is not one of {', '.join(SPLITS)}")
-        self.items += 1
         shards = self.splits[split]
         shards.rows.append({"id": item_id, "label": label, "split": split, "source": source,
                             "sha256": hashlib.sha256(data).hexdigest(), "bytes": data})

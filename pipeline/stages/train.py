@@ -73,7 +73,7 @@ LIVE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")  # per epoch, 
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def fingerprint(params: Params, data: Path, augmented: Path, world_size: int) -> str:
+def fingerprint(params: Params, data_digest: str, augmented: Path, world_size: int) -> str:
     """sha256 of what decides the training trajectory: the data and train params, the
     modality's recipe (what the card records of its section), the ingested and augmented data,
     every project file this stage runs (of the modality in use) and the number of processes."""
@@ -81,7 +81,7 @@ def fingerprint(params: Params, data: Path, augmented: Path, world_size: int) ->
         {"train": as_dict(params.train), "data": as_dict(params.data),
          "section": as_dict(recipe_section(params)), "world_size": world_size},
         sort_keys=True).encode())
-    digest.update(data_hash(data).encode())
+    digest.update(data_digest.encode())  # the ingested data's (data_hash)
     for path in (augmented / "train.safetensors", augmented / "preprocessing.json",
                  *source_files("pipeline.stages.__main__", __name__,
                                modality=params.data.modality)):
@@ -205,7 +205,8 @@ def main(argv: list[str]) -> None:
                               p.max_epochs * steps_per_epoch(len(x), p.batch_size, world))
     stopping = EarlyStopping(p.monitor, p.patience, warmup_epochs(p.lr_schedule, p.max_epochs))
 
-    stamp = fingerprint(params, args.data, args.augmented, world)
+    data_digest = data_hash(args.data)  # reads every shard: once, for the fingerprint and card
+    stamp = fingerprint(params, data_digest, args.augmented, world)
     checkpoint = read_checkpoint(args.checkpoints, stamp)
     history: list[dict] = []
     resume = None
@@ -290,7 +291,7 @@ def main(argv: list[str]) -> None:
         files = {name: (args.augmented / name).read_bytes() for name in prep.MODEL_FILES}
         files.update(trainer.model_files(model))
         card = ModelCard(architecture=trainer.architecture(params),
-                         classes=classes, preprocessing=prep, data_hash=data_hash(args.data),
+                         classes=classes, preprocessing=prep, data_hash=data_digest,
                          recipe=Recipe(data=params.data, train=params.train, compress=None,
                                        section=recipe_section(params)),
                          weights={}, val=ValScore(loss=final["val_loss"], accuracy=final["val_acc"]),
