@@ -59,6 +59,9 @@ class IngestParams:
     max_file_bytes: int
     shard_items: int
     row_group_bytes: int
+    item_column: str | None  # a records source's columns (pipeline/core/records.py)
+    label_column: str
+    split_column: str
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,12 @@ def _check_ranges(p: Params) -> None:
         ("package.infra_items", p.package.infra_items >= 1, "must be >= 1"),
         ("ingest.shard_items", p.ingest.shard_items >= 1, "must be >= 1"),
         ("ingest.row_group_bytes", p.ingest.row_group_bytes >= 1, "must be >= 1"),
+        ("ingest.label_column", len({p.ingest.item_column, p.ingest.label_column,
+                                     p.ingest.split_column}) == 3,
+         "item_column, label_column and split_column must name three different columns"),
+        ("ingest.label_column", all(c is None or c.strip() == c != "" for c in (
+            p.ingest.item_column, p.ingest.label_column, p.ingest.split_column)),
+         "item_column, label_column and split_column must be non-blank, without outer spaces"),
         ("validate.min_items", 1 <= p.validate.min_items <= p.validate.max_items,
          "must satisfy 1 <= min_items <= max_items"),
         ("validate.min_items_per_class_per_split", p.validate.min_items_per_class_per_split >= 0,

@@ -29,6 +29,7 @@ SHRINK = {
     "evaluate": {"latency_runs": 5, "latency_batch_sizes": [1, 32]},
     "gate": {"max_accuracy_drop": 0.02},
     "serve": {"workers": 1},  # each server the stages start and the tests query: one worker's start
+    "package": {"infra_items": 100},  # of the digits. 359 test images (smaller test splits: all)
 }
 
 

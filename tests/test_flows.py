@@ -187,56 +187,19 @@ def test_a_stage_error_is_its_own_error_lines_else_the_end_of_its_stderr():
 
 
 @pytest.mark.slow
-def test_flow_runs_the_stages_in_dvc_yaml_order_and_publishes_the_evaluation(prefect_harness, tmp_path, fake_project):
+def test_the_flow_runs_the_stages_in_order_publishes_and_a_rerun_changes_nothing(
+        prefect_harness, fake_project):
+    """In a git repo: the stages run in dvc.yaml's order, the evaluation is published as an
+    artifact, and the run log ends with a summary whose commit line names every file git sees
+    changed, without DVC's own hints (every stage's `dvc repro` ends with `git add dvc.lock ...`
+    and `dvc push`, which name only DVC's files). Then a second run, and a plain `dvc repro`,
+    change nothing."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    from flows.kiln import ARTIFACT_KEY, kiln_pipeline
-
-    project = fake_project()
-    state = kiln_pipeline(project_dir=project, return_state=True)
-
-    assert state.is_completed(), state.message
-    assert state.result() == "kiln_classifier:fake123"
-    assert runs(project) == ["ingest", "validate", "evaluate", "package"]
-    assert json.loads(_dvc(project, "status", "--json").stdout) == {}
-    with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[ARTIFACT_KEY]),
-            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    assert artifact.type == "markdown"
-    assert artifact.data == (evaluation_markdown(EVALUATION, LATENCY, "kiln_classifier:fake123")
-                             + drift_markdown(VALIDATION))
-    assert "Drift against champion `kiln-classifier:old1`: **warn**" in artifact.data
-    assert "| label | 0.120 | n/a |" in artifact.data
-
-
-@pytest.mark.slow
-def test_rerunning_the_flow_or_dvc_repro_changes_nothing(prefect_harness, tmp_path, fake_project):
-    from flows.kiln import kiln_pipeline
-
-    project = fake_project()
-    kiln_pipeline(project_dir=project)
-    lock = (project / "dvc.lock").read_bytes()
-
-    kiln_pipeline(project_dir=project)
-    assert (project / "dvc.lock").read_bytes() == lock
-    # DVC itself agrees the flow left the workspace up to date: a plain repro runs nothing.
-    _dvc(project, "repro")
-    assert (project / "dvc.lock").read_bytes() == lock
-    assert runs(project) == ["ingest", "validate", "evaluate", "package"]
-
-
-@pytest.mark.slow
-def test_the_run_ends_with_a_summary_naming_every_file_to_commit(prefect_harness, fake_project):
-    """In a git repo every stage's `dvc repro` ends with DVC's hints (`git add dvc.lock ...`,
-    `dvc push`), which name only DVC's files: the run log has none of them, and ends, after the
-    last stage, with a summary whose commit line names every file git sees changed."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                                ArtifactFilterKey, LogFilter, LogFilterFlowRunId)
     from prefect.logging.handlers import APILogHandler
 
-    from flows.kiln import kiln_pipeline
+    from flows.kiln import ARTIFACT_KEY, kiln_pipeline
 
     project = fake_project(git=True)
     subprocess.run(["git", "add", "stages.py", "dvc.yaml", "params.yaml", ".dvc"], cwd=project,
@@ -244,11 +207,25 @@ def test_the_run_ends_with_a_summary_naming_every_file_to_commit(prefect_harness
     subprocess.run(["git", "-c", "user.name=k", "-c", "user.email=k@localhost", "commit", "-qm",
                     "project"], cwd=project, check=True)
     state = kiln_pipeline(project_dir=project, return_state=True)
+
     assert state.is_completed(), state.message
+    assert state.result() == "kiln_classifier:fake123"
+    assert runs(project) == ["ingest", "validate", "evaluate", "package"]
+    assert json.loads(_dvc(project, "status", "--json").stdout) == {}
+    flow_run = [state.state_details.flow_run_id]
     APILogHandler().flush()  # the run log reaches the API in batches
     with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[ARTIFACT_KEY]), flow_run_id=ArtifactFilterFlowRunId(
+                any_=flow_run)))
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
-            any_=[state.state_details.flow_run_id])))
+            any_=flow_run)))
+    assert artifact.type == "markdown"
+    assert artifact.data == (evaluation_markdown(EVALUATION, LATENCY, "kiln_classifier:fake123")
+                             + drift_markdown(VALIDATION))
+    assert "Drift against champion `kiln-classifier:old1`: **warn**" in artifact.data
+    assert "| label | 0.120 | n/a |" in artifact.data
+
     messages = [log.message for log in sorted(logs, key=lambda log: log.timestamp)]
     (commit,) = [m for m in messages if "git add" in m]
     # DVC adds data.txt (ingest's out) to .gitignore and writes dvc.lock; the stages write the
@@ -263,6 +240,14 @@ def test_the_run_ends_with_a_summary_naming_every_file_to_commit(prefect_harness
             "accuracy 0.9778); this run's model serves.") in summary
     assert "  Drift: warn against kiln-classifier:old1." in summary
     assert DvcHints.PUSH not in messages and "To enable auto staging, run:" not in messages
+
+    lock = (project / "dvc.lock").read_bytes()
+    kiln_pipeline(project_dir=project)
+    assert (project / "dvc.lock").read_bytes() == lock
+    # DVC itself agrees the flow left the workspace up to date: a plain repro runs nothing.
+    _dvc(project, "repro")
+    assert (project / "dvc.lock").read_bytes() == lock
+    assert runs(project) == ["ingest", "validate", "evaluate", "package"]
 
 
 def test_bad_params_stop_the_run_before_any_stage(fake_project, capfd):

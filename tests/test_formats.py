@@ -393,8 +393,8 @@ def test_a_tsv_with_its_own_column_names_and_splits_ingests_and_validates(
     path.write_text("id\tsubset\tcategory\tbody\n" + "".join(
         f"{n}\t{splits[n % 10]}\t{label}\t{text}\n" for n, (text, label) in enumerate(rows)),
         encoding="utf-8")
-    work = text_project(path, {"ingest": {"text_column": "body", "label_column": "category",
-                                          "split_column": "subset"}})
+    work = text_project(path, ingest={"item_column": "body", "label_column": "category",
+                                           "split_column": "subset"})
     code, out = ingest_and_validate(stage, work)
     assert code == 0, out
     assert "ingest: 20 texts from " in out and "{'train': 14, 'val': 2, 'test': 4}" in out
@@ -411,7 +411,7 @@ def test_a_csv_with_other_column_names_and_no_split_ingests_and_validates(
         writer = csv.writer(f)
         writer.writerow(["Message", "Intent", "Agent"])
         writer.writerows([text, label, "kim"] for text, label in tickets(seed=1))
-    work = text_project(path, {"ingest": {"text_column": "Message", "label_column": "Intent"}})
+    work = text_project(path, ingest={"item_column": "Message", "label_column": "Intent"})
     code, out = ingest_and_validate(stage, work)
     assert code == 0, out
     assert "ingest: 20 texts from " in out and "{'train': 14, 'val': 2, 'test': 4}" in out
@@ -420,24 +420,25 @@ def test_a_csv_with_other_column_names_and_no_split_ingests_and_validates(
 
 @pytest.mark.parametrize("name,content,message", [
     ("a.csv", "Message,Agent\nhello,kim\n",
-     "line 1: the header names no `body` column (text.ingest.text_column); it has `Message`, `Agent`"),
+     "line 1: the header names no `body` column (ingest.item_column); it has `Message`, `Agent`"),
     ("a.tsv", "body\tAgent\nhello\tkim\n",
-     "line 1: the header names no `category` column (text.ingest.label_column); it has `body`, "
+     "line 1: the header names no `category` column (ingest.label_column); it has `body`, "
      "`Agent`"),
     ("a.jsonl", '{"body": "hello", "category": "x"}\n{"text": "hi", "category": "y"}\n',
-     "line 2: no `body` field (text.ingest.text_column; the record has `text`, `category`)"),
+     "line 2: no `body` field (ingest.item_column; the record has `text`, `category`)"),
     ("a.tsv", "body\tcategory\nhello\tx\textra\n", "line 2: 3 fields, the header has 2"),
 ])
 def test_a_missing_column_stops_ingest_naming_file_column_and_columns_found(
         tmp_path, text_project, stage, name, content, message):
     (tmp_path / name).write_text(content, encoding="utf-8")
-    work = text_project(tmp_path / name, {"ingest": {"text_column": "body", "label_column": "category"}})
+    work = text_project(tmp_path / name, ingest={"item_column": "body",
+                                                 "label_column": "category"})
     code, out = stage(work, "ingest", "--out", "data/ingested")
     assert code == 1
     assert f"kiln ingest: error: text.ingest.source {tmp_path / name}: {message}" in out, out
 
 
 def test_two_params_naming_one_column_are_refused(params_writer, tmp_path):
-    with pytest.raises(ParamsError, match="text.ingest.text_column: text_column, label_column and "
+    with pytest.raises(ParamsError, match="ingest.label_column: item_column, label_column and "
                                           "split_column must name three different columns"):
-        load_params(params_writer(tmp_path, {"text": {"ingest": {"label_column": "text"}}}))
+        load_params(params_writer(tmp_path, {"ingest": {"item_column": "label"}}))

@@ -67,8 +67,8 @@ def image(sub: str, **values):
     # a modality not in use is checked too: its section is in the same file
     (lambda r: r["audio"]["train"].update(n_mels=500),
      "audio.train.n_mels: must be in [1, audio.train.n_fft / 2 + 1]"),
-    (lambda r: r["text"]["ingest"].update(label_column="text"),
-     "text.ingest.text_column: text_column, label_column and split_column must name three"),
+    (lambda r: r["ingest"].update(split_column="label"),
+     "ingest.label_column: item_column, label_column and split_column must name three"),
     # keys from before the modality sections: refused with where they live now, never ignored
     (lambda r: r["train"].update(max_epochs=30), "train.max_epochs: unknown key (each "
      "modality's own now: audio.train.max_epochs, image.train.max_epochs, text.train.max_epochs)"),

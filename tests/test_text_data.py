@@ -20,7 +20,8 @@ from pipeline.lifecycle.champion import Reference
 from pipeline.core.dataset import ShardWriter, read_manifest
 from pipeline.params import load_params
 from pipeline.modalities.text import checks
-from pipeline.modalities.text.sources import Columns, ingest_texts
+from pipeline.core.records import Columns
+from pipeline.modalities.text.sources import ingest_texts
 from pipeline.modalities.text.words import text_key
 from tests.ingested import items_of
 from tests.stage_runs import VALIDATE, cli, ingest_and_validate, manifest, problems
@@ -247,22 +248,22 @@ def test_non_utf8_bytes_in_a_jsonl_line_reach_validate(tmp_path, text_project, s
     ("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": \n',
      "line 2: not valid JSON (Expecting value, column 24)"),
     ("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "tag": "x"}\n',
-     "line 2: no `label` field (text.ingest.label_column; the record has `text`, `tag`)"),
-    ("bad.jsonl", '["a", "x"]\n', "line 1: expected a JSON object with `text` and `label`"),
+     "line 2: no `label` field (ingest.label_column; the record has `text`, `tag`)"),
+    ("bad.jsonl", '["a", "x"]\n', "line 1: expected a JSON object with the text and `label`"),
     ("bad.jsonl", '{"text": 5, "label": "x"}\n', "line 1: `text` must be a string, got int 5"),
     ("bad.jsonl", '{"text": "a", "label": "x", "split": "dev"}\n',
      "line 1: `split` must be one of train, val, test, got 'dev'"),
     ("bad.jsonl", '{"text": "a", "label": "x", "split": "test"}\n{"text": "b", "label": "y"}\n',
-     "bad.jsonl:line 2 has no `split` field, unlike bad.jsonl:line 1"),
+     "bad.jsonl:line 2 has no split, unlike bad.jsonl:line 1"),
     ("bad.jsonl", '{"text": "a", "label": "../etc"}\n',
-     "line 1: label '../etc' cannot name a class folder"),
+     "line 1: label '../etc' cannot name a class"),
     ("bad.csv", "text,category\na,x\n",
-     "line 1: the header names no `label` column (text.ingest.label_column); it has `text`, "
+     "line 1: the header names no `label` column (ingest.label_column); it has `text`, "
      "`category`"),
     ("bad.csv", 'text,label\na,x\n"b\nc",y,extra\n', "line 3: 3 fields, the header has 2"),
-    ("bad.csv", "text,label\na,x\nb,\n", "line 3: label '' cannot name a class folder (blank"),
+    ("bad.csv", "text,label\na,x\nb,\n", "line 3: label '' cannot name a class (blank"),
     ("notes.txt", "a lone text file\n",
-     "not a folder, a .jsonl, .csv or .tsv file (nor 'languages')"),
+     "not a folder, a .jsonl, .csv, .tsv, .parquet or .tar file (nor 'languages')"),
 ])
 def test_unreadable_records_stop_ingest_naming_the_line(tmp_path, text_project, stage, name,
                                                         content, message):
@@ -292,11 +293,11 @@ def champion_profile(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("champion")
     (root / "champion.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(30, seed=1)))
     params = load_params(REPO / "params.yaml")
-    t = params.text.ingest
+    t, i = params.text.ingest, params.ingest
     with ShardWriter(root / "ingested", 1 << 30, 1 << 26) as out:
         out.close(ingest_texts(str(root / "champion.jsonl"), out, params.data.split,
                                params.data.seed, params.ingest.max_file_bytes, t.per_class,
-                               Columns(t.text_column, t.label_column, t.split_column)))
+                               Columns(i.item_column, i.label_column, i.split_column)))
     return checks.examine(root / "ingested", read_manifest(root / "ingested")[0], params, None)[1]
 
 

@@ -138,12 +138,17 @@ def _upgrade(raw):
     had the gate's floor of its modality in text.min_accuracy or audio.min_accuracy. One written
     before the modality sections of params.yaml is then moved to today's layout (_sectioned).
     An image card from before the warped_digits source records no image.ingest.warped_items
-    (None): its source was another."""
+    (None): its source was another. A text card from before the shared ingest columns records
+    text.ingest.text_column, label_column and split_column: dropped (ingest.item_column and the
+    rest now, not a recipe's)."""
     try:
         recipe = raw["recipe"]
         if "section" in recipe:
             if recipe["data"]["modality"] == "image":
                 recipe["section"]["ingest"].setdefault("warped_items", None)
+            if recipe["data"]["modality"] == "text":
+                for key in ("text_column", "label_column", "split_column"):
+                    recipe["section"]["ingest"].pop(key, None)
             return raw
         data = recipe["data"]
         data.setdefault("modality", "image")

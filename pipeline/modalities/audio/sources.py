@@ -9,6 +9,9 @@ one recording per item, with the id audio/<split>/<class>/<name>.<ext>.
     <folder>          one subfolder per class of .wav/.flac/.ogg/.opus files, optionally
                       pre-split into train/ val/ test/ (pipeline/core/folders.py: hidden and system
                       files skipped, what cannot be taken refused by name)
+    Parquet, .tar     a Parquet file or folder (what Hugging Face `datasets` exports: an
+                      `audio` column of {bytes, path}), or WebDataset .tar shards
+                      (pipeline/core/records.py)
 
 A folder's files are stored byte for byte; the validate stage decodes each
 (pipeline/modalities/audio/decode.py) and names those it cannot take. A folder that is not pre-split gets
@@ -29,6 +32,7 @@ import numpy as np
 
 from pipeline import StageError
 from pipeline.modalities.audio.decode import AUDIO_SUFFIXES
+from pipeline.core import records
 from pipeline.core.dataset import ShardWriter
 from pipeline.core.folders import FileKind, copy_folder, stratified_split
 from pipeline.params import Params, Split
@@ -56,6 +60,12 @@ def source(params: Params) -> str:
 def ingest(params: Params, out: ShardWriter) -> list[str]:
     """Add the recordings of audio.ingest.source to the shards `out`; return the class names."""
     a = params.audio.ingest
+    key = "audio.ingest.source"
+    if (classes := records.ingest_records(params, a.source, out, "audio", AUDIO, "audio",
+                                          key)) is not None:
+        if not out.items:
+            raise StageError(f"{key}: {a.source} holds no recordings")
+        return classes
     return ingest_audio(a.source, out, params.data.split, params.data.seed,
                         params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)
 

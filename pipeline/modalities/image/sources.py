@@ -9,6 +9,8 @@ each image an item with the id images/<split>/<class>/<name>.
                .tiff .gif: pipeline/modalities/image/preprocess.py IMAGE_SUFFIXES), optionally pre-split
                into train/ val/ test/ (pipeline/core/folders.py: hidden and system files skipped,
                what cannot be taken refused by name)
+    Parquet, .tar  a Parquet file or folder (what Hugging Face `datasets` exports: an `image`
+               column of {bytes, path}), or WebDataset .tar shards (pipeline/core/records.py)
 
 Files are stored byte for byte; the validate stage decodes them by their content, not their
 name (a WebP saved as .jpg is read as WebP), and names those it cannot take. Without pre-split folders the
@@ -23,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import StageError
+from pipeline.core import records
 from pipeline.core.dataset import ShardWriter
 from pipeline.core.folders import FileKind, copy_folder, stratified_split
 from pipeline.modalities.image import warped
@@ -45,6 +48,12 @@ def ingest(params: Params, out: ShardWriter) -> list[str]:
                                          params.data.seed):
             out.add(*item)
         return [str(d) for d in range(10)]
+    key = "image.ingest.source"
+    if (classes := records.ingest_records(params, params.image.ingest.source, out, "images",
+                                          IMAGES, "image", key)) is not None:
+        if not out.items:
+            raise StageError(f"{key}: {params.image.ingest.source} holds no images")
+        return classes
     return ingest_images(params.image.ingest.source, out, params.data.split, params.data.seed,
                          params.ingest.max_file_bytes)
 

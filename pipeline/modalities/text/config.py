@@ -10,9 +10,6 @@ from pipeline.modalities import Budget, sections
 @dataclass(frozen=True)
 class Ingest:
     source: str
-    text_column: str
-    label_column: str
-    split_column: str
     per_class: int
 
 
@@ -62,13 +59,8 @@ Recipe, Section = sections(__name__, Ingest, Preprocess, Validate, Augment, Trai
 
 def checks(s: Section) -> list[tuple[str, bool, str]]:
     """(key under `text.`, holds, why not) for each range params.yaml must keep."""
-    columns = (s.ingest.text_column, s.ingest.label_column, s.ingest.split_column)
     v, a, t = s.validate, s.augment, s.train
     return [
-        ("ingest.text_column", len(set(columns)) == 3,
-         "text_column, label_column and split_column must name three different columns"),
-        ("ingest.text_column", all(c.strip() == c != "" for c in columns),
-         "text_column, label_column and split_column must be non-blank, without outer spaces"),
         ("ingest.per_class", s.ingest.per_class >= 1, "must be >= 1"),
         ("preprocess.vocab_size", s.preprocess.vocab_size >= 100, "must be >= 100"),
         ("preprocess.max_tokens", s.preprocess.max_tokens >= 2, "must be >= 2"),
