@@ -22,7 +22,7 @@ import pipeline.stages.validate
 from pipeline.modalities.audio import checks
 from pipeline.modalities.audio.decode import decode
 from pipeline.lifecycle.champion import Reference
-from pipeline.core.dataset import SPLITS, ShardWriter, read_manifest
+from pipeline.core.dataset import SPLITS, ShardWriter
 from pipeline.params import ParamsError, load_params
 from tests.stage_runs import VALIDATE, details, ingest_and_validate, problems
 
@@ -276,7 +276,7 @@ def champion_profile(tmp_path_factory) -> dict:
         out.close(ingest_audio(str(root / "src"), out, params.data.split, params.data.seed,
                                params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm,
                                a.pitch))
-    return checks.examine(root / "ingested", read_manifest(root / "ingested")[0], params, None)[1]
+    return checks.examine(root / "ingested", params, None)[1]
 
 
 def test_the_same_kind_of_audio_shows_no_drift(tmp_path, audio_project, stage, monkeypatch,

@@ -298,7 +298,7 @@ def champion_profile(tmp_path_factory) -> dict:
         out.close(ingest_texts(str(root / "champion.jsonl"), out, params.data.split,
                                params.data.seed, params.ingest.max_file_bytes, t.per_class,
                                Columns(i.item_column, i.label_column, i.split_column)))
-    return checks.examine(root / "ingested", read_manifest(root / "ingested")[0], params, None)[1]
+    return checks.examine(root / "ingested", params, None)[1]
 
 
 def test_the_same_kind_of_text_shows_no_drift(tmp_path, text_project, stage, monkeypatch,

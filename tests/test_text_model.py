@@ -227,7 +227,9 @@ TRAIN = stage_argv("train")
 
 @pytest.mark.slow
 def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, params_writer,
-                                                                  monkeypatch):
+                                                                  monkeypatch, stage):
+    """The train and compress stages in this process (the `stage` fixture: their entry point,
+    without two fresh starts of torch and transformers)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     write_texts(tmp_path / "data/ingested", seed=1)
@@ -243,10 +245,11 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
     params_writer(tmp_path, {"data": {"modality": "text"},
                              "text": merged(TEXT, {"preprocess": {"pretrained": str(checkpoint)},
                                                    "train": {"max_epochs": 5}})})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     augment_in_process(tmp_path, monkeypatch)
     assert (tmp_path / "data/augmented/tokenizer.json").exists()
-    done = run(tmp_path, *TRAIN)
-    assert "train: pretrained" in done.stdout
+    code, out = stage(tmp_path, *TRAIN)
+    assert code == 0 and "train: pretrained" in out, out
     model, card = saved_model.load(tmp_path / "models/float")
     assert card.architecture == "pretrained" and len(card.classes) == 4
     assert model.hf.config.hidden_size == 32  # the checkpoint's, not text.train.dim
@@ -264,7 +267,8 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
     assert model.hf.bert.encoder.layer[0].intermediate.dense.out_features == 18
     assert count_params(model) < n_params and len(widths) == 4  # query, key, value, FFN
     # The compress stage does the same to the trained checkpoint (its compress.json).
-    run(tmp_path, *stage_argv("compress"))
+    code, out = stage(tmp_path, *stage_argv("compress"))
+    assert code == 0, out
     report = json.loads((tmp_path / "models/compressed/compress.json").read_text())
     assert report["heads"] == {"hf.bert.encoder.layer.0.attention.self": 1}
     export.export_onnx(model, card.preprocessing, tmp_path / "pruned.onnx")

@@ -230,10 +230,9 @@ def test_a_data_docs_page_loading_from_outside_is_named(tmp_path):
 
 
 def test_the_executor_gives_the_same_table(ingested, running):
-    rows, _ = read_manifest(ingested)
-    serial = image_table(ingested, rows, PARAMS.image.preprocess)
+    serial = image_table(ingested, PARAMS.image.preprocess)
     running(workers=2, batch=4)  # 30 files -> 8 tasks over 2 processes
-    parallel = image_table(ingested, rows, PARAMS.image.preprocess)
+    parallel = image_table(ingested, PARAMS.image.preprocess)
     pd.testing.assert_frame_equal(serial, parallel)
     assert serial.content_hash.notna().all()
 
@@ -248,8 +247,7 @@ def digits(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def train_profile(folder: Path) -> dict:
-    rows, _ = read_manifest(folder)
-    images = add_flags(image_table(folder, rows, PARAMS.image.preprocess),
+    images = add_flags(image_table(folder, PARAMS.image.preprocess),
                        PARAMS.image.preprocess.image_size)
     return profile(images[images.split == "train"])
 

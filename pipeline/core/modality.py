@@ -139,9 +139,10 @@ class Checks(Protocol):
     SUMMARY: tuple[str, ...]   # the keys of validate's --metrics JSON
     METRICS: tuple[str, ...]   # every key of validate's details JSON, in order
 
-    def examine(self, folder: Path, rows: list[dict], params: Params, reference: dict | None
+    def examine(self, folder: Path, params: Params, reference: dict | None
                 ) -> tuple[Table, dict, Drift | None]:
-        """(Item table of `rows`, profile of its train split, drift from `reference` or None)."""
+        """(Item table of the ingested `folder`: pipeline/core/dataset.py described_table,
+        profile of its train split, drift from `reference` or None)."""
 
     def metrics(self, table: Table, params: Params) -> dict:
         """The metrics the modality adds to the shared counts (keys of METRICS)."""

@@ -38,7 +38,7 @@ import pandas as pd
 from pipeline import StageError
 from pipeline.lifecycle.champion import Exports, Task, reference
 from pipeline.core.checks import CHECKS, Check, Data
-from pipeline.core.dataset import MANIFEST, SPLITS, classes_of, data_hash, read_manifest
+from pipeline.core.dataset import MANIFEST, SPLITS, classes_of, data_hash
 from pipeline.core.modality import part, preprocessing
 from pipeline.params import Params, load_params
 
@@ -125,7 +125,7 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
     """
     modality = params.data.modality
     checks = part(modality, "checks")
-    rows, classes = read_manifest(folder)  # names a missing manifest
+    classes = classes_of(folder)  # names a missing manifest
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise StageError(f"{folder / MANIFEST}: expected a list of class names under 'classes'")
     # Image profiles name no modality: they predate data.modality.
@@ -134,7 +134,7 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
         raise StageError(f"the champion of this task (package.model_name and class list) was "
                          f"trained on {trained_on} data, this data set is {modality}: give it "
                          "another package.model_name")
-    table, current, report = checks.examine(folder, rows, params, reference)
+    table, current, report = checks.examine(folder, params, reference)
     unit = preprocessing(modality).UNIT
     class_table, class_counts = class_tables(table, classes, unit)
     data = Data(params, unit, classes, checks.SAME)

@@ -11,7 +11,7 @@ import pandas as pd
 from pipeline.core.checks import Checks, Data, file_problems
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, compare
-from pipeline.core.dataset import describe_items
+from pipeline.core.dataset import described_table
 from pipeline.modalities.points.preprocess import parse
 from pipeline.params import Params
 
@@ -37,12 +37,9 @@ def describe_point(data: bytes, features: int) -> dict:
             "content_hash": point.tobytes().hex()}
 
 
-def examine(folder: Path, rows: list[dict], params: Params, reference: dict | None):
-    described = describe_items(folder, functools.partial(
-        describe_point, features=params.points.ingest.features))
-    table = pd.DataFrame.from_records(
-        [{"path": r["id"], "source": r["source"], "label": r["label"],
-          "split": r["split"], **d} for r, d in zip(rows, described)], columns=COLUMNS)
+def examine(folder: Path, params: Params, reference: dict | None):
+    table = described_table(folder, functools.partial(
+        describe_point, features=params.points.ingest.features), COLUMNS)
     table = table.astype({"largest": float})
     table["leak"], table["duplicate"] = copies(table, table.content_hash.notna())
     current = profile(table[table.split == "train"])

@@ -46,7 +46,7 @@ from pipeline.modalities.audio.decode import ACCEPTED, AudioError, decode, trunc
 from pipeline.core.checks import Checks, Data, file_problems, showing
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
-from pipeline.core.dataset import describe_items
+from pipeline.core.dataset import described_table
 from pipeline.params import Params
 
 # What --metrics holds (the rest of Validation.metrics goes to --details): the counts a person
@@ -148,16 +148,13 @@ def describe_clip(item: tuple[str, bytes], sample_rate: int) -> dict:
     }
 
 
-def clip_table(folder: Path, rows: list[dict], params: Params) -> pd.DataFrame:
+def clip_table(folder: Path, params: Params) -> pd.DataFrame:
     """One row per ingested item, described and flagged. Silent clips are left out of leak and
     duplicate (silence of one length is the same samples by nature): each problem is reported
     once, by its own check."""
     audio = params.audio
-    described = describe_items(folder, functools.partial(
-        describe_clip, sample_rate=audio.preprocess.sample_rate), named=True)
-    records = [{"path": r["id"], "source": r["source"], "label": r["label"],
-                "split": r["split"], **d} for r, d in zip(rows, described)]
-    clips = pd.DataFrame.from_records(records, columns=COLUMNS).astype(
+    clips = described_table(folder, functools.partial(
+        describe_clip, sample_rate=audio.preprocess.sample_rate), COLUMNS, named=True).astype(
         {c: float for c in ("source_rate", "channels", "seconds", "clipped", "rms", "loudness",
                             "centroid")})
     decoded = clips.file_problem.isna()
@@ -170,11 +167,11 @@ def clip_table(folder: Path, rows: list[dict], params: Params) -> pd.DataFrame:
     )
 
 
-def examine(folder: Path, rows: list[dict], params: Params, reference: dict | None
+def examine(folder: Path, params: Params, reference: dict | None
             ) -> tuple[pd.DataFrame, dict, DriftReport | None]:
-    """The clips table of the manifest `rows` (flags included), the profile of its train split,
+    """The clips table of the ingested `folder` (flags included), the profile of its train split,
     and that split's drift from `reference`."""
-    clips = clip_table(folder, rows, params)
+    clips = clip_table(folder, params)
     current = profile(clips[clips.split == "train"])
     report = compare(reference, current, params.drift, CATEGORICAL, CONTINUOUS) \
         if reference is not None else None

@@ -40,7 +40,7 @@ from PIL import Image
 from pipeline.core.checks import Checks, Data, file_problems
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
-from pipeline.core.dataset import describe_items
+from pipeline.core.dataset import described_table
 from pipeline.modalities.image.preprocess import ACCEPTED, IMAGE_FORMATS, MODES, refusal, to_channels
 from pipeline.modalities.image.config import Preprocess
 from pipeline.params import Params
@@ -163,13 +163,9 @@ def describe_image(data: bytes, prep: Preprocess) -> dict:
     }
 
 
-def image_table(folder: Path, rows: list[dict], prep: Preprocess) -> pd.DataFrame:
-    """One row per item (`rows`: every item's, in read_manifest's order) with its description
-    (pipeline/core/executor.py: in parallel)."""
-    described = describe_items(folder, functools.partial(describe_image, prep=prep))
-    records = [{"path": r["id"], "source": r["source"], "label": r["label"],
-                "split": r["split"], **d} for r, d in zip(rows, described)]
-    table = pd.DataFrame.from_records(records, columns=COLUMNS)
+def image_table(folder: Path, prep: Preprocess) -> pd.DataFrame:
+    """One row per item with its description (pipeline/core/executor.py: in parallel)."""
+    table = described_table(folder, functools.partial(describe_image, prep=prep), COLUMNS)
     # An empty manifest would leave object columns, which pandas treats as column labels.
     return table.astype({"pixel_std": float, "height": float, "width": float})
 
@@ -209,12 +205,12 @@ def profile(images: pd.DataFrame) -> dict:
     }
 
 
-def examine(folder: Path, rows: list[dict], params: Params, reference: dict | None
+def examine(folder: Path, params: Params, reference: dict | None
             ) -> tuple[pd.DataFrame, dict, DriftReport | None]:
-    """The images table of the manifest `rows` (decoded in parallel, flags
-    included), the profile of its train split, and that split's drift from `reference`."""
+    """The images table of the ingested `folder` (decoded in parallel, flags included), the
+    profile of its train split, and that split's drift from `reference`."""
     prep = params.image.preprocess
-    images = add_flags(image_table(folder, rows, prep), prep.image_size)
+    images = add_flags(image_table(folder, prep), prep.image_size)
     current = profile(images[images.split == "train"])
     report = compare(reference, current, params.drift, CATEGORICAL, CONTINUOUS) \
         if reference is not None else None

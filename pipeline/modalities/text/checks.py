@@ -28,7 +28,7 @@ import pandas as pd
 from pipeline.core.checks import Checks, Data, file_problems, showing
 from pipeline.core.copies import copies
 from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
-from pipeline.core.dataset import describe_items
+from pipeline.core.dataset import described_table
 from pipeline.params import DriftParams, Params
 from pipeline.modalities.text.words import text_key, words
 
@@ -63,27 +63,27 @@ def describe_text(data: bytes) -> tuple[dict, list[str] | None]:
             "content_hash": None if empty else text_key(text)}, found
 
 
-def text_table(folder: Path, rows: list[dict]) -> tuple[pd.DataFrame, Counter]:
+def text_table(folder: Path) -> tuple[pd.DataFrame, Counter]:
     """One row per ingested item, flags included; and the word occurrences of the train
     split's texts (empty ones and files that are no text have none)."""
-    records, train_words = [], Counter()
-    for r, (described, found) in zip(rows, describe_items(folder, describe_text)):
-        records.append({"path": r["id"], "source": r["source"],
-                        "label": r["label"], "split": r["split"], **described})
-        if r["split"] == "train" and described.get("words"):
+    train_words = Counter()
+
+    def count(row: dict, found: Counter) -> None:
+        if row["split"] == "train" and found:
             train_words.update(found)
-    texts = pd.DataFrame.from_records(records, columns=COLUMNS).astype(
+
+    texts = described_table(folder, describe_text, COLUMNS, extra=count).astype(
         {"words": float, "chars": float})
     texts["empty"] = texts["empty"].fillna(False).astype(bool)
     texts["leak"], texts["duplicate"] = copies(texts, texts.content_hash.notna())
     return texts, train_words
 
 
-def examine(folder: Path, rows: list[dict], params: Params, reference: dict | None
+def examine(folder: Path, params: Params, reference: dict | None
             ) -> tuple[pd.DataFrame, dict, TextDrift | None]:
-    """The texts table of the manifest `rows` (flags included), the profile of its train split,
+    """The texts table of the ingested `folder` (flags included), the profile of its train split,
     and that split's drift from `reference`."""
-    texts, train_words = text_table(folder, rows)
+    texts, train_words = text_table(folder)
     current = profile(texts, train_words, params.text.validate.profile_words)
     report = compare_texts(reference, current, train_words, params.drift) \
         if reference is not None else None
