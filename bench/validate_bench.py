@@ -81,7 +81,6 @@ def main() -> None:
     generate(data, args.images, params)
     print(f"data: {args.images} images in {data} ({time.perf_counter() - t:.1f} s to make or find)")
     load_before = os.getloadavg()[0]
-    rows, _ = read_manifest(data)
     cores = len(os.sched_getaffinity(0))
     settings = {"baseline workers=1": 1, f"workers=0 ({cores} processes)": 0}
     wall: dict[str, list[float]] = {name: [] for name in settings}
@@ -90,7 +89,7 @@ def main() -> None:
         for name, workers in settings.items():
             executor.start(dataclasses.replace(params.engine, workers=workers))
             t = time.perf_counter()
-            image_table(data, rows, params.image.preprocess)
+            image_table(data, params.image.preprocess)
             decode[name].append(time.perf_counter() - t)
             t = time.perf_counter()
             result = validate(data, args.out / "docs", params, reference=None)

@@ -148,6 +148,9 @@ def test_a_parquet_of_texts_without_splits_gets_the_seeded_stratified_split(
     (lambda p: pq.write_table(pa.table({"image": [b"x", b"y"], "label": ["c", None]}), p),
      "export.parquet: row 1: `label` must be a string or an integer, got None"),
     (lambda p: p.write_bytes(b"PAR1 but not really"), "export.parquet: not a readable Parquet file"),
+    (lambda p: pq.write_table(pa.table({"image": pa.array([], pa.binary()),
+                                        "label": pa.array([], pa.string())}), p),
+     "image.ingest.source {path}: holds no records"),
 ])
 def test_a_parquet_source_that_cannot_be_read_stops_ingest_naming_file_row_and_column(
         tmp_path, project, stage, make, message):
@@ -155,7 +158,7 @@ def test_a_parquet_source_that_cannot_be_read_stops_ingest_naming_file_row_and_c
     make(path)
     code, out = stage(project(path), "ingest", "--out", "data/ingested")
     assert code == 1
-    assert "kiln ingest: error: " in out and message in out, out
+    assert "kiln ingest: error: " in out and message.format(path=path) in out, out
     assert not (project(path) / "data/ingested/manifest.json").exists()
 
 

@@ -58,8 +58,7 @@ def shard_cut(item_id: str, held: int, shard_items: int) -> bool:
 class _Shards:
     """One split's shard files as they are written."""
     folder: Path
-    # the open row group, a list per column of SCHEMA (a dict per row: ~25 MB more per split)
-    columns: dict[str, list] = field(default_factory=lambda: {f: [] for f in SCHEMA.names})
+    rows: list[dict] = field(default_factory=list)  # the open row group's rows
     held: int = 0          # items in the open shard
     buffered: int = 0      # bytes in the open row group
     writer: pq.ParquetWriter | None = None
@@ -95,9 +94,8 @@ class ShardWriter:
         if split not in self.splits:
             raise StageError(f"{source}: split {split!r} is not one of {', '.join(SPLITS)}")
         shards = self.splits[split]
-        for name, value in zip(SCHEMA.names, (item_id, label, split, source,
-                                               hashlib.sha256(data).hexdigest(), data)):
-            shards.columns[name].append(value)
+        shards.rows.append({"id": item_id, "label": label, "split": split, "source": source,
+                            "sha256": hashlib.sha256(data).hexdigest(), "bytes": data})
         shards.held, shards.buffered, shards.items = (shards.held + 1, shards.buffered + len(data),
                                                       shards.items + 1)
         if shard_cut(item_id, shards.held, self.shard_items):
@@ -106,15 +104,15 @@ class ShardWriter:
             self._flush(shards, end=False)
 
     def _flush(self, shards: _Shards, end: bool) -> None:
-        if shards.columns["id"]:
+        if shards.rows:
             if shards.writer is None:
                 shards.folder.mkdir(parents=True, exist_ok=True)
                 name = f"part-{len(shards.files):05d}.parquet"
                 shards.files.append(name)
                 shards.writer = pq.ParquetWriter(shards.folder / name, SCHEMA, **WRITER)
-            shards.writer.write_table(pa.Table.from_pydict(shards.columns, SCHEMA),
-                                      row_group_size=len(shards.columns["id"]))
-            shards.columns, shards.buffered = {f: [] for f in SCHEMA.names}, 0
+            shards.writer.write_table(pa.Table.from_pylist(shards.rows, SCHEMA),
+                                      row_group_size=len(shards.rows))
+            shards.rows, shards.buffered = [], 0
         if end and shards.writer is not None:
             shards.writer.close()
             shards.writer, shards.held = None, 0

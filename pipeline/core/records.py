@@ -280,8 +280,9 @@ def write_records(read: Callable[[bool], Iterator[Record]], out: ShardWriter, to
                   split: Split, seed: int, max_file_bytes: int, where: str) -> list[str]:
     """Add every record of `read(labels_only)` to the shards `out` as <top>/<split>/<label>/<n>
     <suffix>; the class names. The first pass reads labels and splits (the stratified split needs
-    every label first), the second the items. Items over max_file_bytes fail the stage, named;
-    `where` starts messages (the params key and the source)."""
+    every label first), the second the items. A source without records, or items over
+    max_file_bytes, fail the stage, named; `where` starts messages (the params key and the
+    source)."""
     labels, given = [], []
     first = None
     names: dict[str, str] = {}  # one string object per class: a row's own copy is 50 bytes
@@ -293,7 +294,9 @@ def write_records(read: Callable[[bool], Iterator[Record]], out: ShardWriter, to
                              f"{first.source} (give every record a split, or none)")
         labels.append(names.setdefault(r.label, r.label))
         given.append(r.split)
-    splits = given if first is None or first.split is not None else \
+    if first is None:
+        raise StageError(f"{where}: holds no records")
+    splits = given if first.split is not None else \
         stratified_split(labels, split, seed)
     width = len(str(len(labels)))
     n = 0
@@ -303,7 +306,7 @@ def write_records(read: Callable[[bool], Iterator[Record]], out: ShardWriter, to
                              f"ingest.max_file_bytes {max_file_bytes}")
         out.add(f"{top}/{splits[n]}/{labels[n]}/{n:0{width}d}{r.suffix}", labels[n], splits[n],
                 r.source, r.data)
-    if labels and n + 1 != len(labels):
+    if n + 1 != len(labels):
         raise StageError(f"{where}: the source changed while it was read ({len(labels)} records, "
                          f"then {n + 1})")
     return sorted(set(labels))

@@ -60,11 +60,8 @@ def source(params: Params) -> str:
 def ingest(params: Params, out: ShardWriter) -> list[str]:
     """Add the recordings of audio.ingest.source to the shards `out`; return the class names."""
     a = params.audio.ingest
-    key = "audio.ingest.source"
     if (classes := records.ingest_records(params, a.source, out, "audio", AUDIO, "audio",
-                                          key)) is not None:
-        if not out.items:
-            raise StageError(f"{key}: {a.source} holds no recordings")
+                                          "audio.ingest.source")) is not None:
         return classes
     return ingest_audio(a.source, out, params.data.split, params.data.seed,
                         params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm, a.pitch)

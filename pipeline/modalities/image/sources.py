@@ -48,11 +48,8 @@ def ingest(params: Params, out: ShardWriter) -> list[str]:
                                          params.data.seed):
             out.add(*item)
         return [str(d) for d in range(10)]
-    key = "image.ingest.source"
     if (classes := records.ingest_records(params, params.image.ingest.source, out, "images",
-                                          IMAGES, "image", key)) is not None:
-        if not out.items:
-            raise StageError(f"{key}: {params.image.ingest.source} holds no images")
+                                          IMAGES, "image", "image.ingest.source")) is not None:
         return classes
     return ingest_images(params.image.ingest.source, out, params.data.split, params.data.seed,
                          params.ingest.max_file_bytes)
