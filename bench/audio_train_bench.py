@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.text_bench import apply_sets  # noqa: E402
 from pipeline.modalities.audio import export  # noqa: E402
+from pipeline.modalities.audio.augment import augmenter  # noqa: E402
+from pipeline.core.stream import sample_inputs  # noqa: E402
 from pipeline.modalities.audio.sources import ingest_audio  # noqa: E402
 from pipeline.core.card import onnx_predictor, read_card  # noqa: E402
 from pipeline.stages.compress import quantize_int8  # noqa: E402
@@ -60,19 +61,17 @@ def write_params(project: Path, changes: list[str]) -> None:
 
 
 def frontend_int8(project: Path) -> Path:
-    """float.onnx statically quantised with its front end too, on compress's calibration clips."""
-    from safetensors.torch import load_file
-
+    """float.onnx statically quantised with its front end too, on compress's calibration clips
+    (pipeline/core/stream.py sample_inputs, as pipeline/stages/compress.py draws them)."""
     params = load_params(project / "params.yaml")
-    x = load_file(project / "data/augmented/train.safetensors")["waveforms"].numpy()
-    n_originals = export.calibration_originals(params, len(x))
-    rng = np.random.default_rng(params.train.seed)  # as pipeline/stages/compress.py picks them
-    pick = rng.choice(n_originals, size=min(params.compress.calibration_items, n_originals),
-                      replace=False)
+    card = read_card(project / "models/float")
+    views = augmenter(params, card.preprocessing, project / "models/float")
+    x = sample_inputs(project / "data/ingested", "train", views,
+                      params.compress.calibration_items, params.train.seed).numpy()
     everything = SimpleNamespace(INPUT=export.INPUT, int8_scope=lambda prepared, folder:
                                  (prepared, {}))
     out = project / "models/compressed/int8_frontend.onnx"
-    quantize_int8(project / "models/compressed/float.onnx", out, x[pick],
+    quantize_int8(project / "models/compressed/float.onnx", out, x,
                   params.compress.int8_per_channel, params.compress.int8_reduce_range, everything)
     return out
 

@@ -13,9 +13,11 @@ Method (all in one process, one run of this script, so both sides see the same m
   num_workers=0 because DataLoader workers are slower on 2 cores (shared/STACK.md). LeNet-5,
   Adam(image.train.lr), constant LR, plain cross-entropy, fp32, NCHW tensors; on a GPU the model lives
   there and each batch is copied to it, as the original example does.
-- (b) Kiln's loop: pipeline.core.training.fit on the same uint8 images held on the device, warped afresh
-  each epoch by pipeline.modalities.image.models.epoch_warper (pipeline.modalities.image.warp.warp: one batched affine
-  grid_sample of the whole set, image.augment.chunk images per call: rotation, translation, zoom),
+- (b) Kiln's loop: pipeline.core.training.fit on the train split as the train stage reads it
+  (pipeline/core/stream.py, the decoded uint8 images held on the device), every image warped
+  afresh each epoch by the image augmenter (image.augment.copies 0, image.train.epoch_augment:
+  pipeline.modalities.image.warp.warp, one batched affine grid_sample per window, image.augment.chunk
+  images per call: rotation, translation, zoom, drawn per image id and epoch),
   with the train.* params the stage uses:
   channels_last, train.lr_schedule, train.label_smoothing (train.compile as in params.yaml).
   Same model, optimizer, lr, batch size, epochs and seed as (a).
@@ -55,24 +57,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core import training
 from pipeline.core.dataset import ShardWriter, load_split
-from pipeline.modalities.image import models
-from pipeline.modalities.image.models import epoch_warper
+from pipeline.core.stream import TrainStream
+from pipeline.modalities.image import augment, models
 from pipeline.modalities.image.preprocess import Preprocessing
-from pipeline.modalities.image.warp import warp
+from pipeline.modalities.image.warp import DRAWS, warp
 from pipeline.modalities.image.sources import ingest_images as ingest
 from pipeline.params import Params, load_params
 from train_stage_bench import with_changes  # bench/, beside this file
 
 
 def load_digits(p: Params) -> tuple[Preprocessing, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The digits ingested into a temporary folder (splits["folder"]) and decoded."""
     raw = Preprocessing(image_size=p.image.preprocess.image_size, channels=p.image.preprocess.channels,
                         mean=[0.0] * p.image.preprocess.channels, std=[1.0] * p.image.preprocess.channels,
                         background=p.image.preprocess.background)
-    with tempfile.TemporaryDirectory() as tmp:
-        with ShardWriter(Path(tmp), p.ingest.shard_items, p.ingest.row_group_bytes) as out:
-            out.close(ingest(p.image.ingest.source, out, p.data.split, p.data.seed,
-                             p.ingest.max_file_bytes))
-        splits = {s: load_split(Path(tmp), s, raw) for s in ("train", "test")}
+    tmp = Path(tempfile.mkdtemp())
+    with ShardWriter(tmp, p.ingest.shard_items, p.ingest.row_group_bytes) as out:
+        out.close(ingest(p.image.ingest.source, out, p.data.split, p.data.seed,
+                         p.ingest.max_file_bytes))
+    splits = {s: load_split(tmp, s, raw) for s in ("train", "test")}
+    splits["folder"] = tmp
     scaled = splits["train"][0].astype(np.float64) / 255
     prep = dataclasses.replace(raw, mean=scaled.mean(axis=(0, 2, 3)).tolist(),
                                std=scaled.std(axis=(0, 2, 3)).tolist())
@@ -138,26 +142,28 @@ def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int,
     t = models.recipe(p)  # params.yaml train with image.train's budget, lr, batch size
     device = training.pick_device()
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    pixels = torch.from_numpy(splits["train"][0]).to(device)
-    y = torch.from_numpy(splits["train"][1]).to(device)
-    x = models.to_input(pixels, prep, device).contiguous(memory_format=memory_format)
+    own = dataclasses.replace(p.image, augment=dataclasses.replace(p.image.augment, copies=0),
+                              train=dataclasses.replace(p.image.train,
+                                                        epoch_augment=per_epoch_warp))
+    views = augment.augmenter(dataclasses.replace(p, image=own), prep, splits["folder"])
+    data = TrainStream(splits["folder"], "train", views, seed=seed, shuffle_bytes=t.shuffle_bytes,
+                       device=device, cache=True, workers=0)
     torch.manual_seed(seed)
     model = models.build(p.image.train.model, prep.channels, 10, prep.image_size).to(device)
     model = model.to(memory_format=memory_format)
     optimizer = training.make_optimizer(t.optimizer, model.parameters(), t.lr, t.momentum,
                                      t.weight_decay)
     scheduler = training.make_schedule(t.lr_schedule, optimizer, t.lr,
-                                       t.max_epochs * training.steps_per_epoch(len(x), t.batch_size, 1))
+                                       t.max_epochs * data.steps(t.batch_size))
     net = torch.compile(model) if t.compile else model
-    warps = epoch_warper(pixels, prep, p.image.augment, seed, memory_format) if per_epoch_warp else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    training.fit(net, x, y, epochs=t.max_epochs, batch_size=t.batch_size, optimizer=optimizer,
-                 scheduler=scheduler, label_smoothing=t.label_smoothing, seed=seed,
-                 memory_format=memory_format, epoch_inputs=warps, cuda_graph=t.cuda_graph)  # fit syncs once per epoch (.tolist of the sums)
+    training.fit(net, data, epochs=t.max_epochs, batch_size=t.batch_size, optimizer=optimizer,
+                 scheduler=scheduler, label_smoothing=t.label_smoothing,
+                 memory_format=memory_format, cuda_graph=t.cuda_graph)  # fit syncs once per epoch (.tolist of the sums)
     seconds = time.perf_counter() - start
-    return t.max_epochs * len(x) / seconds, test_accuracy(model.cpu().float(), prep, splits)
+    return t.max_epochs * len(data) / seconds, test_accuracy(model.cpu().float(), prep, splits)
 
 
 def kiln_seed_recipe_run(p: Params, prep: Preprocessing, splits: dict,
@@ -178,7 +184,7 @@ def kiln_no_augmentation_run(p: Params, prep: Preprocessing, splits: dict,
 def test_accuracy(model: torch.nn.Module, prep: Preprocessing, splits: dict) -> float:
     pixels, labels = splits["test"]
     x = models.to_input(pixels, prep, torch.device("cpu"))
-    return training.score(model.cpu(), x, torch.from_numpy(labels), 512)[1]
+    return training.score(model.cpu(), [(x, torch.from_numpy(labels))])[1]
 
 
 def augmentation_rates(p: Params, prep: Preprocessing, splits: dict, reps: int) -> dict:
@@ -188,7 +194,8 @@ def augmentation_rates(p: Params, prep: Preprocessing, splits: dict, reps: int) 
     per_image, batched = [], []
     device = training.pick_device()
     on_device = torch.from_numpy(pixels).to(device)
-    warp(on_device[:8].float() / 255, p.image.augment)  # warm-up
+    draws = np.random.default_rng(0).random((len(pixels), DRAWS))
+    warp(on_device[:8].float() / 255, p.image.augment, draws[:8])  # warm-up
     for _ in range(reps):
         start = time.perf_counter()
         np.stack([pil_augment(image, p.image.augment.rotation_deg, pad, rng) for image in pixels])
@@ -196,7 +203,7 @@ def augmentation_rates(p: Params, prep: Preprocessing, splits: dict, reps: int) 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        warp(on_device.float() / 255, p.image.augment)
+        warp(on_device.float() / 255, p.image.augment, draws)
         if device.type == "cuda":
             torch.cuda.synchronize()
         batched.append(len(pixels) / (time.perf_counter() - start))

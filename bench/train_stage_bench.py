@@ -65,7 +65,7 @@ def child() -> None:
     model, card = saved_model.load(Path("models/float"))
     pixels, labels = load_split(Path("data/ingested"), "test", card.preprocessing)
     x = image_models.to_input(pixels, card.preprocessing, torch.device("cpu"))
-    accuracy = training.score(model.float().cpu(), x, torch.from_numpy(labels), 512)[1]
+    accuracy = training.score(model.float().cpu(), [(x, torch.from_numpy(labels))])[1]
     print("RESULT " + json.dumps({"stage_s": seconds, "test_acc": accuracy,
                                   "device": str(training.pick_device())}), flush=True)
 

@@ -76,6 +76,8 @@ class EngineParams:
     workers: int
     batch: int
     checkpoint_s: float
+    cache_bytes: int
+    loader_workers: int
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class TrainParams:
     label_smoothing: float
     compile: bool
     processes: int
+    shuffle_bytes: int
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,9 @@ def _check_ranges(p: Params) -> None:
         ("train.patience", p.train.patience >= 1, "must be >= 1 (epochs)"),
         ("train.label_smoothing", 0 <= p.train.label_smoothing < 1, "must be in [0, 1)"),
         ("train.processes", p.train.processes >= 1, "must be >= 1"),
+        ("train.shuffle_bytes", p.train.shuffle_bytes >= 0, "must be >= 0 (0: the whole split)"),
+        ("engine.cache_bytes", p.engine.cache_bytes >= 0, "must be >= 0"),
+        ("engine.loader_workers", p.engine.loader_workers >= 0, "must be >= 0"),
         ("compress.prune_amount", 0 <= p.compress.prune_amount < 1, "must be in [0, 1)"),
         ("compress.calibration_items", p.compress.calibration_items >= 1, "must be >= 1"),
         ("evaluate.latency_runs", p.evaluate.latency_runs >= 1, "must be >= 1"),

@@ -1,7 +1,7 @@
 """The audio models (data.modality: audio): the log-mel front end against torch.stft, waveform
-perturbation and SpecAugment, the registry's models in ONNX Runtime on raw waveforms, structured
-pruning that shrinks the body and never the front end, int8 with the front end in float, and the
-augment -> train -> compress stages on generated clips."""
+perturbation (each clip's own, per epoch and view) and SpecAugment, the registry's models in ONNX
+Runtime on raw waveforms, structured pruning that shrinks the body and never the front end, int8
+with the front end in float, and the augment stage's record on generated clips."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +17,11 @@ import torch
 from pipeline import StageError
 from pipeline.modalities.audio import export
 from pipeline.modalities.audio import models as audio_models
-from pipeline.modalities.audio.augment import augment_waves, preprocessing, write_augmented
+from pipeline.modalities.audio.augment import augmenter, preprocessing, write_augmented
 from pipeline.modalities.audio.logmel import LogMel, mask_bands, mel_filterbank
-from pipeline.modalities.audio.perturb import generator, perturb, resample
+from pipeline.modalities.audio.perturb import DRAWS, perturb, resample
 from pipeline.core.card import onnx_predictor
+from pipeline.core.stream import item_keys
 from pipeline.core.pruning import structured_l1
 from pipeline.stages.compress import count_macs_on, count_params, quantize_int8
 from pipeline.core.dataset import write_items
@@ -135,28 +136,32 @@ def test_spec_augment_masks_bands_in_training_mode_only(waves):
 
 # --- perturbation ------------------------------------------------------------------------------
 
-def test_augmented_copies_are_seeded_and_follow_the_originals(waves):
-    p = params().audio
-    out = augment_waves(waves, p)
-    assert out.shape == (2 * len(waves), RATE) and torch.equal(out[:len(waves)], waves)
-    assert torch.equal(out, augment_waves(waves, p))
-    other = dataclasses.replace(p, augment=dataclasses.replace(p.augment, seed=1))
-    assert not torch.equal(out, augment_waves(waves, other))
-    assert out.abs().max() <= 1
+def draws_and_noise(waves: torch.Tensor, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    return rng.random((len(waves), DRAWS)), torch.from_numpy(
+        rng.standard_normal(waves.shape, dtype=np.float32))
 
 
 def test_each_perturbation_does_what_its_range_says(waves):
     p = params().audio.augment
     fixed = lambda **k: dataclasses.replace(  # noqa: E731
         p, **{"speed": [1, 1], "shift_s": 0.0, "gain_db": [0, 0], "snr_db": [100, 100], **k})
-    g = lambda: generator(0, waves.device)  # noqa: E731
-    torch.testing.assert_close(perturb(waves, fixed(), RATE, g()), waves, atol=1e-4, rtol=0)
-    louder = perturb(waves, fixed(gain_db=[6, 6]), RATE, g())
+    draws, noise = draws_and_noise(waves)
+    torch.testing.assert_close(perturb(waves, fixed(), RATE, draws, noise), waves, atol=1e-4,
+                               rtol=0)
+    # The draws' columns, in order: speed, shift, gain, SNR, each mapped onto its range.
+    half = np.full((len(waves), DRAWS), 0.5)
+    louder = perturb(waves, fixed(gain_db=[0, 12]), RATE, half, noise)
     torch.testing.assert_close(louder, waves * 10 ** (6 / 20), atol=1e-4, rtol=0)
-    assert perturb(waves, fixed(gain_db=[40, 40]), RATE, g()).abs().max() == 1  # clipped
-    noisy = perturb(waves, fixed(snr_db=[10, 10]), RATE, g())
+    assert perturb(waves, fixed(gain_db=[40, 40]), RATE, draws, noise).abs().max() == 1  # clipped
+    noisy = perturb(waves, fixed(snr_db=[0, 20]), RATE, half, noise)
     snr = waves.square().mean(1) / (noisy - waves).square().mean(1)
     assert ((10 * snr.log10() - 10).abs() < 0.5).all()
+    later = perturb(waves, fixed(shift_s=10 / RATE), RATE, np.full_like(half, 0.75), noise)
+    torch.testing.assert_close(later[:, 5:], waves[:, :-5], atol=1e-4, rtol=0)
+    quicker = perturb(waves, fixed(speed=[1, 1.2]), RATE, half, noise)
+    torch.testing.assert_close(quicker, resample(waves, torch.full((len(waves), 1), 1.1),
+                                                 torch.zeros(len(waves), 1)), atol=1e-4, rtol=0)
     # Shift and speed: output sample t is input sample centre + (t - centre) x rate - shift.
     ones = torch.ones(len(waves), 1)
     torch.testing.assert_close(resample(waves, ones, 5 * ones)[:, 5:], waves[:, :-5])
@@ -166,20 +171,59 @@ def test_each_perturbation_does_what_its_range_says(waves):
     assert torch.fft.rfft(faster).abs().argmax(1).tolist() == [500, 600]  # 1 Hz bins
 
 
-def test_per_epoch_inputs_depend_on_seed_and_epoch_only(waves):
-    p, prep = params(), preprocessing(params().audio.preprocess)
-    tensors = {"waveforms": waves}
-    inputs = audio_models.epoch_inputs(tensors, prep, p, torch.device("cpu"),
-                                       torch.contiguous_format)
-    first = inputs(1)
-    assert torch.equal(first, inputs(1)) and not torch.equal(first, inputs(2))
-    assert not torch.equal(first, waves) and first.shape == waves.shape
-    again = audio_models.epoch_inputs(tensors, prep, p, torch.device("cpu"),
-                                      torch.contiguous_format)
-    assert torch.equal(again(2), inputs(2))
-    off = params(augment={"per_epoch": False})
-    assert audio_models.epoch_inputs(tensors, prep, off, torch.device("cpu"),
-                                     torch.contiguous_format) is None
+def test_a_clip_is_perturbed_alone_as_in_a_batch(waves):
+    """Its own draws and noise alone make a clip's output, bit for bit: the batch's farthest
+    reach (resample's zero padding) and its size change nothing."""
+    p = params().audio.augment
+    draws, noise = draws_and_noise(waves)
+    draws[0, :2] = [0.0, 0.0]  # the slowest, farthest shifted clip: the batch's widest margin
+    batch = perturb(waves, p, RATE, draws, noise)
+    assert not torch.equal(batch, waves) and batch.abs().max() <= 1
+    for i in range(1, len(waves)):
+        assert torch.equal(perturb(waves[i:i + 1], p, RATE, draws[i:i + 1], noise[i:i + 1])[0],
+                           batch[i])
+        assert torch.equal(perturb(waves[i:], p, RATE, draws[i:], noise[i:].numpy())[0],
+                           batch[i])
+    # 3 s clips: past 32,768 samples torch's CPU mean(1) of one row splits it across threads,
+    # as it does not a batch's rows; perturb's row sums keep one order.
+    long = torch.cat([waves[:4]] * 3, 1)
+    draws, noise = draws_and_noise(long)
+    batch = perturb(long, p, RATE, draws, noise)
+    assert all(torch.equal(perturb(long[i:i + 1], p, RATE, draws[i:i + 1], noise[i:i + 1])[0],
+                           batch[i]) for i in range(4))
+
+
+def test_views_are_each_clips_own_per_epoch_and_view(waves):
+    p = params(augment={"copies": 2, "per_epoch": False})
+    prep = preprocessing(p.audio.preprocess)
+    views = augmenter(p, prep, Path("unused"))
+    keys = item_keys(f"audio/train/{n}.wav" for n in range(len(waves)))
+    assert views.views == 3 and views.view(waves, keys, 1, 0) is waves
+    first = views.view(waves, keys, 1, 1)
+    assert first.shape == waves.shape and first.dtype == torch.float32
+    assert not torch.equal(first, waves) and first.abs().max() <= 1
+    assert torch.equal(first, augmenter(p, prep, Path("unused")).view(waves, keys, 1, 1))
+    assert torch.equal(first[3], views.view(waves[3:4], keys[3:4], 1, 1)[0])  # alone
+    assert torch.equal(first[3], views.view(waves[[5, 3]], keys[[5, 3]], 1, 1)[1])
+    for other in (views.view(waves, keys, 2, 1), views.view(waves, keys, 1, 2),
+                  augmenter(params(augment={"copies": 2, "per_epoch": False, "seed": 1}), prep,
+                            Path("unused")).view(waves, keys, 1, 1)):
+        assert not (other == first).all(1).any()  # every clip differs
+    # per_epoch: the clip itself is perturbed too, afresh each epoch.
+    each = augmenter(params(augment={"per_epoch": True}), prep, Path("unused"))
+    assert each.views == 2
+    zero = each.view(waves, keys, 1, 0)
+    assert not (zero == waves).all(1).any() and not (zero == each.view(waves, keys, 2, 0)).all(
+        1).any()
+    # Stored items decode to the model's input as they are.
+    wavs = []
+    for wave in waves[:2].numpy():
+        wav = io.BytesIO()
+        soundfile.write(wav, wave, RATE, subtype="FLOAT", format="WAV")
+        wavs.append(wav.getvalue())
+    decoded = views.decode(wavs)
+    assert decoded.dtype == np.float32 and np.array_equal(decoded, waves[:2].numpy())
+    assert views.to_input(waves) is waves
 
 
 # --- models, ONNX, pruning, int8 ---------------------------------------------------------------
@@ -244,14 +288,14 @@ def test_int8_keeps_the_front_end_float_and_answers_alone_as_in_a_batch(name, wa
 
 # --- the stages --------------------------------------------------------------------------------
 
-def test_augment_writes_the_same_bytes_twice(tmp_path):
+def test_augment_writes_the_preprocessing_record_alone(tmp_path):
     data = write_clips(tmp_path / "ingested", seed=1)
     outputs = []
     for out in ("first", "second"):
         summary = write_augmented(data, tmp_path / out, params())
         outputs.append({f.name: f.read_bytes() for f in sorted((tmp_path / out).iterdir())})
-    assert sorted(outputs[0]) == ["preprocessing.json", "train.safetensors"]
-    assert outputs[0] == outputs[1]
-    assert summary.startswith("96 training clips -> 192 (1 perturbed copies each)")
-
-
+    assert sorted(outputs[0]) == ["preprocessing.json"] and outputs[0] == outputs[1]
+    assert summary == ("96 training clips of 16000 samples at 16000 Hz; training sees a "
+                       "perturbation of each and 1 perturbed copies per epoch")
+    off = write_augmented(data, tmp_path / "off", params(augment={"per_epoch": False}))
+    assert "training sees each as it is and 1 perturbed" in off

@@ -17,10 +17,12 @@ from pipeline.core.dataset import ShardWriter, load_split
 from pipeline.modalities.image.sources import ingest_images as ingest
 from pipeline.params import CompressParams, load_params
 from pipeline.modalities.image import models
-from pipeline.modalities.image.augment import augment_pixels
+from pipeline.modalities.image import augment
 from pipeline.modalities.image.export import export_onnx
 from pipeline.modalities.image.preprocess import Preprocessing
-from pipeline.core.training import fit, make_optimizer, make_schedule, steps_per_epoch
+from pipeline.core.stream import TrainStream
+from pipeline.core.training import fit, make_optimizer, make_schedule
+from tests.streams import tensors
 
 REPO = Path(__file__).resolve().parents[1]
 PREP = Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25])
@@ -92,6 +94,7 @@ def test_every_registered_method_is_selectable_and_mask_pruning_saves_nothing(tm
     """Each registered method prunes; only structured ones lower MACs, parameters and the ONNX
     file size, which is what compress.json reports for a mask pruner."""
     x, y = torch.randn(32, 1, 32, 32), torch.randint(0, 10, (32,))
+    data, _ = tensors(tmp_path / "data", x, y)
     sizes = {}
     structured = [m for m in PRUNERS if is_structured(m)]
     assert structured and len(structured) < len(PRUNERS)  # both kinds are registered
@@ -102,7 +105,7 @@ def test_every_registered_method_is_selectable_and_mask_pruning_saves_nothing(tm
                            int8_reduce_range=True)
         recipe = dataclasses.replace(models.recipe(load_params(REPO / "params.yaml")),
                                      batch_size=16, seed=0)
-        pruned = prune_and_finetune(model, x, y, p, recipe)
+        pruned = prune_and_finetune(model, data, x[:1], p, recipe)
         export_onnx(pruned, PREP, tmp_path / f"{method}.onnx")
         sizes[method] = (tmp_path / f"{method}.onnx").stat().st_size
         macs, n_params = count_macs(pruned, (1, 32, 32)), count_params(pruned)
@@ -115,18 +118,19 @@ def test_every_registered_method_is_selectable_and_mask_pruning_saves_nothing(tm
 
 
 def digits(params, folder: Path):
-    """The built-in digits ingested into `folder` and preprocessed as the pipeline does (real
-    params), the train split augmented: (preprocessing, x, y, test x, test labels); x and test x
-    normalized (tests here and bench/prune_bench.py)."""
+    """The built-in digits ingested into `folder` and read as the pipeline does (real params):
+    (preprocessing, the train split as training streams it with image.augment's views, test
+    x normalized, test labels) (tests here and bench/prune_bench.py)."""
     with ShardWriter(folder, params.ingest.shard_items, params.ingest.row_group_bytes) as out:
         out.close(ingest("digits", out, params.data.split, seed=params.data.seed,
                          max_file_bytes=params.ingest.max_file_bytes))
     prep = Preprocessing(image_size=params.image.preprocess.image_size, channels=1, mean=[0.5], std=[0.25])
-    train_pixels, train_labels = load_split(folder, "train", prep)
+    views = augment.augmenter(params, prep, folder)
+    data = TrainStream(folder, "train", views, seed=params.train.seed,
+                       shuffle_bytes=params.train.shuffle_bytes, device=torch.device("cpu"),
+                       cache=True, workers=0)
     test_pixels, test_labels = load_split(folder, "test", prep)
-    images, labels = augment_pixels(train_pixels, train_labels, params.image.augment, torch.device("cpu"))
-    return (prep, torch.from_numpy(prep.normalize(images.numpy())), labels,
-            prep.normalize(test_pixels), test_labels)
+    return prep, data, prep.normalize(test_pixels), test_labels
 
 
 @pytest.mark.slow
@@ -137,7 +141,7 @@ def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     exported ONNX files as evaluate does."""
     params = load_params(REPO / "params.yaml")
     assert is_structured(params.compress.prune_method)
-    prep, x, y, test_x, test_labels = digits(params, tmp_path / "digits")
+    prep, data, test_x, test_labels = digits(params, tmp_path / "digits")
 
     recipe = models.recipe(params)
     memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
@@ -146,10 +150,10 @@ def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(recipe.optimizer, model.parameters(), recipe.lr, recipe.momentum,
                                recipe.weight_decay)
-    steps = steps_per_epoch(len(x), recipe.batch_size, 1) * FLOAT_EPOCHS
-    fit(model, x, y, epochs=FLOAT_EPOCHS, batch_size=recipe.batch_size, optimizer=optimizer,
+    steps = data.steps(recipe.batch_size) * FLOAT_EPOCHS
+    fit(model, data, epochs=FLOAT_EPOCHS, batch_size=recipe.batch_size, optimizer=optimizer,
         scheduler=make_schedule(recipe.lr_schedule, optimizer, recipe.lr, steps),
-        label_smoothing=recipe.label_smoothing, seed=recipe.seed, memory_format=memory_format,
+        label_smoothing=recipe.label_smoothing, memory_format=memory_format,
         cuda_graph=recipe.cuda_graph)
     model.eval()
     export_onnx(model, prep, tmp_path / "float.onnx")
@@ -157,7 +161,8 @@ def test_structured_pruning_on_digits_halves_macs_within_one_point(tmp_path):
     float_macs = count_macs(model, (1, 32, 32))
 
     torch.manual_seed(0)
-    pruned = prune_and_finetune(model, x, y, params.compress, recipe)
+    pruned = prune_and_finetune(model, data, torch.from_numpy(test_x[:1]), params.compress,
+                                recipe)
     export_onnx(pruned, prep, tmp_path / "pruned.onnx")
     pruned_acc = (onnx_predictor(tmp_path / "pruned.onnx", 2)(test_x).argmax(1) == test_labels).mean()
 

@@ -24,11 +24,11 @@ from pipeline.modalities.image.sources import ingest_images
 from pipeline.modalities.image.config import Augment as ImageAugment
 from pipeline.params import CompressParams, GateParams, Split, load_params
 from pipeline.modalities.image import export, models
-from pipeline.modalities.image.augment import augment_pixels
 from pipeline.modalities.image.preprocess import Preprocessing
-from pipeline.modalities.image.warp import warp
+from pipeline.modalities.image.warp import DRAWS, warp
 from pipeline.core.training import fit
 from tests.ingested import items_of
+from tests.streams import tensors
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = Split(train=0.6, val=0.2, test=0.2)
@@ -256,10 +256,6 @@ def test_a_card_from_before_image_background_still_reads(tmp_path):
     assert read.recipe.section.preprocess.background is None
 
 
-AUG = ImageAugment(copies=2, rotation_deg=15.0, translate=0.1, scale_min=0.9, scale_max=1.1,
-                    hflip=False, seed=0, chunk=3)
-
-
 def test_warp_geometry_and_chunking():
     images = torch.rand(10, 2, 12, 20, generator=torch.Generator().manual_seed(0))
     def params(rotation_deg, translate, scale_min, scale_max, hflip, chunk):
@@ -267,38 +263,21 @@ def test_warp_geometry_and_chunking():
                              scale_min=scale_min, scale_max=scale_max, hflip=hflip, seed=0,
                              chunk=chunk)
 
-    identity = warp(images, params(0.0, 0.0, 1.0, 1.0, False, chunk=3))
+    draws = np.random.default_rng(1).random((10, DRAWS))
+    identity = warp(images, params(0.0, 0.0, 1.0, 1.0, False, chunk=3), draws)
     assert torch.allclose(identity, images, atol=1e-5)  # pixel centres map onto themselves
-    torch.manual_seed(1)
-    mirrored = warp(images, params(0.0, 0.0, 1.0, 1.0, True, chunk=3))
+    mirrored = warp(images, params(0.0, 0.0, 1.0, 1.0, True, chunk=3), draws)
     flipped = [torch.allclose(out, image.flip(-1), atol=1e-5) for out, image in zip(mirrored, images)]
     kept = [torch.allclose(out, image, atol=1e-5) for out, image in zip(mirrored, images)]
+    assert [f for f in flipped] == (draws[:, 4] < 0.5).tolist()
     assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
-    zoomed_out = warp(images, params(0.0, 0.0, 0.5, 0.5, False, chunk=3))  # half size, centred
+    zoomed_out = warp(images, params(0.0, 0.0, 0.5, 0.5, False, chunk=3), draws)  # half size, centred
     assert torch.allclose(zoomed_out[..., 3:9, 5:15], F.avg_pool2d(images, 2), atol=1e-5)
     assert (zoomed_out[..., :3, :] == 0).all() and (zoomed_out[..., :, :5] == 0).all()
-    torch.manual_seed(2)
-    small_chunks = warp(images, params(15.0, 0.1, 0.9, 1.1, True, chunk=4))
-    torch.manual_seed(2)
-    assert torch.equal(small_chunks, warp(images, params(15.0, 0.1, 0.9, 1.1, True, chunk=100)))
-
-
-def test_augment_is_seeded_and_random_per_sample():
-    rng = np.random.default_rng(0)
-    pixels = np.zeros((8, 1, 32, 32), np.uint8)
-    pixels[:, :, 8:24, 12:20] = 255  # the same bar in every image
-    labels = rng.integers(0, 3, 8)
-    images, out_labels = augment_pixels(pixels, labels, AUG, torch.device("cpu"))
-    again, _ = augment_pixels(pixels, labels, AUG, torch.device("cpu"))
-    assert images.shape == (24, 1, 32, 32) and images.dtype == torch.uint8
-    assert torch.equal(images, again)
-    assert torch.equal(images[:8], torch.from_numpy(pixels))  # originals kept first
-    assert out_labels.tolist() == labels.tolist() * 3
-    warped = images[8:].reshape(16, -1).float()
-    assert not torch.equal(warped[0], warped[1])  # per-sample parameters, not one per batch
-    assert (warped != torch.from_numpy(pixels).reshape(8, -1).float().repeat(2, 1)).any(1).all()
-    other, _ = augment_pixels(pixels, labels, ImageAugment(**{**AUG.__dict__, "seed": 1}), torch.device("cpu"))
-    assert not torch.equal(images, other)
+    small_chunks = warp(images, params(15.0, 0.1, 0.9, 1.1, True, chunk=4), draws)
+    assert torch.equal(small_chunks, warp(images, params(15.0, 0.1, 0.9, 1.1, True, chunk=100), draws))
+    assert torch.equal(small_chunks[3:4], warp(images[3:4], params(15.0, 0.1, 0.9, 1.1, True, chunk=4),
+                                               draws[3:4]))  # an image's warp is its own
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
@@ -323,17 +302,18 @@ def separable_data(n=256):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def test_fit_learns_and_is_deterministic():
+def test_fit_learns_and_is_deterministic(tmp_path):
     x, y = separable_data()
+    data, val = tensors(tmp_path, x, y)
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
         model = models.build("lenet5", channels=1, classes=2, image_size=32)
         optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
         epochs = []
-        fit(model, x, y, epochs=3, batch_size=32, optimizer=optimizer, scheduler=None,
-            label_smoothing=0.0, seed=0, memory_format=torch.contiguous_format, cuda_graph=False,
-            val=(x, y), on_epoch=epochs.append)
+        fit(model, data, epochs=3, batch_size=32, optimizer=optimizer, scheduler=None,
+            label_smoothing=0.0, memory_format=torch.contiguous_format, cuda_graph=False,
+            val=val, on_epoch=epochs.append)
         runs.append(epochs)
     assert runs[0][-1]["val_acc"] > 0.95
     assert runs[0][-1]["train_loss"] < runs[0][0]["train_loss"]
@@ -348,15 +328,16 @@ RECIPE = dataclasses.replace(models.recipe(load_params(REPO / "params.yaml")), b
 
 
 @pytest.mark.parametrize("method", sorted(m for m in PRUNERS if not is_structured(m)))
-def test_every_mask_pruner_keeps_weights_zero_through_finetune(method):
+def test_every_mask_pruner_keeps_weights_zero_through_finetune(method, tmp_path):
     x, y = separable_data(64)
+    data, _ = tensors(tmp_path, x, y)
     pruned = {}
     for epochs in (0, 1):
         torch.manual_seed(0)
         model = models.build("lenet5", channels=1, classes=2, image_size=32)
         assert sparsity(model) == 0
         p = CompressParams(**{**COMPRESS.__dict__, "prune_method": method, "finetune_epochs": epochs})
-        pruned[epochs] = prune_and_finetune(model, x, y, p, RECIPE)
+        pruned[epochs] = prune_and_finetune(model, data, x[:1], p, RECIPE)
     zero_before = [w == 0 for w in pruned[0].state_dict().values()]
     zero_after = [w == 0 for w in pruned[1].state_dict().values()]
     assert sparsity(pruned[0]) > 0.01
@@ -366,11 +347,12 @@ def test_every_mask_pruner_keeps_weights_zero_through_finetune(method):
     assert not any(name.endswith("_orig") for name in pruned[1].state_dict())  # masks baked in
 
 
-def test_unknown_pruner_names_the_key():
+def test_unknown_pruner_names_the_key(tmp_path):
     x, y = separable_data(8)
+    data, _ = tensors(tmp_path, x, y)
     model = models.build("lenet5", channels=1, classes=2, image_size=32)
     with pytest.raises(StageError, match="compress.prune_method: expected one of .*, got 'magic'"):
-        prune_and_finetune(model, x, y, CompressParams(**{**COMPRESS.__dict__, "prune_method": "magic"}),
+        prune_and_finetune(model, data, x[:1], CompressParams(**{**COMPRESS.__dict__, "prune_method": "magic"}),
                            dataclasses.replace(RECIPE, batch_size=8))
 
 
@@ -378,9 +360,9 @@ def test_onnx_export_and_int8_match_torch(tmp_path):
     x, y = separable_data(128)
     torch.manual_seed(0)
     model = models.build("lenet5", channels=1, classes=2, image_size=32)
-    fit(model, x, y, epochs=2, batch_size=32, optimizer=torch.optim.Adam(model.parameters(), 2e-3),
-        scheduler=None, label_smoothing=0.0, seed=0, memory_format=torch.contiguous_format,
-        cuda_graph=False)
+    fit(model, tensors(tmp_path / "data", x, y)[0], epochs=2, batch_size=32,
+        optimizer=torch.optim.Adam(model.parameters(), 2e-3), scheduler=None,
+        label_smoothing=0.0, memory_format=torch.contiguous_format, cuda_graph=False)
     model.eval()
     export.export_onnx(model, PREP, tmp_path / "float.onnx")
     quantize_int8(tmp_path / "float.onnx", tmp_path / "int8.onnx", x[:64].numpy(),

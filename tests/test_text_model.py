@@ -22,11 +22,12 @@ from pipeline.core.card import onnx_predictor
 from pipeline.core.pruning import structured_l1
 from pipeline.stages.compress import count_macs_on, count_params, quantize_int8
 from pipeline.core.dataset import load_texts, write_items
+from pipeline.core.stream import TrainStream, item_keys
 from pipeline.modalities.text.config import Augment as TextAugment
 from pipeline.params import load_params
 from pipeline.modalities.text import export, preprocess as tokens
 from pipeline.modalities.text import models as text_models
-from pipeline.modalities.text.augment import augment_ids, delete, mask, swap, write_augmented
+from pipeline.modalities.text.augment import augmenter, delete, mask, swap, write_augmented
 from tests.conftest import merged
 from tests.project import stage_argv
 
@@ -84,39 +85,94 @@ def padded_ids(n: int, length: int, seed: int) -> torch.Tensor:
 
 # --- augmentation ------------------------------------------------------------------------------
 
-def test_augmentation_is_seeded_and_keeps_cls_and_padding():
-    ids = padded_ids(400, 24, seed=0)
-    p = TextAugment(copies=2, deletion=0.1, swap=0.1, mask=0.1, seed=3)
-    out = augment_ids(ids, p, pad_id=0, mask_id=4)
-    assert out.shape == (1200, 24) and out.dtype == torch.int64
-    assert torch.equal(out, augment_ids(ids, p, pad_id=0, mask_id=4))
-    assert not torch.equal(out, augment_ids(ids, TextAugment(2, 0.1, 0.1, 0.1, 4), 0, 4))
-    assert torch.equal(out[:400], ids)  # originals first
-    copy1, copy2 = out[400:800], out[800:]
+@pytest.fixture(scope="module")
+def text_views(vocab, tmp_path_factory):
+    """The Augmenter of the vocab fixture's tokenizer, saved in a folder, with high rates."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    prep = tokens.save(vocab[0], folder, TEXT["preprocess"]["max_tokens"], lowercase=True)
+    params = load_params(REPO / "params.yaml")
+    augment = TextAugment(copies=2, deletion=0.2, swap=0.2, mask=0.2, seed=3)
+    text = dataclasses.replace(params.text, augment=augment)
+    return augmenter(dataclasses.replace(params, text=text), prep, folder)
+
+
+def test_views_keep_cls_and_padding_and_follow_the_seed(text_views):
+    ids = padded_ids(400, 16, seed=0)
+    keys = item_keys(f"texts/{i}.txt" for i in range(400))
+    assert text_views.views == 3
+    assert text_views.view(ids, keys, 0, 0) is ids  # view 0: the texts themselves
+    assert torch.equal(text_views.to_input(ids), ids)  # some text uses all 16 tokens
+    short = torch.nn.functional.pad(ids[:, :5], (0, 11), value=text_views.prep.pad_id)
+    assert torch.equal(text_views.to_input(short), ids[:, :5])  # cut to the longest text
+    copy1, copy2 = text_views.view(ids, keys, 0, 1), text_views.view(ids, keys, 0, 2)
+    assert copy1.shape == (400, 16) and copy1.dtype == torch.int64
+    assert torch.equal(copy1, text_views.view(ids, keys, 0, 1))
+    reseeded = dataclasses.replace(text_views, p=dataclasses.replace(text_views.p, seed=4))
+    assert not torch.equal(copy1, reseeded.view(ids, keys, 0, 1))
     assert not torch.equal(copy1, copy2)
     for copy in (copy1, copy2):
         assert (copy[:, 0] == 2).all()  # [CLS] untouched
-        # Padding stays padding; deletion only adds padding at the end of a row.
+        # Padding stays padding (mask id 4 is not pad); deletion only adds padding at the end.
         assert (copy[ids == 0] == 0).all()
         length = (copy != 0).sum(1)
-        assert (copy != 0).int().argmin(1)[length < 24].equal(length[length < 24])
+        assert (copy != 0).int().argmin(1)[length < 16].equal(length[length < 16])
         assert (length >= 2).all()  # [CLS] and at least one token survive
+
+
+def test_a_texts_view_is_its_own_alone_or_in_any_batch(text_views, vocab):
+    """A view depends on the text's id, the seed, the epoch and the view: not on the texts
+    beside it, their order, nor how far the batch is padded."""
+    texts = [t[:6 * (1 + i % 12)] for i, t in enumerate(vocab[2][:24])]  # of many lengths
+    items = torch.from_numpy(text_views.decode([t.encode("utf-8") for t in texts]))
+    assert items.shape == (24, 16) and items.dtype == torch.int64
+    keys = item_keys(f"texts/train/{i}.txt" for i in range(24))
+    batch = text_views.view(items, keys, 1, 1)
+    for i in (0, 5, 23):
+        length = int((items[i] != 0).sum())
+        alone = text_views.view(items[i:i + 1, :length], keys[i:i + 1], 1, 1)
+        assert torch.equal(alone[0], batch[i, :length]) and (batch[i, length:] == 0).all()
+    order = np.random.default_rng(0).permutation(24)
+    assert torch.equal(text_views.view(items[order], keys[order], 1, 1), batch[order])
+    assert not torch.equal(batch, items)
+    assert not torch.equal(batch, text_views.view(items, keys, 2, 1))  # another epoch
+    assert not torch.equal(batch, text_views.view(items, keys, 1, 2))  # another view
+
+
+def test_texts_stream_alike_cached_or_read_a_window_at_a_time(text_views, tmp_path):
+    """Decoded texts have one width (max_tokens), not their window's longest: windows read apart
+    make the same batches as the split decoded at once."""
+    # Row groups of about 5 texts (13 of them), texts 1 word long first, 6 words last.
+    items = [({"id": f"texts/train/{n}.txt", "label": CLASSES[n % 4], "split": "train",
+               "source": "lengths"}, " ".join(["alpha1"] * (1 + n // 10)).encode("utf-8"))
+             for n in range(60)]
+    data = tmp_path / "ingested"
+    write_items(data, items, list(CLASSES), row_group_bytes=100)
+
+    def batches(cache: bool) -> list:
+        stream = TrainStream(data, "train", text_views, seed=0, shuffle_bytes=1,
+                             device=torch.device("cpu"), cache=cache, workers=0)
+        return [b for epoch in (0, 1) for b in stream.batches(epoch, 32)]
+
+    cached, streamed = batches(True), batches(False)
+    assert len(cached) == len(streamed) == 2 * -(-60 * 3 // 32)
+    for (x, y), (sx, sy) in zip(cached, streamed):
+        assert torch.equal(x, sx) and torch.equal(y, sy)
 
 
 def test_each_operation_hits_its_rate_and_only_content():
     ids = padded_ids(2000, 32, seed=1)
     content = (ids != 0).sum() - len(ids)  # tokens after [CLS]
-    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    masked = mask(ids, 0.2, 0, 4, g())
+    u = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
+    masked = mask(ids, 0.2, 0, 4, u)
     assert abs((masked == 4).sum() / content - 0.2) < 0.01
     assert ((masked == 4) <= (ids != 0)).all() and (masked[:, 0] == 2).all()
-    deleted = delete(ids, 0.15, 0, g())
+    deleted = delete(ids, 0.15, 0, u)
     assert abs(1 - ((deleted != 0).sum() - len(ids)) / content - 0.15) < 0.01
     # Deletion keeps order: every row is a subsequence of its original.
     for before, after in zip(ids[:50].tolist(), deleted[:50].tolist()):
         it = iter(before)
         assert all(t in it for t in after if t != 0)
-    swapped = swap(ids, 0.1, 0, g())
+    swapped = swap(ids, 0.1, 0, u)
     assert torch.equal(swapped.sort(1).values, ids.sort(1).values)  # same multiset per row
     moved = (swapped != ids).sum() / content
     assert 0.1 < moved < 0.22  # each swap moves two tokens (fewer where neighbours are equal)
@@ -280,7 +336,7 @@ def test_a_local_hugging_face_checkpoint_trains_through_the_stage(tmp_path, para
 
 
 @pytest.mark.slow
-def test_augment_writes_the_same_tokenizer_and_tokens_from_every_process(tmp_path, params_writer):
+def test_augment_writes_the_same_tokenizer_from_every_process(tmp_path, params_writer):
     """`dvc repro`'s promise: the same texts and params give the same bytes, in a fresh process
     (a new hash seed) too. On these texts tokenizers 0.23's WordPiece trainer gave another
     vocabulary on every run, so every model after it changed."""
@@ -290,22 +346,32 @@ def test_augment_writes_the_same_tokenizer_and_tokens_from_every_process(tmp_pat
     for out in ("first", "second"):
         run(tmp_path, "augment", "--data", "data/ingested", "--out", out)
         outputs.append({f.name: f.read_bytes() for f in sorted((tmp_path / out).iterdir())})
-    assert sorted(outputs[0]) == ["preprocessing.json", "tokenizer.json", "train.safetensors"]
+    assert sorted(outputs[0]) == ["preprocessing.json", "tokenizer.json"]
     assert outputs[0] == outputs[1]
 
 
 def test_augment_says_how_many_texts_are_cut_at_max_tokens(tmp_path):
     """The model reads text.preprocess.max_tokens tokens of a text: the stage's summary says how many
-    training texts lose their end (every one of these has [CLS] and 3 to 14 words)."""
+    training texts lose their end (every one of these has [CLS] and 3 to 14 words). It writes the
+    tokenizer and preprocessing, and its augmenter encodes the texts with them."""
     data = write_texts(tmp_path / "ingested", seed=2)
-    n = len(load_texts(data, "train")[0])
+    texts = load_texts(data, "train")[0]
     params = load_params(REPO / "params.yaml")
     def with_preprocess(**values):
         text = params.text
         preprocess = dataclasses.replace(text.preprocess, **values)
         return dataclasses.replace(params, text=dataclasses.replace(text, preprocess=preprocess))
 
-    summary = write_augmented(data, tmp_path / "a", with_preprocess(vocab_size=200, max_tokens=64))
+    long = with_preprocess(vocab_size=200, max_tokens=64)
+    summary = write_augmented(data, tmp_path / "a", long)
     assert "0 texts (0.0%) cut at text.preprocess.max_tokens 64" in summary
+    assert sorted(f.name for f in (tmp_path / "a").iterdir()) == ["preprocessing.json",
+                                                                  "tokenizer.json"]
+    prep = tokens.TextPreprocessing(**json.loads((tmp_path / "a/preprocessing.json").read_text()))
+    decoded = augmenter(long, prep, tmp_path / "a").decode([t.encode("utf-8") for t in texts])
+    encoded = tokens.encode(tokens.load(tmp_path / "a", prep), texts, prep)
+    assert decoded.shape == (len(texts), 64)  # padded to max_tokens: every window alike
+    np.testing.assert_array_equal(decoded[:, :encoded.shape[1]], encoded)
+    assert (decoded[:, encoded.shape[1]:] == prep.pad_id).all()
     summary = write_augmented(data, tmp_path / "b", with_preprocess(vocab_size=200, max_tokens=2))
-    assert f"{n} texts (100.0%) cut at text.preprocess.max_tokens 2" in summary
+    assert f"{len(texts)} texts (100.0%) cut at text.preprocess.max_tokens 2" in summary

@@ -24,11 +24,13 @@ from pipeline.stages import train
 from pipeline.core.card import ModelCard, Recipe, ValScore, read_card, sha256_file
 from pipeline.core.dataset import ShardWriter, load_split
 from pipeline.modalities.image import models as image_models
-from pipeline.modalities.image.models import epoch_warper
+from pipeline.core.stream import item_keys
+from pipeline.modalities.image import augment as image_augment
 from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.modalities.image.sources import ingest_images as ingest
 from pipeline.params import load_params, recipe_section
 from tests.conftest import merged
+from tests.streams import tensors
 
 REPO = Path(__file__).resolve().parents[1]
 # On top of conftest's SHRINK: the records' recipe (fresh on-device warps each epoch, no offline
@@ -66,7 +68,7 @@ def accuracy_on_test_split(project: Path, name: str) -> float:
     prep = card.preprocessing
     pixels, labels = load_split(project / "data/ingested", "test", prep)
     x = image_models.to_input(pixels, prep, torch.device("cpu"))
-    return training.score(model, x, torch.from_numpy(labels), 512)[1]
+    return training.score(model, [(x, torch.from_numpy(labels))])[1]
 
 
 @pytest.fixture(scope="module")
@@ -179,17 +181,18 @@ def test_training_stops_when_val_stops_improving_and_saves_the_best_epoch(projec
     model, card = saved_model.load(stops / "models/stops")
     pixels, labels = load_split(stops / "data/ingested", "val", card.preprocessing)
     x = image_models.to_input(pixels, card.preprocessing, torch.device("cpu"))
-    val_loss = training.score(model, x.contiguous(memory_format=torch.channels_last),
-                              torch.from_numpy(labels), 128)[0]
+    val_loss = training.score(model, [(x[i:i + 128], torch.from_numpy(labels[i:i + 128]))
+                                      for i in range(0, len(x), 128)])[0]
     assert val_loss == pytest.approx(curve[best - 1], abs=1e-5) == card.val.loss
 
 
-def test_a_resumed_fit_stops_and_keeps_what_an_uninterrupted_one_does():
+def test_a_resumed_fit_stops_and_keeps_what_an_uninterrupted_one_does(tmp_path):
     """The early stopping's state (best epoch, its weights) travels with the checkpoint: fit
     resumed after epoch 3 stops at the same epoch with the same weights. Val labels are noise,
     so val loss soon stops improving."""
     x, y = digit_halves(96, "cpu")
     noise = torch.from_numpy(np.random.default_rng(1).integers(0, 2, 96))
+    data, val = tensors(tmp_path, x, y, noise)
 
     def start() -> tuple:
         torch.manual_seed(0)
@@ -200,10 +203,10 @@ def test_a_resumed_fit_stops_and_keeps_what_an_uninterrupted_one_does():
 
     def fit(parts: tuple, start_epoch: int = 0, on_epoch=None) -> dict:
         model, optimizer, schedule, stopping = parts
-        return training.fit(model, x, y, epochs=20, batch_size=64, optimizer=optimizer,
-                            scheduler=schedule, label_smoothing=0.1, seed=0,
+        return training.fit(model, data, epochs=20, batch_size=64, optimizer=optimizer,
+                            scheduler=schedule, label_smoothing=0.1,
                             memory_format=torch.contiguous_format, cuda_graph=False,
-                            val=(x, noise), on_epoch=on_epoch, start_epoch=start_epoch,
+                            val=val, on_epoch=on_epoch, start_epoch=start_epoch,
                             stopping=stopping)
 
     whole = start()
@@ -233,7 +236,7 @@ def test_a_resumed_fit_stops_and_keeps_what_an_uninterrupted_one_does():
     assert all(torch.equal(resumed[0].state_dict()[k], v) for k, v in whole[0].state_dict().items())
 
 
-def test_a_fit_stopped_after_any_step_resumes_to_the_same_weights():
+def test_a_fit_stopped_after_any_step_resumes_to_the_same_weights(tmp_path):
     """Killed after any step of any epoch and resumed from what the train stage's checkpoint
     holds at that step (model, optimizer, one-cycle schedule, torch's RNG state, the epoch's
     running sums), fit ends with the weights, bit for bit, and the epoch metrics of a run never
@@ -242,6 +245,7 @@ def test_a_fit_stopped_after_any_step_resumes_to_the_same_weights():
     x = torch.from_numpy(np.random.default_rng(2).normal(0, 1, (60, 12)).astype(np.float32))
     y = torch.from_numpy(np.random.default_rng(3).integers(0, 3, 60))
     epochs, steps = 3, 4
+    data, _ = tensors(tmp_path, x, y)
 
     def start() -> tuple:
         torch.manual_seed(0)
@@ -253,8 +257,8 @@ def test_a_fit_stopped_after_any_step_resumes_to_the_same_weights():
 
     def fit(parts: tuple, history: list, **resumed) -> None:
         model, optimizer, schedule = parts
-        training.fit(model, x, y, epochs=epochs, batch_size=16, optimizer=optimizer,
-                     scheduler=schedule, label_smoothing=0.1, seed=0,
+        training.fit(model, data, epochs=epochs, batch_size=16, optimizer=optimizer,
+                     scheduler=schedule, label_smoothing=0.1,
                      memory_format=torch.contiguous_format, cuda_graph=False,
                      on_epoch=lambda m: history.append((m["train_loss"], m["train_acc"])),
                      **resumed)
@@ -325,26 +329,36 @@ def test_two_gloo_processes_train_like_one(project, reference, params_writer):
     assert sorted(p.name for p in (ddp / "models").iterdir()) == ["reference"]
 
 
-def test_epoch_warps_are_per_sample_and_replayable():
+def test_image_views_are_per_image_and_replayable():
+    """The image augmenter's views: view 0 is the image itself (image.train.epoch_augment off),
+    the copies are warps drawn per image, the same alone or in a batch, new every epoch, and
+    torch's RNG is left alone."""
     pixels = torch.zeros(6, 1, 32, 32, dtype=torch.uint8)
     pixels[:, :, 8:24, 12:20] = 255
     prep = Preprocessing(image_size=32, channels=1, mean=[0.5], std=[0.25])
-    p = load_params(REPO / "params.yaml").image.augment
-    warps = epoch_warper(pixels, prep, p, seed=0, memory_format=torch.channels_last)
+    params = load_params(REPO / "params.yaml")
+    views = image_augment.augmenter(params, prep, REPO)
+    keys = item_keys([f"images/train/a/{i}.png" for i in range(6)])
     before = torch.get_rng_state()
-    first = warps(1)
-    assert torch.equal(torch.get_rng_state(), before)  # training's RNG is left alone
-    assert torch.equal(first, warps(1)) and not torch.equal(first, warps(2))
+    first = views.view(pixels, keys, 1, 1)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(views.view(pixels, keys, 0 + 1, 0), pixels)
+    assert torch.equal(first, views.view(pixels, keys, 1, 1))
+    assert torch.equal(first[2:3], views.view(pixels[2:3], keys[2:3], 1, 1))  # alone
+    assert not torch.equal(first, views.view(pixels, keys, 2, 1))  # another epoch
+    assert not torch.equal(first, views.view(pixels, keys, 1, 2))  # another copy
     assert not torch.equal(first[0], first[1])
-    assert first.is_contiguous(memory_format=torch.channels_last)
-    plain = torch.from_numpy(prep.normalize(pixels.numpy()))
-    assert (first - plain).abs().amax(dim=(1, 2, 3)).min() > 0  # every image moved
+    assert (first != pixels).flatten(1).any(1).all()  # every image moved
+    x = views.to_input(first)
+    assert x.dtype == torch.float32
+    assert torch.allclose(x, torch.from_numpy(prep.normalize(first.numpy())), atol=1e-6)
 
 
-def test_steps_per_epoch_skips_tails_smaller_than_the_world():
-    assert training.steps_per_epoch(257, 128, 1) == 3
-    assert training.steps_per_epoch(257, 128, 2) == 2
-    assert training.steps_per_epoch(256, 128, 2) == 2
+def test_steps_per_epoch_skip_tails_smaller_than_the_world(tmp_path):
+    data = tensors(tmp_path, torch.zeros(257, 1), torch.zeros(257, dtype=torch.int64))[0]
+    assert (data.steps(128, 1), data.steps(128, 2), data.steps(257, 2)) == (3, 2, 1)
+    assert [len(y) for _, y in data.batches(1, 128, 0, 0, 2)] == [64, 64]  # rank 0's halves
+    assert [len(y) for _, y in data.batches(1, 128)] == [128, 128, 1]
 
 
 def test_outputs_replace_the_old_folder_whole(tmp_path):
@@ -366,7 +380,7 @@ def test_outputs_replace_the_old_folder_whole(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fit_on_cuda_with_bf16_autocast():
+def test_fit_on_cuda_with_bf16_autocast(tmp_path):
     rng = np.random.default_rng(0)
     y = torch.from_numpy(rng.integers(0, 2, 256)).cuda()
     x = torch.randn(256, 1, 32, 32, device="cuda") * 0.3
@@ -376,10 +390,11 @@ def test_fit_on_cuda_with_bf16_autocast():
     model = image_models.build("lenet5", channels=1, classes=2, image_size=32).cuda()
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    metrics = training.fit(model, x, y, epochs=3, batch_size=32, optimizer=optimizer,
+    data, val = tensors(tmp_path, x, y, device="cuda")
+    metrics = training.fit(model, data, epochs=3, batch_size=32, optimizer=optimizer,
                            scheduler=training.make_schedule("onecycle", optimizer, 2e-3, 3 * 8),
-                           label_smoothing=0.0, seed=0, memory_format=torch.channels_last,
-                           val=(x, y), cuda_graph=False)
+                           label_smoothing=0.0, memory_format=torch.channels_last,
+                           val=val, cuda_graph=False)
     assert metrics["val_acc"] > 0.95
 
 
@@ -393,39 +408,42 @@ def digit_halves(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def fit_lenet(x: torch.Tensor, y: torch.Tensor, cuda_graph: bool) -> tuple[dict, dict]:
+def fit_lenet(folder: Path, x: torch.Tensor, y: torch.Tensor, cuda_graph: bool
+              ) -> tuple[dict, dict]:
     """(last epoch's metrics, weights) of 3 epochs at batch 64 with params.yaml's recipe."""
+    data, val = tensors(folder, x.cpu(), y.cpu(), device=x.device.type)
     torch.manual_seed(0)
     model = image_models.build("lenet5", channels=1, classes=2, image_size=32).to(x.device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = training.make_optimizer("adam", model.parameters(), 2e-3, 0.9, 0.0)
-    steps = 3 * training.steps_per_epoch(len(x), 64, 1)
-    metrics = training.fit(model, x, y, epochs=3, batch_size=64, optimizer=optimizer,
+    steps = 3 * data.steps(64)
+    metrics = training.fit(model, data, epochs=3, batch_size=64, optimizer=optimizer,
                            scheduler=training.make_schedule("onecycle", optimizer, 2e-3, steps),
-                           label_smoothing=0.1, seed=0, memory_format=torch.channels_last,
-                           val=(x, y), cuda_graph=cuda_graph)
+                           label_smoothing=0.1, memory_format=torch.channels_last,
+                           val=val, cuda_graph=cuda_graph)
     return metrics, {k: v.float().cpu() for k, v in model.state_dict().items()}
 
 
-def test_cuda_graph_flag_leaves_cpu_training_unchanged():
+def test_cuda_graph_flag_leaves_cpu_training_unchanged(tmp_path):
     x, y = digit_halves(96, "cpu")  # one full batch of 64 and a tail of 32
-    eager, graph = fit_lenet(x, y, cuda_graph=False), fit_lenet(x, y, cuda_graph=True)
+    eager = fit_lenet(tmp_path / "eager", x, y, cuda_graph=False)
+    graph = fit_lenet(tmp_path / "graph", x, y, cuda_graph=True)
     assert eager[0]["train_loss"] == graph[0]["train_loss"]
     assert all(torch.equal(eager[1][k], graph[1][k]) for k in eager[1])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_steps_train_like_eager_steps(monkeypatch):
+def test_cuda_graph_steps_train_like_eager_steps(monkeypatch, tmp_path):
     """200 samples at batch 64: three captured-graph steps and an eager tail step per epoch."""
     captures = []
     make = torch.cuda.make_graphed_callables
     monkeypatch.setattr(torch.cuda, "make_graphed_callables",
                         lambda *a, **k: captures.append(a) or make(*a, **k))
     x, y = digit_halves(200, "cuda")
-    eager = fit_lenet(x, y, cuda_graph=False)
+    eager = fit_lenet(tmp_path / "eager", x, y, cuda_graph=False)
     assert not captures
-    graph = fit_lenet(x, y, cuda_graph=True)
+    graph = fit_lenet(tmp_path / "graph", x, y, cuda_graph=True)
     assert len(captures) == 1
     assert graph[0]["val_acc"] > 0.95
     assert abs(graph[0]["train_loss"] - eager[0]["train_loss"]) < 1e-3

@@ -140,9 +140,11 @@ def _upgrade(raw):
     An image card from before the warped_digits source records no image.ingest.warped_items
     (None): its source was another. A text card from before the shared ingest columns records
     text.ingest.text_column, label_column and split_column: dropped (ingest.item_column and the
-    rest now, not a recipe's)."""
+    rest now, not a recipe's). One from before train.shuffle_bytes shuffled its whole training
+    set each epoch: 0."""
     try:
         recipe = raw["recipe"]
+        recipe["train"].setdefault("shuffle_bytes", 0)
         if "section" in recipe:
             if recipe["data"]["modality"] == "image":
                 recipe["section"]["ingest"].setdefault("warped_items", None)

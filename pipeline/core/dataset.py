@@ -328,7 +328,9 @@ def data_hash(folder: Path) -> str:
     digest = hashlib.sha256((Path(folder) / MANIFEST).read_bytes())
     for split in SPLITS:
         for path in shard_files(folder, split):
-            digest.update(path.read_bytes())
+            with open(path, "rb") as f:  # a MiB at a time: a shard of photos is gigabytes
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -13,8 +13,8 @@ imports a modality's modules directly.
     checks    Checks    validate                           the per-item table, its own checks
                                                            (pipeline/core/checks.py registry),
                                                            the data profile and drift, metrics
-    augment   Augment   augment                            the augmented train split and the
-                                                           preprocessing record
+    augment   Augment   augment, train, compress           the preprocessing record, and how
+                                                           training sees the items (views)
     models    Models    train, compress, pipeline.core.saved_model   the model registry, the training
                                                            recipe and tensors, a saved model
                                                            rebuilt
@@ -67,6 +67,7 @@ from pipeline.modalities import part
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import numpy as np
     import torch
     from torch import nn
 
@@ -152,9 +153,8 @@ class Checks(Protocol):
 
 
 # --- augment, train and compress -------------------------------------------------------------
-# The augmented training set (data/augmented/train.safetensors) holds int64 `labels` and one
-# tensor of the modality's inputs (e.g. uint8 `images`, int64 `tokens`), originals first: the
-# augment part writes it, the models part turns it into model input.
+# Training reads the ingested train split through pipeline/core/stream.py, which asks the
+# modality's Augmenter (its augment part's augmenter()) to decode items and make their views.
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,7 @@ class FitRecipe:
     label_smoothing: float
     compile: bool
     processes: int
+    shuffle_bytes: int
     max_epochs: int
     lr: float
     batch_size: int
@@ -188,12 +189,39 @@ def fit_recipe(train: TrainParams, own: Budget, channels_last: bool, cuda_graph:
                      cuda_graph=cuda_graph)
 
 
+class Augmenter(Protocol):
+    """How training sees the items (pipeline/core/stream.py): decoded to fixed-shape arrays, each
+    seen `views` times an epoch (itself, and augmented views drawn per item), made model input a
+    batch at a time. Its draws come from pipeline/core/stream.py item_draws or item_rng with the
+    salt (its seed, epoch, view), so a view depends on the item's key and nothing else."""
+
+    views: int  # times each training item is seen per epoch: 1 + the modality's copies
+
+    def decode(self, data: list[bytes]) -> np.ndarray:
+        """Stored items (their bytes as ingested) -> one compact array (N, ...): uint8 pixels,
+        float32 waveforms, int64 token ids."""
+
+    def view(self, items: torch.Tensor, keys: np.ndarray, epoch: int, view: int
+             ) -> torch.Tensor:
+        """View `view` (0..views-1) in `epoch` of decoded `items` (on their device), as they
+        are (dtype and shape); `keys` their pipeline/core/stream.py item_keys."""
+
+    def to_input(self, items: torch.Tensor) -> torch.Tensor:
+        """A batch of decoded (or viewed) items as model input, on their device."""
+
+
 class Augment(Protocol):
-    """pipeline/modalities/<modality>/augment.py, called by the augment stage."""
+    """pipeline/modalities/<modality>/augment.py, called by the augment stage (its preprocessing
+    record), and by train and compress (its augmenter)."""
 
     def write_augmented(self, data: Path, out: Path, params: Params) -> str:
-        """The ingested train split of `data` and its augmented copies into out/train.safetensors,
-        the preprocessing record (out/preprocessing.json) and its MODEL_FILES; the summary line."""
+        """The preprocessing record of the ingested train split of `data` (out/preprocessing.json)
+        and its MODEL_FILES (e.g. tokenizer.json), the split read a batch at a time; the summary
+        line."""
+
+    def augmenter(self, params: Params, prep: AnyPreprocessing, folder: Path) -> Augmenter:
+        """The Augmenter params' augment section describes, for a model with preprocessing
+        `prep`; `folder` holds prep's MODEL_FILES (data/augmented, or a model folder)."""
 
 
 class Models(Protocol):
@@ -215,19 +243,6 @@ class Models(Protocol):
 
     def architecture(self, params: Params) -> str:
         """The card's architecture for the model params name: a name rebuild() understands."""
-
-    def train_inputs(self, tensors: dict[str, torch.Tensor], prep: AnyPreprocessing,
-                     device: torch.device) -> torch.Tensor:
-        """The augmented set's inputs (train.safetensors' tensors) as model input on `device`."""
-
-    def epoch_inputs(self, tensors: dict[str, torch.Tensor], prep: AnyPreprocessing,
-                     params: Params, device: torch.device, memory_format: torch.memory_format
-                     ) -> Callable[[int], torch.Tensor] | None:
-        """epoch -> that epoch's model input (per-epoch augmentation); None: train_inputs."""
-
-    def val_split(self, data: Path, augmented: Path, prep: AnyPreprocessing,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ingested val split as (model input, int64 labels) on `device`."""
 
     def model_files(self, model: nn.Module) -> dict[str, bytes]:
         """Files (name -> bytes) beside a trained model's weights, other than its MODEL_FILES."""
@@ -251,16 +266,12 @@ class Export(Protocol):
         """The graph static int8 quantises (from ORT's pre-processed `prepared`; new files go into
         `folder`) and quantize_static's keyword arguments saying which ops."""
 
-    def calibration_originals(self, params: Params, n: int) -> int:
-        """How many of the n augmented training inputs are originals (they come first)."""
-
 
 # --- evaluate, package and serving -----------------------------------------------------------
 if TYPE_CHECKING:
     from typing import Any
 
     import httpx
-    import numpy as np
     from open_inference.grpc import protocol as pb
 
     from pipeline.core.card import BentoArgs

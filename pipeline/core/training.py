@@ -1,14 +1,14 @@
-"""The training core the train stage and compress's fine-tuning share: device tensors in, index
-slices as batches (no DataLoader in the hot loop), bf16 autocast on CUDA, fused optimizers, the
-one-cycle schedule, label smoothing and DDP-aware batching, the way the fast-training records
-(airbench, hlb-CIFAR10) do it; and early stopping on the val split (EarlyStopping), which keeps
-the best epoch's weights.
+"""The training core the train stage and compress's fine-tuning share: batches from the train
+split's stream (pipeline/core/stream.py: held on the device when it fits, else read window by
+window), bf16 autocast on CUDA, fused optimizers, the one-cycle schedule, label smoothing and
+DDP-aware batching, the way the fast-training records (airbench, hlb-CIFAR10) do it; and early
+stopping on the val split (EarlyStopping), which keeps the best epoch's weights.
 """
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,16 +53,6 @@ def warmup_epochs(name: str, epochs: int) -> int:
     return math.ceil(ONECYCLE_WARMUP * epochs) if name == "onecycle" else 0
 
 
-def steps_per_epoch(n: int, batch_size: int, world_size: int) -> int:
-    """Global batches per epoch; a tail batch smaller than world_size is skipped (see fit)."""
-    return sum(1 for i in range(0, n, batch_size) if min(batch_size, n - i) >= world_size)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The permutation of epoch `epoch`: a function of (seed, epoch) only, so resume replays it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside torch.compile and DistributedDataParallel wrappers."""
     model = getattr(model, "_orig_mod", model)
@@ -70,23 +60,24 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` on device tensors."""
+def score(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+          ) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` over (input, labels) batches on its device."""
     model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(x), batch_size):
+    loss, correct, n = 0.0, 0, 0
+    for x, y in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-            logits = model(x[i:i + batch_size]).float()
-        loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i:i + batch_size]).sum().item()
-    return loss / len(x), correct / len(x)
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    return loss / n, correct / n
 
 
 class LossAndHits(nn.Module):
-    """A training step's forward: (mean cross-entropy, correct predictions) of the batch
-    inputs[idx], y[idx], under bf16 autocast on CUDA. The batch is gathered inside, so a CUDA
-    graph of it (torch.cuda.make_graphed_callables) takes only the index as new input. Autocast's
-    weight-cast cache is off: graph capture refuses it, and a step casts each weight once anyway."""
+    """A training step's forward: (mean cross-entropy, correct predictions) of a batch, under
+    bf16 autocast on CUDA. Autocast's weight-cast cache is off: graph capture
+    (torch.cuda.make_graphed_callables) refuses it, and a step casts each weight once anyway."""
 
     def __init__(self, model: nn.Module, label_smoothing: float,
                  memory_format: torch.memory_format):
@@ -95,9 +86,8 @@ class LossAndHits(nn.Module):
         self.label_smoothing = label_smoothing
         self.memory_format = memory_format
 
-    def forward(self, inputs: torch.Tensor, idx: torch.Tensor,
-                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xb, yb = inputs[idx].contiguous(memory_format=self.memory_format), y[idx]
+    def forward(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xb = xb.contiguous(memory_format=self.memory_format)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=xb.is_cuda, cache_enabled=False):
             logits = self.model(xb)
         loss = F.cross_entropy(logits.float(), yb, label_smoothing=self.label_smoothing)
@@ -171,43 +161,37 @@ class EarlyStopping:
         self.best_weights, self.last_epoch = state["best_weights"], state["last_epoch"]
 
 
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
+def fit(model: nn.Module, data, *, epochs: int, batch_size: int,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None, label_smoothing: float,
-        seed: int, memory_format: torch.memory_format, cuda_graph: bool,
-        val: tuple[torch.Tensor, torch.Tensor] | None = None,
+        memory_format: torch.memory_format, cuda_graph: bool, val=None,
         on_epoch: Callable[[dict], None] | None = None,
-        epoch_inputs: Callable[[int], torch.Tensor] | None = None,
         start_epoch: int = 0, stopping: EarlyStopping | None = None,
         resume: Resume | None = None, on_step: Callable[[Resume], None] | None = None) -> dict:
-    """Train in place on device tensors x (normalised) and y for epochs start_epoch+1..epochs;
-    return the last epoch's metrics ({} when there is none left to run).
+    """Train in place on `data` (pipeline/core/stream.py TrainStream: each epoch's batches) for
+    epochs start_epoch+1..epochs; return the last epoch's metrics ({} when there is none left).
 
     With `stopping` (it needs `val`), each epoch's val metrics go to it before `on_epoch` sees
     them (with "improved": whether it was the best epoch so far), training ends early once it
     says stop, and the model is left with the best epoch's weights.
 
     The recipe (optimizer, schedule, smoothing, memory format) is required: callers take it from
-    params.yaml. The hooks after it are optional: `val` is scored after every epoch and
-    `on_epoch(metrics)` called; `epoch_inputs(e)` replaces x for epoch e (per-epoch
-    augmentation); `start_epoch` resumes after that many epochs, `resume` within the next one
-    (its first resume.step steps are skipped, their sums restored: with the model, optimizer,
-    schedule and torch's RNG state of that step restored by the caller, the run goes on as if
-    never stopped); `on_step(Resume)` is called after every step, for the caller's checkpoints;
-    `cuda_graph` (image.train.cuda_graph, audio.train.cuda_graph) replays each full
-    batch's forward and backward as CUDA graphs, on CUDA in one process (elsewhere, and for a
-    tail batch, the same step runs eagerly). `batch_size` is the global batch: under
-    torch.distributed each rank takes every world_size-th sample of it and DDP averages the
-    gradients.
+    params.yaml. The hooks after it are optional: `val` (pipeline/core/stream.py EvalSplit) is
+    scored after every epoch and `on_epoch(metrics)` called; `start_epoch` resumes after that
+    many epochs, `resume` within the next one (its first resume.step steps are skipped, their
+    sums restored: with the model, optimizer, schedule and torch's RNG state of that step
+    restored by the caller, the run goes on as if never stopped); `on_step(Resume)` is called
+    after every step, for the caller's checkpoints; `cuda_graph` (image.train.cuda_graph,
+    audio.train.cuda_graph) replays each full batch's forward and backward as CUDA graphs, on
+    CUDA in one process (elsewhere, and for a tail batch, the same step runs eagerly).
+    `batch_size` is the global batch: under torch.distributed each rank takes every
+    world_size-th item of it and DDP averages the gradients.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     metrics: dict = {}
     step = LossAndHits(model, label_smoothing, memory_format)
-    # Captured at the first full batch (shapes are fixed). A replay copies an input only where
-    # its storage differs from the capture's: y and x (no epoch_inputs) never, a new epoch's
-    # warped inputs once per step, the index always.
-    graphed: nn.Module | None = None
-    graphs = cuda_graph and x.is_cuda and world == 1
+    graphed: nn.Module | None = None  # captured at the first full batch (shapes are fixed)
+    graphs = cuda_graph and data.device.type == "cuda" and world == 1
     if stopping is not None and val is None:
         raise ValueError("early stopping needs a val split")
     for epoch in range(start_epoch + 1, epochs + 1):
@@ -215,44 +199,36 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
             break
         model.train()
         start = time.perf_counter()
-        inputs = x if epoch_inputs is None else epoch_inputs(epoch)
-        perm = epoch_order(len(x), seed, epoch).to(x.device)
         # Sums stay on the device: one sync per epoch instead of one per batch.
-        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-        correct = torch.zeros((), dtype=torch.float64, device=x.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
+        correct = torch.zeros((), dtype=torch.float64, device=data.device)
         seen, skip = 0, 0
         if resume is not None and epoch == start_epoch + 1:
             skip = resume.step
             loss_sum.fill_(resume.loss_sum)
             correct.fill_(resume.correct)
             seen = resume.seen
-        for b, i in enumerate(range(0, len(x), batch_size)):
-            idx = perm[i:i + batch_size]
-            if len(idx) < world:  # a rank without a sample would leave DDP's all-reduce waiting
-                continue
-            if b < skip:  # done before the resumed checkpoint
-                continue
-            idx = idx[rank::world]
-            if graphs and len(idx) == batch_size:
+        for b, (xb, yb) in enumerate(data.batches(epoch, batch_size, skip, rank, world),
+                                     start=skip):
+            if graphs and len(xb) == batch_size:
                 if graphed is None:
                     graphed = torch.cuda.make_graphed_callables(
-                        LossAndHits(model, label_smoothing, memory_format),
-                        (inputs, idx.clone(), y))
-                loss, hits = graphed(inputs, idx, y)
+                        LossAndHits(model, label_smoothing, memory_format), (xb, yb))
+                loss, hits = graphed(xb, yb)
             else:
-                loss, hits = step(inputs, idx, y)
+                loss, hits = step(xb, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            loss_sum.add_(loss.detach(), alpha=len(idx))
+            loss_sum.add_(loss.detach(), alpha=len(yb))
             correct.add_(hits)
-            seen += len(idx)
+            seen += len(yb)
             if on_step is not None:
                 on_step(Resume(epoch - 1, b + 1, loss_sum, correct, seen))
         totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64,
-                                                              device=x.device)])
+                                                              device=data.device)])
         if world > 1:
             dist.all_reduce(totals)
         loss_total, correct_total, seen_total = totals.tolist()
@@ -261,7 +237,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
                    "train_acc": correct_total / seen_total, "seconds": seconds,
                    "images_per_s": seen_total / seconds}
         if val is not None:
-            metrics["val_loss"], metrics["val_acc"] = score(unwrap(model), *val, batch_size)
+            metrics["val_loss"], metrics["val_acc"] = score(unwrap(model),
+                                                            val.batches(batch_size))
         if stopping is not None:
             metrics["improved"] = stopping.update(epoch, metrics, model)
         if on_epoch:

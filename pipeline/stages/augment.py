@@ -1,11 +1,12 @@
-"""Stage 3: seeded, batched augmentation of the training split, by the `augment` part of
-data.modality (pipeline/core/modality.py Augment; e.g. random warps of images, deletion, swap and
-masking of a text's token ids). Output, loadable without pickle:
-    train.safetensors    labels int64 (N,) and the modality's inputs (images uint8 (N, C, S, S),
-                         or token ids int64 (N, L)): the originals first, then the copies
-    preprocessing.json   the preprocessing record (pipeline/core/modality.py preprocessing()) every later
-                         consumer uses
+"""Stage 3: the preprocessing record of the training split, by the `augment` part of
+data.modality (pipeline/core/modality.py Augment): how an item becomes model input, measured on
+the ingested train split read a batch at a time (an image set's mean and std, a text set's
+tokenizer). Output:
+    preprocessing.json   the preprocessing record (pipeline/core/modality.py preprocessing())
+                         every later consumer uses
     and the files that record names (its MODEL_FILES, e.g. a text model's tokenizer.json)
+Augmentation itself happens while training reads the split (pipeline/core/stream.py): each
+item's views drawn per (seed, epoch, view, item id), not stored.
 """
 from __future__ import annotations
 

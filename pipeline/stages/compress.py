@@ -4,7 +4,8 @@
     pruned.onnx         the model pruned by `compress.prune_method`, fine-tuned with the
                         training recipe (pipeline/core/training.py), for ONNX Runtime
     int8.onnx           float.onnx statically quantised to int8 (QDQ), activation ranges
-                        calibrated on `compress.calibration_items` training images
+                        calibrated on `compress.calibration_items` training items (drawn with
+                        train.seed, not augmented)
     model.json          the float model's card with these three files' sha256 and the compress
                         params added to its recipe
     compress.json       MACs, parameters, layer widths, sparsity and file sizes per variant
@@ -21,9 +22,9 @@ multiply-accumulate of conv and matmul); activations, pooling and batch norm are
 LeNet-5 they are < 2 % of the conv/linear work).
 
 What differs between modalities comes from the float model's card: its `models` part
-(pipeline/core/modality.py Models: the training recipe fine-tuning follows, the training tensors) and
-its `export` part (Export: the ONNX signature, the MAC example, what int8 quantises, where the
-augmented set's originals end). A model that names its own pruning (`pruning_spec`, e.g. a text
+(pipeline/core/modality.py Models: the training recipe fine-tuning follows), its `augment` part
+(the augmenter fine-tuning reads the train split through, pipeline/core/stream.py, as train does)
+and its `export` part (Export: the ONNX signature, the MAC example, what int8 quantises). A model that names its own pruning (`pruning_spec`, e.g. a text
 encoder's attention heads and FFN units) is pruned by it. The files a model folder carries beside
 its weights (e.g. a text model's tokenizer.json) are copied along.
 """
@@ -38,7 +39,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.flop_counter import FlopCounterMode
@@ -49,7 +49,8 @@ from pipeline.core.pruning import CONVS, PRUNERS, is_structured, prunable
 from pipeline.core.modality import Export, FitRecipe, card_part, copy_model_files
 from pipeline.params import CompressParams, load_params
 from pipeline.core.progress import Progress
-from pipeline.core.training import fit, make_optimizer, make_schedule, pick_device, steps_per_epoch
+from pipeline.core.stream import TrainStream, fits, sample_inputs
+from pipeline.core.training import fit, make_optimizer, make_schedule, pick_device
 
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """Multiply-accumulates of one image (see the module doc): FlopCounterMode's FLOPs / 2."""
@@ -78,28 +79,29 @@ def sparsity(model: nn.Module) -> float:
     return sum((w == 0).sum().item() for w in weights) / sum(w.numel() for w in weights)
 
 
-def prune_and_finetune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: CompressParams,
+def prune_and_finetune(model: nn.Module, data, example: torch.Tensor, p: CompressParams,
                        recipe: FitRecipe,
                        on_epoch: Callable[[dict], None] | None = None) -> nn.Module:
-    """Prune `model` in place by compress.prune_method (pipeline/core/pruning.py PRUNERS),
-    fine-tune it on the device tensors x, y for compress.finetune_epochs at compress.finetune_lr
+    """Prune `model` in place by compress.prune_method (pipeline/core/pruning.py PRUNERS, traced
+    on the one input `example`), fine-tune it on `data` (pipeline/core/stream.py TrainStream)
+    for compress.finetune_epochs at compress.finetune_lr
     with the training recipe (train.optimizer, batch_size, seed, lr_schedule, label_smoothing,
     channels_last) and return it in eval mode; `on_epoch(metrics)` after each fine-tuning epoch
     (training.fit). Measured on digits (docs/benchmarks.md, Compression), structured_l1 at 0.5
     with the recipe and 8 epochs at lr 0.004: LeNet-5 0.9805 (float 0.9889), resnet_small
     0.9944 (float 0.9944)."""
-    PRUNERS.get(p.prune_method)(model, p.prune_amount, x[:1])
+    PRUNERS.get(p.prune_method)(model, p.prune_amount, example.to(data.device))
     # A mask method's masks stay applied during fine-tuning, so pruned weights remain zero.
     if p.finetune_epochs:
         memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
         model = model.to(memory_format=memory_format)
         optimizer = make_optimizer(recipe.optimizer, model.parameters(), p.finetune_lr,
                                    recipe.momentum, recipe.weight_decay)
-        total_steps = steps_per_epoch(len(x), recipe.batch_size, 1) * p.finetune_epochs
-        fit(model, x, y, epochs=p.finetune_epochs, batch_size=recipe.batch_size,
+        total_steps = data.steps(recipe.batch_size) * p.finetune_epochs
+        fit(model, data, epochs=p.finetune_epochs, batch_size=recipe.batch_size,
             optimizer=optimizer,
             scheduler=make_schedule(recipe.lr_schedule, optimizer, p.finetune_lr, total_steps),
-            label_smoothing=recipe.label_smoothing, seed=recipe.seed,
+            label_smoothing=recipe.label_smoothing,
             memory_format=memory_format, cuda_graph=recipe.cuda_graph, on_epoch=on_epoch)
     for m in prunable(model):
         if prune.is_pruned(m):
@@ -149,7 +151,7 @@ VARIANT_FILES = ("float.onnx", "pruned.onnx", "int8.onnx")
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.stages compress")
     parser.add_argument("--model", type=Path, required=True, help="float model folder")
-    parser.add_argument("--augmented", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="ingested folder (train split)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     params = load_params()
@@ -160,11 +162,14 @@ def main(argv: list[str]) -> None:
     model, card = saved_model.load(args.model)
     prep = card.preprocessing
     trainer, export = card_part(card, "models"), card_part(card, "export")
-    tensors = load_file(args.augmented / "train.safetensors")
     if (threads := trainer.torch_threads(params)) is not None:
         torch.set_num_threads(threads)
-    x, y = trainer.train_inputs(tensors, prep, device), tensors["labels"].to(device)
-    recipe = trainer.recipe(params)
+    recipe, engine = trainer.recipe(params), params.engine
+    views = card_part(card, "augment").augmenter(params, prep, args.model)
+    data = TrainStream(args.data, "train", views, seed=recipe.seed,
+                       shuffle_bytes=recipe.shuffle_bytes, device=device,
+                       workers=engine.loader_workers,
+                       cache=fits(args.data, "train", views, views.views, engine.cache_bytes))
     mac_input, mac_of = export.mac_example(prep)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +186,7 @@ def main(argv: list[str]) -> None:
                  f"{p.finetune_epochs}  loss {m['train_loss']:.4f}  acc {m['train_acc']:.4f}")
 
     torch.manual_seed(params.train.seed)
-    pruned = prune_and_finetune(model.to(device), x, y, p, recipe, on_epoch).cpu()
+    pruned = prune_and_finetune(model.to(device), data, mac_input, p, recipe, on_epoch).cpu()
     export.export_onnx(pruned, prep, args.out / "pruned.onnx")
     progress("pruned.onnx exported")
     # Masked weights are still multiplied: a mask pruner saves no MACs, and the count says so.
@@ -193,15 +198,12 @@ def main(argv: list[str]) -> None:
              for name, m in pruned.named_modules()
              if hasattr(m, "num_heads") or hasattr(m, "num_attention_heads")}
 
-    # Calibrate on un-augmented originals: augment stores them first.
-    rng = np.random.default_rng(params.train.seed)
-    n_originals = export.calibration_originals(params, len(x))
-    pick = rng.choice(n_originals, size=min(p.calibration_items, n_originals), replace=False)
-    quantize_int8(args.out / "float.onnx", args.out / "int8.onnx", x[pick].cpu().numpy(),
+    calibration = sample_inputs(args.data, "train", views, p.calibration_items,
+                                params.train.seed).numpy()
+    quantize_int8(args.out / "float.onnx", args.out / "int8.onnx", calibration,
                   p.int8_per_channel, p.int8_reduce_range, export)
-    n_calibration = len(pick)
-    progress(f"int8.onnx quantised, activations calibrated on {len(pick)} "
-             f"{prep.UNIT}")
+    n_calibration = len(calibration)
+    progress(f"int8.onnx quantised, activations calibrated on {n_calibration} {prep.UNIT}")
 
     # int8 runs the float graph's MACs as int8 multiply-accumulates.
     macs["int8.onnx"], n_params["int8.onnx"] = macs["float.onnx"], n_params["float.onnx"]

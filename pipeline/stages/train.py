@@ -1,11 +1,15 @@
-"""Stage 4: train a registered model on the augmented training tensors with the training core
-(pipeline/core/training.py: data on the device, batched augmentation there, few syncs).
+"""Stage 4: train a registered model on the ingested train split with the training core
+(pipeline/core/training.py), its items read as pipeline/core/stream.py's stream: each epoch's
+order fixed by (train.seed, epoch) over the shards' row groups and windows of
+train.shuffle_bytes, each item seen as the modality's augmenter's views (drawn per item id,
+epoch and view), the split held on the device when it fits in engine.cache_bytes, else read a
+window at a time (by engine.loader_workers DataLoader workers).
 
 What differs between modalities comes from data.modality's `models` part (pipeline/core/modality.py
 Models): the registry and the model params name (or, e.g., a local Hugging Face checkpoint), the
-recipe (train.*, or e.g. text.train.max_epochs, lr and batch_size over it), the training tensors and the
-val split on the device, the per-epoch inputs (e.g. with `image.train.epoch_augment` every image warped
-afresh each epoch, in one batched grid_sample), and the files written beside the weights.
+recipe (train.*, or e.g. text.train.max_epochs, lr and batch_size over it) and the files written
+beside the weights; and from its `augment` part: the augmenter (decoding, views, model input)
+over the preprocessing record the augment stage wrote (data/augmented).
 - bf16 autocast on CUDA; channels_last and torch.compile from params; one-cycle LR schedule and
   label smoothing from params.
 - Early stopping (pipeline/core/training.py EarlyStopping): the val split is scored after every
@@ -16,15 +20,17 @@ afresh each epoch, in one batched grid_sample), and the files written beside the
 - Data parallel with torchrun + DistributedDataParallel (NCCL on GPUs, gloo on CPU): the stage
   joins the process group when torchrun started it (WORLD_SIZE in the environment), or relaunches
   itself under torchrun when `train.processes` > 1. Every rank walks the same global batch order
-  and takes every world_size-th sample of each global batch, so the optimisation is that of one
-  process with the same batch size. Only rank 0 logs and writes.
+  and takes every world_size-th item of each global batch, so the optimisation is that of one
+  process with the same batch size (each rank reads every window: not yet disjoint shards).
+  Only rank 0 logs and writes.
 - A checkpoint after every finished epoch and every engine.checkpoint_s seconds within one,
   written atomically into --checkpoints: a folder outside DVC's outs, because DVC deletes a
   stage's outs before it runs the stage. The checkpoint carries a fingerprint of the params,
   data, code (every project file the stage runs, as pipeline/core/import_closure.py finds them)
   and world size that made it; a rerun with the same fingerprint resumes where it was written
-  (after an epoch, or after a step within one: the steps before it are skipped), any other
-  checkpoint is ignored. Epoch e's batch order and warps depend only on (seed, e), and the
+  (after an epoch, or after a step within one: the windows before it are not read, the steps
+  before it are skipped), any other checkpoint is ignored. Epoch e's batch order and views
+  depend only on the seeds and e, and the
   checkpoint holds the optimizer, schedule, torch's RNG state (dropout, SpecAugment masks), the
   epoch's running sums and the early stopping's state (the best epoch and its weights), so a
   resumed run ends with the weights, bit for bit on the CPU, of one never stopped (on more than
@@ -54,7 +60,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -64,8 +70,9 @@ from pipeline.core.dataset import classes_of, data_hash
 from pipeline.core.modality import part, preprocessing
 from pipeline.params import Params, as_dict, load_params, recipe_section
 from pipeline.core.import_closure import source_files
+from pipeline.core.stream import EvalSplit, TrainStream, fits
 from pipeline.core.training import (EarlyStopping, Resume, fit, make_optimizer, make_schedule,
-                                    steps_per_epoch, warmup_epochs)
+                                    warmup_epochs)
 
 CHECKPOINT = "last.pt"
 LIVE_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")  # per epoch, to DVCLive
@@ -82,8 +89,7 @@ def fingerprint(params: Params, data_digest: str, augmented: Path, world_size: i
          "section": as_dict(recipe_section(params)), "world_size": world_size},
         sort_keys=True).encode())
     digest.update(data_digest.encode())  # the ingested data's (data_hash)
-    for path in (augmented / "train.safetensors", augmented / "preprocessing.json",
-                 *source_files("pipeline.stages.__main__", __name__,
+    for path in (*sorted(augmented.iterdir()), *source_files("pipeline.stages.__main__", __name__,
                                modality=params.data.modality)):
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -189,20 +195,21 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(p.seed)
     memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
 
-    tensors = load_file(args.augmented / "train.safetensors")
-    y = tensors["labels"].to(device)
     classes = classes_of(args.data)
     prep = preprocessing(params.data.modality)(
         **json.loads((args.augmented / "preprocessing.json").read_text()))
-    x = trainer.train_inputs(tensors, prep, device).contiguous(memory_format=memory_format)
-    val_x, val_y = trainer.val_split(args.data, args.augmented, prep, device)
-    val = (val_x.contiguous(memory_format=memory_format), val_y)
-    epoch_inputs = trainer.epoch_inputs(tensors, prep, params, device, memory_format)
+    views = part(params.data.modality, "augment").augmenter(params, prep, args.augmented)
+    engine = params.engine
+    data = TrainStream(args.data, "train", views, seed=p.seed, shuffle_bytes=p.shuffle_bytes,
+                       device=device, workers=engine.loader_workers,
+                       cache=fits(args.data, "train", views, views.views, engine.cache_bytes))
+    val = EvalSplit(args.data, "val", views, device,
+                    cache=fits(args.data, "val", views, 1, engine.cache_bytes))
     model = trainer.create(params, prep, len(classes)).to(device)
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
     scheduler = make_schedule(p.lr_schedule, optimizer, p.lr,
-                              p.max_epochs * steps_per_epoch(len(x), p.batch_size, world))
+                              p.max_epochs * data.steps(p.batch_size, world))
     stopping = EarlyStopping(p.monitor, p.patience, warmup_epochs(p.lr_schedule, p.max_epochs))
 
     data_digest = data_hash(args.data)  # reads every shard: once, for the fingerprint and card
@@ -274,10 +281,10 @@ def main(argv: list[str]) -> None:
             eta = (p.max_epochs - m["epoch"]) * sum(run_seconds) / len(run_seconds)
             print(progress_line(m, p.max_epochs, eta, prep.UNIT), flush=True)
 
-        fit(net, x, y, epochs=p.max_epochs, batch_size=p.batch_size, optimizer=optimizer,
-            scheduler=scheduler, label_smoothing=p.label_smoothing, seed=p.seed,
+        fit(net, data, epochs=p.max_epochs, batch_size=p.batch_size, optimizer=optimizer,
+            scheduler=scheduler, label_smoothing=p.label_smoothing,
             memory_format=memory_format, val=val, on_epoch=on_epoch,
-            epoch_inputs=epoch_inputs, start_epoch=len(history), cuda_graph=p.cuda_graph,
+            start_epoch=len(history), cuda_graph=p.cuda_graph,
             stopping=stopping, resume=resume, on_step=on_step)
         if rank == 0:  # DVCLive's summary (metrics.json): the saved model's epoch, not the last
             best = history[stopping.best_epoch - 1]
@@ -302,7 +309,7 @@ def main(argv: list[str]) -> None:
         why = (f"stopped: no better {p.monitor} in train.patience={p.patience} epochs"
                if stopping.stop else "max_epochs reached")
         print(f"train: {card.architecture} on {world} x {device.type}, "
-              f"{len(x) * len(history) / total:,.0f} {prep.UNIT}/s over {len(history)} of "
+              f"{len(data) * len(history) / total:,.0f} {prep.UNIT}/s over {len(history)} of "
               f"{p.max_epochs} epochs ({why}); saved epoch {final['epoch']}: "
               f"val_loss {final['val_loss']:.4f}, val_acc {final['val_acc']:.4f} -> {args.out}",
               flush=True)

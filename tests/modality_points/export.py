@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from pipeline.modalities.points.preprocess import PointsPreprocessing
-from pipeline.params import Params
 
 INPUT = "input"
 
@@ -25,7 +24,3 @@ def mac_example(prep: PointsPreprocessing) -> tuple[torch.Tensor, str]:
 
 def int8_scope(prepared: Path, folder: Path) -> tuple[Path, dict]:
     return prepared, {}
-
-
-def calibration_originals(params: Params, n: int) -> int:
-    return n // (params.points.augment.copies + 1)

@@ -4,11 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import nn
 
 from pipeline.core.card import ModelCard
-from pipeline.core.dataset import load_split
 from pipeline.core.modality import FitRecipe, fit_recipe
 from pipeline.core.registry import Registry
 from pipeline.modalities.points.preprocess import PointsPreprocessing
@@ -39,21 +37,6 @@ def create(params: Params, prep: PointsPreprocessing, classes: int) -> nn.Module
 
 def architecture(params: Params) -> str:
     return params.points.train.model
-
-
-def train_inputs(tensors: dict[str, torch.Tensor], prep: PointsPreprocessing,
-                 device: torch.device) -> torch.Tensor:
-    return tensors["points"].to(device)
-
-
-def epoch_inputs(tensors, prep, params, device, memory_format) -> None:
-    return None
-
-
-def val_split(data: Path, augmented: Path, prep: PointsPreprocessing,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    points, labels = load_split(data, "val", prep)
-    return torch.from_numpy(prep.normalize(points)).to(device), torch.from_numpy(labels).to(device)
 
 
 def model_files(model: nn.Module) -> dict[str, bytes]:

@@ -1,27 +1,29 @@
-"""Audio augmentation, the `augment` part of the modality seam (pipeline/core/modality.py Augment):
-the decoded training clips and audio.augment.copies perturbed copies of each
-(pipeline/modalities/audio/perturb.py: speed, shift, gain, noise), drawn from one generator seeded by
-audio.augment.seed, on the GPU when there is one. With audio.augment.per_epoch the train stage
-draws new perturbations every epoch instead (pipeline/modalities/audio/models.py), so copies can stay 0.
+"""Audio augmentation, the `augment` part of the modality seam (pipeline/core/modality.py Augment).
 
-Output (data/augmented, the issue-13 contract):
-    train.safetensors    waveforms float32 (N, clip_samples) in [-1, 1], originals first, then
-                         the copies; labels int64 (N,)
+The augment stage writes the preprocessing record (audio.preprocess's rate and clip length, no
+statistics of the data: the models' band norms learn them):
     preprocessing.json   AudioPreprocessing.to_dict()
+Training sees each clip 1 + audio.augment.copies times an epoch (Views): itself (perturbed too
+with audio.augment.per_epoch) and `copies` perturbed copies (pipeline/modalities/audio/perturb.py:
+speed, shift, gain, noise), each drawn from the clip's id, audio.augment.seed, the epoch and the
+view (pipeline/core/stream.py item_draws, and item_rng for the noise samples), on the device that
+holds the clips.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from pipeline.core.dataset import split_of
+from pipeline.core.stream import item_draws, item_rng
+from pipeline.modalities.audio.config import Augment, Preprocess
 from pipeline.modalities.audio.decode import clip_length
-from pipeline.modalities.audio.perturb import generator, perturb
+from pipeline.modalities.audio.perturb import DRAWS, perturb
 from pipeline.modalities.audio.preprocess import AudioPreprocessing
-from pipeline.core.dataset import load_split
-from pipeline.modalities.audio.config import Preprocess, Recipe
 from pipeline.params import Params
 
 
@@ -30,28 +32,46 @@ def preprocessing(p: Preprocess) -> AudioPreprocessing:
                               clip_samples=clip_length(p.sample_rate, p.clip_seconds))
 
 
-def augment_waves(waves: torch.Tensor, s: Recipe) -> torch.Tensor:
-    """(N, S) clips -> (N * (1 + copies), S): the originals, then s.augment.copies perturbed
-    copies, the same for the same s.augment.seed."""
-    g = generator(s.augment.seed, waves.device)
-    copies = [perturb(waves, s.augment, s.preprocess.sample_rate, g)
-              for _ in range(s.augment.copies)]
-    return torch.cat([waves, *copies])
+@dataclass(frozen=True)
+class Views:
+    """The audio Augmenter (pipeline/core/modality.py): float32 (N, clip_samples) waveforms in
+    [-1, 1], perturbed into views; the models take them as they are."""
+    prep: AudioPreprocessing
+    p: Augment
+
+    @property
+    def views(self) -> int:
+        return 1 + self.p.copies
+
+    def decode(self, data: list[bytes]) -> np.ndarray:
+        return np.stack([self.prep.load(item) for item in data])
+
+    def view(self, items: torch.Tensor, keys: np.ndarray, epoch: int, view: int) -> torch.Tensor:
+        if view == 0 and not self.p.per_epoch:
+            return items
+        salt = (self.p.seed, epoch, view)
+        noise = np.empty(items.shape, dtype=np.float32)
+        for row, key in zip(noise, keys):
+            item_rng(key, salt).standard_normal(dtype=np.float32, out=row)
+        return perturb(items, self.p, self.prep.sample_rate, item_draws(keys, salt, DRAWS),
+                       torch.from_numpy(noise).to(items.device))
+
+    def to_input(self, items: torch.Tensor) -> torch.Tensor:
+        return items
+
+
+def augmenter(params: Params, prep: AudioPreprocessing, folder: Path) -> Views:
+    return Views(prep, params.audio.augment)
 
 
 def write_augmented(data: Path, out: Path, params: Params) -> str:
-    """Decoded and augmented train split and the preprocessing record into `out`; a summary."""
+    """preprocessing.json: audio.preprocess's rate and clip length. The train split is only
+    counted (its label column; none is an error naming the manifest), not decoded."""
     p = params.audio
     prep = preprocessing(p.preprocess)
-    waves, labels = load_split(data, "train", prep)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    all_waves = augment_waves(torch.from_numpy(waves).to(device), p).cpu()
+    clips = len(split_of(data, "train", prep))
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"waveforms": all_waves.contiguous(),
-               "labels": torch.from_numpy(labels).repeat(p.augment.copies + 1).contiguous()},
-              out / "train.safetensors")
     (out / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=1) + "\n")
-    epochs = "new perturbations every epoch" if p.augment.per_epoch else "no per-epoch draws"
-    return (f"{len(waves)} training clips -> {len(all_waves)} ({p.augment.copies} perturbed "
-            f"copies each) on {device}, {prep.clip_samples} samples at {prep.sample_rate} Hz; "
-            f"{epochs}")
+    views = "a perturbation of each" if p.augment.per_epoch else "each as it is"
+    return (f"{clips} training clips of {prep.clip_samples} samples at {prep.sample_rate} Hz; "
+            f"training sees {views} and {p.augment.copies} perturbed copies per epoch")

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from pipeline.modalities.audio.preprocess import AudioPreprocessing
-from pipeline.params import Params
 
 INPUT, OUTPUT = "waveform", "logits"
 FRONTEND = "/frontend/"  # the ONNX node names of AudioClassifier.frontend's ops start with it
@@ -52,7 +51,3 @@ def mac_example(prep: AudioPreprocessing) -> tuple[torch.Tensor, str]:
     """One clip; its MACs include the front end's (the STFT convolution and the mel MatMul)."""
     return torch.zeros(1, prep.clip_samples), \
         f"one clip of {prep.clip_samples / prep.sample_rate:g} s"
-
-
-def calibration_originals(params: Params, n: int) -> int:
-    return n // (params.audio.augment.copies + 1)

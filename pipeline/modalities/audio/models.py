@@ -16,8 +16,9 @@ output) and returns logits (N, classes). Inside, in this order:
     cnn2d      a small 2-D CNN on the log-mel image: four 3x3 conv blocks (width / 4, width / 2,
                width, width channels, 2x2 max pool between), global average, a linear classifier
 
-With audio.augment.per_epoch, every training clip is perturbed afresh each epoch on the device
-(pipeline/modalities/audio/perturb.py), seeded by (train.seed, epoch), so a resumed run sees the same clips.
+Waveform perturbation is the augment part's (pipeline/modalities/audio/augment.py Views): each
+epoch's views are drawn from each clip's id, audio.augment.seed, the epoch and the view, so a
+resumed run sees the same clips.
 The SpecAugment masks draw from torch's generator, as dropout does: the train stage's
 checkpoint keeps its state, so a resumed run masks as an uninterrupted one.
 """
@@ -30,10 +31,8 @@ import torch
 from torch import nn
 
 from pipeline.modalities.audio.logmel import LogMel, mask_bands
-from pipeline.modalities.audio.perturb import generator, perturb
 from pipeline.modalities.audio.preprocess import AudioPreprocessing
 from pipeline.core.card import ModelCard
-from pipeline.core.dataset import load_split
 from pipeline.core.registry import Registry
 from pipeline.core.modality import FitRecipe, fit_recipe
 from pipeline.modalities.audio.config import Augment, Recipe
@@ -116,21 +115,11 @@ def build(name: str, prep: AudioPreprocessing, classes: int, s: Recipe) -> Audio
                            s.augment)
 
 
-def epoch_perturber(waves: torch.Tensor, s: Recipe, seed: int
-                    ) -> Callable[[int], torch.Tensor]:
-    """epoch -> every clip of `waves` (on the device) perturbed once, seeded by (seed, epoch)."""
-    def inputs(epoch: int) -> torch.Tensor:
-        return perturb(waves, s.augment, s.preprocess.sample_rate,
-                       generator(seed * 1_000_003 + epoch, waves.device))
-
-    return inputs
-
-
 # --- the Models part ---------------------------------------------------------------------------
 
 def recipe(params: Params) -> FitRecipe:
     """audio.train's budget, lr, batch size and CUDA graphs; no channels_last (waveforms are
-    (N, S); audio.augment.per_epoch is audio's own per-epoch draw)."""
+    (N, S))."""
     own = params.audio.train
     return fit_recipe(params.train, own, channels_last=False, cuda_graph=own.cuda_graph)
 
@@ -145,26 +134,6 @@ def create(params: Params, prep: AudioPreprocessing, classes: int) -> nn.Module:
 
 def architecture(params: Params) -> str:
     return params.audio.train.model
-
-
-def train_inputs(tensors: dict[str, torch.Tensor], prep: AudioPreprocessing,
-                 device: torch.device) -> torch.Tensor:
-    return tensors["waveforms"].to(device)
-
-
-def epoch_inputs(tensors: dict[str, torch.Tensor], prep: AudioPreprocessing, params: Params,
-                 device: torch.device, memory_format: torch.memory_format
-                 ) -> Callable[[int], torch.Tensor] | None:
-    """audio.augment.per_epoch: every training clip perturbed afresh each epoch, on the device."""
-    if not params.audio.augment.per_epoch:
-        return None
-    return epoch_perturber(tensors["waveforms"].to(device), params.audio, params.train.seed)
-
-
-def val_split(data: Path, augmented: Path, prep: AudioPreprocessing,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    waves, labels = load_split(data, "val", prep)
-    return torch.from_numpy(waves).to(device), torch.from_numpy(labels).to(device)
 
 
 def model_files(model: nn.Module) -> dict[str, bytes]:

@@ -1,56 +1,89 @@
 """Image augmentation: the `augment` part of the modality seam (pipeline/core/modality.py Augment).
 
-Every training image is kept and image.augment.copies randomly warped versions are added by
-pipeline.modalities.image.warp (rotation, translation and zoom, the "random crop", in one per-sample affine
-warp), on the GPU when there is one. Output, loadable without pickle:
-    train.safetensors    images uint8 (N, C, S, S), labels int64 (N,)
-    preprocessing.json   the Preprocessing every later consumer uses (mean/std of the train split)
+The augment stage writes the preprocessing record, its mean and std measured on the train split
+(read a batch at a time):
+    preprocessing.json   the Preprocessing every later consumer uses
+Training sees each image 1 + image.augment.copies times an epoch (Views): itself (warped too with
+image.train.epoch_augment) and `copies` random warps (pipeline.modalities.image.warp: rotation,
+translation and zoom, the "random crop", in one per-image affine warp), each drawn from the
+image's id, image.augment.seed, the epoch and the view (pipeline/core/stream.py item_draws), on
+the device that holds the images.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from pipeline.core.dataset import load_split
-from pipeline.modalities.image.preprocess import Preprocessing
-from pipeline.modalities.image.warp import warp
+from pipeline.core.dataset import split_of
+from pipeline.core.stream import item_draws
 from pipeline.modalities.image.config import Augment
+from pipeline.modalities.image.preprocess import Preprocessing
+from pipeline.modalities.image.warp import DRAWS, warp
 from pipeline.params import Params
 
 
-def augment_pixels(pixels: np.ndarray, labels: np.ndarray, p: Augment,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Originals followed by p.copies warped copies, as uint8 on the CPU."""
-    torch.manual_seed(p.seed)  # warp draws its parameters from torch's global generator
-    originals = torch.from_numpy(pixels).to(device)
-    batches = [originals]
-    for _ in range(p.copies):
-        warped = warp(originals.float() / 255, p)
-        batches.append((warped * 255).round().clamp(0, 255).to(torch.uint8))
-    images = torch.cat(batches).cpu()
-    return images, torch.from_numpy(labels).repeat(p.copies + 1)
+@dataclass(frozen=True)
+class Views:
+    """The image Augmenter (pipeline/core/modality.py): uint8 (N, C, S, S) pixels, warped into
+    views, normalised by the preprocessing's mean and std into float model input."""
+    prep: Preprocessing
+    p: Augment
+    warp_originals: bool  # image.train.epoch_augment: view 0 is warped too
+
+    @property
+    def views(self) -> int:
+        return 1 + self.p.copies
+
+    def decode(self, data: list[bytes]) -> np.ndarray:
+        return np.stack([self.prep.load(item) for item in data])
+
+    def view(self, items: torch.Tensor, keys: np.ndarray, epoch: int, view: int) -> torch.Tensor:
+        if view == 0 and not self.warp_originals:
+            return items
+        draws = item_draws(keys, (self.p.seed, epoch, view), DRAWS)
+        out = torch.empty_like(items)
+        # On the CPU image.augment.chunk images at a time: their float copies stay small
+        step = len(items) if items.is_cuda else self.p.chunk
+        for i in range(0, len(items), step):
+            warped = warp(items[i:i + step].float() / 255, self.p, draws[i:i + step])
+            out[i:i + step] = (warped * 255).round_().clamp_(0, 255)
+        return out
+
+    def to_input(self, items: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.prep.mean, device=items.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.prep.std, device=items.device).view(1, -1, 1, 1)
+        return (items.float() / 255 - mean) / std
+
+
+def augmenter(params: Params, prep: Preprocessing, folder: Path) -> Views:
+    return Views(prep, params.image.augment, params.image.train.epoch_augment)
 
 
 def write_augmented(data: Path, out: Path, params: Params) -> str:
+    """preprocessing.json: image.preprocess with the train split's per-channel mean and std."""
     own = params.image.preprocess
     raw = Preprocessing(image_size=own.image_size, channels=own.channels,
                         mean=[0.0] * own.channels, std=[1.0] * own.channels,
                         background=own.background)
-    pixels, labels = load_split(data, "train", raw)
-    scaled = pixels.astype(np.float64) / 255
-    prep = dataclasses.replace(raw, mean=scaled.mean(axis=(0, 2, 3)).round(6).tolist(),
-                               std=scaled.std(axis=(0, 2, 3)).round(6).tolist())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, all_labels = augment_pixels(pixels, labels, params.image.augment, device)
+    total = np.zeros(own.channels)
+    squares = np.zeros(own.channels)
+    n = 0
+    for pixels, _ in split_of(data, "train", raw).batches(8192):
+        scaled = pixels.astype(np.float64) / 255
+        total += scaled.sum(axis=(0, 2, 3))
+        squares += np.square(scaled).sum(axis=(0, 2, 3))
+        n += scaled.shape[0] * scaled.shape[2] * scaled.shape[3]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean ** 2, 0))
+    prep = dataclasses.replace(raw, mean=mean.round(6).tolist(), std=std.round(6).tolist())
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"images": images.contiguous(), "labels": all_labels.contiguous()},
-              out / "train.safetensors")
     (out / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=1) + "\n")
-    return (f"{len(pixels)} training images -> {len(images)} on {device}; "
-            f"mean {prep.mean} std {prep.std}")
-
+    p = params.image.augment
+    views = "a warp of each" if params.image.train.epoch_augment else "each as it is"
+    return (f"{n // own.image_size ** 2} training images, mean {prep.mean} std {prep.std}; "
+            f"training sees {views} and {p.copies} warped copies per epoch")

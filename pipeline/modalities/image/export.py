@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from pipeline.modalities.image.preprocess import Preprocessing
-from pipeline.params import Params
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -28,7 +27,3 @@ def mac_example(prep: Preprocessing) -> tuple[torch.Tensor, str]:
 
 def int8_scope(prepared: Path, folder: Path) -> tuple[Path, dict]:
     return prepared, {}
-
-
-def calibration_originals(params: Params, n: int) -> int:
-    return n // (params.image.augment.copies + 1)

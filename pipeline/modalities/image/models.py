@@ -4,8 +4,6 @@ float32 (N, channels, image_size, image_size) normalised pixels and returns logi
 
     lenet5        LeCun et al. 1998
     resnet_small  three residual stages, 16/32/64 channels wide
-
-With image.train.epoch_augment, training also warps every image afresh each epoch (epoch_warper).
 """
 from __future__ import annotations
 
@@ -17,12 +15,9 @@ import torch
 from torch import nn
 
 from pipeline.core.card import ModelCard
-from pipeline.core.dataset import load_split
 from pipeline.core.registry import Registry
 from pipeline.modalities.image.preprocess import Preprocessing
-from pipeline.modalities.image.warp import warp
 from pipeline.core.modality import FitRecipe, fit_recipe
-from pipeline.modalities.image.config import Augment
 from pipeline.params import Params
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("image.train.model")
@@ -78,24 +73,6 @@ def build(name: str, channels: int, classes: int, image_size: int) -> nn.Module:
     return MODELS.get(name)(channels=channels, classes=classes, image_size=image_size)
 
 
-def epoch_warper(pixels: torch.Tensor, prep: Preprocessing, p: Augment, seed: int,
-                 memory_format: torch.memory_format) -> Callable[[int], torch.Tensor]:
-    """epoch -> that epoch's normalised inputs: every image of uint8 `pixels` (on the device)
-    warped once by pipeline.modalities.image.warp.warp, per-sample random, seeded by (seed, epoch)."""
-    scaled = pixels.float() / 255
-    mean = torch.tensor(prep.mean, device=pixels.device).view(1, -1, 1, 1)
-    std = torch.tensor(prep.std, device=pixels.device).view(1, -1, 1, 1)
-
-    def inputs(epoch: int) -> torch.Tensor:
-        # warp draws from torch's global generator: fork it so training's RNG is untouched.
-        with torch.random.fork_rng(devices=[pixels.device] if pixels.is_cuda else []):
-            torch.manual_seed(seed * 1_000_003 + epoch)
-            warped = warp(scaled, p)
-        return ((warped - mean) / std).contiguous(memory_format=memory_format)
-
-    return inputs
-
-
 # --- the Models part ---------------------------------------------------------------------------
 
 
@@ -120,27 +97,6 @@ def architecture(params: Params) -> str:
 
 
 
-
-
-def train_inputs(tensors: dict[str, torch.Tensor], prep: Preprocessing,
-                 device: torch.device) -> torch.Tensor:
-    return to_input(tensors["images"], prep, device)
-
-
-def epoch_inputs(tensors: dict[str, torch.Tensor], prep: Preprocessing, params: Params,
-                 device: torch.device, memory_format: torch.memory_format
-                 ) -> Callable[[int], torch.Tensor] | None:
-    """image.train.epoch_augment: every training image warped afresh each epoch, on the device."""
-    if not params.image.train.epoch_augment:
-        return None
-    return epoch_warper(tensors["images"].to(device), prep, params.image.augment, params.train.seed,
-                        memory_format)
-
-
-def val_split(data: Path, augmented: Path, prep: Preprocessing,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    pixels, labels = load_split(data, "val", prep)
-    return to_input(pixels, prep, device), torch.from_numpy(labels).to(device)
 
 
 def model_files(model: nn.Module) -> dict[str, bytes]:

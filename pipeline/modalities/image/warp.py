@@ -1,30 +1,34 @@
-"""The random affine warp of augmentation: the augment stage's offline copies and the train
-stage's per-epoch warps (image.train.epoch_augment) both call it. One combined warp is faster than
-chained ops (STACK.md)."""
+"""The random affine warp of augmentation (pipeline/modalities/image/augment.py views). One
+combined warp is faster than chained ops (STACK.md)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.modalities.image.config import Augment
 
+DRAWS = 5  # uniforms per image: rotation, zoom, shift x and y, mirror
 
-def warp(images: torch.Tensor, p: Augment) -> torch.Tensor:
+
+def warp(images: torch.Tensor, p: Augment, draws: np.ndarray) -> torch.Tensor:
     """One random affine warp per image of a float (N, C, S, S) batch in [0, 1]: rotation about
-    the centre, zoom and shift (and a mirror for half of them when p.hflip), drawn per image from
-    torch's generator and applied by one bilinear grid_sample (zeros outside).
+    the centre, zoom and shift (and a mirror for half of them when p.hflip), from each image's
+    DRAWS uniforms in [0, 1) (`draws`, (N, DRAWS)), applied by one bilinear grid_sample (zeros
+    outside). An image's output depends on its own draws alone.
 
     The sampling grid is built here in closed form: F.affine_grid's batched matmul took 3x as
     long as the sampling itself on 2 CPU cores. On the CPU the images go through in chunks of
     p.chunk, whose grid stays in cache (fresh multi-MB tensors per call cost page faults); on
-    a GPU, in one go. The random draws come first, so the output does not depend on p.chunk.
+    a GPU, in one go. The output does not depend on p.chunk.
     """
     n, _, h, w = images.shape
     device = images.device
-    angle = torch.empty(n, device=device).uniform_(-p.rotation_deg, p.rotation_deg).deg2rad()
-    scale = torch.empty(n, device=device).uniform_(p.scale_min, p.scale_max)
-    shift = torch.empty(n, 2, device=device).uniform_(-p.translate, p.translate)  # side fraction
-    mirror = (torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0) if p.hflip
+    u = torch.from_numpy(draws).to(device, torch.float32)
+    angle = ((2 * u[:, 0] - 1) * p.rotation_deg).deg2rad()
+    scale = p.scale_min + (p.scale_max - p.scale_min) * u[:, 1]
+    shift = (2 * u[:, 2:4] - 1) * p.translate  # a fraction of the side
+    mirror = (torch.where(u[:, 4] < 0.5, -1.0, 1.0) if p.hflip
               else torch.ones(n, device=device))
     # In pixels about the centre, destination = A source + shift with A = rotate zoom mirror_x.
     # grid_sample wants, per destination pixel, its source in coordinates normalised to

@@ -7,8 +7,8 @@
     sources.py  the `sources` part: text sources read into the ingested layout (ingest)
     checks.py   the `checks` part: the texts table, its Great Expectations checks, the data
                 profile and drift features (validate)
-    augment.py  tokenizer training and token-id augmentation (augment)
-    encoded.py  a whole split of the ingested texts as input_ids (train's val split)
+    augment.py  tokenizer training (augment) and the Augmenter: texts as token ids and their
+                augmented views, drawn per text id and epoch (train, compress)
     models.py   the text model registry, the local Hugging Face checkpoint wrapper and the text
                 side of training (train, compress, pipeline.core.saved_model)
     export.py   ONNX export, what int8 quantises, the MAC example (compress)

@@ -1,32 +1,38 @@
 """Text augmentation, the `augment` part of the modality seam (pipeline/core/modality.py Augment):
-the tokenizer, the encoded training split and its augmented copies, on token ids.
+the tokenizer, and how training sees the texts, on token ids.
 
-Each copy applies, per training text and in this order, random deletion, adjacent swap and
-masking at text.augment's rates (each a share of the text's own tokens), drawn from one
-generator seeded by text.augment.seed, over the whole (N, L) tensor at once. Position 0 ([CLS])
-and padding are never touched; deletion shifts the rest left and pads the end, and keeps at
-least one token after [CLS].
-
-Output (data/augmented, the issue-12 contract):
-    train.safetensors    tokens int64 (N, L), originals first, then the copies; labels int64 (N,)
+The augment stage writes, from the train split (read a batch at a time):
     tokenizer.json       BPE trained on the train split only (text.preprocess.vocab_size), or the
                          text.preprocess.pretrained checkpoint's own tokenizer
     preprocessing.json   TextPreprocessing.to_dict()
+Training sees each text 1 + text.augment.copies times an epoch (Views): itself and `copies`
+augmented copies. A copy applies, in this order, random deletion, adjacent swap and masking at
+text.augment's rates (each a share of the text's own tokens), each position's draws taken from
+the text's id, text.augment.seed, the epoch and the view (pipeline/core/stream.py item_draws), on
+the device that holds the texts. Position 0 ([CLS]) and padding are never touched; deletion
+shifts the rest left and pads the end, and keeps at least one token after [CLS].
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from pipeline import StageError
-from pipeline.core.dataset import load_texts
-from pipeline.modalities.text.config import Augment, Preprocess
-from pipeline.params import Params
+from pipeline.core.dataset import read_text, split_items
+from pipeline.core.stream import item_draws
 from pipeline.modalities.text import preprocess as tokens
+from pipeline.modalities.text.config import Augment, Preprocess
+from pipeline.modalities.text.preprocess import TextPreprocessing
+from pipeline.params import Params
+
+BATCH = 8192  # train texts held at once while the tokenizer is trained and the texts measured
 
 
 def _editable(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -36,51 +42,91 @@ def _editable(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return editable
 
 
-def delete(ids: torch.Tensor, rate: float, pad_id: int, g: torch.Generator) -> torch.Tensor:
+def delete(ids: torch.Tensor, rate: float, pad_id: int, u: torch.Tensor) -> torch.Tensor:
+    """Drop each editable token whose uniform in `u` (N, L) is under `rate`."""
     editable = _editable(ids, pad_id)
-    drop = editable & (torch.rand(ids.shape, generator=g) < rate)
+    drop = editable & (u < rate)
     # A text that would lose every token keeps them all: an empty text carries no label signal.
     drop &= (drop.sum(1) < editable.sum(1)).unsqueeze(1)
     # Stable sort on "dropped" moves the kept tokens left in their order, dropped ones to the end.
     order = torch.sort(drop.to(torch.int8), dim=1, stable=True).indices
     kept = ids.gather(1, order)
-    return kept.masked_fill(drop.sum(1, keepdim=True) > torch.arange(ids.shape[1]).flip(0),
-                            pad_id)
+    return kept.masked_fill(
+        drop.sum(1, keepdim=True) > torch.arange(ids.shape[1], device=ids.device).flip(0), pad_id)
 
 
-def swap(ids: torch.Tensor, rate: float, pad_id: int, g: torch.Generator) -> torch.Tensor:
+def swap(ids: torch.Tensor, rate: float, pad_id: int, u: torch.Tensor) -> torch.Tensor:
+    """Swap token i with i + 1 where both are editable and i's uniform in `u` (N, L) is under
+    `rate`."""
     editable = _editable(ids, pad_id)
     pairable = editable[:, :-1] & editable[:, 1:]  # position i swaps with i + 1
-    start = pairable & (torch.rand(pairable.shape, generator=g) < rate)
+    start = pairable & (u[:, :-1] < rate)
     # A pair may not overlap the previous one (i and i + 1 both chosen): drop the later one.
     start[:, 1:] &= ~start[:, :-1]
-    source = torch.arange(ids.shape[1]).repeat(len(ids), 1)
+    source = torch.arange(ids.shape[1], device=ids.device).repeat(len(ids), 1)
     source[:, :-1] += start.long()
     source[:, 1:] -= start.long()
     return ids.gather(1, source)
 
 
 def mask(ids: torch.Tensor, rate: float, pad_id: int, mask_id: int,
-         g: torch.Generator) -> torch.Tensor:
-    chosen = _editable(ids, pad_id) & (torch.rand(ids.shape, generator=g) < rate)
+         u: torch.Tensor) -> torch.Tensor:
+    """Replace each editable token whose uniform in `u` (N, L) is under `rate` by mask_id."""
+    chosen = _editable(ids, pad_id) & (u < rate)
     return ids.masked_fill(chosen, mask_id)
 
 
-def augment_ids(ids: torch.Tensor, p: Augment, pad_id: int,
-                mask_id: int) -> torch.Tensor:
-    """int64 (N, L) ids -> (N * (1 + p.copies), L): the originals, then p.copies augmented
-    copies, the same for the same p.seed."""
-    g = torch.Generator().manual_seed(p.seed)
-    copies = [ids]
-    for _ in range(p.copies):
-        out = delete(ids, p.deletion, pad_id, g)
-        out = swap(out, p.swap, pad_id, g)
-        copies.append(mask(out, p.mask, pad_id, mask_id, g))
-    return torch.cat(copies)
+@dataclass(frozen=True)
+class Views:
+    """The text Augmenter (pipeline/core/modality.py): int64 (N, prep.max_tokens) token ids,
+    encoded by the tokenizer in `folder`, augmented into views; model input cut to the batch's
+    longest text."""
+    prep: TextPreprocessing
+    p: Augment
+    folder: Path  # holds prep's tokenizer.json (data/augmented, or a model folder)
+
+    @property
+    def views(self) -> int:
+        return 1 + self.p.copies
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return tokens.load(self.folder, self.prep)
+
+    def decode(self, data: list[bytes]) -> np.ndarray:
+        """Padded to prep.max_tokens, not to the longest of `data`: every call's items have one
+        shape, so windows decoded apart stack into one batch."""
+        ids = tokens.encode(self.tokenizer, [self.prep.load(item) for item in data], self.prep)
+        out = np.full((len(ids), self.prep.max_tokens), self.prep.pad_id, dtype=np.int64)
+        out[:, :ids.shape[1]] = ids
+        return out
+
+    def view(self, items: torch.Tensor, keys: np.ndarray, epoch: int, view: int) -> torch.Tensor:
+        if view == 0:
+            return items
+        n, length = items.shape
+        # Three draws per position (deletion, swap, mask), interleaved: a position's draws are
+        # the same whatever the length the batch is padded to.
+        u = torch.from_numpy(item_draws(keys, (self.p.seed, epoch, view), 3 * length)
+                             ).view(n, length, 3).to(items.device, torch.float32)
+        out = delete(items, self.p.deletion, self.prep.pad_id, u[..., 0])
+        out = swap(out, self.p.swap, self.prep.pad_id, u[..., 1])
+        return mask(out, self.p.mask, self.prep.pad_id, self.prep.mask_id, u[..., 2])
+
+    def to_input(self, items: torch.Tensor) -> torch.Tensor:
+        """Cut to the batch's longest text, as a served batch is padded: a split of short texts
+        costs what its texts do, not prep.max_tokens each."""
+        used = (items != self.prep.pad_id).any(0).nonzero()
+        return items[:, :int(used.max()) + 1] if len(used) else items
 
 
-def tokenizer_for(texts: list[str], p: Preprocess) -> Tokenizer:
-    """The text.preprocess.pretrained checkpoint's own tokenizer.json, else BPE trained on `texts`."""
+def augmenter(params: Params, prep: TextPreprocessing, folder: Path) -> Views:
+    return Views(prep, params.text.augment, Path(folder))
+
+
+def tokenizer_for(texts: Iterable[list[str]], p: Preprocess) -> Tokenizer:
+    """The text.preprocess.pretrained checkpoint's own tokenizer.json, else BPE trained on
+    `texts` (batches of texts, read only here)."""
     if p.pretrained is None:
         return tokens.train_tokenizer(texts, p.vocab_size, p.lowercase)
     path = Path(p.pretrained) / tokens.TOKENIZER_FILE
@@ -95,22 +141,24 @@ def tokenizer_for(texts: list[str], p: Preprocess) -> Tokenizer:
 
 
 def write_augmented(data: Path, out: Path, params: Params) -> str:
-    """Tokenizer, encoded and augmented train split and preprocessing into `out`; a summary."""
+    """Tokenizer and preprocessing of the train split of `data` into `out`; a summary."""
     p, augment = params.text.preprocess, params.text.augment
-    texts, labels = load_texts(data, "train")
-    out.mkdir(parents=True, exist_ok=True)
-    prep = tokens.save(tokenizer_for(texts, p), out, p.max_tokens, p.lowercase)
-    tokenizer = tokens.load(out, prep)
-    ids = torch.from_numpy(tokens.encode(tokenizer, texts, prep))
-    # The model reads text.preprocess.max_tokens tokens of a text; say how many texts lose their end.
-    lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
-    cut = sum(n > p.max_tokens for n in lengths)
-    all_ids = augment_ids(ids, augment, prep.pad_id, prep.mask_id)
-    save_file({"tokens": all_ids.contiguous(),
-               "labels": torch.from_numpy(labels).repeat(augment.copies + 1).contiguous()},
-              out / "train.safetensors")
-    (out / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=1) + "\n")
-    return (f"{len(texts)} training texts -> {len(all_ids)}, {tuple(all_ids.shape)} token ids, "
-            f"vocabulary {prep.vocab_size}; {cut} texts ({cut / len(texts):.1%}) cut at "
-            f"text.preprocess.max_tokens {p.max_tokens} (longest {max(lengths)} tokens)")
+    train = split_items(data, "train", read_text, "texts")
 
+    def texts() -> Iterator[list[str]]:
+        return (batch for batch, _ in train.batches(BATCH))
+
+    out.mkdir(parents=True, exist_ok=True)
+    prep = tokens.save(tokenizer_for(texts(), p), out, p.max_tokens, p.lowercase)
+    tokenizer = tokens.load(out, prep)
+    # The model reads text.preprocess.max_tokens tokens of a text; say how many texts lose their end.
+    cut = longest = 0
+    for batch in texts():
+        lengths = [len(e.ids) for e in tokenizer.encode_batch(batch)]
+        cut += sum(n > p.max_tokens for n in lengths)
+        longest = max(longest, *lengths)
+    (out / "preprocessing.json").write_text(json.dumps(prep.to_dict(), indent=1) + "\n")
+    n = len(train)
+    return (f"{n} training texts, vocabulary {prep.vocab_size}; {cut} texts ({cut / n:.1%}) cut "
+            f"at text.preprocess.max_tokens {p.max_tokens} (longest {longest} tokens); training "
+            f"sees each text and {augment.copies} augmented copies per epoch")

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.params import Params
 from pipeline.modalities.text.preprocess import TextPreprocessing
 
 INPUT, OUTPUT = "input_ids", "logits"
@@ -60,7 +59,3 @@ def mac_example(prep: TextPreprocessing) -> tuple[torch.Tensor, str]:
     input the model reads (an upper bound per text; attention grows with L squared)."""
     example = torch.full((1, prep.max_tokens), prep.mask_id, dtype=torch.int64)
     return example, f"one text of {prep.max_tokens} tokens"
-
-
-def calibration_originals(params: Params, n: int) -> int:
-    return n // (params.text.augment.copies + 1)

@@ -33,7 +33,6 @@ from pipeline.core.registry import Registry
 from pipeline.core.modality import FitRecipe, fit_recipe
 from pipeline.modalities.text.config import Recipe, Train
 from pipeline.params import Params
-from pipeline.modalities.text.encoded import encoded_split
 from pipeline.modalities.text.preprocess import TextPreprocessing
 
 PRETRAINED = "pretrained"  # the card's architecture for a text.preprocess.pretrained model
@@ -234,23 +233,6 @@ def create(params: Params, prep: TextPreprocessing, classes: int) -> nn.Module:
 def architecture(params: Params) -> str:
     """The registry name, or PRETRAINED."""
     return PRETRAINED if params.text.preprocess.pretrained is not None else params.text.train.model
-
-
-def train_inputs(tensors: dict[str, torch.Tensor], prep: TextPreprocessing,
-                 device: torch.device) -> torch.Tensor:
-    return tensors["tokens"].to(device)
-
-
-def epoch_inputs(tensors: dict[str, torch.Tensor], prep: TextPreprocessing, params: Params,
-                 device: torch.device, memory_format: torch.memory_format) -> None:
-    return None  # the augment stage's copies are the whole augmentation
-
-
-def val_split(data: Path, augmented: Path, prep: TextPreprocessing,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded by the augment stage's tokenizer (in `augmented`)."""
-    ids, labels, _ = encoded_split(data, "val", augmented, prep)
-    return torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
 
 
 def model_files(model: nn.Module) -> dict[str, bytes]:

@@ -12,6 +12,7 @@ Needs only numpy and `tokenizers`: the Bento's service tokenizes with it and shi
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,12 +58,14 @@ class TextPreprocessing:
         return (source if isinstance(source, bytes) else Path(source).read_bytes()).decode("utf-8")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], vocab_size: int,
+                    lowercase: bool) -> Tokenizer:
     """A byte-pair-encoding tokenizer (BERT's normaliser and pre-tokenizer) trained on `texts`
-    only. BPE, not BERT's WordPiece: `tokenizers` 0.23's WordPiece and Unigram trainers break
-    ties in hash-map order, so the same texts gave a different vocabulary on every run
-    (huggingface/tokenizers#1794), and so a different model after every `dvc repro`; its BPE
-    trainer gave the same tokenizer.json in 3 processes x 3 runs (docs/benchmarks.md, Text)."""
+    only: texts, or batches (lists) of texts, read once as they come. BPE, not BERT's
+    WordPiece: `tokenizers` 0.23's WordPiece and Unigram trainers break ties in hash-map order,
+    so the same texts gave a different vocabulary on every run (huggingface/tokenizers#1794), and
+    so a different model after every `dvc repro`; its BPE trainer gave the same tokenizer.json in
+    3 processes x 3 runs (docs/benchmarks.md, Text)."""
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, clean_text=True,
                                                       handle_chinese_chars=True)
