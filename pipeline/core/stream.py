@@ -259,6 +259,8 @@ class TrainStream:
             while held >= batch_size:
                 yield self._batch(xs, ys, batch_size, rank, world)
                 held -= batch_size
+            # the tail a window leaves, copied: the window is freed before the next is made
+            xs, ys = [t.clone() for t in xs], [t.clone() for t in ys]
         if held >= world:
             yield self._batch(xs, ys, held, rank, world)
 

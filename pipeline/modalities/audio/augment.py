@@ -44,7 +44,10 @@ class Views:
         return 1 + self.p.copies
 
     def decode(self, data: list[bytes]) -> np.ndarray:
-        return np.stack([self.prep.load(item) for item in data])
+        out = np.empty((len(data), self.prep.clip_samples), np.float32)
+        for i, item in enumerate(data):
+            out[i] = self.prep.load(item)
+        return out
 
     def view(self, items: torch.Tensor, keys: np.ndarray, epoch: int, view: int) -> torch.Tensor:
         if view == 0 and not self.p.per_epoch:

@@ -40,7 +40,11 @@ class Views:
         return 1 + self.p.copies
 
     def decode(self, data: list[bytes]) -> np.ndarray:
-        return np.stack([self.prep.load(item) for item in data])
+        out = np.empty((len(data), self.prep.channels, self.prep.image_size,
+                        self.prep.image_size), np.uint8)
+        for i, item in enumerate(data):
+            out[i] = self.prep.load(item)
+        return out
 
     def view(self, items: torch.Tensor, keys: np.ndarray, epoch: int, view: int) -> torch.Tensor:
         if view == 0 and not self.warp_originals:
