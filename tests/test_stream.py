@@ -69,11 +69,12 @@ def test_the_layout_is_many_shards_and_row_groups(photos):
 
 def test_an_epoch_is_the_same_cached_streamed_and_with_any_workers(photos):
     """Augmentation independent of the worker count: the batches of two epochs, bit for bit."""
-    cached = stream(photos, cache=True)
+    cached, streamed = stream(photos, cache=True), stream(photos, cache=False)
+    loaded = stream(photos, cache=False, workers=2)  # its workers persist from epoch to epoch
     for e in (1, 2):
         reference = epoch(cached, e)
-        assert same(reference, epoch(stream(photos, cache=False), e))
-        assert same(reference, epoch(stream(photos, cache=False, workers=2), e))
+        assert same(reference, epoch(streamed, e))
+        assert same(reference, epoch(loaded, e))
     assert not same(epoch(cached, 1), epoch(cached, 2))
 
 
