@@ -147,7 +147,7 @@ def kiln_run(p: Params, prep: Preprocessing, splits: dict, seed: int,
                                                         epoch_augment=per_epoch_warp))
     views = augment.augmenter(dataclasses.replace(p, image=own), prep, splits["folder"])
     data = TrainStream(splits["folder"], "train", views, seed=seed, shuffle_bytes=t.shuffle_bytes,
-                       device=device, cache=True, workers=0)
+                       device=device, cache_bytes=p.engine.cache_bytes, workers=0)
     torch.manual_seed(seed)
     model = models.build(p.image.train.model, prep.channels, 10, prep.image_size).to(device)
     model = model.to(memory_format=memory_format)

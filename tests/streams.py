@@ -11,6 +11,8 @@ import torch
 from pipeline.core.dataset import write_items
 from pipeline.core.stream import EvalSplit, TrainStream
 
+EVERYTHING = 1 << 62  # cache_bytes that any test split fits in
+
 
 @dataclass(frozen=True)
 class Raw:
@@ -43,12 +45,13 @@ def stream(folder: Path, x: torch.Tensor, *, seed: int = 0, cache: bool = True,
            device: str = "cpu", shuffle_bytes: int = 0, workers: int = 0) -> TrainStream:
     """The train split of `folder` (written) as fit reads it."""
     return TrainStream(folder, "train", Raw(tuple(x.shape[1:])), seed=seed,
-                       shuffle_bytes=shuffle_bytes, device=torch.device(device), cache=cache,
+                       shuffle_bytes=shuffle_bytes, device=torch.device(device),
+                       cache_bytes=EVERYTHING if cache else 0,
                        workers=workers)
 
 
 def scored(folder: Path, x: torch.Tensor, split: str = "val", device: str = "cpu") -> EvalSplit:
-    return EvalSplit(folder, split, Raw(tuple(x.shape[1:])), torch.device(device), cache=True)
+    return EvalSplit(folder, split, Raw(tuple(x.shape[1:])), torch.device(device), EVERYTHING)
 
 
 def tensors(tmp: Path, x: torch.Tensor, y: torch.Tensor, val_y: torch.Tensor | None = None,

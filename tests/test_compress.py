@@ -128,7 +128,7 @@ def digits(params, folder: Path):
     views = augment.augmenter(params, prep, folder)
     data = TrainStream(folder, "train", views, seed=params.train.seed,
                        shuffle_bytes=params.train.shuffle_bytes, device=torch.device("cpu"),
-                       cache=True, workers=0)
+                       cache_bytes=params.engine.cache_bytes, workers=0)
     test_pixels, test_labels = load_split(folder, "test", prep)
     return prep, data, prep.normalize(test_pixels), test_labels
 

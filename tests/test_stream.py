@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from pipeline.core.dataset import ShardWriter
-from pipeline.core.stream import Groups, TrainStream, epoch_windows, fits
+from pipeline.core.stream import Groups, TrainStream, epoch_windows
+from tests.streams import EVERYTHING
 from pipeline.modalities.image import augment
 from pipeline.modalities.image.preprocess import Preprocessing
 from pipeline.params import load_params
@@ -50,7 +51,8 @@ def views():
 
 def stream(folder: Path, cache: bool, workers: int = 0, shuffle_bytes: int = 200 * 768) -> TrainStream:
     return TrainStream(folder, "train", views(), seed=3, shuffle_bytes=shuffle_bytes,
-                       device=torch.device("cpu"), cache=cache, workers=workers)
+                       device=torch.device("cpu"), cache_bytes=EVERYTHING if cache else 0,
+                       workers=workers)
 
 
 def epoch(data: TrainStream, e: int, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -127,5 +129,11 @@ def test_windows_cover_every_row_group_once_in_a_seeded_order():
 
 def test_a_split_is_cached_only_when_its_views_fit(photos):
     one = 3 * 16 * 16  # bytes of one decoded photo
-    assert fits(photos, "train", views(), 3, 3 * N * one)
-    assert not fits(photos, "train", views(), 3, 3 * N * one - 1)
+
+    def cached(cache_bytes: int) -> bool:
+        return TrainStream(photos, "train", views(), seed=3, shuffle_bytes=0,
+                           device=torch.device("cpu"), cache_bytes=cache_bytes,
+                           workers=0).cached is not None
+
+    assert cached(3 * N * one)
+    assert not cached(3 * N * one - 1)

@@ -30,6 +30,7 @@ from pipeline.modalities.text import models as text_models
 from pipeline.modalities.text.augment import augmenter, delete, mask, swap, write_augmented
 from tests.conftest import merged
 from tests.project import stage_argv
+from tests.streams import EVERYTHING
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("alpha", "bravo", "charlie", "delta")
@@ -150,7 +151,8 @@ def test_texts_stream_alike_cached_or_read_a_window_at_a_time(text_views, tmp_pa
 
     def batches(cache: bool) -> list:
         stream = TrainStream(data, "train", text_views, seed=0, shuffle_bytes=1,
-                             device=torch.device("cpu"), cache=cache, workers=0)
+                             device=torch.device("cpu"), cache_bytes=EVERYTHING if cache else 0,
+                             workers=0)
         return [b for epoch in (0, 1) for b in stream.batches(epoch, 32)]
 
     cached, streamed = batches(True), batches(False)

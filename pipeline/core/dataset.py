@@ -255,17 +255,23 @@ class Items:
     def take(self, indices: np.ndarray) -> tuple[list[dict], list[bytes], list | np.ndarray]:
         """The rows (id, label, split, source), stored bytes (each file as it came: what a
         client sends) and decoded items of the items at sorted `indices`, read shard by shard."""
-        wanted, rows, found, start = set(indices.tolist()), [], [], 0
-        for batch_rows, data in item_batches(self.folder, [self.split], span()):
-            for i in range(start, start + len(data)):
-                if i in wanted:
-                    rows.append(batch_rows[i - start])
-                    found.append(data[i - start])
-            start += len(data)
+        rows, found = stored(self.folder, self.split, indices)
         items = map_items(self.read, found)
         if items and isinstance(items[0], np.ndarray):
             items = np.stack(items)
         return rows, found, items
+
+
+def stored(folder: Path, split: str, indices: np.ndarray) -> tuple[list[dict], list[bytes]]:
+    """The rows (id, label, split, source) and stored bytes of the split's items at sorted
+    `indices` (positions in shard order), read a round at a time."""
+    rows, found, start = [], [], 0
+    for batch_rows, data in item_batches(folder, [split], span()):
+        for i in indices[(indices >= start) & (indices < start + len(data))] - start:
+            rows.append(batch_rows[i])
+            found.append(data[i])
+        start += len(data)
+    return rows, found
 
 
 def sample(n: int, limit: int, seed: int) -> np.ndarray:

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.core.dataset import classes_of, item_batches, sample, shard_files
+from pipeline.core.dataset import (classes_of, item_batches, sample, shard_files, split_labels,
+                                   stored)
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -181,7 +182,9 @@ class _Windows:
 class _Todo:
     """A DataLoader's sampler: the windows the current pass needs, set before each pass (its
     workers persist from epoch to epoch)."""
-    windows: list = []
+
+    def __init__(self) -> None:
+        self.windows: list = []
 
     def __iter__(self):
         return iter(self.windows)
@@ -192,19 +195,19 @@ class _Todo:
 
 class TrainStream:
     """One split of an ingested data set as training batches: (model input, int64 labels) on
-    `device`, epoch by epoch (see the module doc). `cache`: hold the decoded split on the device;
-    else read it window by window, with `workers` DataLoader worker processes (0: in this one)."""
+    `device`, epoch by epoch (see the module doc). A split whose decoded items, every view of
+    them, fit in `cache_bytes` is held on the device; a larger one is read window by window,
+    with `workers` DataLoader worker processes (0: in this one)."""
 
     def __init__(self, folder: Path, split: str, augmenter, *, seed: int, shuffle_bytes: int,
-                 device, cache: bool, workers: int):
+                 device, cache_bytes: int, workers: int):
         self.augmenter, self.seed, self.device, self.workers = augmenter, seed, device, workers
         self.groups = Groups.of(folder, split)
-        # positions per window: shuffle_bytes of decoded items (one item decoded to measure)
-        self.shuffle_items = shuffle_bytes and max(1, shuffle_bytes // item_bytes(
-            folder, split, augmenter))
+        one = item_bytes(folder, split, augmenter)
+        self.shuffle_items = shuffle_bytes and max(1, shuffle_bytes // one)  # per window
         classes = {c: i for i, c in enumerate(classes_of(folder))}
         cached = None
-        if cache:
+        if one * self.groups.items * augmenter.views <= cache_bytes:
             import torch
 
             data, keys, labels = read_groups(self.groups, np.arange(len(self.groups.rows)),
@@ -287,12 +290,15 @@ class TrainStream:
 
 class EvalSplit:
     """One split as (model input, int64 labels) batches in shard order, without augmentation:
-    the val split train scores every epoch. `cache`: decoded once and held on the device."""
+    the val split train scores every epoch. Decoded once and held on the device when its items
+    fit in `cache_bytes`."""
 
-    def __init__(self, folder: Path, split: str, augmenter, device, cache: bool):
+    def __init__(self, folder: Path, split: str, augmenter, device, cache_bytes: int):
         self.folder, self.split, self.augmenter, self.device = Path(folder), split, augmenter, device
         self.index = {c: i for i, c in enumerate(classes_of(folder))}
-        self.cached = list(self._read(1 << 14)) if cache else None
+        fits = item_bytes(folder, split, augmenter) * len(split_labels(folder, split)) \
+            <= cache_bytes
+        self.cached = list(self._read(1 << 14)) if fits else None
 
     def _read(self, size: int) -> Iterator:
         import torch
@@ -320,23 +326,11 @@ def item_bytes(folder: Path, split: str, augmenter) -> int:
     return 0
 
 
-def fits(folder: Path, split: str, augmenter, views: int, cache_bytes: int) -> bool:
-    """Whether the split's decoded items, `views` times (a window's views are made at once),
-    stay within engine.cache_bytes: then it is cached."""
-    return item_bytes(folder, split, augmenter) * Groups.of(folder, split).items * views \
-        <= cache_bytes
-
-
 def sample_inputs(folder: Path, split: str, augmenter, n: int, seed: int):
     """Model input (a CPU tensor) of n items of the split drawn with `seed` (pipeline/core/
     dataset.py sample: all of them when it holds no more), in shard order, not augmented:
     what int8 calibration sees."""
     import torch
 
-    wanted = sample(Groups.of(folder, split).items, n, seed)
-    picked, start = [], 0
-    for _, data in item_batches(folder, [split], 1 << 14):
-        at = wanted[(wanted >= start) & (wanted < start + len(data))] - start
-        picked.extend(data[i] for i in at)
-        start += len(data)
+    _, picked = stored(folder, split, sample(Groups.of(folder, split).items, n, seed))
     return augmenter.to_input(torch.from_numpy(augmenter.decode(picked)))

@@ -49,7 +49,7 @@ from pipeline.core.pruning import CONVS, PRUNERS, is_structured, prunable
 from pipeline.core.modality import Export, FitRecipe, card_part, copy_model_files
 from pipeline.params import CompressParams, load_params
 from pipeline.core.progress import Progress
-from pipeline.core.stream import TrainStream, fits, sample_inputs
+from pipeline.core.stream import TrainStream, sample_inputs
 from pipeline.core.training import fit, make_optimizer, make_schedule, pick_device
 
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
@@ -168,8 +168,7 @@ def main(argv: list[str]) -> None:
     views = card_part(card, "augment").augmenter(params, prep, args.model)
     data = TrainStream(args.data, "train", views, seed=recipe.seed,
                        shuffle_bytes=recipe.shuffle_bytes, device=device,
-                       workers=engine.loader_workers,
-                       cache=fits(args.data, "train", views, views.views, engine.cache_bytes))
+                       workers=engine.loader_workers, cache_bytes=engine.cache_bytes)
     mac_input, mac_of = export.mac_example(prep)
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,7 @@ from pipeline.core.dataset import classes_of, data_hash
 from pipeline.core.modality import part, preprocessing
 from pipeline.params import Params, as_dict, load_params, recipe_section
 from pipeline.core.import_closure import source_files
-from pipeline.core.stream import EvalSplit, TrainStream, fits
+from pipeline.core.stream import EvalSplit, TrainStream
 from pipeline.core.training import (EarlyStopping, Resume, fit, make_optimizer, make_schedule,
                                     warmup_epochs)
 
@@ -202,9 +202,8 @@ def main(argv: list[str]) -> None:
     engine = params.engine
     data = TrainStream(args.data, "train", views, seed=p.seed, shuffle_bytes=p.shuffle_bytes,
                        device=device, workers=engine.loader_workers,
-                       cache=fits(args.data, "train", views, views.views, engine.cache_bytes))
-    val = EvalSplit(args.data, "val", views, device,
-                    cache=fits(args.data, "val", views, 1, engine.cache_bytes))
+                       cache_bytes=engine.cache_bytes)
+    val = EvalSplit(args.data, "val", views, device, engine.cache_bytes)
     model = trainer.create(params, prep, len(classes)).to(device)
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(p.optimizer, model.parameters(), p.lr, p.momentum, p.weight_decay)
