@@ -8,7 +8,7 @@ manifest.json; one PNG per item: smooth random blobs plus noise, all distinct). 
 runs end to end with the repo's params.yaml (read, decode + hash every item, the GX suites, Data
 Docs), alternating the baseline (engine.workers = 1: one process) with the default
 (engine.workers = 0: one process per core), `--runs` times each; the median wall time of each is
-reported, with the decode/hash share measured separately (image_table alone, reading the shards
+reported, with the decode/hash share measured separately (checks.shard_table of every shard alone, reading the shards
 included) and the 1-minute load average before and after.
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.core.dataset import SPLITS, read_manifest, write_items
+from pipeline.core.dataset import SPLITS, read_manifest, shard_files, write_items
 from pipeline.params import Params, load_params
 from pipeline.core import executor
-from pipeline.modalities.image.checks import image_table
+from pipeline.modalities.image import checks
 from pipeline.stages.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +89,9 @@ def main() -> None:
         for name, workers in settings.items():
             executor.start(dataclasses.replace(params.engine, workers=workers))
             t = time.perf_counter()
-            image_table(data, params.image.preprocess)
+            for split in SPLITS:
+                for shard in shard_files(data, split):
+                    checks.shard_table(shard, params)
             decode[name].append(time.perf_counter() - t)
             t = time.perf_counter()
             result = validate(data, args.out / "docs", params, reference=None)

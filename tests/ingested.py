@@ -1,12 +1,13 @@
 """Ingested data sets for tests: pipeline/core/dataset.py shards written from files a test made
-(pack) or from items it holds, and read back whole (items_of)."""
+(pack) or from items it holds, read back whole (items_of), and described whole as validate
+describes them (described)."""
 from __future__ import annotations
 
 import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.core.dataset import SPLITS, item_batches, read_manifest, write_items
+from pipeline.core.dataset import SPLITS, item_batches, read_manifest, shard_files, write_items
 
 
 def pack(folder: Path, rows: list[dict], classes: list[str], **sizes) -> None:
@@ -31,3 +32,18 @@ def rewrite(folder: Path, items: list[tuple[dict, bytes]], classes: list[str] | 
         shutil.rmtree(Path(folder) / "shards")
         shutil.copytree(Path(tmp) / "shards", Path(folder) / "shards")
         shutil.copyfile(Path(tmp) / "manifest.json", Path(folder) / "manifest.json")
+
+
+def described(folder: Path, checks, params):
+    """(Every shard's table of a modality's checks part, concatenated; their extras): what
+    validate's data_set table and profile are made of, with every column."""
+    import pandas as pd
+
+    made = [checks.shard_table(shard, params) for split in SPLITS
+            for shard in shard_files(folder, split)]
+    return pd.concat([table for table, _ in made], ignore_index=True), [e for _, e in made]
+
+
+def train_profile(folder: Path, checks, params) -> dict:
+    """The data profile validate writes for the ingested `folder`."""
+    return checks.conclude(*described(folder, checks, params), params, None)[0]

@@ -25,6 +25,7 @@ from pipeline.lifecycle.champion import Reference
 from pipeline.core.dataset import SPLITS, ShardWriter
 from pipeline.params import ParamsError, load_params
 from tests.stage_runs import VALIDATE, details, ingest_and_validate, problems
+from tests.ingested import train_profile
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 16000  # Hz the generated clips are written at (params.yaml audio.preprocess.sample_rate)
@@ -276,7 +277,7 @@ def champion_profile(tmp_path_factory) -> dict:
         out.close(ingest_audio(str(root / "src"), out, params.data.split, params.data.seed,
                                params.ingest.max_file_bytes, a.voices, a.takes, a.speed_wpm,
                                a.pitch))
-    return checks.examine(root / "ingested", params, None)[1]
+    return train_profile(root / "ingested", checks, params)
 
 
 def test_the_same_kind_of_audio_shows_no_drift(tmp_path, audio_project, stage, monkeypatch,

@@ -25,6 +25,7 @@ from pipeline.modalities.text.sources import ingest_texts
 from pipeline.modalities.text.words import text_key
 from tests.ingested import items_of
 from tests.stage_runs import VALIDATE, cli, ingest_and_validate, manifest, problems
+from tests.ingested import train_profile
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("billing", "outage", "praise")
@@ -298,7 +299,7 @@ def champion_profile(tmp_path_factory) -> dict:
         out.close(ingest_texts(str(root / "champion.jsonl"), out, params.data.split,
                                params.data.seed, params.ingest.max_file_bytes, t.per_class,
                                Columns(i.item_column, i.label_column, i.split_column)))
-    return checks.examine(root / "ingested", params, None)[1]
+    return train_profile(root / "ingested", checks, params)
 
 
 def test_the_same_kind_of_text_shows_no_drift(tmp_path, text_project, stage, monkeypatch,

@@ -12,12 +12,15 @@ from PIL import Image, ImageOps
 
 from pipeline import StageError
 from pipeline.core.drift import categorical_psi, continuous_scores
-from pipeline.core.dataset import ShardWriter, read_manifest, write_items
-from pipeline.modalities.image.checks import add_flags, describe_image, image_table, profile
+from pipeline.core.dataset import (SPLITS, ShardWriter, read_json_manifest, read_manifest,
+                                   shard_files, write_items)
+from pipeline.modalities.image import checks
+from pipeline.modalities.image.checks import describe_image
 from pipeline.modalities.image.sources import ingest_images
 from pipeline.params import load_params
 from pipeline.stages.validate import validate
-from tests.ingested import items_of, rewrite
+from tests.ingested import described, items_of, rewrite
+from tests.ingested import train_profile as profile_of
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = load_params(REPO / "params.yaml")
@@ -86,9 +89,11 @@ def test_clean_set_passes_and_writes_docs(ingested, tmp_path):
     assert m["converted"] == {} and m["undecodable"] == 0 and m["duplicates"] == 0
     assert m["drift"] == {"status": "skipped"}
     assert (tmp_path / "docs" / "index.html").is_file()
-    (page,) = (tmp_path / "docs" / "validations" / "images").rglob("*.html")
+    pages = sorted((tmp_path / "docs" / "validations" / "images").rglob("*.html"))
+    assert [p.name for p in pages] == [f"kiln-images-{s}-part-00000.html"  # a shard each
+                                       for s in ("test", "train", "val")]
     assert ("Every file is one complete picture (PNG, JPEG, WebP, BMP, TIFF or GIF) that "
-            "decodes") in page.read_text()
+            "decodes") in pages[1].read_text()
     assert m["formats"] == {"PNG": len(CLASSES) * PER_CLASS}
     assert result.table.file_problem.isna().all() and (result.table.height == 8).all()
     assert result.profile["images"] == 21 and result.profile["categorical"]["size"] == {"8x8": 21}
@@ -116,6 +121,69 @@ def test_duplicate_across_splits_fails_naming_both(ingested, tmp_path):
     line = failure(result, "same image in two splits (leakage)")
     assert f"2 break it: {train['source']} (train) = {test['source']} (test)" in line
     assert result.metrics["duplicates"] == 1 and len(result.failures) == 1
+
+
+def photos(count: int, classes: list[str]) -> list[tuple[dict, bytes]]:
+    """`count` distinct 12x10 RGB JPEGs of made-up classes, their rows spread 60/15/25 over
+    the splits: not the digits' size, colour, format or split shares."""
+    rng = np.random.default_rng(7)
+    items = []
+    for i in range(count):
+        pixels = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode="RGB").save(buf, format="JPEG", quality=95)
+        split = ("train", "train", "train", "val", "test")[i % 5] if i % 20 else "test"
+        label = classes[i % len(classes)]
+        items.append(({"id": f"photos/{split}/{label}/{i:04d}.jpg", "label": label,
+                       "split": split, "source": f"shoot/{label}/{i:04d}.jpg"}, buf.getvalue()))
+    return items
+
+
+def test_a_bad_item_and_a_leak_in_other_shards_are_named_by_source(tmp_path):
+    """Validate describes a shard at a time: a corrupt item in the third train shard, and a
+    train photo copied into the last test shard (another shard, another split), still stop
+    it naming their source files; the counts cover every shard."""
+    classes = ["heron", "kestrel", "wren", "owl"]
+    items = photos(360, classes)
+    train = [i for i, (row, _) in enumerate(items) if row["split"] == "train"]
+    test = [i for i, (row, _) in enumerate(items) if row["split"] == "test"]
+    corrupt, original, copy = train[130], train[3], test[-1]
+    items[corrupt] = (items[corrupt][0], items[corrupt][1][:200])  # cut short
+    items[copy] = (items[copy][0], items[original][1])
+    folder = tmp_path / "ingested"
+    write_items(folder, items, classes, shard_items=40, row_group_bytes=8192)
+    shards = {s: read_json_manifest(folder)["splits"][s]["shards"] for s in SPLITS}
+    assert len(shards["train"]) >= 4 and len(shards["test"]) >= 2, shards
+    # where the two landed: neither in the first shard of its split
+    assert shard_of(folder, "train", items[corrupt][0]["id"]) >= 2
+    assert shard_of(folder, "test", items[copy][0]["id"]) == len(shards["test"]) - 1
+
+    result = run(folder, tmp_path / "docs")
+    assert not result.success
+    unreadable = failure(result, "unreadable image file")
+    assert f"1 break it: truncated JPEG: {items[corrupt][0]['source']} (" in unreadable
+    leak = failure(result, "same image in two splits (leakage)")
+    assert (f"2 break it: {items[original][0]['source']} (train) = "
+            f"{items[copy][0]['source']} (test)") in leak
+    m = result.metrics
+    assert m["images"] == 360 and m["undecodable"] == 1 and m["duplicates"] == 1
+    assert m["problems"]["unreadable_files"] == 1 and m["problems"]["leaked_images"] == 2
+    assert m["checks_failed"] == 2, result.failures
+    assert m["splits"] == {s: sum(r["split"] == s for r, _ in items) for s in SPLITS}
+    # one Great Expectations batch (a Data Docs page) per shard file, and one of the data set
+    pages = list((tmp_path / "docs" / "validations" / "images").rglob("*.html"))
+    assert len(pages) == sum(map(len, shards.values())), pages
+    assert list((tmp_path / "docs" / "validations" / "data_set").rglob("*.html"))
+
+
+def shard_of(folder: Path, split: str, item_id: str) -> int:
+    """The index of the shard file of `split` that holds the item `item_id`."""
+    import pyarrow.parquet as pq
+
+    for k, path in enumerate(shard_files(folder, split)):
+        if item_id in pq.read_table(path, columns=["id"]).column(0).to_pylist():
+            return k
+    raise AssertionError(f"{item_id} is in no {split} shard")
 
 
 def test_missing_class_in_split_fails_naming_it(ingested, tmp_path):
@@ -230,9 +298,9 @@ def test_a_data_docs_page_loading_from_outside_is_named(tmp_path):
 
 
 def test_the_executor_gives_the_same_table(ingested, running):
-    serial = image_table(ingested, PARAMS.image.preprocess)
+    serial = described(ingested, checks, PARAMS)[0]
     running(workers=2, batch=4)  # 30 files -> 8 tasks over 2 processes
-    parallel = image_table(ingested, PARAMS.image.preprocess)
+    parallel = described(ingested, checks, PARAMS)[0]
     pd.testing.assert_frame_equal(serial, parallel)
     assert serial.content_hash.notna().all()
 
@@ -247,9 +315,7 @@ def digits(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def train_profile(folder: Path) -> dict:
-    images = add_flags(image_table(folder, PARAMS.image.preprocess),
-                       PARAMS.image.preprocess.image_size)
-    return profile(images[images.split == "train"])
+    return profile_of(folder, checks, PARAMS)
 
 
 def shifted(digits_folder: Path, tmp_path: Path, change) -> Path:

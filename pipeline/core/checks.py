@@ -7,8 +7,11 @@ the class list:
     key      the problem's key in the details JSON `problems` (offender counts, 0 when clean)
     words    the words that start its error line ("{unit}"/"{one}": the modality's UNIT, e.g.
              images / image)
-    table    the table it checks: items (one row per ingested item, the modality's checks part
-             describes them), classes, class_counts, drift (one row per feature)
+    table    the table it checks: items (one shard file's items, a row each with everything
+             the modality's checks part describes: a Great Expectations batch per shard),
+             data_set (every item, a row each with the columns the data-set checks, metrics
+             and profile read: counts, shares, copies across shards and splits), classes,
+             class_counts, drift (one row per feature)
     fatal    False: a failure is a warning, reported and not fatal
     name     (GX result dict, items table, column) -> the offenders' names; by default each
              failed row's source file and value
@@ -24,10 +27,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from pipeline.core.copies import KEY
 from pipeline.core.dataset import SPLITS
 from pipeline.params import Params
 
-TABLES = ("items", "classes", "class_counts", "drift")
+TABLES = ("items", "data_set", "classes", "class_counts", "drift")
 Namer = Callable[[dict, pd.DataFrame, "str | None"], list[str]]
 
 
@@ -114,7 +118,7 @@ def _found(res: dict, table: pd.DataFrame, column: str | None) -> list[str]:
     return [f"found {res['observed_value']}"]
 
 
-@CHECKS.check("{one}_count", "{one} count out of range", name=_found)
+@CHECKS.check("{one}_count", "{one} count out of range", table="data_set", name=_found)
 def row_count(E, d: Data):
     bounds = d.params.validate
     return E.ExpectTableRowCountToBeBetween(
@@ -123,10 +127,11 @@ def row_count(E, d: Data):
                     "(params validate.min_items, validate.max_items).")
 
 
-@CHECKS.check("repeated_rows", "an item id given twice")
+@CHECKS.check("repeated_rows", "an item id given twice", table="data_set",
+              name=showing("id {path}"))
 def manifest_rows(E, d: Data):
-    return E.ExpectColumnValuesToBeUnique(column="path",
-                                          description="Each item has an id of its own.")
+    return E.ExpectColumnValuesToBeInSet(column="repeated", value_set=[False],
+                                         description="Each item has an id of its own.")
 
 
 @CHECKS.check("unknown_labels", "unknown label")
@@ -142,20 +147,22 @@ def splits(E, d: Data):
 
 
 def copies_named(res: dict, table: pd.DataFrame, column: str | None) -> list[str]:
-    """The groups of same items (content_hash) the failed rows belong to, each as its sources
-    with their splits, train first (the copy's origin)."""
-    hashes = table.set_index("path").content_hash
-    offenders = table[table.content_hash.isin({hashes[r["path"]]
-                                               for r in res["unexpected_index_list"]})]
-    offenders = offenders.sort_values(["split", "source"], key=lambda c: c.map(
-        SPLITS.index) if c.name == "split" else c)
-    groups = offenders.groupby("content_hash", sort=False).apply(
+    """The groups of same items (the data_set table's content KEY) the failed rows belong to,
+    each as its sources with their splits, train first (the copy's origin). Every copy is a
+    named row of that table (path and source filled in)."""
+    named = table[table.path.notna()]
+    failed = named[named.path.isin({r["path"] for r in res["unexpected_index_list"]})]
+    offenders = named.merge(failed[KEY].drop_duplicates(), on=KEY)
+    offenders = offenders.assign(order=offenders.split.astype(str).map(SPLITS.index)
+                                 ).sort_values(["order", "source"])
+    groups = offenders.groupby(KEY, sort=False).apply(
         lambda g: " = ".join(f"{s} ({split})" for s, split in zip(g.source, g.split)),
         include_groups=False)
     return list(groups)
 
 
-@CHECKS.check("leaked_{unit}", "same {one} in two splits (leakage)", name=copies_named)
+@CHECKS.check("leaked_{unit}", "same {one} in two splits (leakage)", table="data_set",
+              name=copies_named)
 def leaks(E, d: Data):
     return E.ExpectColumnValuesToBeInSet(
         column="leak", value_set=[False],
@@ -163,7 +170,8 @@ def leaks(E, d: Data):
                     f"training {d.one} in val or test inflates the measured accuracy.")
 
 
-@CHECKS.check("duplicate_{unit}", "duplicate {unit} in a split", name=copies_named)
+@CHECKS.check("duplicate_{unit}", "duplicate {unit} in a split", table="data_set",
+              name=copies_named)
 def duplicates(E, d: Data):
     return E.ExpectColumnValuesToBeInSet(
         column="duplicate", value_set=[False],

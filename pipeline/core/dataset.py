@@ -157,13 +157,17 @@ def shard_files(folder: Path, split: str) -> list[Path]:
 def _columns(folder: Path, splits: Iterable[str], columns: list[str], size: int
              ) -> Iterator[pa.RecordBatch]:
     for split in splits:
-        for path in shard_files(folder, split):
-            shard = pq.ParquetFile(path)
-            # A row group at a time: iter_batches over a whole file keeps every batch it has
-            # read until the file ends (a shard of 50,000 photos of 20 KB: 1 GB held)
-            for group in range(shard.num_row_groups):
-                yield from shard.iter_batches(batch_size=size, columns=columns,
-                                              row_groups=[group])
+        yield from _shard_columns(shard_files(folder, split), columns, size)
+
+
+def _shard_columns(paths: Iterable[Path], columns: list[str], size: int
+                   ) -> Iterator[pa.RecordBatch]:
+    for path in paths:
+        shard = pq.ParquetFile(path)
+        # A row group at a time: iter_batches over a whole file keeps every batch it has
+        # read until the file ends (a shard of 50,000 photos of 20 KB: 1 GB held)
+        for group in range(shard.num_row_groups):
+            yield from shard.iter_batches(batch_size=size, columns=columns, row_groups=[group])
 
 
 def read_manifest(folder: Path) -> tuple[list[dict], list[str]]:
@@ -179,8 +183,13 @@ def item_batches(folder: Path, splits: Iterable[str], size: int
                  ) -> Iterator[tuple[list[dict], list[bytes]]]:
     """(rows, bytes) of at most `size` items each, split by split in shard order: what a pass
     over the items holds at once."""
+    return _rows_and_bytes(_columns(folder, splits, [*ROW_FIELDS, "bytes"], size), size)
+
+
+def _rows_and_bytes(batches: Iterable[pa.RecordBatch], size: int
+                    ) -> Iterator[tuple[list[dict], list[bytes]]]:
     rows, data = [], []
-    for batch in _columns(folder, splits, [*ROW_FIELDS, "bytes"], size):
+    for batch in batches:
         table = batch.to_pydict()
         data.extend(table.pop("bytes"))
         rows.extend(dict(zip(table, values)) for values in zip(*table.values()))
@@ -191,19 +200,22 @@ def item_batches(folder: Path, splits: Iterable[str], size: int
         yield rows, data
 
 
-def described_table(folder: Path, fn: Callable, columns: list[str], named: bool = False,
+def described_table(shard: Path | None, fn: Callable, columns: list[str], named: bool = False,
                     extra: Callable[[dict, object], None] | None = None):
-    """A pandas DataFrame with `columns`, one row per item, split by split in shard order: its
-    path (the id), source, label and split, then fn(bytes)'s dict (named: fn((id, bytes))),
+    """A pandas DataFrame with `columns`, one row per item of one `shard` file (None: no file,
+    no rows: the table of a data set without items), in its order:
+    its path (the id), source, label and split, then fn(bytes)'s dict (named: fn((id, bytes))),
     described in parallel through the executor. With `extra`, fn returns (dict, more) and
     extra(row, more) sees each item's `more` here. Built a round of the executor's items at a
-    time, a frame per round: no Python dict per item outlives its round (a million dicts, three
-    times over, were validate's 2.6 GB), and a class or split name is one string object."""
+    time, a frame per round: no Python dict per item outlives its round, and a class or split
+    name is one string object."""
     import pandas as pd
 
     names: dict[str, str] = {}
     frames = []
-    for rows, data in item_batches(folder, SPLITS, span()):
+    size = span()
+    shards = [] if shard is None else [shard]
+    for rows, data in _rows_and_bytes(_shard_columns(shards, [*ROW_FIELDS, "bytes"], size), size):
         out = map_items(fn, list(zip((r["id"] for r in rows), data)) if named else data)
         if extra is not None:
             for row, (_, more) in zip(rows, out):
@@ -215,6 +227,18 @@ def described_table(folder: Path, fn: Callable, columns: list[str], named: bool 
               "split": names.setdefault(r["split"], r["split"]), **d} for r, d in zip(rows, out)],
             columns=columns))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def named_rows(folder: Path, positions: np.ndarray) -> tuple[list[str], list[str]]:
+    """(ids, sources) of the items at sorted `positions` of the whole data set (split by split
+    in shard order, as validate's table holds them): the id and source columns alone."""
+    ids, sources, start = [], [], 0
+    for batch in _columns(folder, SPLITS, ["id", "source"], 1 << 16):
+        for i in positions[(positions >= start) & (positions < start + len(batch))] - start:
+            ids.append(batch.column(0)[int(i)].as_py())
+            sources.append(batch.column(1)[int(i)].as_py())
+        start += len(batch)
+    return ids, sources
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,12 @@ PROFILE_QUANTILES = 1001  # quantile points stored per continuous feature (every
 PSI_FLOOR = 1e-4          # share given to a bin one side leaves empty, so ln() stays finite
 
 
+def counted(column: pd.Series) -> dict[str, int]:
+    """value -> count of the values `column` holds, by value: a categorical column's categories
+    that no row of it holds are left out."""
+    return {str(k): int(v) for k, v in column.value_counts().sort_index().items() if v}
+
+
 def _psi(ref: np.ndarray, new: np.ndarray) -> float:
     ref, new = np.maximum(ref, PSI_FLOOR), np.maximum(new, PSI_FLOOR)
     return float(np.sum((new - ref) * np.log(new / ref)))

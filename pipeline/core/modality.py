@@ -130,23 +130,32 @@ class Sources(Protocol):
 
 
 class Checks(Protocol):
-    """pipeline/modalities/<modality>/checks.py, called by the validate stage. Its table has the columns
-    path, source, label, split, file_problem, decode_error, content_hash, leak and duplicate,
-    which the stage's shared checks and offender words read, and what its own checks need. The
-    drift metrics' `notes`, if any, are sentences validate and the flow's run summary print."""
+    """pipeline/modalities/<modality>/checks.py, called by the validate stage a shard at a time.
+    A shard's table has the columns path, source, label, split, file_problem, decode_error,
+    content_hash and alike (bool: the rows compared for copies), which the stage's shared checks
+    and offender words read, and what its own checks need. Of every item the stage keeps label,
+    split, MERGED and FLAGS (the data_set table: pipeline/stages/validate.py). The drift
+    metrics' `notes`, if any, are sentences validate and the flow's run summary print."""
 
     SAME: str                  # what makes two items the same (content_hash), in words
     CHECKS: typing.Iterable    # its own checks (pipeline/core/checks.py Checks)
     SUMMARY: tuple[str, ...]   # the keys of validate's --metrics JSON
     METRICS: tuple[str, ...]   # every key of validate's details JSON, in order
+    MERGED: tuple[str, ...]    # the columns its metrics, profile and data-set checks read
+    FLAGS: tuple[str, ...]     # bool columns whose True rows its data-set checks name
 
-    def examine(self, folder: Path, params: Params, reference: dict | None
-                ) -> tuple[Table, dict, Drift | None]:
-        """(Item table of the ingested `folder`: pipeline/core/dataset.py described_table,
-        profile of its train split, drift from `reference` or None)."""
+    def shard_table(self, shard: Path, params: Params) -> tuple[Table, object]:
+        """(Item table of one shard file: pipeline/core/dataset.py described_table, row flags
+        included; what its profile needs besides the table, or None)."""
+
+    def conclude(self, table: Table, extras: list, params: Params, reference: dict | None
+                 ) -> tuple[dict, Drift | None]:
+        """(Profile of the data_set table's train split, with every shard's extra; drift from
+        `reference` or None)."""
 
     def metrics(self, table: Table, params: Params) -> dict:
-        """The metrics the modality adds to the shared counts (keys of METRICS)."""
+        """The metrics the modality adds to the shared counts (keys of METRICS), of the
+        data_set table."""
 
     def lines(self, metrics: dict, params: Params) -> list[str]:
         """Lines the stage prints after its summary (without the 'validate: ' prefix)."""

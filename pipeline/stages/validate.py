@@ -1,35 +1,41 @@
 """Stage 2: describe every ingested item and check the data set with Great Expectations suites.
 
-Tables validated, all in an in-memory (ephemeral) GX context:
-    <unit>         one row per ingested item, from the modality's `checks` part
-                   (pipeline/<data.modality>/checks.py, named for its unit: `images`, `texts`):
-                   path, source, label, split, file_problem (why the file is unusable: the kind)
-                   and decode_error (in detail), content_hash with the flags leak and duplicate,
-                   and what the modality measures besides
+Items are described a shard file at a time (the modality's `checks` part,
+pipeline/modalities/<data.modality>/checks.py, in parallel through the executor), so memory does
+not grow with the items' descriptions. Tables validated, all in an in-memory (ephemeral) GX
+context:
+    <unit>         one batch per shard file: a row per item of the shard with everything the
+                   part describes (path, source, label, split, file_problem and decode_error,
+                   content_hash, what the modality measures): the checks of single items
+    data_set       one row per item of the whole data set with what the data-set checks,
+                   metrics and profile read: label, split, the part's MERGED columns and FLAGS,
+                   leak, duplicate and repeated (copies across shards and splits, found from
+                   128-bit keys: pipeline/core/copies.py), and path and source for the rows
+                   flagged (read back from the shards' id and source columns)
     classes        one row per class of manifest.json: <unit> (all splits)
     class_counts   one row per (split, class) of every class that has items: <unit> (0 included)
     drift          one row per feature compared with the reference of the task's champion
                    (pipeline/core/drift.py, pipeline/lifecycle/champion.py): same model name and class list
 
 The checks are registry entries (pipeline/core/checks.py): those every modality shares (row
-count, manifest rows, labels, splits, leaks, duplicates, classes, PSI/KS drift) and the part's
-CHECKS. The part gives the item table, its checks, the data profile and drift features, the
-metrics it adds and what more to print; this stage runs the checks and reports.
+count, ids, labels, splits, leaks, duplicates, classes, PSI/KS drift) and the part's CHECKS.
+The part gives the shard tables, its checks, the data profile and drift features, the metrics
+it adds and what more to print; this stage runs the checks and reports.
 
 Each expectation carries a `kind` (meta): the problem in plain words, which starts its line in
-the error message, and a key under `problems` in the details JSON (offender counts, 0 when
-clean). The metrics JSON holds the counts a person compares across runs (the part's SUMMARY:
-items, splits, checks passed and failed). Both, the Data Docs site (the same bytes on a rerun
-with the same data: pipeline/core/data_docs.py) and the data profile are written even when a check
-fails, so the reader can see why; a failure then raises StageError with one line per failed kind
-naming a few offending files or classes.
+the error message, and a key under `problems` in the details JSON (offender counts over every
+batch, 0 when clean). The metrics JSON holds the counts a person compares across runs (the
+part's SUMMARY: items, splits, checks passed and failed). Both, the Data Docs site (the same
+bytes on a rerun with the same data: pipeline/core/data_docs.py) and the data profile are
+written even when a check fails, so the reader can see why; a failure then raises StageError
+with one line per failed kind naming a few offending files or classes.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -38,12 +44,17 @@ import pandas as pd
 from pipeline import StageError
 from pipeline.lifecycle.champion import Exports, Task, reference
 from pipeline.core.checks import CHECKS, Check, Data
-from pipeline.core.dataset import MANIFEST, SPLITS, classes_of, data_hash
+from pipeline.core.copies import ID, KEY, copies, keys, repeated
+from pipeline.core.dataset import MANIFEST, SPLITS, classes_of, data_hash, named_rows, shard_files
 from pipeline.core.modality import part, preprocessing
 from pipeline.params import Params, load_params
 
 DOCS_SITE = "kiln"
+DATA_SOURCE = "kiln"  # GX's name for where a batch came from; its pages are <it>-<asset>.html
 SHOWN = 3  # offenders named per failed kind; the count covers the rest
+# what names an item: the shard tables keep them for every row, the data_set table for the
+# rows its checks can name
+NAMES = ["path", "source"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +63,39 @@ class Validation:
     metrics: dict
     failures: list[str]   # one line per failed kind, naming offenders
     warnings: list[str]   # drift above the warn thresholds: reported, not fatal
-    table: pd.DataFrame   # the per-item table of the modality (images, texts)
+    table: pd.DataFrame   # the data_set table: a row per item (module docstring)
     profile: dict         # reference statistics of this data set's train split (pipeline/core/drift.py)
+
+
+@dataclass
+class Outcome:
+    """One expectation over every batch it ran on: passed in all, or its offenders."""
+    config: object        # the expectation (its meta, description)
+    check: Check
+    success: bool = True
+    count: int | None = None  # rows that broke it; None for a check of a whole table
+    named: list[str] = field(default_factory=list)  # the first SHOWN offenders' words
+    names: int = 0        # how many words there were in all
+
+    def add(self, result, table: pd.DataFrame) -> None:
+        """Count in one batch's result; `table` is that batch, which names the offenders."""
+        if result.success:
+            return
+        self.success = False
+        res = result.result
+        if "unexpected_index_list" in res:
+            self.count = (self.count or 0) + len(res["unexpected_index_list"])
+        words = self.check.name(res, table, result.expectation_config.kwargs.get("column"))
+        self.named.extend(words[:SHOWN - len(self.named)])
+        self.names += len(words)
+
+    @property
+    def line(self) -> str:
+        """'<kind>: <rule> -- <n> break it: a; b; c (+k more)'."""
+        counted = f"{self.count} break it: " if self.count is not None else ""
+        line = (f"{self.config.meta['kind']}: {self.config.description} -- {counted}"
+                f"{'; '.join(self.named)}")
+        return line + (f" (+{self.names - SHOWN} more)" if self.names > SHOWN else "")
 
 
 def class_tables(table: pd.DataFrame, classes: list[str], unit: str
@@ -66,7 +108,7 @@ def class_tables(table: pd.DataFrame, classes: list[str], unit: str
                                 unit: [int(per_class.get(c, 0)) for c in classes]})
     present = [c for c in classes if per_class.get(c, 0) > 0]
     grid = pd.MultiIndex.from_product([list(SPLITS), present], names=["split", "label"])
-    counts = table.groupby(["split", "label"]).size().reindex(grid, fill_value=0)
+    counts = table.groupby(["split", "label"], observed=True).size().reindex(grid, fill_value=0)
     return class_table, counts.rename(unit).reset_index()
 
 
@@ -81,20 +123,48 @@ def registered(checks: ModuleType, data: Data) -> dict[str, Check]:
     return every
 
 
-def _offenders(result, table: pd.DataFrame, check: Check) -> tuple[int | None, list[str]]:
-    """(count, descriptions) of what broke one failed expectation; no count for table checks."""
-    res = result.result
-    count = len(res["unexpected_index_list"]) if "unexpected_index_list" in res else None
-    return count, check.name(res, table, result.expectation_config.kwargs.get("column"))
+def kept(shard: pd.DataFrame, checks: ModuleType) -> pd.DataFrame:
+    """What the data_set table keeps of a shard's rows: label, split, the part's MERGED and
+    FLAGS, alike, and the keys of content and id; no string per item (words are categorical:
+    a byte an item where a column holds few values)."""
+    rows = shard[["label", "split", *checks.MERGED, *checks.FLAGS, "alike"]].reset_index(drop=True)
+    for column in rows:
+        if rows[column].dtype == object or pd.api.types.is_string_dtype(rows[column]):
+            rows[column] = rows[column].astype("category")
+    rows[KEY] = keys(shard.content_hash)
+    rows[ID] = keys(shard.path)
+    return rows
 
 
-def failure_line(result, table: pd.DataFrame, check: Check) -> str:
-    """'<kind>: <rule> -- <n> break it: a; b; c (+k more)'."""
-    config = result.expectation_config
-    n, offenders = _offenders(result, table, check)
-    counted = f"{n} break it: " if n is not None else ""
-    line = f"{config.meta['kind']}: {config.description} -- {counted}{'; '.join(offenders[:SHOWN])}"
-    return line + (f" (+{len(offenders) - SHOWN} more)" if len(offenders) > SHOWN else "")
+def data_set_table(folder: Path, kept_rows: list[pd.DataFrame], checks: ModuleType
+                   ) -> pd.DataFrame:
+    """Every shard's kept rows, in shard order, with leak, duplicate and repeated, and path and
+    source read back for the rows a data-set check or metric can name (a FLAGS column, leak,
+    duplicate or repeated true). Joined a column at a time, each shard's copy let go as it
+    joins (`kept_rows` is emptied): the table is never held twice."""
+    columns = {}
+    for name in list(kept_rows[0].columns):
+        parts = [rows.pop(name) for rows in kept_rows]
+        if isinstance(parts[0].dtype, pd.CategoricalDtype):  # (a shard of None has no words)
+            columns[name] = pd.api.types.union_categoricals(
+                [values.cat.set_categories(values.cat.categories.astype("str")) for values in parts],
+                sort_categories=True)
+        else:
+            columns[name] = pd.concat(parts, ignore_index=True)
+        del parts
+    kept_rows.clear()
+    table = pd.DataFrame(columns)
+    del columns
+    table["leak"], table["duplicate"] = copies(table, table.alike)
+    table["repeated"] = repeated(table)
+    table = table.drop(columns=ID)
+    flagged = table[[*checks.FLAGS, "leak", "duplicate", "repeated"]].any(axis=1).to_numpy()
+    names = {column: pd.Series(None, index=table.index, dtype=object) for column in NAMES}
+    if flagged.any():
+        names["path"][flagged], names["source"][flagged] = named_rows(folder, flagged.nonzero()[0])
+    for column, values in names.items():  # a byte an item: most rows name nothing
+        table[column] = values.astype("category")
+    return table
 
 
 def _clear_docs(docs: Path) -> None:
@@ -106,19 +176,71 @@ def _clear_docs(docs: Path) -> None:
         shutil.rmtree(docs)
 
 
-def _problem_counts(results, table: pd.DataFrame, checks: dict[str, Check]) -> dict[str, int]:
-    """Offenders per kind, 0 for a passed check (a table-level failure counts 1)."""
-    counts: dict[str, int] = {}
-    for r in results:
-        key = r.expectation_config.meta["key"]
-        n = 0 if r.success else (_offenders(r, table, checks[key])[0] or 1)
-        counts[key] = max(counts.get(key, 0), n)
-    return counts
+class Suites:
+    """The run's Great Expectations suites, one per table, each validating its batches (a table
+    can have several: a shard file each) into one Outcome per expectation."""
+
+    def __init__(self, docs: Path, folder: Path, by_key: dict[str, Check], data: Data) -> None:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        from pipeline.core import data_docs
+
+        self.gx = gx
+        self.context = gx.get_context(mode="ephemeral")
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        _clear_docs(docs)
+        self.context.add_data_docs_site(site_name=DOCS_SITE,
+                                        site_config=data_docs.site_config(docs))
+        self.run_id = data_docs.run_id(data_hash(folder))
+        self.docs = docs
+        self.by_key, self.data = by_key, data
+        self.suites: dict[str, object] = {}
+        self.outcomes: dict[str, Outcome] = {}  # by the expectation's id, in suite order
+
+    def suite(self, table: str, name: str):
+        """The table's suite, made at its first use with an Outcome per expectation."""
+        if table not in self.suites:
+            suite = self.context.suites.add(self.gx.ExpectationSuite(name=name))
+            for check in self.by_key.values():
+                if check.table == table:
+                    for expectation in check.expectations(self.gx.expectations, self.data):
+                        added = suite.add_expectation(expectation)
+                        self.outcomes[added.id] = Outcome(added, check)
+            self.suites[table] = suite
+        return self.suites[table]
+
+    def validate(self, table: str, name: str, frame: pd.DataFrame, keys: list[str],
+                 batch: str | None = None) -> None:
+        """Run `table`'s suite (GX suite `name`) on `frame`, the batch of a data asset of its
+        own (`name`, or `name`-`batch` when a table has several: Data Docs shows a page per
+        asset); each failed row comes back with its `keys` columns (COMPLETE result format)."""
+        suite = self.suite(table, name)
+        # A data source per batch, deleted after it: GX's pandas engine keeps every batch it
+        # has validated (a shard's table each) for as long as its data source lives.
+        source = self.context.data_sources.add_pandas(DATA_SOURCE)
+        asset = source.add_dataframe_asset(f"{name}-{batch}" if batch else name)
+        definition = self.context.validation_definitions.add(self.gx.ValidationDefinition(
+            name=asset.name, data=asset.add_batch_definition_whole_dataframe("all"),
+            suite=suite))
+        outcome = definition.run(batch_parameters={"dataframe": frame}, result_format={
+            "result_format": "COMPLETE", "unexpected_index_column_names": keys},
+            run_id=self.run_id)
+        self.context.data_sources.delete(DATA_SOURCE)
+        for result in outcome.results:
+            self.outcomes[result.expectation_config.id].add(result, frame)
+
+    def build_docs(self) -> None:
+        from pipeline.core import data_docs
+
+        data_docs.pin_load_times(self.context)
+        self.context.build_data_docs(site_names=[DOCS_SITE])
+        data_docs.make_offline(self.docs)
 
 
 def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -> Validation:
-    """Describe every item of the ingested `folder` with the `checks` part of data.modality, run
-    the suites, write Data Docs to `docs`.
+    """Describe every item of the ingested `folder` a shard at a time with the `checks` part of
+    data.modality, run the suites, write Data Docs to `docs`.
 
     `reference` is the champion's data profile (pipeline/core/drift.py), None when there is none:
     then drift is not checked.
@@ -134,75 +256,67 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
         raise StageError(f"the champion of this task (package.model_name and class list) was "
                          f"trained on {trained_on} data, this data set is {modality}: give it "
                          "another package.model_name")
-    table, current, report = checks.examine(folder, params, reference)
     unit = preprocessing(modality).UNIT
-    class_table, class_counts = class_tables(table, classes, unit)
     data = Data(params, unit, classes, checks.SAME)
-    by_key = registered(checks, data)
-
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    from pipeline.core import data_docs
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    _clear_docs(docs)
-    context.add_data_docs_site(site_name=DOCS_SITE, site_config=data_docs.site_config(docs))
-    run_id = data_docs.run_id(data_hash(folder))
-    source = context.data_sources.add_pandas("kiln")
-    # table -> (the GX asset and suite's name, its rows, the columns that name a failed row)
-    tables = {"items": (unit, table, ["path"]), "classes": ("classes", class_table, ["label"]),
-              "class_counts": ("class_counts", class_counts, ["split", "label"])}
+    suites = Suites(docs, folder, registered(checks, data), data)
+    suites.suite("items", unit)  # its expectations count as passed when there is no shard
+    kept_rows, extras = [], []
+    for split in SPLITS:
+        for shard in shard_files(folder, split):
+            table, extra = checks.shard_table(shard, params)
+            suites.validate("items", unit, table, ["path"], batch=f"{split}-{shard.stem}")
+            kept_rows.append(kept(table, checks))
+            extras.append(extra)
+    if not kept_rows:  # no item at all: the data-set checks say so
+        table, extra = checks.shard_table(None, params)
+        kept_rows.append(kept(table, checks))
+    table = data_set_table(folder, kept_rows, checks)
+    current, report = checks.conclude(table, extras, params, reference)
+    class_table, class_counts = class_tables(table, classes, unit)
+    suites.validate("data_set", "data_set", table, ["path"])
+    suites.validate("classes", "classes", class_table, ["label"])
+    suites.validate("class_counts", "class_counts", class_counts, ["split", "label"])
     if report is not None:
-        tables["drift"] = ("drift", report.table(), ["feature"])
-    results = []
-    E = gx.expectations
-    for table_name, (name, frame, keys) in tables.items():
-        expectations = [e for check in by_key.values() if check.table == table_name
-                        for e in check.expectations(E, data)]
-        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
-        suite = context.suites.add(gx.ExpectationSuite(name=name))
-        for expectation in expectations:
-            suite.add_expectation(expectation)
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        # COMPLETE + index columns: each failed row comes back with its path (or split/label).
-        outcome = definition.run(batch_parameters={"dataframe": frame}, result_format={
-            "result_format": "COMPLETE", "unexpected_index_column_names": keys}, run_id=run_id)
-        results.extend(outcome.results)
-    data_docs.pin_load_times(context)
-    context.build_data_docs(site_names=[DOCS_SITE])
-    data_docs.make_offline(docs)
+        suites.validate("drift", "drift", report.table(), ["feature"])
+    suites.build_docs()
 
-    fatal = [r for r in results if r.expectation_config.meta["fatal"]]
-    failed = [r for r in fatal if not r.success]
-    drift_failed = any(by_key[r.expectation_config.meta["key"]].table == "drift" for r in failed)
+    outcomes = list(suites.outcomes.values())
+    fatal = [o for o in outcomes if o.config.meta["fatal"]]
+    failed = [o for o in fatal if not o.success]
+    drift_failed = any(o.check.table == "drift" for o in failed)
     # A failed drift check already names the feature; its warning would say it twice.
     warned = [] if drift_failed else \
-        [r for r in results if not r.expectation_config.meta["fatal"] and not r.success]
+        [o for o in outcomes if not o.config.meta["fatal"] and not o.success]
     shared = {
         "classes": len(classes),
         "splits": {s: int((table.split == s).sum()) for s in SPLITS},
         "checks_passed": len(fatal) - len(failed),
         "checks_failed": len(failed),
-        "problems": _problem_counts(fatal, table, by_key),
+        "problems": _problem_counts(fatal),
         "drift": report.metrics(warned=bool(warned), failed=drift_failed)
         if report is not None else {"status": "skipped"},
         "success": not failed,
     }
     every = {**checks.metrics(table, params), **shared}
     return Validation(success=not failed, metrics={key: every[key] for key in checks.METRICS},
-                      failures=_lines(failed, table, by_key),
-                      warnings=_lines(warned, table, by_key), table=table, profile=current)
+                      failures=_lines(failed), warnings=_lines(warned), table=table,
+                      profile=current)
 
 
-def _lines(results, table: pd.DataFrame, checks: dict[str, Check]) -> list[str]:
+def _problem_counts(outcomes: list[Outcome]) -> dict[str, int]:
+    """Offenders per kind, 0 for a passed check (a table-level failure counts 1)."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        key = o.config.meta["key"]
+        counts[key] = max(counts.get(key, 0), 0 if o.success else (o.count or 1))
+    return counts
+
+
+def _lines(outcomes: list[Outcome]) -> list[str]:
     """Failure lines grouped by kind (drift's PSI and KS lines sit together), suite order."""
     lines: dict[str, list[str]] = {}
-    for r in results:
-        meta = r.expectation_config.meta
-        lines.setdefault(meta["kind"], []).append(failure_line(r, table, checks[meta["key"]]))
+    for o in outcomes:
+        lines.setdefault(o.config.meta["kind"], []).append(o.line)
     return [line for group in lines.values() for line in group]
 
 

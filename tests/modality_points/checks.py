@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.checks import Checks, Data, file_problems
-from pipeline.core.copies import copies
-from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, compare
+from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, compare, counted
 from pipeline.core.dataset import described_table
 from pipeline.modalities.points.preprocess import parse
 from pipeline.params import Params
@@ -24,6 +23,7 @@ METRICS = ("points", "classes", "splits", "undecodable", "checks_passed", "check
 SAME = "compared by their coordinates"
 CHECKS = Checks()
 CATEGORICAL, CONTINUOUS = ("label",), ("largest",)
+MERGED, FLAGS = ("file_problem", "largest"), ()
 
 
 def describe_point(data: bytes, features: int) -> dict:
@@ -37,22 +37,24 @@ def describe_point(data: bytes, features: int) -> dict:
             "content_hash": point.tobytes().hex()}
 
 
-def examine(folder: Path, params: Params, reference: dict | None):
-    table = described_table(folder, functools.partial(
+def shard_table(shard: Path, params: Params):
+    table = described_table(shard, functools.partial(
         describe_point, features=params.points.ingest.features), COLUMNS)
     table = table.astype({"largest": float})
-    table["leak"], table["duplicate"] = copies(table, table.content_hash.notna())
+    return table.assign(alike=table.content_hash.notna()), None
+
+
+def conclude(table: pd.DataFrame, extras: list, params: Params, reference: dict | None):
     current = profile(table[table.split == "train"])
     report = compare(reference, current, params.drift, CATEGORICAL, CONTINUOUS) \
         if reference is not None else None
-    return table, current, report
+    return current, report
 
 
 def profile(table: pd.DataFrame) -> dict:
     decoded = table[table.file_problem.isna()]
     return {"version": PROFILE_VERSION, "modality": "points", "points": len(decoded),
-            "categorical": {"label": {str(k): int(v) for k, v in
-                                      decoded.label.value_counts().sort_index().items()}},
+            "categorical": {"label": counted(decoded.label)},
             "quantiles": {"largest": np.quantile(
                 decoded.largest.to_numpy(float), np.linspace(0, 1, PROFILE_QUANTILES),
                 method="inverted_cdf").round(4).tolist() if len(decoded) else []}}

@@ -10,8 +10,9 @@ Data Docs, one line per failed kind).
              samples decoded as every later consumer decodes them (mono at audio.preprocess.sample_rate):
              rms, loudness (dBFS), centroid (spectral centroid, Hz), content_hash (sha256 of the
              samples, so a WAV and its FLAC copy collide); flags derived from those: silent
-             (rms under audio.preprocess.silent_rms), clipping (clipped over audio.validate.clipped_samples), leak,
-             duplicate
+             (rms under audio.preprocess.silent_rms), clipping (clipped over audio.validate.clipped_samples), alike
+             (compared for copies: decoded, not silent); validate adds leak, duplicate and
+             repeated over the whole data set (pipeline/core/copies.py)
 
 What decode.py refuses (empty, corrupt or not audio, an extension that names another container,
 no samples, non-finite samples), and a WAV, MP3 or M4A cut short (which it decodes up to the
@@ -28,9 +29,8 @@ Drift features of the train split (pipeline/core/drift.py scores them):
     centroid                       spectral centroid, Hz (brightness)   PSI and KS
 Silent clips have no loudness nor centroid (RMS 0: no spectrum); the silent check counts them.
 
-One process decodes every clip: the built-in set's 1,200 clips take 0.6 to 0.9 s (median of 5
-runs of clip_table, two loads of the shared 2-core machine) of validate's 5 to 11 s; the rest is
-Great Expectations and Data Docs, so a pool (images use one) would save little at that size.
+Clips are decoded through the executor (pipeline/core/executor.py, in parallel), a shard at a
+time, as images are.
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ import pandas as pd
 
 from pipeline.modalities.audio.decode import ACCEPTED, AudioError, decode, truncation
 from pipeline.core.checks import Checks, Data, file_problems, showing
-from pipeline.core.copies import copies
-from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
+from pipeline.core.copies import KEY
+from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare, counted
 from pipeline.core.dataset import described_table
 from pipeline.params import Params
 
@@ -77,6 +77,11 @@ STREAMED = 0x7FFF0000
 COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "format",
            "source_rate", "channels", "seconds", "clipped", "rms", "loudness", "centroid",
            "content_hash"]
+# The columns validate keeps of every clip for the data-set checks, metrics and profile; FLAGS:
+# the rows the data-set checks and metrics name (their path and source are kept too)
+MERGED = ("file_problem", "format", "source_rate", "channels", "seconds", "clipped", "rms",
+          "loudness", "centroid")
+FLAGS = ("silent", "clipping")
 CATEGORICAL = ("label", "source_rate", "channels")  # drift features scored by PSI
 CONTINUOUS = ("seconds", "loudness", "centroid")    # and by PSI and KS
 SHOWN = 3  # clipped clips named on the stage's line when within audio.validate.max_clipped_share
@@ -148,34 +153,31 @@ def describe_clip(item: tuple[str, bytes], sample_rate: int) -> dict:
     }
 
 
-def clip_table(folder: Path, params: Params) -> pd.DataFrame:
-    """One row per ingested item, described and flagged. Silent clips are left out of leak and
-    duplicate (silence of one length is the same samples by nature): each problem is reported
-    once, by its own check."""
+def shard_table(shard: Path, params: Params) -> tuple[pd.DataFrame, None]:
+    """One row per item of a shard file, described and flagged; clips need nothing else for
+    their profile. Silent clips are not compared for copies (silence of one length is the same
+    samples by nature): each problem is reported once, by its own check."""
     audio = params.audio
-    clips = described_table(folder, functools.partial(
+    clips = described_table(shard, functools.partial(
         describe_clip, sample_rate=audio.preprocess.sample_rate), COLUMNS, named=True).astype(
         {c: float for c in ("source_rate", "channels", "seconds", "clipped", "rms", "loudness",
                             "centroid")})
     decoded = clips.file_problem.isna()
     silent = decoded & (clips.rms < audio.preprocess.silent_rms)
-    leak, duplicate = copies(clips, decoded & ~silent)
     return clips.assign(
         silent=silent,
         clipping=decoded & (clips.clipped > audio.validate.clipped_samples),
-        leak=leak, duplicate=duplicate,
-    )
+        alike=decoded & ~silent,
+    ), None
 
 
-def examine(folder: Path, params: Params, reference: dict | None
-            ) -> tuple[pd.DataFrame, dict, DriftReport | None]:
-    """The clips table of the ingested `folder` (flags included), the profile of its train split,
-    and that split's drift from `reference`."""
-    clips = clip_table(folder, params)
-    current = profile(clips[clips.split == "train"])
+def conclude(table: pd.DataFrame, extras: list, params: Params, reference: dict | None
+             ) -> tuple[dict, DriftReport | None]:
+    """The profile of the data set's train split and that split's drift from `reference`."""
+    current = profile(table[table.split == "train"])
     report = compare(reference, current, params.drift, CATEGORICAL, CONTINUOUS) \
         if reference is not None else None
-    return clips, current, report
+    return current, report
 
 
 def _clipped(source: str, share: float) -> str:
@@ -207,7 +209,7 @@ def _silent(res: dict, table: pd.DataFrame, column: str | None) -> list[str]:
 
 
 # mostly: GX passes while at least this share of rows is not silent (not clipped)
-@CHECKS.check("silent_clips", "too many silent clips", name=_silent)
+@CHECKS.check("silent_clips", "too many silent clips", table="data_set", name=_silent)
 def not_silent(E, d: Data):
     share, rms = d.params.audio.validate.max_silent_share, d.params.audio.preprocess.silent_rms
     return E.ExpectColumnValuesToBeInSet(
@@ -223,7 +225,8 @@ def _clipped_named(res: dict, table: pd.DataFrame, column: str | None) -> list[s
         for r in res["unexpected_index_list"]]
 
 
-@CHECKS.check("clipped_clips", "too many clipped clips", name=_clipped_named)
+@CHECKS.check("clipped_clips", "too many clipped clips", table="data_set",
+              name=_clipped_named)
 def not_clipped(E, d: Data):
     rules = d.params.audio.validate
     return E.ExpectColumnValuesToBeInSet(
@@ -231,10 +234,6 @@ def not_clipped(E, d: Data):
         description=f"At most {rules.max_clipped_share:.1%} of the clips are clipped (over "
                     f"{rules.clipped_samples:.2%} of their samples at full scale) (params "
                     "audio.validate.max_clipped_share, audio.validate.clipped_samples).")
-
-
-def _counts(column: pd.Series) -> dict[str, int]:
-    return {str(k): int(v) for k, v in column.value_counts().sort_index().items()}
 
 
 def metrics(table: pd.DataFrame, params: Params) -> dict:
@@ -247,10 +246,10 @@ def metrics(table: pd.DataFrame, params: Params) -> dict:
         "undecodable": int(table.file_problem.notna().sum()),
         "silent": int(decoded.silent.sum()),
         "clipped": len(clipped),
-        "duplicates": int(decoded.content_hash[~decoded.silent].duplicated().sum()),
-        "recorded": {"format": _counts(decoded.format),
-                     "source_rate": _counts(decoded.source_rate.astype(int)),
-                     "channels": _counts(decoded.channels.astype(int))},
+        "duplicates": int(decoded[~decoded.silent].duplicated(KEY).sum()),
+        "recorded": {"format": counted(decoded.format),
+                     "source_rate": counted(decoded.source_rate.astype(int)),
+                     "channels": counted(decoded.channels.astype(int))},
         "seconds": {q: round(float(decoded.seconds.quantile(v)), 4) if len(decoded) else None
                     for q, v in (("min", 0), ("median", 0.5), ("max", 1))},
         "clipped_clips": [_clipped(s, c) for s, c in
@@ -306,6 +305,6 @@ def profile(clips: pd.DataFrame) -> dict:
         "version": PROFILE_VERSION,
         "modality": "audio",
         "clips": len(decoded),
-        "categorical": {name: _counts(column) for name, column in columns.items()},
+        "categorical": {name: counted(column) for name, column in columns.items()},
         "quantiles": quantiles,
     }

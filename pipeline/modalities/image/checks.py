@@ -11,14 +11,16 @@ checks every modality shares (manifest, classes, PSI/KS drift) and reports failu
              pipeline/modalities/image/preprocess.py as every later consumer converts them: height, width,
              channels, pixel_min/max/mean/std, content_hash (sha256 of those pixels, so a copy
              under another name or re-encoded losslessly collides), and flags derived from
-             those: blank, leak, duplicate, resize_factor
+             those: blank, alike (compared for copies), resize_factor; validate adds leak,
+             duplicate and repeated over the whole data set (pipeline/core/copies.py)
 
 Images of any mode PIL decodes (palette, gray or RGB with alpha, CMYK, 16-bit) are converted, not
 refused: the metrics count them per original mode (`converted`), and every decoded image per
 format (`formats`). An animated GIF, WebP or PNG, a multi-page TIFF and float pixels are refused
 by name (preprocess.refusal), as the server refuses them. Decoding and hashing run through
-the executor (pipeline/core/executor.py, in parallel): the parent holds one small dict per image, never pixels, so
-memory stays flat however large the data set.
+the executor (pipeline/core/executor.py, in parallel), a shard at a time: the parent holds one
+shard's table, never pixels, and of every image only the MERGED columns the data-set checks,
+metrics and profile read.
 
 Drift features of the train split (pipeline/core/drift.py scores them):
     label              class balance                       PSI
@@ -38,8 +40,8 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.core.checks import Checks, Data, file_problems
-from pipeline.core.copies import copies
-from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
+from pipeline.core.copies import KEY
+from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare, counted
 from pipeline.core.dataset import described_table
 from pipeline.modalities.image.preprocess import ACCEPTED, IMAGE_FORMATS, MODES, refusal, to_channels
 from pipeline.modalities.image.config import Preprocess
@@ -65,6 +67,12 @@ FILE_PROBLEMS = ("empty file", *(f"{how} {name}" for name in NAMES for how in ("
 COLUMNS = ["path", "source", "label", "split", "file_problem", "decode_error", "format", "mode",
            "height", "width", "channels", "pixel_min", "pixel_max", "pixel_mean", "pixel_std",
            "content_hash"]
+
+# The columns validate keeps of every image for the data-set checks, metrics and profile; FLAGS:
+# the rows the data-set checks name (their path and source are kept too)
+MERGED = ("file_problem", "format", "mode", "height", "width", "channels", "pixel_mean",
+          "pixel_std")
+FLAGS = ("blank",)
 
 CATEGORICAL = ("label", "size", "channels")  # drift features scored by PSI
 CONTINUOUS = ("pixel_mean", "pixel_std")     # and by PSI and KS
@@ -163,25 +171,24 @@ def describe_image(data: bytes, prep: Preprocess) -> dict:
     }
 
 
-def image_table(folder: Path, prep: Preprocess) -> pd.DataFrame:
-    """One row per item with its description (pipeline/core/executor.py: in parallel)."""
-    table = described_table(folder, functools.partial(describe_image, prep=prep), COLUMNS)
+def image_table(shard: Path, prep: Preprocess) -> pd.DataFrame:
+    """One row per item of a shard file with its description (pipeline/core/executor.py: in
+    parallel)."""
+    table = described_table(shard, functools.partial(describe_image, prep=prep), COLUMNS)
     # An empty manifest would leave object columns, which pandas treats as column labels.
     return table.astype({"pixel_std": float, "height": float, "width": float})
 
 
 def add_flags(images: pd.DataFrame, image_size: int) -> pd.DataFrame:
-    """Columns the suites check that need more than one row or a param: blank, leak, duplicate,
-    resize_factor. Files that do not decode get False / NaN, and blank images are left out of
-    leak and duplicate (all-black images are identical by nature): each problem is reported once,
-    by its own check."""
+    """Columns the suites check that need a param or more than the row: blank, alike,
+    resize_factor. Files that do not decode get False / NaN, and blank images are not compared
+    for copies (all-black images are identical by nature): each problem is reported once, by
+    its own check."""
     decoded = images.content_hash.notna()
     blank = decoded & (images.pixel_std == 0)
-    leak, duplicate = copies(images, decoded & ~blank)
     side = images[["height", "width"]]
     factor = np.maximum(side.max(axis=1) / image_size, image_size / side.min(axis=1))
-    return images.assign(blank=blank, leak=leak, duplicate=duplicate,
-                         resize_factor=factor.round(3))
+    return images.assign(blank=blank, alike=decoded & ~blank, resize_factor=factor.round(3))
 
 
 
@@ -196,8 +203,7 @@ def profile(images: pd.DataFrame) -> dict:
     return {
         "version": PROFILE_VERSION,
         "images": len(decoded),
-        "categorical": {name: {str(k): int(v) for k, v in col.value_counts().sort_index().items()}
-                        for name, col in columns.items()},
+        "categorical": {name: counted(col) for name, col in columns.items()},
         "quantiles": {name: (np.quantile(decoded[name].to_numpy(float), levels,
                                          method="inverted_cdf").round(4).tolist()
                              if len(decoded) else [])
@@ -205,16 +211,20 @@ def profile(images: pd.DataFrame) -> dict:
     }
 
 
-def examine(folder: Path, params: Params, reference: dict | None
-            ) -> tuple[pd.DataFrame, dict, DriftReport | None]:
-    """The images table of the ingested `folder` (decoded in parallel, flags included), the
-    profile of its train split, and that split's drift from `reference`."""
+def shard_table(shard: Path, params: Params) -> tuple[pd.DataFrame, None]:
+    """The images table of one shard file (decoded in parallel, row flags included); images
+    need nothing else for their profile."""
     prep = params.image.preprocess
-    images = add_flags(image_table(folder, prep), prep.image_size)
-    current = profile(images[images.split == "train"])
+    return add_flags(image_table(shard, prep), prep.image_size), None
+
+
+def conclude(table: pd.DataFrame, extras: list, params: Params, reference: dict | None
+             ) -> tuple[dict, DriftReport | None]:
+    """The profile of the data set's train split and that split's drift from `reference`."""
+    current = profile(table[table.split == "train"])
     report = compare(reference, current, params.drift, CATEGORICAL, CONTINUOUS) \
         if reference is not None else None
-    return images, current, report
+    return current, report
 
 
 @CHECKS.check("unreadable_files", "unreadable image file", name=file_problems)
@@ -254,7 +264,7 @@ def _blank(res: dict, table: pd.DataFrame, column: str | None) -> list[str]:
         source[r["path"]] for r in res["unexpected_index_list"]]
 
 
-@CHECKS.check("blank_images", "too many blank images", name=_blank)
+@CHECKS.check("blank_images", "too many blank images", table="data_set", name=_blank)
 def not_blank(E, d: Data):
     share = d.params.image.validate.max_blank_fraction
     # mostly: GX passes while at least this share of rows is not blank.
@@ -271,14 +281,11 @@ def metrics(table: pd.DataFrame, params: Params) -> dict:
     return {
         "images": len(table),
         "undecodable": int(table.file_problem.notna().sum()),
-        "duplicates": int(decoded.content_hash.duplicated().sum()),
+        "duplicates": int(decoded.duplicated(KEY).sum()),
         # PIL's format name -> decoded images in it (MPO: a camera JPEG read as its main picture)
-        "formats": {str(f): int(n) for f, n in decoded["format"].value_counts().sort_index()
-                    .items()},
+        "formats": counted(decoded["format"]),
         # original mode -> images converted from it to image.preprocess.channels (its PIL mode)
-        "converted": {str(m): int(n) for m, n in
-                      decoded["mode"][decoded["mode"] != MODES[channels]].value_counts()
-                      .sort_index().items()},
+        "converted": counted(decoded["mode"][decoded["mode"] != MODES[channels]]),
         "channels_model": channels,
         "file_problems": {p.replace(" ", "_").replace("/", "_"):
                           int((table.file_problem == p).sum()) for p in FILE_PROBLEMS},

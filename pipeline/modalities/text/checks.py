@@ -7,7 +7,9 @@ Data Docs, one line per failed kind).
              is not text: unreadable, binary (NUL bytes), not UTF-8) and decode_error (where);
              then of the decoded text: empty (nothing but whitespace), words and chars (code
              points), content_hash (pipeline/modalities/text/words.py text_key: NFKC, case-folded,
-             whitespace collapsed), and leak / duplicate derived from it
+             whitespace collapsed), and alike (compared for copies: not empty); validate
+             adds leak, duplicate and repeated over the whole data set
+             (pipeline/core/copies.py)
 
 Drift compares the new train split with the champion's profile: label shares (PSI), the words
 per text (PSI and KS, as quantiles like image statistics: pipeline/core/drift.py), and the share of
@@ -26,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.checks import Checks, Data, file_problems, showing
-from pipeline.core.copies import copies
-from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare
+from pipeline.core.copies import KEY
+from pipeline.core.drift import PROFILE_QUANTILES, PROFILE_VERSION, DriftReport, compare, counted
 from pipeline.core.dataset import described_table
 from pipeline.params import DriftParams, Params
 from pipeline.modalities.text.words import text_key, words
@@ -40,6 +42,10 @@ SUMMARY = ("texts", "classes", "splits", "undecodable", "empty", "duplicates", "
 METRICS = ("texts", "classes", "splits", "undecodable", "empty", "duplicates", "words",
            "checks_passed", "checks_failed", "problems", "file_problems", "drift", "success")
 FILE_PROBLEMS = ("binary data", "not UTF-8")
+# The columns validate keeps of every text for the data-set checks, metrics and profile; FLAGS:
+# the rows the data-set checks name besides copies (none)
+MERGED = ("file_problem", "empty", "words")
+FLAGS = ()
 SAME = "compared in Unicode NFKC, case-folded, whitespace collapsed"  # as content_hash is
 CHECKS = Checks()  # the texts table's own checks (pipeline/core/checks.py has the shared ones)
 
@@ -63,31 +69,33 @@ def describe_text(data: bytes) -> tuple[dict, list[str] | None]:
             "content_hash": None if empty else text_key(text)}, found
 
 
-def text_table(folder: Path) -> tuple[pd.DataFrame, Counter]:
-    """One row per ingested item, flags included; and the word occurrences of the train
-    split's texts (empty ones and files that are no text have none)."""
+def shard_table(shard: Path, params: Params) -> tuple[pd.DataFrame, Counter]:
+    """One row per item of a shard file, row flags included; and the word occurrences of its
+    train texts (empty ones and files that are no text have none)."""
     train_words = Counter()
 
     def count(row: dict, found: Counter) -> None:
         if row["split"] == "train" and found:
             train_words.update(found)
 
-    texts = described_table(folder, describe_text, COLUMNS, extra=count).astype(
+    texts = described_table(shard, describe_text, COLUMNS, extra=count).astype(
         {"words": float, "chars": float})
     texts["empty"] = texts["empty"].fillna(False).astype(bool)
-    texts["leak"], texts["duplicate"] = copies(texts, texts.content_hash.notna())
+    texts["alike"] = texts.content_hash.notna()
     return texts, train_words
 
 
-def examine(folder: Path, params: Params, reference: dict | None
-            ) -> tuple[pd.DataFrame, dict, TextDrift | None]:
-    """The texts table of the ingested `folder` (flags included), the profile of its train split,
+def conclude(table: pd.DataFrame, extras: list[Counter], params: Params,
+             reference: dict | None) -> tuple[dict, TextDrift | None]:
+    """The profile of the data set's train split (the texts table and each shard's train words)
     and that split's drift from `reference`."""
-    texts, train_words = text_table(folder)
-    current = profile(texts, train_words, params.text.validate.profile_words)
+    train_words = Counter()
+    for shard_words in extras:
+        train_words.update(shard_words)
+    current = profile(table, train_words, params.text.validate.profile_words)
     report = compare_texts(reference, current, train_words, params.drift) \
         if reference is not None else None
-    return texts, current, report
+    return current, report
 
 
 @CHECKS.check("unreadable_texts", "not a UTF-8 text file", name=file_problems)
@@ -125,7 +133,7 @@ def metrics(table: pd.DataFrame, params: Params) -> dict:
         "texts": len(table),
         "undecodable": int(table.file_problem.notna().sum()),
         "empty": int(decoded["empty"].sum()),
-        "duplicates": int(decoded.content_hash.dropna().duplicated().sum()),
+        "duplicates": int(decoded[~decoded["empty"]].duplicated(KEY).sum()),
         "file_problems": {p.replace(" ", "_").replace("-", "_"):
                           int((table.file_problem == p).sum()) for p in FILE_PROBLEMS},
         "words": {q: float(decoded.words.quantile(v)) if decoded.words.notna().any() else None
@@ -152,8 +160,7 @@ def profile(texts: pd.DataFrame, counts: Counter, vocabulary_size: int) -> dict:
         "version": PROFILE_VERSION,
         "modality": "text",
         "texts": int(train.sum()),
-        "categorical": {"label": {str(k): int(v) for k, v in
-                                  texts.label[train].value_counts().sort_index().items()}},
+        "categorical": {"label": counted(texts.label[train])},
         "quantiles": {"words": np.quantile(lengths, np.linspace(0, 1, PROFILE_QUANTILES),
                                            method="inverted_cdf").round(4).tolist()
                       if len(lengths) else []},
