@@ -105,13 +105,59 @@ def test_a_resumed_epoch_continues_with_the_same_batches(photos):
 
 
 def test_ranks_take_every_world_th_item_of_each_global_batch(photos):
-    data = stream(photos, cache=False)
-    whole = epoch(data, 1)
-    ranks = [epoch(data, 1, rank=r, world=2) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == len(whole)
-    for (x, y), (x0, y0), (x1, y1) in zip(whole, *ranks):
-        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
-        assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
+    """Under torch.distributed the batches are one process's whatever the world size, cached,
+    streamed or resumed: a rank's share is its every world-th item of each global batch (a
+    tail smaller than the world is skipped)."""
+    whole = epoch(stream(photos, cache=True), 1)
+    for cache in (True, False):
+        data = stream(photos, cache=cache)
+        for world in (2, 3):
+            ranks = [epoch(data, 1, rank=r, world=world) for r in range(world)]
+            assert [len(r) for r in ranks] == [len(whole)] * world, (cache, world)
+            for (x, y), *shares in zip(whole, *ranks):
+                for r, (xr, yr) in enumerate(shares):
+                    assert torch.equal(x[r::world], xr) and torch.equal(y[r::world], yr)
+        resumed = epoch(data, 1, skip_steps=5, rank=1, world=2)
+        assert same([(x[1::2], y[1::2]) for x, y in whole[5:]], resumed), cache
+
+
+class Counting:
+    """An augmenter that counts the items it decodes and the views it makes."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.views, self.decoded, self.viewed = inner, inner.views, 0, 0
+
+    def decode(self, data: list[bytes]):
+        self.decoded += len(data)
+        return self.inner.decode(data)
+
+    def view(self, items, *rest):
+        self.viewed += len(items)
+        return self.inner.view(items, *rest)
+
+    def to_input(self, items):
+        return self.inner.to_input(items)
+
+
+def test_ranks_make_disjoint_views_and_decode_only_what_they_see(photos):
+    """Each rank makes only the views of its own positions (the ranks' augmentation does not
+    repeat: half each of one process's) and decodes only the items those see: with 3 views of
+    an item in a window of shuffled positions, about 1 - (1/2)^3 = 7/8 of its items, against
+    all of them before."""
+    def counted(**kw) -> Counting:
+        augmenter = Counting(views())
+        data = TrainStream(photos, "train", augmenter, seed=3, shuffle_bytes=200 * 768,
+                           device=torch.device("cpu"), cache_bytes=0, workers=0)
+        augmenter.decoded = 0  # (one item decoded to size the windows)
+        epoch(data, 1, **kw)
+        return augmenter
+
+    one = counted()
+    assert (one.decoded, one.viewed) == (N, 3 * N)
+    ranks = [counted(rank=r, world=2) for r in range(2)]
+    assert [r.viewed for r in ranks] == [3 * N // 2] * 2  # every (item, view) once
+    for r in ranks:
+        assert 0.75 * N < r.decoded < 0.95 * N, [(r.decoded, r.viewed) for r in ranks]
 
 
 def test_windows_cover_every_row_group_once_in_a_seeded_order():

@@ -11,7 +11,12 @@ of it), N x views positions in all, fixed by (train.seed, epoch) alone:
 Batches are consecutive positions of the sequence, across windows. An item's view is drawn from
 its id's hash, the seed, the epoch and the view (item_draws, item_rng), so it does not depend on
 the batch, the window, the worker or the process that makes it. Resuming after step s of an
-epoch skips the windows before position s x batch and reads on from there.
+epoch skips the windows before position s x batch and reads on from there. Under
+torch.distributed a rank's share of a global batch is its every world-th position, so the
+batches are those of one process whatever the world size; each rank makes only the views of
+its own positions (a world-th of every window's) and decodes only the items they see (with v
+views an item, 1 - (1 - 1/world)^v of the window's). Every rank still reads each window's
+row groups: the ranks do not read disjoint shards.
 
 Two ways to the same sequence, bit for bit (engine.cache_bytes picks one; no output depends on
 which):
@@ -118,15 +123,13 @@ def epoch_windows(rows: np.ndarray, views: int, shuffle_items: int, seed: int,
 
 # --- making a window --------------------------------------------------------------------------
 
-def views_of(augmenter, items, keys: np.ndarray, labels: np.ndarray, order: np.ndarray,
-             epoch: int):
-    """(inputs, labels) of a window's positions in `order`, given its n items (a tensor), their
-    keys and int64 labels: each view made by augmenter.view for the items seen as it."""
+def views_of(augmenter, items, keys: np.ndarray, labels: np.ndarray, item: np.ndarray,
+             view: np.ndarray, epoch: int):
+    """(inputs, labels) of positions seeing item[i] (an index into the items tensor, their keys
+    and int64 labels) as view[i]: each view made by augmenter.view for the items seen as it."""
     import torch
 
-    n = len(keys)
-    item, view = order % n, order // n
-    out = torch.empty((len(order), *items.shape[1:]), dtype=items.dtype, device=items.device)
+    out = torch.empty((len(item), *items.shape[1:]), dtype=items.dtype, device=items.device)
     for v in range(augmenter.views):
         at = np.flatnonzero(view == v)
         if len(at):
@@ -150,10 +153,18 @@ def read_groups(groups: Groups, indices: np.ndarray, classes: dict[str, int]
     return data, item_keys(ids), np.array(labels, np.int64)
 
 
+def owned(first: int, count: int, batch_size: int, rank: int, world: int) -> np.ndarray:
+    """Which of `count` consecutive positions of an epoch, the first at `first`, are rank's:
+    its every world-th position of each global batch of `batch_size`."""
+    return (np.arange(first, first + count) % batch_size) % world == rank
+
+
 class _Windows:
-    """A torch map-style Dataset of windows: (epoch, w, groups, positions, drop) -> window w's
-    (inputs, labels) from its position `drop` on, read from the shards (or `cached`), decoded
-    and viewed. A DataLoader over it keeps the order its sampler gives, whatever its workers."""
+    """A torch map-style Dataset of windows: (epoch, w, groups, positions, drop, first, batch
+    size, rank, world) -> window w's (inputs, labels) from its position `drop` on (the epoch's
+    position `first`), the rank's own positions of them, read from the shards (or `cached`),
+    decoded and viewed. A DataLoader over it keeps the order its sampler gives, whatever its
+    workers."""
 
     def __init__(self, groups: Groups, classes: dict[str, int], augmenter, seed: int,
                  cached=None):
@@ -163,20 +174,24 @@ class _Windows:
     def __getitem__(self, window: tuple):
         import torch
 
-        epoch, w, units, positions, drop = window
-        order = np.random.default_rng([self.seed, epoch, 1 + w]).permutation(positions)
+        epoch, w, units, positions, drop, first, batch_size, rank, world = window
+        order = np.random.default_rng([self.seed, epoch, 1 + w]).permutation(positions)[drop:]
+        order = order[owned(first, len(order), batch_size, rank, world)]
+        n = int(self.groups.rows[units].sum())  # the window's items
+        needed, item = np.unique(order % n, return_inverse=True)  # the items its positions see
         with torch.no_grad():
             if self.cached is not None:
                 items, keys, labels = self.cached
                 at = np.concatenate([np.arange(self.groups.starts[u],
                                                self.groups.starts[u] + self.groups.rows[u])
-                                     for u in units])
-                items, keys, labels = (items[torch.from_numpy(at).to(items.device)], keys[at],
-                                       labels[at])
+                                     for u in units])[needed]
+                items = items[torch.from_numpy(at).to(items.device)]
+                keys, labels = keys[at], labels[at]
             else:
                 data, keys, labels = read_groups(self.groups, units, self.classes)
-                items = torch.from_numpy(self.augmenter.decode(data))
-            return views_of(self.augmenter, items, keys, labels, order[drop:], epoch)
+                items = torch.from_numpy(self.augmenter.decode([data[i] for i in needed]))
+                keys, labels = keys[needed], labels[needed]
+            return views_of(self.augmenter, items, keys, labels, item, order // n, epoch)
 
 
 class _Todo:
@@ -227,14 +242,18 @@ class TrainStream:
         n = len(self)
         return sum(1 for i in range(0, n, batch_size) if min(batch_size, n - i) >= world)
 
-    def _windows(self, epoch: int, skip: int) -> Iterator:
-        """The epoch's windows from position `skip` on: the inputs and labels of each, its
-        positions before `skip` left out (a resumed epoch reads no window it has done)."""
+    def _windows(self, epoch: int, skip: int, batch_size: int, rank: int, world: int
+                 ) -> Iterator:
+        """The epoch's windows from position `skip` on: the inputs and labels of the rank's
+        positions of each, its positions before `skip` left out (a resumed epoch reads no
+        window it has done)."""
         todo, start = [], 0
         for w, (units, positions) in enumerate(epoch_windows(
                 self.groups.rows, self.augmenter.views, self.shuffle_items, self.seed, epoch)):
             if start + positions > skip:
-                todo.append((epoch, w, units, positions, max(0, skip - start)))
+                drop = max(0, skip - start)
+                todo.append((epoch, w, units, positions, drop, start + drop, batch_size, rank,
+                             world))
             start += positions
         if not self.workers:
             return (self.reader[window] for window in todo)
@@ -254,20 +273,23 @@ class TrainStream:
         """(model input, labels) of each global batch of `epoch` from step `skip_steps` on, on
         the device; under torch.distributed this rank's share (every world-th item of the
         global batch). A tail batch smaller than world is skipped."""
+        n, skip = len(self), skip_steps * batch_size
+        shares = iter([len(range(rank, min(batch_size, n - s), world))  # the rank's, per batch
+                       for s in range(skip, n, batch_size) if min(batch_size, n - s) >= world])
+        share = next(shares, None)
         xs, ys, held = [], [], 0
-        for x, y in self._windows(epoch, skip_steps * batch_size):
+        for x, y in self._windows(epoch, skip, batch_size, rank, world):
             xs.append(x)
             ys.append(y)
             held += len(x)
-            while held >= batch_size:
-                yield self._batch(xs, ys, batch_size, rank, world)
-                held -= batch_size
+            while share is not None and held >= share:
+                yield self._batch(xs, ys, share)
+                held -= share
+                share = next(shares, None)
             # the tail a window leaves, copied: the window is freed before the next is made
             xs, ys = [t.clone() for t in xs], [t.clone() for t in ys]
-        if held >= world:
-            yield self._batch(xs, ys, held, rank, world)
 
-    def _batch(self, xs: list, ys: list, size: int, rank: int, world: int):
+    def _batch(self, xs: list, ys: list, size: int):
         """The first `size` positions held in xs, ys (taken out of them) as model input."""
         import torch
 
@@ -282,8 +304,8 @@ class TrainStream:
                 taken_x.append(x[:size])
                 taken_y.append(y[:size])
                 xs[0], ys[0], size = x[size:], y[size:], 0
-        x = (taken_x[0] if len(taken_x) == 1 else torch.cat(taken_x))[rank::world]
-        y = (taken_y[0] if len(taken_y) == 1 else torch.cat(taken_y))[rank::world]
+        x = taken_x[0] if len(taken_x) == 1 else torch.cat(taken_x)
+        y = taken_y[0] if len(taken_y) == 1 else torch.cat(taken_y)
         return (self.augmenter.to_input(x.to(self.device, non_blocking=True)),
                 y.to(self.device, non_blocking=True))
 

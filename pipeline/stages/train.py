@@ -21,7 +21,8 @@ over the preprocessing record the augment stage wrote (data/augmented).
   joins the process group when torchrun started it (WORLD_SIZE in the environment), or relaunches
   itself under torchrun when `train.processes` > 1. Every rank walks the same global batch order
   and takes every world_size-th item of each global batch, so the optimisation is that of one
-  process with the same batch size (each rank reads every window: not yet disjoint shards).
+  process with the same batch size; a rank augments only its own items' views, and decodes
+  only the items they see (pipeline/core/stream.py; each rank still reads every window).
   Only rank 0 logs and writes.
 - A checkpoint after every finished epoch and every engine.checkpoint_s seconds within one,
   written atomically into --checkpoints: a folder outside DVC's outs, because DVC deletes a
