@@ -1,15 +1,22 @@
 """Kiln at scale: peak memory, wall time and items/s of every stage, and DVC's cost, as the
-built-in generated image set grows (issue "Data past memory").
+built-in generated image set, or a generated set of texts or clips, grows (issue "Data past
+memory").
 
     python bench/scale_bench.py [--sizes 10000 100000] [--stages ingest validate ...]
-                                [--epochs 2] [--out /tmp/kiln_scale] [--keep]
+                                [--epochs 2] [--out /tmp/kiln_scale] [--no-dvc]
+                                [--modality image|text|audio]
 
 Method, per size N (one after the other, in a fresh project each):
 - The project: this checkout's tracked and untracked-not-ignored files copied to OUT/N/project
   (a git repository, DVC initialised with a local remote OUT/N/remote; .venv linked), params.yaml
   with data.modality image, image.ingest.source warped_digits and image.ingest.warped_items N
   (pipeline/modalities/image/warped.py: generated offline, deterministic), the image model's
-  max_epochs and compress.finetune_epochs set to --epochs, the real params otherwise.
+  max_epochs and compress.finetune_epochs set to --epochs, the real params otherwise. With
+  --modality text: N generated texts (4 made-up topics, 8 to 40 words each, a topic's own words
+  among shared ones, seeded: generated_texts) in one .jsonl file, OUT/N/texts.jsonl, as a
+  user's records source;
+  with --modality audio: N generated one-second 16-bit WAVs at 16 kHz (5 classes of two tones
+  each, their pitch, level and noise drawn per clip, seeded) in class folders, OUT/N/clips.
 - Each stage runs once, in dvc.yaml's order, by `dvc repro --single-item <stage>`. A sampler
   polls the stage's process tree every 0.1 s (psutil: the `python -m pipeline.stages` process
   and every descendant, the executor's workers included) and keeps the largest sum of their
@@ -35,6 +42,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import yaml
 
@@ -52,7 +60,47 @@ def run(cwd: Path, *argv: str, env: dict | None = None) -> subprocess.CompletedP
     return done
 
 
-def project(root: Path, n: int, epochs: int) -> Path:
+SYLLABLES = "ka lo mi ren tu sha vo pel dri nu qua zen".split()
+SHARED = "the a of and to in is was it for on with as by at from that this".split()
+
+
+def generated_texts(path: Path, n: int) -> None:
+    """n texts of 4 made-up topics as a .jsonl records source (fields text, label): each topic
+    has 400 words of its own (2-3 syllables), drawn Zipf-like among shared function words."""
+    rng = np.random.default_rng(24)
+    words = [a + b for a in SYLLABLES for b in SYLLABLES] + \
+        [a + b + c for a in SYLLABLES for b in SYLLABLES for c in SYLLABLES]
+    topics = {name: rng.choice(words, 400, replace=False)
+              for name in ("tides", "looms", "comets", "bread")}
+    weights = 1 / np.arange(1, 401)
+    weights /= weights.sum()
+    with open(path, "w", encoding="utf-8") as out:
+        for i in range(n):
+            name = list(topics)[i % len(topics)]
+            length = int(rng.integers(8, 41))
+            own = rng.choice(topics[name], length, p=weights)
+            shared = rng.choice(SHARED, length)
+            text = " ".join(o if rng.random() < 0.5 else w for o, w in zip(own, shared))
+            out.write(json.dumps({"text": text, "label": name}) + "\n")
+
+
+def generated_clips(folder: Path, n: int, rate: int = 16000) -> None:
+    """n one-second WAVs of 5 classes (each two tones), in <class>/<i>.wav folders."""
+    import soundfile
+
+    rng = np.random.default_rng(24)
+    t = np.arange(rate) / rate
+    for i in range(n):
+        label = i % 5
+        low = (180 + 60 * label) * rng.uniform(0.95, 1.05)
+        wave = np.sin(2 * np.pi * low * t) + 0.5 * np.sin(2 * np.pi * 2.7 * low * t)
+        wave = rng.uniform(0.1, 0.6) * wave / 1.5 + rng.normal(0, 0.01, rate)
+        path = folder / f"class{label}" / f"{i:07d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(path, wave.astype(np.float32), rate, subtype="PCM_16")
+
+
+def project(root: Path, n: int, epochs: int, modality: str) -> Path:
     """A fresh git + DVC project of this checkout's files with the generated source of n items."""
     files = run(REPO, "git", "ls-files", "-co", "--exclude-standard").stdout.split()
     work = root / "project"
@@ -62,9 +110,16 @@ def project(root: Path, n: int, epochs: int) -> Path:
             shutil.copy2(REPO / name, work / name)
     (work / ".venv").symlink_to(REPO / ".venv")
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["data"]["modality"] = "image"
-    params["image"]["ingest"].update(source="warped_digits", warped_items=n)
-    params["image"]["train"]["max_epochs"] = epochs
+    params["data"]["modality"] = modality
+    if modality == "image":
+        params["image"]["ingest"].update(source="warped_digits", warped_items=n)
+    elif modality == "text":
+        generated_texts(root / "texts.jsonl", n)
+        params["text"]["ingest"]["source"] = str(root / "texts.jsonl")
+    else:
+        generated_clips(root / "clips", n)
+        params["audio"]["ingest"]["source"] = str(root / "clips")
+    params[modality]["train"]["max_epochs"] = epochs
     params["compress"]["finetune_epochs"] = epochs
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(work, "git", "init", "-q")
@@ -165,6 +220,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("/tmp/kiln_scale"))
     parser.add_argument("--no-dvc", action="store_true", help="skip the DVC costs")
+    parser.add_argument("--modality", choices=("image", "text", "audio"), default="image")
     args = parser.parse_args()
     results = {}
     print("| items | stage | wall s | items/s | peak MB |\n|---:|---|---:|---:|---:|")
@@ -172,7 +228,7 @@ def main() -> None:
         root = args.out / str(n)
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        work = project(root, n, args.epochs)
+        work = project(root, n, args.epochs, args.modality)
         results[n] = {"stages": {}}
         for stage in STAGES:
             if stage not in args.stages:

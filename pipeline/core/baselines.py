@@ -52,13 +52,15 @@ class Baseline:
                 **({"why_not_servable": self.why_not_servable} if self.why_not_servable else {})}
 
 
-def load_train_sample(folder: Path, prep, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A sample (pipeline/core/dataset.py sample: at most `limit`, drawn with `seed`) of the
-    ingested train split, decoded through `prep`'s load (only those: a big set's other items are
-    not decoded), and their int64 labels."""
+def train_sample(folder: Path, prep, limit: int, seed: int, features: Callable
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """features(items) of a sample (pipeline/core/dataset.py sample: at most `limit`, drawn with
+    `seed`) of the ingested train split, and their int64 labels: only the chosen items decoded,
+    through `prep`'s load, a batch (PREDICT_BATCH) at a time; only their features held."""
     train = split_of(folder, "train", prep)
     chosen = sample(len(train), limit, seed)
-    return train.take(chosen)[2], train.labels()[chosen]
+    return (np.concatenate([features(items) for items in train.taken(chosen, PREDICT_BATCH)]),
+            train.labels()[chosen])
 
 
 def probabilities(model, features, classes: int) -> np.ndarray:
@@ -81,10 +83,10 @@ def streamed(model, test: Items, features: Callable, classes: int
 def scored(model, setup: str, test: tuple, val: tuple, classes: int, macs: int,
            params: int, export: Callable[[Path], None] | None,
            why_not_servable: str | None = None) -> Baseline:
-    """A fitted scikit-learn classifier's Baseline on `test` ((probabilities, labels) of the
-    scored split: `streamed`) and `val` ((features, labels) of the val split)."""
+    """A fitted scikit-learn classifier's Baseline on `test` and `val` ((probabilities, labels)
+    of the scored split and of the val split: `streamed`)."""
     predicted = test[0].argmax(1)
-    val_probabilities = probabilities(model, val[0], classes)
+    val_probabilities = val[0]
     return Baseline(setup=setup,
                     accuracy=round(float(accuracy_score(test[1], predicted)), 5),
                     macro_f1=round(float(f1_score(test[1], predicted, average="macro")), 5),
@@ -101,7 +103,7 @@ def majority(train_labels: np.ndarray, test: np.ndarray, val: np.ndarray,
                                                           train_labels)
     return scored(model, "DummyClassifier(strategy='most_frequent')",
                   (probabilities(model, np.zeros((len(test), 1)), classes), test),
-                  (np.zeros((len(val), 1)), val),
+                  (probabilities(model, np.zeros((len(val), 1)), classes), val),
                   classes, macs=0, params=0, export=None,
                   why_not_servable="it answers one class whatever it is sent")
 

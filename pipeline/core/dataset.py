@@ -276,6 +276,17 @@ class Items:
         holding one batch of items at a time."""
         return np.concatenate([fn(items) for items, _ in self.batches(size)])
 
+    def taken(self, indices: np.ndarray, size: int) -> Iterator[list | np.ndarray]:
+        """The decoded items at sorted `indices`, in shard order, a batch of at most `size` read
+        items at a time (only the chosen ones decoded; one batch held)."""
+        start = 0
+        for _, data in item_batches(self.folder, [self.split], size):
+            picked = indices[(indices >= start) & (indices < start + len(data))] - start
+            if len(picked):
+                items = map_items(self.read, [data[i] for i in picked])
+                yield np.stack(items) if isinstance(items[0], np.ndarray) else items
+            start += len(data)
+
     def take(self, indices: np.ndarray) -> tuple[list[dict], list[bytes], list | np.ndarray]:
         """The rows (id, label, split, source), stored bytes (each file as it came: what a
         client sends) and decoded items of the items at sorted `indices`, read shard by shard."""

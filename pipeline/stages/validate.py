@@ -70,7 +70,7 @@ class Validation:
 @dataclass
 class Outcome:
     """One expectation over every batch it ran on: passed in all, or its offenders."""
-    config: object        # the expectation (its meta, description)
+    expectation: object   # GX's, with its meta and description
     check: Check
     success: bool = True
     count: int | None = None  # rows that broke it; None for a check of a whole table
@@ -93,7 +93,7 @@ class Outcome:
     def line(self) -> str:
         """'<kind>: <rule> -- <n> break it: a; b; c (+k more)'."""
         counted = f"{self.count} break it: " if self.count is not None else ""
-        line = (f"{self.config.meta['kind']}: {self.config.description} -- {counted}"
+        line = (f"{self.expectation.meta['kind']}: {self.expectation.description} -- {counted}"
                 f"{'; '.join(self.named)}")
         return line + (f" (+{self.names - SHOWN} more)" if self.names > SHOWN else "")
 
@@ -281,12 +281,12 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
     suites.build_docs()
 
     outcomes = list(suites.outcomes.values())
-    fatal = [o for o in outcomes if o.config.meta["fatal"]]
+    fatal = [o for o in outcomes if o.expectation.meta["fatal"]]
     failed = [o for o in fatal if not o.success]
     drift_failed = any(o.check.table == "drift" for o in failed)
     # A failed drift check already names the feature; its warning would say it twice.
     warned = [] if drift_failed else \
-        [o for o in outcomes if not o.config.meta["fatal"] and not o.success]
+        [o for o in outcomes if not o.expectation.meta["fatal"] and not o.success]
     shared = {
         "classes": len(classes),
         "splits": {s: int((table.split == s).sum()) for s in SPLITS},
@@ -307,7 +307,7 @@ def _problem_counts(outcomes: list[Outcome]) -> dict[str, int]:
     """Offenders per kind, 0 for a passed check (a table-level failure counts 1)."""
     counts: dict[str, int] = {}
     for o in outcomes:
-        key = o.config.meta["key"]
+        key = o.expectation.meta["key"]
         counts[key] = max(counts.get(key, 0), 0 if o.success else (o.count or 1))
     return counts
 
@@ -316,7 +316,7 @@ def _lines(outcomes: list[Outcome]) -> list[str]:
     """Failure lines grouped by kind (drift's PSI and KS lines sit together), suite order."""
     lines: dict[str, list[str]] = {}
     for o in outcomes:
-        lines.setdefault(o.config.meta["kind"], []).append(o.line)
+        lines.setdefault(o.expectation.meta["kind"], []).append(o.line)
     return [line for group in lines.values() for line in group]
 
 

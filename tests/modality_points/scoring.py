@@ -5,18 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
+from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, train_sample,
                                      linear_layer, logistic_regression, majority, scored,
                                      streamed)
-from pipeline.core.dataset import load_split, split_labels
+from pipeline.core.dataset import split_labels, split_of
 
 
 def baselines(data: Path, test, card, params) -> dict[str, Baseline]:
     prep, classes = card.preprocessing, len(card.classes)
-    train, train_labels = load_train_sample(data, prep, params.evaluate.baseline_train_items,
-                                            params.data.seed)
-    val, val_labels = load_split(data, "val", prep)
-    model = logistic_regression(prep.normalize(train), train_labels)
+    train, train_labels = train_sample(data, prep, params.evaluate.baseline_train_items,
+                                       params.data.seed, prep.normalize)
+    model = logistic_regression(train, train_labels)
+    val = streamed(model, split_of(data, "val", prep), prep.normalize, classes)
     weight, bias = linear_logits(model, classes)
 
     def export(path: Path) -> None:
@@ -24,10 +24,10 @@ def baselines(data: Path, test, card, params) -> dict[str, Baseline]:
 
         export_onnx(linear_layer(weight, bias), prep, path)
 
-    return {"baseline_majority": majority(split_labels(data, "train"), test.labels(), val_labels,
+    return {"baseline_majority": majority(split_labels(data, "train"), test.labels(), val[1],
                                           classes),
             "baseline_logreg": scored(
                 model, f"{LOGREG_SETUP} on the standardised points",
                 streamed(model, test, prep.normalize, classes),
-                (prep.normalize(val), val_labels), classes, macs=weight.size,
+                val, classes, macs=weight.size,
                 params=weight.size + bias.size, export=export)}

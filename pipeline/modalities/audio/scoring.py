@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
+from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, train_sample,
                                      linear_layer, logistic_regression, majority, scored,
                                      streamed)
-from pipeline.core.dataset import Items, load_split, split_labels
+from pipeline.core.dataset import Items, split_labels, split_of
 
 if TYPE_CHECKING:
     from torch import nn
@@ -73,10 +73,9 @@ def baselines(data: Path, test: Items, card: ModelCard, params: Params) -> dict[
             return np.concatenate([statistics(torch.from_numpy(waveforms[i:i + FEATURE_BATCH]))
                                    .numpy() for i in range(0, len(waveforms), FEATURE_BATCH)])
 
-    train_waves, train_labels = load_train_sample(
-        data, card.preprocessing, params.evaluate.baseline_train_items, params.data.seed)
-    val_waves, val_labels = load_split(data, "val", card.preprocessing)
-    train = features(train_waves)
+    train, train_labels = train_sample(data, card.preprocessing,
+                                       params.evaluate.baseline_train_items, params.data.seed,
+                                       features)
     mean, std = train.mean(0), train.std(0) + 1e-6
     model = logistic_regression((train - mean) / std, train_labels)
     weight, bias = linear_logits(model, classes)
@@ -91,12 +90,15 @@ def baselines(data: Path, test: Items, card: ModelCard, params: Params) -> dict[
     frames = 1 + card.preprocessing.clip_samples // a.hop
     bins = a.n_fft // 2 + 1
     frontend_macs = frames * (2 * bins * a.n_fft + a.n_mels * bins)  # STFT conv, mel MatMul
-    return {"baseline_majority": majority(split_labels(data, "train"), test.labels(), val_labels,
+    def standardised(waves: np.ndarray) -> np.ndarray:
+        return (features(waves) - mean) / std
+
+    val = streamed(model, split_of(data, "val", card.preprocessing), standardised, classes)
+    return {"baseline_majority": majority(split_labels(data, "train"), test.labels(), val[1],
                                           classes),
             "baseline_logreg": scored(
                 model, f"{LOGREG_SETUP} on log-mel band means and deviations "
                 f"({weight.shape[1]} features, standardised; {len(train_labels)} train clips)",
-                streamed(model, test, lambda waves: (features(waves) - mean) / std, classes),
-                ((features(val_waves) - mean) / std, val_labels), classes,
+                streamed(model, test, standardised, classes), val, classes,
                 macs=frontend_macs + weight.size, params=weight.size + bias.size,
                 export=export)}

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, load_train_sample,
+from pipeline.core.baselines import (LOGREG_SETUP, Baseline, linear_logits, train_sample,
                                      linear_layer, logistic_regression, majority, scored,
                                      streamed)
-from pipeline.core.dataset import Items, load_split, split_labels
+from pipeline.core.dataset import Items, split_labels, split_of
 
 if TYPE_CHECKING:
     from pipeline.core.card import ModelCard
@@ -29,14 +29,14 @@ def baselines(data: Path, test: Items, card: ModelCard, params: Params) -> dict[
     """The majority class and logistic regression on the normalised pixels, fitted on data's
     train split, scored on `test` (uint8 pixels)."""
     prep, classes = card.preprocessing, len(card.classes)
-    train_pixels, train_labels = load_train_sample(data, prep, params.evaluate.baseline_train_items,
-                                                   params.data.seed)
-    val_pixels, val_labels = load_split(data, "val", prep)
 
     def features(pixels: np.ndarray) -> np.ndarray:
         return prep.normalize(pixels).reshape(len(pixels), -1)
 
-    model = logistic_regression(features(train_pixels), train_labels)
+    train, train_labels = train_sample(data, prep, params.evaluate.baseline_train_items,
+                                       params.data.seed, features)
+    model = logistic_regression(train, train_labels)
+    val = streamed(model, split_of(data, "val", prep), features, classes)
     weight, bias = linear_logits(model, classes)
 
     def export(path: Path) -> None:
@@ -46,10 +46,10 @@ def baselines(data: Path, test: Items, card: ModelCard, params: Params) -> dict[
 
         export_onnx(nn.Sequential(nn.Flatten(), linear_layer(weight, bias)), prep, path)
 
-    return {"baseline_majority": majority(split_labels(data, "train"), test.labels(), val_labels,
+    return {"baseline_majority": majority(split_labels(data, "train"), test.labels(), val[1],
                                           classes),
             "baseline_logreg": scored(
                 model, f"{LOGREG_SETUP} on the normalised pixels ({weight.shape[1]} features, "
                 f"{len(train_labels)} train images)", streamed(model, test, features, classes),
-                (features(val_pixels), val_labels), classes, macs=weight.size,
+                val, classes, macs=weight.size,
                 params=weight.size + bias.size, export=export)}

@@ -35,7 +35,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
 from pipeline.core.baselines import LOGREG, Baseline, majority, scored, streamed
-from pipeline.core.dataset import Items, load_texts, sample
+from pipeline.core.card import PREDICT_BATCH
+from pipeline.core.dataset import Items, read_text, sample, split_items
 
 if TYPE_CHECKING:
     from pipeline.core.card import ModelCard
@@ -50,18 +51,20 @@ def baselines(data: Path, test: Items, card: ModelCard, params: Params) -> dict[
     """The majority class and TF-IDF + LR, fitted on data's train split, scored on `test`
     (texts)."""
     classes = len(card.classes)
-    train_texts, train_labels = load_texts(data, "train")
-    val_texts, val_labels = load_texts(data, "val")
+    train = split_items(data, "train", read_text, "texts")
+    train_labels = train.labels()
     pick = sample(len(train_labels), params.evaluate.baseline_train_items, params.data.seed)
     model = make_pipeline(TfidfVectorizer(), LogisticRegression(**LOGREG))
-    model.fit([train_texts[i] for i in pick], train_labels[pick])
+    model.fit([text for texts in train.taken(pick, PREDICT_BATCH) for text in texts],
+              train_labels[pick])
+    val = streamed(model, split_items(data, "val", read_text, "texts"), list, classes)
     vocabulary = len(model[0].vocabulary_)
     missing = sorted(set(range(classes)) - set(model.classes_.tolist()))
-    return {"baseline_majority": majority(train_labels, test.labels(), val_labels, classes),
+    return {"baseline_majority": majority(train_labels, test.labels(), val[1], classes),
             "baseline_tfidf_lr": scored(
                 model, SETUP + (f" ({len(pick)} train texts)" if len(pick) < len(train_labels)
                                 else ""),
-                streamed(model, test, list, classes), (val_texts, val_labels), classes,
+                streamed(model, test, list, classes), val, classes,
                 macs=vocabulary * classes, params=vocabulary * (classes + 1) + classes,
                 export=None if missing else
                 lambda path: path.write_bytes(tfidf_onnx(model, classes)),
