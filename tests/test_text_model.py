@@ -120,9 +120,9 @@ def test_views_keep_cls_and_padding_and_follow_the_seed(text_views):
         assert (length >= 2).all()  # [CLS] and at least one token survive
 
 
-def test_a_texts_view_is_its_own_alone_or_in_any_batch(text_views, vocab):
+def test_a_texts_view_is_its_own_alone_or_in_any_batch(text_views, vocab, monkeypatch):
     """A view depends on the text's id, the seed, the epoch and the view: not on the texts
-    beside it, their order, nor how far the batch is padded."""
+    beside it, their order, how far the batch is padded, nor how many are drawn at once."""
     texts = [t[:6 * (1 + i % 12)] for i, t in enumerate(vocab[2][:24])]  # of many lengths
     items = torch.from_numpy(text_views.decode([t.encode("utf-8") for t in texts]))
     assert items.shape == (24, 16) and items.dtype == torch.int64
@@ -137,6 +137,8 @@ def test_a_texts_view_is_its_own_alone_or_in_any_batch(text_views, vocab):
     assert not torch.equal(batch, items)
     assert not torch.equal(batch, text_views.view(items, keys, 2, 1))  # another epoch
     assert not torch.equal(batch, text_views.view(items, keys, 1, 2))  # another view
+    monkeypatch.setattr("pipeline.modalities.text.augment.DRAW_ROWS", 5)
+    assert torch.equal(text_views.view(items, keys, 1, 1), batch)  # drawn 5 texts at a time
 
 
 def test_texts_stream_alike_cached_or_read_a_window_at_a_time(text_views, tmp_path):

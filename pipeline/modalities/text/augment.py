@@ -32,6 +32,12 @@ from pipeline.modalities.text.config import Augment, Preprocess
 from pipeline.modalities.text.preprocess import TextPreprocessing
 from pipeline.params import Params
 
+# Texts viewed per draw: a view's draws are 3 x max_tokens float64 a text plus their uint64
+# temporaries, ~6 MB each at 4,096 texts of 64 tokens; a window of 55,000 texts at once held
+# ~85 MB each (the train stage peaked 2.3x higher at 200k texts than at 10k). The same views:
+# a text's draws depend on its key alone.
+DRAW_ROWS = 4096
+
 BATCH = 8192  # train texts held at once while the tokenizer is trained and the texts measured
 
 
@@ -104,6 +110,10 @@ class Views:
     def view(self, items: torch.Tensor, keys: np.ndarray, epoch: int, view: int) -> torch.Tensor:
         if view == 0:
             return items
+        return torch.cat([self._view(items[i:i + DRAW_ROWS], keys[i:i + DRAW_ROWS], epoch, view)
+                          for i in range(0, len(items), DRAW_ROWS)])
+
+    def _view(self, items: torch.Tensor, keys: np.ndarray, epoch: int, view: int) -> torch.Tensor:
         n, length = items.shape
         # Three draws per position (deletion, swap, mask), interleaved: a position's draws are
         # the same whatever the length the batch is padded to.
