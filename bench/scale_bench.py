@@ -84,11 +84,15 @@ def generated_texts(path: Path, n: int) -> None:
             out.write(json.dumps({"text": text, "label": name}) + "\n")
 
 
-def generated_clips(folder: Path, n: int, rate: int = 16000) -> None:
+CLIP_RATE = 16000  # Hz the generated clips are recorded at
+
+
+def generated_clips(folder: Path, n: int) -> None:
     """n one-second WAVs of 5 classes (each two tones), in <class>/<i>.wav folders."""
     import soundfile
 
     rng = np.random.default_rng(24)
+    rate = CLIP_RATE
     t = np.arange(rate) / rate
     for i in range(n):
         label = i % 5

@@ -229,15 +229,26 @@ def described_table(shard: Path | None, fn: Callable, columns: list[str], named:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
+def _chosen(pieces: Iterable, positions: np.ndarray, length: Callable[[object], int]
+            ) -> Iterator[tuple[object, np.ndarray]]:
+    """(piece, the sorted `positions` that fall in it, as indices into it) of each piece of a
+    pass in order, `length(piece)` items each: what a pass picks out of the batches it reads."""
+    start = 0
+    for piece in pieces:
+        n = length(piece)
+        lo, hi = np.searchsorted(positions, [start, start + n])
+        yield piece, positions[lo:hi] - start
+        start += n
+
+
 def named_rows(folder: Path, positions: np.ndarray) -> tuple[list[str], list[str]]:
     """(ids, sources) of the items at sorted `positions` of the whole data set (split by split
     in shard order, as validate's table holds them): the id and source columns alone."""
-    ids, sources, start = [], [], 0
-    for batch in _columns(folder, SPLITS, ["id", "source"], 1 << 16):
-        for i in positions[(positions >= start) & (positions < start + len(batch))] - start:
-            ids.append(batch.column(0)[int(i)].as_py())
-            sources.append(batch.column(1)[int(i)].as_py())
-        start += len(batch)
+    ids, sources = [], []
+    for batch, picked in _chosen(_columns(folder, SPLITS, ["id", "source"], 1 << 16), positions,
+                                 len):
+        ids.extend(batch.column(0).take(picked).to_pylist())
+        sources.extend(batch.column(1).take(picked).to_pylist())
     return ids, sources
 
 
@@ -279,13 +290,11 @@ class Items:
     def taken(self, indices: np.ndarray, size: int) -> Iterator[list | np.ndarray]:
         """The decoded items at sorted `indices`, in shard order, a batch of at most `size` read
         items at a time (only the chosen ones decoded; one batch held)."""
-        start = 0
-        for _, data in item_batches(self.folder, [self.split], size):
-            picked = indices[(indices >= start) & (indices < start + len(data))] - start
+        for (_, data), picked in _chosen(item_batches(self.folder, [self.split], size), indices,
+                                         lambda batch: len(batch[1])):
             if len(picked):
                 items = map_items(self.read, [data[i] for i in picked])
                 yield np.stack(items) if isinstance(items[0], np.ndarray) else items
-            start += len(data)
 
     def take(self, indices: np.ndarray) -> tuple[list[dict], list[bytes], list | np.ndarray]:
         """The rows (id, label, split, source), stored bytes (each file as it came: what a
@@ -300,12 +309,11 @@ class Items:
 def stored(folder: Path, split: str, indices: np.ndarray) -> tuple[list[dict], list[bytes]]:
     """The rows (id, label, split, source) and stored bytes of the split's items at sorted
     `indices` (positions in shard order), read a round at a time."""
-    rows, found, start = [], [], 0
-    for batch_rows, data in item_batches(folder, [split], span()):
-        for i in indices[(indices >= start) & (indices < start + len(data))] - start:
-            rows.append(batch_rows[i])
-            found.append(data[i])
-        start += len(data)
+    rows, found = [], []
+    for (batch_rows, data), picked in _chosen(item_batches(folder, [split], span()), indices,
+                                              lambda batch: len(batch[1])):
+        rows.extend(batch_rows[i] for i in picked)
+        found.extend(data[i] for i in picked)
     return rows, found
 
 

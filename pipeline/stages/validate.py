@@ -198,9 +198,11 @@ class Suites:
         self.suites: dict[str, object] = {}
         self.outcomes: dict[str, Outcome] = {}  # by the expectation's id, in suite order
 
-    def suite(self, table: str, name: str):
-        """The table's suite, made at its first use with an Outcome per expectation."""
+    def suite(self, table: str):
+        """The table's suite (named for it, the items' for the unit: `images`), made at its
+        first use with an Outcome per expectation."""
         if table not in self.suites:
+            name = self.data.unit if table == "items" else table
             suite = self.context.suites.add(self.gx.ExpectationSuite(name=name))
             for check in self.by_key.values():
                 if check.table == table:
@@ -210,12 +212,13 @@ class Suites:
             self.suites[table] = suite
         return self.suites[table]
 
-    def validate(self, table: str, name: str, frame: pd.DataFrame, keys: list[str],
+    def validate(self, table: str, frame: pd.DataFrame, keys: list[str],
                  batch: str | None = None) -> None:
-        """Run `table`'s suite (GX suite `name`) on `frame`, the batch of a data asset of its
-        own (`name`, or `name`-`batch` when a table has several: Data Docs shows a page per
-        asset); each failed row comes back with its `keys` columns (COMPLETE result format)."""
-        suite = self.suite(table, name)
+        """Run `table`'s suite on `frame`, the batch of a data asset of its own (the suite's
+        name, or <name>-`batch` when a table has several: Data Docs shows a page per asset);
+        each failed row comes back with its `keys` columns (COMPLETE result format)."""
+        suite = self.suite(table)
+        name = suite.name
         # A data source per batch, deleted after it: GX's pandas engine keeps every batch it
         # has validated (a shard's table each) for as long as its data source lives.
         source = self.context.data_sources.add_pandas(DATA_SOURCE)
@@ -259,12 +262,12 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
     unit = preprocessing(modality).UNIT
     data = Data(params, unit, classes, checks.SAME)
     suites = Suites(docs, folder, registered(checks, data), data)
-    suites.suite("items", unit)  # its expectations count as passed when there is no shard
+    suites.suite("items")  # its expectations count as passed when there is no shard
     kept_rows, extras = [], []
     for split in SPLITS:
         for shard in shard_files(folder, split):
             table, extra = checks.shard_table(shard, params)
-            suites.validate("items", unit, table, ["path"], batch=f"{split}-{shard.stem}")
+            suites.validate("items", table, ["path"], batch=f"{split}-{shard.stem}")
             kept_rows.append(kept(table, checks))
             extras.append(extra)
     if not kept_rows:  # no item at all: the data-set checks say so
@@ -273,11 +276,11 @@ def validate(folder: Path, docs: Path, params: Params, reference: dict | None) -
     table = data_set_table(folder, kept_rows, checks)
     current, report = checks.conclude(table, extras, params, reference)
     class_table, class_counts = class_tables(table, classes, unit)
-    suites.validate("data_set", "data_set", table, ["path"])
-    suites.validate("classes", "classes", class_table, ["label"])
-    suites.validate("class_counts", "class_counts", class_counts, ["split", "label"])
+    suites.validate("data_set", table, ["path"])
+    suites.validate("classes", class_table, ["label"])
+    suites.validate("class_counts", class_counts, ["split", "label"])
     if report is not None:
-        suites.validate("drift", "drift", report.table(), ["feature"])
+        suites.validate("drift", report.table(), ["feature"])
     suites.build_docs()
 
     outcomes = list(suites.outcomes.values())
